@@ -1,0 +1,399 @@
+"""SubspaceAdamW: AdamW whose state for selected matrices lives in a low-rank gradient subspace."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.adam import adam as _torch_adam
+
+from . import reference
+from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES, basis_dim, choose_side
+
+DEFAULT_MOMENTS = "rotate"
+NONFINITE_POLICIES = ("skip", "raise")
+ENGINES = ("auto", "reference")
+
+# State keys of projected matrices that must stay fp32 whatever the parameter dtype.
+_FP32_STATE = ("basis", "exp_avg", "exp_avg_sq")
+# galore-torch 1.0 group keys and ours.
+_ALIASES = {"update_proj_gap": "update_gap"}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _validate(options: dict[str, Any], where: str) -> None:
+    """Raise a ValueError/TypeError naming the bad option, its value and the fix."""
+
+    def bad(name: str, why: str, exc: type[Exception] = ValueError) -> None:
+        raise exc(f"Invalid {name} {where}: {options[name]!r} - {why}")
+
+    lr = options["lr"]
+    lr_value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    if not isinstance(lr_value, numbers.Real) or not 0.0 <= lr_value < math.inf:
+        bad("lr", "the learning rate must be a finite number >= 0 (e.g. lr=1e-3)")
+    betas = options["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        bad("betas", "betas must be a pair (beta1, beta2), e.g. betas=(0.9, 0.999)", TypeError)
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i} {where}: {beta!r} - must be in [0, 1)")
+    eps = options["eps"]
+    if not isinstance(eps, numbers.Real) or not 0.0 <= eps < math.inf:
+        bad("eps", "eps must be a finite number >= 0 (e.g. eps=1e-8)")
+    wd = options["weight_decay"]
+    if not isinstance(wd, numbers.Real) or not 0.0 <= wd < math.inf:
+        bad("weight_decay", "weight_decay must be a finite number >= 0 (0 disables it)")
+    rank = options["rank"]
+    if rank is not None:
+        if not _is_int(rank):
+            bad("rank", "rank must be a positive int (e.g. rank=128), or None for plain AdamW", TypeError)
+        if rank <= 0:
+            bad("rank", "rank must be a positive int (e.g. rank=128), or None for plain AdamW")
+    gap = options["update_gap"]
+    if not _is_int(gap):
+        bad("update_gap", "update_gap (galore: update_proj_gap) must be a positive int, e.g. 200", TypeError)
+    if gap <= 0:
+        bad("update_gap", "update_gap (galore: update_proj_gap) must be a positive int, e.g. 200")
+    scale = options["scale"]
+    if not isinstance(scale, numbers.Real) or not 0.0 < scale < math.inf:
+        bad("scale", "scale must be a finite number > 0 (GaLore uses 0.25)")
+    choices = {
+        "refresh": REFRESH_POLICIES,
+        "moments": MOMENT_POLICIES,
+        "proj_type": PROJ_TYPES,
+        "nonfinite": NONFINITE_POLICIES,
+        "engine": ENGINES,
+    }
+    for name, allowed in choices.items():
+        if options[name] not in allowed:
+            bad(name, f"use one of {', '.join(repr(a) for a in allowed)}")
+    for name in ("oversample", "power_iters"):
+        if not _is_int(options[name]) or options[name] < 0:
+            bad(name, f"{name} must be an int >= 0")
+    if not _is_int(options["seed"]):
+        bad("seed", "seed must be an int", TypeError)
+
+
+class SubspaceAdamW(Optimizer):
+    r"""AdamW with GaLore-style low-rank projection of selected weight matrices.
+
+    For a parameter whose group has a ``rank``, viewed as a matrix W (m x n), the optimizer keeps an
+    orthonormal basis P of a rank-r subspace of the gradient (on the side chosen by ``proj_type``),
+    refreshed every ``update_gap`` steps, and Adam's moments only for R = P^T G (or G P):
+
+    .. math::
+        M_t = \beta_1 M_{t-1} + (1-\beta_1) R_t,\quad V_t = \beta_2 V_{t-1} + (1-\beta_2) R_t^2
+
+        W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\,P\,\frac{M_t/(1-\beta_1^t)}{\sqrt{V_t/(1-\beta_2^t)}+\epsilon}
+
+    Parameters in groups without ``rank``, 1-D parameters, and matrices with rank > min(m, n) take
+    exactly ``torch.optim.AdamW``'s step (its own functional implementation is called).
+
+    Args:
+        params: parameters or param groups. Every option below can be set per group; galore-torch 1.0
+            groups (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) work unchanged.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (weight decay is decoupled and applied in
+            full space, also to projected matrices).
+        rank: subspace rank r; ``None`` (default) means plain AdamW for the group.
+        update_gap: refresh the basis every this many optimizer steps of the parameter.
+        scale: multiplier alpha on the projected-back update (GaLore's ``scale``).
+        refresh: ``"warm"`` | ``"rsvd"`` | ``"svd"`` | ``"random"`` (see ``subspace.refresh_basis``).
+        moments: ``"rotate"`` | ``"keep"`` | ``"reset"`` (see ``subspace.transport_moments``).
+        proj_type: ``"std"`` | ``"reverse_std"`` | ``"left"`` | ``"right"`` (see ``subspace.choose_side``).
+        oversample: extra sketch columns for ``rsvd``/``warm``.
+        power_iters: power (subspace) iterations for ``rsvd``/``warm``.
+        seed: sketches are seeded from (seed, parameter index, refresh count), never the global RNG.
+        nonfinite: ``"skip"`` (a parameter whose gradient has a NaN/Inf is left untouched this step:
+            weights, moments, basis and step count) or ``"raise"`` (FloatingPointError, nothing changed).
+        engine: ``"auto"`` or ``"reference"`` (the PyTorch path; the only engine in this release).
+        foreach: passed to ``torch.optim.adam`` for the plain-AdamW parameters.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int | None = None,
+        update_gap: int = 200,
+        scale: float = 0.25,
+        refresh: str = "warm",
+        moments: str = DEFAULT_MOMENTS,
+        proj_type: str = "std",
+        oversample: int = 8,
+        power_iters: int = 1,
+        seed: int = 0,
+        nonfinite: str = "skip",
+        engine: str = "auto",
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            update_gap=update_gap,
+            scale=scale,
+            refresh=refresh,
+            moments=moments,
+            proj_type=proj_type,
+            oversample=oversample,
+            power_iters=power_iters,
+            seed=seed,
+            nonfinite=nonfinite,
+            engine=engine,
+            foreach=foreach,
+        )
+        _validate(defaults, "in SubspaceAdamW(...)")
+        self._metrics: dict[int, dict[str, Any]] = {}
+        self._nonfinite_skips = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate (and translate galore-torch keys of) a group before it is added."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        for alias, name in _ALIASES.items():
+            if alias in group:
+                value = group.pop(alias)
+                if name in group and group[name] != value:
+                    raise ValueError(
+                        f"param group sets both {alias}={value!r} and {name}={group[name]!r}; keep one"
+                    )
+                group[name] = value
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        unknown = set(group) - set(self.defaults) - {"params", "param_names", "initial_lr"}
+        if unknown:
+            warnings.warn(
+                f"SubspaceAdamW ignores unknown param group keys {sorted(unknown)}", stacklevel=2
+            )
+        _validate({**self.defaults, **group}, f"in param group {len(self.param_groups)}")
+        super().add_param_group(group)
+
+    # ------------------------------------------------------------------ state
+    def _matrix_shape(self, p: Tensor) -> tuple[int, int]:
+        return p.shape[0], p.numel() // p.shape[0]
+
+    def _init_state(self, p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
+        """Create a parameter's state on its first step: projected matrix state or torch AdamW state."""
+        state = self.state[p]
+        rank = group["rank"]
+        projected = rank is not None and p.dim() >= 2
+        if projected:
+            m, n = self._matrix_shape(p)
+            if rank > min(m, n):
+                warnings.warn(
+                    f"rank={rank} exceeds min{(m, n)} of parameter {name}: it is trained with plain AdamW "
+                    f"(set rank <= {min(m, n)} or leave this parameter out of the rank group)",
+                    stacklevel=3,
+                )
+                projected = False
+        if not projected:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return state
+        side = choose_side(group["proj_type"], m, n)
+        shape = (rank, n) if side == "left" else (m, rank)
+        # Counters are plain ints and the side is derived from (proj_type, shape), never stored: state
+        # is tensors and numbers only, which is what torch.load(weights_only=True) and DCP accept.
+        state["step"] = 0
+        state["moment_age"] = 0
+        state["refresh_count"] = 0
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        # "basis" is created by the first refresh (d x rank, d = basis_dim(side, m, n)).
+        return state
+
+    @staticmethod
+    def _is_projected(state: dict[str, Any]) -> bool:
+        return "refresh_count" in state
+
+    def _side(self, p: Tensor, group: dict[str, Any]) -> str:
+        return choose_side(group["proj_type"], *self._matrix_shape(p))
+
+    # ------------------------------------------------------------------ step
+    def _named_params(self) -> Iterable[tuple[int, dict[str, Any], str, Tensor]]:
+        index = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                yield index, group, (names[j] if names else f"params[{index}]"), p
+                index += 1
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimizer step. Bad gradients raise before any parameter or state is touched."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []
+        for index, group, name, p in self._named_params():
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"SubspaceAdamW does not support sparse gradients (parameter {name}); "
+                    "use torch.optim.SparseAdam for it, or a dense embedding (sparse=False)"
+                )
+            if torch.is_complex(p):
+                raise TypeError(
+                    f"SubspaceAdamW does not support complex parameters (parameter {name}); "
+                    "optimize torch.view_as_real(param) instead"
+                )
+            work.append((index, group, name, p))
+        if not work:
+            return loss
+
+        finite = torch.stack([torch.isfinite(p.grad).all() for _, _, _, p in work]).tolist()
+        bad = [name for (_, _, name, _), ok in zip(work, finite, strict=True) if not ok]
+        if bad and any(g["nonfinite"] == "raise" for (_, g, n, _) in work if n in bad):
+            raise FloatingPointError(
+                f"non-finite gradient in parameter(s) {bad}; nothing was changed. Use nonfinite='skip' "
+                "to leave such parameters untouched for the step, or fix the loss scaling."
+            )
+        self._nonfinite_skips += len(bad)
+
+        plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
+        for (index, group, name, p), ok in zip(work, finite, strict=True):
+            if not ok:
+                continue
+            state = self.state[p] if len(self.state[p]) else self._init_state(p, group, name)
+            if self._is_projected(state):
+                self._projected_step(index, group, p, state)
+            else:
+                plain.setdefault(id(group), []).append((p, state))
+        for group in self.param_groups:
+            members = plain.get(id(group))
+            if members:
+                self._plain_adamw(group, members)
+        return loss
+
+    def _projected_step(self, index: int, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        g = p.grad.reshape(p.shape[0], -1)
+        side = self._side(p, group)
+        if state["step"] % group["update_gap"] == 0:
+            self._metrics[index] = reference.refresh(g, state, group, side, index)
+        reference.projected_adamw(p, g, state, group, side)
+
+    @staticmethod
+    def _plain_adamw(group: dict[str, Any], members: list[tuple[Tensor, dict[str, Any]]]) -> None:
+        beta1, beta2 = group["betas"]
+        _torch_adam(
+            [p for p, _ in members],
+            [p.grad for p, _ in members],
+            [s["exp_avg"] for _, s in members],
+            [s["exp_avg_sq"] for _, s in members],
+            [],
+            [s["step"] for _, s in members],
+            foreach=group["foreach"],
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state, keeping projected bases and moments fp32 on low-precision parameters.
+
+        ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's dtype; for a
+        bf16 weight that would round the basis and the moments. They are restored from the saved fp32
+        values after the base class has done its work.
+        """
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(saved_ids, params, strict=True):
+            entry = saved.get(pid)
+            if entry is None or "refresh_count" not in entry:
+                continue
+            state = self.state[p]
+            for key in _FP32_STATE:
+                if key in entry:
+                    state[key] = entry[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+    # ------------------------------------------------------------------ metrics
+    def subspace_metrics(self) -> dict[str, Any]:
+        """Per projected parameter and overall: last refresh time, captured energy, overlap, state bytes.
+
+        ``captured_energy`` is ||P^T G||^2 / ||G||^2 for the gradient G of the last refresh;
+        ``overlap`` is ||P_new^T P_old||_F^2 / r (1: same subspace, 0: orthogonal), None after the first.
+        Reading the metrics synchronizes with the device; call it at logging time, not every step.
+        """
+        per_param: dict[str, dict[str, Any]] = {}
+        total_bytes = 0
+        total_time = 0.0
+        captured = total = 0.0
+        for index, group, name, p in self._named_params():
+            state = self.state.get(p)
+            if not state:
+                continue
+            nbytes = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+            total_bytes += nbytes
+            if not self._is_projected(state):
+                continue
+            info = self._metrics.get(index, {})
+            entry: dict[str, Any] = {
+                "rank": state["exp_avg"].shape[0 if self._side(p, group) == "left" else 1],
+                "side": self._side(p, group),
+                "step": state["step"],
+                "refresh_count": state["refresh_count"],
+                "state_bytes": nbytes,
+                "refresh_time_s": info.get("refresh_time_s"),
+                "captured_energy": None,
+                "overlap": None,
+            }
+            if info:
+                t = float(info["total"])
+                c = float(info["captured"])
+                entry["captured_energy"] = c / t if t > 0 else None
+                entry["overlap"] = None if info["overlap"] is None else float(info["overlap"])
+                total_time += info["refresh_time_s"]
+                captured += c
+                total += t
+            per_param[name] = entry
+        overall = {
+            "projected_params": len(per_param),
+            "state_bytes": total_bytes,
+            "last_refresh_time_s": total_time,
+            "captured_energy": captured / total if total > 0 else None,
+            "nonfinite_skips": self._nonfinite_skips,
+        }
+        return {"params": per_param, "overall": overall}
+
+
+def state_bytes(optimizer: Optimizer) -> int:
+    """Bytes held by an optimizer's state tensors (any torch optimizer)."""
+    return sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, Tensor)
+    )
+
+
+__all__ = ["SubspaceAdamW", "DEFAULT_MOMENTS", "state_bytes", "basis_dim"]
