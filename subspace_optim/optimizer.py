@@ -93,7 +93,8 @@ class SubspaceAdamW(Optimizer):
     .. math::
         M_t = \beta_1 M_{t-1} + (1-\beta_1) R_t,\quad V_t = \beta_2 V_{t-1} + (1-\beta_2) R_t^2
 
-        W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\,P\,\frac{M_t/(1-\beta_1^t)}{\sqrt{V_t/(1-\beta_2^t)}+\epsilon}
+        W_t = W_{t-1}(1 - \eta\lambda)
+              - \eta\,\alpha\,P\,\frac{M_t/(1-\beta_1^t)}{\sqrt{V_t/(1-\beta_2^t)}+\epsilon}
 
     Parameters in groups without ``rank``, 1-D parameters, and matrices with rank > min(m, n) take
     exactly ``torch.optim.AdamW``'s step (its own functional implementation is called).
@@ -180,9 +181,7 @@ class SubspaceAdamW(Optimizer):
             group["betas"] = tuple(group["betas"])
         unknown = set(group) - set(self.defaults) - {"params", "param_names", "initial_lr"}
         if unknown:
-            warnings.warn(
-                f"SubspaceAdamW ignores unknown param group keys {sorted(unknown)}", stacklevel=2
-            )
+            warnings.warn(f"SubspaceAdamW ignores unknown param group keys {sorted(unknown)}", stacklevel=2)
         _validate({**self.defaults, **group}, f"in param group {len(self.param_groups)}")
         super().add_param_group(group)
 

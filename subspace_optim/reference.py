@@ -41,7 +41,10 @@ def refresh(g: Tensor, state: State, group: dict[str, Any], side: str, index: in
     basis = new.basis
     if not bool(torch.isfinite(basis).all()):
         # A finite gradient can still overflow fp32 in a power iteration; never store such a basis.
-        basis = previous if previous is not None else linalg.random_basis(basis.shape[0], rank, seed, g.device)
+        if previous is not None:
+            basis = previous
+        else:
+            basis = linalg.random_basis(basis.shape[0], rank, seed, g.device)
     overlap = None
     if previous is None:
         state["basis"] = basis.contiguous()

@@ -12,7 +12,6 @@ A right basis of G is a left basis of G^T, so the refresh code only ever compute
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import linalg
