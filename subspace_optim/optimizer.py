@@ -173,9 +173,7 @@ class SubspaceAdamW(Optimizer):
             if alias in group:
                 value = group.pop(alias)
                 if name in group and group[name] != value:
-                    raise ValueError(
-                        f"param group sets both {alias}={value!r} and {name}={group[name]!r}; keep one"
-                    )
+                    raise ValueError(f"param group sets both {alias}={value!r} and {name}={group[name]!r}; keep one")
                 group[name] = value
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
@@ -388,10 +386,7 @@ class SubspaceAdamW(Optimizer):
 def state_bytes(optimizer: Optimizer) -> int:
     """Bytes held by an optimizer's state tensors (any torch optimizer)."""
     return sum(
-        v.numel() * v.element_size()
-        for s in optimizer.state.values()
-        for v in s.values()
-        if isinstance(v, Tensor)
+        v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)
     )
 
 

@@ -41,17 +41,12 @@ def refresh(g: Tensor, state: State, group: dict[str, Any], side: str, index: in
     basis = new.basis
     if not bool(torch.isfinite(basis).all()):
         # A finite gradient can still overflow fp32 in a power iteration; never store such a basis.
-        if previous is not None:
-            basis = previous
-        else:
-            basis = linalg.random_basis(basis.shape[0], rank, seed, g.device)
+        basis = previous if previous is not None else linalg.random_basis(basis.shape[0], rank, seed, g.device)
     overlap = None
     if previous is None:
         state["basis"] = basis.contiguous()
     else:
-        c = subspace.transport_moments(
-            state["exp_avg"], state["exp_avg_sq"], previous, basis, side, group["moments"]
-        )
+        c = subspace.transport_moments(state["exp_avg"], state["exp_avg_sq"], previous, basis, side, group["moments"])
         overlap = c.double().square().sum() / rank
         state["basis"].copy_(basis)
         if group["moments"] == "reset":

@@ -85,9 +85,7 @@ def refresh_basis(
         p = linalg.random_basis(a.shape[0], rank, seed, g.device)
         return linalg.Basis(p, (p.mT @ a).double().square().sum(), a.double().square().sum())
     start = previous if policy == "warm" else None
-    return linalg.range_finder_basis(
-        a, rank, oversample=oversample, power_iters=power_iters, seed=seed, start=start
-    )
+    return linalg.range_finder_basis(a, rank, oversample=oversample, power_iters=power_iters, seed=seed, start=start)
 
 
 def transport_moments(

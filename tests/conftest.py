@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield
+
+
+def gradient_like(m: int, n: int, rank: int, *, decay: float = 0.7, noise: float = 1e-2, seed: int = 0):
+    """A random m x n matrix with a geometrically decaying spectrum plus noise, like a real gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    s[rank * 3 :] *= 0.1
+    g = (u * s) @ v.T + noise * torch.randn(m, n, generator=gen, dtype=torch.float64) / (m * n) ** 0.5
+    return g.float()
+
+
+def orthonormality_error(q: torch.Tensor) -> float:
+    q = q.double()
+    return float((q.T @ q - torch.eye(q.shape[1], dtype=torch.float64)).abs().max())
+
+
+def subspace_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||A A^T - B B^T||_2 for orthonormal A, B: 0 for the same subspace."""
+    a, b = a.double(), b.double()
+    return float(torch.linalg.matrix_norm(a @ a.T - b @ b.T, ord=2))

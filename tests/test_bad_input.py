@@ -1,0 +1,155 @@
+"""Bad input: a clear error naming the parameter and the fix, raised before any state changes; and the
+non-finite gradient policy, which never lets a NaN/Inf reach a basis, a moment or a weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from subspace_optim import SubspaceAdamW
+
+
+def _w(*shape, seed=0):
+    torch.manual_seed(seed)
+    return nn.Parameter(torch.randn(*shape))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        (dict(rank=0), ValueError, r"Invalid rank .*: 0 - rank must be a positive int"),
+        (dict(rank=-3), ValueError, r"Invalid rank"),
+        (dict(rank=4.0), TypeError, r"Invalid rank .*: 4.0 - rank must be a positive int"),
+        (dict(rank=True), TypeError, r"Invalid rank"),
+        (dict(update_gap=0), ValueError, r"Invalid update_gap .*update_proj_gap"),
+        (dict(update_gap=2.5), TypeError, r"Invalid update_gap"),
+        (dict(lr=-1e-3), ValueError, r"Invalid lr .*-0.001 - the learning rate must be"),
+        (dict(lr=float("nan")), ValueError, r"Invalid lr"),
+        (dict(eps=-1.0), ValueError, r"Invalid eps"),
+        (dict(betas=(1.0, 0.999)), ValueError, r"Invalid beta parameter at index 0"),
+        (dict(betas=(0.9, -0.1)), ValueError, r"Invalid beta parameter at index 1"),
+        (dict(betas=0.9), TypeError, r"Invalid betas"),
+        (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay"),
+        (dict(scale=0.0), ValueError, r"Invalid scale"),
+        (
+            dict(refresh="qr"),
+            ValueError,
+            r"Invalid refresh .*'qr' - use one of 'warm', 'rsvd', 'svd', 'random'",
+        ),
+        (dict(moments="carry"), ValueError, r"Invalid moments .*use one of 'rotate', 'keep', 'reset'"),
+        (dict(proj_type="full"), ValueError, r"Invalid proj_type .*'std', 'reverse_std', 'left', 'right'"),
+        (dict(nonfinite="ignore"), ValueError, r"Invalid nonfinite"),
+        (dict(engine="cuda"), ValueError, r"Invalid engine"),
+        (dict(oversample=-1), ValueError, r"Invalid oversample"),
+        (dict(power_iters=1.5), ValueError, r"Invalid power_iters"),
+        (dict(seed="0"), TypeError, r"Invalid seed"),
+    ],
+)
+def test_constructor_rejects_bad_options(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        SubspaceAdamW([_w(4, 3)], **kwargs)
+
+
+def test_bad_group_option_names_the_group_and_adds_nothing():
+    opt = SubspaceAdamW([_w(4, 3)], rank=2)
+    with pytest.raises(ValueError, match=r"Invalid rank in param group 1: 0"):
+        opt.add_param_group({"params": [_w(5, 5)], "rank": 0})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match=r"Invalid update_gap in param group 1"):
+        SubspaceAdamW([{"params": [_w(3, 3)]}, {"params": [_w(4, 4)], "rank": 2, "update_proj_gap": 0}])
+
+
+def test_galore_and_native_gap_must_agree():
+    with pytest.raises(ValueError, match="update_proj_gap=5 and update_gap=7"):
+        SubspaceAdamW([{"params": [_w(4, 4)], "rank": 2, "update_proj_gap": 5, "update_gap": 7}])
+    opt = SubspaceAdamW([{"params": [_w(4, 4)], "rank": 2, "update_proj_gap": 5}])
+    assert opt.param_groups[0]["update_gap"] == 5 and "update_proj_gap" not in opt.param_groups[0]
+
+
+def _snapshot(opt, params):
+    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+
+
+def _assert_unchanged(opt, params, snap):
+    sd, weights = snap
+    for p, w in zip(params, weights, strict=True):
+        assert torch.equal(p, w)
+    now = opt.state_dict()["state"]
+    assert now.keys() == sd["state"].keys()
+    for pid, entry in sd["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(now[pid][k], v) if isinstance(v, torch.Tensor) else now[pid][k] == v
+
+
+def test_sparse_gradient_is_rejected_before_any_state_changes():
+    emb = nn.Embedding(10, 4, sparse=True)
+    w = _w(6, 5)
+    opt = SubspaceAdamW([{"params": [w], "rank": 2}, {"params": emb.parameters()}])
+    w.grad = torch.randn(6, 5)
+    opt.step()
+    emb(torch.tensor([1, 2])).sum().backward()
+    w.grad = torch.randn(6, 5)
+    params = [w, emb.weight]
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter params\[1\]\).*SparseAdam"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_complex_parameter_is_rejected():
+    z = nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
+    z.grad = torch.randn(3, 3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="complex parameters.*view_as_real"):
+        SubspaceAdamW([z], rank=2).step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("refresh", ["warm", "svd"])
+def test_nonfinite_gradient_just_before_a_refresh_is_skipped(bad, refresh):
+    """A NaN/Inf arriving on the step that would refresh the basis: that parameter is left untouched
+    (weights, moments, basis, counters), the other parameters step, and the refresh happens on the next
+    finite gradient."""
+    w, other = _w(12, 8, seed=1), _w(5, seed=2)
+    opt = SubspaceAdamW([{"params": [w, other], "rank": 3, "update_gap": 3, "refresh": refresh}], lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # steps 0, 1, 2; the next one (step 3) refreshes
+        w.grad, other.grad = torch.randn(12, 8, generator=gen), torch.randn(5, generator=gen)
+        opt.step()
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[w].items()}
+    w_before, other_before = w.detach().clone(), other.detach().clone()
+
+    w.grad = torch.randn(12, 8, generator=gen)
+    w.grad[3, 2] = bad
+    other.grad = torch.randn(5, generator=gen)
+    opt.step()
+    assert torch.equal(w, w_before)
+    for k, v in before.items():
+        assert torch.equal(opt.state[w][k], v) if isinstance(v, torch.Tensor) else opt.state[w][k] == v, k
+    assert not torch.equal(other, other_before)
+    assert opt.subspace_metrics()["overall"]["nonfinite_skips"] == 1
+
+    w.grad = torch.randn(12, 8, generator=gen)
+    opt.step()
+    state = opt.state[w]
+    assert state["refresh_count"] == 2 and state["step"] == 4
+    for key in ("basis", "exp_avg", "exp_avg_sq"):
+        assert torch.isfinite(state[key]).all()
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_raise_policy_changes_nothing(bad):
+    w, v = _w(10, 6), _w(4)
+    opt = SubspaceAdamW([{"params": [w], "rank": 2, "update_gap": 2}, {"params": [v]}], nonfinite="raise")
+    w.grad, v.grad = torch.randn(10, 6), torch.randn(4)
+    opt.step()
+    snap = _snapshot(opt, [w, v])
+    w.grad = torch.randn(10, 6)
+    v.grad = torch.randn(4)
+    v.grad[0] = bad  # bad gradient in the *plain* group: the projected param must not step either
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in parameter\(s\) \['params\[1\]'\]"):
+        opt.step()
+    _assert_unchanged(opt, [w, v], snap)

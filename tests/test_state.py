@@ -1,0 +1,139 @@
+"""Tier 3: state round trips. save -> torch.load(weights_only=True) -> load must continue bit-identically."""
+
+from __future__ import annotations
+
+import io
+import numbers
+
+import pytest
+import torch
+from torch import nn
+
+from subspace_optim import SubspaceAdamW, param_groups
+
+
+def _net(dtype=torch.float32):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 12), nn.Tanh(), nn.Linear(12, 5))
+    return net.to(dtype)
+
+
+def _optimizer(net, **overrides):
+    options = dict(rank=4, update_gap=3, refresh="warm", moments="rotate", scale=0.5)
+    options.update(overrides)
+    return SubspaceAdamW(param_groups(net, "all-linear", weight_decay=0.01, **options), lr=5e-3)
+
+
+def _step(net, opt, step):
+    gen = torch.Generator().manual_seed(step)
+    dtype = next(net.parameters()).dtype
+    x = torch.randn(32, 16, generator=gen).to(dtype)
+    y = torch.randn(32, 5, generator=gen).to(dtype)
+    opt.zero_grad()
+    (net(x) - y).float().square().mean().backward()
+    opt.step()
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("refresh", ["warm", "rsvd", "svd", "random"])
+@pytest.mark.parametrize("moments", ["rotate", "keep", "reset"])
+@pytest.mark.parametrize("split", [4, 6])  # mid-phase (step 4 of gap 3) and on a refresh boundary
+def test_resume_is_bit_identical(refresh, moments, split):
+    total = 11
+    net_a = _net()
+    opt_a = _optimizer(net_a, refresh=refresh, moments=moments)
+    for step in range(total):
+        _step(net_a, opt_a, step)
+
+    net_b = _net()
+    opt_b = _optimizer(net_b, refresh=refresh, moments=moments)
+    for step in range(split):
+        _step(net_b, opt_b, step)
+    saved_model = _roundtrip(net_b.state_dict())
+    saved_opt = _roundtrip(opt_b.state_dict())
+
+    net_c = _net()
+    net_c.load_state_dict(saved_model)
+    opt_c = _optimizer(net_c, refresh=refresh, moments=moments)
+    opt_c.load_state_dict(saved_opt)
+    for step in range(split, total):
+        _step(net_c, opt_c, step)
+
+    for a, c in zip(net_a.parameters(), net_c.parameters(), strict=True):
+        assert torch.equal(a, c)
+    state_a, state_c = opt_a.state_dict()["state"], opt_c.state_dict()["state"]
+    assert state_a.keys() == state_c.keys()
+    for pid in state_a:
+        for key, value in state_a[pid].items():
+            other = state_c[pid][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, (
+                pid,
+                key,
+            )
+
+
+def test_state_holds_only_tensors_and_numbers():
+    net = _net()
+    opt = _optimizer(net)
+    for step in range(4):
+        _step(net, opt, step)
+    sd = opt.state_dict()
+    projected = 0
+    for entry in sd["state"].values():
+        projected += "basis" in entry
+        for key, value in entry.items():
+            assert isinstance(value, (torch.Tensor, numbers.Number)), (key, type(value))
+    assert projected == 3
+    # Groups hold plain data only (what weights_only=True unpickles).
+    _roundtrip(sd)
+
+
+def test_state_is_lazy():
+    net = _net()
+    opt = _optimizer(net)
+    assert len(opt.state) == 0
+    _step(net, opt, 0)
+    assert len(opt.state) == len(list(net.parameters()))
+
+
+def test_bf16_params_keep_fp32_basis_and_moments_after_load():
+    net = _net(torch.bfloat16)
+    opt = _optimizer(net)
+    for step in range(4):
+        _step(net, opt, step)
+    saved = _roundtrip(opt.state_dict())
+    fresh = _optimizer(net)
+    fresh.load_state_dict(saved)
+    checked = 0
+    for p in net.parameters():
+        state, original = fresh.state[p], opt.state[p]
+        if "basis" not in state:
+            # Plain AdamW params follow torch's policy: moments in the param dtype.
+            assert state["exp_avg"].dtype == torch.bfloat16
+            continue
+        for key in ("basis", "exp_avg", "exp_avg_sq"):
+            assert original[key].dtype == torch.float32
+            assert state[key].dtype == torch.float32
+            assert torch.equal(state[key], original[key])  # not rounded through bf16 on the way
+            checked += 1
+    assert checked == 9
+    _step(net, fresh, 4)  # and the loaded optimizer keeps working
+
+
+def test_load_keeps_loaded_tensors_independent_of_the_source_dict():
+    net = _net()
+    opt = _optimizer(net)
+    for step in range(2):
+        _step(net, opt, step)
+    sd = opt.state_dict()
+    fresh = _optimizer(net)
+    fresh.load_state_dict(sd)
+    for p in net.parameters():
+        if "basis" in fresh.state[p]:
+            assert fresh.state[p]["basis"].data_ptr() != opt.state[p]["basis"].data_ptr()
