@@ -1,0 +1,62 @@
+"""Tier 5: a tiny LLaMA trained on real text (the Python standard library's source) for 200 steps.
+
+SubspaceAdamW with rank = hidden / 4 must end within 5% of AdamW's held-out loss. The per-policy
+comparison that picked the default lives in scripts/bench_moments.py and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import subspace_optim as so
+from subspace_optim import corpus, lm
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def data():
+    return (
+        lm.byte_tokens(corpus.stdlib_text(1_000_000)),
+        lm.byte_tokens(corpus.stdlib_text(100_000, split="heldout")),
+    )
+
+
+def _train(data, make_optimizer, steps=200, seed=0):
+    model = lm.tiny_llama(hidden=HIDDEN, intermediate=172, layers=2, seed=seed)
+    return lm.train(model, make_optimizer(model), *data, steps=steps, batch=8, seq=64, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def adamw_result(data):
+    return _train(data, lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0))
+
+
+def test_corpus_is_real_deterministic_text_with_disjoint_heldout():
+    a, b = corpus.stdlib_text(50_000), corpus.stdlib_text(50_000)
+    held = corpus.stdlib_text(50_000, split="heldout")
+    assert a == b and len(a.encode()) <= 50_000 and len(a) > 40_000
+    assert "def " in a and "import " in a
+    assert a[:2000] != held[:2000]
+    with pytest.raises(ValueError, match="split"):
+        corpus.stdlib_text(10, split="valid")
+
+
+def test_adamw_learns(adamw_result):
+    losses = adamw_result.losses
+    assert losses[0] > 5.0  # ~ln(256) at init
+    assert sum(losses[-10:]) / 10 < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("moments", [so.DEFAULT_MOMENTS])
+def test_subspace_within_5_percent_of_adamw(data, adamw_result, moments):
+    rank = HIDDEN // 4
+    result = _train(
+        data,
+        lambda m: so.SubspaceAdamW(
+            so.param_groups(m, "all-linear", rank=rank, update_gap=50, moments=moments), lr=1e-2
+        ),
+    )
+    assert result.eval_loss <= 1.05 * adamw_result.eval_loss, (result.eval_loss, adamw_result.eval_loss)
+    assert sum(result.losses[-10:]) / 10 < 0.6 * result.losses[0]
