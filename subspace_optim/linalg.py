@@ -11,6 +11,8 @@ CholeskyQR stable on power-iterated sketches whose condition number squares past
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -110,23 +112,52 @@ class Basis(NamedTuple):
     total: Tensor
 
 
-def rayleigh_ritz(a: Tensor, q: Tensor, rank: int) -> Basis:
+def _no_reduce(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Where the local columns a_l (d x n_l) of the full matrix A (d x n) sit, and how to sum over slabs.
+
+    Unsharded: offset 0, total None (= n_l), no reduction. Row-sharded FSDP weights project on the right,
+    so A = G^T and each rank holds a slab of its columns; every product below is then a sum of per-slab
+    terms followed by one all-reduce of a small d x k (or k x k) matrix, never a gather of G.
+    """
+
+    offset: int = 0
+    total: int | None = None
+    reduce: Callable[[Tensor], Tensor] = _no_reduce
+
+    def columns(self, a: Tensor) -> int:
+        return a.shape[1] if self.total is None else self.total
+
+
+UNSHARDED = Slab()
+
+
+def energy(a: Tensor, slab: Slab = UNSHARDED) -> Tensor:
+    """||A||_F^2 in fp64."""
+    return slab.reduce(a.double().square().sum())
+
+
+def captured_energy(a: Tensor, p: Tensor, slab: Slab = UNSHARDED) -> Tensor:
+    """||P^T A||_F^2 in fp64."""
+    return slab.reduce((p.mT @ a).double().square().sum())
+
+
+def rayleigh_ritz(a: Tensor, q: Tensor, rank: int, slab: Slab = UNSHARDED) -> Basis:
     """Best rank-``rank`` basis of ``A`` inside span(Q): P = Q W[:, :rank], W the top eigenvectors.
 
-    With B = Q^T A (k x n), the eigendecomposition B B^T = W diag(lambda) W^T (fp64, k x k) gives the
+    With B = A^T Q (n x k), the eigendecomposition B^T B = W diag(lambda) W^T (fp64, k x k) gives the
     Ritz vectors; sum(lambda[:rank]) = ||P^T A||_F^2 is the captured energy, for free.
     """
-    b = q.mT @ a
-    b64 = b.double()
-    evals, evecs = torch.linalg.eigh(b64 @ b64.mT)
+    b64 = (a.mT @ q).double()
+    evals, evecs = torch.linalg.eigh(slab.reduce(b64.mT @ b64))
     order = torch.argsort(evals, descending=True)[:rank]
     p = q @ evecs[:, order].to(q.dtype)
     captured = evals[order].clamp_min(0).sum()
-    return Basis(p, captured, _energy(a))
-
-
-def _energy(a: Tensor) -> Tensor:
-    return a.double().square().sum()
+    return Basis(p, captured, energy(a, slab))
 
 
 def svd_basis(g: Tensor, rank: int, side: str) -> Basis:
@@ -143,34 +174,49 @@ def svd_basis(g: Tensor, rank: int, side: str) -> Basis:
 
 
 def range_finder_basis(
-    a: Tensor, rank: int, *, oversample: int, power_iters: int, seed: int, start: Tensor | None = None
+    a: Tensor,
+    rank: int,
+    *,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    start: Tensor | None = None,
+    slab: Slab = UNSHARDED,
 ) -> Basis:
     """Randomized range finder with subspace (power) iterations and a Rayleigh-Ritz finish.
 
-    Y_0 = [start | Omega] (or Omega alone), Omega a seeded Gaussian (n x oversample); then
-    ``power_iters`` times Y <- A (A^T orth(Y)) when warm-started, or Y <- A Omega followed by the same
-    iterations from cold; Q = orth(Y); P = Rayleigh-Ritz(A, Q, rank).
+    Cold: Y = A Omega, Omega a seeded Gaussian (n x k, k = rank + oversample); warm: Y = A A^T [start | Omega'],
+    Omega' a seeded Gaussian (d x oversample). Then ``power_iters`` (warm: ``power_iters - 1``) times
+    Y <- A (A^T orth(Y)); finally Q = orth(Y) and P = Rayleigh-Ritz(A, Q, rank).
 
     ``start`` (d x r, orthonormal) is the previous basis: subspace iteration from it ("warm") converges
     from where the last refresh ended instead of from noise, and the extra Gaussian columns let
-    directions that were outside the old subspace enter the new one.
+    directions that were outside the old subspace enter the new one. With a ``slab``, ``a`` is the
+    local column slab and each product is reduced over slabs (the Gaussians are drawn in full on every
+    rank from the same seed, and each rank takes its own rows of Omega).
     """
     a = a.float()
-    d, n = a.shape
-    k = min(rank + oversample, d, n) if start is None else min(start.shape[1] + oversample, d)
+    d = a.shape[0]
+    n = slab.columns(a)
+
+    def gram_times(y: Tensor) -> Tensor:
+        return slab.reduce(a @ (a.mT @ orthonormalize(y)))
+
     if start is None:
-        omega = gaussian(n, k, seed, a.device)
-        y = a @ omega
+        k = min(rank + oversample, d, n)
+        omega = gaussian(n, k, seed, a.device)[slab.offset : slab.offset + a.shape[1]]
+        y = slab.reduce(a @ omega)
+        iterations = power_iters
     else:
-        extra = k - start.shape[1]
+        k = min(start.shape[1] + oversample, d)
         y = start.float()
-        if extra > 0:
-            y = torch.cat([y, gaussian(d, extra, seed, a.device)], dim=1)
-        y = a @ (a.mT @ orthonormalize(y))
-    for _ in range(power_iters if start is None else max(power_iters - 1, 0)):
-        y = a @ (a.mT @ orthonormalize(y))
-    q = orthonormalize(y)
-    return rayleigh_ritz(a, q, rank)
+        if k > start.shape[1]:
+            y = torch.cat([y, gaussian(d, k - start.shape[1], seed, a.device)], dim=1)
+        y = gram_times(y)
+        iterations = max(power_iters - 1, 0)
+    for _ in range(iterations):
+        y = gram_times(y)
+    return rayleigh_ritz(a, orthonormalize(y), rank, slab)
 
 
 def random_basis(d: int, rank: int, seed: int, device: torch.device) -> Tensor:

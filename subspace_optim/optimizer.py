@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 
-from . import reference
-from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES, basis_dim, choose_side
+from . import distributed, linalg, reference
+from .distributed import local
+from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES, basis_dim, choose_side, transport_moments
 
 DEFAULT_MOMENTS = "rotate"
 NONFINITE_POLICIES = ("skip", "raise")
 ENGINES = ("auto", "reference")
+REFRESH_OWNERS = ("all", "round_robin")
 
 # State keys of projected matrices that must stay fp32 whatever the parameter dtype.
 _FP32_STATE = ("basis", "exp_avg", "exp_avg_sq")
@@ -72,15 +76,27 @@ def _validate(options: dict[str, Any], where: str) -> None:
         "proj_type": PROJ_TYPES,
         "nonfinite": NONFINITE_POLICIES,
         "engine": ENGINES,
+        "refresh_owner": REFRESH_OWNERS,
     }
     for name, allowed in choices.items():
         if options[name] not in allowed:
             bad(name, f"use one of {', '.join(repr(a) for a in allowed)}")
-    for name in ("oversample", "power_iters"):
+    for name in ("oversample", "power_iters", "consistency_check_every"):
         if not _is_int(options[name]) or options[name] < 0:
             bad(name, f"{name} must be an int >= 0")
     if not _is_int(options["seed"]):
         bad("seed", "seed must be an int", TypeError)
+
+
+class _Matrix(NamedTuple):
+    """A projected parameter as one step sees it."""
+
+    index: int
+    group: dict[str, Any]
+    name: str
+    p: Tensor
+    state: dict[str, Any]
+    side: str
 
 
 class SubspaceAdamW(Optimizer):
@@ -117,6 +133,10 @@ class SubspaceAdamW(Optimizer):
             weights, moments, basis and step count) or ``"raise"`` (FloatingPointError, nothing changed).
         engine: ``"auto"`` or ``"reference"`` (the PyTorch path; the only engine in this release).
         foreach: passed to ``torch.optim.adam`` for the plain-AdamW parameters.
+        refresh_owner: ``"all"`` (every data-parallel rank computes every basis; identical by seeding) or
+            ``"round_robin"`` (matrix i is refreshed on rank i mod world and its basis broadcast).
+        consistency_check_every: every this many refreshes of a matrix, compare basis fingerprints
+            across ranks and raise if they differ (0: only when ``check_consistency()`` is called).
     """
 
     def __init__(
@@ -139,6 +159,8 @@ class SubspaceAdamW(Optimizer):
         nonfinite: str = "skip",
         engine: str = "auto",
         foreach: bool | None = None,
+        refresh_owner: str = "all",
+        consistency_check_every: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -157,6 +179,8 @@ class SubspaceAdamW(Optimizer):
             nonfinite=nonfinite,
             engine=engine,
             foreach=foreach,
+            refresh_owner=refresh_owner,
+            consistency_check_every=consistency_check_every,
         )
         _validate(defaults, "in SubspaceAdamW(...)")
         self._metrics: dict[int, dict[str, Any]] = {}
@@ -206,15 +230,20 @@ class SubspaceAdamW(Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             return state
-        side = choose_side(group["proj_type"], m, n)
-        shape = (rank, n) if side == "left" else (m, rank)
         # Counters are plain ints and the side is derived from (proj_type, shape), never stored: state
         # is tensors and numbers only, which is what torch.load(weights_only=True) and DCP accept.
         state["step"] = 0
         state["moment_age"] = 0
         state["refresh_count"] = 0
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if distributed.is_dtensor(p):
+                # Right projection: moments are m x r, sharded on rows exactly like the weight.
+                shard = distributed.row_shard(p, name)
+                zeros = torch.zeros(shard.rows, rank, dtype=torch.float32, device=local(p).device)
+                state[key] = distributed.sharded_like(p, zeros, rank)
+            else:
+                shape = (rank, n) if self._side(p, group) == "left" else (m, rank)
+                state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         # "basis" is created by the first refresh (d x rank, d = basis_dim(side, m, n)).
         return state
 
@@ -223,6 +252,10 @@ class SubspaceAdamW(Optimizer):
         return "refresh_count" in state
 
     def _side(self, p: Tensor, group: dict[str, Any]) -> str:
+        """The projected side. A row-sharded (FSDP2) weight always projects on the right, whatever
+        ``proj_type`` says: then a rank's rows project with the replicated basis and no communication."""
+        if distributed.is_dtensor(p):
+            return "right"
         return choose_side(group["proj_type"], *self._matrix_shape(p))
 
     # ------------------------------------------------------------------ step
@@ -260,7 +293,7 @@ class SubspaceAdamW(Optimizer):
         if not work:
             return loss
 
-        finite = torch.stack([torch.isfinite(p.grad).all() for _, _, _, p in work]).tolist()
+        finite = self._finite_flags(work)
         bad = [name for (_, _, name, _), ok in zip(work, finite, strict=True) if not ok]
         if bad and any(g["nonfinite"] == "raise" for (_, g, n, _) in work if n in bad):
             raise FloatingPointError(
@@ -270,26 +303,156 @@ class SubspaceAdamW(Optimizer):
         self._nonfinite_skips += len(bad)
 
         plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
+        projected: list[_Matrix] = []
         for (index, group, name, p), ok in zip(work, finite, strict=True):
             if not ok:
                 continue
             state = self.state[p] if len(self.state[p]) else self._init_state(p, group, name)
             if self._is_projected(state):
-                self._projected_step(index, group, p, state)
+                projected.append(_Matrix(index, group, name, p, state, self._side(p, group)))
             else:
                 plain.setdefault(id(group), []).append((p, state))
+
+        due = [x for x in projected if x.state["step"] % x.group["update_gap"] == 0]
+        if due:
+            self._refresh(due)
+        for x in projected:
+            x.state["step"] += 1
+            x.state["moment_age"] += 1
+            p_local = local(x.p)
+            reference.projected_adamw(
+                p_local,
+                local(x.p.grad).reshape(p_local.shape[0], -1),
+                local(x.state["basis"]),
+                local(x.state["exp_avg"]),
+                local(x.state["exp_avg_sq"]),
+                x.state["moment_age"],
+                x.group,
+                x.side,
+            )
         for group in self.param_groups:
             members = plain.get(id(group))
             if members:
                 self._plain_adamw(group, members)
         return loss
 
-    def _projected_step(self, index: int, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
-        g = p.grad.reshape(p.shape[0], -1)
-        side = self._side(p, group)
-        if state["step"] % group["update_gap"] == 0:
-            self._metrics[index] = reference.refresh(g, state, group, side, index)
-        reference.projected_adamw(p, g, state, group, side)
+    def _finite_flags(self, work: list[tuple[int, dict[str, Any], str, Tensor]]) -> list[bool]:
+        """One batched isfinite check (one host sync). Ranks holding shards of the same parameters
+        OR their flags, so a NaN on one rank's rows skips the parameter everywhere (and no rank waits
+        in a refresh all-reduce that the others skipped)."""
+        bad = torch.stack([~torch.isfinite(local(p.grad)).all() for _, _, _, p in work]).to(torch.int32)
+        groups = {}
+        for _, _, name, p in work:
+            if distributed.is_dtensor(p):
+                shard_group = distributed.row_shard(p, name).group
+                groups[id(shard_group)] = shard_group
+        if groups:
+            bad = distributed.any_across(bad, list(groups.values()))
+        return [not b for b in bad.tolist()]
+
+    def _refresh(self, due: list[_Matrix]) -> None:
+        """Refresh the bases of ``due`` (same list, same order on every rank) and carry their moments.
+
+        Sharded matrices run the distributed range finder (collectives inside). With
+        ``refresh_owner="round_robin"`` under a process group, each plain matrix is computed by one rank
+        and its basis broadcast, so the refresh work divides by the world size.
+        """
+        rank, world = distributed.world()
+        results: dict[int, tuple[linalg.Basis, float]] = {}
+        pending = []
+        for x in due:
+            robin = world > 1 and x.group["refresh_owner"] == "round_robin" and not distributed.is_dtensor(x.p)
+            owner = x.index % world
+            if robin and owner != rank:
+                pending.append((x, owner))
+                continue
+            start = time.perf_counter()
+            basis = self._compute_basis(x)
+            if basis.basis.device.type == "cuda":
+                torch.cuda.synchronize(basis.basis.device)
+            results[x.index] = (basis, time.perf_counter() - start)
+            if robin:
+                pending.append((x, owner))
+        for x, owner in pending:
+            start = time.perf_counter()
+            if owner == rank:
+                basis = results[x.index][0]
+                buf = torch.cat([basis.basis.flatten().double(), torch.stack([basis.captured, basis.total])])
+            else:
+                m, n = self._matrix_shape(x.p)
+                d = basis_dim(x.side, m, n)
+                buf = torch.empty(d * x.group["rank"] + 2, dtype=torch.float64, device=x.p.device)
+            dist.broadcast(buf, src=owner)
+            if owner != rank:
+                p_new = buf[:-2].view(d, x.group["rank"]).float()
+                results[x.index] = (linalg.Basis(p_new, buf[-2], buf[-1]), time.perf_counter() - start)
+        check = False
+        for x in due:
+            basis, seconds = results[x.index]
+            self._install_basis(x, basis, seconds)
+            every = x.group["consistency_check_every"]
+            check |= bool(every) and x.state["refresh_count"] % every == 0
+        if check:
+            self.check_consistency()
+
+    def _compute_basis(self, x: _Matrix) -> linalg.Basis:
+        state, p = x.state, x.p
+        seed = linalg.sketch_seed(x.group["seed"], x.index, state["refresh_count"])
+        previous = local(state["basis"]) if "basis" in state else None
+        if not distributed.is_dtensor(p):
+            return reference.compute_basis(p.grad.reshape(p.shape[0], -1), previous, x.group, x.side, seed)
+        if x.group["refresh"] == "svd":
+            # The exact SVD needs the whole matrix: gather it (this is the slow reproduction mode).
+            full = p.grad.full_tensor()
+            return reference.compute_basis(full.reshape(full.shape[0], -1), previous, x.group, x.side, seed)
+        g_local = local(p.grad)
+        g_local = g_local.reshape(g_local.shape[0], -1)
+        slab = distributed.row_shard(p, x.name).slab()
+        return reference.compute_basis(g_local, previous, x.group, x.side, seed, slab)
+
+    def _install_basis(self, x: _Matrix, new: linalg.Basis, seconds: float) -> None:
+        state = x.state
+        overlap = None
+        if "basis" not in state:
+            basis = new.basis.contiguous()
+            state["basis"] = distributed.replicated_like(x.p, basis) if distributed.is_dtensor(x.p) else basis
+        else:
+            previous = local(state["basis"])
+            c = transport_moments(
+                local(state["exp_avg"]), local(state["exp_avg_sq"]), previous, new.basis, x.side, x.group["moments"]
+            )
+            overlap = c.double().square().sum() / x.group["rank"]
+            previous.copy_(new.basis)
+            if x.group["moments"] == "reset":
+                state["moment_age"] = 0
+        state["refresh_count"] += 1
+        self._metrics[x.index] = {
+            "refresh_time_s": seconds,
+            "captured": new.captured,
+            "total": new.total,
+            "overlap": overlap,
+        }
+
+    def check_consistency(self) -> None:
+        """Raise if data-parallel ranks hold different bases (a collective: call it on every rank).
+
+        Compares a 3-number fingerprint of every basis across the default process group; a no-op when
+        not distributed. Bases should agree by construction (seeded sketches, identical gradients); a
+        mismatch means nondeterministic kernels or ranks that saw different gradients.
+        """
+        if distributed.world()[1] == 1:
+            return
+        entries = [(name, self.state[p]["basis"]) for _, _, name, p in self._named_params() if "basis" in self.state[p]]
+        if not entries:
+            return
+        fingerprints = torch.stack([distributed.checksum(b) for _, b in entries])
+        wrong = distributed.disagreeing(fingerprints)
+        if wrong:
+            names = [entries[i][0] for i in wrong]
+            raise RuntimeError(
+                f"subspace bases differ across ranks for {names}: ranks must see identical gradients "
+                "(all-reduced, same loss scaling) and use deterministic kernels; see SubspaceAdamW(seed=...)"
+            )
 
     @staticmethod
     def _plain_adamw(group: dict[str, Any], members: list[tuple[Tensor, dict[str, Any]]]) -> None:
@@ -349,7 +512,7 @@ class SubspaceAdamW(Optimizer):
             state = self.state.get(p)
             if not state:
                 continue
-            nbytes = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+            nbytes = sum(local(v).numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
             total_bytes += nbytes
             if not self._is_projected(state):
                 continue

@@ -67,6 +67,7 @@ def refresh_basis(
     oversample: int,
     power_iters: int,
     seed: int,
+    slab: linalg.Slab = linalg.UNSHARDED,
 ) -> linalg.Basis:
     """A new basis for G with the refresh ``policy`` (see ``REFRESH_POLICIES``).
 
