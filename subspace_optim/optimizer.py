@@ -211,6 +211,11 @@ class SubspaceAdamW(Optimizer):
     def _matrix_shape(self, p: Tensor) -> tuple[int, int]:
         return p.shape[0], p.numel() // p.shape[0]
 
+    def _local_matrix(self, t: Tensor) -> Tensor:
+        """This rank's rows of ``t`` as a matrix (m_l x n; m_l may be 0 for an empty FSDP shard)."""
+        t_local = local(t)
+        return t_local.reshape(t_local.shape[0], self._matrix_shape(t)[1])
+
     def _init_state(self, p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
         """Create a parameter's state on its first step: projected matrix state or torch AdamW state."""
         state = self.state[p]
@@ -322,7 +327,7 @@ class SubspaceAdamW(Optimizer):
             p_local = local(x.p)
             reference.projected_adamw(
                 p_local,
-                local(x.p.grad).reshape(p_local.shape[0], -1),
+                self._local_matrix(x.p.grad),
                 local(x.state["basis"]),
                 local(x.state["exp_avg"]),
                 local(x.state["exp_avg_sq"]),
@@ -405,8 +410,7 @@ class SubspaceAdamW(Optimizer):
             # The exact SVD needs the whole matrix: gather it (this is the slow reproduction mode).
             full = p.grad.full_tensor()
             return reference.compute_basis(full.reshape(full.shape[0], -1), previous, x.group, x.side, seed)
-        g_local = local(p.grad)
-        g_local = g_local.reshape(g_local.shape[0], -1)
+        g_local = self._local_matrix(p.grad)
         slab = distributed.row_shard(p, x.name).slab()
         return reference.compute_basis(g_local, previous, x.group, x.side, seed, slab)
 

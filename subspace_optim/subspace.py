@@ -77,16 +77,23 @@ def refresh_basis(
       iterations, finished by Rayleigh-Ritz.
     - ``svd``: exact ``torch.linalg.svd`` of G (galore-torch's refresh).
     - ``random``: a seeded Gaussian, orthonormalized; ignores the gradient.
+
+    ``slab`` describes a row-sharded G (right side only): ``g`` is then the local rows and every
+    product is all-reduced (see ``linalg.Slab``). ``svd`` needs the whole matrix and takes no slab.
     """
     g = g.float()
     if policy == "svd":
+        if slab is not linalg.UNSHARDED:
+            raise ValueError("refresh='svd' needs the whole gradient; gather it before calling")
         return linalg.svd_basis(g, rank, side)
     a = oriented(g, side)
     if policy == "random":
         p = linalg.random_basis(a.shape[0], rank, seed, g.device)
-        return linalg.Basis(p, (p.mT @ a).double().square().sum(), a.double().square().sum())
+        return linalg.Basis(p, linalg.captured_energy(a, p, slab), linalg.energy(a, slab))
     start = previous if policy == "warm" else None
-    return linalg.range_finder_basis(a, rank, oversample=oversample, power_iters=power_iters, seed=seed, start=start)
+    return linalg.range_finder_basis(
+        a, rank, oversample=oversample, power_iters=power_iters, seed=seed, start=start, slab=slab
+    )
 
 
 def transport_moments(

@@ -1,0 +1,331 @@
+"""HuggingFace ``Trainer`` integration for ``SubspaceAdamW``.
+
+All three ways in build the optimizer through ``build_optimizer``, so they give the same param groups:
+
+- ``Trainer(optimizers=(create_optimizer(model, args), None))``;
+- ``Trainer(optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args))``, i.e.
+  ``(SubspaceAdamWFactory, kwargs)``: transformers calls a first element that is not an ``Optimizer``
+  subclass as a factory, ``SubspaceAdamWFactory()(model, **kwargs)``, so the projected weights are chosen
+  by module name when training starts, not by tensors that must exist when the Trainer is built;
+- ``create_optimizer(model, args)`` itself, which reads ``learning_rate``, ``adam_beta1/2``,
+  ``adam_epsilon``, ``weight_decay``, ``optim_target_modules`` and a ``galore_adamw`` ``optim_args`` string.
+
+``SubspaceMetricsCallback`` puts the optimizer's subspace metrics into the Trainer's logs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..optimizer import SubspaceAdamW
+from ..targets import ALL_LINEAR, param_groups
+
+# Keys an optim_args string may hold: galore's four, then ours. Value: (parser, example value).
+_OPTIM_ARGS: dict[str, tuple[type, str]] = {
+    "rank": (int, "128"),
+    "update_proj_gap": (int, "200"),
+    "scale": (float, "0.25"),
+    "proj_type": (str, "std"),
+    "update_gap": (int, "200"),
+    "refresh": (str, "warm"),
+    "moments": (str, "rotate"),
+    "oversample": (int, "8"),
+    "power_iters": (int, "1"),
+    "seed": (int, "0"),
+    "nonfinite": (str, "skip"),
+    "engine": (str, "auto"),
+    "foreach": (bool, "false"),
+    "refresh_owner": (str, "all"),
+    "consistency_check_every": (int, "0"),
+    "project_output_head": (bool, "true"),
+}
+
+# Hyperparameters that TrainingArguments owns: read from its fields, refused in optim_args so that a
+# value cannot be set in two places with one of them silently losing.
+_ARGS_FIELDS = {
+    "lr": "learning_rate",
+    "learning_rate": "learning_rate",
+    "betas": "adam_beta1 and adam_beta2",
+    "beta1": "adam_beta1",
+    "beta2": "adam_beta2",
+    "adam_beta1": "adam_beta1",
+    "adam_beta2": "adam_beta2",
+    "eps": "adam_epsilon",
+    "adam_epsilon": "adam_epsilon",
+    "weight_decay": "weight_decay",
+    "target_modules": "optim_target_modules",
+}
+
+_OPTIMIZER_OPTIONS = frozenset(inspect.signature(SubspaceAdamW.__init__).parameters) - {"self", "params"}
+_BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap"}
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_EXAMPLE = "optim_args='rank=128, update_proj_gap=200, scale=0.25, proj_type=std'"
+
+
+def _suggest(key: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse_value(key: str, value: str, kind: type, example: str) -> Any:
+    if kind is bool:
+        if value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"optim_args entry {key}={value!r} is not a boolean: write {key}=true or {key}=false")
+    try:
+        return kind(value)
+    except ValueError:
+        what = "an int" if kind is int else "a number"
+        raise ValueError(f"optim_args entry {key}={value!r} is not {what}: write e.g. {key}={example}") from None
+
+
+def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
+    """Typed ``SubspaceAdamW`` options from a ``TrainingArguments.optim_args`` string.
+
+    Accepts everything ``optim="galore_adamw"`` reads (rank, update_proj_gap, scale, proj_type) plus our
+    own option names, so a galore config migrates unchanged. transformers' parser fails with an unpacking
+    error on a malformed entry and its galore path silently drops unknown keys; here both are a ValueError
+    naming the entry and the fix. Values are range-checked later, by ``SubspaceAdamW`` itself.
+    """
+    if optim_args is None:
+        return {}
+    if not isinstance(optim_args, str):
+        raise TypeError(f"optim_args must be a string such as {_EXAMPLE}, got {type(optim_args).__name__}")
+    parsed: dict[str, Any] = {}
+    for raw in optim_args.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        key, sep, value = (part.strip() for part in entry.partition("="))
+        if not sep or not key or not value or "=" in value:
+            raise ValueError(
+                f"Malformed optim_args entry {entry!r} in {optim_args!r}: expected comma-separated key=value "
+                f"pairs, e.g. {_EXAMPLE}"
+            )
+        if key in _ARGS_FIELDS:
+            raise ValueError(
+                f"optim_args key {key!r} is not read from optim_args: set TrainingArguments({_ARGS_FIELDS[key]}=...) "
+                "instead (the Trainer integration takes it from there)"
+            )
+        if key not in _OPTIM_ARGS:
+            raise ValueError(
+                f"Unknown optim_args key {key!r}{_suggest(key, _OPTIM_ARGS)}: SubspaceAdamW accepts "
+                f"{', '.join(_OPTIM_ARGS)}. Remove it, or set it in TrainingArguments if it is a Trainer option."
+            )
+        if key in parsed:
+            raise ValueError(f"optim_args sets {key!r} twice in {optim_args!r}; keep one")
+        kind, example = _OPTIM_ARGS[key]
+        parsed[key] = _parse_value(key, value, kind, example)
+    if "update_proj_gap" in parsed and "update_gap" in parsed:
+        raise ValueError("optim_args sets both update_proj_gap and update_gap (the same option); keep one")
+    return parsed
+
+
+def _normalize_targets(target_modules: str | Iterable[str] | None) -> str | list[str]:
+    """``None`` (not set in TrainingArguments) and transformers' ``all_linear`` spelling mean all-linear."""
+    if target_modules is None:
+        return ALL_LINEAR
+    if isinstance(target_modules, str):
+        return ALL_LINEAR if target_modules.replace("_", "-") == ALL_LINEAR else target_modules
+    return list(target_modules)
+
+
+def _project_output_head(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Move the output head's weight into the projected group (galore_adamw's "all-linear" projects it)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getattr(getter() if callable(getter) else None, "weight", None)
+    if head is None:
+        raise ValueError("project_output_head=True, but the model has no output head (get_output_embeddings())")
+    for group in groups[1:]:
+        for i, (name, p) in enumerate(group["params"]):
+            if p is head:
+                groups[0]["params"].append((name, p))
+                del group["params"][i]
+                return [g for g in groups if g["params"]]
+    return groups  # already projected, or frozen
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    target_modules: str | Iterable[str] | None = ALL_LINEAR,
+    rank: int = 128,
+    weight_decay: float = 0.0,
+    project_output_head: bool = False,
+    **options: Any,
+) -> SubspaceAdamW:
+    """``SubspaceAdamW`` for ``model``: weights of the targeted linear modules projected, the rest AdamW.
+
+    ``target_modules`` follows ``optim_target_modules`` (``param_groups`` semantics; "all-linear" leaves
+    the output head in AdamW unless ``project_output_head=True``). ``options`` are ``SubspaceAdamW``'s
+    (lr, betas, eps, update_gap or galore's update_proj_gap, scale, proj_type, refresh, moments, ...).
+    """
+    unknown = sorted(set(options) - _BUILD_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"Unknown SubspaceAdamW option {unknown[0]!r}{_suggest(unknown[0], _BUILD_OPTIONS)}; "
+            f"accepted: {', '.join(sorted(_BUILD_OPTIONS))}"
+        )
+    if "update_proj_gap" in options:
+        gap = options.pop("update_proj_gap")
+        if "update_gap" in options and options["update_gap"] != gap:
+            raise ValueError(f"update_proj_gap={gap!r} and update_gap={options['update_gap']!r} disagree; keep one")
+        options["update_gap"] = gap
+    groups = param_groups(model, _normalize_targets(target_modules), rank, weight_decay=weight_decay)
+    if project_output_head:
+        groups = _project_output_head(model, groups)
+    return SubspaceAdamW(groups, weight_decay=weight_decay, **options)
+
+
+def _check_optim_name(args: TrainingArguments) -> None:
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim.startswith("galore") and optim != "galore_adamw":
+        warnings.warn(
+            f"TrainingArguments(optim={optim!r}): SubspaceAdamW is a 32-bit AdamW that steps once per optimizer "
+            "step; the 8-bit, Adafactor or layer-wise part of that optimizer is not reproduced",
+            stacklevel=3,
+        )
+
+
+def optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
+    """``build_optimizer`` keyword arguments from ``TrainingArguments``.
+
+    The AdamW hyperparameters come from the usual fields (transformers' galore path passes only the
+    learning rate and leaves betas, eps and weight decay at galore-torch's defaults); the target modules
+    from ``optim_target_modules`` (default "all-linear"); everything else from ``optim_args``.
+    """
+    _check_optim_name(args)
+    kwargs: dict[str, Any] = {
+        "target_modules": _normalize_targets(args.optim_target_modules),
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+    }
+    kwargs.update(parse_optim_args(args.optim_args))
+    return kwargs
+
+
+def create_optimizer(model: nn.Module, args: TrainingArguments, **overrides: Any) -> SubspaceAdamW:
+    """``SubspaceAdamW`` for ``model`` configured from ``args``; keyword ``overrides`` win over ``args``.
+
+    For ``Trainer(model=model, args=args, optimizers=(create_optimizer(model, args), None))``: the Trainer
+    then builds its lr scheduler from ``args`` around this optimizer, and saves and resumes its state.
+    """
+    return build_optimizer(model, **{**optimizer_kwargs(args), **overrides})
+
+
+class SubspaceAdamWFactory:
+    """First element of ``Trainer(optimizer_cls_and_kwargs=(SubspaceAdamWFactory, kwargs))``.
+
+    transformers calls a first element that is not an ``Optimizer`` subclass as a factory,
+    ``SubspaceAdamWFactory()(model, **kwargs)``, when it creates the optimizer; ``kwargs`` are those of
+    ``build_optimizer`` (``target_modules``, ``rank``, ``lr``, ...), so no parameter tensor is needed up front.
+    """
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> SubspaceAdamW:
+        return build_optimizer(model, **kwargs)
+
+
+def optimizer_cls_and_kwargs(args: TrainingArguments, **overrides: Any) -> tuple[type, dict[str, Any]]:
+    """``(SubspaceAdamWFactory, kwargs)`` with ``kwargs`` read from ``args``, for ``optimizer_cls_and_kwargs=``."""
+    return SubspaceAdamWFactory, {**optimizer_kwargs(args), **overrides}
+
+
+def unwrap_optimizer(optimizer: Optimizer | None) -> SubspaceAdamW | None:
+    """The ``SubspaceAdamW`` inside the Trainer's optimizer (accelerate wraps it), or None."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, SubspaceAdamW) and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if isinstance(optimizer, SubspaceAdamW) else None
+
+
+class SubspaceMetricsCallback(TrainerCallback):
+    """Adds ``subspace/*`` values to every training log, so they reach the loggers the Trainer reports to.
+
+    Values: ``captured_energy`` (||P^T G||^2 / ||G||^2 over all projected weights at their latest refresh),
+    ``refresh_time_s`` (wall time of the latest refresh of all weights), ``state_bytes`` (optimizer state),
+    ``refresh_count`` and ``nonfinite_skips``; with ``per_param=True`` also each weight's captured energy
+    and basis overlap. Reading them synchronizes with the device, which is why it happens only when the
+    Trainer logs. Callbacks run in order and the Trainer puts reporters (tensorboard, wandb, ...) before
+    user callbacks: ``add_metrics_callback(trainer)`` puts this one first so that they see the values.
+    """
+
+    def __init__(self, prefix: str = "subspace/", per_param: bool = False) -> None:
+        self.prefix = prefix
+        self.per_param = per_param
+
+    def metrics(self, optimizer: SubspaceAdamW) -> dict[str, float]:
+        """The log entries for ``optimizer`` now; values not known yet (before a refresh) are left out."""
+        m = optimizer.subspace_metrics()
+        overall = m["overall"]
+        out: dict[str, float] = {
+            "state_bytes": overall["state_bytes"],
+            "refresh_count": max((p["refresh_count"] for p in m["params"].values()), default=0),
+            "nonfinite_skips": overall["nonfinite_skips"],
+        }
+        # Refresh time and energy live in memory only: after a resume they are unknown until the next refresh.
+        if any(p["refresh_time_s"] is not None for p in m["params"].values()):
+            out["refresh_time_s"] = overall["last_refresh_time_s"]
+        if overall["captured_energy"] is not None:
+            out["captured_energy"] = overall["captured_energy"]
+        if self.per_param:
+            for name, entry in m["params"].items():
+                for key in ("captured_energy", "overlap"):
+                    if entry[key] is not None:
+                        out[f"{name}/{key}"] = entry[key]
+        return {self.prefix + k: v for k, v in out.items()}
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        optimizer: Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Extend the training log in place (the dict later callbacks get) and its ``log_history`` copy."""
+        opt = unwrap_optimizer(optimizer)
+        if opt is None or logs is None or "loss" not in logs:
+            return  # not our optimizer, or an eval / end-of-training summary log
+        values = self.metrics(opt)
+        logs.update(values)
+        # Trainer.log appends a copy of the logs to log_history before it calls the callbacks.
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and last.get("loss") == logs["loss"]:
+            last.update(values)
+
+
+def add_metrics_callback(trainer: Trainer, callback: SubspaceMetricsCallback | None = None) -> SubspaceMetricsCallback:
+    """Put a ``SubspaceMetricsCallback`` first in ``trainer``'s callbacks (replacing any other instance).
+
+    First, so that the reporting callbacks (which the Trainer places before user callbacks) log its values.
+    """
+    callback = callback if callback is not None else SubspaceMetricsCallback()
+    callbacks = trainer.callback_handler.callbacks
+    callbacks[:] = [c for c in callbacks if not isinstance(c, SubspaceMetricsCallback)]
+    callbacks.insert(0, callback)
+    return callback
+
+
+__all__ = [
+    "SubspaceAdamWFactory",
+    "SubspaceMetricsCallback",
+    "add_metrics_callback",
+    "build_optimizer",
+    "create_optimizer",
+    "optimizer_cls_and_kwargs",
+    "optimizer_kwargs",
+    "parse_optim_args",
+    "unwrap_optimizer",
+]

@@ -1,0 +1,226 @@
+"""Worker bodies for the 2-process gloo tests (importable by spawned children).
+
+Each worker writes what it measured to ``out_dir/rank{r}.pt`` and the test process compares ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from subspace_optim import SubspaceAdamW, param_groups
+
+
+def run(rank: int, world: int, port: int, fn_name: str, out_dir: str, kwargs: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # No barrier in a finally: a rank that failed must exit (and fail the test), not wait for the others.
+    result = globals()[fn_name](rank=rank, world=world, **kwargs)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _batch(step: int, batch: int, dim: int, rank_slice: slice | None = None):
+    gen = torch.Generator().manual_seed(10_000 + step)
+    x = torch.randn(batch, dim, generator=gen)
+    y = torch.randn(batch, 4, generator=gen)
+    return (x, y) if rank_slice is None else (x[rank_slice], y[rank_slice])
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 33), nn.Tanh(), nn.Linear(33, 20), nn.Tanh(), nn.Linear(20, 4))
+
+
+def ddp_train(rank: int, world: int, steps: int, refresh_owner: str, refresh: str) -> dict:
+    """DDP with a *different global seed per rank*: bases must still agree, so weights stay identical."""
+    assert dist.get_world_size() == 2
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    torch.manual_seed(1234 + 77 * rank)  # global RNG differs between ranks from here on
+    opt = SubspaceAdamW(
+        param_groups(model.module, "all-linear", rank=3, update_gap=2, refresh=refresh),
+        lr=1e-2,
+        refresh_owner=refresh_owner,
+        consistency_check_every=1,
+    )
+    half = slice(rank * 8, (rank + 1) * 8)
+    for step in range(steps):
+        x, y = _batch(step, 16, 12, half)
+        torch.randn(5)  # rank-dependent global RNG use between steps, as dropout would do
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+    opt.check_consistency()
+    return {
+        "world": dist.get_world_size(),
+        "weights": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+        "refresh_counts": [s["refresh_count"] for s in opt.state.values() if "refresh_count" in s],
+    }
+
+
+def ddp_detects_divergence(rank: int, world: int) -> dict:
+    model = _mlp()
+    opt = SubspaceAdamW(param_groups(model, "all-linear", rank=3, update_gap=2), lr=1e-2)
+    x, y = _batch(0, 8, 12)
+    (model(x) - y).square().mean().backward()
+    opt.step()
+    if rank == 1:
+        opt.state[model[2].weight]["basis"][0, 0] += 1e-3
+    try:
+        opt.check_consistency()
+    except RuntimeError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def _llama(seed: int = 0):
+    from subspace_optim.lm import tiny_llama
+
+    # intermediate 33: gate/up weights are 33 x 32, sharded 17 / 16 rows over two ranks.
+    return tiny_llama(hidden=32, intermediate=33, layers=2, heads=2, vocab=64, seed=seed)
+
+
+def _lm_loss(model, step: int, rows: slice | None):
+    gen = torch.Generator().manual_seed(500 + step)
+    ids = torch.randint(0, 64, (4, 17), generator=gen)
+    if rows is not None:
+        ids = ids[rows]
+    logits = model(input_ids=ids[:, :-1]).logits
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _subspace_for(model, refresh: str, proj_type: str = "std"):
+    groups = param_groups(model, "all-linear", rank=4, update_gap=3, refresh=refresh, proj_type=proj_type)
+    return SubspaceAdamW(groups, lr=5e-3, weight_decay=0.0)
+
+
+def single_process_llama(steps: int, refresh: str) -> dict[str, torch.Tensor]:
+    """The reference trajectory: one process, whole batch, right projections (what FSDP2 uses)."""
+    model = _llama()
+    opt = _subspace_for(model, refresh, proj_type="right")
+    for step in range(steps):
+        opt.zero_grad()
+        _lm_loss(model, step, None).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fsdp_llama(rank: int):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    torch.manual_seed(99 + rank)
+    return model
+
+
+def _full_weights(model) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
+    }
+
+
+def fsdp_train(rank: int, world: int, steps: int, refresh: str) -> dict:
+    assert dist.get_world_size() == 2
+    model = _fsdp_llama(rank)
+    opt = _subspace_for(model, refresh)
+    for step in range(steps):
+        opt.zero_grad()
+        _lm_loss(model, step, slice(rank * 2, rank * 2 + 2)).backward()
+        opt.step()
+    opt.check_consistency()
+    gate = model.model.layers[0].mlp.gate_proj.weight
+    state = opt.state[gate]
+    return {
+        "world": dist.get_world_size(),
+        "weights": _full_weights(model),
+        "gate_local_rows": gate.to_local().shape[0],
+        "gate_moment_type": type(state["exp_avg"]).__name__,
+        "gate_moment_placements": str(state["exp_avg"].placements),
+        "gate_moment_local_rows": state["exp_avg"].to_local().shape[0],
+        "gate_refresh_count": state["refresh_count"],
+    }
+
+
+def fsdp_empty_shard(rank: int, world: int) -> dict:
+    """A 1-row weight sharded over two ranks leaves rank 1 with no rows: it must still take part in the
+    refresh collectives (no hang) and the result must match the unsharded computation."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 1, bias=False))
+    reference_w = model[0].weight.detach().clone()
+    fully_shard(model)
+    opt = SubspaceAdamW([{"params": [model[0].weight], "rank": 1, "update_gap": 2}], lr=1e-2)
+    ref_param = nn.Parameter(reference_w)
+    ref_opt = SubspaceAdamW([{"params": [ref_param], "rank": 1, "update_gap": 2, "proj_type": "right"}], lr=1e-2)
+    for step in range(5):
+        x, _ = _batch(step, 8, 6)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        ref_param.grad = (2 * (x @ ref_param.detach().T) * x).mean(0, keepdim=True)
+        ref_opt.step()
+    weight = model[0].weight
+    return {
+        "local_rows": weight.to_local().shape[0],
+        "weight": weight.full_tensor().detach().clone(),
+        "reference": ref_param.detach().clone(),
+    }
+
+
+def fsdp_dcp_resume(rank: int, world: int, steps: int, split: int, ckpt_dir: str) -> dict:
+    """DCP save after ``split`` steps, load into a fresh model and optimizer, continue: must equal an
+    uninterrupted run of ``steps`` steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def train(model, opt, start, stop):
+        for step in range(start, stop):
+            opt.zero_grad()
+            _lm_loss(model, step, slice(rank * 2, rank * 2 + 2)).backward()
+            opt.step()
+
+    model_a = _fsdp_llama(rank)
+    opt_a = _subspace_for(model_a, "warm")
+    train(model_a, opt_a, 0, steps)
+
+    model_b = _fsdp_llama(rank)
+    opt_b = _subspace_for(model_b, "warm")
+    train(model_b, opt_b, 0, split)
+    dcp.save(
+        {"model": get_model_state_dict(model_b), "optim": get_optimizer_state_dict(model_b, opt_b)},
+        checkpoint_id=ckpt_dir,
+    )
+    gate_b = model_b.model.layers[0].mlp.gate_proj.weight
+    basis_type = type(opt_b.state[gate_b]["basis"]).__name__
+
+    model_c = _fsdp_llama(rank)
+    opt_c = _subspace_for(model_c, "warm")
+    state = {"model": get_model_state_dict(model_c), "optim": get_optimizer_state_dict(model_c, opt_c)}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_model_state_dict(model_c, state["model"])
+    set_optimizer_state_dict(model_c, opt_c, state["optim"])
+    gate_c = model_c.model.layers[0].mlp.gate_proj.weight
+    restored = {k: opt_c.state[gate_c][k] for k in ("step", "refresh_count", "moment_age")}
+    train(model_c, opt_c, split, steps)
+    return {
+        "straight": _full_weights(model_a),
+        "resumed": _full_weights(model_c),
+        "basis_type": basis_type,
+        "restored_counters": restored,
+    }
