@@ -88,6 +88,32 @@ def _validate(options: dict[str, Any], where: str) -> None:
         bad("seed", "seed must be an int", TypeError)
 
 
+_FLATTENED = (
+    "the params of a param group with rank={rank} were replaced by flattened 1-D tensors: this is what "
+    "DeepSpeed ZeRO stages 1-3 do, and a flattened weight has no matrix to project (it would silently "
+    "train as plain AdamW). Use ZeRO stage 0, or shard with FSDP2 (torch.distributed.fsdp.fully_shard, "
+    "or accelerate's FSDP plugin with fsdp_version=2), which SubspaceAdamW supports."
+)
+
+
+class _ParamGroup(dict):
+    """A param group that refuses to have its projected matrices swapped for flat 1-D buffers.
+
+    DeepSpeed ZeRO 1-3 rewrites ``group["params"]`` with flattened partitions inside
+    ``deepspeed.initialize``; raising here stops it at construction, with an explanation, instead of
+    letting the projection silently vanish.
+    """
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key == "params" and self.get("rank") is not None and "params" in self:
+            old_matrices = any(isinstance(p, Tensor) and p.dim() >= 2 for p in self["params"])
+            new = list(value)
+            if old_matrices and new and all(isinstance(p, Tensor) and p.dim() == 1 for p in new):
+                raise ValueError(_FLATTENED.format(rank=self["rank"]))
+            value = new
+        super().__setitem__(key, value)
+
+
 class _Matrix(NamedTuple):
     """A projected parameter as one step sees it."""
 
@@ -185,6 +211,7 @@ class SubspaceAdamW(Optimizer):
         _validate(defaults, "in SubspaceAdamW(...)")
         self._metrics: dict[int, dict[str, Any]] = {}
         self._nonfinite_skips = 0
+        self._known_params: set[int] = set()
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -205,7 +232,8 @@ class SubspaceAdamW(Optimizer):
         if unknown:
             warnings.warn(f"SubspaceAdamW ignores unknown param group keys {sorted(unknown)}", stacklevel=2)
         _validate({**self.defaults, **group}, f"in param group {len(self.param_groups)}")
-        super().add_param_group(group)
+        super().add_param_group(_ParamGroup(group))
+        self._known_params.update(id(p) for p in self.param_groups[-1]["params"])
 
     # ------------------------------------------------------------------ state
     def _matrix_shape(self, p: Tensor) -> tuple[int, int]:
@@ -282,6 +310,13 @@ class SubspaceAdamW(Optimizer):
 
         work = []
         for index, group, name, p in self._named_params():
+            if group["rank"] is not None and id(p) not in self._known_params:
+                # A group's list was edited behind add_param_group (DeepSpeed ZeRO does this in place too).
+                raise ValueError(
+                    _FLATTENED.format(rank=group["rank"])
+                    if p.dim() == 1
+                    else (f"parameter {name} was put into a param group directly; use optimizer.add_param_group()")
+                )
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -375,7 +410,7 @@ class SubspaceAdamW(Optimizer):
             basis = self._compute_basis(x)
             if basis.basis.device.type == "cuda":
                 torch.cuda.synchronize(basis.basis.device)
-            results[x.index] = (basis, time.perf_counter() - start)
+            results[x.index] = (basis, time.perf_counter() - start, True)
             if robin:
                 pending.append((x, owner))
         for x, owner in pending:
@@ -390,11 +425,10 @@ class SubspaceAdamW(Optimizer):
             dist.broadcast(buf, src=owner)
             if owner != rank:
                 p_new = buf[:-2].view(d, x.group["rank"]).float()
-                results[x.index] = (linalg.Basis(p_new, buf[-2], buf[-1]), time.perf_counter() - start)
+                results[x.index] = (linalg.Basis(p_new, buf[-2], buf[-1]), time.perf_counter() - start, False)
         check = False
         for x in due:
-            basis, seconds = results[x.index]
-            self._install_basis(x, basis, seconds)
+            self._install_basis(x, *results[x.index])
             every = x.group["consistency_check_every"]
             check |= bool(every) and x.state["refresh_count"] % every == 0
         if check:
@@ -414,7 +448,7 @@ class SubspaceAdamW(Optimizer):
         slab = distributed.row_shard(p, x.name).slab()
         return reference.compute_basis(g_local, previous, x.group, x.side, seed, slab)
 
-    def _install_basis(self, x: _Matrix, new: linalg.Basis, seconds: float) -> None:
+    def _install_basis(self, x: _Matrix, new: linalg.Basis, seconds: float, computed_here: bool) -> None:
         state = x.state
         overlap = None
         if "basis" not in state:
@@ -435,6 +469,7 @@ class SubspaceAdamW(Optimizer):
             "captured": new.captured,
             "total": new.total,
             "overlap": overlap,
+            "computed_here": computed_here,
         }
 
     def check_consistency(self) -> None:
@@ -489,6 +524,8 @@ class SubspaceAdamW(Optimizer):
         """
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
+        # The base class rebuilds the groups as plain dicts; keep the flattening guard on them.
+        self.param_groups[:] = [_ParamGroup(group) for group in self.param_groups]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, p in zip(saved_ids, params, strict=True):
@@ -503,6 +540,8 @@ class SubspaceAdamW(Optimizer):
     # ------------------------------------------------------------------ metrics
     def subspace_metrics(self) -> dict[str, Any]:
         """Per projected parameter and overall: last refresh time, captured energy, overlap, state bytes.
+
+        Bytes are this rank's (a sharded moment counts its local rows).
 
         ``captured_energy`` is ||P^T G||^2 / ||G||^2 for the gradient G of the last refresh;
         ``overlap`` is ||P_new^T P_old||_F^2 / r (1: same subspace, 0: orthogonal), None after the first.
@@ -530,6 +569,7 @@ class SubspaceAdamW(Optimizer):
                 "refresh_time_s": info.get("refresh_time_s"),
                 "captured_energy": None,
                 "overlap": None,
+                "computed_here": info.get("computed_here"),
             }
             if info:
                 t = float(info["total"])
@@ -546,14 +586,19 @@ class SubspaceAdamW(Optimizer):
             "last_refresh_time_s": total_time,
             "captured_energy": captured / total if total > 0 else None,
             "nonfinite_skips": self._nonfinite_skips,
+            # With refresh_owner="round_robin", how many of the last bases this rank computed itself.
+            "refreshes_computed_here": sum(bool(e["computed_here"]) for e in per_param.values()),
         }
         return {"params": per_param, "overall": overall}
 
 
 def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes held by an optimizer's state tensors (any torch optimizer)."""
+    """Bytes this rank holds in an optimizer's state tensors (any torch optimizer; DTensors count locally)."""
     return sum(
-        v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)
+        local(v).numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, Tensor)
     )
 
 

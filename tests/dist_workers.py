@@ -61,6 +61,7 @@ def ddp_train(rank: int, world: int, steps: int, refresh_owner: str, refresh: st
         "world": dist.get_world_size(),
         "weights": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
         "refresh_counts": [s["refresh_count"] for s in opt.state.values() if "refresh_count" in s],
+        "computed_here": opt.subspace_metrics()["overall"]["refreshes_computed_here"],
     }
 
 

@@ -153,3 +153,36 @@ def test_nonfinite_raise_policy_changes_nothing(bad):
     with pytest.raises(FloatingPointError, match=r"non-finite gradient in parameter\(s\) \['params\[1\]'\]"):
         opt.step()
     _assert_unchanged(opt, [w, v], snap)
+
+
+def test_flattened_params_like_deepspeed_zero_are_refused_at_the_swap():
+    """DeepSpeed ZeRO 1-3 replaces each group's params by a flat fp32 partition while building its
+    optimizer wrapper; a projected group must refuse that there and then, pointing to FSDP2."""
+    w, v = _w(6, 4), _w(4)
+    opt = SubspaceAdamW([{"params": [w], "rank": 2}, {"params": [v]}])
+    flat = torch.cat([w.detach().flatten()]).requires_grad_()
+    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO stages 1-3.*ZeRO stage 0.*FSDP2"):
+        opt.param_groups[0]["params"] = [flat]
+    assert opt.param_groups[0]["params"] == [w]
+    opt.param_groups[1]["params"] = [torch.cat([v.detach()]).requires_grad_()]  # plain AdamW groups may be flat
+
+
+def test_flattened_params_edited_in_place_are_refused_at_step():
+    w = _w(6, 4)
+    opt = SubspaceAdamW([{"params": [w], "rank": 2}])
+    flat = w.detach().flatten().clone().requires_grad_()
+    flat.grad = torch.randn(24)
+    opt.param_groups[0]["params"][0] = flat
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO stages 1-3"):
+        opt.step()
+    assert not opt.state
+
+
+def test_guard_survives_load_state_dict():
+    w = _w(6, 4)
+    opt = SubspaceAdamW([{"params": [w], "rank": 2}])
+    w.grad = torch.randn(6, 4)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        opt.param_groups[0]["params"] = [torch.zeros(24, requires_grad=True)]

@@ -41,6 +41,10 @@ def test_ddp_ranks_stay_bitwise_identical_across_refreshes(tmp_path, refresh_own
     assert r0["world"] == r1["world"] == 2
     assert r0["refresh_counts"] == [4, 4, 4]  # steps 0, 2, 4, 6
     _assert_bitwise_equal(r0["weights"], r1["weights"])
+XX
+    # rank 0 owns indices 0 and 4, rank 1 index 2); "all" computes every basis everywhere.
+    expected = (2, 1) if refresh_owner == "round_robin" else (3, 3)
+    assert (r0["computed_here"], r1["computed_here"]) == expected
 
 
 def test_ddp_consistency_check_names_the_diverged_parameter(tmp_path):
