@@ -1,7 +1,8 @@
 """DeepSpeed: ZeRO stage 0 trains with projection; stages 1-3, which flatten parameters, are refused with an
-error that points to FSDP2 (inside deepspeed.initialize for stages 1-2, at the first step for stage 3). Skipped where deepspeed is not installed (it is
-an optional extra: `pip install -e ".[deepspeed]"`); the same guard is tested without DeepSpeed in
-test_bad_input.py."""
+error that points to FSDP2 (inside deepspeed.initialize for stages 1-2, at the first step for stage 3).
+
+Skipped where deepspeed is not installed (an optional extra: `pip install -e ".[deepspeed]"`); the same
+guard is tested without DeepSpeed in test_bad_input.py."""
 
 from __future__ import annotations
 

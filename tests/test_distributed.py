@@ -41,8 +41,8 @@ def test_ddp_ranks_stay_bitwise_identical_across_refreshes(tmp_path, refresh_own
     assert r0["world"] == r1["world"] == 2
     assert r0["refresh_counts"] == [4, 4, 4]  # steps 0, 2, 4, 6
     _assert_bitwise_equal(r0["weights"], r1["weights"])
-XX
-    # rank 0 owns indices 0 and 4, rank 1 index 2); "all" computes every basis everywhere.
+    # Round robin splits the 3 matrices' refreshes between the ranks (flat indices 0, 1, 2: rank 0 owns
+    # 0 and 2, rank 1 owns 1); "all" computes every basis on every rank.
     expected = (2, 1) if refresh_owner == "round_robin" else (3, 3)
     assert (r0["computed_here"], r1["computed_here"]) == expected
 
