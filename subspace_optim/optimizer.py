@@ -104,13 +104,24 @@ class _ParamGroup(dict):
     letting the projection silently vanish.
     """
 
+    def __init__(self, group: dict[str, Any], known: set[int]) -> None:
+        self._known = known  # the optimizer's set of ids of parameters handed over through groups
+        self._had_matrices = False  # sticky: ZeRO-3 empties the list before it installs the flat buffer
+        super().__init__(group)
+        if "params" in group:
+            self["params"] = group["params"]
+
     def __setitem__(self, key: str, value: Any) -> None:
-        if key == "params" and self.get("rank") is not None and "params" in self:
-            old_matrices = any(isinstance(p, Tensor) and p.dim() >= 2 for p in self["params"])
-            new = list(value)
-            if old_matrices and new and all(isinstance(p, Tensor) and p.dim() == 1 for p in new):
+        if key == "params":
+            value = list(value)
+            tensors = [p for p in value if isinstance(p, Tensor)]
+            flattened = bool(tensors) and all(p.dim() == 1 for p in tensors)
+            if self.get("rank") is not None and self._had_matrices and flattened:
                 raise ValueError(_FLATTENED.format(rank=self["rank"]))
-            value = new
+            self._had_matrices |= any(p.dim() >= 2 for p in tensors)
+            # A whole-list swap of same-shape tensors is legitimate: accelerate's FSDP2 `prepare` swaps
+            # each parameter for its sharded DTensor this way. State is lazy, so nothing is orphaned.
+            self._known.update(id(p) for p in value if isinstance(p, Tensor))
         super().__setitem__(key, value)
 
 
@@ -232,8 +243,7 @@ class SubspaceAdamW(Optimizer):
         if unknown:
             warnings.warn(f"SubspaceAdamW ignores unknown param group keys {sorted(unknown)}", stacklevel=2)
         _validate({**self.defaults, **group}, f"in param group {len(self.param_groups)}")
-        super().add_param_group(_ParamGroup(group))
-        self._known_params.update(id(p) for p in self.param_groups[-1]["params"])
+        super().add_param_group(_ParamGroup(group, self._known_params))
 
     # ------------------------------------------------------------------ state
     def _matrix_shape(self, p: Tensor) -> tuple[int, int]:
@@ -398,7 +408,7 @@ class SubspaceAdamW(Optimizer):
         and its basis broadcast, so the refresh work divides by the world size.
         """
         rank, world = distributed.world()
-        results: dict[int, tuple[linalg.Basis, float]] = {}
+        results: dict[int, tuple[linalg.Basis, float, bool]] = {}
         pending = []
         for x in due:
             robin = world > 1 and x.group["refresh_owner"] == "round_robin" and not distributed.is_dtensor(x.p)
@@ -417,15 +427,18 @@ class SubspaceAdamW(Optimizer):
             start = time.perf_counter()
             if owner == rank:
                 basis = results[x.index][0]
-                buf = torch.cat([basis.basis.flatten().double(), torch.stack([basis.captured, basis.total])])
+                # One fp32 message per matrix: the d x r basis, then its two energies (metrics only).
+                energies = torch.stack([basis.captured, basis.total]).float()
+                buf = torch.cat([basis.basis.flatten().float(), energies])
             else:
                 m, n = self._matrix_shape(x.p)
                 d = basis_dim(x.side, m, n)
-                buf = torch.empty(d * x.group["rank"] + 2, dtype=torch.float64, device=x.p.device)
+                buf = torch.empty(d * x.group["rank"] + 2, dtype=torch.float32, device=x.p.device)
             dist.broadcast(buf, src=owner)
             if owner != rank:
-                p_new = buf[:-2].view(d, x.group["rank"]).float()
-                results[x.index] = (linalg.Basis(p_new, buf[-2], buf[-1]), time.perf_counter() - start, False)
+                p_new = buf[:-2].view(d, x.group["rank"])
+                captured, total = buf[-2].double(), buf[-1].double()
+                results[x.index] = (linalg.Basis(p_new, captured, total), time.perf_counter() - start, False)
         check = False
         for x in due:
             self._install_basis(x, *results[x.index])
@@ -525,7 +538,7 @@ class SubspaceAdamW(Optimizer):
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         # The base class rebuilds the groups as plain dicts; keep the flattening guard on them.
-        self.param_groups[:] = [_ParamGroup(group) for group in self.param_groups]
+        self.param_groups[:] = [_ParamGroup(group, self._known_params) for group in self.param_groups]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, p in zip(saved_ids, params, strict=True):

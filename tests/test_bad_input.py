@@ -186,3 +186,15 @@ def test_guard_survives_load_state_dict():
     opt.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="DeepSpeed"):
         opt.param_groups[0]["params"] = [torch.zeros(24, requires_grad=True)]
+
+
+def test_same_shape_param_swap_like_accelerate_prepare_is_accepted():
+    """accelerate's FSDP2 prepare replaces each group's list with the sharded parameters; state is lazy,
+    so the new parameters simply get fresh state and nothing refers to the old ones."""
+    old = _w(6, 4)
+    opt = SubspaceAdamW([{"params": [old], "rank": 2}], lr=1e-2)
+    new = _w(6, 4, seed=3)
+    opt.param_groups[0]["params"] = [new]
+    new.grad = torch.randn(6, 4)
+    opt.step()
+    assert old not in opt.state and opt.state[new]["refresh_count"] == 1

@@ -231,6 +231,15 @@ class SubspaceAdamWFactory:
     ``build_optimizer`` (``target_modules``, ``rank``, ``lr``, ...), so no parameter tensor is needed up front.
     """
 
+    def __init__(self, *params: Any, **kwargs: Any) -> None:
+        if params or kwargs:
+            # An older Trainer instantiates the first element as an optimizer class, with unnamed groups.
+            raise TypeError(
+                "SubspaceAdamWFactory was called as an optimizer class: this transformers version does not call "
+                "optimizer factories from optimizer_cls_and_kwargs. Upgrade transformers, or pass "
+                "optimizers=(create_optimizer(model, args), None) to the Trainer instead."
+            )
+
     def __call__(self, model: nn.Module, **kwargs: Any) -> SubspaceAdamW:
         return build_optimizer(model, **kwargs)
 
