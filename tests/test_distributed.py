@@ -81,3 +81,16 @@ def test_fsdp2_dcp_resume_equals_uninterrupted(tmp_path):
     assert r0["restored_counters"] == {"step": 4, "refresh_count": 2, "moment_age": 4}
     for result in (r0, r1):
         _assert_bitwise_equal(result["straight"], result["resumed"])
+
+
+@pytest.mark.parametrize("name,kind", [("accelerate_ddp.yaml", "MULTI_GPU"), ("accelerate_fsdp2.yaml", "FSDP")])
+def test_accelerate_launch_configs_parse(name, kind):
+    """The README's multi-GPU configs must be valid accelerate configs (they need GPUs to run)."""
+    from pathlib import Path
+
+    config_args = pytest.importorskip("accelerate.commands.config.config_args")
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    config = config_args.ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type.name == kind
+    if kind == "FSDP":
+        assert int(config.fsdp_config["fsdp_version"]) == 2
