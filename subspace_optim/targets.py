@@ -43,8 +43,9 @@ def _matches(name: str, target_modules: str | Iterable[str]) -> bool:
 def select_target_modules(model: nn.Module, target_modules: str | Iterable[str]) -> list[str]:
     """Names of the linear modules whose weight will be projected.
 
-    ``"all-linear"`` selects every linear layer except the output head (lm_head): as in HF, projecting
-    the vocabulary projection hurts quality and it is usually tied to the input embedding.
+    ``"all-linear"`` selects every linear layer except the output head (lm_head): projecting the
+    vocabulary projection hurts quality and it is often tied to the input embedding. A pattern that names
+    the head explicitly (e.g. ``["lm_head"]``) does select it.
     """
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
@@ -53,7 +54,7 @@ def select_target_modules(model: nn.Module, target_modules: str | Iterable[str])
     head = _output_embedding_weight(model)
     selected = []
     for name, module in model.named_modules():
-        if not _linear_like(module) or module.weight is head:
+        if not _linear_like(module) or (module.weight is head and target_modules == ALL_LINEAR):
             continue
         if target_modules == ALL_LINEAR or _matches(name, target_modules):
             selected.append(name)

@@ -81,3 +81,8 @@ def test_param_groups_train_a_llama_step(model):
     opt.step()
     projected = [n for n, s in opt.subspace_metrics()["params"].items()]
     assert len(projected) == 14 and all(any(p in n for p in PROJ) for n in projected)
+
+
+def test_head_is_selected_only_when_named(model):
+    assert "lm_head" not in select_target_modules(model, "all-linear")
+    assert select_target_modules(model, ["lm_head"]) == ["lm_head"]
