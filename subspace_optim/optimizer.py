@@ -106,7 +106,7 @@ class _ParamGroup(dict):
 
     def __init__(self, group: dict[str, Any], known: set[int]) -> None:
         self._known = known  # the optimizer's set of ids of parameters handed over through groups
-        self._had_matrices = False  # sticky: ZeRO-3 empties the list before it installs the flat buffer
+        self._had_matrices = False  # sticky, so a group that held matrices can never become flat
         super().__init__(group)
         if "params" in group:
             self["params"] = group["params"]
@@ -115,7 +115,8 @@ class _ParamGroup(dict):
         if key == "params":
             value = list(value)
             tensors = [p for p in value if isinstance(p, Tensor)]
-            flattened = bool(tensors) and all(p.dim() == 1 for p in tensors)
+            # ZeRO-1/2 install the flat buffer directly; ZeRO-3 first empties the list, then installs it.
+            flattened = all(p.dim() == 1 for p in tensors)
             if self.get("rank") is not None and self._had_matrices and flattened:
                 raise ValueError(_FLATTENED.format(rank=self["rank"]))
             self._had_matrices |= any(p.dim() >= 2 for p in tensors)

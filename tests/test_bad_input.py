@@ -164,6 +164,8 @@ def test_flattened_params_like_deepspeed_zero_are_refused_at_the_swap():
     with pytest.raises(ValueError, match=r"DeepSpeed ZeRO stages 1-3.*ZeRO stage 0.*FSDP2"):
         opt.param_groups[0]["params"] = [flat]
     assert opt.param_groups[0]["params"] == [w]
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO stages 1-3"):
+        opt.param_groups[0]["params"] = []  # ZeRO-3 empties the list first
     opt.param_groups[1]["params"] = [torch.cat([v.detach()]).requires_grad_()]  # plain AdamW groups may be flat
 
 
