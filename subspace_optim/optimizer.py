@@ -112,7 +112,8 @@ class _ParamGroup(dict):
             self["params"] = group["params"]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if key == "params":
+        # Attributes are read defensively: unpickling sets dict items before it restores __dict__.
+        if key == "params" and "_known" in self.__dict__:
             value = list(value)
             tensors = [p for p in value if isinstance(p, Tensor)]
             # ZeRO-1/2 install the flat buffer directly; ZeRO-3 first empties the list, then installs it.
@@ -122,7 +123,7 @@ class _ParamGroup(dict):
             self._had_matrices |= any(p.dim() >= 2 for p in tensors)
             # A whole-list swap of same-shape tensors is legitimate: accelerate's FSDP2 `prepare` swaps
             # each parameter for its sharded DTensor this way. State is lazy, so nothing is orphaned.
-            self._known.update(id(p) for p in value if isinstance(p, Tensor))
+            self._known.update(id(p) for p in tensors)
         super().__setitem__(key, value)
 
 
@@ -227,6 +228,20 @@ class SubspaceAdamW(Optimizer):
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """After unpickling or deepcopy the parameters are new objects: re-register them.
+
+        ``Optimizer.__getstate__`` keeps only defaults, state and groups, so the metrics restart empty.
+        """
+        super().__setstate__(state)
+        self._metrics = {}
+        self._nonfinite_skips = 0
+        self._guard_groups()
+
+    def _guard_groups(self) -> None:
+        self._known_params = set()
+        self.param_groups[:] = [_ParamGroup(dict(group), self._known_params) for group in self.param_groups]
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate (and translate galore-torch keys of) a group before it is added."""
         if not isinstance(param_group, dict):
@@ -539,7 +554,7 @@ class SubspaceAdamW(Optimizer):
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         # The base class rebuilds the groups as plain dicts; keep the flattening guard on them.
-        self.param_groups[:] = [_ParamGroup(group, self._known_params) for group in self.param_groups]
+        self._guard_groups()
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, p in zip(saved_ids, params, strict=True):

@@ -137,3 +137,21 @@ def test_load_keeps_loaded_tensors_independent_of_the_source_dict():
     for p in net.parameters():
         if "basis" in fresh.state[p]:
             assert fresh.state[p]["basis"].data_ptr() != opt.state[p]["basis"].data_ptr()
+
+
+def test_optimizer_deepcopies_and_pickles():
+    """Some training frameworks deepcopy or pickle the optimizer; the guarded param groups must survive."""
+    import copy
+    import pickle
+
+    net = _net()
+    opt = _optimizer(net)
+    _step(net, opt, 0)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert [g["rank"] for g in clone.param_groups] == [g["rank"] for g in opt.param_groups]
+        assert len(clone.state) == len(opt.state)
+        for p in (q for g in clone.param_groups for q in g["params"]):
+            p.grad = torch.randn_like(p)
+        clone.step()  # the copied parameters are recognised as the optimizer's own
+        with pytest.raises(ValueError, match="DeepSpeed"):
+            clone.param_groups[0]["params"] = [torch.zeros(3, requires_grad=True)]
