@@ -575,6 +575,10 @@ class SubspaceAdamW(Optimizer):
         ``captured_energy`` is ||P^T G||^2 / ||G||^2 for the gradient G of the last refresh;
         ``overlap`` is ||P_new^T P_old||_F^2 / r (1: same subspace, 0: orthogonal), None after the first.
         Reading the metrics synchronizes with the device; call it at logging time, not every step.
+        Overall, ``last_refresh_time_s`` sums every matrix's latest refresh time (with the usual
+        aligned refreshes, the optimizer-side cost of the last refresh step) and ``captured_energy``
+        is energy-weighted over matrices. Refresh metrics are not checkpointed: after a resume they
+        are empty until the next refresh.
         """
         per_param: dict[str, dict[str, Any]] = {}
         total_bytes = 0
