@@ -15,13 +15,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 
+# kernels: the Triton engine (kernels/ in the repository, subspace_optim.kernels once installed). It imports
+# without Triton; `_kernels.available()` says whether the kernels can run.
 from . import distributed, linalg, reference
+from . import kernels as _kernels
 from .distributed import local
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES, basis_dim, choose_side, transport_moments
 
 DEFAULT_MOMENTS = "rotate"
 NONFINITE_POLICIES = ("skip", "raise")
-ENGINES = ("auto", "reference")
+ENGINES = ("auto", "reference", "triton")
 REFRESH_OWNERS = ("all", "round_robin")
 
 # State keys of projected matrices that must stay fp32 whatever the parameter dtype.
@@ -86,6 +89,8 @@ def _validate(options: dict[str, Any], where: str) -> None:
             bad(name, f"{name} must be an int >= 0")
     if not _is_int(options["seed"]):
         bad("seed", "seed must be an int", TypeError)
+    if options["engine"] == "triton" and not _kernels.available():
+        bad("engine", "engine='triton' needs the triton package (pip install triton); use engine='auto'")
 
 
 _FLATTENED = (
@@ -170,7 +175,10 @@ class SubspaceAdamW(Optimizer):
         seed: sketches are seeded from (seed, parameter index, refresh count), never the global RNG.
         nonfinite: ``"skip"`` (a parameter whose gradient has a NaN/Inf is left untouched this step:
             weights, moments, basis and step count) or ``"raise"`` (FloatingPointError, nothing changed).
-        engine: ``"auto"`` or ``"reference"`` (the PyTorch path; the only engine in this release).
+        engine: ``"auto"`` (Triton kernels for CUDA matrices when Triton is installed, else the reference),
+            ``"triton"`` (the same, but Triton must be installed) or ``"reference"`` (PyTorch only). CPU
+            tensors, DTensors, non-contiguous weights and ``refresh="svd"``/``"random"`` always take the
+            reference path.
         foreach: passed to ``torch.optim.adam`` for the plain-AdamW parameters.
         refresh_owner: ``"all"`` (every data-parallel rank computes every basis; identical by seeding) or
             ``"round_robin"`` (matrix i is refreshed on rank i mod world and its basis broadcast).
@@ -382,9 +390,26 @@ class SubspaceAdamW(Optimizer):
         due = [x for x in projected if x.state["step"] % x.group["update_gap"] == 0]
         if due:
             self._refresh(due)
+        fast = [x for x in projected if self._use_kernels(x)]
         for x in projected:
             x.state["step"] += 1
             x.state["moment_age"] += 1
+        if fast:
+            # Same-shape matrices share launches: two per (shape, dtype, side) batch.
+            _kernels.step_projected_batch(
+                [x.p for x in fast],
+                [self._local_matrix(x.p.grad) for x in fast],
+                [x.state["basis"] for x in fast],
+                [x.state["exp_avg"] for x in fast],
+                [x.state["exp_avg_sq"] for x in fast],
+                [x.state["moment_age"] for x in fast],
+                [x.group for x in fast],
+                [x.side for x in fast],
+            )
+        done = {x.index for x in fast}
+        for x in projected:
+            if x.index in done:
+                continue
             p_local = local(x.p)
             reference.projected_adamw(
                 p_local,
@@ -426,6 +451,14 @@ class SubspaceAdamW(Optimizer):
         rank, world = distributed.world()
         results: dict[int, tuple[linalg.Basis, float, bool]] = {}
         pending = []
+
+        def remote(x: _Matrix) -> bool:
+            robin = world > 1 and x.group["refresh_owner"] == "round_robin" and not distributed.is_dtensor(x.p)
+            return robin and x.index % world != rank
+
+        start = time.perf_counter()
+        batched = self._kernel_refresh([x for x in due if not remote(x)])
+        share = (time.perf_counter() - start) / max(len(batched), 1)
         for x in due:
             robin = world > 1 and x.group["refresh_owner"] == "round_robin" and not distributed.is_dtensor(x.p)
             owner = x.index % world
@@ -433,10 +466,11 @@ class SubspaceAdamW(Optimizer):
                 pending.append((x, owner))
                 continue
             start = time.perf_counter()
-            basis = self._compute_basis(x)
+            basis = batched[x.index] if x.index in batched else self._compute_basis(x)
             if basis.basis.device.type == "cuda":
                 torch.cuda.synchronize(basis.basis.device)
-            results[x.index] = (basis, time.perf_counter() - start, True)
+            seconds = time.perf_counter() - start + (share if x.index in batched else 0.0)
+            results[x.index] = (basis, seconds, True)
             if robin:
                 pending.append((x, owner))
         for x, owner in pending:
@@ -462,6 +496,47 @@ class SubspaceAdamW(Optimizer):
             check |= bool(every) and x.state["refresh_count"] % every == 0
         if check:
             self.check_consistency()
+
+    def _use_kernels(self, x: _Matrix) -> bool:
+        """Whether matrix ``x`` takes the Triton engine: a plain (non-DTensor), contiguous CUDA weight and
+        gradient of a supported dtype, in a group whose engine is not "reference"."""
+        if x.group["engine"] == "reference" or distributed.is_dtensor(x.p):
+            return False
+        ok_dtype = x.p.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.p.grad.dtype == x.p.dtype
+        return _kernels.supports(x.p) and ok_dtype and x.p.is_contiguous() and x.p.grad.is_contiguous()
+
+    def _kernel_refresh(self, due: list[_Matrix]) -> dict[int, linalg.Basis]:
+        """``warm``/``rsvd`` bases of the Triton-engine matrices in ``due``, same-shape ones batched.
+
+        Keeps ``reference.compute_basis``'s guarantee: a non-finite basis is replaced by the previous one
+        (or, on a first refresh, by the seeded random basis).
+        """
+        todo = [x for x in due if x.group["refresh"] in ("warm", "rsvd") and self._use_kernels(x)]
+        by_options: dict[tuple[int, int], list[_Matrix]] = {}
+        for x in todo:
+            by_options.setdefault((x.group["oversample"], x.group["power_iters"]), []).append(x)
+        out: dict[int, linalg.Basis] = {}
+        for (oversample, power_iters), xs in by_options.items():
+            seeds = [linalg.sketch_seed(x.group["seed"], x.index, x.state["refresh_count"]) for x in xs]
+            previous = [x.state.get("basis") if x.group["refresh"] == "warm" else None for x in xs]
+            items = _kernels.refresh_batch(
+                [self._local_matrix(x.p.grad) for x in xs],
+                [x.side for x in xs],
+                [x.group["rank"] for x in xs],
+                oversample=oversample,
+                power_iters=power_iters,
+                seeds=seeds,
+                previous=previous,
+            )
+            finite = torch.stack([torch.isfinite(item[0]).all() for item in items]).tolist()
+            for x, seed, prev, item, ok in zip(xs, seeds, previous, items, finite, strict=True):
+                new = linalg.Basis(*item)
+                if not ok:
+                    d = new.basis.shape[0]
+                    fallback = prev if prev is not None else linalg.random_basis(d, x.group["rank"], seed, x.p.device)
+                    new = linalg.Basis(fallback, new.captured.new_zeros(()), new.total)
+                out[x.index] = new
+        return out
 
     def _compute_basis(self, x: _Matrix) -> linalg.Basis:
         state, p = x.state, x.p

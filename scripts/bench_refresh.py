@@ -1,0 +1,149 @@
+"""Subspace refresh time and captured energy (vs the exact SVD) on LLaMA projection shapes.
+
+Per engine, one refresh of every matrix: galore-torch 1.0 (full SVD of each gradient), the reference
+range finder (``linalg.range_finder_basis``, cold and warm) and the Triton ``refresh_batch`` (batched by
+shape, in-kernel Gaussian sketch). Captured energy is ||P^T G||^2 / ||G||^2 relative to the exact
+top-r SVD's; times are ratios against galore-torch's refresh and against one fused AdamW step.
+
+    python scripts/bench_refresh.py --model 7b-layer --markdown docs/bench_results.md   # GPU
+    python scripts/bench_refresh.py --smoke [--kernels]                                  # CPU, < 1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from typing import Any
+
+from bench_step import ROOT, environment, make_params, sync, timed, write_outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["1b", "7b-layer"], default="7b-layer")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="with --smoke: also run the kernels interpreted")
+    parser.add_argument("--oversample", type=int, default=8)
+    parser.add_argument("--power-iters", type=int, default=1)
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args()
+    if args.smoke and args.kernels:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from subspace_optim import linalg, subspace
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        sys.exit("no GPU: only --smoke runs on CPU (the GPU numbers are owed, not measured)")
+    model = "smoke" if args.smoke else args.model
+    params, rank = make_params(torch, model, device, torch.bfloat16)
+    if args.smoke:
+        params = params[:7]  # one layer: keeps the interpreted kernels under a minute
+    grads = [p.grad for p in params]
+    sides = [subspace.choose_side("std", *g.shape) for g in grads]
+    notes = ["apollo-torch not installed: skipped"] if importlib.util.find_spec("apollo_torch") is None else []
+
+    exact = [linalg.svd_basis(g, rank, s) for g, s in zip(grads, sides, strict=True)]
+    exact_frac = sum(float(b.captured) for b in exact) / sum(float(b.total) for b in exact)
+
+    def fraction(bases: list[Any]) -> float:
+        cap = sum(
+            float(linalg.captured_energy(subspace.oriented(g.float(), s), p))
+            for g, s, p in zip(grads, sides, bases, strict=True)
+        )
+        return cap / sum(float(b.total) for b in exact)
+
+    results: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, fn: Any) -> None:
+        sync(torch, device)
+        start = time.perf_counter()
+        bases = fn()
+        sync(torch, device)
+        seconds = time.perf_counter() - start
+        results[name] = {"refresh_s": seconds, "captured_vs_svd": fraction(bases) / exact_frac}
+
+    if importlib.util.find_spec("galore_torch") is not None:
+        from galore_torch.galore_projector import GaLoreProjector
+
+        def galore() -> list[Any]:
+            out = []
+            for g in grads:
+                proj = GaLoreProjector(rank, update_proj_gap=1, proj_type="std")
+                proj.project(g, 0)
+                out.append(proj.ortho_matrix.float() if g.shape[0] < g.shape[1] else proj.ortho_matrix.float().mT)
+            return out
+
+        record("galore_svd", galore)
+    else:
+        notes.append("galore-torch not installed: skipped")
+
+    kw = dict(oversample=args.oversample, power_iters=args.power_iters)
+    record(
+        "reference_rsvd",
+        lambda: [
+            linalg.range_finder_basis(subspace.oriented(g, s), rank, seed=i, **kw).basis
+            for i, (g, s) in enumerate(zip(grads, sides, strict=True))
+        ],
+    )
+    starts = [b.basis for b in exact]  # a warm start one refresh old would be close; the SVD is the limit
+    record(
+        "reference_warm",
+        lambda: [
+            linalg.range_finder_basis(subspace.oriented(g, s), rank, seed=i, start=p0, **kw).basis
+            for i, (g, s, p0) in enumerate(zip(grads, sides, starts, strict=True))
+        ],
+    )
+    if (device == "cuda" or args.kernels) and importlib.util.find_spec("triton") is not None:
+        import subspace_optim.kernels as kernels
+
+        seeds = list(range(len(grads)))
+        record("triton_rsvd", lambda: [b[0] for b in kernels.refresh_batch(grads, sides, rank, seeds=seeds, **kw)])
+        record(
+            "triton_warm",
+            lambda: [b[0] for b in kernels.refresh_batch(grads, sides, rank, seeds=seeds, previous=starts, **kw)],
+        )
+        if device == "cpu":
+            notes.append("triton rows ran under TRITON_INTERPRET=1: their CPU times are meaningless")
+
+    adamw = torch.optim.AdamW(params, lr=1e-3, fused=(device == "cuda") or None)
+    adamw_step = timed(torch, device, adamw.step, 3)
+    gal = results.get("galore_svd")
+    rows = []
+    for name, r in results.items():
+        r["vs_adamw_step"] = r["refresh_s"] / adamw_step
+        if gal:
+            r["vs_galore"] = r["refresh_s"] / gal["refresh_s"]
+        rows.append(
+            [
+                name,
+                f"{r['refresh_s'] * 1e3:.1f}",
+                f"{r.get('vs_galore', float('nan')):.3f}",
+                f"{r['vs_adamw_step']:.1f}",
+                f"{r['captured_vs_svd']:.4f}",
+            ]
+        )
+    if device == "cpu":
+        notes.append("CPU smoke run: checks the pipeline only; no GPU claim is made from it")
+    result = {
+        "benchmark": "refresh",
+        "model": model,
+        "rank": rank,
+        "exact_svd_captured": exact_frac,
+        "adamw_step_s": adamw_step,
+        "environment": environment(torch, device),
+        "results": results,
+        "notes": notes,
+    }
+    header = ["refresh", "ms (all matrices)", "x GaLore SVD", "x AdamW step", "captured / SVD"]
+    write_outputs(result, rows, header, args, "Refresh")
+
+
+if __name__ == "__main__":
+    main()

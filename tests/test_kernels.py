@@ -1,0 +1,313 @@
+"""The Triton engine against the reference engine, in float64, on fresh random inputs.
+
+Without CUDA the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is
+imported) on CPU tensors; with CUDA the same tests run on the GPU unchanged. Shapes are tiny and ragged
+(never multiples of the 16-wide interpreter tiles) so the whole file stays fast on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import subspace_optim.kernels as kernels  # noqa: E402
+from conftest import gradient_like, orthonormality_error, subspace_distance  # noqa: E402
+from subspace_optim.kernels import refresh as kr  # noqa: E402
+
+from subspace_optim import linalg, reference, subspace  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(5, 13), (33, 17), (64, 40)]
+GROUP = {"betas": (0.9, 0.999), "lr": 1e-2, "eps": 1e-8, "weight_decay": 0.1, "scale": 0.25}
+
+
+@pytest.fixture
+def float64_reference(monkeypatch):
+    """``reference.projected_adamw`` promotes G with ``.float()``; make its projection follow the basis
+    dtype so that a float64 basis gives a float64 oracle (G itself is fp32/bf16, so nothing is lost)."""
+    original = subspace.project
+    monkeypatch.setattr(subspace, "project", lambda g, p, side: original(g.to(p.dtype), p, side))
+    return reference.projected_adamw
+
+
+def _problem(m, n, rank, side, wdtype, seed, *, age=3):
+    gen = torch.Generator().manual_seed(seed)
+    d = m if side == "left" else n
+    rshape = (rank, n) if side == "left" else (m, rank)
+    g = torch.randn(m, n, generator=gen).to(wdtype)
+    w = torch.randn(m, n, generator=gen).to(wdtype)
+    p, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
+    exp_avg = 0.1 * torch.randn(rshape, generator=gen)
+    exp_avg_sq = 0.1 * torch.rand(rshape, generator=gen)
+    tensors = [t.to(DEVICE) for t in (w, g, p.float(), exp_avg, exp_avg_sq)]
+    return tensors, age
+
+
+def _check_step(oracle, w, g, p, exp_avg, exp_avg_sq, age, group, side, before):
+    """Compare the kernel's in-place results with the float64 reference run from ``before``."""
+    w0, m0, v0 = (t.double().cpu() for t in before)
+    oracle(w0, g.cpu(), p.double().cpu(), m0, v0, age, group, side)
+    torch.testing.assert_close(exp_avg.double().cpu(), m0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exp_avg_sq.double().cpu(), v0, rtol=1e-5, atol=1e-7)
+    err = (w.double().cpu() - w0).abs()
+    if w.dtype == torch.bfloat16:  # one rounding to bf16 (8-bit significand): half an ulp, relative 2^-8
+        assert bool((err <= w0.abs() * 2.0**-8 + 1e-6).all()), float(err.max())
+    else:
+        assert float(err.max()) < 2e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank_kind", ["one", "near_full"])
+def test_fused_step_matches_float64_reference(float64_reference, shape, side, wdtype, rank_kind):
+    m, n = shape
+    rank = 1 if rank_kind == "one" else min(m, n) - 1
+    (w, g, p, exp_avg, exp_avg_sq), age = _problem(m, n, rank, side, wdtype, seed=m * n + rank)
+    before = (w.clone(), exp_avg.clone(), exp_avg_sq.clone())
+    batches = kernels.step_projected_batch([w], [g], [p], [exp_avg], [exp_avg_sq], [age], [GROUP], [side])
+    assert batches == 1
+    _check_step(float64_reference, w, g, p, exp_avg, exp_avg_sq, age, GROUP, side, before)
+
+
+def test_fused_step_first_step_and_zero_weight_decay(float64_reference):
+    """Age 1 (largest bias correction), zero moments, no decay, full rank: the AdamW-from-scratch case."""
+    group = dict(GROUP, weight_decay=0.0, betas=(0.5, 0.99))
+    (w, g, p, exp_avg, exp_avg_sq), _ = _problem(17, 33, 17, "left", torch.float32, seed=1)
+    exp_avg.zero_()
+    exp_avg_sq.zero_()
+    before = (w.clone(), exp_avg.clone(), exp_avg_sq.clone())
+    kernels.step_projected_batch([w], [g], [p], [exp_avg], [exp_avg_sq], [1], [group], ["left"])
+    _check_step(float64_reference, w, g, p, exp_avg, exp_avg_sq, 1, group, "left", before)
+
+
+def test_batched_step_groups_same_shapes(float64_reference):
+    """Three same-shape right projections (one batch, per-member ages and lr) and one left projection
+    of another shape (a batch with one member): two batches, every member equal to the reference."""
+    specs = [(33, 17, 4, "right", torch.bfloat16, 2), (33, 17, 4, "right", torch.bfloat16, 7)]
+    specs += [(33, 17, 4, "right", torch.bfloat16, 1), (40, 64, 5, "left", torch.float32, 3)]
+    problems, groups = [], []
+    for i, (m, n, rank, side, wdtype, age) in enumerate(specs):
+        tensors, _ = _problem(m, n, rank, side, wdtype, seed=100 + i)
+        problems.append((tensors, age, side, [t.clone() for t in (tensors[0], tensors[3], tensors[4])]))
+        groups.append(dict(GROUP, lr=GROUP["lr"] * (i + 1)))
+    batches = kernels.step_projected_batch(
+        [t[0][0] for t in problems],
+        [t[0][1] for t in problems],
+        [t[0][2] for t in problems],
+        [t[0][3] for t in problems],
+        [t[0][4] for t in problems],
+        [t[1] for t in problems],
+        groups,
+        [t[2] for t in problems],
+    )
+    assert batches == 2
+    for ((w, g, p, m_, v_), age, side, before), group in zip(problems, groups, strict=True):
+        _check_step(float64_reference, w, g, p, m_, v_, age, group, side, before)
+
+
+def test_in_kernel_gaussian_is_the_materialized_one():
+    """The sketch product A Omega with Omega generated inside the GEMM equals A @ gaussian(...) (same
+    Philox numbers), for a cold sketch and for a warm one that appends scaled Gaussian columns."""
+    a = torch.randn(33, 17, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    seed = linalg.sketch_seed(0, 5, 2)
+    omega = kernels.gaussian(17, 7, seed, DEVICE)
+    assert torch.equal(omega, kernels.gaussian(17, 7, seed, DEVICE))
+    assert not torch.equal(omega, kernels.gaussian(17, 7, seed + 1, DEVICE))
+    seeds = torch.tensor([seed], device=DEVICE)
+    y = kr.bmm(kr.Mat.of([a]), None, torch.empty(1, 33, 7, device=DEVICE), seeds=seeds)
+    torch.testing.assert_close(y[0].double(), a.double() @ omega.double(), rtol=1e-6, atol=1e-5)
+
+    start, _ = torch.linalg.qr(torch.randn(33, 3, generator=torch.Generator().manual_seed(4)))
+    start = start.to(DEVICE)
+    z = kr.bmm(
+        kr.Mat.of([a]).t, kr.Mat.of([start]), torch.empty(1, 17, 7, device=DEVICE), seeds=seeds, b_stored=3,
+        gauss_scale=0.5,
+    )  # fmt: skip
+    b = torch.cat([start, 0.5 * kernels.gaussian(33, 4, seed, DEVICE)], dim=1)
+    torch.testing.assert_close(z[0].double(), a.double().T @ b.double(), rtol=1e-6, atol=1e-5)
+
+
+def test_gaussian_statistics():
+    x = kernels.gaussian(64, 40, 12345, DEVICE).double()
+    assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1.0) < 0.1
+
+
+def test_gram_kernel_is_exact_product_fp64():
+    y = torch.randn(3, 64, 19, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    h = kr.gram(y)
+    assert h.dtype == torch.float64
+    torch.testing.assert_close(h, y.double().mT @ y.double(), rtol=1e-13, atol=1e-12)
+
+
+def test_batched_orthonormalize_handles_ill_conditioned_member():
+    """One well-conditioned member and one power-iterated sketch with condition > 1e8 (plain
+    CholeskyQR fails) in the same batch: both come back orthonormal and spanning their Y."""
+    g = gradient_like(64, 40, 4, decay=0.5, noise=1e-6)
+    y_bad = g @ torch.randn(40, 9, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        y_bad = g @ (g.T @ y_bad)
+    y_good = torch.randn(64, 9, generator=torch.Generator().manual_seed(2))
+    y = torch.stack([y_good, y_bad]).to(DEVICE)
+    q = kr.orthonormalize(y)
+    for i in range(2):
+        assert orthonormality_error(q[i].cpu()) < 1e-5
+        yi, qi = y[i].double().cpu(), q[i].double().cpu()
+        assert float((yi - qi @ (qi.T @ yi)).norm()) < 1e-5 * float(yi.norm())
+    single = kr.orthonormalize(y[:1].clone())
+    assert subspace_distance(single[0].cpu(), q[0].cpu()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(33, 17), (40, 64)])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("rank_kind", ["one", "near_full"])
+def test_refresh_matches_linalg(shape, side, warm, rank_kind):
+    """Captured energy within 1e-3 of the reference range finder and of the exact SVD, and the same
+    subspace as the SVD where the spectrum has a gap (the Gaussians differ, so no bitwise match)."""
+    m, n = shape
+    rank = 1 if rank_kind == "one" else min(m, n) - 2
+    g = gradient_like(m, n, rank, decay=0.6, seed=m + n + rank).to(DEVICE)
+    a = subspace.oriented(g, side)
+    svd = linalg.svd_basis(g.cpu(), rank, side)
+    previous = svd.basis.to(DEVICE) + 0.05 * torch.randn(svd.basis.shape, device=DEVICE) if warm else None
+    previous = linalg.orthonormalize(previous) if warm else None
+    ref = linalg.range_finder_basis(a, rank, oversample=4, power_iters=1, seed=7, start=previous)
+    ((p, captured, total),) = kernels.refresh_batch(
+        [g], [side], rank, oversample=4, power_iters=1, seeds=[7], previous=[previous] if warm else None
+    )
+    assert p.shape == ref.basis.shape and p.dtype == torch.float32
+    assert orthonormality_error(p.cpu()) < 1e-5
+    frac = float(captured / total)
+    assert abs(frac - float(linalg.captured_energy(a, p) / total)) < 1e-5  # Ritz values are the energy
+    assert abs(float(total) - float(linalg.energy(a))) < 1e-6 * float(total)
+    assert frac > float(ref.captured / ref.total) - 1e-3
+    assert frac > float(svd.captured / svd.total) - 1e-3
+    assert subspace_distance(p.cpu(), svd.basis) < 0.1
+
+
+def test_batched_refresh_equals_one_by_one():
+    """Batching changes launches, not numbers: members of a batch (and a singleton) match solo runs."""
+    grads = [gradient_like(33, 17, 3, seed=s).to(DEVICE) for s in range(2)] + [gradient_like(64, 40, 3).to(DEVICE)]
+    sides, seeds = ["right", "right", "left"], [11, 12, 13]
+    together = kernels.refresh_batch(grads, sides, 3, oversample=2, power_iters=2, seeds=seeds)
+    for i, g in enumerate(grads):
+        ((p, c, t),) = kernels.refresh_batch([g], [sides[i]], 3, oversample=2, power_iters=2, seeds=[seeds[i]])
+        assert torch.equal(p, together[i][0]) and torch.equal(t, together[i][2])
+        torch.testing.assert_close(c, together[i][1], rtol=1e-12, atol=0)  # batched eigh: last-bit freedom
+
+
+def test_package_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None; import importlib.util as u; "
+        "u.find_spec = lambda name, *a: None if name == 'triton' else None; "
+        "import subspace_optim.kernels as kernels; assert not kernels.available(); "
+        "assert not kernels.supports(object()); print('ok')"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the optimizer uses the Triton engine on CUDA only")
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_optimizer_30_steps_triton_engine_matches_reference(wdtype):
+    """30 steps of SubspaceAdamW with engine="triton" vs engine="reference" on a small MLP (both sides,
+    a batch of same-shape matrices). refresh="svd" makes both engines' bases identical, so weights must
+    agree to fp32 GEMM rounding; the warm refresh is then checked on captured energy."""
+    from subspace_optim import SubspaceAdamW, optimizer
+
+    if "triton" not in optimizer.ENGINES:
+        pytest.skip("engine='triton' is not wired into SubspaceAdamW yet")
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(48, 96), torch.nn.Linear(96, 96), torch.nn.Linear(96, 96), torch.nn.Linear(96, 40)]
+        return torch.nn.Sequential(*layers).cuda().to(wdtype)
+
+    def run(engine: str, refresh: str) -> tuple[torch.nn.Module, SubspaceAdamW]:
+        net = model()
+        mats = [p for p in net.parameters() if p.dim() == 2]
+        rest = [p for p in net.parameters() if p.dim() != 2]
+        groups = [{"params": rest}, {"params": mats, "rank": 8, "update_gap": 10, "scale": 0.25}]
+        opt = SubspaceAdamW(groups, lr=1e-2, weight_decay=0.01, engine=engine, refresh=refresh)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(30):
+            x = torch.randn(64, 48, device="cuda", generator=gen).to(wdtype)
+            net(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return net, opt
+
+    ref_net, _ = run("reference", "svd")
+    tri_net, _ = run("triton", "svd")
+    tol = 2e-2 if wdtype == torch.bfloat16 else 1e-4
+    for a, b in zip(ref_net.parameters(), tri_net.parameters(), strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
+    _, ref_opt = run("reference", "warm")
+    _, tri_opt = run("triton", "warm")
+    ref_e = ref_opt.subspace_metrics()["overall"]["captured_energy"]
+    tri_e = tri_opt.subspace_metrics()["overall"]["captured_energy"]
+    assert abs(ref_e - tri_e) < 0.05
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_optimizer_wiring_under_interpreter_matches_reference(monkeypatch, wdtype):
+    """The optimizer's Triton path (batched step and batched warm refresh), forced onto CPU tensors under
+    the interpreter: with refresh="svd" both engines share bases, so weights agree to fp32 rounding (one
+    bf16 ulp for bf16 weights); with refresh="warm" the kernel refresh captures the same energy."""
+    if torch.cuda.is_available():
+        pytest.skip("covered on CUDA by the 30-step test above")
+    from subspace_optim import SubspaceAdamW, optimizer
+
+    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
+    calls = {"step": 0, "refresh": 0}
+    step_fn, refresh_fn = kernels.step_projected_batch, kernels.refresh_batch
+
+    def counted_step(*args, **kwargs):
+        calls["step"] += 1
+        return step_fn(*args, **kwargs)
+
+    def counted_refresh(*args, **kwargs):
+        calls["refresh"] += 1
+        return refresh_fn(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer._kernels, "step_projected_batch", counted_step, raising=False)
+    monkeypatch.setattr(optimizer._kernels, "refresh_batch", counted_refresh, raising=False)
+
+    def run(engine: str, refresh: str):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Linear(20, 20), torch.nn.Linear(20, 9)).to(wdtype)
+        mats = [p for p in net.parameters() if p.dim() == 2]
+        rest = [p for p in net.parameters() if p.dim() != 2]
+        groups = [{"params": rest}, {"params": mats, "rank": 3, "update_gap": 4}]
+        opt = SubspaceAdamW(groups, lr=1e-2, weight_decay=0.01, engine=engine, refresh=refresh)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            net(torch.randn(16, 12, generator=gen).to(wdtype)).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return net, opt
+
+    ref_net, _ = run("reference", "svd")
+    assert calls == {"step": 0, "refresh": 0}
+    tri_net, _ = run("auto", "svd")
+    assert calls["step"] == 6 and calls["refresh"] == 0  # svd refreshes stay on the reference path
+    tol = 1e-2 if wdtype == torch.bfloat16 else 1e-5
+    for a, b in zip(ref_net.parameters(), tri_net.parameters(), strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
+    _, ref_opt = run("reference", "warm")
+    _, tri_opt = run("auto", "warm")
+    assert calls["refresh"] == 2  # steps 0 and 4, each one batched launch sequence for the 3 matrices
+    ref_e = ref_opt.subspace_metrics()["overall"]["captured_energy"]
+    tri_e = tri_opt.subspace_metrics()["overall"]["captured_energy"]
+    assert abs(ref_e - tri_e) < 0.05
