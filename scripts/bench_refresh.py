@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from bench_step import ROOT, environment, make_params, sync, timed, write_outputs
+from bench_step import environment, make_params, sync, timed, write_outputs
 
 
 def main() -> None:
@@ -35,7 +35,6 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    sys.path.insert(0, ROOT)
     from subspace_optim import linalg, subspace
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"

@@ -132,7 +132,6 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    sys.path.insert(0, ROOT)
     from subspace_optim import SubspaceAdamW
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
