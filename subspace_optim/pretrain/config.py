@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +92,8 @@ def _opt(default: Any, text: str, parse: Callable[[Any], Any] | None = None, gro
     parse = parse or type(default)
     if parse is bool:
         parse = _bool
-    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    mutable = isinstance(default, (list, dict))
+    factory = {"default_factory": lambda: type(default)(default)} if mutable else {"default": default}
     return field(metadata={"help": text, "parse": parse, "group": group}, **factory)
 
 
@@ -400,8 +403,14 @@ def configs_dir() -> Path:
     )
 
 
+def _size_key(name: str) -> tuple[float, str]:
+    match = re.fullmatch(r"llama_(\d+)([mb])", name)
+    return (int(match.group(1)) * (1e9 if match.group(2) == "b" else 1e6), name) if match else (math.inf, name)
+
+
 def model_names() -> list[str]:
-    return sorted(p.stem for p in configs_dir().glob("llama_*.yaml"))
+    """Model sizes in configs/, smallest first."""
+    return sorted((p.stem for p in configs_dir().glob("llama_*.yaml")), key=_size_key)
 
 
 def model_file(model: str) -> Path:
@@ -481,7 +490,7 @@ def build_parser(prog: str = "subspace-optim pretrain") -> argparse.ArgumentPars
         shown = ",".join(default) if isinstance(default, list) else default
         if isinstance(default, dict):
             shown = ",".join(f"{k}={v:g}" for k, v in default.items())
-        help_text = f"{f.metadata['help']} (default: {shown})"
+        help_text = f.metadata["help"] + ("" if default is None else f" (default: {shown})")
         target = groups[f.metadata["group"]]
         flag = f"--{_flag(name)}"
         if parse is _bool:

@@ -255,13 +255,15 @@ def tokenize(docs: list[str], tokenizer: TextTokenizer, cache_dir: Path | None) 
         key = Path(cache_dir) / "tokens" / f"{digest.hexdigest()[:24]}.pt"
         if key.is_file():
             return torch.load(key, weights_only=True)
-    ids: list[int] = []
+    parts: list[Tensor] = []
     for start in range(0, len(docs), 256):
+        ids: list[int] = []
         for seq in tokenizer.encode_batch(docs[start : start + 256]):
             ids.extend(seq)
             if tokenizer.eos_id is not None:
                 ids.append(tokenizer.eos_id)
-    tokens = torch.tensor(ids, dtype=torch.int32)
+        parts.append(torch.tensor(ids, dtype=torch.int32))  # int32 chunks: 4 bytes a token, not a Python int
+    tokens = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
     if key is not None:
         files.atomic_write(key, lambda tmp: torch.save(tokens, tmp))
     return tokens
