@@ -12,6 +12,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,7 @@ class PretrainConfig:
         _choice("skip", "raise"),
         group="optimizer",
     )
-    engine: str = _opt("auto", "subspace: compute engine", _choice("auto", "reference"), group="optimizer")
+    engine: str = _opt("auto", "subspace: compute engine", _choice("auto", "reference", "triton"), group="optimizer")
     foreach: bool | None = _opt(
         None, "subspace: torch's foreach AdamW for the unprojected parameters", _optional(_bool), group="optimizer"
     )
@@ -385,13 +386,15 @@ def configs_dir() -> Path:
     """The directory of model-size YAMLs.
 
     Looked up in order: ``$SUBSPACE_OPTIM_CONFIGS``, the repository's ``configs/`` (an editable install or
-    a clone), ``./configs``. A wheel install does not ship them; point the variable at a copy.
+    a clone), ``<prefix>/share/subspace-optim/configs`` (where a wheel would install them as data files),
+    ``./configs``.
     """
     candidates = []
     env = os.environ.get(CONFIGS_ENV)
     if env:
         candidates.append(Path(env).expanduser())
     candidates.append(Path(__file__).resolve().parents[2] / "configs")
+    candidates.append(Path(sys.prefix) / "share" / "subspace-optim" / "configs")  # a wheel's data-files
     candidates.append(Path.cwd() / "configs")
     for candidate in candidates:
         if candidate.is_dir() and any(candidate.glob("llama_*.yaml")):
@@ -420,6 +423,11 @@ def model_file(model: str) -> Path:
         if not as_path.is_file():
             raise FileNotFoundError(f"model config file {model} does not exist")
         return as_path
+    if model.startswith("accelerate_"):
+        raise ValueError(
+            f"--model {model}: configs/{model}.yaml is an accelerate launch config; pass it to "
+            f"`accelerate launch --config_file`, and choose a model size with --model ({', '.join(model_names())})"
+        )
     path = configs_dir() / f"{model}.yaml"
     if not path.is_file():
         names = model_names()

@@ -38,15 +38,15 @@ class Corpus:
     heldout: list[str]
     description: str
 
-    def train_text(self, max_bytes: int) -> str:
-        """The first ``max_bytes`` of training text (what the BPE tokenizer is trained on)."""
+    def sample(self, max_chars: int) -> list[str]:
+        """The first ``max_chars`` of training documents (what the BPE tokenizer is trained on)."""
         out, size = [], 0
         for doc in self.train:
-            out.append(doc)
-            size += len(doc)
-            if size >= max_bytes:
+            out.append(doc[: max_chars - size])
+            size += len(out[-1])
+            if size >= max_chars:
                 break
-        return "\n".join(out)[:max_bytes]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -68,12 +68,15 @@ class _Splitter:
     def add(self, doc: str, split: str | None = None) -> None:
         if not doc.strip():
             return
-        self.read += len(doc)
+        raw = doc.encode("utf-8", errors="replace")
+        self.read += len(raw)
         split = split or ("heldout" if _is_heldout(doc, self.fraction) else "train")
         if self.size[split] < self.limits[split]:
             room = self.limits[split] - self.size[split]
-            self.docs[split].append(doc[:room] if len(doc) > room else doc)
-            self.size[split] += min(len(doc), room)
+            if len(raw) > room:  # the last document is cut to fit, at a character boundary
+                doc = raw[:room].decode("utf-8", errors="ignore")
+            self.docs[split].append(doc)
+            self.size[split] += min(len(raw), room)
 
     def train_full(self) -> bool:
         return self.size["train"] >= self.limits["train"]

@@ -76,15 +76,17 @@ def _from_tokenizers(tok, name: str, path: Path | None = None, trained_now: bool
     )
 
 
-def cached_bpe(train_text: str, vocab_size: int, cache_dir: Path) -> TextTokenizer:
-    """Load the BPE trained on ``train_text`` with ``vocab_size`` from the cache, training it on a miss."""
+def cached_bpe(docs: list[str], vocab_size: int, cache_dir: Path) -> TextTokenizer:
+    """Load the BPE trained on ``docs`` with ``vocab_size`` from the cache, training it on a miss."""
     from tokenizers import Tokenizer
 
-    key = hashlib.sha256(f"{_FORMAT}\0{vocab_size}\0".encode() + train_text.encode()).hexdigest()[:20]
-    path = Path(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{key}.json"
+    digest = hashlib.sha256(f"{_FORMAT}\0{vocab_size}".encode())
+    for doc in docs:
+        digest.update(hashlib.sha256(doc.encode("utf-8", errors="replace")).digest())
+    path = Path(cache_dir) / "tokenizers" / f"bpe{vocab_size}-{digest.hexdigest()[:20]}.json"
     if path.is_file():
         return _from_tokenizers(Tokenizer.from_file(str(path)), f"byte-level BPE {vocab_size} (cached)", path)
-    tok = train_bpe(chunks(train_text), vocab_size)
+    tok = train_bpe((piece for doc in docs for piece in chunks(doc)), vocab_size)
     files.write_text(path, tok.to_str())
     return _from_tokenizers(tok, f"byte-level BPE {vocab_size} (trained)", path, trained_now=True)
 

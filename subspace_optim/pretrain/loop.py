@@ -1,0 +1,467 @@
+"""One optimizer's pretraining run under accelerate: the step, evaluation, metrics and checkpoints.
+
+A run lives in ``<output_dir>/<optimizer>/``: ``log.json`` (rewritten atomically as the run goes) and
+``checkpoints/step-NNNNNNNN/`` (accelerate's ``save_state`` plus ``trainer_state.json``). A checkpoint is
+written into a hidden temporary directory and renamed into place only when every process has finished
+writing, then ``checkpoints/latest`` is switched to it: a run killed while saving still resumes from the
+previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import files, optimizers
+from .config import PretrainConfig
+from .data import TokenData
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` from the config: no weights are downloaded, and the
+    init depends on ``cfg.seed`` only, so every compared optimizer starts from the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+        max_position_embeddings=cfg.seq_len,
+        rms_norm_eps=cfg.rms_norm_eps,
+        initializer_range=cfg.initializer_range,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        use_cache=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return LlamaForCausalLM(config)
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to the peak over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------ memory
+class PeakMemory:
+    """Peak memory of this process since ``reset``: CUDA allocations on a GPU, resident set size on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "CUDA max allocated" if device.type == "cuda" else "process peak RSS"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux: writing 5 to clear_refs resets VmHWM, the peak RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        try:
+            with open("/proc/self/status") as f:
+                match = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
+            if match:
+                return int(match.group(1)) * 1024
+        except OSError:
+            pass
+        try:
+            import resource  # Unix only
+        except ImportError:  # pragma: no cover - Windows
+            return 0
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every weight's bytes: equal digests mean bitwise-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+class Checkpoints:
+    """Atomic checkpoints of one run (see the module docstring)."""
+
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name[5:]))
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, or else the newest complete one (a kill between the rename and
+        the pointer update leaves the pointer one checkpoint behind, which is still a valid choice)."""
+        pointer = self.dir / LATEST
+        if pointer.is_file():
+            candidate = self.dir / pointer.read_text().strip()
+            if (candidate / STATE_FILE).is_file():
+                return candidate
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, accelerator, step: int, state: dict[str, Any]) -> Path:
+        final = self.dir / f"step-{step:08d}"
+        tmp = self.dir / f".tmp-step-{step:08d}"
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            files.write_json(tmp / STATE_FILE, state)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _fsync_tree(tmp)
+            if final.exists():
+                trash = self.dir / f".old-{final.name}"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+            files.write_text(self.dir / LATEST, final.name + "\n")
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in self.dir.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------------ run state
+@dataclass
+class RunState:
+    """Everything besides model/optimizer/scheduler/RNG that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    first_step_seconds: float | None = None
+    tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    refreshes: int = 0
+    refresh_seconds: float = 0.0
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+@torch.no_grad()
+def evaluate(accelerator, model: nn.Module, windows: Tensor, batch_size: int) -> float:
+    """Mean next-token loss over the held-out ``windows``, split across processes."""
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    mine = windows[accelerator.process_index :: accelerator.num_processes]
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for chunk in mine.split(batch_size):
+        chunk = chunk.to(accelerator.device)
+        with accelerator.autocast():
+            logits = net(input_ids=chunk[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
+        totals += torch.stack(
+            [loss.double(), torch.tensor(chunk[:, 1:].numel(), dtype=torch.float64, device=totals.device)]
+        )
+    net.train(was_training)
+    totals = accelerator.reduce(totals, "sum")
+    return float(totals[0] / totals[1])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _ensure_fresh(run_dir: Path) -> None:
+    """Remove a previous run of the same name (only if it is one of ours) so a new run starts clean."""
+    if not run_dir.exists():
+        return
+    ours = (run_dir / "log.json").exists() or (run_dir / "checkpoints").exists()
+    if not ours and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} exists and is not a run directory; choose another --output-dir")
+    shutil.rmtree(run_dir)
+
+
+def train_run(
+    name: str, cfg: PretrainConfig, data: TokenData, output_dir: Path, mixed_precision: str, cpu: bool = False
+) -> dict:
+    """Train ``cfg.steps`` steps (or up to ``--stop-at``) with optimizer ``name``; returns the run's log."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    main = accelerator.is_main_process
+    run_dir = output_dir / name
+    ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
+    resume_from = ckpts.latest() if cfg.resume else None
+    if main and resume_from is None:
+        _ensure_fresh(run_dir)
+    accelerator.wait_for_everyone()
+
+    world = accelerator.num_processes
+    accum = cfg.grad_accum
+    if cfg.global_batch_size is not None:
+        per_step = cfg.batch_size * world
+        if cfg.global_batch_size % per_step:
+            raise ValueError(
+                f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size {cfg.batch_size} "
+                f"x {world} process(es)"
+            )
+        accum = cfg.global_batch_size // per_step
+    rows = cfg.batch_size * accum * world
+    tokens_per_step = rows * cfg.seq_len
+
+    model = build_model(cfg, data.tokenizer.vocab_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = optimizers.build(name, model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    )
+    # The scheduler is registered, not prepared: a prepared one steps once per process per call.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    seed = cfg.seed + accelerator.process_index  # each process's global RNG differs on purpose
+    set_seed(seed)
+
+    identity = {
+        "optimizer": name,
+        "trajectory": cfg.trajectory_fields(),
+        "vocab_size": data.tokenizer.vocab_size,
+        "tokenizer": data.tokenizer.fingerprint,
+        "global_batch_rows": rows,  # the data of a step depends on it (not on how it is split)
+    }
+    state = RunState()
+    if resume_from is not None:
+        saved = json.loads((resume_from / STATE_FILE).read_text())
+        _check_resumable(saved["identity"], identity, resume_from)
+        accelerator.load_state(str(resume_from), load_kwargs=optimizers.load_kwargs(name))
+        state = RunState(**saved["state"])
+        if main:
+            print(f"[{name}] resumed from {resume_from} at step {state.step}", flush=True)
+
+    log: dict[str, Any] = {
+        "optimizer": name,
+        "lr": cfg.lr_for(name),
+        "model": {"name": cfg.model, "parameters": n_params, "vocab_size": data.tokenizer.vocab_size},
+        "data": data.description,
+        "tokenizer": data.tokenizer.name,
+        "world_size": world,
+        "grad_accum": accum,
+        "tokens_per_step": tokens_per_step,
+        "device": str(accelerator.device),
+        "mixed_precision": mixed_precision,
+        "config": dataclasses.asdict(cfg),
+        "status": "running",
+    }
+
+    def write_log(summary: dict[str, Any] | None = None) -> None:
+        if main:
+            files.write_json(run_dir / "log.json", {**log, "state": dataclasses.asdict(state), "summary": summary})
+
+    def checkpoint(summary: dict[str, Any] | None = None) -> None:
+        payload = {
+            "identity": identity,
+            "state": dataclasses.asdict(state),
+            "summary": summary,
+            "status": log["status"],
+        }
+        ckpts.save(accelerator, state.step, payload)
+
+    if resume_from is not None and state.step >= cfg.steps:
+        saved = json.loads((resume_from / STATE_FILE).read_text())
+        log["status"] = "finished"
+        summary = saved.get("summary") or {}
+        write_log(summary)
+        accelerator.free_memory()
+        return {**log, "state": dataclasses.asdict(state), "summary": summary, "run_dir": str(run_dir)}
+
+    windows = data.eval_windows(cfg.seq_len, cfg.eval_windows)
+    memory = PeakMemory(accelerator.device)
+    memory.reset()
+    inner = _unwrap_optimizer(optimizer)
+    last_refreshes = optimizers.refresh_count(inner)
+
+    if state.step == 0:
+        loss = evaluate(accelerator, model, windows, cfg.eval_batch_size)
+        state.evals.append({"step": 0, "loss": loss, "ppl": perplexity(loss), "time_s": 0.0})
+    write_log()
+
+    end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    progress = None
+    if main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=state.step, desc=name, unit="step", mininterval=0.5, file=sys.stdout)
+    model.train()
+    while state.step < end:
+        step = state.step
+        start = time.perf_counter()
+        batch = data.batch(step, cfg.seed, rows, cfg.seq_len)
+        batch = batch.view(accum, world, cfg.batch_size, cfg.seq_len + 1)[:, accelerator.process_index]
+        batch = batch.to(accelerator.device)
+        total = torch.zeros((), device=accelerator.device)
+        for micro in range(accum):
+            ids = batch[micro]
+            sync = micro == accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                logits = model(input_ids=ids[:, :-1]).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+                accelerator.backward(loss / accum)
+            total += loss.detach()
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(accelerator.reduce(total / accum, "mean"))
+        elapsed = time.perf_counter() - start
+
+        state.step += 1
+        state.train_seconds += elapsed
+        state.tokens += tokens_per_step
+        if state.first_step_seconds is None:
+            state.first_step_seconds = elapsed
+        state.history.append({"step": state.step, "loss": loss_value, "lr": lr, "time_s": state.train_seconds})
+        refreshes = optimizers.refresh_count(inner)
+        if refreshes is not None and refreshes != last_refreshes:
+            state.refreshes += 1
+            state.refresh_seconds += inner.subspace_metrics()["overall"]["last_refresh_time_s"]
+            last_refreshes = refreshes
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"[{name}] training loss is {loss_value} at step {step}; lower --lr")
+        if progress is not None:
+            rate = tokens_per_step / max(elapsed, 1e-9)
+            progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
+            progress.update(1)
+
+        at_end = state.step == cfg.steps
+        if at_end or (cfg.eval_every and state.step % cfg.eval_every == 0):
+            loss = evaluate(accelerator, model, windows, cfg.eval_batch_size)
+            state.evals.append(
+                {"step": state.step, "loss": loss, "ppl": perplexity(loss), "time_s": state.train_seconds}
+            )
+            if progress is not None:
+                progress.write(f"[{name}] step {state.step}: eval loss {loss:.4f} (ppl {perplexity(loss):.1f})")
+            write_log()
+        if not at_end and (state.step == end or (cfg.save_every and state.step % cfg.save_every == 0)):
+            if state.step == end:
+                log["status"] = "stopped"
+            checkpoint()
+            log["status"] = "running"
+    if progress is not None:
+        progress.close()
+
+    summary = None
+    log["status"] = "stopped"
+    if state.step >= cfg.steps:
+        log["status"] = "finished"
+        digests = gather_object([weights_digest(accelerator.unwrap_model(model))]) if world > 1 else None
+        seeds = gather_object([seed])
+        summary = _summary(state, inner, memory, tokens_per_step, digests, seeds)
+        checkpoint(summary)
+        if digests is not None and len(set(digests)) != 1:
+            raise RuntimeError(f"[{name}] processes ended with different weights (digests {digests})")
+    write_log(summary)
+    accelerator.wait_for_everyone()
+    result = {**log, "state": dataclasses.asdict(state), "summary": summary, "run_dir": str(run_dir)}
+    accelerator.free_memory()
+    return result
+
+
+def _check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    if saved == current:
+        return
+    diffs = []
+    for key in ("optimizer", "vocab_size", "tokenizer", "global_batch_rows"):
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}")
+    old, new = saved.get("trajectory", {}), current["trajectory"]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    raise ValueError(
+        f"cannot resume from {where}: the run was started with different settings ({'; '.join(diffs)}). "
+        "Use the original flags, or drop --resume to start over."
+    )
+
+
+def _summary(
+    state: RunState,
+    optimizer: torch.optim.Optimizer,
+    memory: PeakMemory,
+    tokens_per_step: int,
+    digests: list[str] | None,
+    seeds: list[int],
+) -> dict[str, Any]:
+    losses = [h["loss"] for h in state.history]
+    tail = losses[-10:]
+    steady = state.step - 1
+    step_time = (
+        (state.train_seconds - (state.first_step_seconds or 0.0)) / steady if steady > 0 else state.train_seconds
+    )
+    final = state.evals[-1]
+    return {
+        "steps": state.step,
+        "first_train_loss": losses[0] if losses else None,
+        "final_train_loss": sum(tail) / len(tail) if tail else None,
+        "initial_eval_loss": state.evals[0]["loss"],
+        "final_eval_loss": final["loss"],
+        "final_eval_ppl": final["ppl"],
+        "state_bytes": optimizers.state_bytes(optimizer),
+        "peak_memory_bytes": memory.peak(),
+        "peak_memory_kind": memory.kind,
+        "step_time_s": step_time,
+        "tokens_per_s": tokens_per_step / step_time if step_time > 0 else None,
+        "train_seconds": state.train_seconds,
+        "refreshes": state.refreshes if optimizers.refresh_count(optimizer) is not None else None,
+        "refresh_seconds_total": state.refresh_seconds if optimizers.refresh_count(optimizer) is not None else None,
+        "weight_digests": digests,
+        "global_seeds": seeds,
+    }

@@ -1,0 +1,203 @@
+"""The optimizers a run can train with, built the same way for every size and compared on equal terms.
+
+All of them get the same split of parameters: the selected linear layers (``--target-modules``) are the
+low-rank candidates; embeddings, the output head, norms and biases always get plain Adam. Weight decay
+never touches 1-D parameters.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..optimizer import SubspaceAdamW
+from ..targets import ALL_LINEAR, param_groups, select_target_modules
+from .config import PretrainConfig
+
+# name -> (module to import, pip requirement) for the optional ones.
+OPTIONAL = {
+    "galore": ("galore_torch", "galore-torch"),
+    "apollo": ("apollo_torch", "apollo-torch"),
+    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
+}
+
+
+class MissingOptimizer(ImportError):
+    """An optional optimizer's package is not installed (or does not work here)."""
+
+
+def _import(name: str):
+    module, requirement = OPTIONAL[name]
+    # bitsandbytes (also imported by galore-torch) warns on CPU-only machines about kernels it does not need.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingOptimizer(
+            f"optimizer {name!r} needs the {requirement} package, which is not installed here "
+            f"({err}). Install it with `pip install {requirement}`, or leave {name} out of --optimizer/--compare."
+        ) from err
+
+
+def require(name: str, device: torch.device | str = "cpu") -> None:
+    """Raise ``MissingOptimizer`` (with the install line) unless optimizer ``name`` can run on ``device``."""
+    if name not in OPTIONAL:
+        return
+    module = _import(name)
+    if name == "adamw8bit":
+        _probe_8bit(module, torch.device(device))
+
+
+def target_modules(cfg: PretrainConfig) -> str | list[str]:
+    spec = cfg.target_modules
+    return spec if spec == ALL_LINEAR or "," not in spec else [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def check_rank(model: nn.Module, cfg: PretrainConfig) -> None:
+    """A rank above a projected weight's smaller side would silently train that weight with full AdamW;
+    for a pretraining comparison that is a configuration error, so say which weight and the largest rank."""
+    smallest = None
+    for name in select_target_modules(model, target_modules(cfg)):
+        weight = model.get_submodule(name).weight
+        side = min(weight.shape[0], weight.numel() // weight.shape[0])
+        if smallest is None or side < smallest[1]:
+            smallest = (name, side, tuple(weight.shape))
+    if smallest is not None and cfg.rank > smallest[1]:
+        name, side, shape = smallest
+        raise ValueError(
+            f"--rank {cfg.rank} is larger than the model's dimensions: {name}.weight is {shape[0]} x {shape[1]}, "
+            f"so the rank can be at most {side} (GaLore uses about hidden_size/4 = {max(1, cfg.hidden_size // 4)})"
+        )
+
+
+def _split(model: nn.Module, cfg: PretrainConfig) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(projected weights, other matrices, 1-D parameters), by the rule ``param_groups`` applies."""
+    projected = [p for _, p in param_groups(model, target_modules(cfg), rank=cfg.rank)[0]["params"]]
+    chosen = {id(p) for p in projected}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    return projected, [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
+
+
+def _plain_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+
+
+def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``name`` for ``model`` with the run's hyperparameters (lr is the schedule's peak)."""
+    lr = cfg.lr_for(name)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if name == "adamw":
+        device = next(model.parameters()).device
+        fused = cfg.fused
+        if fused is None:
+            from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+            fused = device.type in _get_fused_kernels_supported_devices()
+        return torch.optim.AdamW(
+            _plain_groups(model, cfg.weight_decay), lr=lr, betas=betas, eps=cfg.adam_eps, fused=fused
+        )
+    if name == "subspace":
+        check_rank(model, cfg)
+        groups = param_groups(
+            model,
+            target_modules(cfg),
+            rank=cfg.rank,
+            weight_decay=cfg.weight_decay,
+            update_gap=cfg.update_gap,
+            scale=cfg.scale,
+            refresh=cfg.refresh,
+            moments=cfg.moments,
+            proj_type=cfg.proj_type,
+            oversample=cfg.oversample,
+            power_iters=cfg.power_iters,
+            seed=cfg.subspace_seed,
+            nonfinite=cfg.nonfinite,
+            refresh_owner=cfg.refresh_owner,
+            consistency_check_every=cfg.consistency_check_every,
+        )
+        return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, engine=cfg.engine, foreach=cfg.foreach)
+    if name in ("galore", "apollo"):
+        module = _import(name)
+        check_rank(model, cfg)
+        projected, matrices, vectors = _split(model, cfg)
+        low_rank: dict[str, Any] = {"rank": cfg.rank, "update_proj_gap": cfg.update_gap, "proj_type": cfg.proj_type}
+        if name == "galore":
+            low_rank["scale"] = cfg.scale
+            cls = module.GaLoreAdamW
+        else:
+            low_rank.update(scale=cfg.apollo_scale, proj=cfg.apollo_proj, scale_type=cfg.apollo_scale_type)
+            cls = module.APOLLOAdamW
+        groups = [
+            {"params": matrices, "weight_decay": cfg.weight_decay},
+            {"params": vectors, "weight_decay": 0.0},
+            {"params": projected, "weight_decay": cfg.weight_decay, **low_rank},
+        ]
+        kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": cfg.adam_eps}
+        if "no_deprecation_warning" in inspect.signature(cls).parameters:
+            kwargs["no_deprecation_warning"] = True
+        return cls([g for g in groups if g["params"]], **kwargs)
+    if name == "adamw8bit":
+        bnb = _import(name)
+        groups = _plain_groups(model, cfg.weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=cfg.adam_eps)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _probe_8bit(bnb, device: torch.device) -> None:
+    """bitsandbytes imports on machines where its kernels do not run; find out now, not at step 1."""
+    probe = nn.Parameter(torch.zeros(64, 128, device=device))
+    probe.grad = torch.ones_like(probe)
+    try:
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+    except Exception as err:
+        raise MissingOptimizer(
+            f"optimizer 'adamw8bit': bitsandbytes is installed but its 8-bit AdamW does not run on {device} "
+            f"here ({type(err).__name__}: {err}). Leave adamw8bit out of --optimizer/--compare."
+        ) from err
+
+
+def load_kwargs(name: str) -> dict[str, Any]:
+    """``torch.load`` options for this optimizer's checkpoint: galore-torch and apollo-torch keep a
+    projector *object* in their state, which ``weights_only`` loading refuses."""
+    return {"weights_only": False} if name in ("galore", "apollo") else {}
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state, counting tensors held inside state objects (galore's projector basis)."""
+    total = 0
+    seen: set[int] = set()
+
+    def count(value: Any, depth: int = 0) -> None:
+        nonlocal total
+        if isinstance(value, Tensor):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            if id(local) not in seen:
+                seen.add(id(local))
+                total += local.numel() * local.element_size()
+        elif isinstance(value, dict):
+            for v in value.values():
+                count(v, depth)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                count(v, depth)
+        elif depth < 2 and hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
+            for v in vars(value).values():
+                count(v, depth + 1)
+
+    for state in optimizer.state.values():
+        count(state)
+    return total
+
+
+def refresh_count(optimizer: torch.optim.Optimizer) -> int | None:
+    """Total basis refreshes so far (SubspaceAdamW), or None for optimizers that do not report them."""
+    if not isinstance(optimizer, SubspaceAdamW):
+        return None
+    return sum(s.get("refresh_count", 0) for s in optimizer.state.values())

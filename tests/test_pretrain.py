@@ -1,0 +1,380 @@
+"""`subspace-optim pretrain`: config precedence, data sources, tokenizer cache, resume, report, errors, DDP.
+
+Everything runs a tiny LLaMA (hidden 32, 2 layers) on a few KB of standard-library text for a handful of
+steps, so the file stays well under a minute of CPU; the one 2-process test launches real torchrun workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("tokenizers")
+
+from subspace_optim import corpus  # noqa: E402
+from subspace_optim.pretrain import config as config_mod  # noqa: E402
+from subspace_optim.pretrain import data, loop, main, optimizers, run, tokenizer  # noqa: E402
+from subspace_optim.pretrain.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A text file of real standard-library source and a tokenizer cache shared by the module's tests."""
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "text.txt").write_text(corpus.stdlib_text(120_000), encoding="utf-8")
+    return root
+
+
+def tiny(workdir: Path, out: Path, *extra: str) -> list[str]:
+    """Flags for a seconds-long run: tiny model, short sequences, every refresh-related path exercised."""
+    return [
+        "--dataset", str(workdir / "text.txt"),
+        "--cache-dir", str(workdir / "cache"),
+        "--output-dir", str(out),
+        "--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2",
+        "--num-attention-heads", "2", "--tokenizer-vocab", "320", "--tokenizer-train-bytes", "60000",
+        "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--update-gap", "2",
+        "--eval-every", "0", "--eval-windows", "4", "--save-every", "0", "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    latest = loop.Checkpoints(run_dir, 1).latest()
+    assert latest is not None, f"no checkpoint in {run_dir}"
+    return load_file(str(latest / "model.safetensors"))
+
+
+def log(run_dir: Path) -> dict:
+    return json.loads((run_dir / "log.json").read_text())
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------------------- config
+def test_yaml_then_flags_precedence(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("hidden_size: 48\nnum_attention_heads: 3\nrank: 7\nlr: {adamw: 1.0e-3, subspace: 2.0e-2}\n")
+    cfg = load_config(["--model", str(path)])
+    assert (cfg.hidden_size, cfg.rank, cfg.lr_for("subspace")) == (48, 7, 0.02)
+    cfg = load_config(
+        ["--model", str(path), "--rank", "5", "--lr", "subspace=0.05,adamw=1e-3", "--compare", "subspace"]
+    )
+    assert (cfg.rank, cfg.lr_for("subspace"), cfg.optimizer) == (5, 0.05, ["subspace"])
+    default = load_config([])
+    assert default.model == "llama_9m" and default.optimizer == ["adamw", "subspace"]
+    paper = load_config(["--model", "llama_60m", "--steps", "3"])
+    assert (paper.hidden_size, paper.intermediate_size, paper.num_hidden_layers, paper.num_attention_heads) == (
+        512, 1376, 8, 8,
+    )  # fmt: skip
+    assert (paper.seq_len, paper.global_batch_size, paper.steps) == (256, 512, 3)
+
+
+def test_every_model_size_builds_on_meta():
+    sizes = {"llama_9m": 128, "llama_20m": 256, "llama_60m": 512, "llama_130m": 768, "llama_350m": 1024,
+             "llama_1b": 2048, "llama_7b": 4096}  # fmt: skip
+    assert set(sizes) <= set(config_mod.model_names())
+    for name, hidden in sizes.items():
+        cfg = load_config(["--model", name])
+        with torch.device("meta"):
+            model = loop.build_model(cfg, 32000)
+        assert model.config.hidden_size == hidden and cfg.seq_len == 256
+    with torch.device("meta"):
+        seven = loop.build_model(load_config(["--model", "llama_7b"]), 32000)
+    assert 6.5e9 < sum(p.numel() for p in seven.parameters()) < 7e9
+
+
+def test_yaml_unknown_key_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("hiden_size: 64\n")
+    with pytest.raises(ValueError, match=r"unknown option 'hiden_size' \(did you mean 'hidden_size'\?\)"):
+        load_config(["--model", str(path)])
+
+
+def test_configs_dir_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(config_mod.CONFIGS_ENV, str(tmp_path))
+    monkeypatch.setattr(config_mod, "__file__", str(tmp_path / "a" / "b" / "config.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model configs found.*SUBSPACE_OPTIM_CONFIGS"):
+        config_mod.configs_dir()
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_unknown_model_size():
+    with pytest.raises(ValueError, match=r"unknown model size 'llama_5m'.*llama_9m.*llama_7b"):
+        load_config(["--model", "llama_5m"])
+
+
+def test_missing_dataset_path(workdir, tmp_path, capsys):
+    cfg = load_config(tiny(workdir, tmp_path / "out", "--dataset", str(tmp_path / "nope.jsonl")))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such file or directory"):
+        run(cfg)
+    assert main(tiny(workdir, tmp_path / "out", "--dataset", "./missing/dir")) == 2
+    assert "--dataset ./missing/dir: no such file or directory" in capsys.readouterr().err
+
+
+def test_optimizer_not_installed(workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "apollo_torch", None)  # importing it now raises ImportError
+    cfg = load_config(tiny(workdir, tmp_path, "--compare", "adamw,apollo"))
+    with pytest.raises(optimizers.MissingOptimizer, match=r"'apollo' needs the apollo-torch package.*pip install"):
+        run(cfg)
+    assert main(tiny(workdir, tmp_path, "--optimizer", "apollo")) == 2
+    assert "pip install apollo-torch" in capsys.readouterr().err
+    assert not (tmp_path / "apollo").exists()  # failed before any training
+
+
+def test_unknown_optimizer_name(capsys):
+    with pytest.raises(SystemExit):
+        load_config(["--compare", "adamw,sgd"])
+    assert "unknown optimizer 'sgd'" in capsys.readouterr().err
+
+
+def test_rank_larger_than_model(workdir, tmp_path):
+    cfg = load_config(tiny(workdir, tmp_path, "--rank", "33", "--optimizer", "subspace"))
+    with pytest.raises(ValueError, match=r"--rank 33 is larger than the model's dimensions.*at most 32"):
+        run(cfg)
+    with pytest.raises(ValueError, match="--rank 33 is larger"):
+        optimizers.build("galore", loop.build_model(cfg, 320), cfg)
+
+
+# ------------------------------------------------------------------------------------------- data
+def _write_formats(root: Path, docs: list[str]) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = {"txt": root / "d.txt", "jsonl": root / "d.jsonl", "json": root / "d.json", "parquet": root / "d.parquet"}
+    paths["txt"].write_text("\n".join(docs), encoding="utf-8")
+    paths["jsonl"].write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    paths["json"].write_text(json.dumps([{"text": d} for d in docs]))
+    pq.write_table(pa.table({"text": docs, "n": list(range(len(docs)))}), paths["parquet"])
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "json", "parquet"])
+def test_local_dataset_formats(tmp_path, fmt):
+    docs = [f"def function_{i}(x):\n    return x * {i}  # document {i}\n" * 20 for i in range(60)]
+    path = _write_formats(tmp_path, docs)[fmt]
+    cfg = load_config(["--dataset", str(path)])
+    got = data.load_corpus(cfg)
+    assert got.train and got.heldout
+    text = "".join(got.train + got.heldout)
+    assert "def function_0(x)" in text and "document 59" in text
+    if fmt != "txt":  # records are documents: each lands whole in exactly one split
+        assert sorted(got.train + got.heldout) == sorted(docs)
+        assert not set(got.train) & set(got.heldout)
+
+
+def test_local_dataset_directory_and_bad_field(tmp_path):
+    docs = [f"line {i} " * 50 for i in range(30)]
+    _write_formats(tmp_path, docs)
+    got = data.load_corpus(load_config(["--dataset", str(tmp_path)]))
+    assert len(got.train) + len(got.heldout) > 30  # all four files were read
+    with pytest.raises(ValueError, match=r"no 'body' field.*--text-field"):
+        data.load_corpus(load_config(["--dataset", str(tmp_path / "d.jsonl"), "--text-field", "body"]))
+
+
+def test_builtin_corpus_is_real_text_with_disjoint_heldout():
+    got = data.builtin_corpus(200_000, 50_000)
+    train, heldout = "".join(got.train), "".join(got.heldout)
+    assert 150_000 < len(train) <= 200_000 and 10_000 < len(heldout) <= 50_000
+    assert "def " in train and "import " in heldout
+    assert heldout[:2000] not in train
+
+
+def test_hub_dataset_streams_through_datasets(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, config=None, *, split, streaming):
+        calls.append((name, config, split, streaming))
+        if split == "validation" and name == "someone/no-validation":
+            raise ValueError("Unknown split 'validation'")
+        return iter([{"text": f"{split} document {i} " * 40} for i in range(200)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    got = data.load_corpus(load_config(["--dataset", "someone/corpus", "--dataset-config", "en",
+                                        "--max-train-bytes", "20000"]))  # fmt: skip
+    assert ("someone/corpus", "en", "train", True) in calls
+    assert all("validation document" in d for d in got.heldout) and all("train document" in d for d in got.train)
+    got = data.load_corpus(load_config(["--dataset", "someone/no-validation", "--max-train-bytes", "20000"]))
+    assert got.heldout and all("train document" in d for d in got.heldout)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    tokens = data.TokenData(torch.arange(10_000, dtype=torch.int32), torch.arange(500, dtype=torch.int32),
+                            tokenizer=None, description="")  # fmt: skip
+    a = tokens.batch(5, seed=0, rows=8, seq_len=16)
+    assert a.shape == (8, 17) and a.dtype == torch.long
+    assert torch.equal(a, tokens.batch(5, seed=0, rows=8, seq_len=16))
+    assert not torch.equal(a, tokens.batch(6, seed=0, rows=8, seq_len=16))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 16, dtype=torch.long))  # contiguous windows
+
+
+def test_tokenizer_cache(tmp_path, monkeypatch):
+    text = tokenizer.chunks(corpus.stdlib_text(40_000), 4096)
+    first = tokenizer.cached_bpe(text, 300, tmp_path)
+    assert first.trained_now and first.path.is_file() and first.vocab_size == 300
+    monkeypatch.setattr(tokenizer, "train_bpe", lambda *a, **k: pytest.fail("the cache was not used"))
+    second = tokenizer.cached_bpe(text, 300, tmp_path)
+    assert not second.trained_now and second.path == first.path and second.fingerprint == first.fingerprint
+    sample = ["def f(x):\n    return x\n"]
+    assert second.encode_batch(sample) == first.encode_batch(sample)
+    monkeypatch.undo()
+    other = tokenizer.cached_bpe(text, 280, tmp_path)
+    assert other.trained_now and other.path != first.path
+    named = tokenizer.named_tokenizer(str(first.path))  # --tokenizer path/to/tokenizer.json
+    assert named.fingerprint == first.fingerprint
+
+
+# ------------------------------------------------------------------------------------------- runs
+def test_resume_parity_and_interrupted_save(workdir, tmp_path, monkeypatch):
+    """6 straight steps == 3 steps, a kill while saving step 5, resume from 3, finish at 6: bitwise."""
+    common = ("--compare", "adamw,subspace", "--steps", "6", "--eval-every", "3")
+    straight = tmp_path / "straight"
+    run(load_config(tiny(workdir, straight, *common)))
+
+    split = tmp_path / "split"
+    run(load_config(tiny(workdir, split, *common, "--stop-at", "3")))
+    assert log(split / "subspace")["status"] == "stopped"
+
+    import accelerate
+
+    real_save = accelerate.Accelerator.save_state
+
+    def killed_midway(self, output_dir=None, **kwargs):
+        real_save(self, output_dir, **kwargs)
+        (Path(output_dir) / "optimizer.bin").write_bytes(b"truncated")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(tiny(workdir, split, *common, "--resume", "--stop-at", "5")))
+    monkeypatch.undo()
+    ckpts = loop.Checkpoints(split / "adamw", 1)
+    assert ckpts.latest().name == "step-00000003"  # the half-written step-5 checkpoint is not used
+
+    run(load_config(tiny(workdir, split, *common, "--resume")))
+    for name in ("adamw", "subspace"):
+        assert_same_weights(final_weights(straight / name), final_weights(split / name))
+        a, b = log(straight / name), log(split / name)
+        assert [h["loss"] for h in a["state"]["history"]] == [h["loss"] for h in b["state"]["history"]]
+        assert a["state"]["evals"][-1]["loss"] == b["state"]["evals"][-1]["loss"]
+        assert b["status"] == "finished"
+    assert log(split / "subspace")["summary"]["refreshes"] == 3  # steps 0, 2, 4, across the resume
+    assert not list((split / "adamw" / "checkpoints").glob(".tmp-*"))  # the stale temporary was cleaned
+
+    with pytest.raises(ValueError, match=r"cannot resume.*rank: 4 -> 2"):
+        run(load_config(tiny(workdir, split, *common, "--resume", "--rank", "2", "--steps", "8")))
+
+
+def _runs_here(name: str) -> bool:
+    try:
+        optimizers.require(name)
+    except optimizers.MissingOptimizer:
+        return False
+    return True
+
+
+def test_report_holds_the_measured_numbers(workdir, tmp_path):
+    names = ["adamw", "subspace"] + [n for n in ("galore", "adamw8bit") if _runs_here(n)]
+    out = tmp_path / "cmp"
+    report_path = run(load_config(tiny(workdir, out, "--compare", ",".join(names), "--steps", "4")))
+    assert report_path == out / "report.md"
+    text = report_path.read_text()
+    for png in ("loss_vs_step.png", "loss_vs_time.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png})" in text
+    numbers = json.loads((out / "report.json").read_text())
+    assert [r["optimizer"] for r in numbers["runs"]] == names
+    for name in names:
+        s = log(out / name)["summary"]
+        assert f"{s['final_eval_loss']:.4f}" in text and f"{s['final_eval_ppl']:.2f}" in text
+        assert s["state_bytes"] > 0 and s["peak_memory_bytes"] > 0 and s["step_time_s"] > 0
+    adamw, subspace = log(out / "adamw")["summary"], log(out / "subspace")["summary"]
+    assert subspace["state_bytes"] < adamw["state_bytes"]
+    assert subspace["refreshes"] == 2 and f"2 ({subspace['refresh_seconds_total']:.2f} s)" in text
+
+
+def test_cli_entry_point_runs(workdir, tmp_path):
+    """The installed command and the script wrapper both reach the same main."""
+    out = tmp_path / "cli"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pretrain.py"), *tiny(workdir, out, "--optimizer", "adamw",
+                                                                     "--steps", "2")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"Report: {out / 'report.md'}" in proc.stdout
+    from subspace_optim import cli
+
+    assert cli.main(["--help"]) == 0 and cli.main(["nonsense"]) == 2
+
+
+# ------------------------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp(workdir: Path, out: Path, launcher: list[str], *extra: str) -> dict:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    flags = tiny(workdir, out, "--optimizer", "subspace", "--steps", "8", *extra)
+    proc = subprocess.run([*launcher, *flags], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return log(out / "subspace")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_ddp_two_processes_end_bitwise_identical(workdir, tmp_path):
+    """2 gloo processes, different global seeds, 4 refreshes, gradient accumulation: both ranks end with
+    the same weights, and the run follows the single-process run with the same global batch."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "subspace_optim.cli",
+                "pretrain"]  # fmt: skip
+    batch = ("--global-batch-size", "8")  # 2 processes x batch 2 x accumulation 2
+    result = _ddp(workdir, tmp_path / "ddp", torchrun, *batch, "--consistency-check-every", "1")
+    summary = result["summary"]
+    assert result["world_size"] == 2 and result["grad_accum"] == 2
+    assert summary["global_seeds"] == [0, 1]  # each process's global RNG was seeded differently
+    assert summary["refreshes"] == 4  # steps 0, 2, 4, 6
+    digests = summary["weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+    run(load_config(tiny(workdir, tmp_path / "one", "--optimizer", "subspace", "--steps", "8", *batch)))
+    single = log(tmp_path / "one" / "subspace")
+    assert single["world_size"] == 1 and single["grad_accum"] == 4
+    torch.testing.assert_close(
+        [h["loss"] for h in result["state"]["history"]], [h["loss"] for h in single["state"]["history"]],
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_accelerate_launch_config_starts_two_processes(workdir, tmp_path):
+    pytest.importorskip("accelerate.commands.launch")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "configs" / "accelerate_cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+                str(REPO / "scripts" / "pretrain.py"), "--cpu"]  # fmt: skip
+    result = _ddp(workdir, tmp_path / "acc", launcher, "--refresh-owner", "round_robin")
+    digests = result["summary"]["weight_digests"]
+    assert result["world_size"] == 2 and digests[0] == digests[1]
