@@ -1,7 +1,16 @@
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Without CUDA the Triton kernels run under Triton's interpreter. This must be decided before anything
+# imports triton (galore-torch imports bitsandbytes, which imports triton and caches its settings), so it
+# is set here, when pytest loads the conftest, not in test_kernels.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
