@@ -108,6 +108,8 @@ def weights_digest(model: nn.Module) -> str:
     """sha256 of every weight's bytes: equal digests mean bitwise-identical weights."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if hasattr(tensor, "full_tensor"):  # a sharded DTensor (FSDP2): gather it; every rank calls this
+            tensor = tensor.full_tensor()
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
