@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 _MASK64 = (1 << 64) - 1
+_TINY32 = torch.finfo(torch.float32).tiny
 
 
 def sketch_seed(seed: int, index: int, refresh_count: int) -> int:
@@ -198,9 +199,13 @@ def range_finder_basis(
     a = a.float()
     d = a.shape[0]
     n = slab.columns(a)
+    # A A^T Q grows like ||A||^2: a finite gradient of 1e19 would overflow fp32 there. Dividing the small
+    # n x k middle product by ||A||_F keeps every product at ||A||'s scale and leaves the span unchanged.
+    norm = energy(a, slab).sqrt()
+    inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.ones_like(norm)).clamp_min(_TINY32).float()
 
     def gram_times(y: Tensor) -> Tensor:
-        return slab.reduce(a @ (a.mT @ orthonormalize(y)))
+        return slab.reduce(a @ ((a.mT @ orthonormalize(y)) * inv_norm))
 
     if start is None:
         k = min(rank + oversample, d, n)

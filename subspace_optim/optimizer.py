@@ -54,8 +54,8 @@ def _validate(options: dict[str, Any], where: str) -> None:
         if not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i} {where}: {beta!r} - must be in [0, 1)")
     eps = options["eps"]
-    if not isinstance(eps, numbers.Real) or not 0.0 <= eps < math.inf:
-        bad("eps", "eps must be a finite number >= 0 (e.g. eps=1e-8)")
+    if not isinstance(eps, numbers.Real) or not 0.0 < eps < math.inf:
+        bad("eps", "eps must be a finite number > 0 (e.g. eps=1e-8); with 0 a zero gradient divides 0 by 0")
     wd = options["weight_decay"]
     if not isinstance(wd, numbers.Real) or not 0.0 <= wd < math.inf:
         bad("weight_decay", "weight_decay must be a finite number >= 0 (0 disables it)")
@@ -91,6 +91,44 @@ def _validate(options: dict[str, Any], where: str) -> None:
         bad("seed", "seed must be an int", TypeError)
     if options["engine"] == "triton" and not _kernels.available():
         bad("engine", "engine='triton' needs the triton package (pip install triton); use engine='auto'")
+
+
+_INT_OPTIONS = ("rank", "update_gap", "oversample", "power_iters", "seed", "consistency_check_every")
+_FLOAT_OPTIONS = ("eps", "weight_decay", "scale")
+
+
+def _plain_numbers(options: dict[str, Any]) -> None:
+    """Store validated numbers as Python int/float: a numpy scalar in a group would make the state dict
+    unloadable with ``torch.load(weights_only=True)``."""
+    for name in _INT_OPTIONS:
+        if options.get(name) is not None:
+            options[name] = int(options[name])
+    for name in _FLOAT_OPTIONS:
+        if name in options:
+            options[name] = float(options[name])
+    if "lr" in options and not isinstance(options["lr"], Tensor):
+        options["lr"] = float(options["lr"])
+    if "betas" in options:
+        options["betas"] = tuple(float(b) for b in options["betas"])
+
+
+_MODEL_KEYWORDS = {"target_modules", "optim_target_modules", "project_output_head", "model"}
+
+
+def _unexpected_keywords(names: list[str]) -> str:
+    """The TypeError message for keywords SubspaceAdamW does not take, with the likely fix."""
+    if _MODEL_KEYWORDS.intersection(names):
+        return (
+            f"SubspaceAdamW got {', '.join(names)}: it takes parameters, not a model, so it cannot pick "
+            "modules by name. Build the groups with subspace_optim.param_groups(model, target_modules=..., "
+            "rank=...), or with the HF Trainer pass optimizer_cls_and_kwargs=(SubspaceAdamWFactory, kwargs) "
+            "from subspace_optim.integrations.transformers, which calls it with the model."
+        )
+    return (
+        f"SubspaceAdamW got unexpected keyword argument(s) {', '.join(names)}; its options are lr, betas, eps, "
+        "weight_decay, rank, update_gap (galore: update_proj_gap), scale, refresh, moments, proj_type, oversample, "
+        "power_iters, seed, nonfinite, engine, foreach, refresh_owner, consistency_check_every"
+    )
 
 
 _FLATTENED = (
@@ -175,6 +213,8 @@ class SubspaceAdamW(Optimizer):
         seed: sketches are seeded from (seed, parameter index, refresh count), never the global RNG.
         nonfinite: ``"skip"`` (a parameter whose gradient has a NaN/Inf is left untouched this step:
             weights, moments, basis and step count) or ``"raise"`` (FloatingPointError, nothing changed).
+            A projected matrix's gradient so large that its projection would overflow fp32
+            (max|G| > 3.4e38 / sqrt(max(m, n))) counts as non-finite.
         engine: ``"auto"`` (Triton kernels for CUDA matrices when Triton is installed, else the reference),
             ``"triton"`` (the same, but Triton must be installed) or ``"reference"`` (PyTorch only). CPU
             tensors, DTensors, non-contiguous weights and ``refresh="svd"``/``"random"`` always take the
@@ -208,7 +248,15 @@ class SubspaceAdamW(Optimizer):
         foreach: bool | None = None,
         refresh_owner: str = "all",
         consistency_check_every: int = 0,
+        **unexpected: Any,
     ) -> None:
+        if "update_proj_gap" in unexpected:  # galore-torch's spelling, accepted here as in param groups
+            gap = unexpected.pop("update_proj_gap")
+            if update_gap not in (200, gap):
+                raise ValueError(f"SubspaceAdamW got update_gap={update_gap!r} and update_proj_gap={gap!r}; keep one")
+            update_gap = gap
+        if unexpected:
+            raise TypeError(_unexpected_keywords(sorted(unexpected)))
         defaults = dict(
             lr=lr,
             betas=tuple(betas) if isinstance(betas, list) else betas,
@@ -230,6 +278,7 @@ class SubspaceAdamW(Optimizer):
             consistency_check_every=consistency_check_every,
         )
         _validate(defaults, "in SubspaceAdamW(...)")
+        _plain_numbers(defaults)
         self._metrics: dict[int, dict[str, Any]] = {}
         self._nonfinite_skips = 0
         self._known_params: set[int] = set()
@@ -267,6 +316,7 @@ class SubspaceAdamW(Optimizer):
         if unknown:
             warnings.warn(f"SubspaceAdamW ignores unknown param group keys {sorted(unknown)}", stacklevel=2)
         _validate({**self.defaults, **group}, f"in param group {len(self.param_groups)}")
+        _plain_numbers(group)
         super().add_param_group(_ParamGroup(group, self._known_params))
 
     # ------------------------------------------------------------------ state
@@ -354,7 +404,7 @@ class SubspaceAdamW(Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError(
+                raise TypeError(
                     f"SubspaceAdamW does not support sparse gradients (parameter {name}); "
                     "use torch.optim.SparseAdam for it, or a dense embedding (sparse=False)"
                 )
@@ -371,8 +421,9 @@ class SubspaceAdamW(Optimizer):
         bad = [name for (_, _, name, _), ok in zip(work, finite, strict=True) if not ok]
         if bad and any(g["nonfinite"] == "raise" for (_, g, n, _) in work if n in bad):
             raise FloatingPointError(
-                f"non-finite gradient in parameter(s) {bad}; nothing was changed. Use nonfinite='skip' "
-                "to leave such parameters untouched for the step, or fix the loss scaling."
+                f"non-finite gradient in parameter(s) {bad} (a NaN/Inf, or an entry so large that its projection "
+                "overflows fp32); nothing was changed. Use nonfinite='skip' to leave such parameters untouched "
+                "for the step, or fix the loss scaling."
             )
         self._nonfinite_skips += len(bad)
 
@@ -427,11 +478,31 @@ class SubspaceAdamW(Optimizer):
                 self._plain_adamw(group, members)
         return loss
 
+    def _grad_limit(self, p: Tensor, group: dict[str, Any]) -> float:
+        """The largest |gradient entry| a parameter's step can take without overflowing fp32.
+
+        A projected coordinate sums d entries against a unit vector, so it is bounded by max|G| sqrt(d):
+        a finite gradient above fp32max / sqrt(d) could make R = P^T G infinite and the moments NaN, and
+        it is handled like a non-finite one. Plain AdamW parameters only need finite entries."""
+        rank = group["rank"]
+        if rank is None or p.dim() < 2 or rank > min(self._matrix_shape(p)):
+            return math.inf
+        return torch.finfo(torch.float32).max / math.sqrt(max(self._matrix_shape(p)))
+
     def _finite_flags(self, work: list[tuple[int, dict[str, Any], str, Tensor]]) -> list[bool]:
-        """One batched isfinite check (one host sync). Ranks holding shards of the same parameters
-        OR their flags, so a NaN on one rank's rows skips the parameter everywhere (and no rank waits
-        in a refresh all-reduce that the others skipped)."""
-        bad = torch.stack([~torch.isfinite(local(p.grad)).all() for _, _, _, p in work]).to(torch.int32)
+        """One batched check of every gradient's largest entry (one host sync) against ``_grad_limit``:
+        NaN, Inf and projection-overflowing entries all fail it. Ranks holding shards of the same
+        parameters OR their flags, so a NaN on one rank's rows skips the parameter everywhere (and no
+        rank waits in a refresh all-reduce that the others skipped)."""
+        flags = []
+        for _, group, _, p in work:
+            g = local(p.grad)
+            if g.numel() == 0:  # an empty FSDP shard: nothing here can be bad
+                flags.append(torch.zeros((), dtype=torch.bool, device=g.device))
+                continue
+            peak = torch.linalg.vector_norm(g, float("inf")).float()  # NaN if any entry is NaN
+            flags.append(~(peak < self._grad_limit(p, group)))  # False for NaN and for Inf (limit <= inf)
+        bad = torch.stack(flags).to(torch.int32)
         groups = {}
         for _, _, name, p in work:
             if distributed.is_dtensor(p):
@@ -558,6 +629,10 @@ class SubspaceAdamW(Optimizer):
         if "basis" not in state:
             basis = new.basis.contiguous()
             state["basis"] = distributed.replicated_like(x.p, basis) if distributed.is_dtensor(x.p) else basis
+        elif not bool(new.total > 0):
+            # An all-zero gradient (e.g. DCP's lr=0 state-initializing step) spans nothing: keep the basis
+            # and the moments as they are instead of rotating them into an arbitrary one.
+            overlap = torch.ones((), dtype=torch.float64)
         else:
             previous = local(state["basis"])
             c = transport_moments(

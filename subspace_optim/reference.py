@@ -29,22 +29,28 @@ def compute_basis(
     Never returns a non-finite basis: a finite gradient can still overflow fp32 inside a power
     iteration, and then the previous basis (or, on the first refresh, a seeded random one) is kept.
     """
-    new = subspace.refresh_basis(
-        g,
-        side,
-        group["rank"],
-        policy=group["refresh"],
-        previous=previous,
-        oversample=group["oversample"],
-        power_iters=group["power_iters"],
-        seed=seed,
-        slab=slab,
-    )
-    if bool(torch.isfinite(new.basis).all()):
+    try:
+        new = subspace.refresh_basis(
+            g,
+            side,
+            group["rank"],
+            policy=group["refresh"],
+            previous=previous,
+            oversample=group["oversample"],
+            power_iters=group["power_iters"],
+            seed=seed,
+            slab=slab,
+        )
+    except torch.linalg.LinAlgError:
+        # eigh/svd refuse non-finite input. Every rank of a sharded refresh holds the same reduced
+        # matrices, so they all take this branch together and no collective is left waiting.
+        new = None
+    if new is not None and bool(torch.isfinite(new.basis).all()):
         return new
-    d = new.basis.shape[0]
+    d = subspace.basis_dim(side, *g.shape)  # a row shard keeps every column, so this holds sharded too
     fallback = previous if previous is not None else linalg.random_basis(d, group["rank"], seed, g.device)
-    return linalg.Basis(fallback, new.captured.new_zeros(()), new.total)
+    total = new.total if new is not None else linalg.energy(g.float(), slab)
+    return linalg.Basis(fallback, total.new_zeros(()), total)
 
 
 def projected_adamw(

@@ -137,3 +137,25 @@ def test_all_zero_gradients_with_lr_zero_change_nothing():
                 assert torch.isfinite(v).all()
             else:
                 assert math.isfinite(v)
+
+
+def test_zero_gradient_at_a_refresh_keeps_the_basis_and_does_not_rotate_the_moments():
+    """A zero gradient spans nothing: the refresh it lands on must keep the basis (lr=0 here, as DCP)."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(10, 6))
+    opt = SubspaceAdamW([w], lr=1e-2, rank=3, update_gap=3, moments="rotate")
+    for _ in range(3):
+        w.grad = torch.randn(10, 6)
+        opt.step()
+    state = opt.state[w]
+    basis, m, v = state["basis"].clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    w_before = w.detach().clone()
+    opt.param_groups[0]["lr"] = 0.0
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    assert state["refresh_count"] == 2
+    assert torch.equal(state["basis"], basis)
+    beta1, beta2 = opt.param_groups[0]["betas"]
+    torch.testing.assert_close(state["exp_avg"], m * beta1, rtol=1e-6, atol=0)  # decayed, not rotated
+    torch.testing.assert_close(state["exp_avg_sq"], v * beta2, rtol=1e-6, atol=0)
+    assert torch.equal(w, w_before)

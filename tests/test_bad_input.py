@@ -29,6 +29,7 @@ def _w(*shape, seed=0):
         (dict(lr=-1e-3), ValueError, r"Invalid lr .*-0.001 - the learning rate must be"),
         (dict(lr=float("nan")), ValueError, r"Invalid lr"),
         (dict(eps=-1.0), ValueError, r"Invalid eps"),
+        (dict(eps=0.0), ValueError, r"Invalid eps .*> 0"),
         (dict(betas=(1.0, 0.999)), ValueError, r"Invalid beta parameter at index 0"),
         (dict(betas=(0.9, -0.1)), ValueError, r"Invalid beta parameter at index 1"),
         (dict(betas=0.9), TypeError, r"Invalid betas"),
@@ -94,7 +95,7 @@ def test_sparse_gradient_is_rejected_before_any_state_changes():
     w.grad = torch.randn(6, 5)
     params = [w, emb.weight]
     snap = _snapshot(opt, params)
-    with pytest.raises(RuntimeError, match=r"sparse gradients \(parameter params\[1\]\).*SparseAdam"):
+    with pytest.raises(TypeError, match=r"sparse gradients \(parameter params\[1\]\).*SparseAdam"):
         opt.step()
     _assert_unchanged(opt, params, snap)
 
@@ -200,3 +201,88 @@ def test_same_shape_param_swap_like_accelerate_prepare_is_accepted():
     new.grad = torch.randn(6, 4)
     opt.step()
     assert old not in opt.state and opt.state[new]["refresh_count"] == 1
+
+
+def test_model_level_keywords_point_to_param_groups_and_the_trainer_factory():
+    with pytest.raises(TypeError, match=r"target_modules.*param_groups\(model.*SubspaceAdamWFactory"):
+        SubspaceAdamW([_w(4, 4)], rank=2, target_modules=["q_proj"])
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) lr_decay; its options are"):
+        SubspaceAdamW([_w(4, 4)], lr_decay=0.1)
+
+
+def test_galore_gap_spelling_is_accepted_by_the_constructor():
+    assert SubspaceAdamW([_w(4, 4)], rank=2, update_proj_gap=7).defaults["update_gap"] == 7
+    with pytest.raises(ValueError, match="update_gap=5 and update_proj_gap=7"):
+        SubspaceAdamW([_w(4, 4)], rank=2, update_gap=5, update_proj_gap=7)
+
+
+def test_numpy_scalar_options_are_stored_as_plain_numbers(tmp_path):
+    """A numpy int rank must not make the checkpoint unloadable with weights_only=True."""
+    np = pytest.importorskip("numpy")
+    w = _w(6, 5)
+    opt = SubspaceAdamW([w], lr=np.float64(1e-2), rank=np.int64(2), update_gap=np.int32(3))
+    opt.add_param_group({"params": [_w(4, 4, seed=3)], "rank": np.int64(3), "scale": np.float32(0.5)})
+    for group in opt.param_groups:
+        for key in ("rank", "update_gap", "lr", "scale"):
+            assert type(group[key]) in (int, float), (key, type(group[key]))
+    w.grad = torch.randn(6, 5)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    torch.load(tmp_path / "opt.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("refresh", ["warm", "rsvd", "svd"])
+def test_huge_finite_gradient_on_a_refresh_step_gives_a_finite_basis(refresh):
+    """1e19 squared overflows fp32: the range finder must work at the gradient's scale."""
+    w = _w(12, 8, seed=4)
+    opt = SubspaceAdamW([w], lr=1e-2, rank=3, update_gap=2, refresh=refresh)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        w.grad = torch.randn(12, 8, generator=gen) * (1e19 if step == 2 else 1.0)
+        opt.step()
+        state = opt.state[w]
+        for key in ("basis", "exp_avg", "exp_avg_sq"):
+            assert torch.isfinite(state[key]).all(), (step, key)
+        assert torch.isfinite(w).all()
+    basis = opt.state[w]["basis"]
+    assert torch.allclose(basis.mT @ basis, torch.eye(3), atol=1e-5)
+    assert opt.subspace_metrics()["params"]["params[0]"]["captured_energy"] > 0.3  # a real basis, not a fallback
+    assert opt.subspace_metrics()["overall"]["nonfinite_skips"] == 0
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_gradient_whose_projection_overflows_fp32_follows_the_nonfinite_policy(policy):
+    w, plain = _w(12, 8, seed=5), _w(4, 4, seed=6)
+    opt = SubspaceAdamW([{"params": [w], "rank": 3, "update_gap": 5}, {"params": [plain]}], nonfinite=policy)
+    w.grad, plain.grad = torch.randn(12, 8), torch.randn(4, 4)
+    opt.step()
+    snap = _snapshot(opt, [w])
+    w.grad = torch.full((12, 8), 3e38)  # finite, but P^T G overflows
+    plain.grad = torch.full((4, 4), 3e38)  # plain AdamW copes with it, as torch.optim.AdamW does
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match=r"params\[0\].*overflows fp32"):
+            opt.step()
+        return
+    opt.step()
+    assert torch.equal(w, snap[1][0])
+    assert torch.isfinite(plain).all()
+    assert opt.subspace_metrics()["overall"]["nonfinite_skips"] == 1
+
+
+def test_a_failing_factorization_keeps_the_previous_basis(monkeypatch):
+    w = _w(12, 8, seed=7)
+    opt = SubspaceAdamW([w], lr=1e-2, rank=3, update_gap=2)
+    for _ in range(2):
+        w.grad = torch.randn(12, 8)
+        opt.step()
+    basis = opt.state[w]["basis"].clone()
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    w.grad = torch.randn(12, 8)
+    opt.step()  # step 2 refreshes: the range finder's Rayleigh-Ritz fails
+    assert opt.state[w]["refresh_count"] == 2
+    assert torch.equal(opt.state[w]["basis"], basis)
+    assert torch.isfinite(w).all()
