@@ -225,3 +225,37 @@ def fsdp_dcp_resume(rank: int, world: int, steps: int, split: int, ckpt_dir: str
         "basis_type": basis_type,
         "restored_counters": restored,
     }
+
+
+# ----------------------------------------------------------------------------- traffic
+def _counted_step(opt) -> dict[str, int]:
+    """The collectives one ``opt.step()`` issues, by op name (c10d and functional collectives alike)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mode = CommDebugMode()
+    with mode:
+        opt.step()
+    return {str(op).split("'")[1] if "'" in str(op) else str(op): n for op, n in mode.get_comm_counts().items()}
+
+
+def collective_counts(rank: int, world: int, steps: int) -> dict:
+    """What the optimizer itself sends: DDP (refresh_owner="all") nothing; FSDP2 never gathers a gradient."""
+    assert dist.get_world_size() == 2
+    ddp = nn.parallel.DistributedDataParallel(_mlp())
+    opt = SubspaceAdamW(param_groups(ddp.module, "all-linear", rank=3, update_gap=2), lr=1e-2)
+    half = slice(rank * 8, (rank + 1) * 8)
+    ddp_counts = []
+    for step in range(steps):
+        x, y = _batch(step, 16, 12, half)
+        opt.zero_grad()
+        (ddp(x) - y).square().mean().backward()
+        ddp_counts.append(_counted_step(opt))
+
+    model = _fsdp_llama(rank)
+    opt = _subspace_for(model, "warm")  # update_gap 3: steps 0 and 3 refresh
+    fsdp_counts = []
+    for step in range(steps):
+        opt.zero_grad()
+        _lm_loss(model, step, slice(rank * 2, rank * 2 + 2)).backward()
+        fsdp_counts.append(_counted_step(opt))
+    return {"world": dist.get_world_size(), "ddp": ddp_counts, "fsdp": fsdp_counts}

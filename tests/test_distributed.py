@@ -94,3 +94,17 @@ def test_accelerate_launch_configs_parse(name, kind):
     assert config.distributed_type.name == kind
     if kind == "FSDP":
         assert int(config.fsdp_config["fsdp_version"]) == 2
+
+
+def test_optimizer_traffic_ddp_sends_nothing_and_fsdp2_never_gathers(tmp_path):
+    """Counted with CommDebugMode around opt.step() alone (DDP's and FSDP's own gradient traffic excluded)."""
+    r0, _ = _launch(tmp_path, "collective_counts", steps=4)
+    assert r0["world"] == 2
+    assert r0["ddp"] == [{}, {}, {}, {}], r0["ddp"]  # bases agree by seeding: no communication at all
+    for step, counts in enumerate(r0["fsdp"]):
+        assert counts, step
+        assert all("all_gather" not in op and "reduce_scatter" not in op for op in counts), (step, counts)
+        assert set(counts) <= {"c10d.allreduce_", "c10d_functional.all_reduce"}, (step, counts)
+    # A regular step sends one batched all-reduce of the non-finite flags; a refresh adds the range finder's.
+    assert sum(r0["fsdp"][1].values()) == sum(r0["fsdp"][2].values()) == 1, r0["fsdp"]
+    assert sum(r0["fsdp"][3].values()) > 1

@@ -140,3 +140,39 @@ def test_metrics_report_energy_overlap_time_and_bytes():
     assert overall["projected_params"] == 1
     assert overall["state_bytes"] == state_bytes + 4 * 2 * 12 + 4  # + AdamW moments and step of v
     assert overall["captured_energy"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("refresh", ["warm", "rsvd"])
+def test_oversample_and_power_iters_reach_the_range_finder(monkeypatch, refresh):
+    calls = []
+    original = linalg.range_finder_basis
+
+    def recording(a, rank, **kwargs):
+        calls.append((rank, kwargs["oversample"], kwargs["power_iters"], kwargs["start"] is not None))
+        return original(a, rank, **kwargs)
+
+    monkeypatch.setattr(linalg, "range_finder_basis", recording)
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(20, 14))
+    opt = SubspaceAdamW([w], rank=3, update_gap=2, refresh=refresh, oversample=5, power_iters=3)
+    for _ in range(3):
+        w.grad = torch.randn(20, 14)
+        opt.step()
+    # First refresh is cold for both; the second starts from the previous basis only for "warm".
+    assert calls == [(3, 5, 3, False), (3, 5, 3, refresh == "warm")]
+
+
+def test_overlap_metric_is_the_subspace_overlap_of_consecutive_bases():
+    torch.manual_seed(1)
+    w = nn.Parameter(torch.randn(16, 12))
+    opt = SubspaceAdamW([w], rank=4, update_gap=2, refresh="svd")
+    for step in range(3):
+        if step == 2:
+            old = opt.state[w]["basis"].clone()
+        w.grad = torch.randn(16, 12)
+        opt.step()
+    new = opt.state[w]["basis"]
+    expected = float((new.mT @ old).double().square().sum() / 4)
+    got = opt.subspace_metrics()["params"]["params[0]"]["overlap"]
+    assert 0.0 < expected < 1.0
+    assert got == pytest.approx(expected, rel=1e-5)
