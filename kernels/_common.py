@@ -7,7 +7,9 @@ over the group. Only same-shape, same-dtype, same-stride tensors may share an ar
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +32,43 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
         raise TypeError(f"unsupported dtype for the Triton engine: {dtype}") from None
 
 
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device for a launch: Triton launches on (and takes the stream of)
+    ``torch.cuda.current_device()``, not on its tensors' device. A no-op for CPU tensors (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def host_table(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host-built table (pointers, hyperparameters, seeds) on ``device``.
+
+    On CUDA it is built in pinned memory and copied with ``non_blocking=True``: the copy is queued on the
+    current stream ahead of the launch that reads it, and the host does not wait for it (a copy from
+    pageable memory would block). PyTorch's caching host allocator keeps the pinned block alive until the
+    copy has run. Call it under ``device_guard(device)`` so that the copy and the launch share a stream.
+    """
+    table = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def pointer_array(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """An int64 tensor of the tensors' data pointers on ``device`` (one small host-to-device copy)."""
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+    """An int64 tensor of the tensors' data pointers on ``device`` (see ``host_table``)."""
+    return host_table([t.data_ptr() for t in tensors], torch.int64, device)
+
+
+def check_writable(t: Tensor, what: str) -> None:
+    """Refuse a 2-D output whose elements could share memory (a stride of 0, or rows overlapping columns),
+    as torch's in-place ops do: tiles written in parallel would race. Any non-overlapping strides, row- or
+    column-major, sliced or transposed, are fine."""
+    if t.numel() == 0:
+        return
+    (s_in, n_in), (s_out, n_out) = sorted(zip(t.stride(), t.shape, strict=True))
+    extent_in = (n_in - 1) * s_in + 1  # memory span of one run along the inner (smaller-stride) dimension
+    if (n_in > 1 and s_in < 1) or (n_out > 1 and s_out < extent_in):
+        raise ValueError(f"{what}: shape {tuple(t.shape)} with strides {t.stride()} overlaps itself in memory")
 
 
 def check_same_layout(tensors: list[Tensor], what: str) -> tuple[int, int]:

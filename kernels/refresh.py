@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Blocks, check_same_layout, default_blocks, pointer_array, tl_dtype
+from ._common import Blocks, check_same_layout, default_blocks, device_guard, host_table, pointer_array, tl_dtype
 from .gemm import batched_gemm_kernel, gaussian_kernel
 
 
@@ -81,25 +81,27 @@ def bmm(
     stored = n if b_stored is None else b_stored
     if gauss and (b.rows * (n - stored)) >= 2**31:
         raise ValueError("sketch too large for 32-bit Philox counters")
-    if seeds is None:
-        seeds = torch.zeros(batch, dtype=torch.int64, device=out.device)
     grid = (triton.cdiv(m, blocks.m) * triton.cdiv(n, blocks.n), batch)
-    batched_gemm_kernel[grid](
-        a.ptrs, b.ptrs, pointer_array(list(out.unbind(0)), out.device), seeds,
-        m, n, a.cols, a.s0, a.s1, b.s0, b.s1, out.stride(1), out.stride(2),
-        stored, n - stored, gauss_scale,
-        A_DT=tl_dtype(a.dtype), B_DT=tl_dtype(b.dtype), C_DT=tl.float64 if fp64 else tl.float32,
-        GAUSS=gauss, FP64=fp64, PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
-        num_warps=blocks.warps, num_stages=blocks.stages,
-    )  # fmt: skip
+    with device_guard(out.device):
+        if seeds is None:
+            seeds = torch.zeros(batch, dtype=torch.int64, device=out.device)
+        batched_gemm_kernel[grid](
+            a.ptrs, b.ptrs, pointer_array(list(out.unbind(0)), out.device), seeds,
+            m, n, a.cols, a.s0, a.s1, b.s0, b.s1, out.stride(1), out.stride(2),
+            stored, n - stored, gauss_scale,
+            A_DT=tl_dtype(a.dtype), B_DT=tl_dtype(b.dtype), C_DT=tl.float64 if fp64 else tl.float32,
+            GAUSS=gauss, FP64=fp64, PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
+            num_warps=blocks.warps, num_stages=blocks.stages,
+        )  # fmt: skip
     return out
 
 
 def gram(y: Tensor) -> Tensor:
     """Y_i^T Y_i in fp64 for a stacked fp32 Y (batch, d, k): the CholeskyQR Gram matrices, one launch."""
     batch, _, k = y.shape
-    ym = Mat.of(list(y.unbind(0)))
-    return bmm(ym.t, ym, torch.empty(batch, k, k, dtype=torch.float64, device=y.device))
+    with device_guard(y.device):
+        ym = Mat.of(list(y.unbind(0)))
+        return bmm(ym.t, ym, torch.empty(batch, k, k, dtype=torch.float64, device=y.device))
 
 
 def gaussian(rows: int, cols: int, seed: int, device: torch.device | str = "cpu") -> Tensor:
@@ -109,7 +111,8 @@ def gaussian(rows: int, cols: int, seed: int, device: torch.device | str = "cpu"
     """
     out = torch.empty(rows, cols, dtype=torch.float32, device=device)
     block = 1024
-    gaussian_kernel[(triton.cdiv(rows * cols, block),)](out, seed, rows, cols, BLOCK=block)
+    with device_guard(out.device):
+        gaussian_kernel[(triton.cdiv(rows * cols, block),)](out, seed, rows, cols, BLOCK=block)
     return out
 
 
@@ -150,12 +153,13 @@ def orthonormalize(y: Tensor) -> Tensor:
     and members whose Gram matrix is not positive definite take the shifted / Householder path."""
     if y.shape[1] < y.shape[2]:
         raise ValueError(f"orthonormalize needs tall matrices, got {y.shape[1]} x {y.shape[2]}")
-    q1, ok1 = _cholesky_qr(y)
-    q, ok2 = _cholesky_qr(q1)
-    ok = (ok1 & ok2).tolist()
-    for i, good in enumerate(ok):
-        if not good:
-            q[i] = _orthonormalize_hard(y[i : i + 1].clone())[0]
+    with device_guard(y.device):
+        q1, ok1 = _cholesky_qr(y)
+        q, ok2 = _cholesky_qr(q1)
+        ok = (ok1 & ok2).tolist()
+        for i, good in enumerate(ok):
+            if not good:
+                q[i] = _orthonormalize_hard(y[i : i + 1].clone())[0]
     return q
 
 
@@ -176,7 +180,7 @@ def _range_finder(
     if side == "right":
         a = a.t
     d, c = a.rows, a.cols
-    seed_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
+    seed_t = host_table(seeds, torch.int64, dev)
     mm = dict(precision=precision)
     if previous is None:
         k = min(rank + oversample, d, c)
@@ -241,17 +245,18 @@ def refresh_batch(
         batches.setdefault(key, []).append(i)
     results: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * count
     for key, idx in batches.items():
-        side, rank_i, warm = key[0], key[5], key[6]
-        out = _range_finder(
-            [grads[i] for i in idx],
-            side,
-            rank_i,
-            oversample,
-            power_iters,
-            [int(seeds[i]) for i in idx],
-            None if warm is None else [prevs[i].float() for i in idx],
-            input_precision,
-        )
+        side, dev, rank_i, warm = key[0], key[1], key[5], key[6]
+        with device_guard(dev):  # every launch, table copy and host-side factorization on the batch's device
+            out = _range_finder(
+                [grads[i] for i in idx],
+                side,
+                rank_i,
+                oversample,
+                power_iters,
+                [int(seeds[i]) for i in idx],
+                None if warm is None else [prevs[i].float() for i in idx],
+                input_precision,
+            )
         for i, item in zip(idx, out, strict=True):
             results[i] = item
     return results  # type: ignore[return-value]

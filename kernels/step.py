@@ -19,7 +19,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import Blocks, check_same_layout, default_blocks, pointer_array, tl_dtype
+from ._common import (
+    Blocks,
+    check_same_layout,
+    check_writable,
+    default_blocks,
+    device_guard,
+    host_table,
+    pointer_array,
+    tl_dtype,
+)
 from .gemm import dot_tile, tile_ids
 
 # Columns of the per-member hyperparameter table (fp32, one row per matrix of a batch).
@@ -42,8 +51,12 @@ def project_adam_kernel(
     sa1,
     sb0,
     sb1,
-    sr0,
-    sr1,
+    sm0,
+    sm1,
+    sv0,
+    sv1,
+    sn0,
+    sn1,
     A_DT: tl.constexpr,
     B_DT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -58,7 +71,10 @@ def project_adam_kernel(
         V <- b2 V + (1 - b2) R o R
         N  = M / (sqrt(V) / sqrt(1 - b2^t) + eps)
 
-    M and V are updated in place (fp32); N is written for the back-projection launch.
+    M and V are updated in place (fp32); N is written for the back-projection launch. M, V and N each
+    have their own strides (a checkpoint may restore column-major or sliced moments; N is a fresh buffer).
+    Both divisions are IEEE round-to-nearest (``div_rn``): a plain ``/`` compiles to an approximate
+    division on NVIDIA GPUs.
     """
     bid = tl.program_id(1)
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
@@ -75,18 +91,19 @@ def project_adam_kernel(
     eps = tl.load(h + 3)
     bc2 = tl.load(h + 4)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    off = rm[:, None] * sr0 + rn[None, :] * sr1
+    m_off = rm[:, None] * sm0 + rn[None, :] * sm1
+    v_off = rm[:, None] * sv0 + rn[None, :] * sv1
     mp = tl.load(m_ptrs + bid).to(tl.pointer_type(tl.float32))
     vp = tl.load(v_ptrs + bid).to(tl.pointer_type(tl.float32))
     np_ = tl.load(n_ptrs + bid).to(tl.pointer_type(tl.float32))
-    m_old = tl.load(mp + off, mask=mask, other=0.0)
-    v_old = tl.load(vp + off, mask=mask, other=0.0)
+    m_old = tl.load(mp + m_off, mask=mask, other=0.0)
+    v_old = tl.load(vp + v_off, mask=mask, other=0.0)
     m_new = tl.where(w1 < 0.5, m_old + w1 * (r - m_old), r - (r - m_old) * (1.0 - w1))
     v_new = v_old * b2 + w2 * (r * r)
-    n = tl.div_rn(m_new, tl.sqrt_rn(v_new) / bc2 + eps)
-    tl.store(mp + off, m_new, mask=mask)
-    tl.store(vp + off, v_new, mask=mask)
-    tl.store(np_ + off, n, mask=mask)
+    n = tl.div_rn(m_new, tl.div_rn(tl.sqrt_rn(v_new), bc2) + eps)
+    tl.store(mp + m_off, m_new, mask=mask)
+    tl.store(vp + v_off, v_new, mask=mask)
+    tl.store(np_ + rm[:, None] * sn0 + rn[None, :] * sn1, n, mask=mask)
 
 
 @triton.jit
@@ -170,24 +187,30 @@ def _launch_group(
     blocks: Blocks,
     precision: str,
 ) -> None:
-    """Both launches for one batch of same-shape, same-layout matrices."""
+    """Both launches for one batch of same-shape, same-layout matrices, on their device.
+
+    Every operand is addressed through its own strides, so any non-overlapping layout works: column-major
+    or sliced moments (as ``load_state_dict`` may restore them), a transposed basis, a strided gradient.
+    """
     dev = gs[0].device
     m, n = gs[0].shape
     r = ps[0].shape[1]
     gst = check_same_layout(gs, "gradients")
     pst = check_same_layout(ps, "bases")
-    rst = check_same_layout(ms, "exp_avg")
-    if check_same_layout(vs, "exp_avg_sq") != rst:
-        raise ValueError("exp_avg and exp_avg_sq must share a layout")
+    mst = check_same_layout(ms, "exp_avg")
+    vst = check_same_layout(vs, "exp_avg_sq")
     wst = check_same_layout(ws, "weights")
     rshape = (r, n) if side == "left" else (m, r)
-    if tuple(ms[0].shape) != rshape or ps[0].shape[0] != (m if side == "left" else n):
+    if tuple(ms[0].shape) != rshape or tuple(vs[0].shape) != rshape or ps[0].shape[0] != (m if side == "left" else n):
         raise ValueError(f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms[0].shape)} do not fit G {(m, n)}")
     for t in ps + ms + vs:
         if t.dtype != torch.float32:
             raise TypeError("bases and moments must be fp32")
+    for what, ts in (("weight", ws), ("exp_avg", ms), ("exp_avg_sq", vs)):
+        check_writable(ts[0], what)  # same strides across the batch: one check covers it
     batch = len(gs)
     nbuf = torch.empty((batch, *rshape), dtype=torch.float32, device=dev)
+    nst = nbuf.stride()[1:]
     g_arr, p_arr = pointer_array(gs, dev), pointer_array(ps, dev)
     n_arr = pointer_array(list(nbuf.unbind(0)), dev)
     common = dict(PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8)
@@ -208,11 +231,10 @@ def _launch_group(
     grid = (triton.cdiv(rm, blocks.m) * triton.cdiv(rn, blocks.n), batch)
     project_adam_kernel[grid](
         a_arr, b_arr, pointer_array(ms, dev), pointer_array(vs, dev), n_arr, hyper,
-        rm, rn, rk, sa[0], sa[1], sb[0], sb[1], rst[0], rst[1],
+        rm, rn, rk, sa[0], sa[1], sb[0], sb[1], mst[0], mst[1], vst[0], vst[1], nst[0], nst[1],
         A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), **common, **launch,
     )  # fmt: skip
 
-    nst = nbuf.stride()[1:]
     if side == "left":  # U = P N: A = P (m x r), B = N (r x n)
         a_arr, sa, b_arr, sb = p_arr, pst, n_arr, nst
     else:  # U = N P^T: A = N (m x r), B = P^T (r x n)
@@ -265,16 +287,17 @@ def step_projected_batch(
         batches.setdefault(key, []).append(i)
     for key, idx in batches.items():
         dev = grads[idx[0]].device
-        hyper = torch.tensor([hyper_row(groups[i], ages[i]) for i in idx], dtype=torch.float32, device=dev)
-        _launch_group(
-            [ws[i] for i in idx],
-            [grads[i] for i in idx],
-            [bases[i] for i in idx],
-            [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx],
-            hyper,
-            key[0],
-            blocks,
-            input_precision,
-        )
+        with device_guard(dev):
+            hyper = host_table([hyper_row(groups[i], ages[i]) for i in idx], torch.float32, dev)
+            _launch_group(
+                [ws[i] for i in idx],
+                [grads[i] for i in idx],
+                [bases[i] for i in idx],
+                [exp_avgs[i] for i in idx],
+                [exp_avg_sqs[i] for i in idx],
+                hyper,
+                key[0],
+                blocks,
+                input_precision,
+            )
     return len(batches)

@@ -311,3 +311,74 @@ def test_optimizer_wiring_under_interpreter_matches_reference(monkeypatch, wdtyp
     ref_e = ref_opt.subspace_metrics()["overall"]["captured_energy"]
     tri_e = tri_opt.subspace_metrics()["overall"]["captured_energy"]
     assert abs(ref_e - tri_e) < 0.05
+
+
+# ---------------------------------------------------------------------------- layouts, devices, dtypes
+
+
+def _relayout(t: torch.Tensor, layout: str, pad: float = 7.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The values of ``t`` in another memory layout: "col" (column-major), "slice" (a window of a larger
+    buffer filled with ``pad``, returned too so that writes outside the window can be detected), or
+    "row" (unchanged)."""
+    if layout == "col":
+        return t.mT.contiguous().mT, None
+    if layout == "slice":
+        big = torch.full((t.shape[0] + 3, t.shape[1] + 5), pad, dtype=t.dtype, device=t.device)
+        view = big[1 : 1 + t.shape[0], 2 : 2 + t.shape[1]]
+        view.copy_(t)
+        return view, big
+    return t, None
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(
+    "layouts",
+    [
+        {"m": "col", "v": "col"},  # a checkpoint saved column-major moments: load_state_dict keeps strides
+        {"m": "slice", "v": "slice"},
+        {"w": "col", "g": "slice", "p": "col", "m": "slice", "v": "col"},  # every operand strided, M != V
+    ],
+    ids=["col_moments", "sliced_moments", "all_strided"],
+)
+def test_fused_step_non_contiguous_operands(float64_reference, side, layouts):
+    """Each operand is addressed with its own strides: a batch of two members whose weights, gradients,
+    bases and moments are column-major or sliced views matches the reference, and nothing outside a
+    sliced view is written (N, the temporary, used to be written with the moments' strides)."""
+    m, n, rank = 33, 17, 4
+    members, pads = [], []
+    for i, seed in enumerate((21, 22)):
+        tensors, age = _problem(m, n, rank, side, torch.float32, seed=seed)
+        laid = []
+        for key, t in zip("wgpmv", tensors, strict=True):
+            view, big = _relayout(t, layouts.get(key, "row"))
+            laid.append(view)
+            if big is not None:
+                pads.append((big, view))
+        members.append((laid, age + 2 * i, (laid[0].clone(), laid[3].clone(), laid[4].clone())))
+    assert not members[0][0][3].is_contiguous() and not members[0][0][4].is_contiguous()
+    operands = [[laid[j] for laid, _, _ in members] for j in range(5)]
+    ages = [age for _, age, _ in members]
+    assert kernels.step_projected_batch(*operands, ages, [GROUP] * 2, [side] * 2) == 1
+    for (w, g, p, m_, v_), age, before in members:
+        _check_step(float64_reference, w, g, p, m_, v_, age, GROUP, side, before)
+    for big, view in pads:
+        outside = torch.ones_like(big, dtype=torch.bool)
+        outside[1 : 1 + view.shape[0], 2 : 2 + view.shape[1]] = False
+        assert bool((big[outside] == 7.0).all())
+
+
+def test_fused_step_refuses_self_overlapping_outputs():
+    """Outputs written tile by tile in parallel must not alias themselves (torch's in-place rule);
+    any non-overlapping layout is accepted (see test_fused_step_non_contiguous_operands)."""
+    from subspace_optim.kernels._common import check_writable
+
+    (w, g, p, exp_avg, exp_avg_sq), age = _problem(9, 7, 2, "right", torch.float32, seed=3)
+    shared = exp_avg[:1].expand(9, 2)  # stride 0: every row is the same memory
+    with pytest.raises(ValueError, match="overlaps itself"):
+        kernels.step_projected_batch([w], [g], [p], [shared], [exp_avg_sq], [age], [GROUP], ["right"])
+    flat = torch.zeros(64, device=DEVICE)
+    with pytest.raises(ValueError, match="overlaps itself"):
+        check_writable(flat.as_strided((4, 4), (2, 1)), "rows overlapping")
+    for ok in (flat.as_strided((4, 4), (4, 1)), flat.as_strided((4, 4), (1, 4)), flat.as_strided((3, 4), (9, 2))):
+        check_writable(ok, "fine")
+    check_writable(flat.as_strided((1, 5), (0, 1)), "a single row may have any row stride")
