@@ -382,3 +382,50 @@ def test_fused_step_refuses_self_overlapping_outputs():
     for ok in (flat.as_strided((4, 4), (4, 1)), flat.as_strided((4, 4), (1, 4)), flat.as_strided((3, 4), (9, 2))):
         check_writable(ok, "fine")
     check_writable(flat.as_strided((1, 5), (0, 1)), "a single row may have any row stride")
+
+
+def test_every_launch_runs_under_its_tensors_device(monkeypatch):
+    """Triton launches on torch.cuda.current_device(), so each entry point must make the tensors' device
+    current first (on a multi-GPU host, cuda:1 tensors would otherwise be launched on cuda:0). The guard
+    is a no-op on CPU, so it is replaced here by a recorder, and every kernel launch checks that it runs
+    inside a guard for the device of its batch."""
+    import contextlib
+
+    from subspace_optim.kernels import _common, gemm
+    from subspace_optim.kernels import step as ks
+
+    assert isinstance(_common.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = _common.device_guard(torch.device("cuda", 1))  # constructing it does not touch CUDA
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+    active: list[torch.device] = []
+    launches: list[tuple[str, torch.device | None]] = []
+
+    @contextlib.contextmanager
+    def recorder(device):
+        active.append(torch.device(device))
+        try:
+            yield
+        finally:
+            active.pop()
+
+    for module in (ks, kr):
+        monkeypatch.setattr(module, "device_guard", recorder)
+    for kernel in (ks.project_adam_kernel, ks.back_update_kernel, gemm.batched_gemm_kernel, gemm.gaussian_kernel):
+        original = kernel.run
+
+        def run(*args, _original=original, _name=kernel.__name__, **kwargs):
+            launches.append((_name, active[-1] if active else None))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+
+    (w, g, p, exp_avg, exp_avg_sq), age = _problem(9, 7, 2, "right", torch.float32, seed=4)
+    kernels.step_projected_batch([w], [g], [p], [exp_avg], [exp_avg_sq], [age], [GROUP], ["right"])
+    kernels.refresh_batch([g], ["left"], 2, oversample=1, power_iters=1, seeds=[1])
+    kernels.refresh_batch([g], ["right"], 2, oversample=1, power_iters=1, seeds=[1], previous=[p])
+    kr.orthonormalize(torch.randn(1, 9, 3, device=DEVICE))
+    kernels.gaussian(4, 3, 0, DEVICE)
+    names = {name for name, _ in launches}
+    assert names == {"project_adam_kernel", "back_update_kernel", "batched_gemm_kernel", "gaussian_kernel"}
+    assert all(device == g.device for _, device in launches), launches
