@@ -17,21 +17,22 @@ import pytest
 pytest.importorskip("deepspeed")
 
 
-def _run(stage: int) -> dict:
+def _run(stage: int, precision: str = "fp32") -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     worker = Path(__file__).with_name("deepspeed_worker.py")
     out = subprocess.run(
-        [sys.executable, str(worker), str(stage), str(port)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(worker), str(stage), str(port), precision], capture_output=True, text=True, timeout=300
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def test_zero_stage0_trains_with_projection():
-    result = _run(0)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero_stage0_trains_with_projection(precision):
+    result = _run(0, precision)
     assert result["error"] is None
     assert result["refresh_counts"] == [2, 2]  # steps 0 and 2 refreshed both matrices
 
