@@ -61,6 +61,8 @@ def _check_step(oracle, w, g, p, exp_avg, exp_avg_sq, age, group, side, before):
     err = (w.double().cpu() - w0).abs()
     if w.dtype == torch.bfloat16:  # one rounding to bf16 (8-bit significand): half an ulp, relative 2^-8
         assert bool((err <= w0.abs() * 2.0**-8 + 1e-6).all()), float(err.max())
+    elif w.dtype == torch.float16:  # one rounding to fp16 (11-bit significand): half an ulp, relative 2^-11
+        assert bool((err <= w0.abs() * 2.0**-11 + 1e-6).all()), float(err.max())
     else:
         assert float(err.max()) < 2e-6
 
@@ -429,3 +431,162 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
     names = {name for name, _ in launches}
     assert names == {"project_adam_kernel", "back_update_kernel", "batched_gemm_kernel", "gaussian_kernel"}
     assert all(device == g.device for _, device in launches), launches
+
+
+def _low_rank_gradient(m: int, n: int, spectrum: list[float], gen: torch.Generator, noise: float) -> torch.Tensor:
+    """U diag(spectrum) V^T + noise: a gradient with a clear gap after len(spectrum) directions."""
+    k = len(spectrum)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    g = (u * torch.tensor(spectrum, dtype=torch.float64)) @ v.T
+    return (g + noise * torch.randn(m, n, generator=gen, dtype=torch.float64) / (m * n) ** 0.5).float()
+
+
+def test_optimizer_warm_refresh_loop_under_interpreter_matches_reference(monkeypatch):
+    """SubspaceAdamW with the kernels forced on CPU tensors (interpreter) against engine="reference"
+    (``reference.projected_adamw`` + ``linalg.range_finder_basis``), refresh="warm": 8 steps with
+    update_gap 3 (refreshes at steps 0, 3 and 6, the last two warm-started), three same-shape right
+    projections (one batch) and a left one. Gradients are fed directly, identical for both engines,
+    with a dominant subspace that moves between refreshes; the Gaussians of the two engines differ, so
+    bases are compared as subspaces (projector distance) and weights to a tolerance set by that
+    distance."""
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the 30-step optimizer test covers the real wiring")
+    from subspace_optim import SubspaceAdamW, optimizer
+
+    shapes = [(20, 11)] * 3 + [(9, 26)]
+    gen = torch.Generator().manual_seed(8)
+    windows = [[_low_rank_gradient(m, n, [1.0, 0.6, 0.35], gen, 1e-3) for m, n in shapes] for _ in range(3)]
+    grads = []
+    for step in range(8):  # within a window: the same subspace, the weights of its directions vary
+        scale = 1.0 + 0.2 * torch.rand(len(shapes), generator=gen)
+        grads.append([g * float(c) for g, c in zip(windows[step // 3], scale, strict=True)])
+
+    calls = {"refresh": 0}
+    refresh_fn = kernels.refresh_batch
+
+    def counted_refresh(*args, **kwargs):
+        calls["refresh"] += 1
+        return refresh_fn(*args, **kwargs)
+
+    def run(engine: str):
+        params = [torch.nn.Parameter(torch.randn(m, n, generator=torch.Generator().manual_seed(i))) for i, (m, n) in
+                  enumerate(shapes)]  # fmt: skip
+        opt = SubspaceAdamW(
+            params, lr=1e-2, weight_decay=0.01, rank=3, update_gap=3, refresh="warm", oversample=2, power_iters=1,
+            engine=engine,
+        )  # fmt: skip
+        with monkeypatch.context() as patch:
+            if engine != "reference":
+                patch.setattr(optimizer._kernels, "supports", lambda t: True)
+                patch.setattr(optimizer._kernels, "refresh_batch", counted_refresh, raising=False)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads, strict=True):
+                    p.grad = g.clone()
+                opt.step()
+        return params, opt
+
+    ref_params, ref_opt = run("reference")
+    tri_params, tri_opt = run("auto")
+    assert calls["refresh"] == 3  # one batched call per refresh step, both shapes in it
+    for i, (a, b) in enumerate(zip(ref_params, tri_params, strict=True)):
+        ref_state, tri_state = ref_opt.state[a], tri_opt.state[b]
+        assert ref_state["refresh_count"] == tri_state["refresh_count"] == 3
+        assert subspace_distance(tri_state["basis"], ref_state["basis"]) < 1e-4
+        # the last warm refresh followed the subspace to the third window's
+        target = linalg.svd_basis(grads[6][i], 3, tri_opt._side(b, tri_opt.param_groups[0])).basis
+        assert subspace_distance(tri_state["basis"], target) < 1e-2
+        start = torch.randn(shapes[i], generator=torch.Generator().manual_seed(i))
+        assert float((b.detach() - start).abs().max()) > 1e-2  # the weights did move
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=0, atol=2e-6)  # a few fp32 ulps of |W| ~ 3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_warm_refresh_starts_from_the_previous_basis(side):
+    """With no power iteration and one extra column, a cold sketch of a gradient whose top-3 directions
+    sit on a flat tail captures far from the optimum; a warm start from the basis that spans those
+    directions captures all of it, and a warm start from an unrelated basis does not: the previous
+    basis is really used."""
+    gen = torch.Generator().manual_seed(9)
+    d, c, rank = 40, 33, 3
+    u, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(c, c, generator=gen, dtype=torch.float64))
+    s = torch.full((c,), 0.35, dtype=torch.float64)
+    s[:rank] = torch.tensor([1.0, 0.9, 0.8])
+    a = (u[:, :c] * s) @ v.T  # A (d x c): the oriented gradient
+    g = (a if side == "left" else a.T).float().to(DEVICE)
+    previous = u[:, :rank].float().contiguous().to(DEVICE)
+    unrelated = linalg.orthonormalize(torch.randn(d, rank, generator=gen)).to(DEVICE)
+    best = float((s[:rank] ** 2).sum() / (s**2).sum())
+
+    def fraction(start):
+        kw = dict(oversample=1, power_iters=0, seeds=[5], previous=None if start is None else [start])
+        ((p, captured, total),) = kernels.refresh_batch([g], [side], rank, **kw)
+        return p, float(captured / total) / best
+
+    p_warm, warm = fraction(previous)
+    _, cold = fraction(None)
+    _, wrong = fraction(unrelated)
+    assert warm > 0.9999 and subspace_distance(p_warm.cpu(), previous.cpu()) < 1e-4
+    assert cold < 0.9 and wrong < 0.95
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fused_step_fp16_weights(float64_reference, side):
+    """fp16 weights and gradients (the optimizer allows them): fp32 math, one round-to-nearest to fp16."""
+    (w, g, p, exp_avg, exp_avg_sq), age = _problem(33, 17, 4, side, torch.float16, seed=31)
+    before = (w.clone(), exp_avg.clone(), exp_avg_sq.clone())
+    kernels.step_projected_batch([w], [g], [p], [exp_avg], [exp_avg_sq], [age], [GROUP], [side])
+    assert w.dtype == torch.float16
+    _check_step(float64_reference, w, g, p, exp_avg, exp_avg_sq, age, GROUP, side, before)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_refresh_bf16_gradient(side):
+    """A bf16 gradient is read as bf16 and multiplied in fp32: the basis equals the one of the same values
+    held in fp32 (same Philox sketch), and it captures the exact SVD's energy of those values."""
+    g32 = gradient_like(33, 17, 3, decay=0.5, seed=13).to(torch.bfloat16).float().to(DEVICE)
+    g16 = g32.to(torch.bfloat16)
+    assert torch.equal(g16.float(), g32)
+    kw = dict(oversample=3, power_iters=1, seeds=[3])
+    ((p16, c16, t16),) = kernels.refresh_batch([g16], [side], 3, **kw)
+    ((p32, c32, t32),) = kernels.refresh_batch([g32], [side], 3, **kw)
+    assert p16.dtype == torch.float32 and orthonormality_error(p16.cpu()) < 1e-5
+    assert torch.equal(t16, t32) and subspace_distance(p16.cpu(), p32.cpu()) < 1e-5
+    svd = linalg.svd_basis(g32.cpu(), 3, side)
+    assert abs(float(c16 / t16) - float(svd.captured / svd.total)) < 1e-3
+    torch.testing.assert_close(c16, c32, rtol=1e-6, atol=0)
+
+
+def test_orthonormalize_takes_shifted_cholesky_qr_before_householder(monkeypatch):
+    """A member with condition number ~1e10 whose fp64 Gram matrix is singular to working precision
+    (two columns that differ only by 1e-9 in one row): plain CholeskyQR2 fails, the shifted CholeskyQR3
+    retry succeeds, and Householder QR is never called. The well-conditioned member stays on the fast
+    path. Both results are orthonormal and span their Y."""
+    gen = torch.Generator().manual_seed(10)
+    d, k = 24, 5
+    y_bad = torch.zeros(d, k)
+    y_bad[: d - 1] = torch.randn(d - 1, k, generator=gen)
+    y_bad[: d - 1, k - 1] = y_bad[: d - 1, 0]
+    y_bad[d - 1, k - 1] = 1e-9
+    assert 1e9 < float(torch.linalg.cond(y_bad.double())) < 1e11
+    y = torch.stack([torch.randn(d, k, generator=gen), y_bad]).to(DEVICE)
+
+    passes, householder = [], []
+    cholesky_qr, qr = kr._cholesky_qr, torch.linalg.qr
+
+    def spy_cholesky_qr(x, shift=None):
+        q, ok = cholesky_qr(x, shift)
+        passes.append((x.shape[0], shift is not None, ok.tolist()))
+        return q, ok
+
+    monkeypatch.setattr(kr, "_cholesky_qr", spy_cholesky_qr)
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **kw: householder.append(1) or qr(*a, **kw))
+    q = kr.orthonormalize(y)
+    assert passes[:2] == [(2, False, [True, False]), (2, False, [True, False])]  # batched CholeskyQR2
+    assert passes[2:] == [(1, True, [True]), (1, False, [True]), (1, False, [True])]  # shifted CholeskyQR3
+    assert householder == []
+    for i in range(2):
+        qi, yi = q[i].double().cpu(), y[i].double().cpu()
+        assert orthonormality_error(qi) < 1e-6
+        assert float((yi - qi @ (qi.T @ yi)).norm()) < 1e-6 * float(yi.norm())
