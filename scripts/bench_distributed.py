@@ -68,8 +68,12 @@ class Blocks(nn.Module):
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, mode: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, args.threads // world))
-    dist.init_process_group(args.backend, rank=rank, world_size=world)
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        # One GPU per rank: NCCL, FSDP2 and the Triton kernels all use the current device, so make it ours
+        # before the process group exists (otherwise every rank would start on cuda:0).
+        torch.cuda.set_device(device)
+    dist.init_process_group(args.backend, rank=rank, world_size=world)
     torch.manual_seed(0)
     model = Blocks(args.hidden, args.intermediate, args.layers).to(device)
     if mode == "fsdp2":
@@ -103,8 +107,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, mode: st
         start = time.perf_counter()
         opt.step()
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            torch.cuda.synchronize(device)
+        # NCCL reduces CUDA tensors only; gloo takes CPU ones.
+        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         sent = _SENT["bytes"]
         _ORIGINAL["all_reduce"](seconds, op=dist.ReduceOp.MAX)  # bookkeeping, not counted
         records.append({"step": step, "refresh": step % args.update_gap == 0, "seconds": float(seconds), "bytes": sent})
