@@ -1,12 +1,19 @@
 """Subspace refresh time and captured energy (vs the exact SVD) on LLaMA projection shapes.
 
-Per engine, one refresh of every matrix: galore-torch 1.0 (full SVD of each gradient), the reference
+Per engine, a refresh of every matrix: galore-torch 1.0 (full SVD of each gradient), the reference
 range finder (``linalg.range_finder_basis``, cold and warm) and the Triton ``refresh_batch`` (batched by
-shape, in-kernel Gaussian sketch). Captured energy is ||P^T G||^2 / ||G||^2 relative to the exact
-top-r SVD's; times are ratios against galore-torch's refresh and against one fused AdamW step.
+shape, in-kernel Gaussian sketch). Each is run ``--warmup`` times untimed (compilation, allocator and
+cuSOLVER/cuBLAS set-up excluded) and then ``--repeats`` times; the median is reported. Times are ratios
+against galore-torch's refresh and against one fused AdamW step.
 
-    python scripts/bench_refresh.py --model 7b-layer --markdown docs/bench_results.md   # GPU
-    python scripts/bench_refresh.py --smoke [--kernels]                                  # CPU, < 1 minute
+The gradients are gradient-like, not iid noise: a rank-4r part with a power-law spectrum (s_i = 1/(i+1))
+plus iid noise carrying about a sixth of the energy. The warm starts are the exact top-r bases of the
+gradient one refresh earlier: the same construction with both singular-vector sets perturbed and fresh
+noise, so the dominant subspace has drifted. Captured energy is ||P^T G||^2 / ||G||^2, summed over the
+matrices, relative to the exact top-r SVD's.
+
+    python scripts/bench_refresh.py --model 7b-layer --markdown docs/benchmarks.md   # GPU
+    python scripts/bench_refresh.py --smoke [--kernels]            # CPU: seconds; about a minute with --kernels
 """
 
 from __future__ import annotations
@@ -14,11 +21,31 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import sys
 import time
 from typing import Any
 
 from bench_step import environment, make_params, sync, timed, write_outputs
+
+
+def gradient_pair(torch: Any, m: int, n: int, rank: int, drift: float, gen: Any, device: str) -> tuple[Any, Any]:
+    """(G, G_prev), fp32: G = U diag(s) V^T + noise with L = min(4 rank, m, n) near-orthonormal Gaussian
+    directions and s_i = 1/(i+1); G_prev uses U + drift E, V + drift F (E, F Gaussian at U's scale) and its
+    own noise. The noise is scaled to a fifth of the low-rank part's energy (a sixth of the total)."""
+    k = min(4 * rank, m, n)
+    s = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)
+    sigma = (0.2 * float(s.square().sum()) / (m * n)) ** 0.5
+
+    def draw(rows: int, cols: int, scale: float) -> Any:
+        return scale * torch.randn(rows, cols, generator=gen, device=device)
+
+    u, v = draw(m, k, m**-0.5), draw(n, k, n**-0.5)
+    g = (u * s) @ v.T + draw(m, n, sigma)
+    u.add_(draw(m, k, drift * m**-0.5))
+    v.add_(draw(n, k, drift * n**-0.5))
+    g_prev = (u * s) @ v.T + draw(m, n, sigma)
+    return g, g_prev
 
 
 def main() -> None:
@@ -28,6 +55,9 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="with --smoke: also run the kernels interpreted")
     parser.add_argument("--oversample", type=int, default=8)
     parser.add_argument("--power-iters", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each method first")
+    parser.add_argument("--repeats", type=int, help="timed runs of each method, median reported (default 5; smoke 2)")
+    parser.add_argument("--drift", type=float, default=0.3, help="how far the previous gradient's subspace is")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
@@ -41,9 +71,18 @@ def main() -> None:
     if device == "cpu" and not args.smoke:
         sys.exit("no GPU: only --smoke runs on CPU (the GPU numbers are owed, not measured)")
     model = "smoke" if args.smoke else args.model
+    repeats = args.repeats or (2 if args.smoke else 5)
     params, rank = make_params(torch, model, device, torch.bfloat16)
     if args.smoke:
         params = params[:7]  # one layer: keeps the interpreted kernels under a minute
+    gen = torch.Generator(device=device).manual_seed(1)
+    starts = []
+    for p in params:
+        g, g_prev = gradient_pair(torch, *p.shape, rank, args.drift, gen, device)
+        p.grad = g.to(p.dtype)
+        side = subspace.choose_side("std", *p.shape)
+        starts.append(linalg.svd_basis(g_prev, rank, side).basis)  # the best basis the last refresh could give
+        del g, g_prev
     grads = [p.grad for p in params]
     sides = [subspace.choose_side("std", *g.shape) for g in grads]
     notes = ["apollo-torch not installed: skipped"] if importlib.util.find_spec("apollo_torch") is None else []
@@ -61,12 +100,20 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
 
     def record(name: str, fn: Any) -> None:
-        sync(torch, device)
-        start = time.perf_counter()
-        bases = fn()
-        sync(torch, device)
-        seconds = time.perf_counter() - start
-        results[name] = {"refresh_s": seconds, "captured_vs_svd": fraction(bases) / exact_frac}
+        for _ in range(args.warmup):
+            bases = fn()
+        times = []
+        for _ in range(repeats):
+            sync(torch, device)
+            start = time.perf_counter()
+            bases = fn()
+            sync(torch, device)
+            times.append(time.perf_counter() - start)
+        results[name] = {
+            "refresh_s": statistics.median(times),
+            "refresh_s_runs": times,
+            "captured_vs_svd": fraction(bases) / exact_frac,
+        }
 
     if importlib.util.find_spec("galore_torch") is not None:
         from galore_torch.galore_projector import GaLoreProjector
@@ -91,7 +138,6 @@ def main() -> None:
             for i, (g, s) in enumerate(zip(grads, sides, strict=True))
         ],
     )
-    starts = [b.basis for b in exact]  # a warm start one refresh old would be close; the SVD is the limit
     record(
         "reference_warm",
         lambda: [
@@ -134,6 +180,9 @@ def main() -> None:
         "benchmark": "refresh",
         "model": model,
         "rank": rank,
+        "warmup": args.warmup,
+        "repeats": repeats,
+        "drift": args.drift,
         "exact_svd_captured": exact_frac,
         "adamw_step_s": adamw_step,
         "environment": environment(torch, device),
