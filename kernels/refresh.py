@@ -4,7 +4,8 @@ For A = G (left basis) or G^T (right basis), d x c, and k = rank + oversample co
 
     cold:  Y = A Omega                          (Omega c x k, generated inside the GEMM, never stored)
     warm:  Y = A A^T [P_old | Omega' / sqrt(d)] (Omega' d x oversample, generated inside the GEMM)
-    then power iterations Y <- A (A^T orth(Y)), Q = orth(Y), and Rayleigh-Ritz:
+    then power iterations Y <- A (A^T orth(Y)), Q = orth(Y), and Rayleigh-Ritz (every A^T product that
+    feeds another product with A is divided by ||A||_F, so nothing overflows for a huge finite gradient):
     B = A^T Q, B^T B = W diag(lambda) W^T (fp64 eigh, k x k), P = Q W[:, :rank], captured = sum lambda[:rank].
 
 orth is CholeskyQR2 from two kernels (the fp64 Gram Y^T Y and the product Y R^-1) with the k x k
@@ -27,6 +28,8 @@ from torch import Tensor
 
 from ._common import Blocks, check_same_layout, default_blocks, device_guard, host_table, pointer_array, tl_dtype
 from .gemm import batched_gemm_kernel, gaussian_kernel
+
+_TINY32 = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,12 @@ def _cholesky_qr(y: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor
 
 
 def _orthonormalize_hard(y: Tensor) -> Tensor:
-    """The slow path for one member (1, d, k): shifted CholeskyQR3, then Householder."""
+    """The slow path for one member (1, d, k): shifted CholeskyQR3, then Householder. A non-finite Y gives a
+    NaN Q (the caller keeps the previous basis then, as ``reference.compute_basis`` does) rather than the
+    LinAlgError that the spectral norm would raise."""
     _, d, k = y.shape
+    if not bool(torch.isfinite(y).all()):
+        return torch.full_like(y, float("nan"))
     norm2 = float(torch.linalg.matrix_norm(y[0].double(), ord=2)) ** 2
     if 0.0 < norm2 < float("inf"):
         shift = 11.0 * (d * k + k * (k + 1)) * torch.finfo(torch.float64).eps * norm2
@@ -182,6 +189,13 @@ def _range_finder(
     d, c = a.rows, a.cols
     seed_t = host_table(seeds, torch.int64, dev)
     mm = dict(precision=precision)
+    totals = [torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in gs]
+    # A (A^T Y) grows like ||A||^2, which overflows fp32 for a finite gradient of norm ~1e19. Scaling the
+    # small c x k middle product by 1 / ||A||_F (per member) keeps every product at ||A||'s scale and leaves
+    # the spans unchanged, as in linalg.range_finder_basis.
+    norm = torch.stack(totals).sqrt()
+    inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.ones_like(norm)).clamp_min(_TINY32)
+    inv_norm = inv_norm.float()[:, None, None]
     if previous is None:
         k = min(rank + oversample, d, c)
         y = bmm(a, None, torch.empty(batch, d, k, device=dev), seeds=seed_t, **mm)
@@ -193,12 +207,13 @@ def _range_finder(
         if start.rows != d:
             raise ValueError(f"previous basis has {start.rows} rows, the gradient needs {d}")
         z = bmm(a.t, start, torch.empty(batch, c, k, device=dev), seeds=seed_t, b_stored=r0, gauss_scale=d**-0.5, **mm)
+        z.mul_(inv_norm)
         y = bmm(a, Mat.of(list(z.unbind(0))), torch.empty(batch, d, k, device=dev), **mm)
         iterations = max(power_iters - 1, 0)
     z = torch.empty(batch, c, k, device=dev)
     for _ in range(iterations):
         q = orthonormalize(y)
-        bmm(a.t, Mat.of(list(q.unbind(0))), z, **mm)
+        bmm(a.t, Mat.of(list(q.unbind(0))), z, **mm).mul_(inv_norm)
         bmm(a, Mat.of(list(z.unbind(0))), y, **mm)
     q = orthonormalize(y)
     bmm(a.t, Mat.of(list(q.unbind(0))), z, **mm)  # B = A^T Q
@@ -207,11 +222,8 @@ def _range_finder(
     w = torch.gather(evecs, 2, order[:, None, :].expand(batch, k, rank)).float().contiguous()
     p = bmm(Mat.of(list(q.unbind(0))), Mat.of(list(w.unbind(0))), torch.empty(batch, d, rank, device=dev), **mm)
     captured = torch.gather(evals, 1, order).clamp_min(0).sum(dim=1)
-    out = []
-    for i, g in enumerate(gs):
-        total = torch.linalg.vector_norm(g, dtype=torch.float64).square()
-        out.append((p[i].clone(), captured[i].clone(), total))  # own storage: state_dict saves views whole
-    return out
+    # own storage for P: state_dict saves views whole
+    return [(p[i].clone(), captured[i].clone(), totals[i]) for i in range(batch)]
 
 
 def refresh_batch(

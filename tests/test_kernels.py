@@ -640,3 +640,18 @@ def test_optimizer_resumes_column_major_moments_under_interpreter(monkeypatch):
     torch.testing.assert_close(p_tri.detach(), p_ref.detach(), rtol=0, atol=2e-6)
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(opt_tri.state[p_tri][key], opt_ref.state[p_ref][key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_refresh_of_a_huge_finite_gradient(warm):
+    """A finite gradient of norm ~1e25 overflows fp32 in A A^T Y unless the middle product is taken at
+    the gradient's scale (as ``linalg.range_finder_basis`` does): the basis must come out finite and the
+    same subspace as for the gradient at unit scale."""
+    g = gradient_like(33, 17, 3, decay=0.5, seed=14).to(DEVICE)
+    previous = [linalg.svd_basis(g.cpu(), 3, "left").basis.to(DEVICE)] if warm else None
+    kw = dict(oversample=2, power_iters=2, seeds=[4], previous=previous)
+    ((p, captured, total),) = kernels.refresh_batch([g], ["left"], 3, **kw)
+    ((p_big, captured_big, total_big),) = kernels.refresh_batch([g * 1e25], ["left"], 3, **kw)
+    assert bool(torch.isfinite(p_big).all()) and orthonormality_error(p_big.cpu()) < 1e-5
+    assert subspace_distance(p_big.cpu(), p.cpu()) < 1e-4
+    assert abs(float(captured_big / total_big) - float(captured / total)) < 1e-5
