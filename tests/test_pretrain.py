@@ -284,6 +284,31 @@ def test_resume_parity_and_interrupted_save(workdir, tmp_path, monkeypatch):
         run(load_config(tiny(workdir, split, *common, "--resume", "--rank", "2", "--steps", "8")))
 
 
+def test_resume_refuses_another_schedule(workdir, tmp_path, capsys):
+    """The effective lr, warmup and --steps are part of a run's identity: a resumed LambdaLR keeps the
+    checkpoint's base lr (the log would record a new --lr that is not used), and a new warmup or length
+    would bend the schedule mid-run."""
+    out = tmp_path / "sched"
+    base = ("--optimizer", "adamw", "--steps", "6", "--lr", "3e-3")
+    run(load_config(tiny(workdir, out, *base, "--stop-at", "2")))
+    with pytest.raises(ValueError, match=r"cannot resume.*--lr \(adamw\): 0\.003 -> 1e-05.*Pass the original"):
+        run(load_config(tiny(workdir, out, *base, "--lr", "1e-5", "--resume")))
+    with pytest.raises(ValueError, match=r"--warmup-steps \(the warmup in effect.*\): 1 -> 3"):
+        run(load_config(tiny(workdir, out, *base, "--warmup-steps", "3", "--resume")))
+    with pytest.raises(ValueError, match=r"--steps: 6 -> 12.*--steps cannot change on resume"):
+        run(load_config(tiny(workdir, out, *base, "--steps", "12", "--warmup-steps", "1", "--resume")))
+    assert main(tiny(workdir, out, *base, "--lr", "1e-5", "--resume")) == 2
+    assert "--lr (adamw): 0.003 -> 1e-05" in capsys.readouterr().err
+    assert log(out / "adamw")["state"]["step"] == 2  # nothing was trained by the refused resumes
+    # The same effective settings spelled differently resume: another optimizer's lr and the default
+    # warmup (10% of 6 steps -> 1) written out.
+    run(load_config(tiny(workdir, out, *base[:-2], "--lr", "adamw=3e-3,subspace=5e-2", "--warmup-steps", "1",
+                         "--resume", "--stop-at", "3")))  # fmt: skip
+    resumed = log(out / "adamw")
+    assert resumed["state"]["step"] == 3 and resumed["lr"] == 3e-3
+    assert resumed["state"]["history"][-1]["lr"] == pytest.approx(3e-3 * loop.lr_multiplier(2, 1, 6, 0.1))
+
+
 def _runs_here(name: str) -> bool:
     try:
         optimizers.require(name)

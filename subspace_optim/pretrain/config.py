@@ -350,11 +350,17 @@ class PretrainConfig:
             if not lr > 0:
                 raise ValueError(f"learning rate for {name} must be > 0, got {lr}")
 
-    def trajectory_fields(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the checkpoint for the result to be the same run."""
+    def trajectory_fields(self, optimizer: str) -> dict[str, Any]:
+        """The settings a resumed run of ``optimizer`` must share with its checkpoint to be the same run.
+
+        The learning-rate schedule is part of it, in its effective form: this optimizer's peak lr (so another
+        optimizer's entry in a per-optimizer ``--lr`` may change), the warmup actually used (``--warmup-steps``
+        or its default, 10% of ``--steps``), and ``--steps``, which the cosine decay spans: a resumed scheduler
+        restores its base lrs from the checkpoint, so a different value would otherwise be logged but not used,
+        or (warmup, steps) change the lr of the remaining steps mid-run.
+        """
         skip = {
             "optimizer",
-            "steps",
             "eval_every",
             "eval_windows",
             "eval_batch_size",
@@ -367,10 +373,13 @@ class PretrainConfig:
             "report",
             "cache_dir",
             "threads",
-            "lr",
-            "warmup_steps",
+            "lr",  # replaced by this optimizer's effective lr below
+            "warmup_steps",  # replaced by the effective warmup below
         }
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        fields["lr"] = self.lr_for(optimizer)
+        fields["warmup"] = self.warmup
+        return fields
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}

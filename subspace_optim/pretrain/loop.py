@@ -273,7 +273,7 @@ def train_run(
 
     identity = {
         "optimizer": name,
-        "trajectory": cfg.trajectory_fields(),
+        "trajectory": cfg.trajectory_fields(name),
         "vocab_size": data.tokenizer.vocab_size,
         "tokenizer": data.tokenizer.fingerprint,
         "global_batch_rows": rows,  # the data of a step depends on it (not on how it is split)
@@ -417,20 +417,49 @@ def train_run(
     return result
 
 
+# What a changed identity entry means, in terms of the flags that set it.
+_IDENTITY_FLAGS = {
+    "optimizer": "the optimizer",
+    "vocab_size": "the tokenizer's vocabulary (--tokenizer, --tokenizer-vocab)",
+    "tokenizer": "the tokenizer (--tokenizer, --tokenizer-vocab, --tokenizer-train-bytes, the training text)",
+    "global_batch_rows": "the global batch in sequences (--batch-size x processes x --grad-accum, "
+    "or --global-batch-size)",
+}
+_TRAJECTORY_FLAGS = {"warmup": "--warmup-steps (the warmup in effect; default 10% of --steps)"}
+
+
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse a checkpoint whose run had other settings, naming each flag with its checkpoint and current value."""
     if saved == current:
         return
+
+    def shown(table: dict[str, Any], key: str) -> str:
+        return repr(table[key]) if key in table else "(not recorded)"
+
     diffs = []
     for key in ("optimizer", "vocab_size", "tokenizer", "global_batch_rows"):
         if saved.get(key) != current.get(key):
-            diffs.append(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}")
+            diffs.append(f"{_IDENTITY_FLAGS[key]}: {shown(saved, key)} -> {shown(current, key)}")
     old, new = saved.get("trajectory", {}), current["trajectory"]
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            diffs.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        if old.get(key) != new.get(key) or (key in old) != (key in new):
+            if key == "lr":
+                flag = f"--lr ({current['optimizer']})"
+            else:
+                flag = _TRAJECTORY_FLAGS.get(key, f"--{key.replace('_', '-')}")
+            diffs.append(f"{flag}: {shown(old, key)} -> {shown(new, key)}")
+    notes = ""
+    if old.get("steps") != new.get("steps"):
+        notes += (
+            " --steps cannot change on resume: the warmup + cosine schedule spans --steps, so another value "
+            "would change the learning rate of the remaining steps (to train longer, start a new run)."
+        )
+    if any(key not in old for key in new):
+        notes += " The checkpoint predates recording some of these settings, so it cannot be checked against them."
     raise ValueError(
-        f"cannot resume from {where}: the run was started with different settings ({'; '.join(diffs)}). "
-        "Use the original flags, or drop --resume to start over."
+        f"cannot resume from {where}: the run was started with different settings (checkpoint -> now: "
+        f"{'; '.join(diffs)}).{notes} Pass the original values, or drop --resume (or choose another "
+        "--output-dir) to start a new run."
     )
 
 
