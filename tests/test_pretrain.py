@@ -309,6 +309,18 @@ def test_resume_refuses_another_schedule(workdir, tmp_path, capsys):
     assert resumed["state"]["history"][-1]["lr"] == pytest.approx(3e-3 * loop.lr_multiplier(2, 1, 6, 0.1))
 
 
+def test_stopped_run_reports_its_last_eval_with_its_step(workdir, tmp_path, capsys):
+    """A run ended by --stop-at is evaluated there, and the summary line and the report say at which step
+    each eval loss was taken (it printed the step-0 eval as the final one)."""
+    out = tmp_path / "stop"
+    path = run(load_config(tiny(workdir, out, "--optimizer", "adamw", "--steps", "6", "--stop-at", "3")))
+    evals = log(out / "adamw")["state"]["evals"]
+    assert [e["step"] for e in evals] == [0, 3] and evals[1]["loss"] < evals[0]["loss"]
+    start, last = evals[0]["loss"], evals[1]["loss"]
+    assert f"adamw: step 3/6, eval loss {start:.3f} (step 0) -> {last:.3f} (step 3)" in capsys.readouterr().out
+    assert f"| {start:.3f} → {last:.4f} (step 3) |" in path.read_text()
+
+
 def _runs_here(name: str) -> bool:
     try:
         optimizers.require(name)

@@ -98,9 +98,7 @@ def run(cfg: PretrainConfig, command: str | None = None) -> Path | None:
         return None
     for r in results:
         s = r.get("summary") or {}
-        evals = r["state"]["evals"]
-        line = f"{r['optimizer']}: step {r['state']['step']}/{cfg.steps}, eval loss {evals[0]['loss']:.3f} -> "
-        line += f"{evals[-1]['loss']:.3f}"
+        line = f"{r['optimizer']}: step {r['state']['step']}/{cfg.steps}, eval loss {report.eval_span(r['state'])}"
         if s.get("tokens_per_s"):
             line += f", {s['train_seconds']:.0f} s training, {s['tokens_per_s']:.0f} tokens/s"
         print(line, flush=True)

@@ -267,7 +267,7 @@ class PretrainConfig:
     # --- evaluation, logging, checkpoints ---------------------------------------------------------------
     eval_every: int = _opt(
         50,
-        "evaluate on held-out text every this many steps, and at the start and end (0: start and end only)",
+        "evaluate on held-out text every this many steps, and at the start, the end and --stop-at (0: only those)",
         group="output",
     )
     eval_windows: int = _opt(32, "held-out sequences per evaluation", group="output")

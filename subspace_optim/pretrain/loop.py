@@ -384,7 +384,8 @@ def train_run(
             progress.update(1)
 
         at_end = state.step == cfg.steps
-        if at_end or (cfg.eval_every and state.step % cfg.eval_every == 0):
+        # Also at --stop-at, so a stopped run reports where it stands, not its step-0 evaluation.
+        if at_end or state.step == end or (cfg.eval_every and state.step % cfg.eval_every == 0):
             loss = evaluate(accelerator, model, windows, cfg.eval_batch_size)
             state.evals.append(
                 {"step": state.step, "loss": loss, "ppl": perplexity(loss), "time_s": state.train_seconds}

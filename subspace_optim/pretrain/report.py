@@ -45,9 +45,20 @@ def smooth(values: list[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+def eval_span(state: dict[str, Any]) -> str:
+    """'9.038 (step 0) -> 5.244 (step 300)': the first and the last held-out loss, each with its step."""
+    evals = state["evals"]
+    if not evals:
+        return "n/a"
+    first, last = evals[0], evals[-1]
+    text = f"{first['loss']:.3f} (step {first['step']})"
+    return text if len(evals) == 1 else f"{text} -> {last['loss']:.3f} (step {last['step']})"
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     header = (
-        "| optimizer | lr | steps | train loss (first → last 10) | eval loss (start → final) | eval ppl | "
+        "| optimizer | lr | steps | train loss (first → last 10) | eval loss (step 0 → last eval) | "
+        "eval ppl (last eval) | "
         "optimizer state | peak memory | step time | tokens/s | refreshes (total time) |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
@@ -61,10 +72,12 @@ def table(runs: list[dict[str, Any]]) -> str:
             refresh = f"{s['refreshes']} ({s['refresh_seconds_total']:.2f} s)"
         status = "" if run.get("status") == "finished" else f" ({run.get('status')})"
         first_loss = state["history"][0]["loss"] if state["history"] else None
+        last_step = f" (step {evals[-1]['step']})" if evals else ""
         rows.append(
             f"| {LABELS.get(run['optimizer'], run['optimizer'])}{status} | {run['lr']:g} | {state['step']} | "
             f"{_fmt(first_loss, '.3f')} → {_fmt(s.get('final_train_loss'), '.3f')} | "
             f"{_fmt(evals[0]['loss'] if evals else None, '.3f')} → {_fmt(evals[-1]['loss'] if evals else None, '.4f')}"
+            f"{last_step}"
             f" | {_fmt(evals[-1]['ppl'] if evals else None, '.2f')} | {human_bytes(s.get('state_bytes'))} | "
             f"{human_bytes(s.get('peak_memory_bytes'))} | {_fmt(s.get('step_time_s'), '.3f')} s | "
             f"{_fmt(s.get('tokens_per_s'), ',.0f')} | {refresh} |"
@@ -151,7 +164,8 @@ def write(runs: list[dict[str, Any]], out_dir: Path, command: str) -> Path:
         table(runs),
         "",
         f"Train loss: the first step's, and the mean of the last 10 steps. Eval: mean loss on {cfg['eval_windows']} "
-        f"held-out sequences, before training and at the end. Optimizer state: bytes of state tensors on process 0. "
+        f"held-out sequences, before training and at the last evaluation, whose step is shown (the end, or --stop-at "
+        f"for a stopped run). Optimizer state: bytes of state tensors on process 0. "
         f"Peak memory: {peak_kind} of process 0 during training. Step time: mean wall time per optimizer step after "
         f"the first. Refreshes: subspace basis refresh events and their total wall time (SubspaceAdamW only).",
         "",
