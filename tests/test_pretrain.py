@@ -190,6 +190,39 @@ def test_local_dataset_directory_and_bad_field(tmp_path):
         data.load_corpus(load_config(["--dataset", str(tmp_path / "d.jsonl"), "--text-field", "body"]))
 
 
+@pytest.mark.parametrize(
+    "spec", ["my_corpus/", "data/corpus/", "./corpus", "~/corpus", "/nonexistent/corpus", "corpus.txt",
+             "data/corpus.csv", "a/b/c"],
+)  # fmt: skip
+def test_local_looking_dataset_that_is_missing_never_reaches_the_hub(spec, monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"{spec!r} was sent to the hub"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.looks_like_path(spec) and data.looks_like_path("shards/*.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"no such file or directory.*give an existing folder or file, or a"):
+        data.load_corpus(load_config(["--dataset", spec]))
+
+
+@pytest.mark.parametrize("spec", ["allenai/c4", "wikitext", "mlfoundations/dclm-baseline-1.0", "data/corpus"])
+def test_hub_shaped_dataset_names(spec, monkeypatch, tmp_path):
+    """owner/name stays a hub name unless it exists here; a failed hub load says no local path exists either."""
+    datasets = pytest.importorskip("datasets")
+    assert not data.looks_like_path(spec)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"there is no local file or folder {spec} .*hub dataset failed.*offline"):
+        data.load_corpus(load_config(["--dataset", spec]))
+    local = tmp_path / spec
+    local.mkdir(parents=True)
+    (local / "d.txt").write_text("def f(x):\n    return x\n" * 500, encoding="utf-8")
+    assert data.load_corpus(load_config(["--dataset", spec])).description.startswith(f"local: {spec}")
+
+
 def test_builtin_corpus_is_real_text_with_disjoint_heldout():
     got = data.builtin_corpus(200_000, 50_000)
     train, heldout = "".join(got.train), "".join(got.heldout)

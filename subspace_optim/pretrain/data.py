@@ -14,6 +14,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,18 +126,38 @@ def local_files(spec: str) -> list[Path]:
         if not found:
             raise FileNotFoundError(f"--dataset {spec}: the pattern matches no files")
         return found
-    raise FileNotFoundError(f"--dataset {spec}: no such file or directory")
+    raise FileNotFoundError(_missing(spec))
+
+
+_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}")  # .txt, .jsonl, .csv, .gz, .zst; not the .0 of "data-1.0"
 
 
 def looks_like_path(spec: str) -> bool:
-    """A dataset spec that can only be meant as a local path (a hub name is 'name' or 'owner/name')."""
+    """A dataset spec that can only be meant as a local path (a hub name is 'name' or 'owner/name').
+
+    Local: a leading ``.``, ``/`` or ``~``, a trailing ``/``, a file extension on the last component, a
+    glob, more than one ``/``, or the platform's own separator. ``owner/name`` and ``name`` stay hub names
+    unless they exist here.
+    """
+    name = spec.rstrip("/").rsplit("/", 1)[-1]
     return (
         spec.startswith((".", "/", "~"))
-        or spec.lower().endswith(LOCAL_SUFFIXES)
+        or spec.endswith("/")
+        or _EXTENSION.fullmatch(Path(name).suffix) is not None
         or glob.has_magic(spec)
         or spec.count("/") > 1
         or os.sep != "/"
         and os.sep in spec
+    )
+
+
+def _missing(spec: str) -> str:
+    """The 'no such path' message for --dataset ``spec``, with the absolute path that was looked for."""
+    where = Path(spec).expanduser().absolute()
+    shown = f" ({where} does not exist)" if str(where) != spec else ""
+    return (
+        f"--dataset {spec}: no such file or directory{shown}; give an existing folder or file, "
+        "or a Hugging Face hub dataset name such as allenai/c4"
     )
 
 
@@ -211,9 +232,11 @@ def hub_corpus(
     try:
         train_stream = stream("train")
     except Exception as err:
+        where = Path(name).expanduser().absolute()
         raise ValueError(
-            f"--dataset {name}: not a local path, and loading it from the Hugging Face hub failed "
-            f"(network? name? a configuration such as --dataset-config en?): {err}"
+            f"--dataset {name}: there is no local file or folder {name} ({where} does not exist), and loading "
+            f"it as a Hugging Face hub dataset failed (network? name? a configuration such as --dataset-config "
+            f"en?): {err}. For local data give an existing folder or file (a folder may end in /)."
         ) from err
     splitter = _Splitter(max_train, max_heldout, fraction)
     validation = None
