@@ -116,6 +116,54 @@ def test_configs_dir_missing_is_a_clear_error(monkeypatch, tmp_path):
         config_mod.configs_dir()
 
 
+# Each SubspaceAdamW keyword, the pretrain flags that set it, and the value those flags give (not the default).
+SUBSPACE_KEYWORD_FLAGS = {
+    "lr": (["--lr", "adamw=1e-3,subspace=0.0123"], 0.0123),
+    "betas": (["--adam-beta1", "0.8", "--adam-beta2", "0.95"], (0.8, 0.95)),
+    "eps": (["--adam-eps", "1e-7"], 1e-7),
+    "weight_decay": (["--weight-decay", "0.05"], 0.05),
+    "rank": (["--rank", "3"], 3),
+    "update_gap": (["--update-gap", "7"], 7),
+    "scale": (["--scale", "0.5"], 0.5),
+    "refresh": (["--refresh", "rsvd"], "rsvd"),
+    "moments": (["--moments", "keep"], "keep"),
+    "proj_type": (["--proj-type", "left"], "left"),
+    "oversample": (["--oversample", "3"], 3),
+    "power_iters": (["--power-iters", "2"], 2),
+    "seed": (["--subspace-seed", "11"], 11),
+    "nonfinite": (["--nonfinite", "raise"], "raise"),
+    "engine": (["--engine", "reference"], "reference"),
+    "foreach": (["--foreach", "true"], True),
+    "refresh_owner": (["--refresh-owner", "round_robin"], "round_robin"),
+    "consistency_check_every": (["--consistency-check-every", "3"], 3),
+}
+
+
+def test_every_subspace_adamw_option_is_a_flag_that_reaches_the_optimizer():
+    """A keyword added to SubspaceAdamW.__init__ must get a pretrain flag: each one's flag value (never the
+    class default) lands in the projected param group of the optimizer `--optimizer subspace` builds."""
+    import inspect
+
+    from subspace_optim import SubspaceAdamW
+
+    params = inspect.signature(SubspaceAdamW.__init__).parameters
+    keywords = {n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_KEYWORD}
+    assert keywords == set(SUBSPACE_KEYWORD_FLAGS), "give each new SubspaceAdamW option a pretrain flag"
+    argv = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "1",
+            "--num-attention-heads", "2", "--optimizer", "subspace"]  # fmt: skip
+    for flags, _ in SUBSPACE_KEYWORD_FLAGS.values():
+        argv += flags
+    cfg = load_config(argv)
+    built = optimizers.build("subspace", loop.build_model(cfg, 64), cfg)
+    assert isinstance(built, SubspaceAdamW)
+    projected = [g for g in built.param_groups if g["rank"] is not None]
+    assert len(projected) == 1 and len(projected[0]["params"]) == 7  # q, k, v, o, gate, up, down
+    for keyword, (flags, value) in SUBSPACE_KEYWORD_FLAGS.items():
+        default = params[keyword].default
+        assert value != default, f"{keyword}: pick a flag value other than the default {default!r}"
+        assert projected[0][keyword] == value, f"{' '.join(flags)} did not reach SubspaceAdamW's {keyword}"
+
+
 # ------------------------------------------------------------------------------------------- errors
 def test_unknown_model_size():
     with pytest.raises(ValueError, match=r"unknown model size 'llama_5m'.*llama_9m.*llama_7b"):
@@ -352,6 +400,43 @@ def test_stopped_run_reports_its_last_eval_with_its_step(workdir, tmp_path, caps
     start, last = evals[0]["loss"], evals[1]["loss"]
     assert f"adamw: step 3/6, eval loss {start:.3f} (step 0) -> {last:.3f} (step 3)" in capsys.readouterr().out
     assert f"| {start:.3f} → {last:.4f} (step 3) |" in path.read_text()
+
+
+def test_lr_multiplier_is_linear_warmup_then_cosine_to_the_floor():
+    warmup, total, floor = 4, 12, 0.2
+    lrs = [loop.lr_multiplier(s, warmup, total, floor) for s in range(total + 3)]
+    assert lrs[:warmup] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # from near 0 up to the peak, linearly
+    assert lrs[warmup] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(lrs[warmup:total], lrs[warmup + 1 : total + 1], strict=True))  # decays every step
+    assert lrs[warmup + (total - warmup) // 2] == pytest.approx((1 + floor) / 2)  # cosine: halfway at the middle
+    assert lrs[warmup + (total - warmup) // 4] == pytest.approx(floor + (1 - floor) * (1 + 2**-0.5) / 2)
+    assert lrs[total:] == pytest.approx([floor] * 3)  # the floor at the end, and after it
+    assert loop.lr_multiplier(0, 0, 10, 0.1) == 1.0  # no warmup: the first step at the peak
+
+
+def test_loop_clips_gradients_and_follows_the_schedule(workdir, tmp_path):
+    """What the optimizer sees at each step: the global gradient norm clipped to --max-grad-norm (an
+    untrained LLaMA's is far above 1e-3) and the lr of warmup + cosine, also as logged."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+
+    def observe(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        seen.append((float(norm), optimizer.param_groups[0]["lr"]))
+
+    handle = register_optimizer_step_pre_hook(observe)
+    try:
+        flags = ("--optimizer", "adamw", "--lr", "3e-3", "--steps", "5", "--warmup-steps", "2",
+                 "--min-lr-ratio", "0.1", "--max-grad-norm", "1e-3", "--no-report")  # fmt: skip
+        run(load_config(tiny(workdir, tmp_path, *flags)))
+    finally:
+        handle.remove()
+    expected = [3e-3 * loop.lr_multiplier(s, 2, 5, 0.1) for s in range(5)]
+    assert [lr for _, lr in seen] == pytest.approx(expected, rel=1e-12)
+    assert [h["lr"] for h in log(tmp_path / "adamw")["state"]["history"]] == pytest.approx(expected, rel=1e-12)
+    assert [norm for norm, _ in seen] == pytest.approx([1e-3] * 5, rel=1e-3)
 
 
 def _runs_here(name: str) -> bool:
