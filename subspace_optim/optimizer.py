@@ -26,6 +26,7 @@ DEFAULT_MOMENTS = "rotate"
 NONFINITE_POLICIES = ("skip", "raise")
 ENGINES = ("auto", "reference", "triton")
 REFRESH_OWNERS = ("all", "round_robin")
+MATMUL_PRECISIONS = ("auto", "ieee", "tf32")
 
 # State keys of projected matrices that must stay fp32 whatever the parameter dtype.
 _FP32_STATE = ("basis", "exp_avg", "exp_avg_sq")
@@ -80,6 +81,7 @@ def _validate(options: dict[str, Any], where: str) -> None:
         "nonfinite": NONFINITE_POLICIES,
         "engine": ENGINES,
         "refresh_owner": REFRESH_OWNERS,
+        "matmul_precision": MATMUL_PRECISIONS,
     }
     for name, allowed in choices.items():
         if options[name] not in allowed:
@@ -127,7 +129,7 @@ def _unexpected_keywords(names: list[str]) -> str:
     return (
         f"SubspaceAdamW got unexpected keyword argument(s) {', '.join(names)}; its options are lr, betas, eps, "
         "weight_decay, rank, update_gap (galore: update_proj_gap), scale, refresh, moments, proj_type, oversample, "
-        "power_iters, seed, nonfinite, engine, foreach, refresh_owner, consistency_check_every"
+        "power_iters, seed, nonfinite, engine, foreach, refresh_owner, consistency_check_every, matmul_precision"
     )
 
 
@@ -224,6 +226,11 @@ class SubspaceAdamW(Optimizer):
             ``"round_robin"`` (matrix i is refreshed on rank i mod world and its basis broadcast).
         consistency_check_every: every this many refreshes of a matrix, compare basis fingerprints
             across ranks and raise if they differ (0: only when ``check_consistency()`` is called).
+        matmul_precision: operand precision of the Triton step's two GEMMs. ``"ieee"``: exact fp32
+            products (the reference's numbers, no tensor cores). ``"tf32"``: tensor-core TF32 products,
+            which round the basis and the normalized update to 10 mantissa bits. ``"auto"`` (default):
+            ``"tf32"`` for bf16/fp16 weights, whose gradients TF32 holds exactly, ``"ieee"`` for fp32.
+            Refreshes always use ieee fp32 with fp64 Gram matrices.
     """
 
     def __init__(
@@ -248,6 +255,7 @@ class SubspaceAdamW(Optimizer):
         foreach: bool | None = None,
         refresh_owner: str = "all",
         consistency_check_every: int = 0,
+        matmul_precision: str = "auto",
         **unexpected: Any,
     ) -> None:
         if "update_proj_gap" in unexpected:  # galore-torch's spelling, accepted here as in param groups
@@ -276,6 +284,7 @@ class SubspaceAdamW(Optimizer):
             foreach=foreach,
             refresh_owner=refresh_owner,
             consistency_check_every=consistency_check_every,
+            matmul_precision=matmul_precision,
         )
         _validate(defaults, "in SubspaceAdamW(...)")
         _plain_numbers(defaults)
@@ -445,17 +454,21 @@ class SubspaceAdamW(Optimizer):
         for x in projected:
             x.state["step"] += 1
             x.state["moment_age"] += 1
-        if fast:
+        by_precision: dict[str, list[_Matrix]] = {}
+        for x in fast:
+            by_precision.setdefault(self._matmul_precision(x), []).append(x)
+        for precision, xs in by_precision.items():
             # Same-shape matrices share launches: two per (shape, dtype, side) batch.
             _kernels.step_projected_batch(
-                [x.p for x in fast],
-                [self._local_matrix(x.p.grad) for x in fast],
-                [x.state["basis"] for x in fast],
-                [x.state["exp_avg"] for x in fast],
-                [x.state["exp_avg_sq"] for x in fast],
-                [x.state["moment_age"] for x in fast],
-                [x.group for x in fast],
-                [x.side for x in fast],
+                [x.p for x in xs],
+                [self._local_matrix(x.p.grad) for x in xs],
+                [x.state["basis"] for x in xs],
+                [x.state["exp_avg"] for x in xs],
+                [x.state["exp_avg_sq"] for x in xs],
+                [x.state["moment_age"] for x in xs],
+                [x.group for x in xs],
+                [x.side for x in xs],
+                input_precision=precision,
             )
         done = {x.index for x in fast}
         for x in projected:
@@ -575,6 +588,15 @@ class SubspaceAdamW(Optimizer):
             return False
         ok_dtype = x.p.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.p.grad.dtype == x.p.dtype
         return _kernels.supports(x.p) and ok_dtype and x.p.is_contiguous() and x.p.grad.is_contiguous()
+
+    @staticmethod
+    def _matmul_precision(x: _Matrix) -> str:
+        """The Triton step's GEMM precision for ``x``. ``"auto"`` picks TF32 only where it cannot round the
+        gradient: a bf16 (8-bit mantissa) or fp16 (10-bit) value is exact in TF32 (10-bit)."""
+        choice = x.group["matmul_precision"]
+        if choice != "auto":
+            return choice
+        return "tf32" if x.p.dtype in (torch.bfloat16, torch.float16) else "ieee"
 
     def _kernel_refresh(self, due: list[_Matrix]) -> dict[int, linalg.Basis]:
         """``warm``/``rsvd`` bases of the Triton-engine matrices in ``due``, same-shape ones batched.

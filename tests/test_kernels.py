@@ -655,3 +655,55 @@ def test_refresh_of_a_huge_finite_gradient(warm):
     assert bool(torch.isfinite(p_big).all()) and orthonormality_error(p_big.cpu()) < 1e-5
     assert subspace_distance(p_big.cpu(), p.cpu()) < 1e-4
     assert abs(float(captured_big / total_big) - float(captured / total)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "wdtype,choice,expected",
+    [
+        (torch.float32, "auto", "ieee"),
+        (torch.bfloat16, "auto", "tf32"),
+        (torch.float16, "auto", "tf32"),
+        (torch.bfloat16, "ieee", "ieee"),
+        (torch.float32, "tf32", "tf32"),
+    ],
+)
+def test_matmul_precision_reaches_the_step_kernels(monkeypatch, wdtype, choice, expected):
+    """``matmul_precision`` picks the step GEMMs' operand precision; "auto" uses TF32 only on low-precision
+    weights, whose gradients TF32 holds exactly. Run through the interpreter, the TF32 step still follows
+    the reference within the rounding of the weights."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter-forced wiring is a CPU test")
+    from subspace_optim import SubspaceAdamW, optimizer
+
+    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
+    seen = []
+    step_fn = kernels.step_projected_batch
+
+    def recording(*args, input_precision="ieee", **kwargs):
+        seen.append(input_precision)
+        return step_fn(*args, input_precision=input_precision, **kwargs)
+
+    monkeypatch.setattr(optimizer._kernels, "step_projected_batch", recording, raising=False)
+
+    def run(engine: str):
+        torch.manual_seed(3)
+        w = torch.nn.Parameter(torch.randn(20, 17).to(wdtype))
+        opt = SubspaceAdamW([w], lr=1e-2, rank=4, update_gap=3, refresh="svd", engine=engine, matmul_precision=choice)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(4):
+            w.grad = torch.randn(20, 17, generator=gen).to(wdtype)
+            opt.step()
+        return w.detach().float()
+
+    kernel_w = run("auto")
+    assert seen == [expected] * 4
+    reference_w = run("reference")
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[wdtype]
+    torch.testing.assert_close(kernel_w, reference_w, rtol=ulp, atol=ulp)
+
+
+def test_matmul_precision_is_validated():
+    from subspace_optim import SubspaceAdamW
+
+    with pytest.raises(ValueError, match=r"Invalid matmul_precision .*'auto', 'ieee', 'tf32'"):
+        SubspaceAdamW([torch.nn.Parameter(torch.randn(4, 4))], rank=2, matmul_precision="bf16")

@@ -45,6 +45,7 @@ _OPTIM_ARGS: dict[str, tuple[type, str]] = {
     "foreach": (bool, "false"),
     "refresh_owner": (str, "all"),
     "consistency_check_every": (int, "0"),
+    "matmul_precision": (str, "auto"),
     "project_output_head": (bool, "true"),
 }
 
