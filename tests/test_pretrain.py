@@ -136,6 +136,7 @@ SUBSPACE_KEYWORD_FLAGS = {
     "foreach": (["--foreach", "true"], True),
     "refresh_owner": (["--refresh-owner", "round_robin"], "round_robin"),
     "consistency_check_every": (["--consistency-check-every", "3"], 3),
+    "matmul_precision": (["--matmul-precision", "ieee"], "ieee"),
 }
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..optimizer import MATMUL_PRECISIONS
+
 OPTIMIZERS = ("adamw", "subspace", "galore", "apollo", "adamw8bit")
 CONFIGS_ENV = "SUBSPACE_OPTIM_CONFIGS"
 CACHE_ENV = "SUBSPACE_OPTIM_CACHE"
@@ -198,6 +200,13 @@ class PretrainConfig:
     )
     consistency_check_every: int = _opt(
         0, "subspace, data parallel: compare bases across ranks every this many refreshes (0: never)", group="optimizer"
+    )
+    matmul_precision: str = _opt(
+        "auto",
+        "subspace, triton engine: precision of the step's GEMMs (auto: tf32 for bf16/fp16 weights, ieee fp32 for "
+        "fp32 weights)",
+        _choice(*MATMUL_PRECISIONS),
+        group="optimizer",
     )
     apollo_scale: float = _opt(1.0, "apollo: update scale (APOLLO-Mini uses 128 with rank 1)", group="optimizer")
     apollo_proj: str = _opt("random", "apollo: projection", _choice("random", "svd"), group="optimizer")

@@ -122,7 +122,15 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
             refresh_owner=cfg.refresh_owner,
             consistency_check_every=cfg.consistency_check_every,
         )
-        return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, engine=cfg.engine, foreach=cfg.foreach)
+        return SubspaceAdamW(
+            groups,
+            lr=lr,
+            betas=betas,
+            eps=cfg.adam_eps,
+            engine=cfg.engine,
+            foreach=cfg.foreach,
+            matmul_precision=cfg.matmul_precision,
+        )
     if name in ("galore", "apollo"):
         module = _import(name)
         check_rank(model, cfg)
