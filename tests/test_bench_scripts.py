@@ -1,0 +1,67 @@
+"""Every benchmark script runs end to end in its CPU smoke configuration and writes sane JSON.
+
+The scripts are not unit tests (no timed assertions here); this only keeps them from rotting between
+GPU sessions, which is when their full runs happen.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_energy_smoke(tmp_path):
+    result = _run("bench_energy.py", "--smoke", tmp_path=tmp_path)
+    runs = {run["method"]: run for run in result["runs"]}
+    assert len(runs) == 5
+    for run in runs.values():
+        assert run["samples"], run["method"]
+        for sample in run["samples"]:
+            assert 0.0 < sample["ratio"] <= 1.0 + 1e-6, sample
+    exact = runs["svd (exact)"]["samples"]
+    assert all(abs(s["ratio"] - 1.0) < 1e-4 for s in exact)
+    # 2 layers x 7 projected matrices, refreshed at steps 0, 20 and 40.
+    assert len(exact) == 14 * 3
+
+
+def test_bench_step_smoke(tmp_path):
+    results = _run("bench_step.py", "--smoke", "--dtype", "float32", tmp_path=tmp_path)["results"]
+    assert {"adamw", "galore", "subspace_reference"} <= set(results)
+    for row in results.values():
+        assert row["step_s"] > 0 and row["state_bytes"] > 0
+    # Same rank, fp32 weights: our state (basis + two low-rank moments) has galore-torch's size.
+    assert results["subspace_reference"]["state_bytes"] == results["galore"]["state_bytes"]
+    assert results["subspace_reference"]["state_bytes"] < results["adamw"]["state_bytes"]
+
+
+def test_bench_refresh_smoke(tmp_path):
+    results = _run("bench_refresh.py", "--smoke", tmp_path=tmp_path)["results"]
+    assert {"galore_svd", "reference_rsvd", "reference_warm"} <= set(results)
+    for name, row in results.items():
+        assert row["refresh_s"] > 0, name
+        assert 0.9 < row["captured_vs_svd"] <= 1.0 + 1e-6, (name, row["captured_vs_svd"])
+
+
+@pytest.mark.slow
+def test_bench_moments_short(tmp_path):
+    result = _run("bench_moments.py", "--steps", "20", "--seeds", "0", "--policies", "rotate", tmp_path=tmp_path)
+    assert {row["name"] for row in result["rows"]} >= {"adamw"}
