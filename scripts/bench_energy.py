@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "args": {k: v for k, v in vars(args).items() if k not in ("json", "markdown")},
         "machine": f"CPU ({platform.machine()}), torch {torch.__version__}, Python {platform.python_version()}",
-        "command": " ".join(["python", "scripts/bench_energy.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["python", "scripts/bench_energy.py", *(argv if argv is not None else sys.argv[1:])]),
         "runs": runs,
     }
     if args.json:
