@@ -147,18 +147,19 @@ def captured_energy(a: Tensor, p: Tensor, slab: Slab = UNSHARDED) -> Tensor:
     return slab.reduce((p.mT @ a).double().square().sum())
 
 
-def rayleigh_ritz(a: Tensor, q: Tensor, rank: int, slab: Slab = UNSHARDED) -> Basis:
+def rayleigh_ritz(a: Tensor, q: Tensor, rank: int, slab: Slab = UNSHARDED, total: Tensor | None = None) -> Basis:
     """Best rank-``rank`` basis of ``A`` inside span(Q): P = Q W[:, :rank], W the top eigenvectors.
 
     With B = A^T Q (n x k), the eigendecomposition B^T B = W diag(lambda) W^T (fp64, k x k) gives the
-    Ritz vectors; sum(lambda[:rank]) = ||P^T A||_F^2 is the captured energy, for free.
+    Ritz vectors; sum(lambda[:rank]) = ||P^T A||_F^2 is the captured energy, for free. ``total``
+    (||A||_F^2, when the caller already has it) saves a pass over A and, sharded, an all-reduce.
     """
     b64 = (a.mT @ q).double()
     evals, evecs = torch.linalg.eigh(slab.reduce(b64.mT @ b64))
     order = torch.argsort(evals, descending=True)[:rank]
     p = q @ evecs[:, order].to(q.dtype)
     captured = evals[order].clamp_min(0).sum()
-    return Basis(p, captured, energy(a, slab))
+    return Basis(p, captured, energy(a, slab) if total is None else total)
 
 
 def svd_basis(g: Tensor, rank: int, side: str) -> Basis:
@@ -201,7 +202,8 @@ def range_finder_basis(
     n = slab.columns(a)
     # A A^T Q grows like ||A||^2: a finite gradient of 1e19 would overflow fp32 there. Dividing the small
     # n x k middle product by ||A||_F keeps every product at ||A||'s scale and leaves the span unchanged.
-    norm = energy(a, slab).sqrt()
+    total = energy(a, slab)  # computed (and, sharded, reduced) once: Rayleigh-Ritz reports it too
+    norm = total.sqrt()
     inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.ones_like(norm)).clamp_min(_TINY32).float()
 
     def gram_times(y: Tensor) -> Tensor:
@@ -221,7 +223,7 @@ def range_finder_basis(
         iterations = max(power_iters - 1, 0)
     for _ in range(iterations):
         y = gram_times(y)
-    return rayleigh_ritz(a, orthonormalize(y), rank, slab)
+    return rayleigh_ritz(a, orthonormalize(y), rank, slab, total)
 
 
 def random_basis(d: int, rank: int, seed: int, device: torch.device) -> Tensor:
