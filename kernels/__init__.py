@@ -11,12 +11,13 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .probe import probe
     from .refresh import gaussian, refresh_batch
     from .step import step_projected_batch
 
-__all__ = ["available", "gaussian", "refresh_batch", "step_projected_batch", "supports"]
+__all__ = ["available", "gaussian", "probe", "refresh_batch", "step_projected_batch", "supports"]
 
-_LAZY = {"step_projected_batch": ".step", "refresh_batch": ".refresh", "gaussian": ".refresh"}
+_LAZY = {"step_projected_batch": ".step", "refresh_batch": ".refresh", "gaussian": ".refresh", "probe": ".probe"}
 
 
 def available() -> bool:

@@ -114,6 +114,32 @@ def _plain_numbers(options: dict[str, Any]) -> None:
         options["betas"] = tuple(float(b) for b in options["betas"])
 
 
+# device -> None (the kernels passed their self-check there) or why they failed; probed once per process.
+_PROBED: dict[str, str | None] = {}
+
+
+def _kernels_pass_probe(device: torch.device, engine: str) -> bool:
+    """Whether the Triton kernels may run on ``device``: on first use they are checked against the reference
+    (``kernels.probe``). On failure ``engine="auto"`` warns once and keeps the reference path;
+    ``engine="triton"`` raises, since the user asked for the kernels explicitly."""
+    key = str(device)
+    if key not in _PROBED:
+        _PROBED[key] = _kernels.probe(device)
+        if _PROBED[key] is not None and engine == "auto":
+            warnings.warn(
+                f"SubspaceAdamW: the Triton kernels failed their self-check on {key} ({_PROBED[key]}); "
+                "using the PyTorch reference engine there (set engine='reference' to silence this)",
+                stacklevel=4,
+            )
+    error = _PROBED[key]
+    if error is not None and engine == "triton":
+        raise RuntimeError(
+            f"engine='triton': the Triton kernels failed their self-check on {key}: {error}. "
+            "Use engine='auto' (falls back to the PyTorch path) or engine='reference'."
+        )
+    return error is None
+
+
 _MODEL_KEYWORDS = {"target_modules", "optim_target_modules", "project_output_head", "model"}
 
 
@@ -587,7 +613,9 @@ class SubspaceAdamW(Optimizer):
         if x.group["engine"] == "reference" or distributed.is_dtensor(x.p):
             return False
         ok_dtype = x.p.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.p.grad.dtype == x.p.dtype
-        return _kernels.supports(x.p) and ok_dtype and x.p.is_contiguous() and x.p.grad.is_contiguous()
+        if not (_kernels.supports(x.p) and ok_dtype and x.p.is_contiguous() and x.p.grad.is_contiguous()):
+            return False
+        return _kernels_pass_probe(x.p.device, x.group["engine"])
 
     @staticmethod
     def _matmul_precision(x: _Matrix) -> str:

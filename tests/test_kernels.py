@@ -707,3 +707,63 @@ def test_matmul_precision_is_validated():
 
     with pytest.raises(ValueError, match=r"Invalid matmul_precision .*'auto', 'ieee', 'tf32'"):
         SubspaceAdamW([torch.nn.Parameter(torch.randn(4, 4))], rank=2, matmul_precision="bf16")
+
+
+def test_probe_passes_on_this_device_under_the_interpreter():
+    from subspace_optim.kernels import probe
+
+    assert probe.probe(torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")) is None
+
+
+def test_probe_catches_kernels_that_compute_wrong_numbers(monkeypatch):
+    from subspace_optim.kernels import probe, step
+
+    monkeypatch.setattr(step, "step_projected_batch", lambda *args, **kwargs: 1)  # "launches", changes nothing
+    error = probe.probe(torch.device("cpu"))
+    assert error is not None and "fused step" in error and "differs from the reference" in error
+
+
+def test_probe_reports_a_failing_compile(monkeypatch):
+    from subspace_optim.kernels import probe, refresh
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated PTX compile failure")
+
+    monkeypatch.setattr(refresh, "refresh_batch", broken)
+    assert probe.probe(torch.device("cpu")) == "RuntimeError: simulated PTX compile failure"
+
+
+@pytest.mark.parametrize("engine", ["auto", "triton"])
+def test_failed_probe_falls_back_for_auto_and_raises_for_triton(monkeypatch, engine):
+    """Kernels that fail their first-use self-check are never launched: "auto" warns and trains on the
+    reference path (same weights as engine="reference"), "triton" raises naming the device."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter-forced wiring is a CPU test")
+    from subspace_optim import SubspaceAdamW, optimizer
+
+    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
+    monkeypatch.setattr(optimizer, "_PROBED", {})
+    monkeypatch.setattr(optimizer._kernels, "probe", lambda device: "simulated failure", raising=False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a kernel was launched after a failed probe")
+
+    monkeypatch.setattr(optimizer._kernels, "step_projected_batch", never, raising=False)
+    monkeypatch.setattr(optimizer._kernels, "refresh_batch", never, raising=False)
+
+    def run(engine_name):
+        torch.manual_seed(5)
+        w = torch.nn.Parameter(torch.randn(12, 9))
+        opt = SubspaceAdamW([w], lr=1e-2, rank=3, update_gap=2, engine=engine_name)
+        for _ in range(3):
+            w.grad = torch.randn(12, 9)
+            opt.step()
+        return w.detach().clone()
+
+    if engine == "triton":
+        with pytest.raises(RuntimeError, match=r"engine='triton'.*self-check on cpu: simulated failure"):
+            run("triton")
+        return
+    with pytest.warns(UserWarning, match=r"failed their self-check on cpu \(simulated failure\)"):
+        fallback = run("auto")
+    assert torch.equal(fallback, run("reference"))
