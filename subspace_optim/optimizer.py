@@ -95,6 +95,7 @@ def _validate(options: dict[str, Any], where: str) -> None:
         bad("engine", "engine='triton' needs the triton package (pip install triton); use engine='auto'")
 
 
+_SQRT_FP32_MAX = math.sqrt(torch.finfo(torch.float32).max)
 _INT_OPTIONS = ("rank", "update_gap", "oversample", "power_iters", "seed", "consistency_check_every")
 _FLOAT_OPTIONS = ("eps", "weight_decay", "scale")
 
@@ -241,8 +242,8 @@ class SubspaceAdamW(Optimizer):
         seed: sketches are seeded from (seed, parameter index, refresh count), never the global RNG.
         nonfinite: ``"skip"`` (a parameter whose gradient has a NaN/Inf is left untouched this step:
             weights, moments, basis and step count) or ``"raise"`` (FloatingPointError, nothing changed).
-            A projected matrix's gradient so large that its projection would overflow fp32
-            (max|G| > 3.4e38 / sqrt(max(m, n))) counts as non-finite.
+            A projected matrix's gradient so large that its projection's square would overflow fp32
+            (max|G| > 9.2e18 / sqrt(max(m, n))) counts as non-finite.
         engine: ``"auto"`` (Triton kernels for CUDA matrices when Triton is installed, else the reference),
             ``"triton"`` (the same, but Triton must be installed) or ``"reference"`` (PyTorch only). CPU
             tensors, DTensors, non-contiguous weights and ``refresh="svd"``/``"random"`` always take the
@@ -329,6 +330,13 @@ class SubspaceAdamW(Optimizer):
         self._metrics = {}
         self._nonfinite_skips = 0
         self._guard_groups()
+        self._fill_new_options()
+
+    def _fill_new_options(self) -> None:
+        """Give groups saved by an older version the options added since (at their defaults)."""
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     def _guard_groups(self) -> None:
         self._known_params = set()
@@ -520,13 +528,14 @@ class SubspaceAdamW(Optimizer):
     def _grad_limit(self, p: Tensor, group: dict[str, Any]) -> float:
         """The largest |gradient entry| a parameter's step can take without overflowing fp32.
 
-        A projected coordinate sums d entries against a unit vector, so it is bounded by max|G| sqrt(d):
-        a finite gradient above fp32max / sqrt(d) could make R = P^T G infinite and the moments NaN, and
-        it is handled like a non-finite one. Plain AdamW parameters only need finite entries."""
+        A projected coordinate sums d entries against a unit vector, so |R| <= max|G| sqrt(d), and the
+        second moment needs R^2 finite: above sqrt(fp32max) / 2 / sqrt(d) (~9e18 / sqrt(d)) a finite
+        gradient could make V infinite and freeze the matrix for good, so it is handled like a non-finite
+        one. Plain AdamW parameters only need finite entries (torch.optim.AdamW's own behaviour)."""
         rank = group["rank"]
         if rank is None or p.dim() < 2 or rank > min(self._matrix_shape(p)):
             return math.inf
-        return torch.finfo(torch.float32).max / math.sqrt(max(self._matrix_shape(p)))
+        return _SQRT_FP32_MAX / 2.0 / math.sqrt(max(self._matrix_shape(p)))
 
     def _finite_flags(self, work: list[tuple[int, dict[str, Any], str, Tensor]]) -> list[bool]:
         """One batched check of every gradient's largest entry (one host sync) against ``_grad_limit``:
@@ -640,15 +649,20 @@ class SubspaceAdamW(Optimizer):
         for (oversample, power_iters), xs in by_options.items():
             seeds = [linalg.sketch_seed(x.group["seed"], x.index, x.state["refresh_count"]) for x in xs]
             previous = [x.state.get("basis") if x.group["refresh"] == "warm" else None for x in xs]
-            items = _kernels.refresh_batch(
-                [self._local_matrix(x.p.grad) for x in xs],
-                [x.side for x in xs],
-                [x.group["rank"] for x in xs],
-                oversample=oversample,
-                power_iters=power_iters,
-                seeds=seeds,
-                previous=previous,
-            )
+            try:
+                items = _kernels.refresh_batch(
+                    [self._local_matrix(x.p.grad) for x in xs],
+                    [x.side for x in xs],
+                    [x.group["rank"] for x in xs],
+                    oversample=oversample,
+                    power_iters=power_iters,
+                    seeds=seeds,
+                    previous=previous,
+                )
+            except torch.linalg.LinAlgError:
+                # A factorization refused one member's numbers: leave this batch to the reference path,
+                # matrix by matrix, with its own fallbacks (``_refresh`` computes what is missing here).
+                continue
             finite = torch.stack([torch.isfinite(item[0]).all() for item in items]).tolist()
             for x, seed, prev, item, ok in zip(xs, seeds, previous, items, finite, strict=True):
                 new = linalg.Basis(*item)
@@ -679,7 +693,7 @@ class SubspaceAdamW(Optimizer):
         if "basis" not in state:
             basis = new.basis.contiguous()
             state["basis"] = distributed.replicated_like(x.p, basis) if distributed.is_dtensor(x.p) else basis
-        elif not bool(new.total > 0):
+        elif not bool(new.total.float() > 0):  # fp32: the value round-robin receivers get broadcast
             # An all-zero gradient (e.g. DCP's lr=0 state-initializing step) spans nothing: keep the basis
             # and the moments as they are instead of rotating them into an arbitrary one.
             overlap = torch.ones((), dtype=torch.float64)
@@ -755,6 +769,7 @@ class SubspaceAdamW(Optimizer):
         super().load_state_dict(state_dict)
         # The base class rebuilds the groups as plain dicts; keep the flattening guard on them.
         self._guard_groups()
+        self._fill_new_options()
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, p in zip(saved_ids, params, strict=True):

@@ -767,3 +767,32 @@ def test_failed_probe_falls_back_for_auto_and_raises_for_triton(monkeypatch, eng
     with pytest.warns(UserWarning, match=r"failed their self-check on cpu \(simulated failure\)"):
         fallback = run("auto")
     assert torch.equal(fallback, run("reference"))
+
+
+def test_kernel_refresh_that_a_factorization_refuses_falls_back_to_the_reference(monkeypatch):
+    """If the batched kernel refresh raises LinAlgError (eigh on a member's numbers), the batch is
+    refreshed by the reference path instead of failing the step: same bases as engine="reference"."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter-forced wiring is a CPU test")
+    from subspace_optim import SubspaceAdamW, optimizer
+
+    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
+
+    def refused(*args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated: eigh got a non-finite Gram matrix")
+
+    monkeypatch.setattr(optimizer._kernels, "refresh_batch", refused, raising=False)
+
+    def run(engine):
+        torch.manual_seed(6)
+        w = torch.nn.Parameter(torch.randn(14, 10))
+        opt = SubspaceAdamW([w], lr=1e-2, rank=3, update_gap=2, engine=engine)
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(3):
+            w.grad = torch.randn(14, 10, generator=gen)
+            opt.step()
+        return opt.state[w]["basis"].clone(), w.detach().clone()
+
+    (basis_k, w_k), (basis_r, w_r) = run("auto"), run("reference")
+    assert torch.equal(basis_k, basis_r)
+    torch.testing.assert_close(w_k, w_r, rtol=1e-6, atol=1e-6)

@@ -253,7 +253,9 @@ def test_local_looking_dataset_that_is_missing_never_reaches_the_hub(spec, monke
         data.load_corpus(load_config(["--dataset", spec]))
 
 
-@pytest.mark.parametrize("spec", ["allenai/c4", "wikitext", "mlfoundations/dclm-baseline-1.0", "data/corpus"])
+@pytest.mark.parametrize(
+    "spec", ["allenai/c4", "wikitext", "mlfoundations/dclm-baseline-1.0", "data/corpus", "org/wiki.en", "org/corpus.v2"]
+)
 def test_hub_shaped_dataset_names(spec, monkeypatch, tmp_path):
     """owner/name stays a hub name unless it exists here; a failed hub load says no local path exists either."""
     datasets = pytest.importorskip("datasets")

@@ -155,3 +155,20 @@ def test_optimizer_deepcopies_and_pickles():
         clone.step()  # the copied parameters are recognised as the optimizer's own
         with pytest.raises(ValueError, match="DeepSpeed"):
             clone.param_groups[0]["params"] = [torch.zeros(3, requires_grad=True)]
+
+
+def test_checkpoint_from_before_an_option_existed_loads_with_its_default():
+    """Groups saved by an older version lack options added since (matmul_precision, refresh_owner, ...):
+    loading gives them the defaults, and the optimizer steps on."""
+    net = _net()
+    opt = _optimizer(net)
+    _step(net, opt, 0)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        group.pop("matmul_precision")
+        group.pop("refresh_owner")
+    fresh = _optimizer(net)
+    fresh.load_state_dict(sd)
+    for group in fresh.param_groups:
+        assert group["matmul_precision"] == "auto" and group["refresh_owner"] == "all"
+    _step(net, fresh, 1)

@@ -483,3 +483,13 @@ def test_script_runs(tmp_path):
     assert first["optimizer_state_mib"] < first["adamw_state_mib"]
     second = main([*argv, "--max-steps", "6", "--resume", "--way", "factory"])
     assert second["steps"] == 6 and (out / "checkpoint-6" / "optimizer.pt").exists()
+
+
+def test_build_options_are_the_constructor_keywords_only():
+    """The accepted option names come from SubspaceAdamW's signature: its **unexpected catch-all is not one."""
+    from subspace_optim.integrations.transformers import build_optimizer
+
+    model = tiny_llama(hidden=16, intermediate=24, layers=1, heads=2)
+    with pytest.raises(ValueError, match=r"Unknown SubspaceAdamW option 'unexpected'; accepted: ") as err:
+        build_optimizer(model, rank=4, unexpected=1)
+    assert "unexpected," not in str(err.value) and "matmul_precision" in str(err.value)

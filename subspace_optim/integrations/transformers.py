@@ -65,7 +65,11 @@ _ARGS_FIELDS = {
     "target_modules": "optim_target_modules",
 }
 
-_OPTIMIZER_OPTIONS = frozenset(inspect.signature(SubspaceAdamW.__init__).parameters) - {"self", "params"}
+_OPTIMIZER_OPTIONS = frozenset(
+    name
+    for name, parameter in inspect.signature(SubspaceAdamW.__init__).parameters.items()
+    if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+) - {"self", "params"}
 _BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap"}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _EXAMPLE = "optim_args='rank=128, update_proj_gap=200, scale=0.25, proj_type=std'"

@@ -14,7 +14,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,13 +128,14 @@ def local_files(spec: str) -> list[Path]:
     raise FileNotFoundError(_missing(spec))
 
 
-_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}")  # .txt, .jsonl, .csv, .gz, .zst; not the .0 of "data-1.0"
+# Suffixes that mark a file, not a hub repository: hub names may carry dots too (org/wiki.en, data-1.0).
+_FILE_SUFFIXES = frozenset(LOCAL_SUFFIXES) | {".csv", ".tsv", ".arrow", ".gz", ".zst", ".bz2", ".xz", ".zip", ".tar"}
 
 
 def looks_like_path(spec: str) -> bool:
     """A dataset spec that can only be meant as a local path (a hub name is 'name' or 'owner/name').
 
-    Local: a leading ``.``, ``/`` or ``~``, a trailing ``/``, a file extension on the last component, a
+    Local: a leading ``.``, ``/`` or ``~``, a trailing ``/``, a data-file suffix on the last component, a
     glob, more than one ``/``, or the platform's own separator. ``owner/name`` and ``name`` stay hub names
     unless they exist here.
     """
@@ -143,7 +143,7 @@ def looks_like_path(spec: str) -> bool:
     return (
         spec.startswith((".", "/", "~"))
         or spec.endswith("/")
-        or _EXTENSION.fullmatch(Path(name).suffix) is not None
+        or Path(name).suffix.lower() in _FILE_SUFFIXES
         or glob.has_magic(spec)
         or spec.count("/") > 1
         or os.sep != "/"
