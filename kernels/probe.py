@@ -20,12 +20,12 @@ import torch
 def _step_error(
     device: torch.device, wdtype: torch.dtype, precision: str, side: str, gen: torch.Generator
 ) -> str | None:
-    from subspace_optim import linalg, reference
+    from subspace_optim import linalg, reference, subspace
 
     from .step import step_projected_batch
 
     m, n, r = 37, 29, 5
-    d = m if side == "left" else n
+    d = subspace.basis_dim(side, m, n)
     group = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "scale": 0.25}
     params, grads, bases, ms, vs = [], [], [], [], []
     for _ in range(2):

@@ -26,10 +26,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..linalg import inverse_norm
 from ._common import Blocks, check_same_layout, default_blocks, device_guard, host_table, pointer_array, tl_dtype
 from .gemm import batched_gemm_kernel, gaussian_kernel
-
-_TINY32 = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -190,12 +189,8 @@ def _range_finder(
     seed_t = host_table(seeds, torch.int64, dev)
     mm = dict(precision=precision)
     totals = [torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in gs]
-    # A (A^T Y) grows like ||A||^2, which overflows fp32 for a finite gradient of norm ~1e19. Scaling the
-    # small c x k middle product by 1 / ||A||_F (per member) keeps every product at ||A||'s scale and leaves
-    # the spans unchanged, as in linalg.range_finder_basis.
-    norm = torch.stack(totals).sqrt()
-    inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.ones_like(norm)).clamp_min(_TINY32)
-    inv_norm = inv_norm.float()[:, None, None]
+    # The c x k middle products are divided by ||A||_F per member, as in linalg.range_finder_basis.
+    inv_norm = inverse_norm(torch.stack(totals))[:, None, None]
     if previous is None:
         k = min(rank + oversample, d, c)
         y = bmm(a, None, torch.empty(batch, d, k, device=dev), seeds=seed_t, **mm)

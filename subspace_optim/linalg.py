@@ -175,6 +175,16 @@ def svd_basis(g: Tensor, rank: int, side: str) -> Basis:
     return Basis(p.contiguous(), s64[:rank].sum(), s64.sum())
 
 
+def inverse_norm(total: Tensor) -> Tensor:
+    """1 / ||A||_F from ``total`` = ||A||_F^2, in fp32 (1 for a zero matrix, never below fp32's smallest normal).
+
+    A A^T Q grows like ||A||^2: a finite gradient of 1e19 would overflow fp32 there. Dividing the small
+    middle product A^T Q by ||A||_F keeps every product at ||A||'s scale and leaves the span unchanged.
+    """
+    norm = total.sqrt()
+    return torch.where(norm > 0, norm.reciprocal(), torch.ones_like(norm)).clamp_min(_TINY32).float()
+
+
 def range_finder_basis(
     a: Tensor,
     rank: int,
@@ -200,11 +210,8 @@ def range_finder_basis(
     a = a.float()
     d = a.shape[0]
     n = slab.columns(a)
-    # A A^T Q grows like ||A||^2: a finite gradient of 1e19 would overflow fp32 there. Dividing the small
-    # n x k middle product by ||A||_F keeps every product at ||A||'s scale and leaves the span unchanged.
     total = energy(a, slab)  # computed (and, sharded, reduced) once: Rayleigh-Ritz reports it too
-    norm = total.sqrt()
-    inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.ones_like(norm)).clamp_min(_TINY32).float()
+    inv_norm = inverse_norm(total)
 
     def gram_times(y: Tensor) -> Tensor:
         return slab.reduce(a @ ((a.mT @ orthonormalize(y)) * inv_norm))

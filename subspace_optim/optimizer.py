@@ -667,9 +667,7 @@ class SubspaceAdamW(Optimizer):
             for x, seed, prev, item, ok in zip(xs, seeds, previous, items, finite, strict=True):
                 new = linalg.Basis(*item)
                 if not ok:
-                    d = new.basis.shape[0]
-                    fallback = prev if prev is not None else linalg.random_basis(d, x.group["rank"], seed, x.p.device)
-                    new = linalg.Basis(fallback, new.captured.new_zeros(()), new.total)
+                    new = reference.kept_basis(prev, new.basis.shape[0], x.group["rank"], seed, x.p.device, new.total)
                 out[x.index] = new
         return out
 

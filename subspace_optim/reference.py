@@ -48,9 +48,17 @@ def compute_basis(
     if new is not None and bool(torch.isfinite(new.basis).all()):
         return new
     d = subspace.basis_dim(side, *g.shape)  # a row shard keeps every column, so this holds sharded too
-    fallback = previous if previous is not None else linalg.random_basis(d, group["rank"], seed, g.device)
     total = new.total if new is not None else linalg.energy(g.float(), slab)
-    return linalg.Basis(fallback, total.new_zeros(()), total)
+    return kept_basis(previous, d, group["rank"], seed, g.device, total)
+
+
+def kept_basis(
+    previous: Tensor | None, d: int, rank: int, seed: int, device: torch.device, total: Tensor
+) -> linalg.Basis:
+    """What a refresh that failed returns: the previous basis (on a first refresh, the seeded random one),
+    capturing nothing of the gradient's energy ``total``."""
+    basis = previous if previous is not None else linalg.random_basis(d, rank, seed, device)
+    return linalg.Basis(basis, total.new_zeros(()), total)
 
 
 def projected_adamw(
