@@ -8,7 +8,6 @@ over the group. Only same-shape, same-dtype, same-stride tensors may share an ar
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,12 +15,9 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from . import interpreting
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors, in numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:

@@ -8,7 +8,7 @@ failure into an error instead.
 
 The probe covers what the optimizer launches: the fused step (both sides, fp32 and bf16 weights, a batch
 of two) and a cold and a warm batched refresh, each on small random matrices whose shapes are not
-multiples of the tile sizes. Results are compared with ``reference.projected_adamw`` and the
+multiples of the tile sizes. Results are compared with ``inner.projected_adamw`` and the
 range-finder's captured energy, with the tolerances of the kernel tests.
 """
 
@@ -20,9 +20,9 @@ import torch
 def _step_error(
     device: torch.device, wdtype: torch.dtype, precision: str, side: str, gen: torch.Generator
 ) -> str | None:
-    from subspace_optim import linalg, reference, subspace
+    from subspace_optim import inner, linalg, subspace
 
-    from .step import step_projected_batch
+    from .step import subspace_adamw
 
     m, n, r = 37, 29, 5
     d = subspace.basis_dim(side, m, n)
@@ -39,9 +39,9 @@ def _step_error(
     for p, g, b, mm, vv in zip(params, grads, bases, ms, vs, strict=True):
         # The reference in fp32 on an fp32 copy of W: the kernel must match it up to W's own rounding.
         p_ref, m_ref, v_ref = p.float(), mm.clone(), vv.clone()
-        reference.projected_adamw(p_ref, g, b, m_ref, v_ref, 3, group, side)
+        inner.projected_adamw(p_ref, g, b, m_ref, v_ref, inner.adam_scalars(**group, age=3), side)
         expected.append((p_ref, m_ref, v_ref))
-    step_projected_batch(params, grads, bases, ms, vs, [3, 3], [group, group], [side, side], input_precision=precision)
+    subspace_adamw(params, grads, bases, ms, vs, [3, 3], **group, sides=[side, side], matmul_precision=precision)
     tol = 1e-5 if wdtype == torch.float32 else 8e-3  # half a bf16 ulp at |W| ~ 3
     moment_tol = 1e-5 if precision == "ieee" else 1e-3  # TF32 rounds P to 10 bits: |R| ~ 6 moves by ~3e-3
     for (p_ref, m_ref, v_ref), p, mm, vv in zip(expected, params, ms, vs, strict=True):
@@ -56,14 +56,13 @@ def _step_error(
 
 
 def _refresh_error(device: torch.device, gen: torch.Generator) -> str | None:
-    from .refresh import refresh_batch
+    from .refresh import refresh_bases
 
     m, n, r = 45, 27, 4
     grads = [torch.randn(m, n, generator=gen).to(device) for _ in range(2)]
-    cold = refresh_batch(grads, ["right", "right"], r, oversample=4, power_iters=1, seeds=[1, 2])
-    warm = refresh_batch(
-        grads, ["right", "right"], r, oversample=4, power_iters=1, seeds=[3, 4], previous=[p for p, _, _ in cold]
-    )
+    kw = dict(sides=["right", "right"], rank=r, oversample=4, power_iters=1)
+    cold = refresh_bases(grads, [None, None], [1, 2], **kw)
+    warm = refresh_bases(grads, [p for p, _, _ in cold], [3, 4], **kw)
     for g, (p, captured, total) in zip(grads * 2, [*cold, *warm], strict=True):
         s2 = torch.linalg.svdvals(g.double().cpu()).square()
         best = float(s2[:r].sum())

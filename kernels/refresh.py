@@ -1,19 +1,14 @@
-"""Fast subspace refresh: randomized range finder / warm subspace iteration with GEMM kernels.
+"""The refresh's products as Triton GEMMs: ``linalg.range_finder`` and CholeskyQR run on these.
 
-For A = G (left basis) or G^T (right basis), d x c, and k = rank + oversample columns:
+The algorithm (randomized range finder, warm subspace iteration, CholeskyQR2 with its shifted and
+Householder fallbacks, Rayleigh-Ritz) is written once, in ``subspace_optim.linalg``, over a ``Products``
+object; this module supplies a subclass whose products are batched, strided GEMM launches over pointer
+arrays: same-layout gradients of a batch are never stacked or copied, a transpose is a stride swap, the
+cold sketch A Omega generates Omega inside the GEMM (a counter-based Philox Gaussian, never stored), and the
+CholeskyQR Gram matrices Y^T Y are exact-product fp64 GEMMs. The k x k factorizations stay in torch.
 
-    cold:  Y = A Omega                          (Omega c x k, generated inside the GEMM, never stored)
-    warm:  Y = A A^T [P_old | Omega' / sqrt(d)] (Omega' d x oversample, generated inside the GEMM)
-    then power iterations Y <- A (A^T orth(Y)), Q = orth(Y), and Rayleigh-Ritz (every A^T product that
-    feeds another product with A is divided by ||A||_F, so nothing overflows for a huge finite gradient):
-    B = A^T Q, B^T B = W diag(lambda) W^T (fp64 eigh, k x k), P = Q W[:, :rank], captured = sum lambda[:rank].
-
-orth is CholeskyQR2 from two kernels (the fp64 Gram Y^T Y and the product Y R^-1) with the k x k
-Cholesky on the host, a shifted CholeskyQR3 retry and a Householder fallback (as linalg.orthonormalize).
-The reference warm start orthonormalizes [P_old | Omega'] before multiplying; here the Gaussian columns
-are scaled to unit expected norm instead, which spans the same subspace (A A^T is linear) without
-materializing Omega'. The Gaussians differ from ``linalg.gaussian``'s (Philox in the kernel vs torch's
-generator), so bases agree with the reference as subspaces, not bit for bit.
+The Gaussians differ from ``linalg.gaussian``'s (Philox in the kernel vs torch's generator), so bases
+agree with the reference as subspaces, not bit for bit.
 """
 
 from __future__ import annotations
@@ -26,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..linalg import inverse_norm
+from .. import linalg
 from ._common import Blocks, check_same_layout, default_blocks, device_guard, host_table, pointer_array, tl_dtype
 from .gemm import batched_gemm_kernel, gaussian_kernel
 
@@ -118,152 +113,84 @@ def gaussian(rows: int, cols: int, seed: int, device: torch.device | str = "cpu"
     return out
 
 
-def _cholesky_qr(y: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One batched CholeskyQR pass Q = Y R^-1, R^T R = Y^T Y (+ shift I); returns Q and per-member ok."""
-    batch, _, k = y.shape
-    h = gram(y)
-    if shift is not None:
-        h.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
-    chol, info = torch.linalg.cholesky_ex(h)
-    ok = info == 0
-    eye = torch.eye(k, dtype=h.dtype, device=h.device).expand(batch, k, k)
-    chol = torch.where(ok[:, None, None], chol, eye)  # failed members get a harmless R; they are redone
-    r_inv = torch.linalg.solve_triangular(chol, eye, upper=False).mT.float().contiguous()
-    q = bmm(Mat.of(list(y.unbind(0))), Mat.of(list(r_inv.unbind(0))), torch.empty_like(y))
-    return q, ok & torch.isfinite(q).flatten(1).all(dim=1)
+class KernelProducts(linalg.Products):
+    """``linalg.Products`` for a batch of same-layout gradients G_b, with A_b = G_b (left) or G_b^T (right)."""
+
+    def __init__(self, grads: Sequence[Tensor], side: str, seeds: Sequence[int], precision: str = "ieee") -> None:
+        self.mats = list(grads)
+        self.seeds = [int(s) for s in seeds]
+        self.slab = linalg.UNSHARDED
+        self.device = self.mats[0].device
+        a = Mat.of(self.mats)
+        self.matrix = a.t if side == "right" else a
+        self.seed_table = host_table(self.seeds, torch.int64, self.device)
+        self.precision = precision
+
+    @property
+    def rows(self) -> int:
+        return self.matrix.rows
+
+    @property
+    def columns(self) -> int:
+        return self.matrix.cols
+
+    def _out(self, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.empty(len(self.mats), rows, cols, dtype=dtype, device=self.device)
+
+    def energy(self) -> Tensor:
+        return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in self.mats])
+
+    def sketch(self, k: int) -> Tensor:
+        return bmm(self.matrix, None, self._out(self.rows, k), seeds=self.seed_table, precision=self.precision)
+
+    def gaussian(self, rows: int, cols: int) -> Tensor:
+        return torch.stack([gaussian(rows, cols, seed, self.device) for seed in self.seeds])
+
+    def at(self, q: Tensor) -> Tensor:
+        return bmm(self.matrix.t, _stacked(q), self._out(self.columns, q.shape[2]), precision=self.precision)
+
+    def a(self, z: Tensor) -> Tensor:
+        return bmm(self.matrix, _stacked(z), self._out(self.rows, z.shape[2]), precision=self.precision)
+
+    def mm(self, x: Tensor, y: Tensor) -> Tensor:
+        return bmm(_stacked(x), _stacked(y), self._out(x.shape[1], y.shape[2]), precision=self.precision)
+
+    def gram64(self, y: Tensor) -> Tensor:
+        return gram(y)
 
 
-def _orthonormalize_hard(y: Tensor) -> Tensor:
-    """The slow path for one member (1, d, k): shifted CholeskyQR3, then Householder. A non-finite Y gives a
-    NaN Q (the caller keeps the previous basis then, as ``reference.compute_basis`` does) rather than the
-    LinAlgError that the spectral norm would raise."""
-    _, d, k = y.shape
-    if not bool(torch.isfinite(y).all()):
-        return torch.full_like(y, float("nan"))
-    norm2 = float(torch.linalg.matrix_norm(y[0].double(), ord=2)) ** 2
-    if 0.0 < norm2 < float("inf"):
-        shift = 11.0 * (d * k + k * (k + 1)) * torch.finfo(torch.float64).eps * norm2
-        q, ok = _cholesky_qr(y, torch.full((1,), shift, dtype=torch.float64, device=y.device))
-        for _ in range(2):
-            if not bool(ok.all()):
-                break
-            q, ok = _cholesky_qr(q)
-        if bool(ok.all()):
-            return q
-    q, _ = torch.linalg.qr(y[0].double())
-    return q.float()[None]
+def _stacked(t: Tensor) -> Mat:
+    return Mat.of(list(t.unbind(0)))
 
 
-def orthonormalize(y: Tensor) -> Tensor:
-    """Orthonormal bases of span(Y_i) for a stacked fp32 Y (batch, d, k), d >= k: batched CholeskyQR2,
-    and members whose Gram matrix is not positive definite take the shifted / Householder path."""
-    if y.shape[1] < y.shape[2]:
-        raise ValueError(f"orthonormalize needs tall matrices, got {y.shape[1]} x {y.shape[2]}")
-    with device_guard(y.device):
-        q1, ok1 = _cholesky_qr(y)
-        q, ok2 = _cholesky_qr(q1)
-        ok = (ok1 & ok2).tolist()
-        for i, good in enumerate(ok):
-            if not good:
-                q[i] = _orthonormalize_hard(y[i : i + 1].clone())[0]
-    return q
-
-
-def _range_finder(
-    gs: list[Tensor],
-    side: str,
+def refresh_bases(
+    grads: Sequence[Tensor],
+    previous: Sequence[Tensor | None],
+    seeds: Sequence[int],
+    *,
+    sides: Sequence[str],
     rank: int,
     oversample: int,
     power_iters: int,
-    seeds: list[int],
-    previous: list[Tensor] | None,
-    precision: str,
-) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """One batch of same-layout gradients; see the module docstring for the math."""
-    dev = gs[0].device
-    batch = len(gs)
-    a = Mat.of(gs)
-    if side == "right":
-        a = a.t
-    d, c = a.rows, a.cols
-    seed_t = host_table(seeds, torch.int64, dev)
-    mm = dict(precision=precision)
-    totals = [torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in gs]
-    # The c x k middle products are divided by ||A||_F per member, as in linalg.range_finder_basis.
-    inv_norm = inverse_norm(torch.stack(totals))[:, None, None]
-    if previous is None:
-        k = min(rank + oversample, d, c)
-        y = bmm(a, None, torch.empty(batch, d, k, device=dev), seeds=seed_t, **mm)
-        iterations = power_iters
-    else:
-        r0 = previous[0].shape[1]
-        k = min(r0 + oversample, d)
-        start = Mat.of(previous)
-        if start.rows != d:
-            raise ValueError(f"previous basis has {start.rows} rows, the gradient needs {d}")
-        z = bmm(a.t, start, torch.empty(batch, c, k, device=dev), seeds=seed_t, b_stored=r0, gauss_scale=d**-0.5, **mm)
-        z.mul_(inv_norm)
-        y = bmm(a, Mat.of(list(z.unbind(0))), torch.empty(batch, d, k, device=dev), **mm)
-        iterations = max(power_iters - 1, 0)
-    z = torch.empty(batch, c, k, device=dev)
-    for _ in range(iterations):
-        q = orthonormalize(y)
-        bmm(a.t, Mat.of(list(q.unbind(0))), z, **mm).mul_(inv_norm)
-        bmm(a, Mat.of(list(z.unbind(0))), y, **mm)
-    q = orthonormalize(y)
-    bmm(a.t, Mat.of(list(q.unbind(0))), z, **mm)  # B = A^T Q
-    evals, evecs = torch.linalg.eigh(gram(z))
-    order = torch.argsort(evals, dim=-1, descending=True)[:, :rank]
-    w = torch.gather(evecs, 2, order[:, None, :].expand(batch, k, rank)).float().contiguous()
-    p = bmm(Mat.of(list(q.unbind(0))), Mat.of(list(w.unbind(0))), torch.empty(batch, d, rank, device=dev), **mm)
-    captured = torch.gather(evals, 1, order).clamp_min(0).sum(dim=1)
-    # own storage for P: state_dict saves views whole
-    return [(p[i].clone(), captured[i].clone(), totals[i]) for i in range(batch)]
-
-
-def refresh_batch(
-    grads: Sequence[Tensor],
-    sides: Sequence[str],
-    rank: int | Sequence[int],
-    *,
-    oversample: int,
-    power_iters: int,
-    seeds: Sequence[int],
-    previous: Sequence[Tensor | None] | None = None,
-    input_precision: str = "ieee",
-) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """New bases for many gradients (``linalg.range_finder_basis`` semantics), batched by layout.
-
-    Returns, per gradient and in order, (P, captured, total): P (d x rank, fp32, orthonormal columns),
-    captured = ||P^T A||_F^2 and total = ||A||_F^2 as 0-d fp64 tensors (``linalg.Basis(*item)``).
-    ``previous[i]`` (d x r, or None) selects a warm start for that matrix. Gradients that share side,
-    shape, dtype, stride, rank and warm/cold are refreshed together: each GEMM is one launch per batch.
-    """
+    matmul_precision: str = "ieee",
+) -> list[linalg.Basis]:
+    """The Triton twin of ``functional.refresh_bases`` for the ``warm``/``rsvd`` policies (``previous[i]``
+    None: a cold refresh). Gradients sharing side, shape, dtype, stride and warm/cold are one batch: each
+    product is one launch per batch. Bases may be non-finite; the caller applies the refresh fallback."""
     count = len(grads)
-    ranks = [rank] * count if isinstance(rank, int) else list(rank)
-    prevs = list(previous) if previous is not None else [None] * count
-    if {len(sides), len(ranks), len(seeds), len(prevs)} != {count}:
-        raise ValueError("refresh_batch: every argument list needs one entry per gradient")
+    if {len(previous), len(seeds), len(sides)} != {count}:
+        raise ValueError("refresh_bases: every argument list needs one entry per gradient")
     batches: dict[tuple, list[int]] = {}
     for i, g in enumerate(grads):
-        prev = prevs[i]
+        prev = previous[i]
         warm = None if prev is None else (tuple(prev.shape), prev.stride(), prev.dtype)
-        key = (sides[i], g.device, tuple(g.shape), g.dtype, g.stride(), ranks[i], warm)
-        batches.setdefault(key, []).append(i)
-    results: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * count
-    for key, idx in batches.items():
-        side, dev, rank_i, warm = key[0], key[1], key[5], key[6]
+        batches.setdefault((sides[i], g.device, tuple(g.shape), g.dtype, g.stride(), warm), []).append(i)
+    results: list[linalg.Basis | None] = [None] * count
+    for (side, dev, *_rest, warm), idx in batches.items():
         with device_guard(dev):  # every launch, table copy and host-side factorization on the batch's device
-            out = _range_finder(
-                [grads[i] for i in idx],
-                side,
-                rank_i,
-                oversample,
-                power_iters,
-                [int(seeds[i]) for i in idx],
-                None if warm is None else [prevs[i].float() for i in idx],
-                input_precision,
-            )
+            products = KernelProducts([grads[i] for i in idx], side, [seeds[i] for i in idx], matmul_precision)
+            start = None if warm is None else torch.stack([previous[i].float() for i in idx])
+            out = linalg.range_finder(products, rank, oversample=oversample, power_iters=power_iters, start=start)
         for i, item in zip(idx, out, strict=True):
             results[i] = item
     return results  # type: ignore[return-value]

@@ -12,7 +12,6 @@ shape. W (bf16 or fp32) is read and written once, rounded once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import triton
@@ -29,11 +28,11 @@ from ._common import (
     pointer_array,
     tl_dtype,
 )
+from ..inner import adam_scalars
 from .gemm import dot_tile, tile_ids
 
-# Columns of the per-member hyperparameter table (fp32, one row per matrix of a batch).
-_W1, _B2, _W2, _EPS, _BC2, _ALPHA, _DECAY = range(7)
-_HYPER = 8
+# The per-member table holds ``inner.AdamScalars`` in field order (w1, b2, w2, eps, sqrt(1 - b2^t), alpha,
+# decay), padded to 8 columns: one fp32 row per matrix of a batch.
 
 
 @triton.jit
@@ -161,21 +160,6 @@ def back_update_kernel(
     tl.store(wp + off, w.to(W_DT), mask=mask)
 
 
-def hyper_row(group: dict[str, Any], age: int) -> list[float]:
-    """One matrix's table row: the scalars of both epilogues, bias corrections folded in on the host."""
-    beta1, beta2 = group["betas"]
-    lr = float(group["lr"])
-    row = [0.0] * _HYPER
-    row[_W1] = 1.0 - beta1
-    row[_B2] = beta2
-    row[_W2] = 1.0 - beta2
-    row[_EPS] = float(group["eps"])
-    row[_BC2] = (1.0 - beta2**age) ** 0.5
-    row[_ALPHA] = lr * float(group["scale"]) / (1.0 - beta1**age)
-    row[_DECAY] = 1.0 - lr * float(group["weight_decay"])
-    return row
-
-
 def _launch_group(
     ws: list[Tensor],
     gs: list[Tensor],
@@ -248,32 +232,33 @@ def _launch_group(
     )  # fmt: skip
 
 
-def step_projected_batch(
+def subspace_adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     bases: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
-    ages: Sequence[int],
-    groups: Sequence[dict[str, Any]],
-    sides: Sequence[str],
+    steps: Sequence[int],
     *,
-    input_precision: str = "ieee",
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    sides: Sequence[str],
+    matmul_precision: str = "ieee",
     blocks: Blocks | None = None,
-) -> int:
-    """``reference.projected_adamw`` for many matrices at once, in place; returns the number of batches.
+) -> None:
+    """The Triton twin of ``functional.subspace_adamw``: the same arguments, the same update, in place.
 
-    ``grads[i]`` is matrix i's gradient viewed as G (m x n); ``params[i]`` is its weight, of any shape
-    that views as (m, n) without a copy. Matrices sharing side, shapes, dtypes and strides form one
-    batch: two kernel launches per batch, whatever its size (1 included). ``groups[i]`` holds lr,
-    betas, eps, weight_decay, scale (hyperparameters may differ within a batch); ``ages[i]`` is the
-    moments' age t, already counting this step. ``input_precision="ieee"`` keeps fp32 GEMM semantics
+    ``grads[i]`` is matrix i's gradient viewed as G (m x n); ``params[i]`` its weight, of any shape that
+    views as (m, n) without a copy. Matrices sharing side, shapes, dtypes and strides form one batch: two
+    kernel launches per batch, whatever its size. ``matmul_precision="ieee"`` keeps fp32 GEMM semantics
     (the reference's); ``"tf32"`` trades that for tensor-core speed.
     """
     count = len(grads)
-    lengths = {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, ages, groups, sides)}
-    if lengths != {count}:
-        raise ValueError("step_projected_batch: every argument list needs one entry per matrix")
+    if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {count}:
+        raise ValueError("subspace_adamw: every argument list needs one entry per matrix")
     blocks = blocks or default_blocks()
     batches: dict[tuple, list[int]] = {}
     ws = []
@@ -287,17 +272,19 @@ def step_projected_batch(
         batches.setdefault(key, []).append(i)
     for key, idx in batches.items():
         dev = grads[idx[0]].device
+        rows = []
+        for i in idx:
+            s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
+            rows.append([s.w1, s.beta2, s.w2, s.eps, s.bias2_sqrt, s.alpha, s.decay, 0.0])
         with device_guard(dev):
-            hyper = host_table([hyper_row(groups[i], ages[i]) for i in idx], torch.float32, dev)
             _launch_group(
                 [ws[i] for i in idx],
                 [grads[i] for i in idx],
                 [bases[i] for i in idx],
                 [exp_avgs[i] for i in idx],
                 [exp_avg_sqs[i] for i in idx],
-                hyper,
+                host_table(rows, torch.float32, dev),
                 key[0],
                 blocks,
-                input_precision,
+                matmul_precision,
             )
-    return len(batches)

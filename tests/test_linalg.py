@@ -47,9 +47,9 @@ def test_orthonormalize_shifted_retry_when_fp64_gram_is_indefinite(monkeypatch):
     shifts = []
     original = linalg._cholesky_qr
 
-    def spy(x, shift=0.0):
+    def spy(x, products, shift=0.0):
         shifts.append(shift)
-        return original(x, shift)
+        return original(x, products, shift)
 
     monkeypatch.setattr(linalg, "_cholesky_qr", spy)
     q = linalg.orthonormalize(y)

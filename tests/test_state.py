@@ -172,3 +172,46 @@ def test_checkpoint_from_before_an_option_existed_loads_with_its_default():
     for group in fresh.param_groups:
         assert group["matmul_precision"] == "auto" and group["refresh_owner"] == "all"
     _step(net, fresh, 1)
+
+
+def _release_module():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "data", "make_release_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("make_release_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_RELEASE = _release_module()
+_FROZEN = torch.load(
+    __import__("os").path.join(__import__("os").path.dirname(__file__), "data", "release_checkpoint.pt"),
+    weights_only=True,
+)
+
+
+@pytest.mark.parametrize("case", range(len(_FROZEN["cases"])))
+def test_release_checkpoint_resumes_bit_identically(case):
+    """A checkpoint saved by the release at 552fb61 (tests/data/make_release_checkpoint.py) resumes with the
+    current code to exactly the weights and state that release reached."""
+    frozen = _FROZEN["cases"][case]
+    dtype = getattr(torch, frozen["dtype"].removeprefix("torch."))
+    model = _RELEASE.net(dtype)
+    model.load_state_dict(frozen["model"])
+    opt = _RELEASE.optimizer(model, frozen["options"])
+    opt.load_state_dict(torch.load(io.BytesIO(frozen["optimizer"]), weights_only=True))
+    for i in range(_FROZEN["split"], _FROZEN["total"]):
+        _RELEASE.step(model, opt, i)
+    for key, value in frozen["final_model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    expected = torch.load(io.BytesIO(frozen["final_optimizer"]), weights_only=True)
+    got = _roundtrip(opt.state_dict())
+    assert got["param_groups"] == expected["param_groups"]
+    for pid, entry in expected["state"].items():
+        assert got["state"][pid].keys() == entry.keys(), pid
+        for key, value in entry.items():
+            other = got["state"][pid][key]
+            same = torch.equal(value, other) and value.dtype == other.dtype if isinstance(value, torch.Tensor) else value == other
+            assert same, (pid, key)

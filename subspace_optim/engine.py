@@ -1,0 +1,82 @@
+"""Which engine runs a matrix: the user's ``engine`` option resolved against the tensors and the device.
+
+``"reference"`` is PyTorch everywhere. ``"auto"`` takes the Triton kernels for plain, contiguous CUDA
+matrices of a supported dtype once the kernels pass their first-use self-check there (``kernels.probe``),
+and the reference otherwise. ``"triton"`` is obeyed: every projected matrix takes the kernels, on CUDA or,
+under ``TRITON_INTERPRET=1``, on the CPU; a matrix they cannot take is an error before anything changes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .distributed import is_dtensor, local
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# device -> None (the kernels passed their self-check there) or why they failed; probed once per process.
+_PROBED: dict[str, str | None] = {}
+
+
+def _passes_probe(device: torch.device, engine: str) -> bool:
+    """Whether the kernels passed their self-check on ``device`` (run on first use). On failure ``"auto"``
+    warns once and keeps the reference path; ``"triton"`` raises, since the user asked for the kernels."""
+    key = str(device)
+    if key not in _PROBED:
+        _PROBED[key] = kernels.probe(device)
+        if _PROBED[key] is not None and engine == "auto":
+            warnings.warn(
+                f"SubspaceAdamW: the Triton kernels failed their self-check on {key} ({_PROBED[key]}); "
+                "using the PyTorch reference engine there (set engine='reference' to silence this)",
+                stacklevel=5,
+            )
+    error = _PROBED[key]
+    if error is not None and engine == "triton":
+        raise RuntimeError(
+            f"engine='triton': the Triton kernels failed their self-check on {key}: {error}. "
+            "Use engine='auto' (falls back to the PyTorch path) or engine='reference'."
+        )
+    return error is None
+
+
+def kernel_refusal(p: Tensor, grad: Tensor) -> str | None:
+    """Why the kernels cannot take this matrix (None: they can)."""
+    if not kernels.available():
+        return "the triton package is not installed (pip install triton)"
+    device = local(p).device
+    if not kernels.runs_on(device):
+        return f"it is on {device}: the kernels run on CUDA, or on the CPU only under TRITON_INTERPRET=1"
+    if p.dtype not in KERNEL_DTYPES or grad.dtype != p.dtype:
+        return f"weight {p.dtype} / gradient {grad.dtype}: the kernels take fp32, bf16 or fp16, the same for both"
+    return None
+
+
+def check(engine: str, p: Tensor, name: str) -> None:
+    """Raise, before a step changes anything, if ``engine="triton"`` was asked for a matrix it cannot take."""
+    if engine == "triton":
+        why = kernel_refusal(p, p.grad)
+        if why is not None:
+            raise ValueError(f"engine='triton' cannot run parameter {name}: {why}. Use engine='auto' or 'reference'.")
+
+
+def choose(engine: str, p: Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for one projected matrix with a gradient (``check`` has passed)."""
+    if engine == "reference":
+        return "reference"
+    if engine == "auto":
+        plain = not is_dtensor(p) and p.is_contiguous() and p.grad.is_contiguous() and p.device.type == "cuda"
+        if not (plain and kernel_refusal(p, p.grad) is None):
+            return "reference"
+    return "triton" if _passes_probe(local(p).device, engine) else "reference"
+
+
+def matmul_precision(choice: str, dtype: torch.dtype) -> str:
+    """The Triton step's GEMM precision. ``"auto"`` picks TF32 only where it cannot round the gradient: a
+    bf16 (8-bit mantissa) or fp16 (10-bit) value is exact in TF32 (10-bit)."""
+    if choice != "auto":
+        return choice
+    return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"

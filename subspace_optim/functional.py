@@ -1,0 +1,154 @@
+"""The functional core, in ``torch.optim.adam.adam``'s style: lists of tensors in, in-place updates out.
+
+``subspace_adamw`` (the projected AdamW step) and ``refresh_bases`` (new subspace bases) each dispatch to
+the reference implementation in PyTorch or to its Triton twin in ``subspace_optim.kernels``, which has
+the same signature. ``engine`` is obeyed as given: the optimizer decides ``"auto"`` per matrix
+(``engine.choose``), and callers (tests, benchmarks, the layer-wise mode) may force either one, e.g. the
+interpreted kernels on CPU tensors under ``TRITON_INTERPRET=1``.
+
+These functions assume valid, finite inputs: the optimizer validates everything (options, gradients,
+finiteness) before it calls them, which is what makes a step all or nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import kernels, linalg, subspace
+from .inner import adam_scalars, projected_adamw
+
+
+def subspace_adamw(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bases: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    sides: Sequence[str],
+    engine: str = "reference",
+    matmul_precision: str = "ieee",
+) -> None:
+    r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
+
+    ``grads[i]`` is G_i (m x n); ``params[i]`` the weight, any shape that views as (m, n); ``bases[i]``
+    P_i (d x r, orthonormal columns, d = m for ``sides[i] == "left"``, n for ``"right"``); the moments
+    have the projected shape (r x n or m x r) and are fp32; ``steps[i]`` is the moments' age t, already
+    counting this step. ``matmul_precision`` applies to the Triton engine ("ieee" or "tf32").
+    """
+    if engine == "triton":
+        kernels.subspace_adamw(
+            params, grads, bases, exp_avgs, exp_avg_sqs, steps,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
+            matmul_precision=matmul_precision,
+        )  # fmt: skip
+        return
+    if engine != "reference":
+        raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
+    for i, p in enumerate(params):
+        s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
+        projected_adamw(p, grads[i], bases[i], exp_avgs[i], exp_avg_sqs[i], s, sides[i])
+
+
+def refresh_bases(
+    grads: Sequence[Tensor],
+    previous: Sequence[Tensor | None],
+    seeds: Sequence[int],
+    *,
+    sides: Sequence[str],
+    rank: int,
+    policy: str,
+    oversample: int,
+    power_iters: int,
+    slabs: Sequence[linalg.Slab] | None = None,
+    engine: str = "reference",
+    matmul_precision: str = "ieee",
+) -> list[linalg.Basis]:
+    """A new basis for each gradient G_i (m x n, or this rank's rows of it with ``slabs[i]``).
+
+    ``policy`` is the refresh (``subspace.refresh_basis``); ``previous[i]`` the current basis or None;
+    ``seeds[i]`` the sketch seed (``linalg.sketch_seed``). Never returns a non-finite basis: a refresh
+    that fails (a factorization refuses the numbers, or a finite gradient still overflows fp32 inside a
+    power iteration) keeps the previous basis, or on a first refresh the seeded random one
+    (``kept_basis``). ``engine="triton"`` runs ``warm``/``rsvd`` on the Triton products; ``svd`` and
+    ``random`` are torch operations on either engine, and row-sharded gradients (``slabs``) take the
+    reference products, whose reductions the kernels do not implement.
+    """
+    count = len(grads)
+    slabs = list(slabs) if slabs is not None else [linalg.UNSHARDED] * count
+    if {len(previous), len(seeds), len(sides), len(slabs)} != {count}:
+        raise ValueError("refresh_bases: every argument list needs one entry per gradient")
+    out: list[linalg.Basis | None] = [None] * count
+    fast = [
+        i for i in range(count)
+        if engine == "triton" and policy in ("warm", "rsvd") and slabs[i] is linalg.UNSHARDED
+    ]  # fmt: skip
+    if fast:
+        try:
+            items = kernels.refresh_bases(
+                [grads[i] for i in fast],
+                [previous[i] if policy == "warm" else None for i in fast],
+                [seeds[i] for i in fast],
+                sides=[sides[i] for i in fast],
+                rank=rank,
+                oversample=oversample,
+                power_iters=power_iters,
+                matmul_precision=matmul_precision,
+            )
+            for i, item in zip(fast, items, strict=True):
+                out[i] = item
+        except torch.linalg.LinAlgError:
+            pass  # a factorization refused one member's numbers: the reference redoes the batch below
+    for i in range(count):
+        if out[i] is None:
+            out[i] = _reference_basis(grads[i], previous[i], seeds[i], sides[i], rank, policy, oversample,
+                                      power_iters, slabs[i])  # fmt: skip
+        elif not bool(torch.isfinite(out[i].basis).all()):
+            d = out[i].basis.shape[0]
+            out[i] = kept_basis(previous[i], d, rank, seeds[i], grads[i].device, out[i].total)
+    return out  # type: ignore[return-value]
+
+
+def _reference_basis(
+    g: Tensor,
+    previous: Tensor | None,
+    seed: int,
+    side: str,
+    rank: int,
+    policy: str,
+    oversample: int,
+    power_iters: int,
+    slab: linalg.Slab,
+) -> linalg.Basis:
+    try:
+        new = subspace.refresh_basis(
+            g, side, rank, policy=policy, previous=previous, oversample=oversample,
+            power_iters=power_iters, seed=seed, slab=slab,
+        )  # fmt: skip
+    except torch.linalg.LinAlgError:
+        # eigh/svd refuse non-finite input. Every rank of a sharded refresh holds the same reduced
+        # matrices, so they all take this branch together and no collective is left waiting.
+        new = None
+    if new is not None and bool(torch.isfinite(new.basis).all()):
+        return new
+    d = subspace.basis_dim(side, *g.shape)  # a row shard keeps every column, so this holds sharded too
+    total = new.total if new is not None else linalg.energy(g.float(), slab)
+    return kept_basis(previous, d, rank, seed, g.device, total)
+
+
+def kept_basis(
+    previous: Tensor | None, d: int, rank: int, seed: int, device: torch.device, total: Tensor
+) -> linalg.Basis:
+    """What a refresh that failed returns: the previous basis (on a first refresh, the seeded random one),
+    capturing nothing of the gradient's energy ``total``."""
+    basis = previous if previous is not None else linalg.random_basis(d, rank, seed, device)
+    return linalg.Basis(basis, total.new_zeros(()), total)

@@ -1,0 +1,226 @@
+"""Every SubspaceAdamW option, once: name, default, kind, choices, galore alias and help.
+
+The table drives the constructor's validation and error messages, the coercion of numbers to plain
+Python values (a numpy scalar in a group would make ``torch.load(weights_only=True)`` refuse the state
+dict), galore-torch's key aliases, the Trainer's ``optim_args`` parser and the ``subspace-optim pretrain``
+flags. Adding an option is adding a row.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
+
+NONFINITE_POLICIES = ("skip", "raise")
+ENGINES = ("auto", "reference", "triton")
+REFRESH_OWNERS = ("all", "round_robin")
+MATMUL_PRECISIONS = ("auto", "ieee", "tf32")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option. ``kind`` is one of: ``lr`` (number or 1-element tensor >= 0), ``betas``, ``real``
+    (finite number; ``low`` is its bound, ``open`` whether the bound is excluded), ``int`` (``low`` is
+    the smallest allowed value, None for any int), ``rank`` (positive int or None), ``choice``,
+    ``bool_or_none``. ``label`` is the name in torch's error wording ("Invalid learning rate: ...")."""
+
+    name: str
+    default: Any
+    kind: str
+    help: str
+    choices: tuple[str, ...] = ()
+    alias: str | None = None
+    low: float | None = None
+    open: bool = False
+    label: str | None = None
+    fix: str = ""
+    type_error: bool = False  # a value of the wrong type raises TypeError (else ValueError, as released)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("lr", 1e-3, "lr", "learning rate", low=0.0, label="learning rate", fix="must be a finite number >= 0, e.g. lr=1e-3"),
+    Option("betas", (0.9, 0.999), "betas", "Adam's moment decay rates (beta1, beta2), each in [0, 1)"),
+    Option(
+        "eps", 1e-8, "real", "added to sqrt(v_hat)", low=0.0, open=True, label="epsilon value",
+        fix="must be a finite number > 0, e.g. eps=1e-8 (with 0 a zero gradient divides 0 by 0)",
+    ),
+    Option(
+        "weight_decay", 0.0, "real", "decoupled weight decay, applied in full space", low=0.0,
+        label="weight_decay value", fix="must be a finite number >= 0 (0 disables it)",
+    ),
+    Option(
+        "rank", None, "rank", "subspace rank r; None: plain AdamW for the group",
+        fix="rank must be a positive int (e.g. rank=128), or None for plain AdamW",
+    ),
+    Option(
+        "update_gap", 200, "int", "refresh the basis every this many optimizer steps", alias="update_proj_gap",
+        low=1, fix="update_gap (galore: update_proj_gap) must be a positive int, e.g. 200", type_error=True,
+    ),
+    Option(
+        "scale", 0.25, "real", "multiplier alpha on the projected-back update (GaLore's scale)", low=0.0, open=True,
+        fix="scale must be a finite number > 0 (GaLore uses 0.25)",
+    ),
+    Option("refresh", "warm", "choice", "how a basis is refreshed", REFRESH_POLICIES),
+    Option("moments", "rotate", "choice", "what Adam's moments do when the basis changes", MOMENT_POLICIES),
+    Option("proj_type", "std", "choice", "which side carries the basis", PROJ_TYPES),
+    Option("oversample", 8, "int", "extra sketch columns for warm/rsvd refreshes", low=0),
+    Option("power_iters", 1, "int", "power (subspace) iterations for warm/rsvd refreshes", low=0),
+    Option("seed", 0, "int", "sketch seed: sketches depend on (seed, parameter index, refresh count) only",
+           type_error=True),
+    Option("nonfinite", "skip", "choice", "a NaN/Inf gradient skips that parameter's step, or raises",
+           NONFINITE_POLICIES),
+    Option("engine", "auto", "choice", "compute engine of the step and the refresh", ENGINES),
+    Option("foreach", None, "bool_or_none", "torch's foreach AdamW for the unprojected parameters"),
+    Option("refresh_owner", "all", "choice",
+           "data parallel: every rank refreshes every basis, or each basis on one rank and broadcast",
+           REFRESH_OWNERS),
+    Option("consistency_check_every", 0, "int",
+           "data parallel: compare bases across ranks every this many refreshes (0: never)", low=0),
+    Option("matmul_precision", "auto", "choice", "precision of the Triton step's GEMMs", MATMUL_PRECISIONS),
+)  # fmt: skip
+
+BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
+ALIASES: dict[str, str] = {o.alias: o.name for o in OPTIONS if o.alias}
+# Group keys that are not options but that torch or our helpers put into groups.
+GROUP_KEYS = frozenset({"params", "param_names", "initial_lr"})
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _scalar(x: Any) -> Any:
+    """A 1-element tensor's value (torch accepts tensor lr and betas); anything else unchanged."""
+    return x.item() if isinstance(x, Tensor) and x.numel() == 1 else x
+
+
+def _fail(option: Option, value: Any, where: str, why: str, exc: type[Exception] = ValueError) -> None:
+    label = option.label or option.name
+    raise exc(f"Invalid {label}: {value!r} {where} - {why}")
+
+
+def _check_real(option: Option, value: Any, where: str) -> None:
+    value = _scalar(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and option.low is not None:
+        ok = value > option.low if option.open else value >= option.low
+    if not ok:
+        _fail(option, value, where, option.fix)
+
+
+def _check_betas(value: Any, foreach: bool | None, where: str) -> None:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        _fail(BY_NAME["betas"], value, where, "betas must be a pair (beta1, beta2), e.g. betas=(0.9, 0.999)", TypeError)
+    if isinstance(value[0], Tensor) != isinstance(value[1], Tensor):
+        raise ValueError(f"betas must be either both floats or both Tensors {where}, got {value!r}")
+    for i, beta in enumerate(value):
+        if isinstance(beta, Tensor):
+            if foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+        beta = _scalar(beta)
+        if not (isinstance(beta, numbers.Real) and not isinstance(beta, bool) and 0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} {where} - must be in [0, 1)")
+
+
+def _check_lr(value: Any, foreach: bool | None, where: str) -> None:
+    if isinstance(value, Tensor):
+        if foreach:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if value.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    _check_real(BY_NAME["lr"], value, where)
+
+
+def validate(options: dict[str, Any], where: str) -> None:
+    """Raise a ValueError/TypeError naming the bad option, its value and the fix (torch's wording for the
+    AdamW hyperparameters: "Invalid learning rate: -1.0 ...")."""
+    foreach = options.get("foreach")
+    for option in OPTIONS:
+        value = options[option.name]
+        kind = option.kind
+        if kind == "lr":
+            _check_lr(value, foreach, where)
+        elif kind == "betas":
+            _check_betas(value, foreach, where)
+        elif kind == "real":
+            _check_real(option, value, where)
+        elif kind == "rank":
+            if value is not None:
+                if not _is_int(value):
+                    _fail(option, value, where, option.fix, TypeError)
+                if value <= 0:
+                    _fail(option, value, where, option.fix)
+        elif kind == "int":
+            fix = option.fix or (f"{option.name} must be an int" + ("" if option.low is None else f" >= {option.low}"))
+            if not _is_int(value):
+                _fail(option, value, where, fix, TypeError if option.type_error else ValueError)
+            if option.low is not None and value < option.low:
+                _fail(option, value, where, fix)
+        elif kind == "choice":
+            if value not in option.choices:
+                _fail(option, value, where, f"use one of {', '.join(repr(c) for c in option.choices)}")
+        elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
+            _fail(option, value, where, f"{option.name} must be True, False or None", TypeError)
+
+
+def plain_numbers(options: dict[str, Any]) -> None:
+    """Store validated numbers as Python int/float (tensor lr and betas stay tensors, as in torch)."""
+    for name, value in list(options.items()):
+        option = BY_NAME.get(name)
+        if option is None or value is None:
+            continue
+        if option.kind in ("int", "rank"):
+            options[name] = int(value)
+        elif option.kind == "real" or (option.kind == "lr" and not isinstance(value, Tensor)):
+            options[name] = float(value)
+        elif option.kind == "betas":
+            options[name] = tuple(b if isinstance(b, Tensor) else float(b) for b in value)
+
+
+def translate_aliases(group: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of ``group`` with galore-torch's key names replaced by ours (both given: they must agree)."""
+    group = dict(group)
+    for alias, name in ALIASES.items():
+        if alias in group:
+            value = group.pop(alias)
+            if name in group and group[name] != value:
+                raise ValueError(f"{where} sets both {alias}={value!r} and {name}={group[name]!r}; keep one")
+            group[name] = value
+    return group
+
+
+def parse_text(name: str, text: str) -> Any:
+    """An option's value from text (``optim_args``, command-line flags), typed by its table row."""
+    option = BY_NAME[ALIASES.get(name, name)]
+    lowered = text.strip().lower()
+    if option.kind == "bool_or_none":
+        if lowered in ("none", "null", "auto", ""):
+            return None
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} expects true/false, got {text!r}")
+    if option.kind == "rank" and lowered in ("none", "null"):
+        return None
+    if option.kind in ("int", "rank"):
+        return int(text)
+    if option.kind in ("real", "lr"):
+        return float(text)
+    if option.kind == "betas":
+        return tuple(float(t) for t in text.strip("()[] ").split(","))
+    return text.strip()
+
+
+def describe() -> str:
+    """The option list for error messages: every name, with galore's alias."""
+    return ", ".join(f"{o.name} (galore: {o.alias})" if o.alias else o.name for o in OPTIONS)

@@ -1,0 +1,179 @@
+"""Refresh scheduling: which matrices refresh at a step, who computes each basis, and how a new basis is
+installed (moments carried along, metrics recorded, ranks checked for agreement).
+
+Every rank walks the same due list in the same order, so the collectives inside a refresh (the sharded
+range finder's all-reduces, round-robin broadcasts, consistency checks) line up across ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import distributed, functional, linalg
+from .distributed import is_dtensor, local
+from .subspace import basis_dim, transport_moments
+
+
+class Matrix(NamedTuple):
+    """A projected parameter as one step sees it; ``engine`` is resolved ("reference" or "triton")."""
+
+    index: int
+    group: dict[str, Any]
+    name: str
+    p: Tensor
+    state: dict[str, Any]
+    side: str
+    engine: str
+
+
+def matrix_shape(p: Tensor) -> tuple[int, int]:
+    """A weight viewed as a matrix: conv weights are (out, in * k * k)."""
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+def local_matrix(t: Tensor) -> Tensor:
+    """This rank's rows of ``t`` as a matrix (m_l x n; m_l may be 0 for an empty FSDP shard)."""
+    t_local = local(t)
+    return t_local.reshape(t_local.shape[0], matrix_shape(t)[1])
+
+
+def due(matrices: list[Matrix]) -> list[Matrix]:
+    return [x for x in matrices if x.state["step"] % x.group["update_gap"] == 0]
+
+
+def _round_robin(x: Matrix, world: int) -> bool:
+    return world > 1 and x.group["refresh_owner"] == "round_robin" and not is_dtensor(x.p)
+
+
+def _refresh_input(x: Matrix) -> tuple[Tensor, linalg.Slab]:
+    """The gradient a refresh of ``x`` reads here: the whole matrix, or this rank's rows and their slab."""
+    if not is_dtensor(x.p):
+        return local_matrix(x.p.grad), linalg.UNSHARDED
+    if x.group["refresh"] == "svd":  # the exact SVD needs the whole matrix (the slow reproduction mode)
+        full = x.p.grad.full_tensor()
+        return full.reshape(full.shape[0], -1), linalg.UNSHARDED
+    return local_matrix(x.p.grad), distributed.row_shard(x.p, x.name).slab()
+
+
+def _compute(xs: list[Matrix]) -> dict[int, tuple[linalg.Basis, float]]:
+    """New bases for ``xs``, one ``functional.refresh_bases`` call per (group, engine); each matrix is
+    charged an equal share of its call's wall time."""
+    calls: dict[tuple[int, str], list[Matrix]] = {}
+    for x in xs:
+        calls.setdefault((id(x.group), x.engine), []).append(x)
+    out = {}
+    for (_, which), members in calls.items():
+        group = members[0].group
+        inputs = [_refresh_input(x) for x in members]
+        start = time.perf_counter()
+        bases = functional.refresh_bases(
+            [g for g, _ in inputs],
+            [local(x.state["basis"]) if "basis" in x.state else None for x in members],
+            [linalg.sketch_seed(group["seed"], x.index, x.state["refresh_count"]) for x in members],
+            sides=[x.side for x in members],
+            rank=group["rank"],
+            policy=group["refresh"],
+            oversample=group["oversample"],
+            power_iters=group["power_iters"],
+            slabs=[slab for _, slab in inputs],
+            engine=which,
+            matmul_precision="ieee",  # refreshes always use ieee fp32 products with fp64 Gram matrices
+        )
+        if bases and bases[0].basis.device.type == "cuda":
+            torch.cuda.synchronize(bases[0].basis.device)
+        seconds = (time.perf_counter() - start) / len(members)
+        out.update({x.index: (b, seconds) for x, b in zip(members, bases, strict=True)})
+    return out
+
+
+def _broadcast(x: Matrix, owner: int, basis: linalg.Basis | None) -> linalg.Basis:
+    """Round robin: the owner sends its d x r basis and its two energies (metrics) in one fp32 message."""
+    if basis is not None:
+        energies = torch.stack([basis.captured, basis.total]).float()
+        buf = torch.cat([basis.basis.flatten().float(), energies])
+    else:
+        d = basis_dim(x.side, *matrix_shape(x.p))
+        buf = torch.empty(d * x.group["rank"] + 2, dtype=torch.float32, device=x.p.device)
+    dist.broadcast(buf, src=owner)
+    if basis is not None:
+        return basis
+    return linalg.Basis(buf[:-2].view(-1, x.group["rank"]), buf[-2].double(), buf[-1].double())
+
+
+def refresh(due_list: list[Matrix], metrics: dict[int, dict[str, Any]]) -> bool:
+    """Refresh the bases of ``due_list`` (same list, same order on every rank) and carry their moments.
+
+    Sharded matrices run the distributed range finder (collectives inside). With
+    ``refresh_owner="round_robin"`` under a process group, each plain matrix is computed by one rank and
+    its basis broadcast, so the refresh work divides by the world size. Returns whether a consistency
+    check is due (``consistency_check_every``).
+    """
+    rank, world = distributed.world()
+    computed = _compute([x for x in due_list if not _round_robin(x, world) or x.index % world == rank])
+    check = False
+    for x in due_list:
+        here = x.index in computed
+        basis, seconds = computed[x.index] if here else (None, 0.0)
+        if _round_robin(x, world):
+            start = time.perf_counter()
+            basis = _broadcast(x, x.index % world, basis)
+            seconds = seconds if here else time.perf_counter() - start
+        install(x, basis, seconds, here, metrics)
+        every = x.group["consistency_check_every"]
+        check |= bool(every) and x.state["refresh_count"] % every == 0
+    return check
+
+
+def install(
+    x: Matrix, new: linalg.Basis, seconds: float, computed_here: bool, metrics: dict[int, dict[str, Any]]
+) -> None:
+    """Make ``new`` the basis of ``x``: rotate/keep/reset the moments into it and record the metrics."""
+    state = x.state
+    overlap = None
+    if "basis" not in state:
+        basis = new.basis.contiguous()
+        state["basis"] = distributed.replicated_like(x.p, basis) if is_dtensor(x.p) else basis
+    elif not bool(new.total.float() > 0):  # fp32: the value round-robin receivers get broadcast
+        # An all-zero gradient (e.g. DCP's lr=0 state-initializing step) spans nothing: keep the basis
+        # and the moments as they are instead of rotating them into an arbitrary one.
+        overlap = torch.ones((), dtype=torch.float64)
+    else:
+        previous = local(state["basis"])
+        c = transport_moments(
+            local(state["exp_avg"]), local(state["exp_avg_sq"]), previous, new.basis, x.side, x.group["moments"]
+        )
+        overlap = c.double().square().sum() / x.group["rank"]
+        previous.copy_(new.basis)
+        if x.group["moments"] == "reset":
+            state["moment_age"] = 0
+    state["refresh_count"] += 1
+    metrics[x.index] = {
+        "refresh_time_s": seconds,
+        "captured": new.captured,
+        "total": new.total,
+        "overlap": overlap,
+        "computed_here": computed_here,
+    }
+
+
+def check_consistency(entries: list[tuple[str, Tensor]]) -> None:
+    """Raise if data-parallel ranks hold different bases (a collective: call it on every rank).
+
+    Compares a 3-number fingerprint of every basis across the default process group; a no-op when not
+    distributed. Bases agree by construction (seeded sketches, identical gradients); a mismatch means
+    nondeterministic kernels or ranks that saw different gradients.
+    """
+    if distributed.world()[1] == 1 or not entries:
+        return
+    fingerprints = torch.stack([distributed.checksum(b) for _, b in entries])
+    wrong = distributed.disagreeing(fingerprints)
+    if wrong:
+        raise RuntimeError(
+            f"subspace bases differ across ranks for {[entries[i][0] for i in wrong]}: ranks must see identical "
+            "gradients (all-reduced, same loss scaling) and use deterministic kernels; see SubspaceAdamW(seed=...)"
+        )
