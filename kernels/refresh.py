@@ -116,14 +116,23 @@ def gaussian(rows: int, cols: int, seed: int, device: torch.device | str = "cpu"
 class KernelProducts(linalg.Products):
     """``linalg.Products`` for a batch of same-layout gradients G_b, with A_b = G_b (left) or G_b^T (right)."""
 
-    def __init__(self, grads: Sequence[Tensor], side: str, seeds: Sequence[int], precision: str = "ieee") -> None:
+    def __init__(
+        self,
+        grads: Sequence[Tensor],
+        side: str,
+        seeds: Sequence[int],
+        precision: str = "ieee",
+        device: torch.device | None = None,
+    ) -> None:
+        """No ``grads`` (then ``device`` is needed): only the small products, for ``orthonormalize``."""
         self.mats = list(grads)
         self.seeds = [int(s) for s in seeds]
         self.slab = linalg.UNSHARDED
-        self.device = self.mats[0].device
-        a = Mat.of(self.mats)
-        self.matrix = a.t if side == "right" else a
-        self.seed_table = host_table(self.seeds, torch.int64, self.device)
+        self.device = self.mats[0].device if self.mats else device
+        if self.mats:
+            a = Mat.of(self.mats)
+            self.matrix = a.t if side == "right" else a
+            self.seed_table = host_table(self.seeds, torch.int64, self.device)
         self.precision = precision
 
     @property
@@ -134,8 +143,9 @@ class KernelProducts(linalg.Products):
     def columns(self) -> int:
         return self.matrix.cols
 
-    def _out(self, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> Tensor:
-        return torch.empty(len(self.mats), rows, cols, dtype=dtype, device=self.device)
+    def _out(self, rows: int, cols: int, batch: int | None = None) -> Tensor:
+        batch = len(self.mats) if batch is None else batch
+        return torch.empty(batch, rows, cols, dtype=torch.float32, device=self.device)
 
     def energy(self) -> Tensor:
         return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in self.mats])
@@ -153,10 +163,17 @@ class KernelProducts(linalg.Products):
         return bmm(self.matrix, _stacked(z), self._out(self.rows, z.shape[2]), precision=self.precision)
 
     def mm(self, x: Tensor, y: Tensor) -> Tensor:
-        return bmm(_stacked(x), _stacked(y), self._out(x.shape[1], y.shape[2]), precision=self.precision)
+        out = self._out(x.shape[1], y.shape[2], x.shape[0])
+        return bmm(_stacked(x), _stacked(y), out, precision=self.precision)
 
     def gram64(self, y: Tensor) -> Tensor:
         return gram(y)
+
+
+def orthonormalize(y: Tensor) -> Tensor:
+    """``linalg.orthonormalize`` of a stacked Y (batch, d, k) with the Gram matrices and Y R^-1 on the kernels."""
+    with device_guard(y.device):
+        return linalg.orthonormalize(y, KernelProducts([], "left", [], device=y.device))
 
 
 def _stacked(t: Tensor) -> Mat:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..inner import adam_scalars
 from ._common import (
     Blocks,
     check_same_layout,
@@ -28,7 +29,6 @@ from ._common import (
     pointer_array,
     tl_dtype,
 )
-from ..inner import adam_scalars
 from .gemm import dot_tile, tile_ids
 
 # The per-member table holds ``inner.AdamScalars`` in field order (w1, b2, w2, eps, sqrt(1 - b2^t), alpha,

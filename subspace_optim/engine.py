@@ -17,6 +17,8 @@ from . import kernels
 from .distributed import is_dtensor, local
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Device types where engine="auto" considers the kernels (the CPU runs them only interpreted: slow).
+AUTO_DEVICES = ("cuda",)
 
 # device -> None (the kernels passed their self-check there) or why they failed; probed once per process.
 _PROBED: dict[str, str | None] = {}
@@ -68,7 +70,7 @@ def choose(engine: str, p: Tensor) -> str:
     if engine == "reference":
         return "reference"
     if engine == "auto":
-        plain = not is_dtensor(p) and p.is_contiguous() and p.grad.is_contiguous() and p.device.type == "cuda"
+        plain = not is_dtensor(p) and p.is_contiguous() and p.grad.is_contiguous() and p.device.type in AUTO_DEVICES
         if not (plain and kernel_refusal(p, p.grad) is None):
             return "reference"
     return "triton" if _passes_probe(local(p).device, engine) else "reference"

@@ -13,9 +13,11 @@ from .distributed import local
 
 def state_bytes(optimizer: Optimizer) -> int:
     """Bytes this rank holds in an optimizer's state tensors (any torch optimizer; DTensors count locally)."""
-    return sum(
-        local(v).numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor)
-    )
+    return sum(_tensor_bytes(s) for s in optimizer.state.values())
+
+
+def _tensor_bytes(state: dict[str, Any]) -> int:
+    return sum(local(v).numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
 
 
 def _entry(state: dict[str, Any], side: str, nbytes: int, info: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def subspace_metrics(
     total_bytes = 0
     total_time = captured = total = 0.0
     for index, name, state, side in matrices:
-        nbytes = sum(local(v).numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+        nbytes = _tensor_bytes(state)
         total_bytes += nbytes
         if side is None:
             continue

@@ -44,7 +44,10 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("lr", 1e-3, "lr", "learning rate", low=0.0, label="learning rate", fix="must be a finite number >= 0, e.g. lr=1e-3"),
+    Option(
+        "lr", 1e-3, "lr", "learning rate", low=0.0, label="learning rate",
+        fix="must be a finite number >= 0, e.g. lr=1e-3",
+    ),
     Option("betas", (0.9, 0.999), "betas", "Adam's moment decay rates (beta1, beta2), each in [0, 1)"),
     Option(
         "eps", 1e-8, "real", "added to sqrt(v_hat)", low=0.0, open=True, label="epsilon value",

@@ -26,7 +26,11 @@ def _w(*shape, seed=0):
         (dict(rank=True), TypeError, r"Invalid rank"),
         (dict(update_gap=0), ValueError, r"Invalid update_gap: 0 .*update_proj_gap"),
         (dict(update_gap=2.5), TypeError, r"Invalid update_gap"),
-        (dict(lr=-1e-3), ValueError, r"Invalid learning rate: -0.001 in SubspaceAdamW\(\.\.\.\) - must be a finite number >= 0"),
+        (
+            dict(lr=-1e-3),
+            ValueError,
+            r"Invalid learning rate: -0.001 in SubspaceAdamW\(\.\.\.\) - must be a finite number >= 0",
+        ),
         (dict(lr=float("nan")), ValueError, r"Invalid learning rate: nan"),
         (dict(eps=-1.0), ValueError, r"Invalid epsilon value: -1.0"),
         (dict(eps=0.0), ValueError, r"Invalid epsilon value: 0.0 .*> 0"),

@@ -23,7 +23,7 @@ import subspace_optim.kernels as kernels  # noqa: E402
 from conftest import gradient_like, orthonormality_error, subspace_distance  # noqa: E402
 from subspace_optim.kernels import refresh as kr  # noqa: E402
 
-from subspace_optim import linalg, reference, subspace  # noqa: E402
+from subspace_optim import engine, inner, linalg, subspace  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(5, 13), (33, 17), (64, 40)]
@@ -32,11 +32,42 @@ GROUP = {"betas": (0.9, 0.999), "lr": 1e-2, "eps": 1e-8, "weight_decay": 0.1, "s
 
 @pytest.fixture
 def float64_reference(monkeypatch):
-    """``reference.projected_adamw`` promotes G with ``.float()``; make its projection follow the basis
+    """``inner.projected_adamw`` promotes G with ``.float()``; make its projection follow the basis
     dtype so that a float64 basis gives a float64 oracle (G itself is fp32/bf16, so nothing is lost)."""
     original = subspace.project
-    monkeypatch.setattr(subspace, "project", lambda g, p, side: original(g.to(p.dtype), p, side))
-    return reference.projected_adamw
+    monkeypatch.setattr(inner, "project", lambda g, p, side: original(g.to(p.dtype), p, side))
+
+    def oracle(w, g, p, exp_avg, exp_avg_sq, age, group, side):
+        inner.projected_adamw(w, g, p, exp_avg, exp_avg_sq, inner.adam_scalars(**group, age=age), side)
+
+    return oracle
+
+
+def _launches(monkeypatch) -> list[int]:
+    """Records the batch size of every fused-step batch (two kernel launches each)."""
+    from subspace_optim.kernels import step as ks
+
+    sizes: list[int] = []
+    original = ks._launch_group
+
+    def counted(ws, *args, **kwargs):
+        sizes.append(len(ws))
+        return original(ws, *args, **kwargs)
+
+    monkeypatch.setattr(ks, "_launch_group", counted)
+    return sizes
+
+
+def _step(ws, gs, ps, ms, vs, ages, group, sides, **kwargs):
+    """The kernel step for matrices of one param group (the twin's signature)."""
+    kernels.subspace_adamw(ws, gs, ps, ms, vs, ages, **group, sides=sides, **kwargs)
+
+
+def _refresh(grads, sides, rank, *, oversample, power_iters, seeds, previous=None):
+    previous = previous if previous is not None else [None] * len(grads)
+    return kernels.refresh_bases(
+        grads, previous, seeds, sides=sides, rank=rank, oversample=oversample, power_iters=power_iters
+    )
 
 
 def _problem(m, n, rank, side, wdtype, seed, *, age=3):
@@ -71,13 +102,14 @@ def _check_step(oracle, w, g, p, exp_avg, exp_avg_sq, age, group, side, before):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank_kind", ["one", "near_full"])
-def test_fused_step_matches_float64_reference(float64_reference, shape, side, wdtype, rank_kind):
+def test_fused_step_matches_float64_reference(monkeypatch, float64_reference, shape, side, wdtype, rank_kind):
     m, n = shape
     rank = 1 if rank_kind == "one" else min(m, n) - 1
     (w, g, p, exp_avg, exp_avg_sq), age = _problem(m, n, rank, side, wdtype, seed=m * n + rank)
     before = (w.clone(), exp_avg.clone(), exp_avg_sq.clone())
-    batches = kernels.step_projected_batch([w], [g], [p], [exp_avg], [exp_avg_sq], [age], [GROUP], [side])
-    assert batches == 1
+    batches = _launches(monkeypatch)
+    _step([w], [g], [p], [exp_avg], [exp_avg_sq], [age], GROUP, [side])
+    assert batches == [1]
     _check_step(float64_reference, w, g, p, exp_avg, exp_avg_sq, age, GROUP, side, before)
 
 
@@ -88,33 +120,24 @@ def test_fused_step_first_step_and_zero_weight_decay(float64_reference):
     exp_avg.zero_()
     exp_avg_sq.zero_()
     before = (w.clone(), exp_avg.clone(), exp_avg_sq.clone())
-    kernels.step_projected_batch([w], [g], [p], [exp_avg], [exp_avg_sq], [1], [group], ["left"])
+    _step([w], [g], [p], [exp_avg], [exp_avg_sq], [1], group, ["left"])
     _check_step(float64_reference, w, g, p, exp_avg, exp_avg_sq, 1, group, "left", before)
 
 
-def test_batched_step_groups_same_shapes(float64_reference):
-    """Three same-shape right projections (one batch, per-member ages and lr) and one left projection
-    of another shape (a batch with one member): two batches, every member equal to the reference."""
+def test_batched_step_groups_same_shapes(monkeypatch, float64_reference):
+    """Three same-shape right projections (one batch, per-member ages) and one left projection of another
+    shape (a batch with one member): two batches, every member equal to the reference."""
     specs = [(33, 17, 4, "right", torch.bfloat16, 2), (33, 17, 4, "right", torch.bfloat16, 7)]
     specs += [(33, 17, 4, "right", torch.bfloat16, 1), (40, 64, 5, "left", torch.float32, 3)]
-    problems, groups = [], []
+    problems = []
     for i, (m, n, rank, side, wdtype, age) in enumerate(specs):
         tensors, _ = _problem(m, n, rank, side, wdtype, seed=100 + i)
         problems.append((tensors, age, side, [t.clone() for t in (tensors[0], tensors[3], tensors[4])]))
-        groups.append(dict(GROUP, lr=GROUP["lr"] * (i + 1)))
-    batches = kernels.step_projected_batch(
-        [t[0][0] for t in problems],
-        [t[0][1] for t in problems],
-        [t[0][2] for t in problems],
-        [t[0][3] for t in problems],
-        [t[0][4] for t in problems],
-        [t[1] for t in problems],
-        groups,
-        [t[2] for t in problems],
-    )
-    assert batches == 2
-    for ((w, g, p, m_, v_), age, side, before), group in zip(problems, groups, strict=True):
-        _check_step(float64_reference, w, g, p, m_, v_, age, group, side, before)
+    batches = _launches(monkeypatch)
+    _step(*[[t[0][j] for t in problems] for j in range(5)], [t[1] for t in problems], GROUP, [t[2] for t in problems])
+    assert sorted(batches) == [1, 3]
+    for (w, g, p, m_, v_), age, side, before in problems:
+        _check_step(float64_reference, w, g, p, m_, v_, age, GROUP, side, before)
 
 
 def test_in_kernel_gaussian_is_the_materialized_one():
@@ -184,7 +207,7 @@ def test_refresh_matches_linalg(shape, side, warm, rank_kind):
     previous = svd.basis.to(DEVICE) + 0.05 * torch.randn(svd.basis.shape, device=DEVICE) if warm else None
     previous = linalg.orthonormalize(previous) if warm else None
     ref = linalg.range_finder_basis(a, rank, oversample=4, power_iters=1, seed=7, start=previous)
-    ((p, captured, total),) = kernels.refresh_batch(
+    ((p, captured, total),) = _refresh(
         [g], [side], rank, oversample=4, power_iters=1, seeds=[7], previous=[previous] if warm else None
     )
     assert p.shape == ref.basis.shape and p.dtype == torch.float32
@@ -201,9 +224,9 @@ def test_batched_refresh_equals_one_by_one():
     """Batching changes launches, not numbers: members of a batch (and a singleton) match solo runs."""
     grads = [gradient_like(33, 17, 3, seed=s).to(DEVICE) for s in range(2)] + [gradient_like(64, 40, 3).to(DEVICE)]
     sides, seeds = ["right", "right", "left"], [11, 12, 13]
-    together = kernels.refresh_batch(grads, sides, 3, oversample=2, power_iters=2, seeds=seeds)
+    together = _refresh(grads, sides, 3, oversample=2, power_iters=2, seeds=seeds)
     for i, g in enumerate(grads):
-        ((p, c, t),) = kernels.refresh_batch([g], [sides[i]], 3, oversample=2, power_iters=2, seeds=[seeds[i]])
+        ((p, c, t),) = _refresh([g], [sides[i]], 3, oversample=2, power_iters=2, seeds=[seeds[i]])
         assert torch.equal(p, together[i][0]) and torch.equal(t, together[i][2])
         torch.testing.assert_close(c, together[i][1], rtol=1e-12, atol=0)  # batched eigh: last-bit freedom
 
@@ -213,7 +236,7 @@ def test_package_imports_without_triton():
         "import sys; sys.modules['triton'] = None; import importlib.util as u; "
         "u.find_spec = lambda name, *a: None if name == 'triton' else None; "
         "import subspace_optim.kernels as kernels; assert not kernels.available(); "
-        "assert not kernels.supports(object()); print('ok')"
+        "assert not kernels.runs_on('cuda'); print('ok')"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
@@ -226,10 +249,7 @@ def test_optimizer_30_steps_triton_engine_matches_reference(wdtype):
     """30 steps of SubspaceAdamW with engine="triton" vs engine="reference" on a small MLP (both sides,
     a batch of same-shape matrices). refresh="svd" makes both engines' bases identical, so weights must
     agree to fp32 GEMM rounding; the warm refresh is then checked on captured energy."""
-    from subspace_optim import SubspaceAdamW, optimizer
-
-    if "triton" not in optimizer.ENGINES:
-        pytest.skip("engine='triton' is not wired into SubspaceAdamW yet")
+    from subspace_optim import SubspaceAdamW
 
     def model() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -269,11 +289,11 @@ def test_optimizer_wiring_under_interpreter_matches_reference(monkeypatch, wdtyp
     bf16 ulp for bf16 weights); with refresh="warm" the kernel refresh captures the same energy."""
     if torch.cuda.is_available():
         pytest.skip("covered on CUDA by the 30-step test above")
-    from subspace_optim import SubspaceAdamW, optimizer
+    from subspace_optim import SubspaceAdamW
 
-    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
+    monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
     calls = {"step": 0, "refresh": 0}
-    step_fn, refresh_fn = kernels.step_projected_batch, kernels.refresh_batch
+    step_fn, refresh_fn = kernels.subspace_adamw, kernels.refresh_bases
 
     def counted_step(*args, **kwargs):
         calls["step"] += 1
@@ -283,8 +303,8 @@ def test_optimizer_wiring_under_interpreter_matches_reference(monkeypatch, wdtyp
         calls["refresh"] += 1
         return refresh_fn(*args, **kwargs)
 
-    monkeypatch.setattr(optimizer._kernels, "step_projected_batch", counted_step, raising=False)
-    monkeypatch.setattr(optimizer._kernels, "refresh_batch", counted_refresh, raising=False)
+    monkeypatch.setattr(kernels, "subspace_adamw", counted_step, raising=False)
+    monkeypatch.setattr(kernels, "refresh_bases", counted_refresh, raising=False)
 
     def run(engine: str, refresh: str):
         torch.manual_seed(0)
@@ -342,7 +362,7 @@ def _relayout(t: torch.Tensor, layout: str, pad: float = 7.0) -> tuple[torch.Ten
     ],
     ids=["col_moments", "sliced_moments", "all_strided"],
 )
-def test_fused_step_non_contiguous_operands(float64_reference, side, layouts):
+def test_fused_step_non_contiguous_operands(monkeypatch, float64_reference, side, layouts):
     """Each operand is addressed with its own strides: a batch of two members whose weights, gradients,
     bases and moments are column-major or sliced views matches the reference, and nothing outside a
     sliced view is written (N, the temporary, used to be written with the moments' strides)."""
@@ -360,7 +380,9 @@ def test_fused_step_non_contiguous_operands(float64_reference, side, layouts):
     assert not members[0][0][3].is_contiguous() and not members[0][0][4].is_contiguous()
     operands = [[laid[j] for laid, _, _ in members] for j in range(5)]
     ages = [age for _, age, _ in members]
-    assert kernels.step_projected_batch(*operands, ages, [GROUP] * 2, [side] * 2) == 1
+    batches = _launches(monkeypatch)
+    _step(*operands, ages, GROUP, [side] * 2)
+    assert batches == [2]
     for (w, g, p, m_, v_), age, before in members:
         _check_step(float64_reference, w, g, p, m_, v_, age, GROUP, side, before)
     for big, view in pads:
@@ -377,7 +399,7 @@ def test_fused_step_refuses_self_overlapping_outputs():
     (w, g, p, exp_avg, exp_avg_sq), age = _problem(9, 7, 2, "right", torch.float32, seed=3)
     shared = exp_avg[:1].expand(9, 2)  # stride 0: every row is the same memory
     with pytest.raises(ValueError, match="overlaps itself"):
-        kernels.step_projected_batch([w], [g], [p], [shared], [exp_avg_sq], [age], [GROUP], ["right"])
+        _step([w], [g], [p], [shared], [exp_avg_sq], [age], GROUP, ["right"])
     flat = torch.zeros(64, device=DEVICE)
     with pytest.raises(ValueError, match="overlaps itself"):
         check_writable(flat.as_strided((4, 4), (2, 1)), "rows overlapping")
@@ -423,9 +445,9 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
         monkeypatch.setattr(kernel, "run", run)
 
     (w, g, p, exp_avg, exp_avg_sq), age = _problem(9, 7, 2, "right", torch.float32, seed=4)
-    kernels.step_projected_batch([w], [g], [p], [exp_avg], [exp_avg_sq], [age], [GROUP], ["right"])
-    kernels.refresh_batch([g], ["left"], 2, oversample=1, power_iters=1, seeds=[1])
-    kernels.refresh_batch([g], ["right"], 2, oversample=1, power_iters=1, seeds=[1], previous=[p])
+    _step([w], [g], [p], [exp_avg], [exp_avg_sq], [age], GROUP, ["right"])
+    _refresh([g], ["left"], 2, oversample=1, power_iters=1, seeds=[1])
+    _refresh([g], ["right"], 2, oversample=1, power_iters=1, seeds=[1], previous=[p])
     kr.orthonormalize(torch.randn(1, 9, 3, device=DEVICE))
     kernels.gaussian(4, 3, 0, DEVICE)
     names = {name for name, _ in launches}
@@ -452,7 +474,7 @@ def test_optimizer_warm_refresh_loop_under_interpreter_matches_reference(monkeyp
     distance."""
     if torch.cuda.is_available():
         pytest.skip("on CUDA the 30-step optimizer test covers the real wiring")
-    from subspace_optim import SubspaceAdamW, optimizer
+    from subspace_optim import SubspaceAdamW
 
     shapes = [(20, 11)] * 3 + [(9, 26)]
     gen = torch.Generator().manual_seed(8)
@@ -463,23 +485,23 @@ def test_optimizer_warm_refresh_loop_under_interpreter_matches_reference(monkeyp
         grads.append([g * float(c) for g, c in zip(windows[step // 3], scale, strict=True)])
 
     calls = {"refresh": 0}
-    refresh_fn = kernels.refresh_batch
+    refresh_fn = kernels.refresh_bases
 
     def counted_refresh(*args, **kwargs):
         calls["refresh"] += 1
         return refresh_fn(*args, **kwargs)
 
-    def run(engine: str):
+    def run(choice: str):
         params = [torch.nn.Parameter(torch.randn(m, n, generator=torch.Generator().manual_seed(i))) for i, (m, n) in
                   enumerate(shapes)]  # fmt: skip
         opt = SubspaceAdamW(
             params, lr=1e-2, weight_decay=0.01, rank=3, update_gap=3, refresh="warm", oversample=2, power_iters=1,
-            engine=engine,
+            engine=choice,
         )  # fmt: skip
         with monkeypatch.context() as patch:
-            if engine != "reference":
-                patch.setattr(optimizer._kernels, "supports", lambda t: True)
-                patch.setattr(optimizer._kernels, "refresh_batch", counted_refresh, raising=False)
+            if choice != "reference":
+                patch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
+                patch.setattr(kernels, "refresh_bases", counted_refresh, raising=False)
             for step_grads in grads:
                 for p, g in zip(params, step_grads, strict=True):
                     p.grad = g.clone()
@@ -521,7 +543,7 @@ def test_warm_refresh_starts_from_the_previous_basis(side):
 
     def fraction(start):
         kw = dict(oversample=1, power_iters=0, seeds=[5], previous=None if start is None else [start])
-        ((p, captured, total),) = kernels.refresh_batch([g], [side], rank, **kw)
+        ((p, captured, total),) = _refresh([g], [side], rank, **kw)
         return p, float(captured / total) / best
 
     p_warm, warm = fraction(previous)
@@ -536,7 +558,7 @@ def test_fused_step_fp16_weights(float64_reference, side):
     """fp16 weights and gradients (the optimizer allows them): fp32 math, one round-to-nearest to fp16."""
     (w, g, p, exp_avg, exp_avg_sq), age = _problem(33, 17, 4, side, torch.float16, seed=31)
     before = (w.clone(), exp_avg.clone(), exp_avg_sq.clone())
-    kernels.step_projected_batch([w], [g], [p], [exp_avg], [exp_avg_sq], [age], [GROUP], [side])
+    _step([w], [g], [p], [exp_avg], [exp_avg_sq], [age], GROUP, [side])
     assert w.dtype == torch.float16
     _check_step(float64_reference, w, g, p, exp_avg, exp_avg_sq, age, GROUP, side, before)
 
@@ -549,8 +571,8 @@ def test_refresh_bf16_gradient(side):
     g16 = g32.to(torch.bfloat16)
     assert torch.equal(g16.float(), g32)
     kw = dict(oversample=3, power_iters=1, seeds=[3])
-    ((p16, c16, t16),) = kernels.refresh_batch([g16], [side], 3, **kw)
-    ((p32, c32, t32),) = kernels.refresh_batch([g32], [side], 3, **kw)
+    ((p16, c16, t16),) = _refresh([g16], [side], 3, **kw)
+    ((p32, c32, t32),) = _refresh([g32], [side], 3, **kw)
     assert p16.dtype == torch.float32 and orthonormality_error(p16.cpu()) < 1e-5
     assert torch.equal(t16, t32) and subspace_distance(p16.cpu(), p32.cpu()) < 1e-5
     svd = linalg.svd_basis(g32.cpu(), 3, side)
@@ -573,14 +595,14 @@ def test_orthonormalize_takes_shifted_cholesky_qr_before_householder(monkeypatch
     y = torch.stack([torch.randn(d, k, generator=gen), y_bad]).to(DEVICE)
 
     passes, householder = [], []
-    cholesky_qr, qr = kr._cholesky_qr, torch.linalg.qr
+    cholesky_qr, qr = linalg._cholesky_qr, torch.linalg.qr
 
-    def spy_cholesky_qr(x, shift=None):
-        q, ok = cholesky_qr(x, shift)
-        passes.append((x.shape[0], shift is not None, ok.tolist()))
+    def spy_cholesky_qr(x, products, shift=0.0):
+        q, ok = cholesky_qr(x, products, shift)
+        passes.append((x.shape[0], shift != 0.0, ok.tolist()))
         return q, ok
 
-    monkeypatch.setattr(kr, "_cholesky_qr", spy_cholesky_qr)
+    monkeypatch.setattr(linalg, "_cholesky_qr", spy_cholesky_qr)
     monkeypatch.setattr(torch.linalg, "qr", lambda *a, **kw: householder.append(1) or qr(*a, **kw))
     q = kr.orthonormalize(y)
     assert passes[:2] == [(2, False, [True, False]), (2, False, [True, False])]  # batched CholeskyQR2
@@ -598,7 +620,7 @@ def test_optimizer_resumes_column_major_moments_under_interpreter(monkeypatch):
     reference engine resumed from the same values."""
     if torch.cuda.is_available():
         pytest.skip("the interpreter-forced wiring is a CPU test")
-    from subspace_optim import SubspaceAdamW, optimizer
+    from subspace_optim import SubspaceAdamW
 
     gen = torch.Generator().manual_seed(12)
     grads = [torch.randn(20, 11, generator=gen) for _ in range(5)]
@@ -627,10 +649,10 @@ def test_optimizer_resumes_column_major_moments_under_interpreter(monkeypatch):
     opt_tri.load_state_dict(col_major)
     assert not opt_tri.state[p_tri]["exp_avg"].is_contiguous() and opt_ref.state[p_ref]["exp_avg"].is_contiguous()
     calls = []
-    step_fn = kernels.step_projected_batch
-    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
+    step_fn = kernels.subspace_adamw
+    monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(
-        optimizer._kernels, "step_projected_batch", lambda *a, **kw: calls.append(1) or step_fn(*a, **kw), raising=False
+        kernels, "subspace_adamw", lambda *a, **kw: calls.append(1) or step_fn(*a, **kw), raising=False
     )
     for g in grads[2:]:
         for q, o in ((p_ref, opt_ref), (p_tri, opt_tri)):
@@ -650,8 +672,8 @@ def test_refresh_of_a_huge_finite_gradient(warm):
     g = gradient_like(33, 17, 3, decay=0.5, seed=14).to(DEVICE)
     previous = [linalg.svd_basis(g.cpu(), 3, "left").basis.to(DEVICE)] if warm else None
     kw = dict(oversample=2, power_iters=2, seeds=[4], previous=previous)
-    ((p, captured, total),) = kernels.refresh_batch([g], ["left"], 3, **kw)
-    ((p_big, captured_big, total_big),) = kernels.refresh_batch([g * 1e25], ["left"], 3, **kw)
+    ((p, captured, total),) = _refresh([g], ["left"], 3, **kw)
+    ((p_big, captured_big, total_big),) = _refresh([g * 1e25], ["left"], 3, **kw)
     assert bool(torch.isfinite(p_big).all()) and orthonormality_error(p_big.cpu()) < 1e-5
     assert subspace_distance(p_big.cpu(), p.cpu()) < 1e-4
     assert abs(float(captured_big / total_big) - float(captured / total)) < 1e-5
@@ -673,17 +695,17 @@ def test_matmul_precision_reaches_the_step_kernels(monkeypatch, wdtype, choice, 
     the reference within the rounding of the weights."""
     if torch.cuda.is_available():
         pytest.skip("the interpreter-forced wiring is a CPU test")
-    from subspace_optim import SubspaceAdamW, optimizer
+    from subspace_optim import SubspaceAdamW
 
-    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
+    monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
     seen = []
-    step_fn = kernels.step_projected_batch
+    step_fn = kernels.subspace_adamw
 
-    def recording(*args, input_precision="ieee", **kwargs):
-        seen.append(input_precision)
-        return step_fn(*args, input_precision=input_precision, **kwargs)
+    def recording(*args, matmul_precision="ieee", **kwargs):
+        seen.append(matmul_precision)
+        return step_fn(*args, matmul_precision=matmul_precision, **kwargs)
 
-    monkeypatch.setattr(optimizer._kernels, "step_projected_batch", recording, raising=False)
+    monkeypatch.setattr(kernels, "subspace_adamw", recording, raising=False)
 
     def run(engine: str):
         torch.manual_seed(3)
@@ -705,7 +727,7 @@ def test_matmul_precision_reaches_the_step_kernels(monkeypatch, wdtype, choice, 
 def test_matmul_precision_is_validated():
     from subspace_optim import SubspaceAdamW
 
-    with pytest.raises(ValueError, match=r"Invalid matmul_precision .*'auto', 'ieee', 'tf32'"):
+    with pytest.raises(ValueError, match=r"Invalid matmul_precision: .*'auto', 'ieee', 'tf32'"):
         SubspaceAdamW([torch.nn.Parameter(torch.randn(4, 4))], rank=2, matmul_precision="bf16")
 
 
@@ -718,7 +740,7 @@ def test_probe_passes_on_this_device_under_the_interpreter():
 def test_probe_catches_kernels_that_compute_wrong_numbers(monkeypatch):
     from subspace_optim.kernels import probe, step
 
-    monkeypatch.setattr(step, "step_projected_batch", lambda *args, **kwargs: 1)  # "launches", changes nothing
+    monkeypatch.setattr(step, "subspace_adamw", lambda *args, **kwargs: None)  # "launches", changes nothing
     error = probe.probe(torch.device("cpu"))
     assert error is not None and "fused step" in error and "differs from the reference" in error
 
@@ -729,27 +751,27 @@ def test_probe_reports_a_failing_compile(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated PTX compile failure")
 
-    monkeypatch.setattr(refresh, "refresh_batch", broken)
+    monkeypatch.setattr(refresh, "refresh_bases", broken)
     assert probe.probe(torch.device("cpu")) == "RuntimeError: simulated PTX compile failure"
 
 
-@pytest.mark.parametrize("engine", ["auto", "triton"])
-def test_failed_probe_falls_back_for_auto_and_raises_for_triton(monkeypatch, engine):
+@pytest.mark.parametrize("choice", ["auto", "triton"])
+def test_failed_probe_falls_back_for_auto_and_raises_for_triton(monkeypatch, choice):
     """Kernels that fail their first-use self-check are never launched: "auto" warns and trains on the
     reference path (same weights as engine="reference"), "triton" raises naming the device."""
     if torch.cuda.is_available():
         pytest.skip("the interpreter-forced wiring is a CPU test")
-    from subspace_optim import SubspaceAdamW, optimizer
+    from subspace_optim import SubspaceAdamW
 
-    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
-    monkeypatch.setattr(optimizer, "_PROBED", {})
-    monkeypatch.setattr(optimizer._kernels, "probe", lambda device: "simulated failure", raising=False)
+    monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(engine, "_PROBED", {})
+    monkeypatch.setattr(kernels, "probe", lambda device: "simulated failure")
 
     def never(*args, **kwargs):
         raise AssertionError("a kernel was launched after a failed probe")
 
-    monkeypatch.setattr(optimizer._kernels, "step_projected_batch", never, raising=False)
-    monkeypatch.setattr(optimizer._kernels, "refresh_batch", never, raising=False)
+    monkeypatch.setattr(kernels, "subspace_adamw", never, raising=False)
+    monkeypatch.setattr(kernels, "refresh_bases", never, raising=False)
 
     def run(engine_name):
         torch.manual_seed(5)
@@ -760,7 +782,7 @@ def test_failed_probe_falls_back_for_auto_and_raises_for_triton(monkeypatch, eng
             opt.step()
         return w.detach().clone()
 
-    if engine == "triton":
+    if choice == "triton":
         with pytest.raises(RuntimeError, match=r"engine='triton'.*self-check on cpu: simulated failure"):
             run("triton")
         return
@@ -774,14 +796,14 @@ def test_kernel_refresh_that_a_factorization_refuses_falls_back_to_the_reference
     refreshed by the reference path instead of failing the step: same bases as engine="reference"."""
     if torch.cuda.is_available():
         pytest.skip("the interpreter-forced wiring is a CPU test")
-    from subspace_optim import SubspaceAdamW, optimizer
+    from subspace_optim import SubspaceAdamW
 
-    monkeypatch.setattr(optimizer._kernels, "supports", lambda t: True)
+    monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
 
     def refused(*args, **kwargs):
         raise torch.linalg.LinAlgError("simulated: eigh got a non-finite Gram matrix")
 
-    monkeypatch.setattr(optimizer._kernels, "refresh_batch", refused, raising=False)
+    monkeypatch.setattr(kernels, "refresh_bases", refused, raising=False)
 
     def run(engine):
         torch.manual_seed(6)
@@ -796,3 +818,56 @@ def test_kernel_refresh_that_a_factorization_refuses_falls_back_to_the_reference
     (basis_k, w_k), (basis_r, w_r) = run("auto"), run("reference")
     assert torch.equal(basis_k, basis_r)
     torch.testing.assert_close(w_k, w_r, rtol=1e-6, atol=1e-6)
+
+
+def test_functional_core_engines_are_twins():
+    """``functional.subspace_adamw`` and ``functional.refresh_bases`` take one signature for both engines: the
+    same call with engine="triton" (interpreted on CPU, no patching) matches engine="reference"."""
+    from subspace_optim import functional
+
+    problems = [_problem(33, 17, 4, side, torch.float32, seed=40 + i)[0] for i, side in enumerate(["left", "right"])]
+    results = {}
+    for which in ("reference", "triton"):
+        tensors = [[t.clone() for t in problem] for problem in problems]
+        ws, gs, ps, ms, vs = (list(x) for x in zip(*tensors, strict=True))
+        functional.subspace_adamw(ws, gs, ps, ms, vs, [3, 3], **GROUP, sides=["left", "right"], engine=which)
+        spectral = [gradient_like(33, 17, 4, decay=0.5, seed=s).to(DEVICE) for s in (1, 2)]  # a gap after rank 4
+        bases = functional.refresh_bases(
+            spectral, ps, [1, 2], sides=["left", "right"], rank=4, policy="warm", oversample=2, power_iters=1,
+            engine=which,
+        )  # fmt: skip
+        results[which] = (ws, ms, vs, bases)
+    for a, b in zip(results["reference"][0] + results["reference"][1], results["triton"][0] + results["triton"][1],
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)
+    for ref, tri in zip(results["reference"][3], results["triton"][3], strict=True):
+        assert orthonormality_error(tri.basis.cpu()) < 1e-5
+        assert abs(float(tri.captured / tri.total) - float(ref.captured / ref.total)) < 1e-3
+
+
+def test_explicit_triton_engine_is_obeyed_on_cpu_and_refuses_what_it_cannot_take():
+    """engine="triton" runs the kernels for CPU tensors under the interpreter, without any patching, and
+    matches engine="reference" with shared (svd) bases; a float64 weight, which the kernels do not take, is
+    refused with the parameter's name before anything changes."""
+    if torch.cuda.is_available():
+        pytest.skip("a CPU test")
+    from subspace_optim import SubspaceAdamW
+
+    def run(choice: str) -> torch.Tensor:
+        torch.manual_seed(3)
+        w = torch.nn.Parameter(torch.randn(20, 17))
+        opt = SubspaceAdamW([w], lr=1e-2, rank=4, update_gap=3, refresh="svd", engine=choice)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(4):
+            w.grad = torch.randn(20, 17, generator=gen)
+            opt.step()
+        return w.detach()
+
+    torch.testing.assert_close(run("triton"), run("reference"), rtol=1e-6, atol=2e-6)
+    w64 = torch.nn.Parameter(torch.randn(8, 6, dtype=torch.float64))
+    opt = SubspaceAdamW([w64], rank=2, engine="triton")
+    w64.grad = torch.randn(8, 6, dtype=torch.float64)
+    before = w64.detach().clone()
+    with pytest.raises(ValueError, match=r"engine='triton' cannot run parameter params\[0\].*float64"):
+        opt.step()
+    assert torch.equal(w64.detach(), before) and not opt.state

@@ -213,5 +213,7 @@ def test_release_checkpoint_resumes_bit_identically(case):
         assert got["state"][pid].keys() == entry.keys(), pid
         for key, value in entry.items():
             other = got["state"][pid][key]
-            same = torch.equal(value, other) and value.dtype == other.dtype if isinstance(value, torch.Tensor) else value == other
-            assert same, (pid, key)
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other) and value.dtype == other.dtype, (pid, key)
+            else:
+                assert value == other, (pid, key)
