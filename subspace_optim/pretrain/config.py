@@ -392,7 +392,6 @@ class PretrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
-MODEL_KEYS = tuple(name for name, f in FIELDS.items() if f.metadata["group"] == "model" and name != "model")
 
 
 def _flag(name: str) -> str:
@@ -486,10 +485,6 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- command line
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser(prog: str = "subspace-optim pretrain") -> argparse.ArgumentParser:
     """The pretraining flags, one per config field, all defaulting to 'not given' so a YAML value survives."""
     parser = argparse.ArgumentParser(

@@ -191,8 +191,39 @@ class RunState:
     refresh_seconds: float = 0.0
 
 
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)
+@dataclass
+class _Run:
+    """What the set-up, step, evaluation and checkpoint helpers of one run share."""
+
+    name: str
+    cfg: PretrainConfig
+    data: TokenData
+    accelerator: Any
+    run_dir: Path
+    ckpts: Checkpoints
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    accum: int
+    rows: int
+    seed: int
+    identity: dict[str, Any]
+    log: dict[str, Any] = field(default_factory=dict)
+    state: RunState = field(default_factory=RunState)
+    last_refreshes: int | None = None
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.rows * self.cfg.seq_len
+
+    @property
+    def inner(self) -> torch.optim.Optimizer:
+        """The optimizer accelerate wraps: refresh counts and state sizes live there."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
 
 @torch.no_grad()
@@ -234,19 +265,39 @@ def train_run(
     name: str, cfg: PretrainConfig, data: TokenData, output_dir: Path, mixed_precision: str, cpu: bool = False
 ) -> dict:
     """Train ``cfg.steps`` steps (or up to ``--stop-at``) with optimizer ``name``; returns the run's log."""
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    run, resume_from = _set_up(name, cfg, data, output_dir, mixed_precision, cpu)
+    if resume_from is not None:
+        saved = _resume(run, resume_from)
+        if run.state.step >= cfg.steps:
+            return _already_finished(run, saved)
 
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    main = accelerator.is_main_process
-    run_dir = output_dir / name
-    ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
-    resume_from = ckpts.latest() if cfg.resume else None
-    if main and resume_from is None:
-        _ensure_fresh(run_dir)
-    accelerator.wait_for_everyone()
+    windows = data.eval_windows(cfg.seq_len, cfg.eval_windows)
+    memory = PeakMemory(run.accelerator.device)
+    memory.reset()
+    run.last_refreshes = optimizers.refresh_count(run.inner)  # after resuming: the count is in the state
+    if run.state.step == 0:
+        _evaluate_now(run, windows)
+    _write_log(run)
 
-    world = accelerator.num_processes
+    end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    progress = _progress_bar(run)
+    run.model.train()
+    while run.state.step < end:
+        loss, lr, elapsed = _train_step(run)
+        _record_step(run, loss, lr, elapsed)
+        if progress is not None:
+            rate = run.tokens_per_step / max(elapsed, 1e-9)
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
+            progress.update(1)
+        _evaluate_and_save(run, windows, end, progress)
+    if progress is not None:
+        progress.close()
+    return _finish(run, memory)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def _batch_layout(cfg: PretrainConfig, world: int) -> tuple[int, int]:
+    """(micro-batches per step, sequences per step): --global-batch-size fixes the second for any world."""
     accum = cfg.grad_accum
     if cfg.global_batch_size is not None:
         per_step = cfg.batch_size * world
@@ -256,8 +307,24 @@ def train_run(
                 f"x {world} process(es)"
             )
         accum = cfg.global_batch_size // per_step
-    rows = cfg.batch_size * accum * world
-    tokens_per_step = rows * cfg.seq_len
+    return accum, cfg.batch_size * accum * world
+
+
+def _set_up(
+    name: str, cfg: PretrainConfig, data: TokenData, output_dir: Path, mixed_precision: str, cpu: bool
+) -> tuple[_Run, Path | None]:
+    """The prepared run, and the checkpoint to resume from (None: the run directory was cleared)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    run_dir = output_dir / name
+    ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
+    resume_from = ckpts.latest() if cfg.resume else None
+    if accelerator.is_main_process and resume_from is None:
+        _ensure_fresh(run_dir)
+    accelerator.wait_for_everyone()
+    accum, rows = _batch_layout(cfg, accelerator.num_processes)
 
     model = build_model(cfg, data.tokenizer.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
@@ -278,142 +345,177 @@ def train_run(
         "tokenizer": data.tokenizer.fingerprint,
         "global_batch_rows": rows,  # the data of a step depends on it (not on how it is split)
     }
-    state = RunState()
-    if resume_from is not None:
-        saved = json.loads((resume_from / STATE_FILE).read_text())
-        _check_resumable(saved["identity"], identity, resume_from)
-        accelerator.load_state(str(resume_from), load_kwargs=optimizers.load_kwargs(name))
-        state = RunState(**saved["state"])
-        if main:
-            print(f"[{name}] resumed from {resume_from} at step {state.step}", flush=True)
+    run = _Run(name, cfg, data, accelerator, run_dir, ckpts, model, optimizer, scheduler, accum, rows, seed, identity)
+    run.log = _log_header(run, n_params, mixed_precision)
+    return run, resume_from
 
-    log: dict[str, Any] = {
-        "optimizer": name,
-        "lr": cfg.lr_for(name),
+
+def _log_header(run: _Run, n_params: int, mixed_precision: str) -> dict[str, Any]:
+    """The fixed part of ``log.json``; ``status`` changes as the run goes."""
+    cfg, data = run.cfg, run.data
+    return {
+        "optimizer": run.name,
+        "lr": cfg.lr_for(run.name),
         "model": {"name": cfg.model, "parameters": n_params, "vocab_size": data.tokenizer.vocab_size},
         "data": data.description,
         "tokenizer": data.tokenizer.name,
-        "world_size": world,
-        "grad_accum": accum,
-        "tokens_per_step": tokens_per_step,
-        "device": str(accelerator.device),
+        "world_size": run.world,
+        "grad_accum": run.accum,
+        "tokens_per_step": run.tokens_per_step,
+        "device": str(run.accelerator.device),
         "mixed_precision": mixed_precision,
         "config": dataclasses.asdict(cfg),
         "status": "running",
     }
 
-    def write_log(summary: dict[str, Any] | None = None) -> None:
-        if main:
-            files.write_json(run_dir / "log.json", {**log, "state": dataclasses.asdict(state), "summary": summary})
 
-    def checkpoint(summary: dict[str, Any] | None = None) -> None:
-        payload = {
-            "identity": identity,
-            "state": dataclasses.asdict(state),
-            "summary": summary,
-            "status": log["status"],
-        }
-        ckpts.save(accelerator, state.step, payload)
+def _progress_bar(run: _Run):
+    """A tqdm bar on the main process when --progress asks for one, else None."""
+    if not (run.accelerator.is_main_process and run.cfg.progress):
+        return None
+    from tqdm.auto import tqdm
 
-    if resume_from is not None and state.step >= cfg.steps:
-        saved = json.loads((resume_from / STATE_FILE).read_text())
-        log["status"] = "finished"
-        summary = saved.get("summary") or {}
-        write_log(summary)
-        accelerator.free_memory()
-        return {**log, "state": dataclasses.asdict(state), "summary": summary, "run_dir": str(run_dir)}
+    return tqdm(
+        total=run.cfg.steps, initial=run.state.step, desc=run.name, unit="step", mininterval=0.5, file=sys.stdout
+    )
 
-    windows = data.eval_windows(cfg.seq_len, cfg.eval_windows)
-    memory = PeakMemory(accelerator.device)
-    memory.reset()
-    inner = _unwrap_optimizer(optimizer)
-    last_refreshes = optimizers.refresh_count(inner)
 
-    if state.step == 0:
-        loss = evaluate(accelerator, model, windows, cfg.eval_batch_size)
-        state.evals.append({"step": 0, "loss": loss, "ppl": perplexity(loss), "time_s": 0.0})
-    write_log()
+# ------------------------------------------------------------------------------------------------ resume
+def _resume(run: _Run, where: Path) -> dict[str, Any]:
+    """Load the checkpoint at ``where`` only after checking it was written with this run's settings;
+    returns its state file."""
+    saved = json.loads((where / STATE_FILE).read_text())
+    _check_resumable(saved["identity"], run.identity, where)
+    run.accelerator.load_state(str(where), load_kwargs=optimizers.load_kwargs(run.name))
+    run.state = RunState(**saved["state"])
+    if run.accelerator.is_main_process:
+        print(f"[{run.name}] resumed from {where} at step {run.state.step}", flush=True)
+    return saved
 
-    end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-    progress = None
-    if main and cfg.progress:
-        from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.steps, initial=state.step, desc=name, unit="step", mininterval=0.5, file=sys.stdout)
-    model.train()
-    while state.step < end:
-        step = state.step
-        start = time.perf_counter()
-        batch = data.batch(step, cfg.seed, rows, cfg.seq_len)
-        batch = batch.view(accum, world, cfg.batch_size, cfg.seq_len + 1)[:, accelerator.process_index]
-        batch = batch.to(accelerator.device)
-        total = torch.zeros((), device=accelerator.device)
-        for micro in range(accum):
-            ids = batch[micro]
-            sync = micro == accum - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                logits = model(input_ids=ids[:, :-1]).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-                accelerator.backward(loss / accum)
-            total += loss.detach()
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(accelerator.reduce(total / accum, "mean"))
-        elapsed = time.perf_counter() - start
+def _already_finished(run: _Run, saved: dict[str, Any]) -> dict:
+    """A resumed run with no steps left reports the summary its final checkpoint saved."""
+    run.log["status"] = "finished"
+    summary = saved.get("summary") or {}
+    _write_log(run, summary)
+    run.accelerator.free_memory()
+    return _result(run, summary)
 
-        state.step += 1
-        state.train_seconds += elapsed
-        state.tokens += tokens_per_step
-        if state.first_step_seconds is None:
-            state.first_step_seconds = elapsed
-        state.history.append({"step": state.step, "loss": loss_value, "lr": lr, "time_s": state.train_seconds})
-        refreshes = optimizers.refresh_count(inner)
-        if refreshes is not None and refreshes != last_refreshes:
-            state.refreshes += 1
-            state.refresh_seconds += inner.subspace_metrics()["overall"]["last_refresh_time_s"]
-            last_refreshes = refreshes
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"[{name}] training loss is {loss_value} at step {step}; lower --lr")
+
+# ------------------------------------------------------------------------------------------------ step
+def _train_step(run: _Run) -> tuple[float, float, float]:
+    """One optimizer step over ``accum`` micro-batches; returns (mean loss, lr used, seconds).
+
+    Only the last micro-batch synchronises gradients across processes."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    start = time.perf_counter()
+    batch = run.data.batch(run.state.step, cfg.seed, run.rows, cfg.seq_len)
+    batch = batch.view(run.accum, run.world, cfg.batch_size, cfg.seq_len + 1)[:, accelerator.process_index]
+    batch = batch.to(accelerator.device)
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(run.accum):
+        ids = batch[micro]
+        sync = micro == run.accum - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            logits = model(input_ids=ids[:, :-1]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            accelerator.backward(loss / run.accum)
+        total += loss.detach()
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_value = float(accelerator.reduce(total / run.accum, "mean"))
+    return loss_value, lr, time.perf_counter() - start
+
+
+def _record_step(run: _Run, loss: float, lr: float, elapsed: float) -> None:
+    """Advance the run state by the step just taken; a non-finite loss stops the run."""
+    state = run.state
+    state.step += 1
+    state.train_seconds += elapsed
+    state.tokens += run.tokens_per_step
+    if state.first_step_seconds is None:
+        state.first_step_seconds = elapsed
+    state.history.append({"step": state.step, "loss": loss, "lr": lr, "time_s": state.train_seconds})
+    refreshes = optimizers.refresh_count(run.inner)
+    if refreshes is not None and refreshes != run.last_refreshes:
+        state.refreshes += 1
+        state.refresh_seconds += run.inner.subspace_metrics()["overall"]["last_refresh_time_s"]
+        run.last_refreshes = refreshes
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"[{run.name}] training loss is {loss} at step {state.step - 1}; lower --lr")
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _evaluate_now(run: _Run, windows: Tensor) -> float:
+    """Evaluate and append the result to the run's eval history."""
+    loss = evaluate(run.accelerator, run.model, windows, run.cfg.eval_batch_size)
+    state = run.state
+    state.evals.append({"step": state.step, "loss": loss, "ppl": perplexity(loss), "time_s": state.train_seconds})
+    return loss
+
+
+def _evaluate_and_save(run: _Run, windows: Tensor, end: int, progress) -> None:
+    """Evaluate and checkpoint when the schedule says so, after a step."""
+    cfg, step = run.cfg, run.state.step
+    at_end = step == cfg.steps
+    # Also at --stop-at, so a stopped run reports where it stands, not its step-0 evaluation.
+    if at_end or step == end or (cfg.eval_every and step % cfg.eval_every == 0):
+        loss = _evaluate_now(run, windows)
         if progress is not None:
-            rate = tokens_per_step / max(elapsed, 1e-9)
-            progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
-            progress.update(1)
+            progress.write(f"[{run.name}] step {step}: eval loss {loss:.4f} (ppl {perplexity(loss):.1f})")
+        _write_log(run)
+    if not at_end and (step == end or (cfg.save_every and step % cfg.save_every == 0)):
+        if step == end:
+            run.log["status"] = "stopped"
+        _checkpoint(run)
+        run.log["status"] = "running"
 
-        at_end = state.step == cfg.steps
-        # Also at --stop-at, so a stopped run reports where it stands, not its step-0 evaluation.
-        if at_end or state.step == end or (cfg.eval_every and state.step % cfg.eval_every == 0):
-            loss = evaluate(accelerator, model, windows, cfg.eval_batch_size)
-            state.evals.append(
-                {"step": state.step, "loss": loss, "ppl": perplexity(loss), "time_s": state.train_seconds}
-            )
-            if progress is not None:
-                progress.write(f"[{name}] step {state.step}: eval loss {loss:.4f} (ppl {perplexity(loss):.1f})")
-            write_log()
-        if not at_end and (state.step == end or (cfg.save_every and state.step % cfg.save_every == 0)):
-            if state.step == end:
-                log["status"] = "stopped"
-            checkpoint()
-            log["status"] = "running"
-    if progress is not None:
-        progress.close()
 
+# ------------------------------------------------------------------------------------------------ output
+def _write_log(run: _Run, summary: dict[str, Any] | None = None) -> None:
+    if run.accelerator.is_main_process:
+        state = dataclasses.asdict(run.state)
+        files.write_json(run.run_dir / "log.json", {**run.log, "state": state, "summary": summary})
+
+
+def _checkpoint(run: _Run, summary: dict[str, Any] | None = None) -> None:
+    payload = {
+        "identity": run.identity,
+        "state": dataclasses.asdict(run.state),
+        "summary": summary,
+        "status": run.log["status"],
+    }
+    run.ckpts.save(run.accelerator, run.state.step, payload)
+
+
+def _result(run: _Run, summary: dict[str, Any] | None) -> dict:
+    return {**run.log, "state": dataclasses.asdict(run.state), "summary": summary, "run_dir": str(run.run_dir)}
+
+
+def _finish(run: _Run, memory: PeakMemory) -> dict:
+    """Write the final log; a run that reached --steps also gets a summary, a last checkpoint and a check
+    that every process holds the same weights."""
+    from accelerate.utils import gather_object
+
+    accelerator, state = run.accelerator, run.state
     summary = None
-    log["status"] = "stopped"
-    if state.step >= cfg.steps:
-        log["status"] = "finished"
-        digests = gather_object([weights_digest(accelerator.unwrap_model(model))]) if world > 1 else None
-        seeds = gather_object([seed])
-        summary = _summary(state, inner, memory, tokens_per_step, digests, seeds)
-        checkpoint(summary)
+    run.log["status"] = "stopped"
+    if state.step >= run.cfg.steps:
+        run.log["status"] = "finished"
+        model = accelerator.unwrap_model(run.model)
+        digests = gather_object([weights_digest(model)]) if run.world > 1 else None
+        seeds = gather_object([run.seed])
+        summary = _summary(state, run.inner, memory, run.tokens_per_step, digests, seeds)
+        _checkpoint(run, summary)
         if digests is not None and len(set(digests)) != 1:
-            raise RuntimeError(f"[{name}] processes ended with different weights (digests {digests})")
-    write_log(summary)
+            raise RuntimeError(f"[{run.name}] processes ended with different weights (digests {digests})")
+    _write_log(run, summary)
     accelerator.wait_for_everyone()
-    result = {**log, "state": dataclasses.asdict(state), "summary": summary, "run_dir": str(run_dir)}
+    result = _result(run, summary)
     accelerator.free_memory()
     return result
 
