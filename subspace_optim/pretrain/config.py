@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..optimizer import MATMUL_PRECISIONS
+from ..options import MATMUL_PRECISIONS
 
 OPTIMIZERS = ("adamw", "subspace", "galore", "apollo", "adamw8bit")
 CONFIGS_ENV = "SUBSPACE_OPTIM_CONFIGS"
