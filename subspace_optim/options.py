@@ -201,29 +201,6 @@ def translate_aliases(group: dict[str, Any], where: str) -> dict[str, Any]:
     return group
 
 
-def parse_text(name: str, text: str) -> Any:
-    """An option's value from text (``optim_args``, command-line flags), typed by its table row."""
-    option = BY_NAME[ALIASES.get(name, name)]
-    lowered = text.strip().lower()
-    if option.kind == "bool_or_none":
-        if lowered in ("none", "null", "auto", ""):
-            return None
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name} expects true/false, got {text!r}")
-    if option.kind == "rank" and lowered in ("none", "null"):
-        return None
-    if option.kind in ("int", "rank"):
-        return int(text)
-    if option.kind in ("real", "lr"):
-        return float(text)
-    if option.kind == "betas":
-        return tuple(float(t) for t in text.strip("()[] ").split(","))
-    return text.strip()
-
-
 def describe() -> str:
     """The option list for error messages: every name, with galore's alias."""
     return ", ".join(f"{o.name} (galore: {o.alias})" if o.alias else o.name for o in OPTIONS)

@@ -16,7 +16,6 @@ All three ways in build the optimizer through ``build_optimizer``, so they give 
 from __future__ import annotations
 
 import difflib
-import inspect
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -25,29 +24,9 @@ from torch import nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .. import options
 from ..optimizer import SubspaceAdamW
 from ..targets import ALL_LINEAR, param_groups
-
-# Keys an optim_args string may hold: galore's four, then ours. Value: (parser, example value).
-_OPTIM_ARGS: dict[str, tuple[type, str]] = {
-    "rank": (int, "128"),
-    "update_proj_gap": (int, "200"),
-    "scale": (float, "0.25"),
-    "proj_type": (str, "std"),
-    "update_gap": (int, "200"),
-    "refresh": (str, "warm"),
-    "moments": (str, "rotate"),
-    "oversample": (int, "8"),
-    "power_iters": (int, "1"),
-    "seed": (int, "0"),
-    "nonfinite": (str, "skip"),
-    "engine": (str, "auto"),
-    "foreach": (bool, "false"),
-    "refresh_owner": (str, "all"),
-    "consistency_check_every": (int, "0"),
-    "matmul_precision": (str, "auto"),
-    "project_output_head": (bool, "true"),
-}
 
 # Hyperparameters that TrainingArguments owns: read from its fields, refused in optim_args so that a
 # value cannot be set in two places with one of them silently losing.
@@ -65,11 +44,26 @@ _ARGS_FIELDS = {
     "target_modules": "optim_target_modules",
 }
 
-_OPTIMIZER_OPTIONS = frozenset(
-    name
-    for name, parameter in inspect.signature(SubspaceAdamW.__init__).parameters.items()
-    if parameter.kind is not inspect.Parameter.VAR_KEYWORD
-) - {"self", "params"}
+_KINDS: dict[str, type] = {"int": int, "rank": int, "real": float, "choice": str, "bool_or_none": bool}
+
+
+def _optim_args_table() -> dict[str, tuple[type, str]]:
+    """Keys an optim_args string may hold, from the option table: every option TrainingArguments does not
+    own, galore's aliases too, and ``project_output_head``. Value: (parser, example value)."""
+    table: dict[str, tuple[type, str]] = {}
+    for option in options.OPTIONS:
+        if option.name in _ARGS_FIELDS:
+            continue
+        example = {"rank": "128", "foreach": "false"}.get(option.name, str(option.default))
+        table[option.name] = (_KINDS[option.kind], example)
+        if option.alias:
+            table[option.alias] = table[option.name]
+    table["project_output_head"] = (bool, "true")
+    return table
+
+
+_OPTIM_ARGS = _optim_args_table()
+_OPTIMIZER_OPTIONS = frozenset(options.DEFAULTS)
 _BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap"}
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _EXAMPLE = "optim_args='rank=128, update_proj_gap=200, scale=0.25, proj_type=std'"

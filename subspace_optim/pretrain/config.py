@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..options import MATMUL_PRECISIONS
+from .. import options
 
 OPTIMIZERS = ("adamw", "subspace", "galore", "apollo", "adamw8bit")
 CONFIGS_ENV = "SUBSPACE_OPTIM_CONFIGS"
@@ -100,6 +100,22 @@ def _opt(default: Any, text: str, parse: Callable[[Any], Any] | None = None, gro
     return field(metadata={"help": text, "parse": parse, "group": group}, **factory)
 
 
+_TABLE = object()
+
+
+def _option(name: str, default: Any = _TABLE, scope: str = "subspace") -> Any:
+    """A SubspaceAdamW option as a flag: help text, choices and default from ``options.OPTIONS``."""
+    option = options.BY_NAME[name]
+    default = option.default if default is _TABLE else default
+    parse = {"choice": _choice(*option.choices), "bool_or_none": _optional(_bool)}.get(option.kind, type(default))
+    alias = f" (galore: {option.alias})" if option.alias else ""
+    return _opt(default, f"{scope}: {option.help}{alias}", parse, group="optimizer")
+
+
+# The config field of each SubspaceAdamW option whose flag has another name.
+OPTION_FIELDS = {"seed": "subspace_seed"}
+
+
 @dataclass
 class PretrainConfig:
     """Everything a pretraining run depends on. Defaults here; a model YAML and flags override them."""
@@ -156,58 +172,23 @@ class PretrainConfig:
         "substrings such as attn,mlp",
         group="optimizer",
     )
-    rank: int = _opt(32, "subspace rank r of each projected weight (GaLore: hidden/4)", group="optimizer")
-    update_gap: int = _opt(
-        50, "refresh the subspace every this many steps (galore: update_proj_gap)", group="optimizer"
-    )
-    scale: float = _opt(0.25, "subspace/galore: multiplier alpha on the projected-back update", group="optimizer")
-    refresh: str = _opt(
-        "warm", "subspace: basis refresh method", _choice("warm", "rsvd", "svd", "random"), group="optimizer"
-    )
-    moments: str = _opt(
-        "rotate",
-        "subspace: what Adam's moments do when the basis changes",
-        _choice("rotate", "keep", "reset"),
-        group="optimizer",
-    )
-    proj_type: str = _opt(
-        "std",
-        "subspace/galore/apollo: which side carries the basis",
-        _choice("std", "reverse_std", "left", "right"),
-        group="optimizer",
-    )
-    oversample: int = _opt(8, "subspace: extra sketch columns for warm/rsvd refreshes", group="optimizer")
-    power_iters: int = _opt(1, "subspace: power iterations for warm/rsvd refreshes", group="optimizer")
-    subspace_seed: int = _opt(
-        0, "subspace: sketch seed (sketches depend on (seed, param, refresh) only)", group="optimizer"
-    )
-    nonfinite: str = _opt(
-        "skip",
-        "subspace: a NaN/Inf gradient skips that parameter's step, or raises",
-        _choice("skip", "raise"),
-        group="optimizer",
-    )
-    engine: str = _opt("auto", "subspace: compute engine", _choice("auto", "reference", "triton"), group="optimizer")
-    foreach: bool | None = _opt(
-        None, "subspace: torch's foreach AdamW for the unprojected parameters", _optional(_bool), group="optimizer"
-    )
-    refresh_owner: str = _opt(
-        "all",
-        "subspace, data parallel: every rank refreshes every basis ('all') or "
-        "each basis is computed on one rank and broadcast ('round_robin')",
-        _choice("all", "round_robin"),
-        group="optimizer",
-    )
-    consistency_check_every: int = _opt(
-        0, "subspace, data parallel: compare bases across ranks every this many refreshes (0: never)", group="optimizer"
-    )
-    matmul_precision: str = _opt(
-        "auto",
-        "subspace, triton engine: precision of the step's GEMMs (auto: tf32 for bf16/fp16 weights, ieee fp32 for "
-        "fp32 weights)",
-        _choice(*MATMUL_PRECISIONS),
-        group="optimizer",
-    )
+    # SubspaceAdamW's options: help, choices and defaults from its option table (rank and update_gap get
+    # defaults for the small built-in models); optimizers.build passes each one on by name.
+    rank: int = _option("rank", 32, "subspace/galore/apollo")
+    update_gap: int = _option("update_gap", 50, "subspace/galore/apollo")
+    scale: float = _option("scale", scope="subspace/galore")
+    refresh: str = _option("refresh")
+    moments: str = _option("moments")
+    proj_type: str = _option("proj_type", scope="subspace/galore/apollo")
+    oversample: int = _option("oversample")
+    power_iters: int = _option("power_iters")
+    subspace_seed: int = _option("seed")
+    nonfinite: str = _option("nonfinite")
+    engine: str = _option("engine")
+    foreach: bool | None = _option("foreach")
+    refresh_owner: str = _option("refresh_owner")
+    consistency_check_every: int = _option("consistency_check_every")
+    matmul_precision: str = _option("matmul_precision")
     apollo_scale: float = _opt(1.0, "apollo: update scale (APOLLO-Mini uses 128 with rank 1)", group="optimizer")
     apollo_proj: str = _opt("random", "apollo: projection", _choice("random", "svd"), group="optimizer")
     apollo_scale_type: str = _opt(

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import options as subspace_options
 from ..optimizer import SubspaceAdamW
 from ..targets import ALL_LINEAR, param_groups, select_target_modules
-from .config import PretrainConfig
+from .config import OPTION_FIELDS, PretrainConfig
 
 # name -> (module to import, pip requirement) for the optional ones.
 OPTIONAL = {
@@ -105,32 +106,15 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
         )
     if name == "subspace":
         check_rank(model, cfg)
-        groups = param_groups(
-            model,
-            target_modules(cfg),
-            rank=cfg.rank,
-            weight_decay=cfg.weight_decay,
-            update_gap=cfg.update_gap,
-            scale=cfg.scale,
-            refresh=cfg.refresh,
-            moments=cfg.moments,
-            proj_type=cfg.proj_type,
-            oversample=cfg.oversample,
-            power_iters=cfg.power_iters,
-            seed=cfg.subspace_seed,
-            nonfinite=cfg.nonfinite,
-            refresh_owner=cfg.refresh_owner,
-            consistency_check_every=cfg.consistency_check_every,
-        )
-        return SubspaceAdamW(
-            groups,
-            lr=lr,
-            betas=betas,
-            eps=cfg.adam_eps,
-            engine=cfg.engine,
-            foreach=cfg.foreach,
-            matmul_precision=cfg.matmul_precision,
-        )
+        # Every option of the table that the config holds (lr, betas, eps and weight decay are set above).
+        opts = {
+            name: getattr(cfg, OPTION_FIELDS.get(name, name))
+            for name in subspace_options.DEFAULTS
+            if name not in ("lr", "betas", "eps", "weight_decay")
+        }
+        everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "matmul_precision")}  # plain groups too
+        groups = param_groups(model, target_modules(cfg), weight_decay=cfg.weight_decay, **opts)
+        return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, **everywhere)
     if name in ("galore", "apollo"):
         module = _import(name)
         check_rank(model, cfg)
