@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as _torch_adam
 
 from . import kernels, linalg, subspace
 from .inner import adam_scalars, projected_adamw
@@ -57,6 +58,28 @@ def subspace_adamw(
     for i, p in enumerate(params):
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
         projected_adamw(p, grads[i], bases[i], exp_avgs[i], exp_avg_sqs[i], s, sides[i])
+
+
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    foreach: bool | None,
+) -> None:
+    """Plain AdamW for the parameters that are not projected: torch's own ``adam`` with decoupled weight
+    decay, so these parameters train exactly as ``torch.optim.AdamW`` would train them."""
+    _torch_adam(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps,
+        foreach=foreach, decoupled_weight_decay=True, amsgrad=False, beta1=betas[0], beta2=betas[1],
+        lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    )  # fmt: skip
 
 
 def refresh_bases(

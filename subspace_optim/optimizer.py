@@ -15,13 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.adam import adam as _torch_adam
 
 from . import checks, compat, distributed, engine, functional, metrics, options, schedule
 from .distributed import local
 from .metrics import state_bytes
 from .schedule import Matrix, local_matrix, matrix_shape
-from .subspace import basis_dim, choose_side
+from .subspace import basis_dim
 
 DEFAULT_MOMENTS = options.DEFAULTS["moments"]
 # State keys of projected matrices that stay fp32 whatever the parameter dtype.
@@ -161,7 +160,7 @@ class SubspaceAdamW(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
         """Create a parameter's state on its first step: projected matrix state or torch AdamW state."""
         state = self.state[p]
-        if not self._projects(p, group, name, warn=True):
+        if not schedule.projects(p, group, name, warn=True):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -180,31 +179,10 @@ class SubspaceAdamW(Optimizer):
                 zeros = torch.zeros(shard.rows, rank, dtype=torch.float32, device=local(p).device)
                 state[key] = distributed.sharded_like(p, zeros, rank)
             else:
-                shape = (rank, n) if self._side(p, group) == "left" else (m, rank)
+                shape = (rank, n) if schedule.side(p, group) == "left" else (m, rank)
                 state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         # "basis" is created by the first refresh (d x rank, d = basis_dim(side, m, n)).
         return state
-
-    @staticmethod
-    def _projects(p: Tensor, group: dict[str, Any], name: str, warn: bool = False) -> bool:
-        """Whether ``p`` is projected: a >= 2-D weight in a rank group, with rank <= min(m, n)."""
-        rank = group["rank"]
-        if rank is None or p.dim() < 2:
-            return False
-        m, n = matrix_shape(p)
-        if rank > min(m, n) and warn:
-            warnings.warn(
-                f"rank={rank} exceeds min{(m, n)} of parameter {name}: it is trained with plain AdamW "
-                f"(set rank <= {min(m, n)} or leave this parameter out of the rank group)",
-                stacklevel=4,
-            )
-        return rank <= min(m, n)
-
-    @staticmethod
-    def _side(p: Tensor, group: dict[str, Any]) -> str:
-        """The projected side. A row-sharded (FSDP2) weight always projects on the right, whatever
-        ``proj_type`` says: then a rank's rows project with the replicated basis and no communication."""
-        return "right" if distributed.is_dtensor(p) else choose_side(group["proj_type"], *matrix_shape(p))
 
     # ------------------------------------------------------------------ step
     def _named_params(self) -> Iterable[tuple[int, dict[str, Any], str, Tensor]]:
@@ -224,14 +202,14 @@ class SubspaceAdamW(Optimizer):
             if p.grad is None:
                 continue
             checks.refuse_bad_gradient(p, name)
-            if self._projects(p, group, name):
+            if schedule.projects(p, group, name):
                 engine.check(group["engine"], p, name)
             work.append((index, group, name, p))
         if not work:
             return work
         shard_groups = {id(g): g for g in (distributed.row_shard(p, n).group for _, _, n, p in work
                                            if distributed.is_dtensor(p))}  # fmt: skip
-        limits = [checks.grad_limit(p, self._projects(p, g, n)) for _, g, n, p in work]
+        limits = [checks.grad_limit(p, schedule.projects(p, g, n)) for _, g, n, p in work]
         finite = checks.finite_flags([p.grad for *_, p in work], limits, list(shard_groups.values()))
         bad = [w for w, ok in zip(work, finite, strict=True) if not ok]
         if any(g["nonfinite"] == "raise" for _, g, _, _ in bad):
@@ -253,7 +231,7 @@ class SubspaceAdamW(Optimizer):
             state = self.state[p] if len(self.state[p]) else self._init_state(p, group, name)
             if "refresh_count" in state:
                 which = engine.choose(group["engine"], p)
-                projected.append(Matrix(index, group, name, p, state, self._side(p, group), which))
+                projected.append(Matrix(index, group, name, p, state, schedule.side(p, group), which))
             else:
                 plain.setdefault(id(group), []).append((p, state))
         due = schedule.due(projected)
@@ -274,7 +252,14 @@ class SubspaceAdamW(Optimizer):
         projected, plain = self._prepare()
         for group in self.param_groups:
             if id(group) in plain:
-                self._plain_adamw(group, plain[id(group)])
+                members = plain[id(group)]
+                functional.adamw(
+                    [p for p, _ in members], [p.grad for p, _ in members],
+                    [s["exp_avg"] for _, s in members], [s["exp_avg_sq"] for _, s in members],
+                    [s["step"] for _, s in members],
+                    lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    foreach=group["foreach"],
+                )  # fmt: skip
         calls: dict[tuple[int, str, str], list[Matrix]] = {}
         for x in projected:
             precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
@@ -292,17 +277,6 @@ class SubspaceAdamW(Optimizer):
                 scale=group["scale"], sides=[x.side for x in xs], engine=which, matmul_precision=precision,
             )  # fmt: skip
         return loss
-
-    @staticmethod
-    def _plain_adamw(group: dict[str, Any], members: list[tuple[Tensor, dict[str, Any]]]) -> None:
-        beta1, beta2 = group["betas"]
-        _torch_adam(
-            [p for p, _ in members], [p.grad for p, _ in members],
-            [s["exp_avg"] for _, s in members], [s["exp_avg_sq"] for _, s in members], [],
-            [s["step"] for _, s in members],
-            foreach=group["foreach"], decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
-            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -342,7 +316,7 @@ class SubspaceAdamW(Optimizer):
         checkpointed: after a resume they are empty until the next refresh.
         """
         entries = (
-            (i, n, self.state[p], self._side(p, g) if "refresh_count" in self.state[p] else None)
+            (i, n, self.state[p], schedule.side(p, g) if "refresh_count" in self.state[p] else None)
             for i, g, n, p in self._named_params()
             if self.state.get(p)
         )

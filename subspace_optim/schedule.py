@@ -8,6 +8,7 @@ range finder's all-reduces, round-robin broadcasts, consistency checks) line up 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from . import distributed, functional, linalg
 from .distributed import is_dtensor, local
-from .subspace import basis_dim, transport_moments
+from .subspace import basis_dim, choose_side, transport_moments
 
 
 class Matrix(NamedTuple):
@@ -40,6 +41,28 @@ def local_matrix(t: Tensor) -> Tensor:
     """This rank's rows of ``t`` as a matrix (m_l x n; m_l may be 0 for an empty FSDP shard)."""
     t_local = local(t)
     return t_local.reshape(t_local.shape[0], matrix_shape(t)[1])
+
+
+def projects(p: Tensor, group: dict[str, Any], name: str, warn: bool = False) -> bool:
+    """Whether ``p`` is projected: a >= 2-D weight in a rank group, with rank <= min(m, n) (else plain AdamW,
+    with a warning naming the parameter when ``warn``)."""
+    rank = group["rank"]
+    if rank is None or p.dim() < 2:
+        return False
+    m, n = matrix_shape(p)
+    if rank > min(m, n) and warn:
+        warnings.warn(
+            f"rank={rank} exceeds min{(m, n)} of parameter {name}: it is trained with plain AdamW "
+            f"(set rank <= {min(m, n)} or leave this parameter out of the rank group)",
+            stacklevel=5,
+        )
+    return rank <= min(m, n)
+
+
+def side(p: Tensor, group: dict[str, Any]) -> str:
+    """The projected side. A row-sharded (FSDP2) weight always projects on the right, whatever
+    ``proj_type`` says: then a rank's rows project with the replicated basis and no communication."""
+    return "right" if is_dtensor(p) else choose_side(group["proj_type"], *matrix_shape(p))
 
 
 def due(matrices: list[Matrix]) -> list[Matrix]:

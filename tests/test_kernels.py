@@ -23,7 +23,7 @@ import subspace_optim.kernels as kernels  # noqa: E402
 from conftest import gradient_like, orthonormality_error, subspace_distance  # noqa: E402
 from subspace_optim.kernels import refresh as kr  # noqa: E402
 
-from subspace_optim import engine, inner, linalg, subspace  # noqa: E402
+from subspace_optim import engine, inner, linalg, schedule, subspace  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(5, 13), (33, 17), (64, 40)]
@@ -516,7 +516,7 @@ def test_optimizer_warm_refresh_loop_under_interpreter_matches_reference(monkeyp
         assert ref_state["refresh_count"] == tri_state["refresh_count"] == 3
         assert subspace_distance(tri_state["basis"], ref_state["basis"]) < 1e-4
         # the last warm refresh followed the subspace to the third window's
-        target = linalg.svd_basis(grads[6][i], 3, tri_opt._side(b, tri_opt.param_groups[0])).basis
+        target = linalg.svd_basis(grads[6][i], 3, schedule.side(b, tri_opt.param_groups[0])).basis
         assert subspace_distance(tri_state["basis"], target) < 1e-2
         start = torch.randn(shapes[i], generator=torch.Generator().manual_seed(i))
         assert float((b.detach() - start).abs().max()) > 1e-2  # the weights did move
