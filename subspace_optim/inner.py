@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from .subspace import project, project_back
@@ -62,4 +63,8 @@ def projected_adamw(
     update = project_back(direction, basis, side)
     if s.decay != 1.0:
         p.mul_(s.decay)
-    p.add_(update.view(p.shape).to(p.dtype), alpha=-s.alpha)
+    if torch.compiler.is_compiling():
+        # Inductor (torch 2.13, CPU) compiles p.add_(a @ b, alpha=c) as if alpha were 1: scale explicitly.
+        p.add_((update * -s.alpha).view(p.shape).to(p.dtype))
+    else:
+        p.add_(update.view(p.shape).to(p.dtype), alpha=-s.alpha)

@@ -27,6 +27,11 @@ DEFAULT_MOMENTS = options.DEFAULTS["moments"]
 _FP32_STATE = ("basis", "exp_avg", "exp_avg_sq")
 
 
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    """The AdamW hyperparameters of a group, as the functional core takes them."""
+    return {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
+
+
 class SubspaceAdamW(Optimizer):
     r"""AdamW with GaLore-style low-rank projection of selected weight matrices.
 
@@ -222,9 +227,11 @@ class SubspaceAdamW(Optimizer):
         return [w for w, ok in zip(work, finite, strict=True) if ok]
 
     @torch._disable_dynamo
-    def _prepare(self) -> tuple[list[Matrix], dict[int, list[tuple[Tensor, dict[str, Any]]]]]:
-        """Check, create state, refresh what is due and advance the counters; returns the projected
-        matrices and the plain parameters by group. Host-side bookkeeping with syncs: not traced."""
+    def _prepare(self) -> list[tuple[Callable[..., None], tuple, dict[str, Any]]]:
+        """Check, create state, refresh what is due, advance the counters, and return the core calls of this
+        step: plain AdamW per group, then ``subspace_adamw`` per (group, engine, precision), as (function,
+        args, kwargs) holding only tensors, lists and plain values. This host-side bookkeeping (syncs,
+        collectives, param-group objects) is kept out of ``torch.compile``'s tracing; the calls are not."""
         plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
         projected: list[Matrix] = []
         for index, group, name, p in self._checked_work():
@@ -240,7 +247,25 @@ class SubspaceAdamW(Optimizer):
         for x in projected:
             x.state["step"] += 1
             x.state["moment_age"] += 1
-        return projected, plain
+        calls: list[tuple[Callable[..., None], tuple, dict[str, Any]]] = []
+        for group in self.param_groups:
+            if id(group) in plain:
+                members = plain[id(group)]
+                args = ([p for p, _ in members], [p.grad for p, _ in members], [s["exp_avg"] for _, s in members],
+                        [s["exp_avg_sq"] for _, s in members], [s["step"] for _, s in members])  # fmt: skip
+                calls.append((functional.adamw, args, {**_hyper(group), "foreach": group["foreach"]}))
+        batches: dict[tuple[int, str, str], list[Matrix]] = {}
+        for x in projected:
+            precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
+            batches.setdefault((id(x.group), x.engine, precision), []).append(x)
+        for (_, which, precision), xs in batches.items():
+            args = ([local(x.p) for x in xs], [local_matrix(x.p.grad) for x in xs],
+                    [local(x.state["basis"]) for x in xs], [local(x.state["exp_avg"]) for x in xs],
+                    [local(x.state["exp_avg_sq"]) for x in xs], [x.state["moment_age"] for x in xs])  # fmt: skip
+            kwargs = {**_hyper(xs[0].group), "scale": xs[0].group["scale"], "sides": [x.side for x in xs],
+                      "engine": which, "matmul_precision": precision}  # fmt: skip
+            calls.append((functional.subspace_adamw, args, kwargs))
+        return calls
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -249,33 +274,8 @@ class SubspaceAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        projected, plain = self._prepare()
-        for group in self.param_groups:
-            if id(group) in plain:
-                members = plain[id(group)]
-                functional.adamw(
-                    [p for p, _ in members], [p.grad for p, _ in members],
-                    [s["exp_avg"] for _, s in members], [s["exp_avg_sq"] for _, s in members],
-                    [s["step"] for _, s in members],
-                    lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    foreach=group["foreach"],
-                )  # fmt: skip
-        calls: dict[tuple[int, str, str], list[Matrix]] = {}
-        for x in projected:
-            precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
-            calls.setdefault((id(x.group), x.engine, precision), []).append(x)
-        for (_, which, precision), xs in calls.items():
-            group = xs[0].group
-            functional.subspace_adamw(
-                [local(x.p) for x in xs],
-                [local_matrix(x.p.grad) for x in xs],
-                [local(x.state["basis"]) for x in xs],
-                [local(x.state["exp_avg"]) for x in xs],
-                [local(x.state["exp_avg_sq"]) for x in xs],
-                [x.state["moment_age"] for x in xs],
-                lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                scale=group["scale"], sides=[x.side for x in xs], engine=which, matmul_precision=precision,
-            )  # fmt: skip
+        for function, args, kwargs in self._prepare():
+            function(*args, **kwargs)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
@@ -284,10 +284,20 @@ class SubspaceAdamW(Optimizer):
 
         ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's dtype; for a
         bf16 weight that would round the basis and the moments. They are restored from the saved fp32
-        values after the base class has done its work.
+        values, as the user's load-state-dict hooks see them: taken after every pre hook has run (a hook
+        added last), put back before any post hook runs (a hook added first).
         """
+        loaded: dict[str, Any] = {}
+        capture = self.register_load_state_dict_pre_hook(lambda _, sd: loaded.update(sd=sd))
+        restore = self.register_load_state_dict_post_hook(lambda _: self._restore_fp32(loaded["sd"]), prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            capture.remove()
+            restore.remove()
+
+    def _restore_fp32(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"]
-        super().load_state_dict(state_dict)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, p in zip(saved_ids, params, strict=True):
