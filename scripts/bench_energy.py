@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import subspace_optim as so
-from subspace_optim import corpus, lm
+from subspace_optim.pretrain import corpus, lm
 
 # name -> SubspaceAdamW options
 METHODS: dict[str, dict[str, Any]] = {

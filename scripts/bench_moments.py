@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import subspace_optim as so
-from subspace_optim import corpus, lm
+from subspace_optim.pretrain import corpus, lm
 
 
 def run_one(name: str, args: argparse.Namespace, seed: int, data, options: dict) -> dict:

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from subspace_optim import corpus, lm
 from subspace_optim.integrations.transformers import (
     SubspaceMetricsCallback,
     add_metrics_callback,
@@ -29,6 +28,7 @@ from subspace_optim.integrations.transformers import (
     optimizer_cls_and_kwargs,
     unwrap_optimizer,
 )
+from subspace_optim.pretrain import corpus, lm
 
 
 class Windows(torch.utils.data.Dataset):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import subspace_optim as so
-from subspace_optim import corpus, lm
+from subspace_optim.pretrain import corpus, lm
 
 HIDDEN = 64
 

@@ -20,9 +20,16 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("tokenizers")
 
-from subspace_optim import corpus  # noqa: E402
 from subspace_optim.pretrain import config as config_mod  # noqa: E402
-from subspace_optim.pretrain import data, loop, main, optimizers, run, tokenizer  # noqa: E402
+from subspace_optim.pretrain import (  # noqa: E402
+    corpus,  # noqa: E402
+    data,
+    loop,
+    main,
+    optimizers,
+    run,
+    tokenizer,
+)
 from subspace_optim.pretrain.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from subspace_optim import SubspaceAdamW, param_groups, select_target_modules
-from subspace_optim.lm import tiny_llama
+from subspace_optim.pretrain.lm import tiny_llama
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

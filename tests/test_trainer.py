@@ -17,7 +17,6 @@ transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from subspace_optim import SubspaceAdamW, state_bytes  # noqa: E402
-from subspace_optim.corpus import stdlib_text  # noqa: E402
 from subspace_optim.integrations.transformers import (  # noqa: E402
     SubspaceAdamWFactory,
     SubspaceMetricsCallback,
@@ -27,7 +26,8 @@ from subspace_optim.integrations.transformers import (  # noqa: E402
     parse_optim_args,
     unwrap_optimizer,
 )
-from subspace_optim.lm import byte_tokens, tiny_llama  # noqa: E402
+from subspace_optim.pretrain.corpus import stdlib_text  # noqa: E402
+from subspace_optim.pretrain.lm import byte_tokens, tiny_llama  # noqa: E402
 from subspace_optim.subspace import project  # noqa: E402
 
 SEQ = 32

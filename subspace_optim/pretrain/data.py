@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import corpus
-from . import files
+from . import corpus, files
 from .tokenizer import TextTokenizer, chunks
 
 LOCAL_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".parquet")
@@ -103,7 +102,7 @@ class _Splitter:
 
 
 def builtin_corpus(max_train_bytes: int, max_eval_bytes: int) -> Corpus:
-    """The Python standard library's source, split by file (``subspace_optim.corpus``)."""
+    """The Python standard library's source, split by file (``subspace_optim.pretrain.corpus``)."""
     train = corpus.stdlib_text(max_train_bytes, split="train")
     heldout = corpus.stdlib_text(max_eval_bytes, split="heldout")
     root = Path(corpus.stdlib_files()[0]).parent
