@@ -1,10 +1,12 @@
 """Subspace refresh time and captured energy (vs the exact SVD) on LLaMA projection shapes.
 
-Per engine, a refresh of every matrix: galore-torch 1.0 (full SVD of each gradient), the reference
-range finder (``linalg.range_finder_basis``, cold and warm) and the Triton ``refresh_batch`` (batched by
-shape, in-kernel Gaussian sketch). Each is run ``--warmup`` times untimed (compilation, allocator and
-cuSOLVER/cuBLAS set-up excluded) and then ``--repeats`` times; the median is reported. Times are ratios
-against galore-torch's refresh and against one fused AdamW step.
+Per engine, a refresh of every matrix: galore-torch 1.0 (full SVD of each gradient) and
+``functional.refresh_bases`` with refresh="rsvd" (cold) and "warm" on each engine: ``engine="reference"``
+(``linalg.range_finder`` over the reference products, one matrix at a time) and ``engine="triton"`` (its
+twin ``kernels.refresh_bases``: the same ``linalg.range_finder`` over ``kernels.refresh.KernelProducts``,
+batched by shape, in-kernel Gaussian sketch). Each is run ``--warmup`` times untimed (compilation,
+allocator and cuSOLVER/cuBLAS set-up excluded) and then ``--repeats`` times; the median is reported.
+Times are ratios against galore-torch's refresh and against one fused AdamW step.
 
 The gradients are gradient-like, not iid noise: a rank-4r part with a power-law spectrum (s_i = 1/(i+1))
 plus iid noise carrying about a sixth of the energy. The warm starts are the exact top-r bases of the
@@ -13,7 +15,11 @@ noise, so the dominant subspace has drifted. Captured energy is ||P^T G||^2 / ||
 matrices, relative to the exact top-r SVD's.
 
     python scripts/bench_refresh.py --model 7b-layer --markdown docs/benchmarks.md   # GPU
+    python scripts/bench_refresh.py --model 60m                    # CPU (1 thread) or GPU
     python scripts/bench_refresh.py --smoke [--kernels]            # CPU: seconds; about a minute with --kernels
+
+With ``--kernels`` on CPU the triton rows run under TRITON_INTERPRET=1 (engine="triton" is obeyed there):
+that checks the wiring, not the speed.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from bench_step import environment, make_params, sync, timed, write_outputs
+from bench_step import CPU_MODELS, environment, make_params, sync, timed, write_outputs
 
 
 def gradient_pair(torch: Any, m: int, n: int, rank: int, drift: float, gen: Any, device: str) -> tuple[Any, Any]:
@@ -50,9 +56,10 @@ def gradient_pair(torch: Any, m: int, n: int, rank: int, drift: float, gen: Any,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["1b", "7b-layer"], default="7b-layer")
+    parser.add_argument("--model", choices=["60m", "1b", "7b-layer"], default="7b-layer")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--kernels", action="store_true", help="with --smoke: also run the kernels interpreted")
+    parser.add_argument("--kernels", action="store_true", help="on CPU: also run the kernels interpreted")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: 1 on CPU, torch's on CUDA)")
     parser.add_argument("--oversample", type=int, default=8)
     parser.add_argument("--power-iters", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each method first")
@@ -61,16 +68,20 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
-    if args.smoke and args.kernels:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    model = "smoke" if args.smoke else args.model
     import torch
 
-    from subspace_optim import linalg, subspace
-
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if device == "cpu" and not args.smoke:
-        sys.exit("no GPU: only --smoke runs on CPU (the GPU numbers are owed, not measured)")
-    model = "smoke" if args.smoke else args.model
+    if device == "cpu" and args.kernels:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported
+    if device == "cpu" and model not in CPU_MODELS:
+        sys.exit(f"--model {model} needs a GPU; on CPU use --model 60m or --smoke (the GPU numbers are owed)")
+    threads = args.threads or (1 if device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+    from subspace_optim import functional, linalg, subspace
+
     repeats = args.repeats or (2 if args.smoke else 5)
     params, rank = make_params(torch, model, device, torch.bfloat16)
     if args.smoke:
@@ -86,6 +97,8 @@ def main() -> None:
     grads = [p.grad for p in params]
     sides = [subspace.choose_side("std", *g.shape) for g in grads]
     notes = ["apollo-torch not installed: skipped"] if importlib.util.find_spec("apollo_torch") is None else []
+    if args.smoke:
+        notes.append("CPU smoke run: checks the pipeline only; no claim is made from it")
 
     exact = [linalg.svd_basis(g, rank, s) for g, s in zip(grads, sides, strict=True)]
     exact_frac = sum(float(b.captured) for b in exact) / sum(float(b.total) for b in exact)
@@ -130,32 +143,26 @@ def main() -> None:
     else:
         notes.append("galore-torch not installed: skipped")
 
-    kw = dict(oversample=args.oversample, power_iters=args.power_iters)
-    record(
-        "reference_rsvd",
-        lambda: [
-            linalg.range_finder_basis(subspace.oriented(g, s), rank, seed=i, **kw).basis
-            for i, (g, s) in enumerate(zip(grads, sides, strict=True))
-        ],
-    )
-    record(
-        "reference_warm",
-        lambda: [
-            linalg.range_finder_basis(subspace.oriented(g, s), rank, seed=i, start=p0, **kw).basis
-            for i, (g, s, p0) in enumerate(zip(grads, sides, starts, strict=True))
-        ],
-    )
-    if (device == "cuda" or args.kernels) and importlib.util.find_spec("triton") is not None:
-        import subspace_optim.kernels as kernels
+    seeds = list(range(len(grads)))
+    kw = dict(sides=sides, rank=rank, oversample=args.oversample, power_iters=args.power_iters)
 
-        seeds = list(range(len(grads)))
-        record("triton_rsvd", lambda: [b[0] for b in kernels.refresh_batch(grads, sides, rank, seeds=seeds, **kw)])
-        record(
-            "triton_warm",
-            lambda: [b[0] for b in kernels.refresh_batch(grads, sides, rank, seeds=seeds, previous=starts, **kw)],
-        )
-        if device == "cpu":
-            notes.append("triton rows ran under TRITON_INTERPRET=1: their CPU times are meaningless")
+    def ours(engine: str, policy: str) -> Any:
+        previous = starts if policy == "warm" else [None] * len(grads)
+        return lambda: [
+            b.basis for b in functional.refresh_bases(grads, previous, seeds, policy=policy, engine=engine, **kw)
+        ]
+
+    engines = ["reference"]
+    if device == "cuda" or args.kernels:
+        if importlib.util.find_spec("triton") is not None:
+            engines.append("triton")
+            if device == "cpu":
+                notes.append("triton rows ran under TRITON_INTERPRET=1: their CPU times are meaningless")
+        else:
+            notes.append("triton not installed: kernel engine skipped")
+    for engine in engines:
+        for policy in ("rsvd", "warm"):
+            record(f"{engine}_{policy}", ours(engine, policy))
 
     adamw = torch.optim.AdamW(params, lr=1e-3, fused=(device == "cuda") or None)
     adamw_step = timed(torch, device, adamw.step, 3)
@@ -174,8 +181,6 @@ def main() -> None:
                 f"{r['captured_vs_svd']:.4f}",
             ]
         )
-    if device == "cpu":
-        notes.append("CPU smoke run: checks the pipeline only; no GPU claim is made from it")
     result = {
         "benchmark": "refresh",
         "model": model,
