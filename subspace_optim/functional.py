@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
-from . import kernels, linalg, subspace
+from . import kernels, linalg, quant, subspace
 from .inner import adam_scalars, projected_adamw
 
 
@@ -36,20 +36,25 @@ def subspace_adamw(
     weight_decay: float,
     scale: float,
     sides: Sequence[str],
+    exp_avg_absmaxes: Sequence[Tensor] | None = None,
+    exp_avg_sq_absmaxes: Sequence[Tensor] | None = None,
     engine: str = "reference",
     matmul_precision: str = "ieee",
 ) -> None:
     r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
 
     ``grads[i]`` is G_i (m x n); ``params[i]`` the weight, any shape that views as (m, n); ``bases[i]``
-    P_i (d x r, orthonormal columns, d = m for ``sides[i] == "left"``, n for ``"right"``); the moments
-    have the projected shape (r x n or m x r) and are fp32; ``steps[i]`` is the moments' age t, already
-    counting this step. ``matmul_precision`` applies to the Triton engine ("ieee" or "tf32").
+    P_i (d x r, orthonormal columns, d = m for ``sides[i] == "left"``, n for ``"right"``), fp32 or bf16;
+    the moments have the projected shape (r x n or m x r), stored in fp32, bf16, or as 8-bit codes (uint8)
+    with ``exp_avg_absmaxes`` / ``exp_avg_sq_absmaxes`` (``quant``); the math is fp32 whatever the storage.
+    ``steps[i]`` is the moments' age t, already counting this step. ``matmul_precision`` applies to the
+    Triton engine ("ieee" or "tf32").
     """
     if engine == "triton":
         kernels.subspace_adamw(
             params, grads, bases, exp_avgs, exp_avg_sqs, steps,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
+            exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
             matmul_precision=matmul_precision,
         )  # fmt: skip
         return
@@ -57,7 +62,13 @@ def subspace_adamw(
         raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
     for i, p in enumerate(params):
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
-        projected_adamw(p, grads[i], bases[i], exp_avgs[i], exp_avg_sqs[i], s, sides[i])
+        moments = {"exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
+        if exp_avg_absmaxes is not None:
+            moments.update(exp_avg_absmax=exp_avg_absmaxes[i], exp_avg_sq_absmax=exp_avg_sq_absmaxes[i])
+        m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
+        projected_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i])
+        quant.store(moments, "exp_avg", m)
+        quant.store(moments, "exp_avg_sq", v)
 
 
 def adamw(
@@ -72,14 +83,31 @@ def adamw(
     eps: float,
     weight_decay: float,
     foreach: bool | None,
+    exp_avg_absmaxes: list[Tensor] | None = None,
+    exp_avg_sq_absmaxes: list[Tensor] | None = None,
 ) -> None:
     """Plain AdamW for the parameters that are not projected: torch's own ``adam`` with decoupled weight
-    decay, so these parameters train exactly as ``torch.optim.AdamW`` would train them."""
-    _torch_adam(
-        params, grads, exp_avgs, exp_avg_sqs, [], steps,
-        foreach=foreach, decoupled_weight_decay=True, amsgrad=False, beta1=betas[0], beta2=betas[1],
-        lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    decay, so these parameters train exactly as ``torch.optim.AdamW`` would train them.
+
+    Moments stored in low precision (bf16 for a wider parameter, or 8-bit codes with ``*_absmaxes``) are
+    updated one parameter at a time through fp32 working copies (``quant.load``/``quant.store``), with the
+    same ``adam`` call.
+    """
+    kwargs = dict(
+        decoupled_weight_decay=True, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
+        weight_decay=weight_decay, eps=eps, maximize=False,
     )  # fmt: skip
+    if exp_avg_absmaxes is None and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params, strict=True)):
+        _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, **kwargs)
+        return
+    for i, p in enumerate(params):
+        moments = {"exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
+        if exp_avg_absmaxes is not None:
+            moments.update(exp_avg_absmax=exp_avg_absmaxes[i], exp_avg_sq_absmax=exp_avg_sq_absmaxes[i])
+        m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
+        _torch_adam([p], [grads[i]], [m], [v], [], [steps[i]], foreach=False, **kwargs)
+        quant.store(moments, "exp_avg", m)
+        quant.store(moments, "exp_avg_sq", v)
 
 
 def refresh_bases(

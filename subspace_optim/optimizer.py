@@ -16,20 +16,99 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import checks, compat, distributed, engine, functional, metrics, options, schedule
+from . import checks, compat, distributed, engine, functional, metrics, options, quant, schedule
 from .distributed import local
 from .metrics import state_bytes
 from .schedule import Matrix, local_matrix, matrix_shape
 from .subspace import basis_dim
 
 DEFAULT_MOMENTS = options.DEFAULTS["moments"]
-# State keys of projected matrices that stay fp32 whatever the parameter dtype.
-_FP32_STATE = ("basis", "exp_avg", "exp_avg_sq")
+# State keys that keep the dtype they were saved with (their options chose it), whatever the parameter's.
+_OWN_DTYPE_STATE = ("basis", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     """The AdamW hyperparameters of a group, as the functional core takes them."""
     return {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
+
+
+def _absmaxes(states: list[dict[str, Any]]) -> dict[str, list[Tensor]]:
+    """The 8-bit moments' absmax lists for a core call (nothing when the moments are not 8-bit)."""
+    if "exp_avg_absmax" not in states[0]:
+        return {}
+    return {f"{k}_absmaxes": [local(s[f"{k}_absmax"]) for s in states] for k in ("exp_avg", "exp_avg_sq")}
+
+
+def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool, list]]:
+    """Plain parameters split by moment storage: (True, native: the parameter's dtype, torch's own AdamW
+    state), then (False, bf16) and (False, 8-bit); empty parts left out."""
+    parts: dict[str, list] = {}
+    for p, s in members:
+        parts.setdefault(quant.stored_kind(s, "exp_avg") if s["exp_avg"].dtype != p.dtype else "native", []).append(
+            (p, s)
+        )
+    return [(kind == "native", parts[kind]) for kind in ("native", "bfloat16", "int8") if kind in parts]
+
+
+def _plain_kind(p: Tensor, group: dict[str, Any]) -> str | None:
+    """How a plain parameter's moments are stored: None for torch AdamW's own (the parameter's dtype),
+    else a ``quant`` kind. int8 needs a >= 2-D tensor of ``quant.MIN_QUANTIZED_NUMEL`` elements or more
+    (smaller ones are not worth 8 bits, bitsandbytes' rule)."""
+    kind = group["moments_dtype"]
+    if kind == "int8" and not (p.dim() >= 2 and quant.quantizable(p)):
+        kind = "float32"
+    return None if kind == "float32" or p.dtype == quant.TORCH_DTYPES.get(kind) else kind
+
+
+def _conform(p: Tensor, group: dict[str, Any], state: dict[str, Any], name: str) -> None:
+    """State loaded from a checkpoint saved with other ``moments_dtype`` / ``basis_dtype`` options is
+    converted to the group's, once, through fp32 (documented: a conversion, not an error)."""
+    projected = "refresh_count" in state
+    kind = group["moments_dtype"] if projected else _plain_kind(p, group)
+    if kind is None:
+        kind = "bfloat16" if p.dtype == torch.bfloat16 else "float32"
+    if quant.stored_kind(state, "exp_avg") != kind or (
+        projected and "basis" in state and state["basis"].dtype != quant.TORCH_DTYPES[group["basis_dtype"]]
+    ):
+        if distributed.is_dtensor(p):
+            raise NotImplementedError(
+                f"parameter {name}: its sharded state was saved with other moments_dtype/basis_dtype options; "
+                "load it with the options it was saved with"
+            )
+        for key in ("exp_avg", "exp_avg_sq"):
+            quant.convert(state, key, kind)
+        if projected and "basis" in state:
+            state["basis"] = state["basis"].to(quant.TORCH_DTYPES[group["basis_dtype"]])
+
+
+def _moment(p: Tensor, shape: tuple[int, ...], kind: str, key: str, name: str) -> dict[str, Tensor]:
+    """Zero state for moment ``key`` of this rank's ``shape``; a row-sharded weight's moments (and their
+    absmax) become DTensors sharded on rows like the weight."""
+    entries = quant.zeros(shape, kind, local(p).device, key)
+    if not distributed.is_dtensor(p):
+        return entries
+    distributed.row_shard(p, name)  # a clear error for layouts other than FSDP2's dim-0 sharding
+    if any(v.dim() != 2 for v in entries.values()):
+        raise NotImplementedError(
+            f"parameter {name}: {kind} moments of a sharded {p.dim()}-D parameter are not supported; "
+            "use moments_dtype='float32' for its group"
+        )
+    return {k: distributed.sharded_like(p, v, v.shape[1]) for k, v in entries.items()}
+
+
+def _restore_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """Projected state, and the moments of plain parameters whose group stores them in low precision,
+    keep their saved dtypes (torch's loader cast them to the parameter's)."""
+    saved = state_dict["state"]
+    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
+        own = group.get("moments_dtype", "float32") != "float32"
+        for pid, p in zip(saved_group["params"], group["params"], strict=True):
+            entry = saved.get(pid)
+            if entry is None or not (own or "refresh_count" in entry):
+                continue
+            for key in _OWN_DTYPE_STATE:
+                if key in entry:
+                    optimizer.state[p][key] = entry[key].to(device=p.device, dtype=entry[key].dtype, copy=True)
 
 
 class SubspaceAdamW(Optimizer):
@@ -80,6 +159,8 @@ class SubspaceAdamW(Optimizer):
             which round the basis and the normalized update to 10 mantissa bits. ``"auto"`` (default):
             ``"tf32"`` for bf16/fp16 weights, whose gradients TF32 holds exactly, ``"ieee"`` for fp32.
             Refreshes always use ieee fp32 with fp64 Gram matrices.
+        moments_dtype, basis_dtype: storage of the moments (``"float32"``, ``"bfloat16"``, ``"int8"``:
+            blockwise 8-bit, see ``quant``) and of the bases (``"float32"``, ``"bfloat16"``); math is fp32.
     """
 
     def __init__(
@@ -105,6 +186,8 @@ class SubspaceAdamW(Optimizer):
         refresh_owner: str = "all",
         consistency_check_every: int = 0,
         matmul_precision: str = "auto",
+        moments_dtype: str = "float32",
+        basis_dtype: str = "float32",
         **unexpected: Any,
     ) -> None:
         given = dict(locals())
@@ -163,13 +246,19 @@ class SubspaceAdamW(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _init_state(self, p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
-        """Create a parameter's state on its first step: projected matrix state or torch AdamW state."""
+        """Create a parameter's state on its first step: projected matrix state or AdamW state, with the
+        moments stored as the group's ``moments_dtype`` says (``quant``)."""
         state = self.state[p]
         if not schedule.projects(p, group, name, warn=True):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            kind = _plain_kind(p, group)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if kind is None:  # torch.optim.AdamW's own state: the parameter's dtype and layout
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                else:
+                    state.update(_moment(p, tuple(local(p).shape), kind, key, name))
             return state
+        kind = group["moments_dtype"]
         # Counters are plain ints and the side is derived from (proj_type, shape), never stored: state
         # is tensors and numbers only, which is what torch.load(weights_only=True) and DCP accept.
         state["step"] = 0
@@ -177,15 +266,12 @@ class SubspaceAdamW(Optimizer):
         state["refresh_count"] = 0
         rank = group["rank"]
         m, n = matrix_shape(p)
+        if distributed.is_dtensor(p):  # right projection: m x r moments, sharded on rows like the weight
+            shape = (distributed.row_shard(p, name).rows, rank)
+        else:
+            shape = (rank, n) if schedule.side(p, group) == "left" else (m, rank)
         for key in ("exp_avg", "exp_avg_sq"):
-            if distributed.is_dtensor(p):
-                # Right projection: moments are m x r, sharded on rows exactly like the weight.
-                shard = distributed.row_shard(p, name)
-                zeros = torch.zeros(shard.rows, rank, dtype=torch.float32, device=local(p).device)
-                state[key] = distributed.sharded_like(p, zeros, rank)
-            else:
-                shape = (rank, n) if schedule.side(p, group) == "left" else (m, rank)
-                state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state.update(_moment(p, shape, kind, key, name))
         # "basis" is created by the first refresh (d x rank, d = basis_dim(side, m, n)).
         return state
 
@@ -235,7 +321,11 @@ class SubspaceAdamW(Optimizer):
         plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
         projected: list[Matrix] = []
         for index, group, name, p in self._checked_work():
-            state = self.state[p] if len(self.state[p]) else self._init_state(p, group, name)
+            if len(self.state[p]):
+                state = self.state[p]
+                _conform(p, group, state, name)
+            else:
+                state = self._init_state(p, group, name)
             if "refresh_count" in state:
                 which = engine.choose(group["engine"], p)
                 projected.append(Matrix(index, group, name, p, state, schedule.side(p, group), which))
@@ -249,11 +339,12 @@ class SubspaceAdamW(Optimizer):
             x.state["moment_age"] += 1
         calls: list[tuple[Callable[..., None], tuple, dict[str, Any]]] = []
         for group in self.param_groups:
-            if id(group) in plain:
-                members = plain[id(group)]
-                args = ([p for p, _ in members], [p.grad for p, _ in members], [s["exp_avg"] for _, s in members],
-                        [s["exp_avg_sq"] for _, s in members], [s["step"] for _, s in members])  # fmt: skip
-                calls.append((functional.adamw, args, {**_hyper(group), "foreach": group["foreach"]}))
+            for native, members in _by_storage(plain.get(id(group), [])):
+                view = (lambda t: t) if native else local  # low-precision storage is updated rank-locally
+                args = tuple([view(t) for t in ts] for ts in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"])
+                                                                   for p, s in members], strict=True))
+                kwargs = {**_hyper(group), "foreach": group["foreach"], **_absmaxes([s for _, s in members])}
+                calls.append((functional.adamw, (*args, [s["step"] for _, s in members]), kwargs))
         batches: dict[tuple[int, str, str], list[Matrix]] = {}
         for x in projected:
             precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
@@ -263,7 +354,7 @@ class SubspaceAdamW(Optimizer):
                     [local(x.state["basis"]) for x in xs], [local(x.state["exp_avg"]) for x in xs],
                     [local(x.state["exp_avg_sq"]) for x in xs], [x.state["moment_age"] for x in xs])  # fmt: skip
             kwargs = {**_hyper(xs[0].group), "scale": xs[0].group["scale"], "sides": [x.side for x in xs],
-                      "engine": which, "matmul_precision": precision}  # fmt: skip
+                      "engine": which, "matmul_precision": precision, **_absmaxes([x.state for x in xs])}  # fmt: skip
             calls.append((functional.subspace_adamw, args, kwargs))
         return calls
 
@@ -280,33 +371,22 @@ class SubspaceAdamW(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, keeping projected bases and moments fp32 on low-precision parameters.
+        """Load state, keeping the bases and moments in the dtypes their options chose.
 
         ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's dtype; for a
-        bf16 weight that would round the basis and the moments. They are restored from the saved fp32
-        values, as the user's load-state-dict hooks see them: taken after every pre hook has run (a hook
-        added last), put back before any post hook runs (a hook added first).
+        bf16 weight that would round fp32 bases and moments, and it would widen bf16 moments of an fp32
+        weight. They are restored from the saved values, as the user's load-state-dict hooks see them:
+        taken after every pre hook has run (a hook added last), put back before any post hook runs (a
+        hook added first).
         """
         loaded: dict[str, Any] = {}
         capture = self.register_load_state_dict_pre_hook(lambda _, sd: loaded.update(sd=sd))
-        restore = self.register_load_state_dict_post_hook(lambda _: self._restore_fp32(loaded["sd"]), prepend=True)
+        restore = self.register_load_state_dict_post_hook(lambda _: _restore_dtypes(self, loaded["sd"]), prepend=True)
         try:
             super().load_state_dict(state_dict)
         finally:
             capture.remove()
             restore.remove()
-
-    def _restore_fp32(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["state"]
-        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for pid, p in zip(saved_ids, params, strict=True):
-            entry = saved.get(pid)
-            if entry is None or "refresh_count" not in entry:
-                continue
-            for key in _FP32_STATE:
-                if key in entry:
-                    self.state[p][key] = entry[key].to(device=p.device, dtype=torch.float32, copy=True)
 
     # ------------------------------------------------------------------ metrics
     def check_consistency(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .quant import BASIS_DTYPES, MOMENT_DTYPES
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -86,6 +87,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("consistency_check_every", 0, "int",
            "data parallel: compare bases across ranks every this many refreshes (0: never)", low=0),
     Option("matmul_precision", "auto", "choice", "precision of the Triton step's GEMMs", MATMUL_PRECISIONS),
+    Option("moments_dtype", "float32", "choice",
+           "storage of Adam's moments: float32, bfloat16, or int8 (bitsandbytes-style blockwise 8-bit)",
+           MOMENT_DTYPES),
+    Option("basis_dtype", "float32", "choice", "storage of the projection bases: float32 or bfloat16", BASIS_DTYPES),
 )  # fmt: skip
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}

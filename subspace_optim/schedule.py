@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import distributed, functional, linalg
+from . import distributed, functional, linalg, quant
 from .distributed import is_dtensor, local
 from .subspace import basis_dim, choose_side, transport_moments
 
@@ -159,7 +159,7 @@ def install(
     state = x.state
     overlap = None
     if "basis" not in state:
-        basis = new.basis.contiguous()
+        basis = new.basis.to(quant.TORCH_DTYPES[x.group["basis_dtype"]]).contiguous()
         state["basis"] = distributed.replicated_like(x.p, basis) if is_dtensor(x.p) else basis
     elif not bool(new.total.float() > 0):  # fp32: the value round-robin receivers get broadcast
         # An all-zero gradient (e.g. DCP's lr=0 state-initializing step) spans nothing: keep the basis
@@ -167,9 +167,13 @@ def install(
         overlap = torch.ones((), dtype=torch.float64)
     else:
         previous = local(state["basis"])
-        c = transport_moments(
-            local(state["exp_avg"]), local(state["exp_avg_sq"]), previous, new.basis, x.side, x.group["moments"]
-        )
+        # The moments as fp32 working copies (the stored tensors themselves when they are fp32).
+        moments = {k: local(v) for k, v in state.items() if k.startswith("exp_avg")}
+        m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
+        c = transport_moments(m, v, previous.float(), new.basis.float(), x.side, x.group["moments"])
+        if x.group["moments"] != "keep":
+            quant.store(moments, "exp_avg", m)
+            quant.store(moments, "exp_avg_sq", v)
         overlap = c.double().square().sum() / x.group["rank"]
         previous.copy_(new.basis)
         if x.group["moments"] == "reset":

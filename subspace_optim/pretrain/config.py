@@ -189,6 +189,8 @@ class PretrainConfig:
     refresh_owner: str = _option("refresh_owner")
     consistency_check_every: int = _option("consistency_check_every")
     matmul_precision: str = _option("matmul_precision")
+    moments_dtype: str = _option("moments_dtype")
+    basis_dtype: str = _option("basis_dtype")
     apollo_scale: float = _opt(1.0, "apollo: update scale (APOLLO-Mini uses 128 with rank 1)", group="optimizer")
     apollo_proj: str = _opt("random", "apollo: projection", _choice("random", "svd"), group="optimizer")
     apollo_scale_type: str = _opt(

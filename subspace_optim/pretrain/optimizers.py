@@ -112,7 +112,8 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
             for name in subspace_options.DEFAULTS
             if name not in ("lr", "betas", "eps", "weight_decay")
         }
-        everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "matmul_precision")}  # plain groups too
+        # plain groups too: the engine, foreach, matmul precision and moment storage
+        everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "matmul_precision", "moments_dtype")}
         groups = param_groups(model, target_modules(cfg), weight_decay=cfg.weight_decay, **opts)
         return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, **everywhere)
     if name in ("galore", "apollo"):

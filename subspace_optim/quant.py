@@ -1,0 +1,165 @@
+"""Low-precision optimizer state: bf16 tensors, and 8-bit blockwise dynamic quantization.
+
+The 8-bit format is bitsandbytes' (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", 2022):
+each block of values is scaled by its absolute maximum into [-1, 1] and stored as the index of the
+nearest of 256 values of a *dynamic* map, whose values are spread over seven decades (fine near zero,
+coarse near one). Adam's first moment uses the signed map, the second moment (never negative) the
+unsigned one, which spends its 256 values on [0, 1]. The maps are bitsandbytes' own, value for value
+(``tests/test_quant.py`` checks them against ``bitsandbytes.functional.create_dynamic_map``), so the
+quantized numbers are directly comparable with its 8-bit optimizers.
+
+Layout. A 2-D tensor (rows x cols) is quantized in blocks of ``BLOCK`` = 256 consecutive values *within a
+row* (a row shorter than 256 is one block), with ``absmax`` of shape (rows, ceil(cols / 256)). When cols
+is a multiple of 256, or below 256, this is exactly bitsandbytes' blocking of the flattened tensor (block
+size 256, or cols); keeping blocks inside rows is what lets a row-sharded (FSDP2) moment and its absmax be
+sharded alike, each rank quantizing its own rows.
+
+In the optimizer state, a moment stored as ``int8`` is two entries: ``key`` (uint8 codes, the moment's
+shape) and ``key + "_absmax"`` (fp32). ``load`` gives a working fp32 copy of any stored moment and
+``store`` writes one back (rounding to bf16, or requantizing), so every engine and the moment transport
+read and write state through the same two functions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BLOCK = 256
+MOMENT_DTYPES = ("float32", "bfloat16", "int8")
+BASIS_DTYPES = ("float32", "bfloat16")
+# Plain-AdamW parameters with fewer elements keep fp32 moments, as bitsandbytes' 8-bit optimizers do
+# (their min_8bit_size): norms and biases are too small for the saving to matter.
+MIN_QUANTIZED_NUMEL = 4096
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
+    """The 256 sorted values of the dynamic quantization map (bitsandbytes' ``create_dynamic_map`` with 7
+    exponent bits). Decade e = 0..6 contributes the midpoints of 2^e + 1 (signed; 2^(e+1) + 1 unsigned)
+    evenly spaced points on [0.1, 1], scaled by 10^(e - 6), with their negatives when signed; then 0 and
+    1. All arithmetic in fp32, as in bitsandbytes, so the values agree bit for bit."""
+    return _dynamic_map(signed).to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def _dynamic_map(signed: bool) -> Tensor:
+    values: list[float] = []
+    for e in range(7):
+        points = torch.linspace(0.1, 1, (2**e if signed else 2 ** (e + 1)) + 1, dtype=torch.float32)
+        mids = (10 ** (e - 6)) * ((points[:-1] + points[1:]) / 2.0)
+        values += mids.tolist()
+        if signed:
+            values += (-mids).tolist()
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _midpoints(signed: bool, device: str) -> Tensor:
+    code = _dynamic_map(signed).to(device)
+    return (code[1:] + code[:-1]) / 2
+
+
+def num_blocks(cols: int) -> int:
+    return -(-cols // BLOCK)
+
+
+def _blocked(x: Tensor) -> Tensor:
+    """x (rows, cols) as (rows, blocks, block) with zero padding; a view when nothing needs padding."""
+    rows, cols = x.shape
+    block = min(BLOCK, max(cols, 1))
+    nb = -(-cols // block)
+    if nb * block != cols:
+        x = torch.nn.functional.pad(x, (0, nb * block - cols))
+    return x.reshape(rows, nb, block)
+
+
+def quantize(
+    x: Tensor, signed: bool, codes: Tensor | None = None, absmax: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Blockwise 8-bit quantization of a 2-D ``x``: (uint8 codes, fp32 absmax), written into ``codes`` and
+    ``absmax`` when given. Each value becomes the index of the nearest map value to x / absmax (ties to the
+    smaller); an all-zero block has absmax 0 and the code of 0."""
+    rows, cols = x.shape
+    blocks = _blocked(x.float())
+    scale = blocks.abs().amax(dim=-1, keepdim=True)
+    normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale))
+    index = torch.bucketize(normed, _midpoints(signed, str(x.device)))
+    index = index.reshape(rows, -1)[:, :cols].to(torch.uint8)
+    scale = scale.squeeze(-1)
+    if codes is None:
+        return index, scale
+    codes.copy_(index)
+    absmax.copy_(scale)  # type: ignore[union-attr]
+    return codes, absmax  # type: ignore[return-value]
+
+
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The fp32 values of 8-bit ``codes`` (rows, cols) with their per-block ``absmax``: map[code] * absmax."""
+    rows, cols = codes.shape
+    values = dynamic_map(signed, codes.device)[codes.long()]
+    blocks = _blocked(values)
+    return (blocks * absmax[..., None]).reshape(rows, -1)[:, :cols]
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """The 2-D view quantization works on: (shape[0], rest); a 1-D tensor is one row."""
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
+def quantizable(t: Tensor) -> bool:
+    return t.numel() >= MIN_QUANTIZED_NUMEL
+
+
+def zeros(shape: tuple[int, ...], kind: str, device: torch.device, key: str) -> dict[str, Tensor]:
+    """Fresh zero state for moment ``key`` stored as ``kind``: {key: values} (+ {key_absmax} for int8)."""
+    if kind != "int8":
+        return {key: torch.zeros(shape, dtype=TORCH_DTYPES[kind], device=device)}
+    rows, cols = as_matrix(torch.empty(shape, device="meta")).shape
+    zero = int(torch.searchsorted(_dynamic_map(key == "exp_avg"), torch.tensor(0.0)))
+    return {
+        key: torch.full(shape, zero, dtype=torch.uint8, device=device),
+        key + "_absmax": torch.zeros(rows, num_blocks(cols), dtype=torch.float32, device=device),
+    }
+
+
+def stored_kind(state: dict[str, Any], key: str) -> str:
+    """How moment ``key`` is stored in ``state``: "int8", "bfloat16" or "float32"."""
+    if key + "_absmax" in state:
+        return "int8"
+    return "bfloat16" if state[key].dtype == torch.bfloat16 else "float32"
+
+
+def load(state: dict[str, Any], key: str) -> Tensor:
+    """A working fp32 copy of moment ``key`` (the stored tensor itself when it is fp32)."""
+    value = state[key]
+    kind = stored_kind(state, key)
+    if kind == "int8":
+        return dequantize(as_matrix(value), state[key + "_absmax"], key == "exp_avg").reshape(value.shape)
+    return value if kind == "float32" else value.float()
+
+
+def store(state: dict[str, Any], key: str, value: Tensor) -> None:
+    """Write an fp32 working copy back into moment ``key`` (nothing to do when it is the stored tensor)."""
+    target = state[key]
+    if value is target:
+        return
+    if stored_kind(state, key) == "int8":
+        quantize(as_matrix(value), key == "exp_avg", as_matrix(target), state[key + "_absmax"])
+    else:
+        target.copy_(value)
+
+
+def convert(state: dict[str, Any], key: str, kind: str) -> None:
+    """Re-store moment ``key`` as ``kind`` (a checkpoint saved with another moments_dtype): through fp32."""
+    if stored_kind(state, key) == kind:
+        return
+    value = load(state, key).clone()
+    state.pop(key + "_absmax", None)
+    state.update(zeros(tuple(value.shape), kind, value.device, key))
+    store(state, key, value)
