@@ -38,7 +38,7 @@ def _mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(12, 33), nn.Tanh(), nn.Linear(33, 20), nn.Tanh(), nn.Linear(20, 4))
 
 
-def ddp_train(rank: int, world: int, steps: int, refresh_owner: str, refresh: str) -> dict:
+def ddp_train(rank: int, world: int, steps: int, refresh_owner: str, refresh: str, **dtypes: str) -> dict:
     """DDP with a *different global seed per rank*: bases must still agree, so weights stay identical."""
     assert dist.get_world_size() == 2
     model = nn.parallel.DistributedDataParallel(_mlp())
@@ -48,6 +48,7 @@ def ddp_train(rank: int, world: int, steps: int, refresh_owner: str, refresh: st
         lr=1e-2,
         refresh_owner=refresh_owner,
         consistency_check_every=1,
+        **dtypes,
     )
     half = slice(rank * 8, (rank + 1) * 8)
     for step in range(steps):
@@ -97,15 +98,15 @@ def _lm_loss(model, step: int, rows: slice | None):
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def _subspace_for(model, refresh: str, proj_type: str = "std"):
+def _subspace_for(model, refresh: str, proj_type: str = "std", **dtypes: str):
     groups = param_groups(model, "all-linear", rank=4, update_gap=3, refresh=refresh, proj_type=proj_type)
-    return SubspaceAdamW(groups, lr=5e-3, weight_decay=0.0)
+    return SubspaceAdamW(groups, lr=5e-3, weight_decay=0.0, **dtypes)
 
 
-def single_process_llama(steps: int, refresh: str) -> dict[str, torch.Tensor]:
+def single_process_llama(steps: int, refresh: str, **dtypes: str) -> dict[str, torch.Tensor]:
     """The reference trajectory: one process, whole batch, right projections (what FSDP2 uses)."""
     model = _llama()
-    opt = _subspace_for(model, refresh, proj_type="right")
+    opt = _subspace_for(model, refresh, proj_type="right", **dtypes)
     for step in range(steps):
         opt.zero_grad()
         _lm_loss(model, step, None).backward()
@@ -130,10 +131,10 @@ def _full_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-def fsdp_train(rank: int, world: int, steps: int, refresh: str) -> dict:
+def fsdp_train(rank: int, world: int, steps: int, refresh: str, **dtypes: str) -> dict:
     assert dist.get_world_size() == 2
     model = _fsdp_llama(rank)
-    opt = _subspace_for(model, refresh)
+    opt = _subspace_for(model, refresh, **dtypes)
     for step in range(steps):
         opt.zero_grad()
         _lm_loss(model, step, slice(rank * 2, rank * 2 + 2)).backward()
@@ -149,6 +150,9 @@ def fsdp_train(rank: int, world: int, steps: int, refresh: str) -> dict:
         "gate_moment_placements": str(state["exp_avg"].placements),
         "gate_moment_local_rows": state["exp_avg"].to_local().shape[0],
         "gate_refresh_count": state["refresh_count"],
+        "gate_state_dtypes": {k: str(v.dtype) for k, v in state.items() if hasattr(v, "dtype")},
+        "gate_absmax_local_rows": state["exp_avg_absmax"].to_local().shape[0] if "exp_avg_absmax" in state else None,
+        "embed_state_dtypes": {k: str(v.dtype) for k, v in opt.state[model.model.embed_tokens.weight].items()},
     }
 
 

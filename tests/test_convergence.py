@@ -60,3 +60,26 @@ def test_subspace_within_5_percent_of_adamw(data, adamw_result, moments):
     )
     assert result.eval_loss <= 1.05 * adamw_result.eval_loss, (result.eval_loss, adamw_result.eval_loss)
     assert sum(result.losses[-10:]) / 10 < 0.6 * result.losses[0]
+
+
+def _subspace(**dtypes):
+    def make(m):
+        return so.SubspaceAdamW(so.param_groups(m, "all-linear", rank=HIDDEN // 4, update_gap=50), lr=1e-2, **dtypes)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def fp32_state_result(data):
+    return _train(data, _subspace())
+
+
+@pytest.mark.parametrize(
+    "moments_dtype,basis_dtype", [("bfloat16", "bfloat16"), ("int8", "float32"), ("int8", "bfloat16")]
+)
+def test_low_precision_state_trains_like_fp32_state(data, adamw_result, fp32_state_result, moments_dtype, basis_dtype):
+    """8-bit (bitsandbytes-style) or bf16 moments and bf16 bases, plain parameters (embedding, head) 8-bit
+    too: still within 5% of AdamW, and within 2% of the same run with fp32 state."""
+    low = _train(data, _subspace(moments_dtype=moments_dtype, basis_dtype=basis_dtype))
+    assert low.eval_loss <= 1.05 * adamw_result.eval_loss, (low.eval_loss, adamw_result.eval_loss)
+    assert low.eval_loss <= 1.02 * fp32_state_result.eval_loss, (low.eval_loss, fp32_state_result.eval_loss)

@@ -69,6 +69,26 @@ def test_fsdp2_uneven_shards_match_single_process(tmp_path, refresh):
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_fsdp2_int8_moments_and_bf16_bases_shard_like_the_weight(tmp_path):
+    """8-bit moments are quantized in blocks within rows, so each rank quantizes its own rows: codes and absmax
+    are DTensors sharded like the weight (17 / 16 rows), and training matches one process with the same dtypes
+    (the same per-row blocks, so only reduction order differs)."""
+    dtypes = dict(moments_dtype="int8", basis_dtype="bfloat16")
+    r0, r1 = _launch(tmp_path, "fsdp_train", steps=7, refresh="warm", **dtypes)
+    assert r0["gate_state_dtypes"]["exp_avg"] == "torch.uint8" and r0["gate_state_dtypes"]["basis"] == "torch.bfloat16"
+    assert (r0["gate_absmax_local_rows"], r1["gate_absmax_local_rows"]) == (17, 16)
+    _assert_bitwise_equal(r0["weights"], r1["weights"])
+    reference = dist_workers.single_process_llama(7, "warm", **dtypes)
+    for k, v in reference.items():
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_ddp_int8_ranks_stay_bitwise_identical(tmp_path):
+    r0, r1 = _launch(tmp_path, "ddp_train", steps=5, refresh_owner="all", refresh="warm", moments_dtype="int8")
+    assert r0["refresh_counts"] == [3, 3, 3]
+    _assert_bitwise_equal(r0["weights"], r1["weights"])
+
+
 def test_fsdp2_empty_shard_does_not_hang(tmp_path):
     r0, r1 = _launch(tmp_path, "fsdp_empty_shard")
     assert (r0["local_rows"], r1["local_rows"]) == (1, 0)
