@@ -105,7 +105,10 @@ def adamw(
         if exp_avg_absmaxes is not None:
             moments.update(exp_avg_absmax=exp_avg_absmaxes[i], exp_avg_sq_absmax=exp_avg_sq_absmaxes[i])
         m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
-        _torch_adam([p], [grads[i]], [m], [v], [], [steps[i]], foreach=False, **kwargs)
+        work = p if p.dtype == torch.float32 else p.float()  # fp32 math, rounded once into a bf16/fp16 weight
+        _torch_adam([work], [grads[i].float()], [m], [v], [], [steps[i]], foreach=False, **kwargs)
+        if work is not p:
+            p.copy_(work)
         quant.store(moments, "exp_avg", m)
         quant.store(moments, "exp_avg_sq", v)
 
