@@ -8,6 +8,7 @@ over the group. Only same-shape, same-dtype, same-stride tensors may share an ar
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from ..quant import dynamic_map, num_blocks
 from . import interpreting
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -53,6 +55,39 @@ def host_table(values: Sequence, dtype: torch.dtype, device: torch.device) -> Te
 def pointer_array(tensors: list[Tensor], device: torch.device) -> Tensor:
     """An int64 tensor of the tensors' data pointers on ``device`` (see ``host_table``)."""
     return host_table([t.data_ptr() for t in tensors], torch.int64, device)
+
+
+# How a moment is stored, as the step kernel's M_KIND / V_KIND constants (``quant.stored_kind``).
+MOMENT_FP32, MOMENT_BF16, MOMENT_INT8 = 0, 1, 2
+
+
+def moment_kind(values: Tensor, absmax: Tensor | None, what: str) -> int:
+    """The storage kind of one moment: int8 codes (uint8, with an fp32 absmax of shape (rows, ceil(cols /
+    256))), bf16 or fp32."""
+    if absmax is not None:
+        rows, cols = values.shape
+        blocks = num_blocks(cols)
+        if values.dtype != torch.uint8 or absmax.dtype != torch.float32 or tuple(absmax.shape) != (rows, blocks):
+            raise TypeError(
+                f"{what}: 8-bit state needs uint8 codes and an fp32 absmax of shape {(rows, blocks)}; got "
+                f"{values.dtype} codes and a {absmax.dtype} absmax of shape {tuple(absmax.shape)}"
+            )
+        return MOMENT_INT8
+    if values.dtype == torch.float32:
+        return MOMENT_FP32
+    if values.dtype == torch.bfloat16:
+        return MOMENT_BF16
+    raise TypeError(f"{what}: moments must be fp32, bf16, or uint8 codes with an absmax; got {values.dtype}")
+
+
+@functools.lru_cache(maxsize=8)
+def code_table(signed: bool, device: torch.device) -> Tensor:
+    """The 8-bit dynamic map (256 fp32 values, ``quant.dynamic_map``) followed by its 255 midpoints
+    ``(map[1:] + map[:-1]) / 2``, computed in fp32 exactly as ``quant.quantize`` does, and one pad: 512
+    values on ``device``. Built once per (map, device)."""
+    values = dynamic_map(signed)
+    mids = (values[1:] + values[:-1]) / 2
+    return torch.cat([values, mids, values.new_zeros(1)]).to(device)
 
 
 def check_writable(t: Tensor, what: str) -> None:

@@ -7,7 +7,8 @@ runs this probe once per device before the first kernel launch there; ``engine="
 failure into an error instead.
 
 The probe covers what the optimizer launches: the fused step (both sides, fp32 and bf16 weights, a batch
-of two) and a cold and a warm batched refresh, each on small random matrices whose shapes are not
+of two; and low-precision state: bf16 moments with a bf16 basis, 8-bit moments) and a cold and a warm
+batched refresh, each on small random matrices whose shapes are not
 multiples of the tile sizes. Results are compared with ``inner.projected_adamw`` and the
 range-finder's captured energy, with the tolerances of the kernel tests.
 """
@@ -55,6 +56,58 @@ def _step_error(
     return None
 
 
+def _low_precision_error(device: torch.device, gen: torch.Generator) -> str | None:
+    """The fused step on bf16 moments with a bf16 basis (right) and on 8-bit moments (left, 300 columns:
+    two quantization blocks per row), against ``functional.subspace_adamw(engine="reference")``: W within
+    fp32 rounding, moments within a bf16 ulp / one step of the 8-bit map."""
+    from subspace_optim import functional, linalg, quant
+
+    from .step import subspace_adamw
+
+    group = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "scale": 0.25}
+    for kind, bdtype, side, (m, n, r) in (
+        ("bfloat16", torch.bfloat16, "right", (37, 29, 5)),
+        ("int8", torch.float32, "left", (7, 300, 3)),
+    ):
+        d = m if side == "left" else n
+        shape = (r, n) if side == "left" else (m, r)
+        ws, gs, ps, states = [], [], [], []
+        for _ in range(2):
+            ws.append(torch.randn(m, n, generator=gen).to(device))
+            gs.append(torch.randn(m, n, generator=gen).to(device))
+            ps.append(linalg.orthonormalize(torch.randn(d, r, generator=gen)).to(device=device, dtype=bdtype))
+            st = {**quant.zeros(shape, kind, device, "exp_avg"), **quant.zeros(shape, kind, device, "exp_avg_sq")}
+            quant.store(st, "exp_avg", torch.randn(*shape, generator=gen).to(device))
+            quant.store(st, "exp_avg_sq", torch.rand(*shape, generator=gen).to(device))
+            states.append(st)
+        results = {}
+        for which in ("reference", "triton"):
+            w2, s2 = [w.clone() for w in ws], [{k: v.clone() for k, v in st.items()} for st in states]
+            absmax = {f"{k}_absmaxes": [st.get(k + "_absmax") for st in s2] for k in ("exp_avg", "exp_avg_sq")}
+            # The kernels through .step, as above: never through the package attribute a caller may wrap.
+            run = functional.subspace_adamw if which == "reference" else subspace_adamw
+            run(
+                w2, gs, ps, [st["exp_avg"] for st in s2], [st["exp_avg_sq"] for st in s2], [3, 3], **group,
+                sides=[side, side], **(absmax if kind == "int8" else {}),
+            )  # fmt: skip
+            results[which] = (w2, s2)
+        worst = 0.0
+        (w_ref, s_ref), (w_tri, s_tri) = results["reference"], results["triton"]
+        for i in range(2):
+            worst = max(worst, float((w_tri[i].double() - w_ref[i].double()).abs().max()) / 1e-5)
+            for key in ("exp_avg", "exp_avg_sq"):
+                a, b = quant.load(s_ref[i], key).double(), quant.load(s_tri[i], key).double()
+                if kind == "int8":  # the map's steps are at most ~1.4e-2 of the block's absmax
+                    tol = 2e-2 * s_ref[i][key + "_absmax"].double().amax()
+                else:  # one bf16 ulp
+                    tol = a.abs() * 2.0**-7 + 1e-30
+                worst = max(worst, float(((b - a).abs() / tol).max()))
+        if not worst <= 1.0:  # also catches NaN
+            where = f"{kind} moments, {bdtype} basis, {side}"
+            return f"fused step ({where}) differs from the reference ({worst:.3g} x tolerance)"
+    return None
+
+
 def _refresh_error(device: torch.device, gen: torch.Generator) -> str | None:
     from .refresh import refresh_bases
 
@@ -84,7 +137,7 @@ def probe(device: torch.device) -> str | None:
                 error = _step_error(device, wdtype, precision, side, gen)
                 if error:
                     return error
-        error = _refresh_error(device, gen)
+        error = _low_precision_error(device, gen) or _refresh_error(device, gen)
         if error:
             return error
         if device.type == "cuda":

@@ -6,7 +6,14 @@ Launch 2 (back-projection + weight update), with U = P N (left) or N P^T (right)
     W <- W (1 - lr wd) - (lr scale / (1 - b1^t)) U
 
 R and U exist only tile by tile in registers; the only temporary is N, which has the moments' low-rank
-shape. W (bf16 or fp32) is read and written once, rounded once.
+shape. W (fp32, bf16 or fp16) is read and written once, rounded once.
+
+Low-precision state (``quant``) is converted inside launch 1's epilogue, never through an fp32 copy in
+memory: bf16 moments are widened on load and rounded to nearest even on store; 8-bit moments are
+dequantized on load (map[code] * absmax) and requantized on store (a new absmax per 256-column block of a
+row, then the nearest map value by a binary search over the map's midpoints). N is computed from the
+fp32 new moments, before they are rounded, as the reference does. Bases may be fp32 or bf16 (widened to
+fp32 on load).
 """
 
 from __future__ import annotations
@@ -19,13 +26,17 @@ import triton.language as tl
 from torch import Tensor
 
 from ..inner import adam_scalars
+from ..quant import BLOCK
 from ._common import (
+    MOMENT_INT8,
     Blocks,
     check_same_layout,
     check_writable,
+    code_table,
     default_blocks,
     device_guard,
     host_table,
+    moment_kind,
     pointer_array,
     tl_dtype,
 )
@@ -36,12 +47,70 @@ from .gemm import dot_tile, tile_ids
 
 
 @triton.jit
+def round_bf16(x):
+    """x rounded to the nearest bf16 value (ties to even), still as fp32: the interpreter's fp32 -> bf16
+    cast truncates, the GPU's rounds; after this both casts are exact. NaN passes through."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+
+
+@triton.jit
+def load_moment(ptrs, absmax_ptrs, table, bid, rm, rn, pid_n, M, s0, s1, sq0, sq1, mask, KIND: tl.constexpr):
+    """The fp32 working values of one moment tile (0 outside ``mask``). KIND: 0 fp32, 1 bf16, 2 int8 codes
+    (dequantized as table[code] * absmax[row, block]; the tile's columns are one quantization block)."""
+    off = rm[:, None] * s0 + rn[None, :] * s1
+    if KIND == 2:
+        codes = tl.load(tl.load(ptrs + bid).to(tl.pointer_type(tl.uint8)) + off, mask=mask, other=0)
+        absmax_p = tl.load(absmax_ptrs + bid).to(tl.pointer_type(tl.float32))
+        absmax = tl.load(absmax_p + rm * sq0 + pid_n * sq1, mask=rm < M, other=0.0)
+        x = tl.where(mask, tl.load(table + codes.to(tl.int32)) * absmax[:, None], 0.0)
+    elif KIND == 1:
+        x = tl.load(tl.load(ptrs + bid).to(tl.pointer_type(tl.bfloat16)) + off, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+    else:
+        x = tl.load(tl.load(ptrs + bid).to(tl.pointer_type(tl.float32)) + off, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def store_moment(ptrs, absmax_ptrs, table, bid, x, rm, rn, pid_n, M, s0, s1, sq0, sq1, mask, KIND: tl.constexpr):
+    """Store fp32 moment values ``x`` in their storage kind (``load_moment``'s KIND), in place.
+
+    int8 (``quant.quantize``): absmax = max |x| over the row's block (the tile's columns), normed = x / absmax
+    (divisor 1 for an all-zero block), code = the number of midpoints m_j < normed (``torch.bucketize``:
+    the nearest map value, ties to the smaller index), found by an 8-step binary search over the 255
+    sorted midpoints at table[256:], one gather per step."""
+    off = rm[:, None] * s0 + rn[None, :] * s1
+    if KIND == 2:
+        x = tl.where(mask, x, 0.0)
+        absmax = tl.max(tl.abs(x), axis=1)
+        normed = tl.div_rn(x, tl.where(absmax > 0.0, absmax, 1.0)[:, None])
+        code = tl.zeros_like(x).to(tl.int32)
+        for i in tl.static_range(8):
+            step = 128 >> i
+            mid = tl.load(table + 256 + code + (step - 1))
+            code = tl.where(mid < normed, code + step, code)
+        tl.store(tl.load(ptrs + bid).to(tl.pointer_type(tl.uint8)) + off, code.to(tl.uint8), mask=mask)
+        absmax_p = tl.load(absmax_ptrs + bid).to(tl.pointer_type(tl.float32))
+        tl.store(absmax_p + rm * sq0 + pid_n * sq1, absmax, mask=rm < M)
+    elif KIND == 1:
+        tl.store(tl.load(ptrs + bid).to(tl.pointer_type(tl.bfloat16)) + off, round_bf16(x).to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(tl.load(ptrs + bid).to(tl.pointer_type(tl.float32)) + off, x, mask=mask)
+
+
+@triton.jit
 def project_adam_kernel(
     a_ptrs,
     b_ptrs,
     m_ptrs,
     v_ptrs,
     n_ptrs,
+    mq_ptrs,
+    vq_ptrs,
+    m_table,
+    v_table,
     hyper,
     M,
     N,
@@ -56,8 +125,14 @@ def project_adam_kernel(
     sv1,
     sn0,
     sn1,
+    smq0,
+    smq1,
+    svq0,
+    svq1,
     A_DT: tl.constexpr,
     B_DT: tl.constexpr,
+    M_KIND: tl.constexpr,
+    V_KIND: tl.constexpr,
     PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -70,10 +145,14 @@ def project_adam_kernel(
         V <- b2 V + (1 - b2) R o R
         N  = M / (sqrt(V) / sqrt(1 - b2^t) + eps)
 
-    M and V are updated in place (fp32); N is written for the back-projection launch. M, V and N each
-    have their own strides (a checkpoint may restore column-major or sliced moments; N is a fresh buffer).
-    Both divisions are IEEE round-to-nearest (``div_rn``): a plain ``/`` compiles to an approximate
-    division on NVIDIA GPUs.
+    in fp32, whatever the moments' storage (M_KIND / V_KIND, see ``load_moment``): they are loaded into
+    registers as fp32, N is computed from the fp32 new values, and only then are the moments stored back
+    in place (rounded to bf16, or requantized with a new absmax; for int8 the host makes each tile's
+    columns exactly one quantization block, ``mq_ptrs``/``vq_ptrs`` are the absmax arrays and
+    ``m_table``/``v_table`` the code tables of ``_common.code_table``). N is written in fp32 for the
+    back-projection launch. M, V, N and the absmaxes each have their own strides (a checkpoint may
+    restore column-major or sliced moments; N is a fresh buffer). Both divisions are IEEE
+    round-to-nearest (``div_rn``): a plain ``/`` compiles to an approximate division on NVIDIA GPUs.
     """
     bid = tl.program_id(1)
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
@@ -90,18 +169,14 @@ def project_adam_kernel(
     eps = tl.load(h + 3)
     bc2 = tl.load(h + 4)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    m_off = rm[:, None] * sm0 + rn[None, :] * sm1
-    v_off = rm[:, None] * sv0 + rn[None, :] * sv1
-    mp = tl.load(m_ptrs + bid).to(tl.pointer_type(tl.float32))
-    vp = tl.load(v_ptrs + bid).to(tl.pointer_type(tl.float32))
-    np_ = tl.load(n_ptrs + bid).to(tl.pointer_type(tl.float32))
-    m_old = tl.load(mp + m_off, mask=mask, other=0.0)
-    v_old = tl.load(vp + v_off, mask=mask, other=0.0)
+    m_old = load_moment(m_ptrs, mq_ptrs, m_table, bid, rm, rn, pid_n, M, sm0, sm1, smq0, smq1, mask, M_KIND)
+    v_old = load_moment(v_ptrs, vq_ptrs, v_table, bid, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)
     m_new = tl.where(w1 < 0.5, m_old + w1 * (r - m_old), r - (r - m_old) * (1.0 - w1))
     v_new = v_old * b2 + w2 * (r * r)
     n = tl.div_rn(m_new, tl.div_rn(tl.sqrt_rn(v_new), bc2) + eps)
-    tl.store(mp + m_off, m_new, mask=mask)
-    tl.store(vp + v_off, v_new, mask=mask)
+    store_moment(m_ptrs, mq_ptrs, m_table, bid, m_new, rm, rn, pid_n, M, sm0, sm1, smq0, smq1, mask, M_KIND)
+    store_moment(v_ptrs, vq_ptrs, v_table, bid, v_new, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)
+    np_ = tl.load(n_ptrs + bid).to(tl.pointer_type(tl.float32))
     tl.store(np_ + rm[:, None] * sn0 + rn[None, :] * sn1, n, mask=mask)
 
 
@@ -153,11 +228,20 @@ def back_update_kernel(
     w = tl.load(wp + off, mask=mask, other=0.0).to(tl.float32)
     w = w * decay - alpha * u
     if ROUND_BF16:
-        # Round to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates, the GPU's rounds.
-        bits = w.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        w = tl.where(w == w, bits.to(tl.float32, bitcast=True), w)
+        w = round_bf16(w)  # to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
     tl.store(wp + off, w.to(W_DT), mask=mask)
+
+
+def projection_blocks(blocks: Blocks, cols: int, quantized: bool) -> Blocks:
+    """The projection launch's tiles. With an 8-bit moment, a tile's columns must be exactly one
+    quantization block of each row it covers (its absmax is computed in the epilogue): BN = 256
+    (``quant.BLOCK``), or the next power of two >= cols for a row shorter than that (one block), at
+    least 16 for ``tl.dot``; BM shrinks to keep the tile's area (registers) about the default's."""
+    if not quantized:
+        return blocks
+    bn = max(16, min(BLOCK, triton.next_power_of_2(max(cols, 1))))
+    bm = max(16, min(blocks.m, blocks.m * blocks.n // bn))
+    return Blocks(bm, bn, blocks.k, warps=blocks.warps, stages=blocks.stages)
 
 
 def _launch_group(
@@ -166,15 +250,18 @@ def _launch_group(
     ps: list[Tensor],
     ms: list[Tensor],
     vs: list[Tensor],
+    mqs: list[Tensor] | None,
+    vqs: list[Tensor] | None,
     hyper: Tensor,
     side: str,
     blocks: Blocks,
     precision: str,
 ) -> None:
-    """Both launches for one batch of same-shape, same-layout matrices, on their device.
+    """Both launches for one batch of same-shape, same-layout, same-storage matrices, on their device.
 
     Every operand is addressed through its own strides, so any non-overlapping layout works: column-major
     or sliced moments (as ``load_state_dict`` may restore them), a transposed basis, a strided gradient.
+    ``mqs``/``vqs`` are the moments' absmaxes when they are stored as 8-bit codes, else None.
     """
     dev = gs[0].device
     m, n = gs[0].shape
@@ -187,18 +274,28 @@ def _launch_group(
     rshape = (r, n) if side == "left" else (m, r)
     if tuple(ms[0].shape) != rshape or tuple(vs[0].shape) != rshape or ps[0].shape[0] != (m if side == "left" else n):
         raise ValueError(f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms[0].shape)} do not fit G {(m, n)}")
-    for t in ps + ms + vs:
-        if t.dtype != torch.float32:
-            raise TypeError("bases and moments must be fp32")
+    if ps[0].dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"bases must be fp32 or bf16, got {ps[0].dtype}")
+    m_kind = moment_kind(ms[0], mqs[0] if mqs else None, "exp_avg")
+    v_kind = moment_kind(vs[0], vqs[0] if vqs else None, "exp_avg_sq")
     for what, ts in (("weight", ws), ("exp_avg", ms), ("exp_avg_sq", vs)):
         check_writable(ts[0], what)  # same strides across the batch: one check covers it
+    mq_arr, mqst, m_table = pointer_array(ms, dev), (0, 0), hyper  # placeholders, never read unless int8
+    vq_arr, vqst, v_table = mq_arr, (0, 0), hyper
+    if m_kind == MOMENT_INT8:
+        mqst = check_same_layout(mqs, "exp_avg_absmax")
+        check_writable(mqs[0], "exp_avg_absmax")
+        mq_arr, m_table = pointer_array(mqs, dev), code_table(True, dev)
+    if v_kind == MOMENT_INT8:
+        vqst = check_same_layout(vqs, "exp_avg_sq_absmax")
+        check_writable(vqs[0], "exp_avg_sq_absmax")
+        vq_arr, v_table = pointer_array(vqs, dev), code_table(False, dev)
     batch = len(gs)
     nbuf = torch.empty((batch, *rshape), dtype=torch.float32, device=dev)
     nst = nbuf.stride()[1:]
     g_arr, p_arr = pointer_array(gs, dev), pointer_array(ps, dev)
     n_arr = pointer_array(list(nbuf.unbind(0)), dev)
-    common = dict(PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8)
-    launch = dict(num_warps=blocks.warps, num_stages=blocks.stages)
+    p_dt = tl_dtype(ps[0].dtype)
 
     if side == "left":  # R = P^T G: A = P^T (r x m), B = G (m x n)
         a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = (
@@ -212,24 +309,32 @@ def _launch_group(
         )
     else:  # R = G P: A = G (m x n), B = P (n x r)
         a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = g_arr, gst, gs[0].dtype, p_arr, pst, ps[0].dtype, (m, r, n)
-    grid = (triton.cdiv(rm, blocks.m) * triton.cdiv(rn, blocks.n), batch)
+    pb = projection_blocks(blocks, rn, MOMENT_INT8 in (m_kind, v_kind))
+    grid = (triton.cdiv(rm, pb.m) * triton.cdiv(rn, pb.n), batch)
     project_adam_kernel[grid](
-        a_arr, b_arr, pointer_array(ms, dev), pointer_array(vs, dev), n_arr, hyper,
-        rm, rn, rk, sa[0], sa[1], sb[0], sb[1], mst[0], mst[1], vst[0], vst[1], nst[0], nst[1],
-        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), **common, **launch,
+        a_arr, b_arr, pointer_array(ms, dev), pointer_array(vs, dev), n_arr, mq_arr, vq_arr, m_table, v_table,
+        hyper, rm, rn, rk, sa[0], sa[1], sb[0], sb[1], mst[0], mst[1], vst[0], vst[1], nst[0], nst[1],
+        mqst[0], mqst[1], vqst[0], vqst[1],
+        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), M_KIND=m_kind, V_KIND=v_kind, PRECISION=precision,
+        BM=pb.m, BN=pb.n, BK=pb.k, GROUP_M=8, num_warps=pb.warps, num_stages=pb.stages,
     )  # fmt: skip
 
     if side == "left":  # U = P N: A = P (m x r), B = N (r x n)
-        a_arr, sa, b_arr, sb = p_arr, pst, n_arr, nst
+        a_arr, sa, a_dt, b_arr, sb, b_dt = p_arr, pst, p_dt, n_arr, nst, tl.float32
     else:  # U = N P^T: A = N (m x r), B = P^T (r x n)
-        a_arr, sa, b_arr, sb = n_arr, nst, p_arr, pst[::-1]
+        a_arr, sa, a_dt, b_arr, sb, b_dt = n_arr, nst, tl.float32, p_arr, pst[::-1], p_dt
     grid = (triton.cdiv(m, blocks.m) * triton.cdiv(n, blocks.n), batch)
     back_update_kernel[grid](
         a_arr, b_arr, pointer_array(ws, dev), hyper,
         m, n, r, sa[0], sa[1], sb[0], sb[1], wst[0], wst[1],
-        A_DT=tl.float32, B_DT=tl.float32, W_DT=tl_dtype(ws[0].dtype), ROUND_BF16=ws[0].dtype == torch.bfloat16,
-        **common, **launch,
+        A_DT=a_dt, B_DT=b_dt, W_DT=tl_dtype(ws[0].dtype), ROUND_BF16=ws[0].dtype == torch.bfloat16,
+        PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
+        num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
+
+
+def _layout(t: Tensor | None) -> tuple | None:
+    return None if t is None else (tuple(t.shape), t.stride(), t.dtype)
 
 
 def subspace_adamw(
@@ -246,19 +351,28 @@ def subspace_adamw(
     weight_decay: float,
     scale: float,
     sides: Sequence[str],
+    exp_avg_absmaxes: Sequence[Tensor | None] | None = None,
+    exp_avg_sq_absmaxes: Sequence[Tensor | None] | None = None,
     matmul_precision: str = "ieee",
     blocks: Blocks | None = None,
 ) -> None:
     """The Triton twin of ``functional.subspace_adamw``: the same arguments, the same update, in place.
 
     ``grads[i]`` is matrix i's gradient viewed as G (m x n); ``params[i]`` its weight, of any shape that
-    views as (m, n) without a copy. Matrices sharing side, shapes, dtypes and strides form one batch: two
-    kernel launches per batch, whatever its size. ``matmul_precision="ieee"`` keeps fp32 GEMM semantics
-    (the reference's); ``"tf32"`` trades that for tensor-core speed.
+    views as (m, n) without a copy. Bases are fp32 or bf16. Moments are fp32, bf16, or 8-bit codes (uint8)
+    when ``exp_avg_absmaxes[i]`` / ``exp_avg_sq_absmaxes[i]`` is given (``quant``'s blockwise format); the
+    math is fp32 whatever the storage, and the state is converted inside the kernel. Matrices sharing
+    side, shapes, dtypes, strides and storage form one batch: two kernel launches per batch, whatever its
+    size. ``matmul_precision="ieee"`` keeps fp32 GEMM semantics (the reference's); ``"tf32"`` trades that
+    for tensor-core speed.
     """
     count = len(grads)
     if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {count}:
         raise ValueError("subspace_adamw: every argument list needs one entry per matrix")
+    mqs = list(exp_avg_absmaxes) if exp_avg_absmaxes is not None else [None] * count
+    vqs = list(exp_avg_sq_absmaxes) if exp_avg_sq_absmaxes is not None else [None] * count
+    if len(mqs) != count or len(vqs) != count:
+        raise ValueError("subspace_adamw: the absmax lists need one entry per matrix")
     blocks = blocks or default_blocks()
     batches: dict[tuple, list[int]] = {}
     ws = []
@@ -268,7 +382,7 @@ def subspace_adamw(
         if sides[i] not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {sides[i]!r}")
         key = (sides[i], g.device, tuple(g.shape), g.dtype, g.stride(), w.dtype, w.stride())
-        key += tuple((tuple(t.shape), t.stride()) for t in (bases[i], exp_avgs[i], exp_avg_sqs[i]))
+        key += tuple(_layout(t) for t in (bases[i], exp_avgs[i], exp_avg_sqs[i], mqs[i], vqs[i]))
         batches.setdefault(key, []).append(i)
     for key, idx in batches.items():
         dev = grads[idx[0]].device
@@ -283,6 +397,8 @@ def subspace_adamw(
                 [bases[i] for i in idx],
                 [exp_avgs[i] for i in idx],
                 [exp_avg_sqs[i] for i in idx],
+                None if mqs[idx[0]] is None else [mqs[i] for i in idx],
+                None if vqs[idx[0]] is None else [vqs[i] for i in idx],
                 host_table(rows, torch.float32, dev),
                 key[0],
                 blocks,

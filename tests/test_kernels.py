@@ -871,3 +871,231 @@ def test_explicit_triton_engine_is_obeyed_on_cpu_and_refuses_what_it_cannot_take
     with pytest.raises(ValueError, match=r"engine='triton' cannot run parameter params\[0\].*float64"):
         opt.step()
     assert torch.equal(w64.detach(), before) and not opt.state
+
+
+# Low-precision state (issue 12): the kernels convert bf16 / 8-bit moments and bf16 bases in their epilogues
+# and must match functional.subspace_adamw(engine="reference"), which goes through quant.load / quant.store.
+
+from subspace_optim import functional, quant  # noqa: E402
+
+WDTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _state_problem(m, n, rank, side, kind, bdtype, wdtype, seed):
+    """W, G, P (orthonormal, stored as ``bdtype``) and a state dict {exp_avg, exp_avg_sq(, *_absmax)} whose
+    moments are random values stored as ``kind`` ("float32", "bfloat16" or "int8")."""
+    gen = torch.Generator().manual_seed(seed)
+    d = m if side == "left" else n
+    rshape = (rank, n) if side == "left" else (m, rank)
+    w = torch.randn(m, n, generator=gen).to(wdtype)
+    g = torch.randn(m, n, generator=gen).to(wdtype)
+    p = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))[0].to(bdtype)
+    state = quant.zeros(rshape, kind, torch.device(DEVICE), "exp_avg")
+    state.update(quant.zeros(rshape, kind, torch.device(DEVICE), "exp_avg_sq"))
+    quant.store(state, "exp_avg", (0.1 * torch.randn(rshape, generator=gen)).to(DEVICE))
+    quant.store(state, "exp_avg_sq", (0.1 * torch.rand(rshape, generator=gen)).to(DEVICE))
+    return {"w": w.to(DEVICE), "g": g.to(DEVICE), "p": p.to(DEVICE), "side": side, "state": state}
+
+
+def _twin(engine_name, problems, age=3):
+    """One ``functional.subspace_adamw`` call over copies of ``problems``; returns the copies."""
+    out = [dict(pr, w=pr["w"].clone(), state={k: v.clone() for k, v in pr["state"].items()}) for pr in problems]
+    absmax = {
+        key: [pr["state"].get(key + "_absmax") for pr in out] if "exp_avg_absmax" in out[0]["state"] else None
+        for key in ("exp_avg", "exp_avg_sq")
+    }
+    functional.subspace_adamw(
+        [pr["w"] for pr in out], [pr["g"] for pr in out], [pr["p"] for pr in out],
+        [pr["state"]["exp_avg"] for pr in out], [pr["state"]["exp_avg_sq"] for pr in out], [age] * len(out),
+        **GROUP, sides=[pr["side"] for pr in out], exp_avg_absmaxes=absmax["exp_avg"],
+        exp_avg_sq_absmaxes=absmax["exp_avg_sq"], engine=engine_name,
+    )  # fmt: skip
+    return out
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype``'s values at |x| (float64)."""
+    fi = torch.finfo(dtype)
+    _, e = torch.frexp(x.double().abs().clamp_min(fi.smallest_normal))
+    return fi.eps * torch.pow(2.0, (e - 1).double())
+
+
+def _check_low_precision(pr, ref, tri):
+    """The Triton result ``tri`` against the reference result ``ref`` of problem ``pr``."""
+    w_ref, w_tri = ref["w"].double().cpu(), tri["w"].double().cpu()
+    if pr["w"].dtype == torch.float32:
+        torch.testing.assert_close(w_tri, w_ref, rtol=1e-6, atol=1e-6)
+    else:  # the same fp32 value up to fp32 rounding, then one rounding: at most one ulp of W's dtype apart
+        tol = torch.maximum(_ulp(w_ref, pr["w"].dtype), _ulp(w_tri, pr["w"].dtype))
+        assert bool(((w_tri - w_ref).abs() <= tol).all()), float((w_tri - w_ref).abs().max())
+    # The reference's fp32 new moments, before storage: the reference step on fp32 copies of the loaded state.
+    loaded = {key: quant.load(pr["state"], key).clone() for key in ("exp_avg", "exp_avg_sq")}
+    exact = _twin("reference", [dict(pr, state=loaded)])
+    for key in ("exp_avg", "exp_avg_sq"):
+        a, b = ref["state"][key].cpu(), tri["state"][key].cpu()
+        assert b.dtype == a.dtype and b.shape == a.shape
+        kind = quant.stored_kind(ref["state"], key)
+        if kind == "float32":
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        elif kind == "bfloat16":
+            err = (b.double() - a.double()).abs()
+            assert bool((err <= torch.maximum(_ulp(a, torch.bfloat16), _ulp(b, torch.bfloat16))).all()), key
+            # Rounded to nearest (not truncated): values differ only where the fp32 value is at a tie.
+            x = exact[0]["state"][key].cpu().double()
+            tie = (x - (a.double() + b.double()) / 2).abs() <= 1e-5 * x.abs() + 1e-7 * x.abs().max()
+            assert bool(tie[err > 0].all()), (key, int((err > 0).sum()))
+        else:
+            signed = key == "exp_avg"
+            am_ref, am_tri = ref["state"][key + "_absmax"].cpu(), tri["state"][key + "_absmax"].cpu()
+            torch.testing.assert_close(am_tri, am_ref, rtol=1e-6, atol=0.0)
+            x = exact[0]["state"][key].cpu()
+            codes, _ = quant.quantize(x, signed)
+            assert torch.equal(codes, a)  # the reference stored quantize(x): x is its fp32 new moment
+            ci, ri = b.long(), a.long()
+            differ = ci != ri
+            assert int((ci - ri).abs().max()) <= 1, key
+            normed = quant._blocked(x) / torch.where(am_ref > 0, am_ref, 1.0)[..., None]
+            normed = normed.reshape(x.shape[0], -1)[:, : x.shape[1]]
+            mids = quant._midpoints(signed, "cpu")
+            near = (normed - mids[torch.minimum(ci, ri).clamp_max(254)]).abs() <= 1e-5
+            assert bool(near[differ].all()), (key, int(differ.sum()))
+            table = quant.dynamic_map(signed)
+            step = torch.maximum(table[ri.clamp_max(254) + 1] - table[ri], table[ri] - table[(ri - 1).clamp_min(0)])
+            scale = quant._blocked(torch.ones_like(x)) * am_ref[..., None]
+            scale = scale.reshape(x.shape[0], -1)[:, : x.shape[1]]
+            deq_ref = quant.dequantize(a, am_ref, signed)
+            deq_tri = quant.dequantize(b, am_tri, signed)
+            assert bool(((deq_tri - deq_ref).abs() <= step * scale * (1 + 1e-5) + 1e-12).all()), key
+
+
+@pytest.mark.parametrize("kind", quant.MOMENT_DTYPES)
+@pytest.mark.parametrize("bdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fused_step_low_precision_state_matches_reference(monkeypatch, kind, bdtype, side):
+    """Every (moments, basis, side) storage combination through ``functional.subspace_adamw``: engine="triton"
+    against engine="reference" on the same inputs. Two same-shape pairs per call: moment rows shorter than
+    one quantization block, and rows of 3 or 2 blocks (cols 300 / 260, not multiples of 256); the pairs'
+    weight dtypes rotate through fp32, bf16 and fp16 over the cases."""
+    # Left: moments (rank, n), the blocks run along n; right: moments (m, rank), they run along the rank.
+    shapes = [(13, 37, 4), (11, 300, 5)] if side == "left" else [(19, 45, 6), (5, 263, 260)]
+    j = 2 * [torch.float32, torch.bfloat16].index(bdtype) + ["left", "right"].index(side)
+    problems = []
+    for pair, (m, n, rank) in enumerate(shapes):
+        wdtype = WDTYPES[(2 * j + pair) % 3]
+        problems += [_state_problem(m, n, rank, side, kind, bdtype, wdtype, seed=40 * j + 2 * pair + k) for k in (0, 1)]
+    ref = _twin("reference", problems)
+    batches = _launches(monkeypatch)
+    tri = _twin("triton", problems)
+    assert batches == [2, 2]
+    for pr, a, b in zip(problems, ref, tri, strict=True):
+        assert b["p"] is pr["p"] and b["p"].dtype == bdtype
+        _check_low_precision(pr, a, b)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fused_step_int8_zero_block_stays_zero(side):
+    """An 8-bit moment block that is zero and receives a zero projected gradient stays exactly zero: absmax
+    0 (no division by it) and the code of 0, and N = 0 there. Left: the second block (cols 256..299) of
+    every row, via zero gradient columns; right: the first row, via a zero gradient row."""
+    m, n, rank = (9, 300, 3) if side == "left" else (9, 40, 5)
+    pr = _state_problem(m, n, rank, side, "int8", torch.float32, torch.float32, seed=77)
+    st = pr["state"]
+    x = {key: quant.load(st, key).clone() for key in ("exp_avg", "exp_avg_sq")}
+    if side == "left":
+        pr["g"][:, 256:] = 0
+        zero = (slice(None), slice(256, None))
+    else:
+        pr["g"][0] = 0
+        zero = (0, slice(None))
+    for key in x:
+        x[key][zero] = 0
+        quant.store(st, key, x[key])
+        assert not bool(st[key + "_absmax"].eq(0).all())
+    ref, tri = _twin("reference", [pr])[0], _twin("triton", [pr])[0]
+    _check_low_precision(pr, ref, tri)
+    for key in ("exp_avg", "exp_avg_sq"):
+        absmax = tri["state"][key + "_absmax"]
+        zero_code = int(quant.zeros((1, 1), "int8", absmax.device, key)[key])
+        assert bool((absmax[:, 1] == 0).all() if side == "left" else (absmax[0] == 0).all())
+        assert bool((tri["state"][key][zero] == zero_code).all())
+        assert bool((quant.load(tri["state"], key)[zero] == 0).all())
+        assert bool((quant.load(tri["state"], key) != 0).any())
+
+
+def test_fused_step_batches_by_storage(monkeypatch):
+    """Same-shape matrices with different storage in one call split into batches by moment dtype, basis
+    dtype and absmax/code layout (column-major codes and absmax are addressed through their strides), and
+    every member matches the reference run alone."""
+    specs = [("float32", torch.float32), ("float32", torch.float32), ("bfloat16", torch.float32)]
+    specs += [("int8", torch.float32), ("int8", torch.float32), ("int8", torch.bfloat16), ("int8", torch.float32)]
+    problems = [_state_problem(13, 300, 5, "left", k, b, torch.float32, seed=90 + i) for i, (k, b) in enumerate(specs)]
+    for key, t in list(problems[-1]["state"].items()):
+        problems[-1]["state"][key] = t.t().contiguous().t()  # column-major codes and absmax
+    ref = [_twin("reference", [pr])[0] for pr in problems]
+    batches = _launches(monkeypatch)
+    out = [dict(pr, w=pr["w"].clone(), state={k: v.clone() for k, v in pr["state"].items()}) for pr in problems]
+    for pr, o in zip(problems, out, strict=True):
+        for key, t in pr["state"].items():
+            o["state"][key] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+    kernels.subspace_adamw(
+        [o["w"] for o in out], [o["g"] for o in out], [o["p"] for o in out],
+        [o["state"]["exp_avg"] for o in out], [o["state"]["exp_avg_sq"] for o in out], [3] * len(out), **GROUP,
+        sides=["left"] * len(out), exp_avg_absmaxes=[o["state"].get("exp_avg_absmax") for o in out],
+        exp_avg_sq_absmaxes=[o["state"].get("exp_avg_sq_absmax") for o in out],
+    )  # fmt: skip
+    assert sorted(batches) == [1, 1, 1, 2, 2]
+    assert out[-1]["state"]["exp_avg"].stride() == (1, 5) and out[-1]["state"]["exp_avg_absmax"].stride() == (1, 5)
+    for pr, a, b in zip(problems, ref, out, strict=True):
+        _check_low_precision(pr, a, b)
+
+
+def test_fused_step_int8_ties_go_to_the_smaller_code():
+    """Exact ties: with beta1 = 0, zero moments and P = the first columns of the identity, M's new value is
+    exactly rows of G; row 0 holds 1 and every midpoint of the signed map (block 0), and 2 and twice some
+    midpoints (block 1, cols 256..299), so normed = x / absmax lands exactly on midpoints. The kernel's
+    binary search must give torch.bucketize's code (the smaller index) for every one, bit for bit."""
+    m, n, rank = 6, 300, 2
+    pr = _state_problem(m, n, rank, "left", "int8", torch.float32, torch.float32, seed=5)
+    for key in ("exp_avg", "exp_avg_sq"):
+        pr["state"].update(quant.zeros((rank, n), "int8", torch.device(DEVICE), key))
+    mids = quant._midpoints(True, "cpu")
+    row = torch.cat([torch.ones(1), mids, torch.full((1,), -2.0), 2 * mids[::6][:43]])
+    pr["g"][0] = row.to(DEVICE)
+    pr["p"] = torch.eye(m, rank, device=DEVICE)
+    group = dict(GROUP, betas=(0.0, 0.999))
+    outs = {}
+    for which in ("reference", "triton"):
+        out = dict(pr, w=pr["w"].clone(), state={k: v.clone() for k, v in pr["state"].items()})
+        st = out["state"]
+        functional.subspace_adamw(
+            [out["w"]], [out["g"]], [out["p"]], [st["exp_avg"]], [st["exp_avg_sq"]], [1], **group, sides=["left"],
+            exp_avg_absmaxes=[st["exp_avg_absmax"]], exp_avg_sq_absmaxes=[st["exp_avg_sq_absmax"]], engine=which,
+        )  # fmt: skip
+        outs[which] = out
+    ref, tri = outs["reference"]["state"], outs["triton"]["state"]
+    assert torch.equal(ref["exp_avg_absmax"][0].cpu(), torch.tensor([1.0, 2.0]))
+    assert torch.equal(ref["exp_avg"][0, 1:256].cpu().long(), torch.arange(255))  # ties: the smaller index
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert torch.equal(tri[key], ref[key]), key
+    torch.testing.assert_close(outs["triton"]["w"], outs["reference"]["w"], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_step_refuses_state_it_cannot_read():
+    """uint8 codes without an absmax, an absmax of the wrong block layout, an fp16 basis: TypeError, W untouched."""
+    pr = _state_problem(7, 300, 3, "left", "int8", torch.float32, torch.float32, seed=8)
+    st, before = pr["state"], pr["w"].clone()
+    args = ([pr["w"]], [pr["g"]], [pr["p"]], [st["exp_avg"]], [st["exp_avg_sq"]], [2])
+    kw = dict(GROUP, sides=["left"])
+    with pytest.raises(TypeError, match="moments must be fp32, bf16, or uint8 codes"):
+        kernels.subspace_adamw(*args, **kw)
+    with pytest.raises(TypeError, match=r"absmax of shape \(3, 2\)"):
+        kernels.subspace_adamw(
+            *args, **kw, exp_avg_absmaxes=[st["exp_avg_absmax"][:, :1]], exp_avg_sq_absmaxes=[st["exp_avg_sq_absmax"]]
+        )
+    fp16 = _state_problem(7, 30, 3, "left", "float32", torch.float32, torch.float32, seed=9)
+    with pytest.raises(TypeError, match="bases must be fp32 or bf16"):
+        kernels.subspace_adamw(
+            [fp16["w"]], [fp16["g"]], [fp16["p"].half()], [fp16["state"]["exp_avg"]], [fp16["state"]["exp_avg_sq"]],
+            [2], **kw,
+        )  # fmt: skip
+    assert torch.equal(pr["w"], before)
