@@ -90,16 +90,13 @@ def new_gradients(torch: Any, params: list[Any], seed: int) -> list[Any]:
     ]
 
 
-def optimizer_bytes(opt: Any) -> int:
-    """State bytes, counting galore-torch's projector (a Python object holding the basis) too."""
-    from subspace_optim.metrics import state_bytes
+def optimizer_bytes(opt: Any) -> tuple[int, int]:
+    """(logical, retained) state bytes (``subspace_optim.metrics.state_bytes``): galore-torch's projector
+    (a Python object holding the basis) counted too; retained counts whole storages kept alive (galore-torch's
+    fp32 basis is a slice of its SVD factor)."""
+    from subspace_optim.metrics import state_footprint
 
-    extra = 0
-    for s in opt.state.values():
-        basis = getattr(s.get("projector"), "ortho_matrix", None)
-        if basis is not None:
-            extra += basis.numel() * basis.element_size()
-    return state_bytes(opt) + extra
+    return state_footprint(opt)
 
 
 def sync(torch: Any, device: str) -> None:
@@ -444,11 +441,13 @@ def main() -> None:
         running = start([c for c in contenders if c.regular], regular_gap, warmups=2)
         interleaved(torch, device, running, steps, refresh=False, counter=counter)
         for run in running:
+            logical, retained = optimizer_bytes(run.opt)
             regular[run.contender.name] = {
                 "label": run.contender.label,
                 "step_s": statistics.median(run.times),
                 "step_s_runs": run.times,
-                "state_bytes": optimizer_bytes(run.opt),
+                "state_bytes": logical,
+                "state_bytes_retained": retained,
             }
         by_name = {run.contender.name: run for run in running}
         if args.profile:
@@ -509,6 +508,7 @@ def main() -> None:
                 fmt(ref.get("refresh_vs_galore"), ".3f"),
                 fmt(ref.get("refresh_vs_adamw_step"), ".1f"),
                 fmt(reg.get("state_bytes"), ".1f", 2**-20),
+                fmt(reg.get("state_bytes_retained"), ".1f", 2**-20),
                 fmt(reg.get("state_vs_adamw"), ".3f"),
                 fmt(reg.get("state_vs_galore"), ".3f"),
             ]
@@ -548,6 +548,11 @@ def main() -> None:
         )
     notes.append(guarantee)
     notes.append(
+        "state MiB: logical bytes of every state tensor (subspace_optim.metrics.state_bytes, galore-torch's "
+        "projector basis included); retained MiB: whole storages those tensors keep alive (state_bytes(retained="
+        "True): galore-torch's fp32 basis is a slice of its SVD factor)"
+    )
+    notes.append(
         f"medians of {steps} regular and {refresh_steps} refresh steps per optimizer, interleaved; "
         f"baseline AdamW = {adamw_variant}; SubspaceAdamW's step includes its finiteness check of every gradient"
     )
@@ -571,7 +576,7 @@ def main() -> None:
     }
     header = [
         "optimizer", "regular step ms", "x AdamW", "x GaLore", "refresh step ms", "refresh x GaLore",
-        "refresh x AdamW step", "state MiB", "state x AdamW", "state x GaLore",
+        "refresh x AdamW step", "state MiB", "retained MiB", "state x AdamW", "state x GaLore",
     ]  # fmt: skip
     write_outputs(result, rows, header, args, f"Regular and refresh step, {args.dtype}")
     for name, top in profiles.items():

@@ -2,18 +2,93 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .distributed import local
 
 
-def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes this rank holds in an optimizer's state tensors (any torch optimizer; DTensors count locally)."""
-    return sum(_tensor_bytes(s) for s in optimizer.state.values())
+def state_bytes(optimizer: Optimizer, retained: bool = False) -> int:
+    """Bytes this rank holds in an optimizer's state (any torch optimizer), each tensor counted once.
+
+    Counted: tensors in ``optimizer.state[p]`` (also inside dicts, lists and tuples) and tensors reachable
+    one level deep from Python objects kept there (galore-torch's and apollo-torch's ``projector``, whose
+    ``ortho_matrix`` is the basis, or a list of two for proj_type "full"). DTensors count their local
+    tensor; tensor subclasses that flatten (``__tensor_flatten__``, e.g. torchao's 8-bit state) count their
+    inner tensors, not ``numel`` at the outer dtype.
+
+    ``retained=False`` (logical): the bytes of each distinct tensor, ``numel * element_size``.
+    ``retained=True``: the whole storage each tensor keeps alive, each storage once (galore-torch's fp32
+    basis is a slice of the SVD factor and keeps all of it alive), i.e. what freeing the state would free.
+    """
+    logical, kept = state_footprint(optimizer)
+    return kept if retained else logical
+
+
+def state_footprint(optimizer: Optimizer) -> tuple[int, int]:
+    """(logical, retained) state bytes in one walk; see ``state_bytes``."""
+    walk = _StateWalk()
+    for state in optimizer.state.values():
+        walk.value(state, objects=True)
+    return walk.logical, sum(walk.storages.values())
+
+
+class _StateWalk:
+    """Adds up the tensors in optimizer state: logical bytes per distinct view, retained bytes per storage."""
+
+    def __init__(self) -> None:
+        self.logical = 0
+        self.views: set[tuple[Any, ...]] = set()
+        self.storages: dict[int, int] = {}
+
+    def value(self, value: Any, objects: bool) -> None:
+        if isinstance(value, Tensor):
+            self.tensor(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                self.value(v, objects)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for v in value:
+                self.value(v, objects)
+        elif objects and _holds_state(value):
+            for v in vars(value).values():  # one level deep: objects inside it are not entered
+                self.value(v, objects=False)
+
+    def tensor(self, t: Tensor) -> None:
+        t = local(t)
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                self.value(getattr(t, name), objects=False)
+            return
+        nbytes = t.numel() * t.element_size()
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage (sparse and other layouts): its own bytes
+            key: tuple[Any, ...] = ("tensor", id(t))
+            if key not in self.views:
+                self.views.add(key)
+                self.logical += nbytes
+                self.storages[-len(self.views)] = nbytes  # negative keys: never a storage's
+            return
+        sid = storage._cdata
+        key = (sid, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in self.views:
+            self.views.add(key)
+            self.logical += nbytes
+        self.storages[sid] = storage.nbytes()
+
+
+def _holds_state(value: Any) -> bool:
+    """A Python object an optimizer keeps in its state (a projector), not a class, module or function."""
+    return hasattr(value, "__dict__") and not isinstance(
+        value, (type, nn.Module, types.ModuleType, types.FunctionType, types.MethodType)
+    )
 
 
 def _tensor_bytes(state: dict[str, Any]) -> int:

@@ -51,6 +51,11 @@ def test_bench_step_smoke(tmp_path):
     # Same rank, fp32 weights: our state (basis + two low-rank moments) has galore-torch's size.
     assert results["subspace_reference"]["state_bytes"] == results["galore"]["state_bytes"]
     assert results["subspace_reference"]["state_bytes"] < results["adamw"]["state_bytes"]
+    # Retained bytes: galore-torch's fp32 basis is a slice of its SVD factor, which it keeps alive; ours and
+    # AdamW hold exactly their tensors.
+    assert results["galore"]["state_bytes_retained"] > results["galore"]["state_bytes"]
+    for name in ("adamw", "subspace_reference"):
+        assert results[name]["state_bytes_retained"] == results[name]["state_bytes"]
 
 
 def test_bench_refresh_smoke(tmp_path):
@@ -65,3 +70,27 @@ def test_bench_refresh_smoke(tmp_path):
 def test_bench_moments_short(tmp_path):
     result = _run("bench_moments.py", "--steps", "20", "--seeds", "0", "--policies", "rotate", tmp_path=tmp_path)
     assert {row["name"] for row in result["rows"]} >= {"adamw"}
+
+
+def test_bench_memory_smoke(tmp_path):
+    """Tiny LLaMA: every row with a real instance is checked byte for byte against its formula (the script
+    fails on a mismatch), and the table and targets come out."""
+    md = tmp_path / "memory.md"
+    result = _run("bench_memory.py", "--smoke", "--markdown", str(md), tmp_path=tmp_path)
+    assert {"adamw", "ours_float32_float32"} <= set(result["checked"])
+    assert {r["weights"] for r in result["checked"]["adamw"]} == {"bfloat16", "float32"}
+    smoke = result["models"]["smoke"]
+    for wname in ("bfloat16", "float32"):
+        per = smoke[wname]
+        assert per["adamw"]["logical"] > per["ours_float32_float32"]["logical"] > 0
+        for key in result["rows"]:
+            assert per[key]["retained"] >= per[key]["logical"] > 0, key
+    if "galore" in result["checked"]:
+        # fp32 weights: the retained SVD factor; bf16: the basis is a copy.
+        assert smoke["float32"]["galore"]["retained"] > smoke["float32"]["galore"]["logical"]
+        assert smoke["bfloat16"]["galore"]["retained"] == smoke["bfloat16"]["galore"]["logical"]
+    if "ours_int8_bfloat16" in result["rows"]:
+        target = result["targets"]["smoke"]
+        assert 0 < target["vs_ours_fp32"] < 1 and 0 < target["vs_ours_fp32_projected"] < 1
+    text = md.read_text()
+    assert "### Optimizer state memory" in text and "| torch AdamW |" in text

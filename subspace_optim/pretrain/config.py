@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import options
 
-OPTIMIZERS = ("adamw", "subspace", "galore", "apollo", "adamw8bit")
+OPTIMIZERS = ("adamw", "subspace", "galore", "galore8bit", "apollo", "adamw8bit")
 CONFIGS_ENV = "SUBSPACE_OPTIM_CONFIGS"
 CACHE_ENV = "SUBSPACE_OPTIM_CACHE"
 

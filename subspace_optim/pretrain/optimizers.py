@@ -23,6 +23,7 @@ from .config import OPTION_FIELDS, PretrainConfig
 # name -> (module to import, pip requirement) for the optional ones.
 OPTIONAL = {
     "galore": ("galore_torch", "galore-torch"),
+    "galore8bit": ("galore_torch", "galore-torch"),
     "apollo": ("apollo_torch", "apollo-torch"),
     "adamw8bit": ("bitsandbytes", "bitsandbytes"),
 }
@@ -52,6 +53,9 @@ def require(name: str, device: torch.device | str = "cpu") -> None:
     module = _import(name)
     if name == "adamw8bit":
         _probe_8bit(module, torch.device(device))
+    if name == "galore8bit":
+        _require_cuda_galore8bit(torch.device(device))
+        _probe_8bit(_import("adamw8bit"), torch.device(device), name)
 
 
 def target_modules(cfg: PretrainConfig) -> str | list[str]:
@@ -116,14 +120,16 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
         everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "matmul_precision", "moments_dtype")}
         groups = param_groups(model, target_modules(cfg), weight_decay=cfg.weight_decay, **opts)
         return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, **everywhere)
-    if name in ("galore", "apollo"):
+    if name in ("galore", "galore8bit", "apollo"):
         module = _import(name)
+        if name == "galore8bit":
+            _require_cuda_galore8bit(next(model.parameters()).device)
         check_rank(model, cfg)
         projected, matrices, vectors = _split(model, cfg)
         low_rank: dict[str, Any] = {"rank": cfg.rank, "update_proj_gap": cfg.update_gap, "proj_type": cfg.proj_type}
-        if name == "galore":
+        if name in ("galore", "galore8bit"):
             low_rank["scale"] = cfg.scale
-            cls = module.GaLoreAdamW
+            cls = module.GaLoreAdamW8bit if name == "galore8bit" else module.GaLoreAdamW
         else:
             low_rank.update(scale=cfg.apollo_scale, proj=cfg.apollo_proj, scale_type=cfg.apollo_scale_type)
             cls = module.APOLLOAdamW
@@ -135,7 +141,8 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
         kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": cfg.adam_eps}
         if "no_deprecation_warning" in inspect.signature(cls).parameters:
             kwargs["no_deprecation_warning"] = True
-        return cls([g for g in groups if g["params"]], **kwargs)
+        opt = cls([g for g in groups if g["params"]], **kwargs)
+        return fix_galore8bit_args(opt) if name == "galore8bit" else opt
     if name == "adamw8bit":
         bnb = _import(name)
         groups = _plain_groups(model, cfg.weight_decay)
@@ -143,7 +150,7 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def _probe_8bit(bnb, device: torch.device) -> None:
+def _probe_8bit(bnb, device: torch.device, name: str = "adamw8bit") -> None:
     """bitsandbytes imports on machines where its kernels do not run; find out now, not at step 1."""
     probe = nn.Parameter(torch.zeros(64, 128, device=device))
     probe.grad = torch.ones_like(probe)
@@ -151,15 +158,41 @@ def _probe_8bit(bnb, device: torch.device) -> None:
         bnb.optim.AdamW8bit([probe], lr=1e-3).step()
     except Exception as err:
         raise MissingOptimizer(
-            f"optimizer 'adamw8bit': bitsandbytes is installed but its 8-bit AdamW does not run on {device} "
-            f"here ({type(err).__name__}: {err}). Leave adamw8bit out of --optimizer/--compare."
+            f"optimizer {name!r}: bitsandbytes is installed but its 8-bit AdamW does not run on {device} "
+            f"here ({type(err).__name__}: {err}). Leave {name} out of --optimizer/--compare."
         ) from err
+
+
+def fix_galore8bit_args(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """galore-torch 1.0's GaLoreAdamW8bit passes ``percentile_clipping=100, block_wise=True`` to
+    bitsandbytes' ``Optimizer2State`` positionally; bitsandbytes releases without those two parameters
+    (0.50 has none) take them as ``max_unorm=100.0, skip_zeros=True``, which galore-torch never meant (and
+    which adds update-norm clipping state). Put bitsandbytes' defaults back before the first step, when the
+    state is made; nothing changes where the signature still has ``percentile_clipping``."""
+    from bitsandbytes.optim.optimizer import Optimizer2State
+
+    args = getattr(opt, "args", None)
+    if args is not None and "percentile_clipping" not in inspect.signature(Optimizer2State.__init__).parameters:
+        args.max_unorm = 0.0
+        args.skip_zeros = False
+    return opt
+
+
+def _require_cuda_galore8bit(device: torch.device) -> None:
+    """galore-torch 1.0's GaLoreAdamW8bit calls ``torch.cuda.synchronize()`` after every parameter's
+    update, whatever the device: it cannot run without CUDA. Say so before any training, not at step 1."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise MissingOptimizer(
+            f"optimizer 'galore8bit': galore-torch's GaLoreAdamW8bit needs a CUDA GPU (it calls "
+            f"torch.cuda.synchronize() in every step), and this run is on {device.type}. "
+            "Leave galore8bit out of --optimizer/--compare, or run on a GPU."
+        )
 
 
 def load_kwargs(name: str) -> dict[str, Any]:
     """``torch.load`` options for this optimizer's checkpoint: galore-torch and apollo-torch keep a
     projector *object* in their state, which ``weights_only`` loading refuses."""
-    return {"weights_only": False} if name in ("galore", "apollo") else {}
+    return {"weights_only": False} if name in ("galore", "galore8bit", "apollo") else {}
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -1,0 +1,620 @@
+"""Optimizer state memory on the GaLore paper's LLaMA shapes, counted exactly, for every peer and for our
+low-precision state options.
+
+Sizes (hidden / intermediate / layers / vocab, rank): 60M 512/1376/8/32000 r128, 130M 768/2048/12/32000
+r256, 350M 1024/2736/24/32000 r256, 1B 2048/5461/24/32000 r512, 7B 4096/11008/32/32000 r1024. The
+projected weights are every attention and MLP matrix (q, k, v, o, gate, up, down); embeddings, the output
+head and the norms get plain AdamW state in every optimizer (the pretrain comparison's split).
+
+How each row is counted (``subspace_optim.metrics.state_footprint``: logical bytes of every state tensor,
+and retained bytes, the whole storages they keep alive):
+
+- torch AdamW and galore-torch GaLoreAdamW are built on the meta device for the whole model and stepped
+  once (no memory is used; the meta SVD has the real shapes), and checked against their formulas.
+- The others by formula, each formula checked, byte for byte, against a real instance stepped once on
+  CPU over a verification set (the smoke LLaMA's shapes plus shapes that exercise the corner cases:
+  rank > 256, columns not a multiple of 256, a 1-D tensor of 4096 elements; the full run adds one
+  LLaMA-60M layer): bitsandbytes AdamW8bit (it runs on CPU); galore-torch GaLoreAdamW8bit (with
+  ``torch.cuda.synchronize``, which it calls unconditionally, stubbed out during the check, and
+  bitsandbytes' defaults restored as ``subspace_optim.pretrain.optimizers.fix_galore8bit_args`` does);
+  SubspaceAdamW in each ``moments_dtype`` x ``basis_dtype`` that this checkout's optimizer accepts.
+- apollo-torch is not verified when it is not installed: its formula follows apollo-torch 1.0's source
+  (the random projection is stored in the projector, in the weight's dtype, and a norm-growth-limiter scalar
+  per matrix), and a second row gives the APOLLO paper's accounting (the projection regenerated from its
+  seed, only the r x max(m, n) moments kept).
+
+Formulas for a projected m x n weight, rank r, d = min(m, n), D = max(m, n), w = the weight's element size:
+galore-torch: moments 2 r D w, basis r d w (fp32 weights: the basis is a slice of the SVD factor, d x d
+fp32 retained). Ours: basis d r b (b: basis_dtype size), moments 2 r D s (s: moments_dtype size) plus, for
+int8, fp32 absmax of 2 x rows x ceil(cols / 256) for the (rows, cols) moment, (m, r) when projected on the
+right (m >= n) and (r, n) on the left. Plain parameters: AdamW's two moments in the weight's dtype and a
+4-byte step; ours in bfloat16 when asked, int8 (codes + per-row block absmax) for >= 2-D tensors of at
+least 4096 elements. bitsandbytes: uint8 codes for tensors of >= 4096 elements, fp32 absmax per 256
+(flattened), the two shared 256-entry maps, fp32 moments below 4096.
+
+    python scripts/bench_memory.py --markdown docs/benchmarks.md   # CPU, about a minute
+    python scripts/bench_memory.py --smoke                          # tiny, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# name -> (hidden, intermediate, layers, vocab, rank): the GaLore paper's LLaMA configurations.
+MODELS = {
+    "60m": (512, 1376, 8, 32000, 128),
+    "130m": (768, 2048, 12, 32000, 256),
+    "350m": (1024, 2736, 24, 32000, 256),
+    "1b": (2048, 5461, 24, 32000, 512),
+    "7b": (4096, 11008, 32, 32000, 1024),
+}
+SMOKE = {"smoke": (64, 172, 2, 320, 16)}
+WEIGHT_DTYPES = ("bfloat16", "float32")
+SIZES = {"float32": 4, "bfloat16": 2, "int8": 1}
+BLOCK = 256  # our 8-bit blocks (within a row) and bitsandbytes' (flattened)
+MIN_8BIT = 4096  # bitsandbytes' min_8bit_size; ours: quant.MIN_QUANTIZED_NUMEL
+MIB = 2**-20
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One parameter: shape and whether the low-rank optimizers project it."""
+
+    name: str
+    shape: tuple[int, ...]
+    projected: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def llama(hidden: int, inter: int, layers: int, vocab: int) -> list[Spec]:
+    """LlamaForCausalLM's parameters (untied head), (out, in) weights."""
+    specs = [Spec("embed_tokens", (vocab, hidden), False)]
+    for i in range(layers):
+        for proj in ("q", "k", "v", "o"):
+            specs.append(Spec(f"layers.{i}.{proj}_proj", (hidden, hidden), True))
+        specs.append(Spec(f"layers.{i}.gate_proj", (inter, hidden), True))
+        specs.append(Spec(f"layers.{i}.up_proj", (inter, hidden), True))
+        specs.append(Spec(f"layers.{i}.down_proj", (hidden, inter), True))
+        specs.append(Spec(f"layers.{i}.input_layernorm", (hidden,), False))
+        specs.append(Spec(f"layers.{i}.post_attention_layernorm", (hidden,), False))
+    specs.append(Spec("norm", (hidden,), False))
+    specs.append(Spec("lm_head", (vocab, hidden), False))
+    return specs
+
+
+def verification_set(full: bool) -> tuple[list[Spec], int]:
+    """(specs, rank) of the real instances the formulas are checked on. The odd shapes use their own rank
+    (260) through a second verification pass; see ``VERIFY_ODD``."""
+    specs = llama(*SMOKE["smoke"][:4])
+    if full:
+        specs += [s for s in llama(*MODELS["60m"][:4]) if s.name.startswith("layers.0.")]
+    return specs, SMOKE["smoke"][4] if not full else MODELS["60m"][4]
+
+
+# Corner cases, checked with rank 260: > 256 (two absmax blocks per row of an m x r moment), columns that
+# are not a multiple of 256 (600: three blocks), a 1-D tensor of exactly 4096 elements, a small 2-D one.
+VERIFY_ODD = (
+    [Spec("tall", (300, 270), True), Spec("wide", (270, 600), True)]
+    + [Spec("vec4096", (4096,), False), Spec("plain", (64, 100), False), Spec("small", (40, 30), False)],
+    260,
+)
+
+
+# ------------------------------------------------------------------------------------------ formulas
+Bytes = tuple[int, int]  # (logical, retained)
+
+
+def _sides(spec: Spec) -> tuple[int, int]:
+    m, n = spec.shape
+    return min(m, n), max(m, n)
+
+
+def _rank(spec: Spec, rank: int) -> int | None:
+    """The rank a projected matrix gets, or None when it is trained as a plain parameter (rank >= its
+    smaller side: all of the low-rank optimizers here would keep full moments; not the case for these
+    configurations)."""
+    return rank if spec.projected and rank < min(spec.shape) else None
+
+
+def adamw(specs: list[Spec], rank: int, w: int) -> Bytes:
+    total = sum(2 * s.numel * w + 4 for s in specs)
+    return total, total
+
+
+def galore(specs: list[Spec], rank: int, w: int) -> Bytes:
+    logical = retained = 0
+    for s in specs:
+        r = _rank(s, rank)
+        if r is None:
+            logical += 2 * s.numel * w
+            retained += 2 * s.numel * w
+            continue
+        d, big = _sides(s)
+        moments = 2 * r * big * w
+        logical += moments + r * d * w
+        # fp32: the basis is Vh[:r] / U[:, :r] of the thin SVD, a view of its d x d factor.
+        retained += moments + (d * d * 4 if w == 4 else r * d * w)
+    return logical, retained
+
+
+def _bnb(numel: int) -> int:
+    if numel < MIN_8BIT:
+        return 2 * numel * 4
+    return 2 * numel + 2 * math.ceil(numel / BLOCK) * 4
+
+
+def bnb_adamw8bit(specs: list[Spec], rank: int, w: int) -> Bytes:
+    total = sum(_bnb(s.numel) for s in specs)
+    total += 2 * 256 * 4 if any(s.numel >= MIN_8BIT for s in specs) else 0  # the two shared maps
+    return total, total
+
+
+def galore_adamw8bit(specs: list[Spec], rank: int, w: int) -> Bytes:
+    logical = retained = 0
+    quantized = False
+    for s in specs:
+        r = _rank(s, rank)
+        if r is None:
+            logical += _bnb(s.numel)
+            retained += _bnb(s.numel)
+            quantized |= s.numel >= MIN_8BIT
+            continue
+        d, big = _sides(s)
+        moments = _bnb(r * big)  # bitsandbytes state of the projected gradient's shape
+        quantized |= r * big >= MIN_8BIT
+        logical += moments + r * d * w
+        retained += moments + (d * d * 4 if w == 4 else r * d * w)
+    maps = 2 * 256 * 4 if quantized else 0
+    return logical + maps, retained + maps
+
+
+def apollo(specs: list[Spec], rank: int, w: int) -> Bytes:
+    """apollo-torch 1.0 (source): moments of the projected gradient in the weight dtype, the r x d random
+    projection kept in the projector (weight dtype), the norm-growth limiter's 0-d tensor."""
+    total = 0
+    for s in specs:
+        r = _rank(s, rank)
+        if r is None:
+            total += 2 * s.numel * w
+            continue
+        d, big = _sides(s)
+        total += 2 * r * big * w + r * d * w + w
+    return total, total
+
+
+def apollo_paper(specs: list[Spec], rank: int, w: int) -> Bytes:
+    """The APOLLO paper's accounting: the projection is regenerated from its seed, only moments stay."""
+    total = 0
+    for s in specs:
+        r = _rank(s, rank)
+        total += 2 * s.numel * w if r is None else 2 * r * _sides(s)[1] * w
+    return total, total
+
+
+def _int8_moment(rows: int, cols: int) -> int:
+    return rows * cols + rows * math.ceil(cols / BLOCK) * 4
+
+
+def ours(moments_dtype: str, basis_dtype: str) -> Callable[[list[Spec], int, int], Bytes]:
+    def count(specs: list[Spec], rank: int, w: int) -> Bytes:
+        total = 0
+        for s in specs:
+            r = _rank(s, rank)
+            if r is None:
+                total += 4  # step
+                kind = moments_dtype
+                if kind == "int8" and not (len(s.shape) >= 2 and s.numel >= MIN_8BIT):
+                    kind = "float32"
+                if kind == "int8":
+                    total += 2 * _int8_moment(s.shape[0], s.numel // s.shape[0])
+                else:  # float32: torch AdamW's own state, the parameter's dtype
+                    total += 2 * s.numel * (w if kind == "float32" else SIZES[kind])
+                continue
+            m, n = s.shape
+            d, big = _sides(s)
+            total += d * r * SIZES[basis_dtype]
+            rows, cols = (m, r) if m >= n else (r, n)
+            if moments_dtype == "int8":
+                total += 2 * _int8_moment(rows, cols)
+            else:
+                total += 2 * rows * cols * SIZES[moments_dtype]
+        return total, total
+
+    return count
+
+
+# ------------------------------------------------------------------------------------ real instances
+def _params(torch: Any, specs: list[Spec], dtype: Any, device: str, seed: int = 0) -> list[Any]:
+    gen = torch.Generator().manual_seed(seed) if device == "cpu" else None
+    out = []
+    for s in specs:
+        if device == "meta":
+            p = torch.nn.Parameter(torch.empty(s.shape, device="meta", dtype=dtype))
+            p.grad = torch.empty(s.shape, device="meta", dtype=dtype)
+        else:
+            p = torch.nn.Parameter((0.02 * torch.randn(s.shape, generator=gen)).to(dtype))
+            p.grad = (1e-3 * torch.randn(s.shape, generator=gen)).to(dtype)
+        out.append(p)
+    return out
+
+
+def _split(specs: list[Spec], params: list[Any], rank: int) -> tuple[list[Any], list[Any]]:
+    projected = [p for s, p in zip(specs, params, strict=True) if _rank(s, rank) is not None]
+    plain = [p for s, p in zip(specs, params, strict=True) if _rank(s, rank) is None]
+    return projected, plain
+
+
+@contextlib.contextmanager
+def _no_cuda_sync(torch: Any) -> Iterator[None]:
+    """GaLoreAdamW8bit calls ``torch.cuda.synchronize()`` after each parameter whatever the device; on a
+    CPU-only machine that raises. Stubbed out for the check only."""
+    original = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize = original
+
+
+def build_adamw(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+def build_galore(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+    from galore_torch import GaLoreAdamW
+
+    projected, plain = _split(specs, params, rank)
+    groups = [{"params": plain}] if plain else []
+    if projected:
+        groups.append({"params": projected, "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"})
+    return GaLoreAdamW(groups, lr=1e-3, no_deprecation_warning=True)
+
+
+def build_galore8bit(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+    from galore_torch import GaLoreAdamW8bit
+
+    from subspace_optim.pretrain.optimizers import fix_galore8bit_args
+
+    projected, plain = _split(specs, params, rank)
+    groups = [{"params": plain}] if plain else []
+    if projected:
+        groups.append({"params": projected, "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"})
+    return fix_galore8bit_args(GaLoreAdamW8bit(groups, lr=1e-3))
+
+
+def build_bnb(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=1e-3)
+
+
+def build_ours(moments_dtype: str, basis_dtype: str) -> Callable[..., Any]:
+    def build(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+        from subspace_optim import SubspaceAdamW
+
+        projected, plain = _split(specs, params, rank)
+        groups = [{"params": plain}] if plain else []
+        if projected:
+            # refresh="random": the state's layout does not depend on how a basis is found, and the check
+            # stays fast (no range finder on the rank-260 corner case).
+            groups.append({"params": projected, "rank": rank, "refresh": "random"})
+        dtypes = {}
+        if moments_dtype != "float32":
+            dtypes["moments_dtype"] = moments_dtype
+        if basis_dtype != "float32":
+            dtypes["basis_dtype"] = basis_dtype
+        return SubspaceAdamW(groups, lr=1e-3, **dtypes)
+
+    return build
+
+
+def measure(torch: Any, build: Callable[..., Any], specs: list[Spec], rank: int, dtype: Any, device: str) -> Bytes:
+    """Build on ``device``, take one step, count the state (logical, retained)."""
+    from subspace_optim.metrics import state_footprint
+
+    params = _params(torch, specs, dtype, device)
+    opt = build(torch, specs, params, rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    return state_footprint(opt)
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    formula: Callable[[list[Spec], int, int], Bytes]
+    build: Callable[..., Any] | None  # a real instance for the check (None: formula only)
+    counted: str  # how the table's numbers are obtained
+    meta: bool = False  # also built on the meta device for every size
+    cpu_sync_stub: bool = False
+    unchecked: dict[str, str] = field(default_factory=dict)  # weight dtype -> why its check could not run
+
+    def counted_for(self, wname: str) -> str:
+        if wname in self.unchecked:
+            return f"formula, not checked with {wname} weights (does not run here)"
+        return self.counted
+
+
+def our_combos() -> tuple[list[tuple[str, str]], list[str]]:
+    """The (moments_dtype, basis_dtype) pairs this checkout's SubspaceAdamW accepts, and notes."""
+    from subspace_optim import options
+
+    moments = ["float32"]
+    bases = ["float32"]
+    notes = []
+    if "moments_dtype" in options.DEFAULTS:
+        try:
+            from subspace_optim.quant import BASIS_DTYPES, MOMENT_DTYPES
+
+            moments, bases = list(MOMENT_DTYPES), list(BASIS_DTYPES)
+        except ImportError:
+            moments, bases = ["float32", "bfloat16", "int8"], ["float32", "bfloat16"]
+    else:
+        notes.append("this checkout's SubspaceAdamW has no moments_dtype/basis_dtype options: fp32 state only")
+    if "basis_dtype" not in options.DEFAULTS:
+        bases = ["float32"]
+    return [(m, b) for m in moments for b in bases], notes
+
+
+def rows(torch: Any) -> tuple[list[Row], list[str]]:
+    notes: list[str] = []
+    out = [Row("adamw", "torch AdamW", adamw, build_adamw, "meta build (= formula)", meta=True)]
+    have_galore = importlib.util.find_spec("galore_torch") is not None
+    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if have_galore:
+        out.append(Row("galore", "galore-torch GaLoreAdamW", galore, build_galore, "meta build (= formula)", meta=True))
+    else:
+        out.append(Row("galore", "galore-torch GaLoreAdamW", galore, None, "formula (galore-torch not installed)"))
+    if have_galore and have_bnb:
+        out.append(
+            Row("galore8bit", "galore-torch GaLoreAdamW8bit", galore_adamw8bit, build_galore8bit,
+                "formula, checked on CPU", cpu_sync_stub=True)
+        )  # fmt: skip
+    else:
+        out.append(Row("galore8bit", "galore-torch GaLoreAdamW8bit", galore_adamw8bit, None, "formula (not installed)"))
+    if importlib.util.find_spec("apollo_torch") is not None:
+        notes.append("apollo-torch is installed but its rows are by formula (apollo-torch 1.0 source), not checked")
+    out.append(Row("apollo", "apollo-torch APOLLOAdamW 1.0", apollo, None, "formula (apollo-torch 1.0 source)"))
+    out.append(
+        Row("apollo_paper", "APOLLO, projection regenerated from seed", apollo_paper, None, "formula (APOLLO paper)")
+    )
+    if have_bnb:
+        out.append(Row("adamw8bit", "bitsandbytes AdamW8bit", bnb_adamw8bit, build_bnb, "formula, checked on CPU"))
+    else:
+        out.append(Row("adamw8bit", "bitsandbytes AdamW8bit", bnb_adamw8bit, None, "formula (not installed)"))
+    combos, combo_notes = our_combos()
+    notes += combo_notes
+    for m, b in combos:
+        out.append(
+            Row(f"ours_{m}_{b}", f"SubspaceAdamW moments {m}, basis {b}", ours(m, b), build_ours(m, b),
+                "formula, checked on CPU")
+        )  # fmt: skip
+    return out, notes
+
+
+# --------------------------------------------------------------------------------------------- checks
+def verify(torch: Any, table: list[Row], full: bool) -> tuple[dict[str, Any], list[str]]:
+    """Every row with a real instance: formula == measured (logical and retained) on the verification
+    sets, per weight dtype; a mismatch is an error. Where the optimizer does not build or step with one
+    weight dtype, that dtype's numbers stay formula-only (said in the table and the notes); where it runs
+    with neither, the row is dropped."""
+    checked: dict[str, Any] = {}
+    notes: list[str] = []
+    sets = [verification_set(full), VERIFY_ODD]
+    for row in table:
+        if row.build is None:
+            continue
+        results = []
+        for wname in WEIGHT_DTYPES:
+            dtype, w = getattr(torch, wname), SIZES[wname]
+            for specs, rank in sets:
+                try:
+                    with _no_cuda_sync(torch) if row.cpu_sync_stub else contextlib.nullcontext():
+                        got = measure(torch, row.build, specs, rank, dtype, "cpu")
+                except Exception as err:  # the optimizer does not build or step here
+                    row.unchecked[wname] = f"{type(err).__name__}: {str(err)[:200]}"
+                    break
+                want = row.formula(specs, rank, w)
+                if got != want:
+                    raise AssertionError(
+                        f"{row.label}, {wname} weights, rank {rank}, {len(specs)} tensors: measured "
+                        f"(logical, retained) {got}, formula {want}"
+                    )
+                results.append({"weights": wname, "rank": rank, "tensors": len(specs), "bytes": got})
+        for wname, why in row.unchecked.items():
+            notes.append(f"{row.label} does not run with {wname} weights here ({why}): formula only")
+        if len(row.unchecked) == len(WEIGHT_DTYPES):
+            row.counted = "dropped"
+        elif results:
+            checked[row.key] = results
+    return checked, notes
+
+
+def meta_counts(torch: Any, row: Row, specs: list[Spec], rank: int, wname: str) -> Bytes:
+    got = measure(torch, row.build, specs, rank, getattr(torch, wname), "meta")
+    want = row.formula(specs, rank, SIZES[wname])
+    if got != want:
+        raise AssertionError(f"{row.label} on meta, {wname} weights, rank {rank}: built {got}, formula {want}")
+    return got
+
+
+# ----------------------------------------------------------------------------------------------- main
+def environment(torch: Any) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "galore-torch", "bitsandbytes", "apollo-torch"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "versions": versions,
+        "command": " ".join([sys.executable, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def mib(x: int | None) -> str:
+    return "-" if x is None else f"{x * MIB:,.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="the tiny LLaMA only, seconds (CI)")
+    parser.add_argument("--sizes", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--json", help="write the JSON result here too")
+    parser.add_argument("--markdown", help="append a markdown section to this file")
+    args = parser.parse_args()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    with contextlib.redirect_stderr(open(os.devnull, "w")):  # bitsandbytes' CPU kernel-loading chatter
+        import torch
+
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            import bitsandbytes  # noqa: F401
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    models = SMOKE if args.smoke else {name: MODELS[name] for name in args.sizes.split(",") if name}
+    unknown = set(models) - set(MODELS) - set(SMOKE)
+    if unknown:
+        sys.exit(f"unknown sizes {sorted(unknown)}: choose from {', '.join(MODELS)}")
+
+    table, notes = rows(torch)
+    checked, verify_notes = verify(torch, table, full=not args.smoke)
+    notes += verify_notes
+    table = [row for row in table if row.counted != "dropped"]
+
+    results: dict[str, Any] = {}
+    for model, (hidden, inter, layers, vocab, rank) in models.items():
+        specs = llama(hidden, inter, layers, vocab)
+        projected = [s for s in specs if _rank(s, rank) is not None]
+        entry: dict[str, Any] = {
+            "hidden_intermediate_layers_vocab_rank": [hidden, inter, layers, vocab, rank],
+            "params": sum(s.numel for s in specs),
+            "projected_params": sum(s.numel for s in projected),
+        }
+        for wname in WEIGHT_DTYPES:
+            w = SIZES[wname]
+            per: dict[str, Any] = {"weights_bytes": entry["params"] * w}
+            for row in table:
+                total = meta_counts(torch, row, specs, rank, wname) if row.meta else row.formula(specs, rank, w)
+                proj = row.formula(projected, rank, w)
+                per[row.key] = {"logical": total[0], "retained": total[1], "projected_logical": proj[0]}
+            entry[wname] = per
+        results[model] = entry
+
+    targets = compute_targets(results)
+    result = {
+        "benchmark": "memory",
+        "models": results,
+        "rows": {
+            row.key: {"label": row.label, "counted": {w: row.counted_for(w) for w in WEIGHT_DTYPES}} for row in table
+        },
+        "checked": checked,
+        "targets": targets,
+        "environment": environment(torch),
+        "notes": notes,
+    }
+    lines = markdown(result, table, models)
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def compute_targets(results: dict[str, Any]) -> dict[str, Any]:
+    """Ours with int8 moments and a bf16 basis against our fp32 state and galore-torch's (bf16 weights, same
+    rank): whole optimizer state and the projected matrices' state alone."""
+    lowest, fp32 = "ours_int8_bfloat16", "ours_float32_float32"
+    out: dict[str, Any] = {}
+    for model, entry in results.items():
+        per = entry["bfloat16"]
+        if lowest not in per or fp32 not in per:
+            continue
+        o, f, g = per[lowest], per[fp32], per.get("galore")
+        out[model] = {
+            "ours_int8_bf16_mib": o["logical"] * MIB,
+            "ours_fp32_mib": f["logical"] * MIB,
+            "vs_ours_fp32": o["logical"] / f["logical"],
+            "vs_ours_fp32_projected": o["projected_logical"] / f["projected_logical"],
+            "galore_bf16_mib": g["logical"] * MIB if g else None,
+            "vs_galore_bf16": o["logical"] / g["logical"] if g else None,
+            "vs_galore_bf16_projected": o["projected_logical"] / g["projected_logical"] if g else None,
+        }
+    return out
+
+
+def markdown(result: dict[str, Any], table: list[Row], models: dict[str, Any]) -> list[str]:
+    env = result["environment"]
+    names = list(models)
+    head = [f"{m.upper()} r{models[m][4]}" for m in names]
+    lines = [
+        "\n### Optimizer state memory, LLaMA shapes (GaLore paper)\n",
+        f"- versions: {env['versions']}; date: {env['date']}",
+        f"- command: `{env['command']}`",
+        "- MiB of optimizer state (logical: every state tensor once; in parentheses the retained bytes where "
+        "they differ: storages kept alive, e.g. galore-torch's fp32 basis is a slice of its SVD factor); "
+        "projected: attention and MLP matrices; embeddings, head and norms plain AdamW state in every row",
+    ]
+    lines += [f"- note: {n}" for n in result["notes"]]
+    for wname in WEIGHT_DTYPES:
+        lines += ["", f"**{wname} weights**", ""]
+        lines += ["| optimizer | counted by | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(names)]
+        weights = [mib(result["models"][m][wname]["weights_bytes"]) for m in names]
+        lines.append("| (weights) | parameters | " + " | ".join(weights) + " |")
+        for row in table:
+            cells = []
+            for m in names:
+                c = result["models"][m][wname][row.key]
+                cell = mib(c["logical"])
+                if c["retained"] != c["logical"]:
+                    cell += f" ({mib(c['retained'])})"
+                cells.append(cell)
+            lines.append(f"| {row.label} | {row.counted_for(wname)} | " + " | ".join(cells) + " |")
+    if result["targets"]:
+        lines += [
+            "",
+            "**Targets (bf16 weights): SubspaceAdamW with int8 moments and a bf16 basis**",
+            "",
+            "| model | state MiB | x ours fp32 state | (projected only) | galore-torch bf16 MiB | x galore-torch "
+            "| (projected only) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m, t in result["targets"].items():
+            g = t["galore_bf16_mib"]
+            lines.append(
+                f"| {m.upper()} r{models[m][4]} | {t['ours_int8_bf16_mib']:,.1f} | {t['vs_ours_fp32']:.3f} | "
+                f"{t['vs_ours_fp32_projected']:.3f} | {'-' if g is None else f'{g:,.1f}'} | "
+                f"{'-' if g is None else format(t['vs_galore_bf16'], '.3f')} | "
+                f"{'-' if g is None else format(t['vs_galore_bf16_projected'], '.3f')} |"
+            )
+    checked = "; ".join(
+        f"{result['rows'][k]['label']} ({', '.join(sorted({r['weights'] for r in v}))} weights)"
+        for k, v in result["checked"].items()
+    )
+    lines += ["", f"- formulas checked byte for byte against real CPU instances: {checked}"]
+    return lines
+
+
+if __name__ == "__main__":
+    main()
