@@ -144,6 +144,8 @@ SUBSPACE_KEYWORD_FLAGS = {
     "refresh_owner": (["--refresh-owner", "round_robin"], "round_robin"),
     "consistency_check_every": (["--consistency-check-every", "3"], 3),
     "matmul_precision": (["--matmul-precision", "ieee"], "ieee"),
+    "moments_dtype": (["--moments-dtype", "int8"], "int8"),
+    "basis_dtype": (["--basis-dtype", "bfloat16"], "bfloat16"),
 }
 
 

@@ -152,7 +152,7 @@ class PretrainConfig:
         group="optimizer",
     )
     lr: Any = _opt(
-        {"adamw": 3e-3, "subspace": 1e-2, "galore": 1e-2, "apollo": 1e-2, "adamw8bit": 3e-3},
+        {"adamw": 3e-3, "subspace": 1e-2, "galore": 1e-2, "galore8bit": 1e-2, "apollo": 1e-2, "adamw8bit": 3e-3},
         "peak learning rate: one number for every optimizer, or per optimizer as "
         "adamw=3e-3,subspace=1e-2 (subspace methods want a larger lr than AdamW)",
         _lr,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..metrics import state_bytes
 from . import files, optimizers
 from .config import PretrainConfig
 from .data import TokenData
@@ -588,7 +589,7 @@ def _summary(
         "initial_eval_loss": state.evals[0]["loss"],
         "final_eval_loss": final["loss"],
         "final_eval_ppl": final["ppl"],
-        "state_bytes": optimizers.state_bytes(optimizer),
+        "state_bytes": state_bytes(optimizer),
         "peak_memory_bytes": memory.peak(),
         "peak_memory_kind": memory.kind,
         "step_time_s": step_time,

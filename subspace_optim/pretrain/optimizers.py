@@ -195,33 +195,6 @@ def load_kwargs(name: str) -> dict[str, Any]:
     return {"weights_only": False} if name in ("galore", "galore8bit", "apollo") else {}
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state, counting tensors held inside state objects (galore's projector basis)."""
-    total = 0
-    seen: set[int] = set()
-
-    def count(value: Any, depth: int = 0) -> None:
-        nonlocal total
-        if isinstance(value, Tensor):
-            local = value.to_local() if hasattr(value, "to_local") else value
-            if id(local) not in seen:
-                seen.add(id(local))
-                total += local.numel() * local.element_size()
-        elif isinstance(value, dict):
-            for v in value.values():
-                count(v, depth)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                count(v, depth)
-        elif depth < 2 and hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
-            for v in vars(value).values():
-                count(v, depth + 1)
-
-    for state in optimizer.state.values():
-        count(state)
-    return total
-
-
 def refresh_count(optimizer: torch.optim.Optimizer) -> int | None:
     """Total basis refreshes so far (SubspaceAdamW), or None for optimizers that do not report them."""
     if not isinstance(optimizer, SubspaceAdamW):
