@@ -297,18 +297,11 @@ def _launch_group(
     n_arr = pointer_array(list(nbuf.unbind(0)), dev)
     p_dt = tl_dtype(ps[0].dtype)
 
+    g_dt, pp_dt = gs[0].dtype, ps[0].dtype
     if side == "left":  # R = P^T G: A = P^T (r x m), B = G (m x n)
-        a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = (
-            p_arr,
-            pst[::-1],
-            ps[0].dtype,
-            g_arr,
-            gst,
-            gs[0].dtype,
-            (r, n, m),
-        )
+        a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = p_arr, pst[::-1], pp_dt, g_arr, gst, g_dt, (r, n, m)
     else:  # R = G P: A = G (m x n), B = P (n x r)
-        a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = g_arr, gst, gs[0].dtype, p_arr, pst, ps[0].dtype, (m, r, n)
+        a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = g_arr, gst, g_dt, p_arr, pst, pp_dt, (m, r, n)
     pb = projection_blocks(blocks, rn, MOMENT_INT8 in (m_kind, v_kind))
     grid = (triton.cdiv(rm, pb.m) * triton.cdiv(rn, pb.n), batch)
     project_adam_kernel[grid](

@@ -54,6 +54,10 @@ def kernel_refusal(p: Tensor, grad: Tensor) -> str | None:
         return f"it is on {device}: the kernels run on CUDA, or on the CPU only under TRITON_INTERPRET=1"
     if p.dtype not in KERNEL_DTYPES or grad.dtype != p.dtype:
         return f"weight {p.dtype} / gradient {grad.dtype}: the kernels take fp32, bf16 or fp16, the same for both"
+    try:  # the kernels update the weight in place through a (rows, rest) view of it
+        local(p).view(local(p).shape[0], -1)
+    except RuntimeError:
+        return f"its memory layout (strides {local(p).stride()}) cannot be viewed as a matrix"
     return None
 
 

@@ -97,6 +97,8 @@ def adamw(
         decoupled_weight_decay=True, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
         weight_decay=weight_decay, eps=eps, maximize=False,
     )  # fmt: skip
+    if isinstance(betas[0], Tensor) and foreach is None:
+        foreach = False  # torch's foreach AdamW refuses tensor betas; it would pick foreach on CUDA
     if exp_avg_absmaxes is None and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params, strict=True)):
         _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, **kwargs)
         return

@@ -17,14 +17,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import checks, compat, distributed, engine, functional, metrics, options, quant, schedule
+from . import state as state_mod
 from .distributed import local
 from .metrics import state_bytes
-from .schedule import Matrix, local_matrix, matrix_shape
+from .schedule import Matrix, local_matrix
 from .subspace import basis_dim
 
 DEFAULT_MOMENTS = options.DEFAULTS["moments"]
-# State keys that keep the dtype they were saved with (their options chose it), whatever the parameter's.
-_OWN_DTYPE_STATE = ("basis", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -40,75 +39,13 @@ def _absmaxes(states: list[dict[str, Any]]) -> dict[str, list[Tensor]]:
 
 
 def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool, list]]:
-    """Plain parameters split by moment storage: (True, native: the parameter's dtype, torch's own AdamW
-    state), then (False, bf16) and (False, 8-bit); empty parts left out."""
+    """Plain parameters split by moment storage: (True, native: torch AdamW's own state, in the parameter's
+    dtype), then (False, members) per other storage (another float dtype, or 8-bit); none is left out."""
     parts: dict[str, list] = {}
     for p, s in members:
-        parts.setdefault(quant.stored_kind(s, "exp_avg") if s["exp_avg"].dtype != p.dtype else "native", []).append(
-            (p, s)
-        )
-    return [(kind == "native", parts[kind]) for kind in ("native", "bfloat16", "int8") if kind in parts]
-
-
-def _plain_kind(p: Tensor, group: dict[str, Any]) -> str | None:
-    """How a plain parameter's moments are stored: None for torch AdamW's own (the parameter's dtype),
-    else a ``quant`` kind. int8 needs a >= 2-D tensor of ``quant.MIN_QUANTIZED_NUMEL`` elements or more
-    (smaller ones are not worth 8 bits, bitsandbytes' rule)."""
-    kind = group["moments_dtype"]
-    if kind == "int8" and not (p.dim() >= 2 and quant.quantizable(p)):
-        kind = "float32"
-    return None if kind == "float32" or p.dtype == quant.TORCH_DTYPES.get(kind) else kind
-
-
-def _conform(p: Tensor, group: dict[str, Any], state: dict[str, Any], name: str) -> None:
-    """State loaded from a checkpoint saved with other ``moments_dtype`` / ``basis_dtype`` options is
-    converted to the group's, once, through fp32 (documented: a conversion, not an error)."""
-    projected = "refresh_count" in state
-    kind = group["moments_dtype"] if projected else _plain_kind(p, group)
-    if kind is None:
-        kind = "bfloat16" if p.dtype == torch.bfloat16 else "float32"
-    if quant.stored_kind(state, "exp_avg") != kind or (
-        projected and "basis" in state and state["basis"].dtype != quant.TORCH_DTYPES[group["basis_dtype"]]
-    ):
-        if distributed.is_dtensor(p):
-            raise NotImplementedError(
-                f"parameter {name}: its sharded state was saved with other moments_dtype/basis_dtype options; "
-                "load it with the options it was saved with"
-            )
-        for key in ("exp_avg", "exp_avg_sq"):
-            quant.convert(state, key, kind)
-        if projected and "basis" in state:
-            state["basis"] = state["basis"].to(quant.TORCH_DTYPES[group["basis_dtype"]])
-
-
-def _moment(p: Tensor, shape: tuple[int, ...], kind: str, key: str, name: str) -> dict[str, Tensor]:
-    """Zero state for moment ``key`` of this rank's ``shape``; a row-sharded weight's moments (and their
-    absmax) become DTensors sharded on rows like the weight."""
-    entries = quant.zeros(shape, kind, local(p).device, key)
-    if not distributed.is_dtensor(p):
-        return entries
-    distributed.row_shard(p, name)  # a clear error for layouts other than FSDP2's dim-0 sharding
-    if any(v.dim() != 2 for v in entries.values()):
-        raise NotImplementedError(
-            f"parameter {name}: {kind} moments of a sharded {p.dim()}-D parameter are not supported; "
-            "use moments_dtype='float32' for its group"
-        )
-    return {k: distributed.sharded_like(p, v, v.shape[1]) for k, v in entries.items()}
-
-
-def _restore_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
-    """Projected state, and the moments of plain parameters whose group stores them in low precision,
-    keep their saved dtypes (torch's loader cast them to the parameter's)."""
-    saved = state_dict["state"]
-    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
-        own = group.get("moments_dtype", "float32") != "float32"
-        for pid, p in zip(saved_group["params"], group["params"], strict=True):
-            entry = saved.get(pid)
-            if entry is None or not (own or "refresh_count" in entry):
-                continue
-            for key in _OWN_DTYPE_STATE:
-                if key in entry:
-                    optimizer.state[p][key] = entry[key].to(device=p.device, dtype=entry[key].dtype, copy=True)
+        native = "exp_avg_absmax" not in s and s["exp_avg"].dtype == p.dtype
+        parts.setdefault("native" if native else quant.stored_kind(s, "exp_avg"), []).append((p, s))
+    return [(kind == "native", part) for kind, part in sorted(parts.items(), key=lambda kv: kv[0] != "native")]
 
 
 class SubspaceAdamW(Optimizer):
@@ -245,36 +182,6 @@ class SubspaceAdamW(Optimizer):
         super().add_param_group(compat.ParamGroup(group, self._known_params))
 
     # ------------------------------------------------------------------ state
-    def _init_state(self, p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
-        """Create a parameter's state on its first step: projected matrix state or AdamW state, with the
-        moments stored as the group's ``moments_dtype`` says (``quant``)."""
-        state = self.state[p]
-        if not schedule.projects(p, group, name, warn=True):
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            kind = _plain_kind(p, group)
-            for key in ("exp_avg", "exp_avg_sq"):
-                if kind is None:  # torch.optim.AdamW's own state: the parameter's dtype and layout
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:
-                    state.update(_moment(p, tuple(local(p).shape), kind, key, name))
-            return state
-        kind = group["moments_dtype"]
-        # Counters are plain ints and the side is derived from (proj_type, shape), never stored: state
-        # is tensors and numbers only, which is what torch.load(weights_only=True) and DCP accept.
-        state["step"] = 0
-        state["moment_age"] = 0
-        state["refresh_count"] = 0
-        rank = group["rank"]
-        m, n = matrix_shape(p)
-        if distributed.is_dtensor(p):  # right projection: m x r moments, sharded on rows like the weight
-            shape = (distributed.row_shard(p, name).rows, rank)
-        else:
-            shape = (rank, n) if schedule.side(p, group) == "left" else (m, rank)
-        for key in ("exp_avg", "exp_avg_sq"):
-            state.update(_moment(p, shape, kind, key, name))
-        # "basis" is created by the first refresh (d x rank, d = basis_dim(side, m, n)).
-        return state
-
     # ------------------------------------------------------------------ step
     def _named_params(self) -> Iterable[tuple[int, dict[str, Any], str, Tensor]]:
         index = 0
@@ -295,6 +202,11 @@ class SubspaceAdamW(Optimizer):
             checks.refuse_bad_gradient(p, name)
             if schedule.projects(p, group, name):
                 engine.check(group["engine"], p, name)
+            if self.state[p] and distributed.is_dtensor(p) and state_mod.mismatched(p, group, self.state[p]):
+                raise NotImplementedError(
+                    f"parameter {name}: its sharded state is stored otherwise than moments_dtype/basis_dtype ask "
+                    "(a checkpoint saved with other options, or changed groups); set the options it was saved with"
+                )
             work.append((index, group, name, p))
         if not work:
             return work
@@ -323,9 +235,10 @@ class SubspaceAdamW(Optimizer):
         for index, group, name, p in self._checked_work():
             if len(self.state[p]):
                 state = self.state[p]
-                _conform(p, group, state, name)
+                state_mod.conform(p, group, state)
             else:
-                state = self._init_state(p, group, name)
+                state = self.state[p]
+                state.update(state_mod.initial(p, group, name))
             if "refresh_count" in state:
                 which = engine.choose(group["engine"], p)
                 projected.append(Matrix(index, group, name, p, state, schedule.side(p, group), which))
@@ -381,7 +294,9 @@ class SubspaceAdamW(Optimizer):
         """
         loaded: dict[str, Any] = {}
         capture = self.register_load_state_dict_pre_hook(lambda _, sd: loaded.update(sd=sd))
-        restore = self.register_load_state_dict_post_hook(lambda _: _restore_dtypes(self, loaded["sd"]), prepend=True)
+        restore = self.register_load_state_dict_post_hook(
+            lambda _: state_mod.restore_dtypes(self, loaded["sd"]), prepend=True
+        )
         try:
             super().load_state_dict(state_dict)
         finally:

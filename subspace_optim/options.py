@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
+from . import kernels
 from .quant import BASIS_DTYPES, MOMENT_DTYPES
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
 
@@ -178,6 +179,8 @@ def validate(options: dict[str, Any], where: str) -> None:
                 _fail(option, value, where, f"use one of {', '.join(repr(c) for c in option.choices)}")
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
             _fail(option, value, where, f"{option.name} must be True, False or None", TypeError)
+    if options["engine"] == "triton" and not kernels.available():
+        _fail(BY_NAME["engine"], "triton", where, "engine='triton' needs the triton package (pip install triton)")
 
 
 def plain_numbers(options: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ read and write state through the same two functions.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -34,7 +35,8 @@ BASIS_DTYPES = ("float32", "bfloat16")
 # Plain-AdamW parameters with fewer elements keep fp32 moments, as bitsandbytes' 8-bit optimizers do
 # (their min_8bit_size): norms and biases are too small for the saving to matter.
 MIN_QUANTIZED_NUMEL = 4096
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KIND_OF = {dtype: kind for kind, dtype in TORCH_DTYPES.items()}
 
 
 def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
@@ -79,6 +81,11 @@ def _blocked(x: Tensor) -> Tensor:
     return x.reshape(rows, nb, block)
 
 
+def _unblocked(blocks: Tensor, cols: int) -> Tensor:
+    rows, nb, block = blocks.shape
+    return blocks.reshape(rows, nb * block)[:, :cols]
+
+
 def quantize(
     x: Tensor, signed: bool, codes: Tensor | None = None, absmax: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -89,8 +96,7 @@ def quantize(
     blocks = _blocked(x.float())
     scale = blocks.abs().amax(dim=-1, keepdim=True)
     normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale))
-    index = torch.bucketize(normed, _midpoints(signed, str(x.device)))
-    index = index.reshape(rows, -1)[:, :cols].to(torch.uint8)
+    index = _unblocked(torch.bucketize(normed, _midpoints(signed, str(x.device))), cols).to(torch.uint8)
     scale = scale.squeeze(-1)
     if codes is None:
         return index, scale
@@ -101,15 +107,16 @@ def quantize(
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     """The fp32 values of 8-bit ``codes`` (rows, cols) with their per-block ``absmax``: map[code] * absmax."""
-    rows, cols = codes.shape
     values = dynamic_map(signed, codes.device)[codes.long()]
-    blocks = _blocked(values)
-    return (blocks * absmax[..., None]).reshape(rows, -1)[:, :cols]
+    return _unblocked(_blocked(values) * absmax[..., None], codes.shape[1])
 
 
 def as_matrix(t: Tensor) -> Tensor:
-    """The 2-D view quantization works on: (shape[0], rest); a 1-D tensor is one row."""
-    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+    """The 2-D view quantization works on: (shape[0], rest); a 1-D tensor is one row. Sizes are explicit,
+    so an empty FSDP shard (0 rows) is a 0 x rest matrix."""
+    if t.dim() < 2:
+        return t.reshape(1, t.numel())
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def quantizable(t: Tensor) -> bool:
@@ -129,10 +136,11 @@ def zeros(shape: tuple[int, ...], kind: str, device: torch.device, key: str) -> 
 
 
 def stored_kind(state: dict[str, Any], key: str) -> str:
-    """How moment ``key`` is stored in ``state``: "int8", "bfloat16" or "float32"."""
+    """How moment ``key`` is stored in ``state``: "int8", or its float dtype's name ("float32", "bfloat16",
+    "float16": the last only as torch AdamW's own state of an fp16 weight)."""
     if key + "_absmax" in state:
         return "int8"
-    return "bfloat16" if state[key].dtype == torch.bfloat16 else "float32"
+    return _KIND_OF[state[key].dtype]
 
 
 def load(state: dict[str, Any], key: str) -> Tensor:

@@ -156,7 +156,7 @@ def fsdp_train(rank: int, world: int, steps: int, refresh: str, **dtypes: str) -
     }
 
 
-def fsdp_empty_shard(rank: int, world: int) -> dict:
+def fsdp_empty_shard(rank: int, world: int, **dtypes: str) -> dict:
     """A 1-row weight sharded over two ranks leaves rank 1 with no rows: it must still take part in the
     refresh collectives (no hang) and the result must match the unsharded computation."""
     from torch.distributed.fsdp import fully_shard
@@ -165,9 +165,10 @@ def fsdp_empty_shard(rank: int, world: int) -> dict:
     model = nn.Sequential(nn.Linear(6, 1, bias=False))
     reference_w = model[0].weight.detach().clone()
     fully_shard(model)
-    opt = SubspaceAdamW([{"params": [model[0].weight], "rank": 1, "update_gap": 2}], lr=1e-2)
+    opt = SubspaceAdamW([{"params": [model[0].weight], "rank": 1, "update_gap": 2}], lr=1e-2, **dtypes)
     ref_param = nn.Parameter(reference_w)
-    ref_opt = SubspaceAdamW([{"params": [ref_param], "rank": 1, "update_gap": 2, "proj_type": "right"}], lr=1e-2)
+    ref_group = {"params": [ref_param], "rank": 1, "update_gap": 2, "proj_type": "right"}
+    ref_opt = SubspaceAdamW([ref_group], lr=1e-2, **dtypes)
     for step in range(5):
         x, _ = _batch(step, 8, 6)
         opt.zero_grad()

@@ -179,3 +179,55 @@ def test_plain_int8_adamw_follows_fp32_adamw():
         assert opt.state[w]["exp_avg"].dtype == (torch.uint8 if kind == "int8" else torch.float32)
     torch.testing.assert_close(runs["int8"], runs["float32"], rtol=0, atol=2e-3)
     assert not torch.equal(runs["int8"], runs["float32"])
+
+
+def test_fp16_plain_weight_with_fp32_moments_still_steps():
+    """An fp16 plain weight whose moments were converted to fp32 (its group changed from int8 to float32
+    after a step) keeps training: every storage kind gets its AdamW update."""
+    w = nn.Parameter((torch.randn(128, 64) * 0.1).half())
+    opt = SubspaceAdamW([w], lr=1e-2, moments_dtype="int8")
+    w.grad = torch.randn(128, 64).half()
+    opt.step()
+    opt.param_groups[0]["moments_dtype"] = "float32"
+    before = w.detach().clone()
+    w.grad = torch.randn(128, 64).half()
+    opt.step()
+    assert opt.state[w]["exp_avg"].dtype == torch.float16  # torch AdamW's own state for an fp16 weight
+    assert not torch.equal(w.detach(), before) and int(opt.state[w]["step"]) == 2
+
+
+def test_a_failing_state_initialization_keeps_nothing(monkeypatch):
+    """State is built whole before the optimizer keeps it: an error while creating it leaves no partial
+    entry behind, so a retry starts clean."""
+    w = nn.Parameter(torch.randn(64, 64))
+    opt = SubspaceAdamW([w], lr=1e-2, rank=4, moments_dtype="int8")
+    w.grad = torch.randn(64, 64)
+    original = quant.zeros
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated allocation failure")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quant, "zeros", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    assert not opt.state[w]
+    monkeypatch.setattr(quant, "zeros", original)
+    opt.step()
+    assert opt.state[w]["step"] == 1
+
+
+def test_explicit_triton_engine_refuses_a_weight_it_cannot_view_before_anything_moves():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a CPU test")
+    conv = nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+    opt = SubspaceAdamW([conv.weight], lr=1e-2, rank=4, engine="triton")
+    conv.weight.grad = torch.randn_like(conv.weight)
+    before = conv.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"engine='triton' cannot run parameter params\[0\].*cannot be viewed"):
+        opt.step()
+    assert torch.equal(conv.weight.detach(), before) and not opt.state

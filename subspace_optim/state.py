@@ -1,0 +1,117 @@
+"""A parameter's optimizer state: how it is created, how its storage follows the group's options, and how
+it keeps its dtypes through ``load_state_dict``.
+
+Projected matrices hold ``step``, ``moment_age``, ``refresh_count`` (plain ints), ``basis`` and the two
+low-rank moments; plain parameters hold torch AdamW's ``step``, ``exp_avg`` and ``exp_avg_sq``. Moments
+are stored as the group's ``moments_dtype`` says (``quant``): plain parameters keep torch AdamW's own
+state (the parameter's dtype and layout) with ``"float32"``, and with ``"int8"`` when they are too small
+or not 2-D enough for 8 bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import distributed, quant, schedule
+from .distributed import local
+
+# State keys that keep the dtype they were saved with (their options chose it), whatever the parameter's.
+OWN_DTYPE_KEYS = ("basis", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def plain_kind(p: Tensor, group: dict[str, Any]) -> str | None:
+    """How a plain parameter's moments are stored: None for torch AdamW's own state (the parameter's dtype),
+    else a ``quant`` kind. int8 needs a 2-D (>= 2-D unsharded) tensor of at least
+    ``quant.MIN_QUANTIZED_NUMEL`` elements (smaller ones are not worth 8 bits, bitsandbytes' rule)."""
+    kind = group["moments_dtype"]
+    if kind == "int8":
+        enough = p.dim() == 2 or (p.dim() > 2 and not distributed.is_dtensor(p))
+        kind = kind if enough and quant.quantizable(p) else "float32"
+    return None if kind == "float32" or p.dtype == quant.TORCH_DTYPES.get(kind) else kind
+
+
+def _moment(p: Tensor, shape: tuple[int, ...], kind: str | None, key: str, projected: bool) -> dict[str, Tensor]:
+    """Zero state for moment ``key``: this rank's ``shape`` stored as ``kind`` (None: torch AdamW's own).
+    A row-sharded weight's moments (and 8-bit scales) are DTensors sharded on rows like the weight."""
+    if kind is None:
+        return {key: torch.zeros_like(p, memory_format=torch.preserve_format)}
+    if distributed.is_dtensor(p) and not projected and kind != "int8":
+        return {key: torch.zeros_like(p, dtype=quant.TORCH_DTYPES[kind])}  # sharded like p, any rank
+    entries = quant.zeros(shape, kind, local(p).device, key)
+    if not distributed.is_dtensor(p):
+        return entries
+    return {k: distributed.sharded_like(p, v, v.shape[1]) for k, v in entries.items()}
+
+
+def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
+    """A parameter's state before its first step, built whole before the optimizer keeps any of it."""
+    if distributed.is_dtensor(p):
+        distributed.row_shard(p, name)  # a clear error for layouts other than FSDP2's dim-0 sharding
+    if not schedule.projects(p, group, name, warn=True):
+        kind = plain_kind(p, group)
+        state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        for key in MOMENTS:
+            state.update(_moment(p, tuple(local(p).shape), kind, key, projected=False))
+        return state
+    # Counters are plain ints and the side is derived from (proj_type, shape), never stored: state is
+    # tensors and numbers only, which is what torch.load(weights_only=True) and DCP accept.
+    state = {"step": 0, "moment_age": 0, "refresh_count": 0}
+    rank = group["rank"]
+    m, n = schedule.matrix_shape(p)
+    if distributed.is_dtensor(p):  # right projection: m x r moments, sharded on rows like the weight
+        shape = (distributed.row_shard(p, name).rows, rank)
+    else:
+        shape = (rank, n) if schedule.side(p, group) == "left" else (m, rank)
+    for key in MOMENTS:
+        state.update(_moment(p, shape, group["moments_dtype"], key, projected=True))
+    # "basis" is created by the first refresh (d x rank, d = basis_dim(side, m, n)).
+    return state
+
+
+def _wanted(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[str, torch.dtype | None]:
+    """The moment kind and basis dtype the group's options ask for."""
+    if "refresh_count" in state:
+        return group["moments_dtype"], quant.TORCH_DTYPES[group["basis_dtype"]]
+    kind = plain_kind(p, group)
+    return (quant._KIND_OF[p.dtype] if kind is None else kind), None
+
+
+def mismatched(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
+    """Whether loaded state is stored otherwise than the group's options ask (``conform`` converts it)."""
+    kind, basis = _wanted(p, group, state)
+    wrong_basis = basis is not None and "basis" in state and state["basis"].dtype != basis
+    return quant.stored_kind(state, "exp_avg") != kind or wrong_basis
+
+
+def conform(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+    """Convert state saved with other ``moments_dtype`` / ``basis_dtype`` options to the group's, through
+    fp32 (a documented conversion; ``checks`` refuses it for FSDP2 shards before anything changes)."""
+    if not mismatched(p, group, state):
+        return
+    kind, basis = _wanted(p, group, state)
+    for key in MOMENTS:
+        quant.convert(state, key, kind)
+    if basis is not None and "basis" in state:
+        state["basis"] = state["basis"].to(basis)
+
+
+def restore_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """Projected state, and plain moments that are not torch AdamW's own (8-bit, or another dtype than the
+    parameter's), keep their saved dtypes: torch's loader cast every floating tensor to the parameter's."""
+    saved = state_dict["state"]
+    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
+        for pid, p in zip(saved_group["params"], group["params"], strict=True):
+            entry = saved.get(pid)
+            if entry is None:
+                continue
+            native = "exp_avg" in entry and "exp_avg_absmax" not in entry and entry["exp_avg"].dtype == p.dtype
+            if "refresh_count" not in entry and native:
+                continue
+            for key in OWN_DTYPE_KEYS:
+                if key in entry:
+                    optimizer.state[p][key] = entry[key].to(device=p.device, dtype=entry[key].dtype, copy=True)
