@@ -39,9 +39,6 @@ def dot_tile(
     sa1,
     sb0,
     sb1,
-    b_stored,
-    gauss_cols,
-    gauss_scale,
     GAUSS: tl.constexpr,
     FP64: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -51,9 +48,8 @@ def dot_tile(
 ):
     """acc = A[rm, :] @ B[:, rn] over K, in fp32 (or fp64 when FP64); masked for ragged edges.
 
-    With GAUSS, column j >= b_stored of B is not loaded but generated: B[k, j] = gauss_scale *
-    randn(seed, k * gauss_cols + j - b_stored), a counter-based Philox Gaussian, so the sketch matrix
-    is never stored.
+    With GAUSS, B (K x N) is not loaded but generated: B[k, j] = randn(seed, k * N + j), a counter-based
+    Philox Gaussian, so the sketch matrix is never stored.
     """
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     acc = tl.zeros((BM, BN), dtype=ACC)
@@ -68,13 +64,8 @@ def dot_tile(
         ).to(ACC)
         b_mask = k_ok[:, None] & n_ok[None, :]
         if GAUSS:
-            stored = rn < b_stored
-            b_tile = tl.load(
-                b + rk[:, None].to(tl.int64) * sb0 + rn[None, :] * sb1, mask=b_mask & stored[None, :], other=0.0
-            ).to(ACC)
-            offsets = rk[:, None] * gauss_cols + (rn[None, :] - b_stored).to(tl.int32)
-            noise = (tl.randn(seed, offsets) * gauss_scale).to(ACC)
-            b_tile = tl.where(b_mask & (~stored)[None, :], noise, b_tile)
+            noise = tl.randn(seed, (rk[:, None] * N + rn[None, :]).to(tl.int32)).to(ACC)
+            b_tile = tl.where(b_mask, noise, 0.0)
         else:
             b_tile = tl.load(b + rk[:, None].to(tl.int64) * sb0 + rn[None, :] * sb1, mask=b_mask, other=0.0).to(ACC)
         if FP64:
@@ -99,9 +90,6 @@ def batched_gemm_kernel(
     sb1,
     sc0,
     sc1,
-    b_stored,
-    gauss_cols,
-    gauss_scale,
     A_DT: tl.constexpr,
     B_DT: tl.constexpr,
     C_DT: tl.constexpr,
@@ -137,9 +125,6 @@ def batched_gemm_kernel(
         sa1,
         sb0,
         sb1,
-        b_stored,
-        gauss_cols,
-        gauss_scale,
         GAUSS,
         FP64,
         PRECISION,

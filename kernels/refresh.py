@@ -56,27 +56,25 @@ def bmm(
     out: Tensor,
     *,
     seeds: Tensor | None = None,
-    b_stored: int | None = None,
-    gauss_scale: float = 1.0,
     precision: str = "ieee",
     blocks: Blocks | None = None,
 ) -> Tensor:
     """out[i] = A_i @ B_i for a stacked ``out`` (batch, M, N) in fp32 or fp64 (fp64: exact-product Gram).
 
-    With ``seeds`` (int64, one per member), B's columns from ``b_stored`` on (all of them if ``b`` is
-    None) are the in-kernel Gaussian, column c of that part, row k, drawn at counter k * width + c.
+    With ``b`` None and ``seeds`` (int64, one per member), B is the in-kernel Gaussian: row k, column c
+    drawn at counter k * N + c (``gaussian`` materializes the same numbers).
     """
     batch, m, n = out.shape
     fp64 = out.dtype == torch.float64
     blocks = blocks or default_blocks(fp64)
-    if b is None:
-        b = Mat(a.ptrs, a.cols, 0, 0, 0, a.dtype)
-        b_stored = 0
-    if a.cols != b.rows or a.rows != m or b.cols != (n if b_stored is None else b_stored):
+    gauss = b is None
+    if gauss:
+        if seeds is None:
+            raise ValueError("bmm: a generated (Gaussian) B needs seeds")
+        b = Mat(a.ptrs, a.cols, n, 0, 0, a.dtype)
+    if a.cols != b.rows or a.rows != m or b.cols != n:
         raise ValueError(f"bmm shapes: ({a.rows} x {a.cols}) @ ({b.rows} x {b.cols}) -> {tuple(out.shape)}")
-    gauss = seeds is not None
-    stored = n if b_stored is None else b_stored
-    if gauss and (b.rows * (n - stored)) >= 2**31:
+    if gauss and b.rows * n >= 2**31:
         raise ValueError("sketch too large for 32-bit Philox counters")
     grid = (triton.cdiv(m, blocks.m) * triton.cdiv(n, blocks.n), batch)
     with device_guard(out.device):
@@ -85,7 +83,6 @@ def bmm(
         batched_gemm_kernel[grid](
             a.ptrs, b.ptrs, pointer_array(list(out.unbind(0)), out.device), seeds,
             m, n, a.cols, a.s0, a.s1, b.s0, b.s1, out.stride(1), out.stride(2),
-            stored, n - stored, gauss_scale,
             A_DT=tl_dtype(a.dtype), B_DT=tl_dtype(b.dtype), C_DT=tl.float64 if fp64 else tl.float32,
             GAUSS=gauss, FP64=fp64, PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
             num_warps=blocks.warps, num_stages=blocks.stages,

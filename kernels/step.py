@@ -160,7 +160,7 @@ def project_adam_kernel(
     b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-    r = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, 0, 0, 1.0, False, False, PRECISION, BM, BN, BK)
+    r = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
 
     h = hyper + bid * 8
     w1 = tl.load(h + 0)
@@ -217,7 +217,7 @@ def back_update_kernel(
     b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-    u = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, 0, 0, 1.0, False, False, PRECISION, BM, BN, BK)
+    u = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
 
     h = hyper + bid * 8
     alpha = tl.load(h + 5)
