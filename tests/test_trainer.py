@@ -493,3 +493,19 @@ def test_build_options_are_the_constructor_keywords_only():
     with pytest.raises(ValueError, match=r"Unknown SubspaceAdamW option 'unexpected'; accepted: ") as err:
         build_optimizer(model, rank=4, unexpected=1)
     assert "unexpected," not in str(err.value) and "matmul_precision" in str(err.value)
+
+
+def test_optim_args_select_low_precision_state():
+    """moments_dtype and basis_dtype come from the option table into optim_args, and reach every group (the
+    plain embedding's 8-bit state included)."""
+    assert parse_optim_args("rank=8, moments_dtype=int8, basis_dtype=bfloat16") == {
+        "rank": 8,
+        "moments_dtype": "int8",
+        "basis_dtype": "bfloat16",
+    }
+    model = tiny_llama(hidden=32, intermediate=64, layers=1, heads=2, vocab=256, seed=0)
+    args = TrainingArguments(output_dir="unused", optim_args="rank=8, moments_dtype=int8, basis_dtype=bfloat16",
+                             report_to=[])  # fmt: skip
+    opt = create_optimizer(model, args)
+    assert {g["moments_dtype"] for g in opt.param_groups} == {"int8"}
+    assert {g["basis_dtype"] for g in opt.param_groups} == {"bfloat16"}
