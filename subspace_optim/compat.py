@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import Any
 
 import torch
@@ -94,3 +97,26 @@ def upgrade_state(state: dict[Any, dict[str, Any]], groups: list[dict[str, Any]]
         step = entry.get("step")
         if "refresh_count" not in entry and step is not None and not isinstance(step, Tensor):
             entry["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _package_dirs() -> tuple[str, ...]:
+    """Folders whose frames are library code, not the user's: this package, torch and the trainers."""
+    from . import kernels
+
+    dirs = [os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, kernels.__file__, torch.__file__)]
+    for name in ("transformers", "accelerate", "trl", "peft", "contextlib"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            path = os.path.abspath(module.__file__)
+            dirs.append(os.path.dirname(path) + os.sep if name != "contextlib" else path)
+    return tuple(dirs)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package, torch and the trainers, so a
+    warning raised deep inside ``optimizer.step()`` points at the user's line, not at torch's wrappers."""
+    dirs = _package_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(dirs) or frame.f_code.co_filename.startswith("<")):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

@@ -8,12 +8,10 @@ under ``TRITON_INTERPRET=1``, on the CPU; a matrix they cannot take is an error 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import compat, kernels
 from .distributed import is_dtensor, local
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -31,10 +29,9 @@ def _passes_probe(device: torch.device, engine: str) -> bool:
     if key not in _PROBED:
         _PROBED[key] = kernels.probe(device)
         if _PROBED[key] is not None and engine == "auto":
-            warnings.warn(
+            compat.warn_user(
                 f"SubspaceAdamW: the Triton kernels failed their self-check on {key} ({_PROBED[key]}); "
-                "using the PyTorch reference engine there (set engine='reference' to silence this)",
-                stacklevel=5,
+                "using the PyTorch reference engine there (set engine='reference' to silence this)"
             )
     error = _PROBED[key]
     if error is not None and engine == "triton":

@@ -200,7 +200,7 @@ class SubspaceAdamW(Optimizer):
             if p.grad is None:
                 continue
             checks.refuse_bad_gradient(p, name)
-            if schedule.projects(p, group, name):
+            if schedule.projects(p, group):
                 engine.check(group["engine"], p, name)
             if self.state[p] and distributed.is_dtensor(p) and state_mod.mismatched(p, group, self.state[p]):
                 raise NotImplementedError(
@@ -212,7 +212,7 @@ class SubspaceAdamW(Optimizer):
             return work
         shard_groups = {id(g): g for g in (distributed.row_shard(p, n).group for _, _, n, p in work
                                            if distributed.is_dtensor(p))}  # fmt: skip
-        limits = [checks.grad_limit(p, schedule.projects(p, g, n)) for _, g, n, p in work]
+        limits = [checks.grad_limit(p, schedule.projects(p, g)) for _, g, _, p in work]
         finite = checks.finite_flags([p.grad for *_, p in work], limits, list(shard_groups.values()))
         bad = [w for w, ok in zip(work, finite, strict=True) if not ok]
         if any(g["nonfinite"] == "raise" for _, g, _, _ in bad):
@@ -232,12 +232,13 @@ class SubspaceAdamW(Optimizer):
         collectives, param-group objects) is kept out of ``torch.compile``'s tracing; the calls are not."""
         plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
         projected: list[Matrix] = []
-        for index, group, name, p in self._checked_work():
-            if len(self.state[p]):
-                state = self.state[p]
+        work = self._checked_work()
+        schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self.state[p]])
+        for index, group, name, p in work:
+            state = self.state[p]
+            if state:
                 state_mod.conform(p, group, state)
             else:
-                state = self.state[p]
                 state.update(state_mod.initial(p, group, name))
             if "refresh_count" in state:
                 which = engine.choose(group["engine"], p)

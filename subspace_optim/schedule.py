@@ -8,14 +8,13 @@ range finder's all-reduces, round-robin broadcasts, consistency checks) line up 
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import distributed, functional, linalg, quant
+from . import compat, distributed, functional, linalg, quant
 from .distributed import is_dtensor, local
 from .subspace import basis_dim, choose_side, transport_moments
 
@@ -43,20 +42,34 @@ def local_matrix(t: Tensor) -> Tensor:
     return t_local.reshape(t_local.shape[0], matrix_shape(t)[1])
 
 
-def projects(p: Tensor, group: dict[str, Any], name: str, warn: bool = False) -> bool:
-    """Whether ``p`` is projected: a >= 2-D weight in a rank group, with rank <= min(m, n) (else plain AdamW,
-    with a warning naming the parameter when ``warn``)."""
+def projects(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``p`` is projected: a >= 2-D weight in a rank group, with rank <= min(m, n) (else plain AdamW;
+    ``rank_fallbacks`` says so to the user)."""
     rank = group["rank"]
-    if rank is None or p.dim() < 2:
-        return False
-    m, n = matrix_shape(p)
-    if rank > min(m, n) and warn:
-        warnings.warn(
-            f"rank={rank} exceeds min{(m, n)} of parameter {name}: it is trained with plain AdamW "
-            f"(set rank <= {min(m, n)} or leave this parameter out of the rank group)",
-            stacklevel=5,
+    return rank is not None and p.dim() >= 2 and rank <= min(matrix_shape(p))
+
+
+def rank_fallbacks(new: list[tuple[Tensor, dict[str, Any], str]]) -> None:
+    """One warning for the newly seen matrices of rank groups whose rank exceeds a dimension (they train
+    with plain AdamW), attributed to the user's line; several with the same rank share one warning."""
+    by_rank: dict[int, list[tuple[str, tuple[int, int]]]] = {}
+    for p, group, name in new:
+        if group["rank"] is not None and p.dim() >= 2 and not projects(p, group):
+            by_rank.setdefault(group["rank"], []).append((name, matrix_shape(p)))
+    for rank, found in by_rank.items():
+        if len(found) == 1:
+            (name, shape), = found
+            compat.warn_user(
+                f"rank={rank} exceeds min{shape} of parameter {name}: it is trained with plain AdamW "
+                f"(set rank <= {min(shape)} or leave this parameter out of the rank group)"
+            )
+            continue
+        shown = ", ".join(f"{name} {shape}" for name, shape in found[:4])
+        more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        compat.warn_user(
+            f"rank={rank} exceeds the smaller dimension of {len(found)} parameters ({shown}{more}): they are "
+            "trained with plain AdamW (lower the rank, or leave them out of the rank group)"
         )
-    return rank <= min(m, n)
 
 
 def side(p: Tensor, group: dict[str, Any]) -> str:

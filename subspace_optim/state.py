@@ -52,7 +52,7 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
     """A parameter's state before its first step, built whole before the optimizer keeps any of it."""
     if distributed.is_dtensor(p):
         distributed.row_shard(p, name)  # a clear error for layouts other than FSDP2's dim-0 sharding
-    if not schedule.projects(p, group, name, warn=True):
+    if not schedule.projects(p, group):
         kind = plain_kind(p, group)
         state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
         for key in MOMENTS:

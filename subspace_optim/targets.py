@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from . import compat
+
 ALL_LINEAR = "all-linear"
 
 
@@ -83,6 +85,8 @@ def param_groups(
     2. other matrices (embeddings, lm_head), plain AdamW with ``weight_decay``;
     3. 1-D parameters (biases, norms), plain AdamW with no weight decay.
     Groups 2 and 3 set ``rank=None`` explicitly so an optimizer-level ``rank`` default cannot reach them.
+    Frozen parameters (``requires_grad=False``) are left out; when every targeted weight is frozen, group 1
+    is left out too, with a warning.
     """
     targets = set(select_target_modules(model, target_modules))
     target_weights = {id(model.get_submodule(name).weight) for name in targets}
@@ -96,7 +100,19 @@ def param_groups(
             matrices.append((name, p))
         else:
             vectors.append((name, p))
-    groups = [{"params": projected, "rank": rank, "weight_decay": weight_decay, **options}]
+    if not (projected or matrices or vectors):
+        raise ValueError(
+            "the model has no trainable parameter (every requires_grad is False): nothing to optimize. Unfreeze "
+            "what should train, or build the optimizer after wrapping the model (PEFT adds trainable adapters)."
+        )
+    groups = [{"params": projected, "rank": rank, "weight_decay": weight_decay, **options}] if projected else []
+    if not projected:
+        frozen = [n for n, p in model.named_parameters() if id(p) in target_weights and not p.requires_grad]
+        compat.warn_user(
+            f"target_modules={target_modules!r} matched only frozen weights ({len(frozen)}, e.g. {frozen[:3]}): "
+            "no matrix is projected and every trainable parameter gets plain AdamW. With PEFT adapters, target "
+            "the adapter layers (e.g. 'lora_') or build the optimizer from the wrapped model."
+        )
     if matrices:
         groups.append({"params": matrices, "rank": None, "weight_decay": weight_decay})
     if vectors:

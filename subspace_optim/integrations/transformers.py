@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .. import options
+from .. import compat, options
 from ..optimizer import SubspaceAdamW
 from ..targets import ALL_LINEAR, param_groups
 
@@ -43,6 +44,9 @@ _ARGS_FIELDS = {
     "weight_decay": "weight_decay",
     "target_modules": "optim_target_modules",
 }
+
+# APOLLO's optim_args keys without a SubspaceAdamW meaning (its rank, scale and update_proj_gap are shared).
+_APOLLO_ONLY = {"proj": "random or svd projection", "scale_type": "channel or tensor scaling"}
 
 _KINDS: dict[str, type] = {"int": int, "rank": int, "real": float, "choice": str, "bool_or_none": bool}
 
@@ -109,6 +113,12 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
                 f"Malformed optim_args entry {entry!r} in {optim_args!r}: expected comma-separated key=value "
                 f"pairs, e.g. {_EXAMPLE}"
             )
+        if key in _APOLLO_ONLY:
+            raise ValueError(
+                f"optim_args key {key!r} is APOLLO's ({_APOLLO_ONLY[key]}): SubspaceAdamW has no APOLLO-style "
+                "channel scaling yet, so it cannot honour it. Remove it (rank, update_proj_gap, scale and proj_type "
+                "are shared with GaLore and accepted)."
+            )
         if key in _ARGS_FIELDS:
             raise ValueError(
                 f"optim_args key {key!r} is not read from optim_args: set TrainingArguments({_ARGS_FIELDS[key]}=...) "
@@ -138,11 +148,22 @@ def _normalize_targets(target_modules: str | Iterable[str] | None) -> str | list
 
 
 def _project_output_head(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Move the output head's weight into the projected group (galore_adamw's "all-linear" projects it)."""
+    """Move the output head's weight into the projected group (galore_adamw's "all-linear" projects it).
+
+    A head tied to the input embedding stays in plain AdamW, with a warning: projecting it would project the
+    embedding too (HF's "all-linear" also leaves a tied head out).
+    """
     getter = getattr(model, "get_output_embeddings", None)
     head = getattr(getter() if callable(getter) else None, "weight", None)
     if head is None:
         raise ValueError("project_output_head=True, but the model has no output head (get_output_embeddings())")
+    inputs = getattr(model, "get_input_embeddings", None)
+    if callable(inputs) and getattr(inputs(), "weight", None) is head:
+        compat.warn_user(
+            "project_output_head=True, but the output head is tied to the input embedding: it stays in plain "
+            "AdamW (projecting it would project the embedding too). Untie the embeddings to project the head."
+        )
+        return groups
     for group in groups[1:]:
         for i, (name, p) in enumerate(group["params"]):
             if p is head:
@@ -181,11 +202,52 @@ def build_optimizer(
     groups = param_groups(model, _normalize_targets(target_modules), rank, weight_decay=weight_decay)
     if project_output_head:
         groups = _project_output_head(model, groups)
-    return SubspaceAdamW(groups, weight_decay=weight_decay, **options)
+    optimizer = SubspaceAdamW(groups, weight_decay=weight_decay, **options)
+    _check_at_first_step(optimizer, model)
+    return optimizer
+
+
+def _check_at_first_step(optimizer: SubspaceAdamW, model: nn.Module) -> None:
+    """Refuse, before the first step changes anything, an optimizer that does not hold the trainable
+    parameters ``model`` has by then.
+
+    An optimizer built before a trainer wraps the model (TRL's ``SFTTrainer`` applying a ``peft_config``
+    adds LoRA adapters and freezes the base weights) holds only frozen weights: training would silently do
+    nothing. The check runs once, as a step pre-hook, against the model's parameters at that time.
+    """
+    ref = weakref.ref(model)
+    passed = False  # the hook stays registered (removing it inside torch's hook loop is not allowed)
+
+    def check(opt: Optimizer, args: Any, kwargs: Any) -> None:
+        nonlocal passed
+        current = ref()
+        if passed or current is None:
+            return
+        held = {id(p) for group in opt.param_groups for p in group["params"]}
+        missing = [n for n, p in current.named_parameters() if p.requires_grad and id(p) not in held]
+        trains = any(p.requires_grad for group in opt.param_groups for p in group["params"])
+        if trains and not missing:
+            passed = True
+            return
+        what = "holds no trainable parameter" if not trains else f"misses {len(missing)} trainable parameter(s)"
+        raise ValueError(
+            f"SubspaceAdamW {what} of the model being trained (e.g. {missing[:3]}): it was built before the model "
+            "changed, e.g. before TRL/PEFT wrapped it and added adapters. Build it when training starts: "
+            "Trainer(optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args)), i.e. (SubspaceAdamWFactory, kwargs), "
+            "from subspace_optim.integrations.transformers. Nothing was changed."
+        )
+
+    optimizer.register_step_pre_hook(check)
 
 
 def _check_optim_name(args: TrainingArguments) -> None:
     optim = str(getattr(args.optim, "value", args.optim))
+    if optim.startswith("apollo"):
+        raise ValueError(
+            f"TrainingArguments(optim={optim!r}): SubspaceAdamW does not implement APOLLO's channel-wise gradient "
+            "scaling yet, and it will not stand in for it silently. Use optim='galore_adamw' settings for "
+            "SubspaceAdamW (rank, update_proj_gap, scale, proj_type), or train with apollo-torch."
+        )
     if optim.startswith("galore") and optim != "galore_adamw":
         warnings.warn(
             f"TrainingArguments(optim={optim!r}): SubspaceAdamW is a 32-bit AdamW that steps once per optimizer "
