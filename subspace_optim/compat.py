@@ -62,8 +62,8 @@ class ParamGroup(dict):
 
     DeepSpeed ZeRO 1-3 rewrites ``group["params"]`` with flattened partitions inside
     ``deepspeed.initialize``; raising here stops it at construction, with an explanation, instead of
-    letting the projection silently vanish. ``SubspaceAdamW.step`` reads groups through ``dict(group)``
-    views only, so this subclass never reaches ``torch.compile``'s tracer.
+    letting the projection silently vanish. ``SubspaceAdamW`` reads its groups only in ``_prepare``, which
+    ``torch.compile`` does not trace, so this subclass never reaches the tracer.
     """
 
     def __init__(self, group: dict[str, Any], known: set[int]) -> None:

@@ -22,6 +22,20 @@ from . import kernels, linalg, quant, subspace
 from .inner import adam_scalars, projected_adamw
 
 
+def _stored_moments(
+    i: int,
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    exp_avg_absmaxes: Sequence[Tensor] | None,
+    exp_avg_sq_absmaxes: Sequence[Tensor] | None,
+) -> dict[str, Tensor]:
+    """Member i's moments as the state-like dict ``quant.load`` / ``quant.store`` read and write."""
+    moments = {"exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
+    if exp_avg_absmaxes is not None:
+        moments.update(exp_avg_absmax=exp_avg_absmaxes[i], exp_avg_sq_absmax=exp_avg_sq_absmaxes[i])
+    return moments
+
+
 def subspace_adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -62,9 +76,7 @@ def subspace_adamw(
         raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
     for i, p in enumerate(params):
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
-        moments = {"exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
-        if exp_avg_absmaxes is not None:
-            moments.update(exp_avg_absmax=exp_avg_absmaxes[i], exp_avg_sq_absmax=exp_avg_sq_absmaxes[i])
+        moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
         m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
         projected_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i])
         quant.store(moments, "exp_avg", m)
@@ -103,9 +115,7 @@ def adamw(
         _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, **kwargs)
         return
     for i, p in enumerate(params):
-        moments = {"exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
-        if exp_avg_absmaxes is not None:
-            moments.update(exp_avg_absmax=exp_avg_absmaxes[i], exp_avg_sq_absmax=exp_avg_sq_absmaxes[i])
+        moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
         m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
         work = p if p.dtype == torch.float32 else p.float()  # fp32 math, rounded once into a bf16/fp16 weight
         _torch_adam([work], [grads[i].float()], [m], [v], [], [steps[i]], foreach=False, **kwargs)

@@ -43,8 +43,7 @@ def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool
     dtype), then (False, members) per other storage (another float dtype, or 8-bit); none is left out."""
     parts: dict[str, list] = {}
     for p, s in members:
-        native = "exp_avg_absmax" not in s and s["exp_avg"].dtype == p.dtype
-        parts.setdefault("native" if native else quant.stored_kind(s, "exp_avg"), []).append((p, s))
+        parts.setdefault("native" if state_mod.native(p, s) else quant.stored_kind(s, "exp_avg"), []).append((p, s))
     return [(kind == "native", part) for kind, part in sorted(parts.items(), key=lambda kv: kv[0] != "native")]
 
 

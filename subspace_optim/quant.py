@@ -36,7 +36,7 @@ BASIS_DTYPES = ("float32", "bfloat16")
 # (their min_8bit_size): norms and biases are too small for the saving to matter.
 MIN_QUANTIZED_NUMEL = 4096
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_KIND_OF = {dtype: kind for kind, dtype in TORCH_DTYPES.items()}
+KIND_OF = {dtype: kind for kind, dtype in TORCH_DTYPES.items()}
 
 
 def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
@@ -140,7 +140,7 @@ def stored_kind(state: dict[str, Any], key: str) -> str:
     "float16": the last only as torch AdamW's own state of an fp16 weight)."""
     if key + "_absmax" in state:
         return "int8"
-    return _KIND_OF[state[key].dtype]
+    return KIND_OF[state[key].dtype]
 
 
 def load(state: dict[str, Any], key: str) -> Tensor:

@@ -24,6 +24,11 @@ OWN_DTYPE_KEYS = ("basis", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_s
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def native(p: Tensor, state: dict[str, Any]) -> bool:
+    """Whether a plain parameter's moments are torch AdamW's own state: not 8-bit, in the parameter's dtype."""
+    return "exp_avg_absmax" not in state and state["exp_avg"].dtype == p.dtype
+
+
 def plain_kind(p: Tensor, group: dict[str, Any]) -> str | None:
     """How a plain parameter's moments are stored: None for torch AdamW's own state (the parameter's dtype),
     else a ``quant`` kind. int8 needs a 2-D (>= 2-D unsharded) tensor of at least
@@ -78,7 +83,7 @@ def _wanted(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[st
     if "refresh_count" in state:
         return group["moments_dtype"], quant.TORCH_DTYPES[group["basis_dtype"]]
     kind = plain_kind(p, group)
-    return (quant._KIND_OF[p.dtype] if kind is None else kind), None
+    return (quant.KIND_OF[p.dtype] if kind is None else kind), None
 
 
 def mismatched(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
@@ -109,8 +114,7 @@ def restore_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
             entry = saved.get(pid)
             if entry is None:
                 continue
-            native = "exp_avg" in entry and "exp_avg_absmax" not in entry and entry["exp_avg"].dtype == p.dtype
-            if "refresh_count" not in entry and native:
+            if "refresh_count" not in entry and "exp_avg" in entry and native(p, entry):
                 continue
             for key in OWN_DTYPE_KEYS:
                 if key in entry:
