@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import checks, compat, distributed, engine, functional, metrics, options, quant, schedule
 from . import state as state_mod
 from .distributed import local
+from .layerwise import BackwardUpdate
 from .metrics import state_bytes
 from .schedule import Matrix, local_matrix
 from .subspace import basis_dim
@@ -142,6 +143,7 @@ class SubspaceAdamW(Optimizer):
         self._metrics: dict[int, dict[str, Any]] = {}
         self._nonfinite_skips = 0
         self._known_params: set[int] = set()
+        self._backward_update: BackwardUpdate | None = None
         if isinstance(params, Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Tensors or dicts, "
@@ -155,6 +157,7 @@ class SubspaceAdamW(Optimizer):
         parameters (they are new objects), give old groups the options added since. Metrics restart."""
         super().__setstate__(state)
         compat.upgrade_state(self.state, self.param_groups)
+        self._backward_update = getattr(self, "_backward_update", None)  # hooks belong to the live object only
         self._metrics = {}
         self._nonfinite_skips = 0
         self._known_params = set()
@@ -190,11 +193,13 @@ class SubspaceAdamW(Optimizer):
                 yield index, group, (names[j] if names else f"params[{index}]"), p
                 index += 1
 
-    def _checked_work(self) -> list[tuple[int, dict[str, Any], str, Tensor]]:
-        """Every parameter with a gradient, each checked (types, engine, finiteness) before anything moves;
-        non-finite ones are skipped or raised per ``nonfinite``."""
+    def _checked_work(self, only: set[int] | None = None) -> list[tuple[int, dict[str, Any], str, Tensor]]:
+        """Every parameter with a gradient (of ``only``, ids, when given), each checked (types, engine,
+        finiteness) before anything moves; non-finite ones are skipped or raised per ``nonfinite``."""
         work = []
         for index, group, name, p in self._named_params():
+            if only is not None and id(p) not in only:
+                continue
             checks.refuse_unknown(p, group, name, self._known_params)
             if p.grad is None:
                 continue
@@ -224,14 +229,15 @@ class SubspaceAdamW(Optimizer):
         return [w for w, ok in zip(work, finite, strict=True) if ok]
 
     @torch._disable_dynamo
-    def _prepare(self) -> list[tuple[Callable[..., None], tuple, dict[str, Any]]]:
+    def _prepare(self, only: set[int] | None = None) -> list[tuple[Callable[..., None], tuple, dict[str, Any]]]:
         """Check, create state, refresh what is due, advance the counters, and return the core calls of this
         step: plain AdamW per group, then ``subspace_adamw`` per (group, engine, precision), as (function,
         args, kwargs) holding only tensors, lists and plain values. This host-side bookkeeping (syncs,
-        collectives, param-group objects) is kept out of ``torch.compile``'s tracing; the calls are not."""
+        collectives, param-group objects) is kept out of ``torch.compile``'s tracing; the calls are not.
+        ``only`` (parameter ids) restricts the step to those parameters: the layer-wise mode's updates."""
         plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
         projected: list[Matrix] = []
-        work = self._checked_work()
+        work = self._checked_work(only)
         schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self.state[p]])
         for index, group, name, p in work:
             state = self.state[p]
@@ -273,14 +279,54 @@ class SubspaceAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step. Bad gradients raise (or are skipped) before any parameter or state is touched."""
+        """One optimizer step. Bad gradients raise (or are skipped) before any parameter or state is touched.
+
+        While ``update_in_backward`` is attached the parameters were already updated inside backward; this
+        then only applies gradients still pending (an accumulation cycle cut short) and starts a new cycle.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for function, args, kwargs in self._prepare():
-            function(*args, **kwargs)
+        if self._backward_update is not None:
+            self._backward_update.flush()
+            return loss
+        self._apply()
         return loss
+
+    @torch.no_grad()
+    def _apply(self, only: set[int] | None = None) -> None:
+        """Step the parameters (those in ``only``, ids, when given) that hold a gradient."""
+        for function, args, kwargs in self._prepare(only):
+            function(*args, **kwargs)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``Optimizer.zero_grad``; while ``update_in_backward`` is attached it also starts a new cycle."""
+        super().zero_grad(set_to_none)
+        if getattr(self, "_backward_update", None) is not None:
+            self._backward_update.restart()
+
+    def update_in_backward(
+        self,
+        model: nn.Module,
+        *,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ) -> BackwardUpdate:
+        """Update each parameter inside backward, as soon as its gradient is complete, and free that gradient.
+
+        Every ``accumulation_steps``-th backward pass through ``model`` (a module, a
+        ``DistributedDataParallel`` module or an FSDP2 ``fully_shard`` module) completes an optimizer step;
+        ``step()`` and ``zero_grad()`` stay callable (see ``BackwardUpdate``), lr schedulers keep working, and
+        ``max_grad_norm`` clips as ``BackwardUpdate`` documents. Returns the handle; ``handle.remove()``
+        returns to regular stepping. ``subspace_optim.layerwise`` has the details.
+        """
+        if self._backward_update is not None:
+            raise RuntimeError(
+                "update_in_backward: this optimizer is already updating inside backward; call remove() on the "
+                "handle it returned first"
+            )
+        return BackwardUpdate(self, model, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm)
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
