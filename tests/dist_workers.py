@@ -264,3 +264,84 @@ def collective_counts(rank: int, world: int, steps: int) -> dict:
         _lm_loss(model, step, slice(rank * 2, rank * 2 + 2)).backward()
         fsdp_counts.append(_counted_step(opt))
     return {"world": dist.get_world_size(), "ddp": ddp_counts, "fsdp": fsdp_counts}
+
+
+def _micro_batch(step: int, micro: int, rank_slice: slice | None):
+    return _batch(100 * step + micro, 16, 12, rank_slice)
+
+
+def ddp_layerwise(rank: int, world: int, steps: int, accum: int, no_sync: bool, **options) -> dict:
+    """Layer-wise updates through DDP's communication hook, with accumulation (and ``no_sync`` on the
+    micro-batches that do not complete a step); the test compares with one process on the whole batch."""
+    from contextlib import nullcontext
+
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    torch.manual_seed(1234 + 77 * rank)
+    opt = SubspaceAdamW(param_groups(model.module, "all-linear", rank=3, update_gap=2), lr=1e-2, **options)
+    handle = opt.update_in_backward(model, accumulation_steps=accum)
+    half = slice(rank * 8, (rank + 1) * 8)
+    kept, freed = [], []
+    for step in range(steps):
+        for micro in range(accum):
+            x, y = _micro_batch(step, micro, half)
+            with model.no_sync() if no_sync and micro < accum - 1 else nullcontext():
+                ((model(x) - y).square().mean() / accum).backward()
+            grads = [p.grad is not None for p in model.parameters()]
+            (kept if micro < accum - 1 else freed).append(all(grads) if micro < accum - 1 else not any(grads))
+        opt.step()
+        opt.zero_grad()
+    handle.remove()
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+        "refresh_counts": [opt.state[p]["refresh_count"] for p in model.parameters() if p.dim() == 2],
+        "kept": all(kept),
+        "freed": all(freed),
+    }
+
+
+def single_process_mlp_accum(steps: int, accum: int, **options) -> dict[str, torch.Tensor]:
+    """The DDP reference: one process, every micro-batch whole (both ranks' halves), regular stepping."""
+    model = _mlp()
+    opt = SubspaceAdamW(param_groups(model, "all-linear", rank=3, update_gap=2), lr=1e-2, **options)
+    for step in range(steps):
+        for micro in range(accum):
+            x, y = _micro_batch(step, micro, None)
+            ((model(x) - y).square().mean() / accum).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _llama_micro_loss(model, step: int, micro: int, rows: slice | None):
+    return _lm_loss(model, 1000 * (step + 1) + micro, rows)
+
+
+def fsdp_layerwise(rank: int, world: int, steps: int, accum: int, no_sync: bool) -> dict:
+    """Layer-wise updates through FSDP2's sharded-parameter hooks, with accumulation (and
+    ``set_requires_gradient_sync(False)`` on the micro-batches that do not complete a step)."""
+    model = _fsdp_llama(rank)
+    opt = _subspace_for(model, "warm")
+    opt.update_in_backward(model, accumulation_steps=accum)
+    freed = []
+    for step in range(steps):
+        for micro in range(accum):
+            if no_sync:
+                model.set_requires_gradient_sync(micro == accum - 1)
+            (_llama_micro_loss(model, step, micro, slice(rank * 2, rank * 2 + 2)) / accum).backward()
+        freed.append(all(p.grad is None for p in model.parameters()))
+        opt.step()
+        opt.zero_grad()
+    gate = model.model.layers[0].mlp.gate_proj.weight
+    return {"weights": _full_weights(model), "freed": all(freed), "gate_refresh_count": opt.state[gate]["refresh_count"]}
+
+
+def single_process_llama_accum(steps: int, accum: int) -> dict[str, torch.Tensor]:
+    """The FSDP2 reference: one process, whole micro-batches, right projections, regular stepping."""
+    model = _llama()
+    opt = _subspace_for(model, "warm", proj_type="right")
+    for step in range(steps):
+        for micro in range(accum):
+            (_llama_micro_loss(model, step, micro, None) / accum).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
