@@ -332,7 +332,8 @@ def fsdp_layerwise(rank: int, world: int, steps: int, accum: int, no_sync: bool)
         opt.step()
         opt.zero_grad()
     gate = model.model.layers[0].mlp.gate_proj.weight
-    return {"weights": _full_weights(model), "freed": all(freed), "gate_refresh_count": opt.state[gate]["refresh_count"]}
+    refreshes = opt.state[gate]["refresh_count"]
+    return {"weights": _full_weights(model), "freed": all(freed), "gate_refresh_count": refreshes}
 
 
 def single_process_llama_accum(steps: int, accum: int) -> dict[str, torch.Tensor]:

@@ -3,10 +3,9 @@ gradient, ranks bitwise equal, with accumulation, with and without skipping the 
 
 from __future__ import annotations
 
+import dist_workers
 import pytest
 import torch
-
-import dist_workers
 from test_distributed import _assert_bitwise_equal, _launch
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
