@@ -238,9 +238,12 @@ class BackwardUpdate:
             for p in self._params:
                 p.grad = None
             self._backwards, self._open = 0, False
+            what = str(error).split(";")[0]  # the checks' text up to "nothing was changed"
             raise FloatingPointError(
-                f"{error} In layer-wise mode {done} parameter(s) were already updated in this backward and keep "
-                "their update; every pending gradient was dropped and a new accumulation cycle starts."
+                f"{what}; it was not changed; {done} parameter(s) reached earlier in this backward were updated "
+                "(layer-wise mode updates inside backward), every pending gradient was dropped and a new "
+                "accumulation cycle starts. Use nonfinite='skip' to leave such parameters untouched, or fix the "
+                "loss scaling."
             ) from None
         for p in params:
             p.grad = None
