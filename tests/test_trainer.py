@@ -509,3 +509,60 @@ def test_optim_args_select_low_precision_state():
     opt = create_optimizer(model, args)
     assert {g["moments_dtype"] for g in opt.param_groups} == {"int8"}
     assert {g["basis_dtype"] for g in opt.param_groups} == {"bfloat16"}
+
+
+# --------------------------------------------------------------------------- layer-wise updates
+
+
+def test_layerwise_trainer_with_accumulation_equals_regular_and_resumes_exactly(tmp_path, dataset):
+    """optim_args 'layerwise=true' with gradient_accumulation_steps=2: the same weights as regular stepping
+    (clipping off, where the two must agree), and 3 steps + checkpoint + resume + 3 steps == 6 straight."""
+    common = dict(gradient_accumulation_steps=2, max_grad_norm=0.0, warmup_steps=1)
+    layerwise = dict(optim_args=OPTIM_ARGS + ", layerwise=true", **common)
+    way = "optimizer_cls_and_kwargs"
+    regular = make_trainer(model_from_config(), training_args(tmp_path / "r", **common), dataset, way)
+    regular.train()
+    straight = make_trainer(model_from_config(), training_args(tmp_path / "a", **layerwise), dataset, way)
+    straight.train()
+    assert unwrap_optimizer(straight.optimizer)._backward_update is not None
+    a, r = straight.model.state_dict(), regular.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], r[key]), f"layer-wise weight {key} differs from regular stepping"
+
+    args = training_args(tmp_path / "b", save_strategy="steps", save_steps=3, **layerwise)
+    make_trainer(model_from_config(), args, dataset, way, callbacks=[StopAt(3)]).train()
+    resumed = make_trainer(model_from_config(), args, dataset, way)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    b = resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"weight {key} differs after a layer-wise resume"
+    assert all(s["step"] == 6 for s in projected_states(unwrap_optimizer(resumed.optimizer)))
+
+
+def test_layerwise_trainer_clips_inside_backward_and_logs_the_norm(tmp_path, dataset):
+    """max_grad_norm reaches the layer-wise clipping (it changes the weights) and its norm reaches the logs."""
+    recorder = Recorder()
+    runs = {}
+    for clip in (0.0, 0.05):
+        args = training_args(tmp_path / str(clip), optim_args=OPTIM_ARGS + ", layerwise=true", max_grad_norm=clip)
+        trainer = make_trainer(model_from_config(), args, dataset, "optimizers", callbacks=[recorder])
+        add_metrics_callback(trainer)
+        trainer.train()
+        runs[clip] = trainer.model.state_dict()
+        handle = unwrap_optimizer(trainer.optimizer)._backward_update
+        assert handle.max_grad_norm == (0.05 if clip else None)
+    assert any(not torch.equal(runs[0.0][k], runs[0.05][k]) for k in runs[0.0])
+    assert any("subspace/grad_norm" in logs and logs["subspace/grad_norm"] > 0.05 for logs in recorder.logs)
+
+
+def test_layerwise_options_need_layerwise(tmp_path):
+    from subspace_optim.integrations.transformers import build_optimizer
+
+    model = tiny_llama(hidden=16, intermediate=24, layers=1, heads=2)
+    with pytest.raises(ValueError, match=r"\['accumulation_steps'\] configure layer-wise updates"):
+        build_optimizer(model, rank=4, accumulation_steps=2)
+    with pytest.raises(ValueError, match="set TrainingArguments\\(gradient_accumulation_steps=...\\)"):
+        parse_optim_args("accumulation_steps=2")
+    args = TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw_layerwise", optim_args="rank=4",
+                             gradient_accumulation_steps=3, report_to=[])  # fmt: skip
+    assert create_optimizer(model, args)._backward_update.accumulation_steps == 3

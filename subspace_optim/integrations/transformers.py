@@ -43,6 +43,8 @@ _ARGS_FIELDS = {
     "adam_epsilon": "adam_epsilon",
     "weight_decay": "weight_decay",
     "target_modules": "optim_target_modules",
+    "accumulation_steps": "gradient_accumulation_steps",
+    "max_grad_norm": "max_grad_norm",
 }
 
 # APOLLO's optim_args keys without a SubspaceAdamW meaning (its rank, scale and update_proj_gap are shared).
@@ -63,12 +65,15 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
         if option.alias:
             table[option.alias] = table[option.name]
     table["project_output_head"] = (bool, "true")
+    table["layerwise"] = (bool, "true")
     return table
 
 
 _OPTIM_ARGS = _optim_args_table()
 _OPTIMIZER_OPTIONS = frozenset(options.DEFAULTS)
-_BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap"}
+_LAYERWISE_OPTIONS = {"accumulation_steps", "max_grad_norm"}  # update_in_backward's, with layerwise=True only
+_BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap", "layerwise"}
+_BUILD_OPTIONS |= _LAYERWISE_OPTIONS
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _EXAMPLE = "optim_args='rank=128, update_proj_gap=200, scale=0.25, proj_type=std'"
 
@@ -180,6 +185,7 @@ def build_optimizer(
     rank: int = 128,
     weight_decay: float = 0.0,
     project_output_head: bool = False,
+    layerwise: bool = False,
     **options: Any,
 ) -> SubspaceAdamW:
     """``SubspaceAdamW`` for ``model``: weights of the targeted linear modules projected, the rest AdamW.
@@ -187,6 +193,8 @@ def build_optimizer(
     ``target_modules`` follows ``optim_target_modules`` (``param_groups`` semantics; "all-linear" leaves
     the output head in AdamW unless ``project_output_head=True``). ``options`` are ``SubspaceAdamW``'s
     (lr, betas, eps, update_gap or galore's update_proj_gap, scale, proj_type, refresh, moments, ...).
+    ``layerwise=True`` attaches ``update_in_backward(model, accumulation_steps=..., max_grad_norm=...)``
+    (those two keywords go there); the Trainer integration fills them from ``TrainingArguments``.
     """
     unknown = sorted(set(options) - _BUILD_OPTIONS)
     if unknown:
@@ -199,11 +207,19 @@ def build_optimizer(
         if "update_gap" in options and options["update_gap"] != gap:
             raise ValueError(f"update_proj_gap={gap!r} and update_gap={options['update_gap']!r} disagree; keep one")
         options["update_gap"] = gap
+    in_backward = {k: options.pop(k) for k in _LAYERWISE_OPTIONS & set(options)}
+    if in_backward and not layerwise:
+        raise ValueError(
+            f"{sorted(in_backward)} configure layer-wise updates: pass layerwise=True (optim_args 'layerwise=true') "
+            "or leave them out"
+        )
     groups = param_groups(model, _normalize_targets(target_modules), rank, weight_decay=weight_decay)
     if project_output_head:
         groups = _project_output_head(model, groups)
     optimizer = SubspaceAdamW(groups, weight_decay=weight_decay, **options)
     _check_at_first_step(optimizer, model)
+    if layerwise:
+        optimizer.update_in_backward(model, **in_backward)
     return optimizer
 
 
@@ -248,10 +264,11 @@ def _check_optim_name(args: TrainingArguments) -> None:
             "scaling yet, and it will not stand in for it silently. Use optim='galore_adamw' settings for "
             "SubspaceAdamW (rank, update_proj_gap, scale, proj_type), or train with apollo-torch."
         )
-    if optim.startswith("galore") and optim != "galore_adamw":
+    if optim.startswith("galore") and optim not in ("galore_adamw", "galore_adamw_layerwise"):
         warnings.warn(
-            f"TrainingArguments(optim={optim!r}): SubspaceAdamW is a 32-bit AdamW that steps once per optimizer "
-            "step; the 8-bit, Adafactor or layer-wise part of that optimizer is not reproduced",
+            f"TrainingArguments(optim={optim!r}): SubspaceAdamW is an AdamW (its state's precision is moments_dtype "
+            "and basis_dtype); the 8-bit or Adafactor part of that optimizer is not reproduced"
+            + (" (its layer-wise part is: layer-wise updates are on)" if optim.endswith("_layerwise") else ""),
             stacklevel=3,
         )
 
@@ -272,6 +289,12 @@ def optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
         "weight_decay": args.weight_decay,
     }
     kwargs.update(parse_optim_args(args.optim_args))
+    if str(getattr(args.optim, "value", args.optim)).endswith("_layerwise"):
+        kwargs.setdefault("layerwise", True)  # galore's *_layerwise optimizers: the same mode, done here
+    if kwargs.get("layerwise"):
+        # Clipping happens inside backward (the Trainer's own clip_grad_norm_ then finds no gradient).
+        kwargs["accumulation_steps"] = args.gradient_accumulation_steps
+        kwargs["max_grad_norm"] = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
     return kwargs
 
 
@@ -324,8 +347,9 @@ class SubspaceMetricsCallback(TrainerCallback):
 
     Values: ``captured_energy`` (||P^T G||^2 / ||G||^2 over all projected weights at their latest refresh),
     ``refresh_time_s`` (wall time of the latest refresh of all weights), ``state_bytes`` (optimizer state),
-    ``refresh_count`` and ``nonfinite_skips``; with ``per_param=True`` also each weight's captured energy
-    and basis overlap. Reading them synchronizes with the device, which is why it happens only when the
+    ``refresh_count``, ``nonfinite_skips`` and, with layer-wise updates clipping, ``grad_norm`` (the
+    Trainer's own is 0 then: no gradient is left when it clips); with ``per_param=True`` also each weight's
+    captured energy and basis overlap. Reading them synchronizes with the device, which is why it happens only when the
     Trainer logs. Callbacks run in order and the Trainer puts reporters (tensorboard, wandb, ...) before
     user callbacks: ``add_metrics_callback(trainer)`` puts this one first so that they see the values.
     """
@@ -343,6 +367,9 @@ class SubspaceMetricsCallback(TrainerCallback):
             "refresh_count": max((p["refresh_count"] for p in m["params"].values()), default=0),
             "nonfinite_skips": overall["nonfinite_skips"],
         }
+        handle = optimizer._backward_update
+        if handle is not None and handle.last_grad_norm is not None:  # layer-wise: the Trainer's grad_norm is 0
+            out["grad_norm"] = handle.last_grad_norm
         # Refresh time and energy live in memory only: after a resume they are unknown until the next refresh.
         if any(p["refresh_time_s"] is not None for p in m["params"].values()):
             out["refresh_time_s"] = overall["last_refresh_time_s"]
