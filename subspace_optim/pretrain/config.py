@@ -208,6 +208,13 @@ class PretrainConfig:
     warmup_steps: int | None = _opt(None, "linear warmup steps (default: 10%% of --steps)", _optional(int))
     min_lr_ratio: float = _opt(0.1, "cosine decay ends at this fraction of the peak lr")
     max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    layerwise: bool = _opt(
+        False,
+        "subspace: update each weight inside backward as soon as its gradient is complete and free it "
+        "(SubspaceAdamW.update_in_backward), so gradients are never all alive; --max-grad-norm then clips by the "
+        "layer-wise rule (docs/pretrain.md). The other optimizers step as usual",
+        group="optimizer",
+    )
     precision: str = _opt(
         "auto", "auto: bf16 autocast on a GPU that supports it, fp32 otherwise", _choice("auto", "fp32", "bf16")
     )
@@ -368,6 +375,8 @@ class PretrainConfig:
             "lr",  # replaced by this optimizer's effective lr below
             "warmup_steps",  # replaced by the effective warmup below
         }
+        if optimizer != "subspace":
+            skip.add("layerwise")  # only SubspaceAdamW updates inside backward
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         fields["lr"] = self.lr_for(optimizer)
         fields["warmup"] = self.warmup

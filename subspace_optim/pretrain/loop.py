@@ -218,6 +218,11 @@ class _Run:
         return self.accelerator.num_processes
 
     @property
+    def layerwise(self) -> bool:
+        """Whether this run's optimizer updates inside backward (then nothing is left to clip here)."""
+        return getattr(getattr(self.optimizer, "optimizer", self.optimizer), "_backward_update", None) is not None
+
+    @property
     def tokens_per_step(self) -> int:
         return self.rows * self.cfg.seq_len
 
@@ -335,6 +340,10 @@ def _set_up(
     )
     # The scheduler is registered, not prepared: a prepared one steps once per process per call.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.layerwise and name == "subspace":
+        # On the prepared model (DDP or FSDP2 under accelerate); resuming loads into this same optimizer.
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.update_in_backward(model, accumulation_steps=accum, max_grad_norm=cfg.max_grad_norm or None)
     accelerator.register_for_checkpointing(scheduler)
     seed = cfg.seed + accelerator.process_index  # each process's global RNG differs on purpose
     set_seed(seed)
@@ -422,7 +431,7 @@ def _train_step(run: _Run) -> tuple[float, float, float]:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
             accelerator.backward(loss / run.accum)
         total += loss.detach()
-    if cfg.max_grad_norm > 0:
+    if cfg.max_grad_norm > 0 and not run.layerwise:
         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()

@@ -158,7 +158,8 @@ def write(runs: list[dict[str, Any]], out_dir: Path, command: str) -> Path:
         f"cosine to {cfg['min_lr_ratio']:g} x lr, clip {cfg['max_grad_norm']:g}, seed {cfg['seed']}, "
         f"same data order for every optimizer",
         f"- low-rank settings: rank {cfg['rank']}, update gap {cfg['update_gap']}, scale {cfg['scale']:g} "
-        f"(subspace: refresh {cfg['refresh']}, moments {cfg['moments']}, proj_type {cfg['proj_type']})",
+        f"(subspace: refresh {cfg['refresh']}, moments {cfg['moments']}, proj_type {cfg['proj_type']}"
+        + (", layer-wise updates inside backward, clipping by the layer-wise rule)" if cfg.get("layerwise") else ")"),
         f"- machine: {environment()}, {first['device']}, mixed precision {first['mixed_precision']}",
         "",
         table(runs),
