@@ -279,3 +279,17 @@ def test_model_must_hold_the_optimizers_parameters_and_attach_once():
     opt.update_in_backward(model)
     with pytest.raises(RuntimeError, match="already updating inside backward"):
         opt.update_in_backward(model)
+
+
+def test_bench_layerwise_smoke_times_equal_trajectories():
+    """scripts/bench_layerwise.py checks, as it times, that layer-wise and regular steps agree."""
+    import argparse
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_layerwise.py"))
+    args = argparse.Namespace(model="smoke", accum=2, steps=1, batch=1, seq=16, engine="reference")
+    rows = script["run_rows"](args)
+    assert [r["steps"] for r in rows] == ["regular steps", "refresh steps"]
+    assert all(r["regular_s"] > 0 and r["layerwise_s"] > 0 for r in rows)
+    assert "| refresh steps | 2 |" in script["markdown"](rows, argparse.Namespace(threads=1, **vars(args)), {})
