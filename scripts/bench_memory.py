@@ -53,6 +53,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from memory_step import (
+    DEFAULT_RSS_CONFIGS,
+    RSS_CONFIGS,
+    RSS_MODELS,
+    accounting_markdown,
+    child_env,
+    measure_rss,
+    ratios,
+    rss_markdown,
+    step_accounting,
+    target_markdown,
+)
+from memory_step import target as step_target
+
 # name -> (hidden, intermediate, layers, vocab, rank): the GaLore paper's LLaMA configurations.
 MODELS = {
     "60m": (512, 1376, 8, 32000, 128),
@@ -461,7 +475,7 @@ def environment(torch: Any) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version()}
-    for name in ("torch", "galore-torch", "bitsandbytes", "apollo-torch"):
+    for name in ("torch", "transformers", "galore-torch", "bitsandbytes", "apollo-torch"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -470,6 +484,8 @@ def environment(torch: Any) -> dict[str, Any]:
         "versions": versions,
         "command": " ".join([sys.executable, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
     }
 
 
@@ -477,30 +493,36 @@ def mib(x: int | None) -> str:
     return "-" if x is None else f"{x * MIB:,.1f}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="the tiny LLaMA only, seconds (CI)")
     parser.add_argument("--sizes", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--json", help="write the JSON result here too")
     parser.add_argument("--markdown", help="append a markdown section to this file")
+    step = parser.add_argument_group("memory of a training step (issue 11; see scripts/memory_step.py)")
+    step.add_argument("--step-markdown", help="append the training-step tables (accounting, target, RSS) here")
+    step.add_argument(
+        "--rss",
+        default="",
+        help=f"measure these sizes in fresh processes, comma-separated, from {', '.join(RSS_MODELS)}",
+    )
+    step.add_argument("--rss-configs", default=",".join(DEFAULT_RSS_CONFIGS), help=f"from {', '.join(RSS_CONFIGS)}")
+    step.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration (median)")
+    step.add_argument("--rss-steps", type=int, default=3, help="training steps per process")
+    step.add_argument("--rss-batch", type=int, default=2)
+    step.add_argument("--rss-seq", type=int, default=128)
+    step.add_argument("--rss-threads", type=int, default=1, help="torch threads in each child")
+    step.add_argument("--rss-device", default="cpu", choices=("cpu", "cuda"), help="cuda: max_memory_allocated")
     args = parser.parse_args()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with contextlib.redirect_stderr(open(os.devnull, "w")):  # bitsandbytes' CPU kernel-loading chatter
-        import torch
+    for flag, value, known in (("--rss", args.rss, RSS_MODELS), ("--rss-configs", args.rss_configs, RSS_CONFIGS)):
+        unknown = {v for v in value.split(",") if v} - set(known)
+        if unknown:
+            parser.error(f"{flag}: unknown {sorted(unknown)}, choose from {', '.join(known)}")
+    return args
 
-        if importlib.util.find_spec("bitsandbytes") is not None:
-            import bitsandbytes  # noqa: F401
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    models = SMOKE if args.smoke else {name: MODELS[name] for name in args.sizes.split(",") if name}
-    unknown = set(models) - set(MODELS) - set(SMOKE)
-    if unknown:
-        sys.exit(f"unknown sizes {sorted(unknown)}: choose from {', '.join(MODELS)}")
 
-    table, notes = rows(torch)
-    checked, verify_notes = verify(torch, table, full=not args.smoke)
-    notes += verify_notes
-    table = [row for row in table if row.counted != "dropped"]
-
+def state_results(torch: Any, models: dict[str, Any], table: list[Row]) -> dict[str, Any]:
+    """Per size and weight dtype: weight bytes and every row's state (logical, retained, projected only)."""
     results: dict[str, Any] = {}
     for model, (hidden, inter, layers, vocab, rank) in models.items():
         specs = llama(hidden, inter, layers, vocab)
@@ -519,8 +541,57 @@ def main() -> None:
                 per[row.key] = {"logical": total[0], "retained": total[1], "projected_logical": proj[0]}
             entry[wname] = per
         results[model] = entry
+    return results
 
-    targets = compute_targets(results)
+
+def training_step(results: dict[str, Any], models: dict[str, Any]) -> dict[str, Any]:
+    """Weights + peak live gradients + state, regular and layer-wise, per size and weight dtype."""
+    return {
+        model: {
+            wname: step_accounting(llama(*models[model][:4]), SIZES[wname], results[model][wname])
+            for wname in WEIGHT_DTYPES
+        }
+        for model in results
+    }
+
+
+def rss(args: argparse.Namespace, step: dict[str, Any]) -> dict[str, Any] | None:
+    """The measured peaks (``--rss``), with ratios and the accounting's fp32 rows for comparison."""
+    sizes = [s for s in args.rss.split(",") if s]
+    if not sizes:
+        return None
+    job = {"steps": args.rss_steps, "batch": args.rss_batch, "seq": args.rss_seq, "threads": args.rss_threads,
+           "device": args.rss_device, "repeats": args.repeats, "env": {k: v for k, v in child_env(1).items()
+                                                                      if k.startswith("MALLOC_")}}  # fmt: skip
+    configs = [c for c in args.rss_configs.split(",") if c]
+    measured = measure_rss(sizes, configs, repeats=args.repeats, steps=args.rss_steps, batch=args.rss_batch,
+                           seq=args.rss_seq, threads=args.rss_threads, device=args.rss_device,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    ratios(measured)
+    predicted = {s: step[s]["float32"]["rows"] for s in sizes if s in step}
+    return {"job": job, "measured": measured, "predicted_float32": predicted}
+
+
+def main() -> None:
+    args = parse_args()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    with contextlib.redirect_stderr(open(os.devnull, "w")):  # bitsandbytes' CPU kernel-loading chatter
+        import torch
+
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            import bitsandbytes  # noqa: F401
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    models = SMOKE if args.smoke else {name: MODELS[name] for name in args.sizes.split(",") if name}
+    unknown = set(models) - set(MODELS) - set(SMOKE)
+    if unknown:
+        sys.exit(f"unknown sizes {sorted(unknown)}: choose from {', '.join(MODELS)}")
+
+    table, notes = rows(torch)
+    checked, verify_notes = verify(torch, table, full=not args.smoke)
+    notes += verify_notes
+    table = [row for row in table if row.counted != "dropped"]
+    results = state_results(torch, models, table)
+    step = training_step(results, models)
     result = {
         "benchmark": "memory",
         "models": results,
@@ -528,18 +599,50 @@ def main() -> None:
             row.key: {"label": row.label, "counted": {w: row.counted_for(w) for w in WEIGHT_DTYPES}} for row in table
         },
         "checked": checked,
-        "targets": targets,
+        "targets": compute_targets(results),
+        "step": step,
+        "step_target": step_target(step),
+        "rss": rss(args, step),
         "environment": environment(torch),
         "notes": notes,
     }
     lines = markdown(result, table, models)
-    print("\n".join(lines))
+    step_lines = step_markdown(result, models)
+    print("\n".join(lines + step_lines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    for path, text in ((args.markdown, lines), (args.step_markdown, step_lines)):
+        if path:
+            with open(path, "a") as f:
+                f.write("\n".join(text) + "\n")
+
+
+def step_markdown(result: dict[str, Any], models: dict[str, Any]) -> list[str]:
+    """The training-step section: environment, accounting per weight dtype, the 7B target, measured peaks."""
+    env = result["environment"]
+    lines = [
+        "\n### Memory of a training step: weights + peak live gradients + optimizer state\n",
+        f"- versions: {env['versions']}; date: {env['date']}; machine: {env['machine']}",
+        f"- command: `{env['command']}`",
+    ]
+    lines += accounting_markdown(result["step"], {m: models[m][4] for m in result["step"]})
+    lines += target_markdown(result["step_target"])
+    measured = result["rss"]
+    if measured is not None:
+        job = measured["job"]
+        lines += [
+            "",
+            f"#### Measured: {job['steps']} training steps, batch {job['batch']} x {job['seq']} random token ids, "
+            f"{job['device']}, {job['threads']} torch thread(s) per process, children's env {job['env']}",
+            "",
+            "Increment = peak - memory after the model and token ids were built (weights, interpreter, libraries): "
+            "gradients + state + activations + temporaries. Ratios are increments against torch AdamW "
+            "(foreach=False) and galore-torch measured in the same run. Counted: the accounting above, fp32 "
+            "weights (no activations, no temporaries).",
+        ]
+        lines += rss_markdown(measured["measured"], measured["predicted_float32"], job)
+    return lines
 
 
 def compute_targets(results: dict[str, Any]) -> dict[str, Any]:
