@@ -170,6 +170,11 @@ class SubspaceAdamW(Optimizer):
         """Validate (and translate galore-torch keys of) a group before it is added."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        if getattr(self, "_backward_update", None) is not None:
+            raise RuntimeError(
+                "add_param_group while update_in_backward is attached: its hooks cover the parameters it was "
+                "attached with. Call remove() on the handle, add the group, then attach again"
+            )
         where = f"in param group {len(self.param_groups)}"
         group = options.translate_aliases(param_group, f"param group {len(self.param_groups)}")
         if "params" in group:

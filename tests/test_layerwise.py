@@ -293,3 +293,14 @@ def test_bench_layerwise_smoke_times_equal_trajectories():
     assert [r["steps"] for r in rows] == ["regular steps", "refresh steps"]
     assert all(r["regular_s"] > 0 and r["layerwise_s"] > 0 for r in rows)
     assert "| refresh steps | 2 |" in script["markdown"](rows, argparse.Namespace(threads=1, **vars(args)), {})
+
+
+def test_add_param_group_while_attached_is_refused():
+    model, extra = _mlp(), nn.Linear(3, 3)
+    opt = _optimizer(model)
+    handle = opt.update_in_backward(model)
+    with pytest.raises(RuntimeError, match="remove\\(\\) on the handle, add the group, then attach again"):
+        opt.add_param_group({"params": list(extra.parameters())})
+    assert len(opt.param_groups) == 2
+    handle.remove()
+    opt.add_param_group({"params": list(extra.parameters()), "param_names": ["extra.weight", "extra.bias"]})
