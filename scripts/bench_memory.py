@@ -60,10 +60,13 @@ from memory_step import (
     accounting_markdown,
     child_env,
     measure_rss,
+    measure_transient,
     ratios,
     rss_markdown,
     step_accounting,
     target_markdown,
+    transient_markdown,
+    with_transient,
 )
 from memory_step import target as step_target
 
@@ -513,6 +516,11 @@ def parse_args() -> argparse.Namespace:
     step.add_argument("--rss-seq", type=int, default=128)
     step.add_argument("--rss-threads", type=int, default=1, help="torch threads in each child")
     step.add_argument("--rss-device", default="cpu", choices=("cpu", "cuda"), help="cuda: max_memory_allocated")
+    step.add_argument(
+        "--transient",
+        action="store_true",
+        help="measure one update's temporaries on LLaMA-7B's largest weights (bf16, rank 1024; CPU, minutes)",
+    )
     args = parser.parse_args()
     for flag, value, known in (("--rss", args.rss, RSS_MODELS), ("--rss-configs", args.rss_configs, RSS_CONFIGS)):
         unknown = {v for v in value.split(",") if v} - set(known)
@@ -572,6 +580,16 @@ def rss(args: argparse.Namespace, step: dict[str, Any]) -> dict[str, Any] | None
     return {"job": job, "measured": measured, "predicted_float32": predicted}
 
 
+def transient(args: argparse.Namespace, step: dict[str, Any]) -> dict[str, Any] | None:
+    """``--transient``: one update's temporaries, and the 7B target's total with them (when 7b is counted)."""
+    if not args.transient:
+        return None
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    measured = measure_transient("bfloat16", MODELS["7b"][4], args.rss_threads, log=log)
+    largest = step["7b"]["bfloat16"]["gradients"]["layerwise"] if "7b" in step else 0
+    return {"measured": measured, "target_with_transient": with_transient(step_target(step), measured, largest)}
+
+
 def main() -> None:
     args = parse_args()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -603,6 +621,7 @@ def main() -> None:
         "step": step,
         "step_target": step_target(step),
         "rss": rss(args, step),
+        "transient": transient(args, step),
         "environment": environment(torch),
         "notes": notes,
     }
@@ -642,6 +661,9 @@ def step_markdown(result: dict[str, Any], models: dict[str, Any]) -> list[str]:
             "weights (no activations, no temporaries).",
         ]
         lines += rss_markdown(measured["measured"], measured["predicted_float32"], job)
+    if result["transient"] is not None:
+        t = result["transient"]
+        lines += transient_markdown(t["measured"], t["target_with_transient"], "bfloat16", MODELS["7b"][4])
     return lines
 
 

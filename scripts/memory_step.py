@@ -192,8 +192,7 @@ def _memory_now(device: Any) -> int:
 
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm") as f:  # Linux: resident pages are the second field
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return _rss()
 
 
 def _memory_peak(device: Any) -> int:
@@ -249,6 +248,129 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
         "losses": losses, "weights_moved": not torch.equal(before, probe.detach()),
         "seconds": time.perf_counter() - start, "vocab": cfg.tokenizer_vocab, "rank": cfg.rank,
     }  # fmt: skip
+
+
+# ------------------------------------------------------------------------- measured: one update's temporaries
+# LLaMA-7B's largest plain weight (embedding; the head has its shape) and largest projected one (MLP), bf16.
+TRANSIENT_WEIGHTS = {"embed_tokens": ((32000, 4096), False), "mlp (gate/up/down)": ((11008, 4096), True)}
+TRANSIENT_OPTIMIZERS = {
+    "adamw": "torch AdamW, foreach=False",
+    "ours": "SubspaceAdamW, fp32 state",
+    "ours_int8": "SubspaceAdamW, int8 moments + bf16 bases",
+}
+
+
+class _Poll:
+    """Highest RSS seen by a thread sampling /proc every half millisecond while the block runs."""
+
+    def __enter__(self) -> _Poll:
+        import threading
+
+        self.peak, self._stop = _rss(), False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:  # Linux: resident pages are the second field
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def transient_child(job: dict[str, Any]) -> dict[str, Any]:
+    """One weight with its gradient: RSS above (weight + gradient) during the first step, minus the state it
+    creates (the first step also finds the basis), and above (weight + gradient + state) during three more."""
+    import torch
+
+    from subspace_optim import SubspaceAdamW
+    from subspace_optim.metrics import state_footprint
+
+    torch.set_num_threads(job["threads"])
+    dtype, shape, gen = getattr(torch, job["dtype"]), tuple(job["shape"]), torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter((0.02 * torch.randn(shape, generator=gen)).to(dtype))
+    p.grad = (1e-3 * torch.randn(shape, generator=gen)).to(dtype)
+    if job["optimizer"] == "adamw":
+        opt = torch.optim.AdamW([p], lr=1e-3, foreach=False)
+    else:
+        group = {"params": [p], "rank": job["rank"]} if job["projected"] else {"params": [p]}
+        low = {"moments_dtype": "int8", "basis_dtype": "bfloat16"} if job["optimizer"] == "ours_int8" else {}
+        opt = SubspaceAdamW([group], lr=1e-3, **low)
+    gc.collect()
+    base, start = _rss(), time.perf_counter()
+    with _Poll() as first:
+        opt.step()
+    state = state_footprint(opt)[1]
+    steady = _rss()
+    with _Poll() as later:
+        for _ in range(3):
+            opt.step()
+    return {
+        "weight_bytes": p.numel() * p.element_size(), "state_bytes": state,
+        "first_step": first.peak - base - state, "update": later.peak - steady,
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
+def measure_transient(dtype: str, rank: int, threads: int, log: Any = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for weight, (shape, projected) in TRANSIENT_WEIGHTS.items():
+        for optimizer in TRANSIENT_OPTIMIZERS:
+            job = {"kind": "transient", "optimizer": optimizer, "shape": list(shape), "projected": projected,
+                   "rank": rank, "dtype": dtype, "threads": threads}  # fmt: skip
+            got = run_child(job, timeout=1800)
+            out.setdefault(weight, {})[optimizer] = {**got, "shape": list(shape), "projected": projected}
+            if log:
+                log(f"transient {weight} {optimizer}: update +{got['update'] * MIB:.1f} MiB, "
+                    f"first step +{got['first_step'] * MIB:.1f} MiB, {got['seconds']:.1f} s")  # fmt: skip
+    return out
+
+
+def with_transient(t: dict[str, Any] | None, transient: dict[str, Any], largest_grad: int) -> dict[str, Any] | None:
+    """The target's total with the layer-wise peak taken as max over the measured weights of (its gradient +
+    its update's temporaries, first step or later) instead of the largest gradient alone."""
+    if t is None or not transient:
+        return None
+    per = [w["ours_int8"] for w in transient.values() if "ours_int8" in w]
+    worst = max(w["weight_bytes"] + max(w["update"], w["first_step"], 0) for w in per)  # gradient = weight size
+    total = t["total_bytes"] - largest_grad + max(worst, largest_grad)
+    return {"total_bytes": total, "total_gb": total / GB, "total_gib": total / GIB, "met": total <= t["limit_gb"] * GB}
+
+
+def transient_markdown(transient: dict[str, Any], plus: dict[str, Any] | None, dtype: str, rank: int) -> list[str]:
+    lines = [
+        "",
+        f"**One update's temporaries, LLaMA-7B's largest weights, {dtype}, rank {rank} (projected), CPU reference "
+        "path, RSS sampled every 0.5 ms, MiB**",
+        "",
+        "| weight | optimizer | weight | state | first step (basis found, state made) | later steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for weight, per in transient.items():
+        for key, row in per.items():
+            w = row["weight_bytes"]
+            lines.append(
+                f"| {weight} {row['shape'][0]}x{row['shape'][1]} | {TRANSIENT_OPTIMIZERS[key]} | {w * MIB:,.1f} | "
+                f"{row['state_bytes'] * MIB:,.1f} | {row['first_step'] * MIB:,.1f} ({row['first_step'] / w:.2f}x) | "
+                f"{row['update'] * MIB:,.1f} ({row['update'] / w:.2f}x) |"
+            )
+    if plus is not None:
+        verdict = "met" if plus["met"] else "NOT met"
+        lines += [
+            "",
+            f"- target with these temporaries in the layer-wise peak (if the GPU path allocated like the CPU "
+            f"reference path): **{plus['total_gb']:.3f} GB ({plus['total_gib']:.3f} GiB), {verdict}**",
+        ]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------- measured: parent
@@ -362,5 +484,6 @@ def _ratio(row: dict[str, Any], ref: str) -> str:
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":
-    result = child(json.loads(sys.argv[2]))
+    _job = json.loads(sys.argv[2])
+    result = transient_child(_job) if _job.get("kind") == "transient" else child(_job)
     print(RESULT + json.dumps(result), flush=True)
