@@ -34,6 +34,15 @@ least 4096 elements. bitsandbytes: uint8 codes for tensors of >= 4096 elements, 
 
     python scripts/bench_memory.py --markdown docs/benchmarks.md   # CPU, about a minute
     python scripts/bench_memory.py --smoke                          # tiny, seconds
+
+Memory of a training step (issue 11; ``scripts/memory_step.py``): every run also counts weights + peak live
+gradients + state, regular and layer-wise, and the LLaMA-7B bf16 <= 20 GB target (``--step-markdown FILE``
+appends those tables). ``--rss 60m,130m`` measures the peak of a few training steps in fresh processes
+(median of ``--repeats``; ``--rss-device cuda`` for ``torch.cuda.max_memory_allocated``), ``--transient`` what
+one update of LLaMA-7B's largest weights allocates:
+
+    python scripts/bench_memory.py --rss 60m,130m --repeats 3 --step-markdown step.md  # CPU, ~30 min on 2 cores
+    python scripts/bench_memory.py --sizes 7b --transient                               # CPU, minutes
 """
 
 from __future__ import annotations
