@@ -116,13 +116,39 @@ def adamw(
         return
     for i, p in enumerate(params):
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
-        m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
-        work = p if p.dtype == torch.float32 else p.float()  # fp32 math, rounded once into a bf16/fp16 weight
-        _torch_adam([work], [grads[i].float()], [m], [v], [], [steps[i]], foreach=False, **kwargs)
-        if work is not p:
-            p.copy_(work)
-        quant.store(moments, "exp_avg", m)
-        quant.store(moments, "exp_avg_sq", v)
+        step = steps[i]
+        if not p.is_contiguous():  # no row view to write through: one chunk, the whole tensor
+            _chunk_adamw(p, grads[i], moments, step.clone(), kwargs)
+            step.add_(1)
+            continue
+        matrix, grad = quant.as_matrix(p), quant.as_matrix(grads[i])
+        # Row chunks bound the fp32 working copies (a 32000 x 4096 embedding would otherwise hold about 2.5
+        # GB of them at once); rows never split an 8-bit block, and every operation is elementwise, so the
+        # result is the same bit for bit. Each chunk steps from the same count; the count advances once.
+        for rows in _row_chunks(matrix.shape[0], matrix.shape[1]):
+            chunk = {k: quant.as_matrix(t)[rows] for k, t in moments.items()}
+            _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs)
+        step.add_(1)
+
+
+def _chunk_adamw(target: Tensor, grad: Tensor, moments: dict[str, Tensor], count: Tensor, kwargs: dict) -> None:
+    """torch's AdamW on fp32 working copies of one chunk, written back into its stored moments and weight."""
+    m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
+    work = target if target.dtype == torch.float32 else target.float()  # fp32 math, rounded once into bf16
+    _torch_adam([work], [grad.float()], [m], [v], [], [count], foreach=False, **kwargs)
+    if work is not target:
+        target.copy_(work)
+    quant.store(moments, "exp_avg", m)
+    quant.store(moments, "exp_avg_sq", v)
+
+
+_CHUNK_ELEMENTS = 1 << 22  # 16 MiB per fp32 working copy
+
+
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    """Row ranges of about ``_CHUNK_ELEMENTS`` values each (one range for a small tensor, or no rows)."""
+    per = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(start, min(start + per, rows)) for start in range(0, max(rows, 1), per)]
 
 
 def refresh_bases(

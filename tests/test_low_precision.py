@@ -231,3 +231,33 @@ def test_explicit_triton_engine_refuses_a_weight_it_cannot_view_before_anything_
     with pytest.raises(ValueError, match=r"engine='triton' cannot run parameter params\[0\].*cannot be viewed"):
         opt.step()
     assert torch.equal(conv.weight.detach(), before) and not opt.state
+
+
+@pytest.mark.parametrize("moments_dtype,dtype", [("int8", torch.bfloat16), ("int8", torch.float32),
+                                                 ("bfloat16", torch.float32)])  # fmt: skip
+def test_plain_low_precision_update_in_row_chunks_is_bit_identical(monkeypatch, moments_dtype, dtype):
+    """Plain tensors with low-precision moments are updated in row chunks (bounded fp32 working copies):
+    the same weights and state, bit for bit, as one chunk, and the step count advances once."""
+    from subspace_optim import SubspaceAdamW, functional
+
+    def run(chunk_elements: int):
+        monkeypatch.setattr(functional, "_CHUNK_ELEMENTS", chunk_elements)
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(40, 300, dtype=dtype))
+        calls = []
+        monkeypatch.setattr(functional, "_chunk_adamw", lambda *a: calls.append(1) or chunk_adamw(*a))
+        opt = SubspaceAdamW([weight], lr=1e-2, weight_decay=0.1, moments_dtype=moments_dtype)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            weight.grad = torch.randn(40, 300, generator=gen).to(dtype)
+            opt.step()
+        return weight.detach().clone(), opt.state[weight], len(calls)
+
+    chunk_adamw = functional._chunk_adamw
+    whole_w, whole_s, whole_calls = run(1 << 22)
+    split_w, split_s, split_calls = run(7 * 300)  # 7 rows per chunk: 6 chunks, the last one short
+    assert (whole_calls, split_calls) == (3, 18)
+    assert torch.equal(whole_w, split_w)
+    assert float(split_s["step"]) == 3.0
+    for key, value in whole_s.items():
+        assert torch.equal(value, split_s[key]), key
