@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
 from . import kernels, linalg, quant, subspace
-from .inner import adam_scalars, projected_adamw
+from .inner import RESIDUALS, adam_scalars, projected_adamw, residual_adamw
 
 
 def _stored_moments(
@@ -54,6 +54,8 @@ def subspace_adamw(
     exp_avg_sq_absmaxes: Sequence[Tensor] | None = None,
     engine: str = "reference",
     matmul_precision: str = "ieee",
+    residual: str = "none",
+    update_norms: Sequence[Tensor] | None = None,
 ) -> None:
     r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
 
@@ -62,14 +64,20 @@ def subspace_adamw(
     the moments have the projected shape (r x n or m x r), stored in fp32, bf16, or as 8-bit codes (uint8)
     with ``exp_avg_absmaxes`` / ``exp_avg_sq_absmaxes`` (``quant``); the math is fp32 whatever the storage.
     ``steps[i]`` is the moments' age t, already counting this step. ``matmul_precision`` applies to the
-    Triton engine ("ieee" or "tf32").
+    Triton engine ("ieee" or "tf32"). ``residual`` (``inner.RESIDUALS``) adds what the subspace discards
+    (``inner.residual_factors``); it then needs ``update_norms[i]``, matrix i's 0-d fp32 limiter state,
+    updated in place.
     """
+    if residual not in RESIDUALS:
+        raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
+    if residual != "none" and (update_norms is None or len(update_norms) != len(params)):
+        raise ValueError(f"subspace_adamw: residual={residual!r} needs update_norms, one 0-d tensor per matrix")
     if engine == "triton":
         kernels.subspace_adamw(
             params, grads, bases, exp_avgs, exp_avg_sqs, steps,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
             exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
-            matmul_precision=matmul_precision,
+            matmul_precision=matmul_precision, residual=residual, update_norms=update_norms,
         )  # fmt: skip
         return
     if engine != "reference":
@@ -78,7 +86,10 @@ def subspace_adamw(
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
         m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
-        projected_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i])
+        if residual == "none":
+            projected_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i])
+        else:
+            residual_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i], residual, update_norms[i])
         quant.store(moments, "exp_avg", m)
         quant.store(moments, "exp_avg_sq", v)
 

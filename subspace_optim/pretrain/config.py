@@ -191,6 +191,15 @@ class PretrainConfig:
     matmul_precision: str = _option("matmul_precision")
     moments_dtype: str = _option("moments_dtype")
     basis_dtype: str = _option("basis_dtype")
+    residual: str = _option("residual")
+    plain_lr: Any = _opt(
+        None,
+        "peak lr of the parameters that are not projected (embeddings, output head, norms), one number or per "
+        "optimizer as adamw=1e-3,subspace=3e-3; none: the optimizer's --lr. subspace: SubspaceAdamW's plain_lr; "
+        "adamw/adamw8bit: those parameters' own group, the selected linear layers keep --lr",
+        _optional(_lr),
+        group="optimizer",
+    )
     apollo_scale: float = _opt(1.0, "apollo: update scale (APOLLO-Mini uses 128 with rank 1)", group="optimizer")
     apollo_proj: str = _opt("random", "apollo: projection", _choice("random", "svd"), group="optimizer")
     apollo_scale_type: str = _opt(
@@ -293,6 +302,13 @@ class PretrainConfig:
                 )
             return float(self.lr[optimizer])
         return float(self.lr)
+
+    def plain_lr_for(self, optimizer: str) -> float | None:
+        """The separate lr of the parameters that are not projected, or None (they take ``lr_for``)."""
+        if isinstance(self.plain_lr, dict):
+            value = self.plain_lr.get(optimizer)
+            return None if value is None else float(value)
+        return None if self.plain_lr is None else float(self.plain_lr)
 
     @property
     def warmup(self) -> int:
