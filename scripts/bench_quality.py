@@ -167,10 +167,13 @@ def markdown(args: argparse.Namespace, rows: list[dict], timing: dict | None, co
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        plain = "" if r["plain_lr"] is None else format(r["plain_lr"], "g")
+        loss = r["eval_loss"]
         lines.append(
-            f"| {r['name']} | {r['optimizer']} | {r['lr']:g} | {'' if r['plain_lr'] is None else format(r['plain_lr'], 'g')}"
-            f" | {r['residual'] or ''} | {r['update_gap'] or ''} | {r['eval_loss']:.4f} | {rel(r['eval_loss'], best_adamw)}"
-            f" | {rel(r['eval_loss'], best_galore)} | {r['train_seconds']:.0f} | {r['state_bytes'] / 2**20:.2f} MiB |"
+            f"| {r['name']} | {r['optimizer']} | {r['lr']:g} | {plain} | {r['residual'] or ''}"
+            f" | {r['update_gap'] or ''} | {loss:.4f} | {rel(loss, best_adamw)} | {rel(loss, best_galore)}"
+            f" | {r['train_seconds']:.0f}"
+            f" | {r['state_bytes'] / 2**20:.2f} MiB |"
         )
     if timing:
         lines += ["", f"Step time of `SubspaceAdamW.step()` alone ({timing['model']} shapes, rank {timing['rank']}, "

@@ -124,10 +124,8 @@ def residual_factors(
     else:
         phi = torch.where(rr > 0, (nn / rr).sqrt(), 0.0)
     low = nn.sum(-1)
-    if mode == "apollo":
-        total = (phi.square() * gg).sum(-1)
-    else:
-        total = low + (phi.square() * (gg - rr).clamp_min(0.0)).sum(-1)
+    outside = gg if mode == "apollo" else (gg - rr).clamp_min(0.0)  # ||G_j||^2, or ||G_j - P R_j||^2
+    total = (phi.square() * outside).sum(-1) + (0.0 if mode == "apollo" else low)
     bias1 = bias1.double()
     norm = total.sqrt() / bias1
     previous = previous.double()

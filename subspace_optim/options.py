@@ -31,7 +31,8 @@ class Option:
     """One option. ``kind`` is one of: ``lr`` (number or 1-element tensor >= 0), ``betas``, ``real``
     (finite number; ``low`` is its bound, ``open`` whether the bound is excluded), ``int`` (``low`` is
     the smallest allowed value, None for any int), ``rank`` (positive int or None), ``choice``,
-    ``bool_or_none``, ``lr_or_none`` (None or a finite number >= 0). ``label`` is the name in torch's error wording ("Invalid learning rate: ...")."""
+    ``bool_or_none``, ``lr_or_none`` (None or a finite number >= 0). ``label`` is the name in torch's error
+    wording ("Invalid learning rate: ...")."""
 
     name: str
     default: Any
