@@ -14,6 +14,10 @@ dequantized on load (map[code] * absmax) and requantized on store (a new absmax 
 row, then the nearest map value by a binary search over the map's midpoints). N is computed from the
 fp32 new moments, before they are rounded, as the reference does. Bases may be fp32 or bf16 (widened to
 fp32 on load).
+
+With a ``residual`` (``inner.residual_factors``), launch 1 also keeps R and sums ||G_j||^2 per channel
+inside its GEMM loop; torch folds the coefficients into N between the launches (N <- c N - coef o R);
+launch 2 adds coef o G in its epilogue (``apollo``: U = coef o G, no GEMM). No extra GEMM or pass over G.
 """
 
 from __future__ import annotations

@@ -41,31 +41,52 @@ def _flag_value(value: float) -> str:
     return f"{value:.6g}"
 
 
-def run_one(args: argparse.Namespace, name: str, optimizer: str, lr: float, **extra: object) -> dict:
-    """One pretrain run (or its saved result); returns the row for the table."""
-    out = args.out / name
-    report = out / "report.json"
-    if not report.exists():
-        cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", args.model, "--optimizer", optimizer,
-               "--lr", f"{optimizer}={_flag_value(lr)}", "--output-dir", str(out), "--no-progress",
-               "--save-every", "0"]  # fmt: skip
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        if args.steps:
-            cmd += ["--steps", str(args.steps)]
-        cmd += list(args.extra_flags)
-        for key, value in extra.items():
-            if key == "plain_lr":
-                cmd += ["--plain-lr", f"{optimizer}={_flag_value(value)}"]
-            else:
-                cmd += [f"--{key.replace('_', '-')}", str(value)]
-        print("$", " ".join(cmd), flush=True)
-        started = time.perf_counter()
-        # this checkout's package first, whatever an editable install elsewhere points at
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-        print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-    run = json.loads(report.read_text())["runs"][0]
+def _command(args: argparse.Namespace, out: Path, optimizer: str, lr: float, extra: dict) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", args.model, "--optimizer", optimizer,
+           "--lr", f"{optimizer}={_flag_value(lr)}", "--output-dir", str(out), "--no-progress",
+           "--save-every", "0"]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    cmd += list(args.extra_flags)
+    for key, value in extra.items():
+        if key == "plain_lr":
+            cmd += ["--plain-lr", f"{optimizer}={_flag_value(value)}"]
+        else:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return cmd
+
+
+def run_many(args: argparse.Namespace, specs: list[tuple[str, str, float, dict]]) -> list[dict]:
+    """Run the pretrain jobs ``specs`` = (name, optimizer, lr, extra flags), ``--jobs`` at a time (runs
+    whose report.json exists are read, not rerun); returns their rows in ``specs`` order."""
+    # this checkout's package first, whatever an editable install elsewhere points at
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    todo = [s for s in specs if not (args.out / s[0] / "report.json").exists()]
+    running: list[tuple[subprocess.Popen, str, float]] = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name, optimizer, lr, extra = todo.pop(0)
+            cmd = _command(args, args.out / name, optimizer, lr, extra)
+            (args.out / name).mkdir(parents=True, exist_ok=True)
+            log = (args.out / name / "stdout.log").open("w")
+            print("$", " ".join(cmd), flush=True)
+            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), name,
+                            time.perf_counter()))  # fmt: skip
+        time.sleep(2)
+        for job in list(running):
+            proc, name, started = job
+            if proc.poll() is not None:
+                running.remove(job)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see {args.out / name}/stdout.log")
+                print(f"  {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    return [_row(args, *s) for s in specs]
+
+
+def _row(args: argparse.Namespace, name: str, optimizer: str, lr: float, extra: dict) -> dict:
+    run = json.loads((args.out / name / "report.json").read_text())["runs"][0]
     summary = run["summary"]
     row = {
         "name": name,
@@ -89,29 +110,27 @@ def _best(rows: list[dict]) -> dict:
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
-    rows: list[dict] = []
-    adamw = [run_one(args, f"adamw_lr{_flag_value(lr)}", "adamw", lr) for lr in args.adamw_lrs]
-    rows += adamw
-    best = _best(adamw)
-    for f in args.plain_factors:
-        plain = best["lr"] * f
-        rows.append(run_one(args, f"adamw_lr{_flag_value(best['lr'])}_plain{_flag_value(plain)}", "adamw",
-                            best["lr"], plain_lr=plain))  # fmt: skip
-    if not args.no_galore:
-        for gap in dict.fromkeys([200, args.update_gap]):
-            rows.append(run_one(args, f"galore_lr0.01_gap{gap}", "galore", 1e-2, update_gap=gap, scale=0.25))
-    ours = [run_one(args, f"subspace_{mode}_lr0.01", "subspace", 1e-2, residual=mode) for mode in args.residuals]
-    best_mode = _best([r for r in ours if r["residual"] != "none"] or ours)["residual"]
-    for mode in dict.fromkeys(["none", best_mode]):
-        for lr in args.subspace_lrs:
-            if lr != 1e-2:
-                ours.append(run_one(args, f"subspace_{mode}_lr{_flag_value(lr)}", "subspace", lr, residual=mode))
-    rows += ours
-    top = _best(ours)
-    for plain in args.subspace_plain_lrs:
-        rows.append(run_one(args, f"subspace_{top['residual']}_lr{_flag_value(top['lr'])}_plain{_flag_value(plain)}",
-                            "subspace", top["lr"], residual=top["residual"], plain_lr=plain))  # fmt: skip
-    return rows
+    """Stage 1: AdamW's lrs, galore-torch, ours with every residual (lr 1e-2); stage 2: the best AdamW with
+    separate plain lrs, ours (best residual) at other lrs and with separate plain lrs."""
+    f = _flag_value
+    adamw = [(f"adamw_lr{f(lr)}", "adamw", lr, {}) for lr in args.adamw_lrs]
+    galore = [] if args.no_galore else [
+        (f"galore_lr0.01_gap{gap}", "galore", 1e-2, {"update_gap": gap, "scale": 0.25})
+        for gap in dict.fromkeys([200, args.update_gap])
+    ]  # fmt: skip
+    ours = [(f"subspace_{mode}_lr0.01", "subspace", 1e-2, {"residual": mode}) for mode in args.residuals]
+    first = run_many(args, adamw + galore + ours)
+    adamw_rows = first[: len(adamw)]
+    ours_rows = first[len(adamw) + len(galore) :]
+    best = _best(adamw_rows)
+    top = _best(ours_rows)
+    second = [(f"adamw_lr{f(best['lr'])}_plain{f(best['lr'] * k)}", "adamw", best["lr"], {"plain_lr": best["lr"] * k})
+              for k in args.plain_factors]  # fmt: skip
+    second += [(f"subspace_{top['residual']}_lr{f(lr)}", "subspace", lr, {"residual": top["residual"]})
+               for lr in args.subspace_lrs if lr != 1e-2]  # fmt: skip
+    second += [(f"subspace_{top['residual']}_lr0.01_plain{f(plain)}", "subspace", 1e-2,
+                {"residual": top["residual"], "plain_lr": plain}) for plain in args.subspace_plain_lrs]  # fmt: skip
+    return first + run_many(args, second)
 
 
 def step_times(args: argparse.Namespace) -> dict:
@@ -191,11 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--update-gap", type=int, default=50, help="our (and the second galore row's) update gap")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 3e-3, 6e-3])
-    ap.add_argument("--plain-factors", type=float, nargs="*", default=[0.3, 3.0])
+    ap.add_argument("--jobs", type=int, default=1, help="pretrain runs at a time")
+    ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    ap.add_argument("--plain-factors", type=float, nargs="*", default=[3.0])
     ap.add_argument("--residuals", nargs="+", default=list(RESIDUALS), choices=RESIDUALS)
-    ap.add_argument("--subspace-lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2])
-    ap.add_argument("--subspace-plain-lrs", type=float, nargs="*", default=[3e-3, 1e-3])
+    ap.add_argument("--subspace-lrs", type=float, nargs="*", default=[])
+    ap.add_argument("--subspace-plain-lrs", type=float, nargs="*", default=[3e-2])
     ap.add_argument("--no-galore", action="store_true")
     ap.add_argument("--step-time", action="store_true", help="also time step() per residual mode")
     ap.add_argument("--timed-steps", type=int, default=20)
@@ -210,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
                             "--num-attention-heads", "2", "--rank", "4", "--eval-every", "2", "--eval-windows", "2",
                             "--max-train-bytes", "200000", "--tokenizer-vocab", "300", "--seq-len", "32",
                             "--batch-size", "2", "--update-gap", "2", *args.extra_flags]  # fmt: skip
-        args.adamw_lrs, args.plain_factors, args.subspace_lrs = [1e-3, 3e-3, 1e-2], [3.0], [1e-2, 2e-2]
+        args.adamw_lrs, args.plain_factors, args.subspace_lrs = [1e-3, 3e-3, 1e-2], [3.0], [2e-2]
         args.subspace_plain_lrs, args.timed_steps = [3e-3], 2
     else:
         args.extra_flags = ["--update-gap", str(args.update_gap), *args.extra_flags]

@@ -91,7 +91,7 @@ def channel_dim(side: str) -> int:
 
 
 def residual_factors(
-    nn: Tensor, rr: Tensor, gg: Tensor, previous: Tensor, bias1: Tensor, mode: str, first_ratio: float
+    nn: Tensor, rr: Tensor, gg: Tensor, previous: Tensor, bias1: Tensor | float, mode: str, first_ratio: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""The residual's coefficients, from per-channel sums of squares (the last axis is the channel).
 
@@ -117,23 +117,22 @@ def residual_factors(
     factors are computed in fp64 and ``coef`` is capped so that ``coef * |G_ij|`` stays finite: no
     NaN or Inf reaches a weight, whatever the (finite) gradient.
     """
-    nn, rr, gg = nn.double(), rr.double(), gg.double()
+    # Few, fused operations: this runs once per matrix and step, on vectors of one number per channel.
+    stats = torch.stack((nn, rr, gg)).double()
+    nn, rr, gg = stats.unbind(0)
+    sums = stats.sum(-1)  # ||N||^2, ||R||^2, ||G||^2 per matrix
     if mode == "fira_tensor":
-        phi = (nn.sum(-1, keepdim=True) / rr.sum(-1, keepdim=True)).sqrt()
-        phi = torch.where(rr.sum(-1, keepdim=True) > 0, phi, 0.0).expand_as(nn)
+        phi2 = torch.where(sums[1] > 0, sums[0] / sums[1], 0.0).unsqueeze(-1)
     else:
-        phi = torch.where(rr > 0, (nn / rr).sqrt(), 0.0)
-    low = nn.sum(-1)
-    outside = gg if mode == "apollo" else (gg - rr).clamp_min(0.0)  # ||G_j||^2, or ||G_j - P R_j||^2
-    total = (phi.square() * outside).sum(-1) + (0.0 if mode == "apollo" else low)
-    bias1 = bias1.double()
-    norm = total.sqrt() / bias1
-    previous = previous.double()
-    limit = torch.where(previous > 0, GROWTH_LIMIT * previous, first_ratio * low.sqrt() / bias1)
-    c = torch.where(norm > limit, limit / norm, 1.0)
-    c = torch.where(torch.isfinite(c), c, 0.0)
-    coef = c.unsqueeze(-1) * phi
-    coef = torch.minimum(coef, _COEF_PRODUCT_CAP / gg.sqrt().clamp_min(1e-30))
+        phi2 = torch.where(rr > 0, nn / rr, 0.0)  # phi_j^2
+    outside = gg if mode == "apollo" else (gg - rr).clamp_min_(0.0)  # ||G_j||^2, or ||G_j - P R_j||^2
+    total = (phi2 * outside).sum(-1)
+    if mode != "apollo":
+        total += sums[0]
+    norm = total.sqrt_().div_(bias1)
+    limit = torch.where(previous > 0, GROWTH_LIMIT * previous.double(), sums[0].sqrt() * (first_ratio / bias1))
+    c = (limit / norm).clamp_(max=1.0).nan_to_num_(0.0)  # 0 / 0 (no update at all): 0
+    coef = torch.minimum(phi2.sqrt_() * c.unsqueeze(-1), (_COEF_PRODUCT_CAP**2 / gg).sqrt_())
     return c.float(), coef.float(), (c * norm).float()
 
 
@@ -160,8 +159,8 @@ def residual_adamw(
     direction = exp_avg / (exp_avg_sq.sqrt() / s.bias2_sqrt).add_(s.eps)
     dim = channel_dim(side)
     nn, rr = direction.square().sum(dim), r.square().sum(dim)
-    gg = gf.square().sum(dim)  # G's channels lie along the same axis as R's
-    bias1 = torch.tensor(s.bias1, dtype=torch.float64, device=g.device)
+    gg = torch.linalg.vector_norm(gf, dim=dim).square()  # G's channels lie along R's axis; no m x n temporary
+    bias1 = s.bias1
     first_ratio = math.sqrt(basis.shape[0] / basis.shape[1])
     c, coef, norm = residual_factors(nn, rr, gg, update_norm, bias1, mode, first_ratio)
     coef_b = coef.unsqueeze(dim)  # broadcast along the channel's entries
