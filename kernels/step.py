@@ -490,7 +490,7 @@ def subspace_adamw(
     math is fp32 whatever the storage, and the state is converted inside the kernel. Matrices sharing
     side, shapes, dtypes, strides and storage form one batch: two kernel launches per batch, whatever its
     size. ``matmul_precision="ieee"`` keeps fp32 GEMM semantics (the reference's); ``"tf32"`` trades that
-    for tensor-core speed. ``residual`` / ``update_norms`` as the reference's (``inner.residual_adamw``):
+    for tensor-core speed. ``residual`` / ``update_norms`` as the reference's (``functional._residual_reference``):
     the residual adds no GEMM (``fira``: P (c N - coef o R) replaces P N; ``apollo`` drops the
     back-projection GEMM) and no pass over G (its channel norms are summed inside the projection GEMM,
     its entries read in the weight epilogue beside W's).

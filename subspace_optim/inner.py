@@ -91,7 +91,7 @@ def channel_dim(side: str) -> int:
 
 
 def residual_factors(
-    nn: Tensor, rr: Tensor, gg: Tensor, previous: Tensor, bias1: Tensor | float, mode: str, first_ratio: float
+    nn: Tensor, rr: Tensor, gg: Tensor, previous: Tensor, bias1: Tensor, mode: str, first_ratio: Tensor | float
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""The residual's coefficients, from per-channel sums of squares (the last axis is the channel).
 
@@ -136,39 +136,35 @@ def residual_factors(
     return c.float(), coef.float(), (c * norm).float()
 
 
-def residual_adamw(
-    p: Tensor,
-    g: Tensor,
-    basis: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    s: AdamScalars,
-    side: str,
-    mode: str,
-    update_norm: Tensor,
-) -> None:
-    """``projected_adamw`` plus the residual ``mode`` (see ``residual_factors``), in place (reference).
-
-    ``update_norm`` (a 0-d fp32 tensor of the state) holds the limiter's previous update norm and is
-    updated in place. Per channel sums are fp32, the coefficients fp64 then fp32, the update fp32.
-    """
+def residual_moments(
+    g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first half of a residual step (reference): R, the moments updated in place, N, and the per-channel
+    sums of squares (``residual_factors``' ``nn``, ``rr``, ``gg``) stacked as a 3 x channels tensor."""
     gf = g.float()
     r = project(gf, basis, side)
     exp_avg.lerp_(r, s.w1)
     exp_avg_sq.mul_(s.beta2).addcmul_(r, r, value=s.w2)
     direction = exp_avg / (exp_avg_sq.sqrt() / s.bias2_sqrt).add_(s.eps)
     dim = channel_dim(side)
-    nn, rr = direction.square().sum(dim), r.square().sum(dim)
-    gg = torch.linalg.vector_norm(gf, dim=dim).square()  # G's channels lie along R's axis; no m x n temporary
-    bias1 = s.bias1
-    first_ratio = math.sqrt(basis.shape[0] / basis.shape[1])
-    c, coef, norm = residual_factors(nn, rr, gg, update_norm, bias1, mode, first_ratio)
-    coef_b = coef.unsqueeze(dim)  # broadcast along the channel's entries
+    # G's channels lie along R's axis; vector_norm makes no m x n temporary
+    stats = torch.stack((direction.square().sum(dim), r.square().sum(dim), torch.linalg.vector_norm(gf, dim=dim)))
+    stats[2].square_()
+    return r, direction, stats
+
+
+def residual_update(
+    p: Tensor, g: Tensor, basis: Tensor, r: Tensor, direction: Tensor, c: Tensor, coef: Tensor, s: AdamScalars,
+    side: str, mode: str,
+) -> None:  # fmt: skip
+    """The second half (reference): W <- W (1 - lr wd) - alpha U, with U = P (c N - coef o R) + coef o G
+    (fira, fira_tensor) or coef o G (apollo); ``c`` and ``coef`` from ``residual_factors``."""
+    gf = g.float()
+    coef_b = coef.unsqueeze(channel_dim(side))  # broadcast along the channel's entries
     if mode == "apollo":
         update = gf * coef_b
     else:
         update = project_back(direction * c - r * coef_b, basis, side).addcmul_(gf, coef_b)
-    update_norm.copy_(norm)
     if s.decay != 1.0:
         p.mul_(s.decay)
     if torch.compiler.is_compiling():
