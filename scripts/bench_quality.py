@@ -64,8 +64,13 @@ def run_many(args: argparse.Namespace, specs: list[tuple[str, str, float, dict]]
     # this checkout's package first, whatever an editable install elsewhere points at
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     todo = [s for s in specs if not (args.out / s[0] / "report.json").exists()]
+    # a run directory without a report is a run in progress elsewhere (an earlier, interrupted sweep's
+    # child): wait for its report instead of starting it twice (delete the directory to rerun it)
+    elsewhere = [s[0] for s in todo if (args.out / s[0]).exists()]
+    todo = [s for s in todo if s[0] not in elsewhere]
     running: list[tuple[subprocess.Popen, str, float]] = []
-    while todo or running:
+    while todo or running or elsewhere:
+        elsewhere = [name for name in elsewhere if not (args.out / name / "report.json").exists()]
         while todo and len(running) < args.jobs:
             name, optimizer, lr, extra = todo.pop(0)
             cmd = _command(args, args.out / name, optimizer, lr, extra)
@@ -135,6 +140,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
 
 def step_times(args: argparse.Namespace) -> dict:
     """Median seconds of SubspaceAdamW.step() per residual mode, interleaved, on the model's shapes."""
+    sys.path.insert(0, str(ROOT))  # this checkout's package, as the pretrain runs get through PYTHONPATH
     from subspace_optim import SubspaceAdamW, param_groups
     from subspace_optim.pretrain import loop
     from subspace_optim.pretrain.config import load_config
@@ -230,8 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "--num-attention-heads", "2", "--rank", "4", "--eval-every", "2", "--eval-windows", "2",
                             "--max-train-bytes", "200000", "--tokenizer-vocab", "300", "--seq-len", "32",
                             "--batch-size", "2", "--update-gap", "2", *args.extra_flags]  # fmt: skip
-        args.adamw_lrs, args.plain_factors, args.subspace_lrs = [1e-3, 3e-3, 1e-2], [3.0], [2e-2]
-        args.subspace_plain_lrs, args.timed_steps = [3e-3], 2
+        args.adamw_lrs, args.plain_factors, args.subspace_lrs, args.subspace_plain_lrs = [3e-3], [], [], []
+        args.timed_steps = 2
     else:
         args.extra_flags = ["--update-gap", str(args.update_gap), *args.extra_flags]
     command = "python scripts/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
