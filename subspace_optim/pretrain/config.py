@@ -158,6 +158,11 @@ class PretrainConfig:
         _lr,
         group="optimizer",
     )
+    lr_tuning: str = _opt(
+        "not tuned for this model: the built-in defaults",
+        "what chose --lr and --plain-lr (printed in the report, so a reader knows what was tuned)",
+        group="optimizer",
+    )
     weight_decay: float = _opt(0.0, "decoupled weight decay on matrices (never on norms/biases)", group="optimizer")
     adam_beta1: float = _opt(0.9, "Adam beta1", group="optimizer")
     adam_beta2: float = _opt(0.999, "Adam beta2", group="optimizer")
@@ -382,10 +387,13 @@ class PretrainConfig:
             "cache_dir",
             "threads",
             "lr",  # replaced by this optimizer's effective lr below
+            "plain_lr",  # likewise
+            "lr_tuning",  # a note for the report
             "warmup_steps",  # replaced by the effective warmup below
         }
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         fields["lr"] = self.lr_for(optimizer)
+        fields["plain_lr"] = self.plain_lr_for(optimizer)
         fields["warmup"] = self.warmup
         return fields
 
