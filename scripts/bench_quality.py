@@ -110,6 +110,19 @@ def _row(args: argparse.Namespace, name: str, optimizer: str, lr: float, extra: 
     return row
 
 
+def recorded_row(args: argparse.Namespace, name: str) -> dict:
+    """The row of a finished run directory, from what the run recorded (its optimizer, lr and config)."""
+    run = json.loads((args.out / name / "report.json").read_text())["runs"][0]
+    config = json.loads((args.out / name / run["optimizer"] / "log.json").read_text())["config"]
+    plain = config.get("plain_lr")
+    extra = {"plain_lr": plain.get(run["optimizer"]) if isinstance(plain, dict) else plain}
+    if run["optimizer"] in ("subspace", "galore"):
+        extra["update_gap"] = config["update_gap"]
+    if run["optimizer"] == "subspace":
+        extra["residual"] = config.get("residual", "none")
+    return _row(args, name, run["optimizer"], run["lr"], {k: v for k, v in extra.items() if v is not None})
+
+
 def _best(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: r["eval_loss"])
 
@@ -223,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--subspace-lrs", type=float, nargs="*", default=[])
     ap.add_argument("--subspace-plain-lrs", type=float, nargs="*", default=[3e-2])
     ap.add_argument("--no-galore", action="store_true")
+    ap.add_argument("--also", nargs="*", default=[], help="finished run directories in --out to add to the table")
     ap.add_argument("--step-time", action="store_true", help="also time step() per residual mode")
     ap.add_argument("--timed-steps", type=int, default=20)
     ap.add_argument("--extra-flags", nargs=argparse.REMAINDER, default=[], help="passed to every pretrain run")
@@ -242,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.extra_flags = ["--update-gap", str(args.update_gap), *args.extra_flags]
     command = "python scripts/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = sweep(args)
+    seen = {r["name"] for r in rows}
+    rows += [recorded_row(args, name) for name in args.also if name not in seen]
     timing = step_times(args) if args.step_time else None
     result = {"rows": rows, "step_time": timing, "command": command}
     text = markdown(args, rows, timing, command)
