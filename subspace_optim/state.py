@@ -1,8 +1,8 @@
 """A parameter's optimizer state: how it is created, how its storage follows the group's options, and how
 it keeps its dtypes through ``load_state_dict``.
 
-Projected matrices hold ``step``, ``moment_age``, ``refresh_count`` (plain ints), ``basis`` and the two
-low-rank moments; plain parameters hold torch AdamW's ``step``, ``exp_avg`` and ``exp_avg_sq``. Moments
+Projected matrices hold ``step``, ``moment_age``, ``refresh_count`` (plain ints), ``basis``, the two
+low-rank moments and, with a ``residual``, ``update_norm`` (the limiter's 0-d fp32 scalar); plain parameters hold torch AdamW's ``step``, ``exp_avg`` and ``exp_avg_sq``. Moments
 are stored as the group's ``moments_dtype`` says (``quant``): plain parameters keep torch AdamW's own
 state (the parameter's dtype and layout) with ``"float32"``, and with ``"int8"`` when they are too small
 or not 2-D enough for 8 bits.
