@@ -14,10 +14,15 @@ dequantized on load (map[code] * absmax) and requantized on store (a new absmax 
 row, then the nearest map value by a binary search over the map's midpoints). N is computed from the
 fp32 new moments, before they are rounded, as the reference does. Bases may be fp32 or bf16 (widened to
 fp32 on load).
+
+With a ``residual`` (``inner.residual_factors``), launch 1 also keeps R and sums ||G_j||^2 per channel
+inside its GEMM loop; torch folds the coefficients into N between the launches (N <- c N - coef o R);
+launch 2 adds coef o G in its epilogue (``apollo``: U = coef o G, no GEMM). No extra GEMM or pass over G.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..inner import adam_scalars
+from ..inner import adam_scalars, channel_dim, residual_factors
 from ..quant import BLOCK
 from ._common import (
     MOMENT_INT8,
@@ -101,6 +106,54 @@ def store_moment(ptrs, absmax_ptrs, table, bid, x, rm, rn, pid_n, M, s0, s1, sq0
 
 
 @triton.jit
+def dot_tile_sumsq(
+    a,
+    b,
+    rm,
+    rn,
+    M,
+    N,
+    K,
+    sa0,
+    sa1,
+    sb0,
+    sb1,
+    SQ_OF_B: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """``gemm.dot_tile`` (fp32, loaded operands) that also sums the squares of the gradient operand's
+    entries along K while its tiles pass through registers: the columns of B (SQ_OF_B: G is B, a left
+    basis) or the rows of A (G is A, a right basis). That gives ||G_j||^2 per channel without another
+    read of G."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    sq_b = tl.zeros((BN,), dtype=tl.float32)
+    sq_a = tl.zeros((BM,), dtype=tl.float32)
+    rk0 = tl.arange(0, BK)
+    m_ok = rm < M
+    n_ok = rn < N
+    for k0 in range(0, K, BK):
+        rk = k0 + rk0
+        k_ok = rk < K
+        a_tile = tl.load(
+            a + rm[:, None] * sa0 + rk[None, :].to(tl.int64) * sa1, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)
+        b_tile = tl.load(
+            b + rk[:, None].to(tl.int64) * sb0 + rn[None, :] * sb1, mask=k_ok[:, None] & n_ok[None, :], other=0.0
+        ).to(tl.float32)
+        if SQ_OF_B:
+            sq_b += tl.sum(b_tile * b_tile, axis=0)
+        else:
+            sq_a += tl.sum(a_tile * a_tile, axis=1)
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)
+    if SQ_OF_B:
+        return acc, sq_b
+    return acc, sq_a
+
+
+@triton.jit
 def project_adam_kernel(
     a_ptrs,
     b_ptrs,
@@ -129,10 +182,14 @@ def project_adam_kernel(
     smq1,
     svq0,
     svq1,
+    r_ptrs,
+    sq_ptrs,
     A_DT: tl.constexpr,
     B_DT: tl.constexpr,
     M_KIND: tl.constexpr,
     V_KIND: tl.constexpr,
+    RESID: tl.constexpr,
+    SQ_OF_B: tl.constexpr,
     PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -153,6 +210,10 @@ def project_adam_kernel(
     back-projection launch. M, V, N and the absmaxes each have their own strides (a checkpoint may
     restore column-major or sliced moments; N is a fresh buffer). Both divisions are IEEE
     round-to-nearest (``div_rn``): a plain ``/`` compiles to an approximate division on NVIDIA GPUs.
+
+    With RESID (a ``residual`` other than "none") the epilogue also stores R (fp32, N's layout, at
+    ``r_ptrs``), and the tiles of the first row (SQ_OF_B: G is B) or column (G is A) of the grid store
+    ||G_j||^2 per channel (``sq_ptrs``), summed while G's tiles pass through the GEMM.
     """
     bid = tl.program_id(1)
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
@@ -160,7 +221,17 @@ def project_adam_kernel(
     b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-    r = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
+    if RESID:
+        r, sq = dot_tile_sumsq(a, b, rm, rn, M, N, K, sa0, sa1, sb0, sb1, SQ_OF_B, PRECISION, BM, BN, BK)
+        sqp = tl.load(sq_ptrs + bid).to(tl.pointer_type(tl.float32))
+        if SQ_OF_B:
+            if pid_m == 0:
+                tl.store(sqp + rn, sq, mask=rn < N)
+        else:
+            if pid_n == 0:
+                tl.store(sqp + rm, sq, mask=rm < M)
+    else:
+        r = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
 
     h = hyper + bid * 8
     w1 = tl.load(h + 0)
@@ -178,6 +249,9 @@ def project_adam_kernel(
     store_moment(v_ptrs, vq_ptrs, v_table, bid, v_new, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)
     np_ = tl.load(n_ptrs + bid).to(tl.pointer_type(tl.float32))
     tl.store(np_ + rm[:, None] * sn0 + rn[None, :] * sn1, n, mask=mask)
+    if RESID:
+        rp = tl.load(r_ptrs + bid).to(tl.pointer_type(tl.float32))
+        tl.store(rp + rm[:, None] * sn0 + rn[None, :] * sn1, r, mask=mask)
 
 
 @triton.jit
@@ -195,10 +269,19 @@ def back_update_kernel(
     sb1,
     sw0,
     sw1,
+    g_ptrs,
+    sg0,
+    sg1,
+    coef,
+    s_coef,
     A_DT: tl.constexpr,
     B_DT: tl.constexpr,
     W_DT: tl.constexpr,
+    G_DT: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    RESID: tl.constexpr,
+    LOW_RANK: tl.constexpr,
+    COEF_OF_COLS: tl.constexpr,
     PRECISION: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -210,19 +293,36 @@ def back_update_kernel(
         W <- W (1 - lr wd) - alpha U,   alpha = lr scale / (1 - b1^t)
 
     computed in fp32 and rounded once (to nearest even) to W's dtype, in place.
+
+    With RESID, N has become c N - coef o R on the host, and the epilogue adds coef o G (coef_j per
+    column, COEF_OF_COLS, for a left basis; per row for a right one; ``coef`` is one fp32 row of
+    ``s_coef`` elements per member), reading G's tile beside W's: U = P (c N - coef o R) + coef o G
+    = c P N + coef o (G - P P^T G). Without LOW_RANK (``apollo``) there is no GEMM: U = coef o G.
     """
     bid = tl.program_id(1)
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
-    a = tl.load(a_ptrs + bid).to(tl.pointer_type(A_DT))
-    b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-    u = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if LOW_RANK:
+        a = tl.load(a_ptrs + bid).to(tl.pointer_type(A_DT))
+        b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
+        u = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
+    else:
+        u = tl.zeros((BM, BN), dtype=tl.float32)
+    if RESID:
+        gp = tl.load(g_ptrs + bid).to(tl.pointer_type(G_DT))
+        g = tl.load(gp + rm[:, None] * sg0 + rn[None, :] * sg1, mask=mask, other=0.0).to(tl.float32)
+        if COEF_OF_COLS:
+            k = tl.load(coef + bid * s_coef + rn, mask=rn < N, other=0.0)
+            u = u + g * k[None, :]
+        else:
+            k = tl.load(coef + bid * s_coef + rm, mask=rm < M, other=0.0)
+            u = u + g * k[:, None]
 
     h = hyper + bid * 8
     alpha = tl.load(h + 5)
     decay = tl.load(h + 6)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
     wp = tl.load(w_ptrs + bid).to(tl.pointer_type(W_DT))
     off = rm[:, None] * sw0 + rn[None, :] * sw1
     w = tl.load(wp + off, mask=mask, other=0.0).to(tl.float32)
@@ -256,8 +356,16 @@ def _launch_group(
     side: str,
     blocks: Blocks,
     precision: str,
+    residual: str = "none",
+    update_norms: list[Tensor] | None = None,
+    bias1: list[float] | None = None,
 ) -> None:
     """Both launches for one batch of same-shape, same-layout, same-storage matrices, on their device.
+
+    With a ``residual``, launch 1 also leaves R and ||G_j||^2 per channel; between the launches a few
+    torch operations on those low-rank buffers (never on G) compute the residual's coefficients
+    (``inner.residual_factors``), update the limiter state ``update_norms`` in place and turn N into
+    c N - coef o R; launch 2 adds coef o G in its epilogue (see ``back_update_kernel``).
 
     Every operand is addressed through its own strides, so any non-overlapping layout works: column-major
     or sliced moments (as ``load_state_dict`` may restore them), a transposed basis, a strided gradient.
@@ -302,15 +410,36 @@ def _launch_group(
         a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = p_arr, pst[::-1], pp_dt, g_arr, gst, g_dt, (r, n, m)
     else:  # R = G P: A = G (m x n), B = P (n x r)
         a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = g_arr, gst, g_dt, p_arr, pst, pp_dt, (m, r, n)
+    resid = residual != "none"
+    r_arr = sq_arr = n_arr  # placeholders, never read without a residual
+    if resid:
+        channels = n if side == "left" else m
+        rbuf = torch.empty_like(nbuf)
+        sqbuf = torch.empty((batch, channels), dtype=torch.float32, device=dev)
+        r_arr = pointer_array(list(rbuf.unbind(0)), dev)
+        sq_arr = pointer_array(list(sqbuf.unbind(0)), dev)
     pb = projection_blocks(blocks, rn, MOMENT_INT8 in (m_kind, v_kind))
     grid = (triton.cdiv(rm, pb.m) * triton.cdiv(rn, pb.n), batch)
     project_adam_kernel[grid](
         a_arr, b_arr, pointer_array(ms, dev), pointer_array(vs, dev), n_arr, mq_arr, vq_arr, m_table, v_table,
         hyper, rm, rn, rk, sa[0], sa[1], sb[0], sb[1], mst[0], mst[1], vst[0], vst[1], nst[0], nst[1],
-        mqst[0], mqst[1], vqst[0], vqst[1],
-        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), M_KIND=m_kind, V_KIND=v_kind, PRECISION=precision,
+        mqst[0], mqst[1], vqst[0], vqst[1], r_arr, sq_arr,
+        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), M_KIND=m_kind, V_KIND=v_kind, RESID=resid,
+        SQ_OF_B=side == "left", PRECISION=precision,
         BM=pb.m, BN=pb.n, BK=pb.k, GROUP_M=8, num_warps=pb.warps, num_stages=pb.stages,
     )  # fmt: skip
+    coef = hyper  # placeholder
+    if resid:
+        dim = channel_dim(side) + 1  # the batch axis comes first
+        first_ratio = math.sqrt(ps[0].shape[0] / r)
+        c, coef, norms = residual_factors(
+            nbuf.square().sum(dim), rbuf.square().sum(dim), sqbuf, torch.stack(update_norms),
+            torch.tensor(bias1, dtype=torch.float64, device=dev), residual, first_ratio,
+        )  # fmt: skip
+        torch._foreach_copy_(update_norms, list(norms.unbind(0)))
+        if residual != "apollo":  # B of launch 2 becomes c N - coef o R (in place: N is this step's temporary)
+            nbuf.mul_(c.view(-1, 1, 1)).sub_(rbuf.mul_(coef.unsqueeze(dim)))
+        coef = coef.contiguous()
 
     if side == "left":  # U = P N: A = P (m x r), B = N (r x n)
         a_arr, sa, a_dt, b_arr, sb, b_dt = p_arr, pst, p_dt, n_arr, nst, tl.float32
@@ -319,9 +448,11 @@ def _launch_group(
     grid = (triton.cdiv(m, blocks.m) * triton.cdiv(n, blocks.n), batch)
     back_update_kernel[grid](
         a_arr, b_arr, pointer_array(ws, dev), hyper,
-        m, n, r, sa[0], sa[1], sb[0], sb[1], wst[0], wst[1],
-        A_DT=a_dt, B_DT=b_dt, W_DT=tl_dtype(ws[0].dtype), ROUND_BF16=ws[0].dtype == torch.bfloat16,
-        PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
+        m, n, r, sa[0], sa[1], sb[0], sb[1], wst[0], wst[1], g_arr, gst[0], gst[1], coef,
+        coef.stride(0) if resid else 0,
+        A_DT=a_dt, B_DT=b_dt, W_DT=tl_dtype(ws[0].dtype), G_DT=tl_dtype(g_dt),
+        ROUND_BF16=ws[0].dtype == torch.bfloat16, RESID=resid, LOW_RANK=residual != "apollo",
+        COEF_OF_COLS=side == "left", PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
 
@@ -347,6 +478,8 @@ def subspace_adamw(
     exp_avg_absmaxes: Sequence[Tensor | None] | None = None,
     exp_avg_sq_absmaxes: Sequence[Tensor | None] | None = None,
     matmul_precision: str = "ieee",
+    residual: str = "none",
+    update_norms: Sequence[Tensor] | None = None,
     blocks: Blocks | None = None,
 ) -> None:
     """The Triton twin of ``functional.subspace_adamw``: the same arguments, the same update, in place.
@@ -357,7 +490,10 @@ def subspace_adamw(
     math is fp32 whatever the storage, and the state is converted inside the kernel. Matrices sharing
     side, shapes, dtypes, strides and storage form one batch: two kernel launches per batch, whatever its
     size. ``matmul_precision="ieee"`` keeps fp32 GEMM semantics (the reference's); ``"tf32"`` trades that
-    for tensor-core speed.
+    for tensor-core speed. ``residual`` / ``update_norms`` as the reference's (``functional._residual_reference``):
+    the residual adds no GEMM (``fira``: P (c N - coef o R) replaces P N; ``apollo`` drops the
+    back-projection GEMM) and no pass over G (its channel norms are summed inside the projection GEMM,
+    its entries read in the weight epilogue beside W's).
     """
     count = len(grads)
     if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {count}:
@@ -379,10 +515,11 @@ def subspace_adamw(
         batches.setdefault(key, []).append(i)
     for key, idx in batches.items():
         dev = grads[idx[0]].device
-        rows = []
+        rows, bias1 = [], []
         for i in idx:
             s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
             rows.append([s.w1, s.beta2, s.w2, s.eps, s.bias2_sqrt, s.alpha, s.decay, 0.0])
+            bias1.append(s.bias1)
         with device_guard(dev):
             _launch_group(
                 [ws[i] for i in idx],
@@ -396,4 +533,7 @@ def subspace_adamw(
                 key[0],
                 blocks,
                 matmul_precision,
+                residual,
+                None if residual == "none" else [update_norms[i] for i in idx],
+                bias1,
             )

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
 from . import kernels, linalg, quant, subspace
-from .inner import adam_scalars, projected_adamw
+from .inner import RESIDUALS, adam_scalars, projected_adamw, residual_factors, residual_moments, residual_update
 
 
 def _stored_moments(
@@ -54,6 +54,8 @@ def subspace_adamw(
     exp_avg_sq_absmaxes: Sequence[Tensor] | None = None,
     engine: str = "reference",
     matmul_precision: str = "ieee",
+    residual: str = "none",
+    update_norms: Sequence[Tensor] | None = None,
 ) -> None:
     r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
 
@@ -62,18 +64,28 @@ def subspace_adamw(
     the moments have the projected shape (r x n or m x r), stored in fp32, bf16, or as 8-bit codes (uint8)
     with ``exp_avg_absmaxes`` / ``exp_avg_sq_absmaxes`` (``quant``); the math is fp32 whatever the storage.
     ``steps[i]`` is the moments' age t, already counting this step. ``matmul_precision`` applies to the
-    Triton engine ("ieee" or "tf32").
+    Triton engine ("ieee" or "tf32"). ``residual`` (``inner.RESIDUALS``) adds what the subspace discards
+    (``inner.residual_factors``); it then needs ``update_norms[i]``, matrix i's 0-d fp32 limiter state,
+    updated in place.
     """
+    if residual not in RESIDUALS:
+        raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
+    if residual != "none" and (update_norms is None or len(update_norms) != len(params)):
+        raise ValueError(f"subspace_adamw: residual={residual!r} needs update_norms, one 0-d tensor per matrix")
     if engine == "triton":
         kernels.subspace_adamw(
             params, grads, bases, exp_avgs, exp_avg_sqs, steps,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
             exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
-            matmul_precision=matmul_precision,
+            matmul_precision=matmul_precision, residual=residual, update_norms=update_norms,
         )  # fmt: skip
         return
     if engine != "reference":
         raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
+    if residual != "none":
+        _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
+                            sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms)  # fmt: skip
+        return
     for i, p in enumerate(params):
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
@@ -81,6 +93,32 @@ def subspace_adamw(
         projected_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i])
         quant.store(moments, "exp_avg", m)
         quant.store(moments, "exp_avg_sq", v)
+
+
+def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
+                        sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms) -> None:  # fmt: skip
+    """The reference residual step in three passes: R, moments, N and channel sums per matrix; the
+    coefficients of every matrix in one ``residual_factors`` call (channel vectors zero-padded to one
+    length, which adds exact zeros: a few operations per call instead of per matrix); then each update."""
+    work = []
+    for i in range(len(params)):
+        s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
+        moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
+        m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
+        basis = bases[i].float()
+        r, direction, stats = residual_moments(grads[i], basis, m, v, s, sides[i])
+        quant.store(moments, "exp_avg", m)
+        quant.store(moments, "exp_avg_sq", v)
+        work.append((s, basis, r, direction, stats))
+    dev = grads[0].device
+    stats = torch.nn.utils.rnn.pad_sequence([w[4].mT for w in work], batch_first=True).mT  # batch x 3 x channels
+    bias1 = torch.tensor([w[0].bias1 for w in work], dtype=torch.float64, device=dev)
+    first = torch.tensor([(b.shape[0] / b.shape[1]) ** 0.5 for b in bases], dtype=torch.float64, device=dev)
+    c, coef, norms = residual_factors(stats[:, 0], stats[:, 1], stats[:, 2], torch.stack(list(update_norms)), bias1,
+                                      residual, first)  # fmt: skip
+    torch._foreach_copy_(list(update_norms), list(norms.unbind(0)))
+    for i, (s, basis, r, direction, st) in enumerate(work):
+        residual_update(params[i], grads[i], basis, r, direction, c[i], coef[i, : st.shape[1]], s, sides[i], residual)
 
 
 def adamw(

@@ -32,6 +32,23 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     return {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
 
 
+def plain_lr(group: dict[str, Any]) -> float | Tensor:
+    """The lr of a group's plain (not projected) parameters: ``plain_lr``, following the schedule.
+
+    torch's lr schedulers rewrite ``group["lr"]`` only, and record the value they started from in
+    ``group["initial_lr"]``; ``plain_lr`` is therefore scaled by lr / initial_lr, so the plain parameters
+    follow the same warmup and decay from their own peak. Without a scheduler (no ``initial_lr``, which
+    includes ``ReduceLROnPlateau``) it is used as given. ``plain_lr=None``: the group's lr, unchanged.
+    """
+    value = group.get("plain_lr")
+    if value is None:
+        return group["lr"]
+    initial = group.get("initial_lr")
+    if initial is None or isinstance(initial, Tensor) or initial == 0:
+        return value
+    return value * (group["lr"] / initial)
+
+
 def _absmaxes(states: list[dict[str, Any]]) -> dict[str, list[Tensor]]:
     """The 8-bit moments' absmax lists for a core call (nothing when the moments are not 8-bit)."""
     if "exp_avg_absmax" not in states[0]:
@@ -98,6 +115,15 @@ class SubspaceAdamW(Optimizer):
             Refreshes always use ieee fp32 with fp64 Gram matrices.
         moments_dtype, basis_dtype: storage of the moments (``"float32"``, ``"bfloat16"``, ``"int8"``:
             blockwise 8-bit, see ``quant``) and of the bases (``"float32"``, ``"bfloat16"``); math is fp32.
+        residual: what a projected step does with the gradient its subspace discards (``inner.residual_factors``):
+            ``"none"`` (GaLore's step), ``"fira"`` (adds phi_j (G - P P^T G) with phi_j = ||N_j|| / ||R_j|| per
+            channel j), ``"fira_tensor"`` (one phi per matrix), ``"apollo"`` (steps along the whole gradient
+            scaled per channel by phi_j, instead of P N). Each limits the growth of the update's norm to 1%
+            a step and keeps one 0-d tensor of state per matrix (``update_norm``). Not for FSDP2-sharded
+            weights yet.
+        plain_lr: learning rate of the parameters that are not projected (embeddings, the output head,
+            norms, biases); ``None``: the group's ``lr``. lr schedulers scale it by lr / initial_lr
+            (``plain_lr``).
     """
 
     def __init__(
@@ -125,6 +151,8 @@ class SubspaceAdamW(Optimizer):
         matmul_precision: str = "auto",
         moments_dtype: str = "float32",
         basis_dtype: str = "float32",
+        residual: str = "none",
+        plain_lr: float | None = None,
         **unexpected: Any,
     ) -> None:
         given = dict(locals())
@@ -211,6 +239,13 @@ class SubspaceAdamW(Optimizer):
             checks.refuse_bad_gradient(p, name)
             if schedule.projects(p, group):
                 engine.check(group["engine"], p, name)
+                if group["residual"] != "none" and distributed.is_dtensor(p):
+                    raise ValueError(
+                        f"Invalid residual: {group['residual']!r} for parameter {name}, a row-sharded (FSDP2) "
+                        "weight: the residual's norm-growth limiter needs the norm of the whole update, across "
+                        "shards, which is not implemented. Use residual='none' for sharded parameters "
+                        "(nothing was changed)."
+                    )
             if self.state[p] and distributed.is_dtensor(p) and state_mod.mismatched(p, group, self.state[p]):
                 raise NotImplementedError(
                     f"parameter {name}: its sharded state is stored otherwise than moments_dtype/basis_dtype ask "
@@ -267,7 +302,8 @@ class SubspaceAdamW(Optimizer):
                 view = (lambda t: t) if native else local  # low-precision storage is updated rank-locally
                 args = tuple([view(t) for t in ts] for ts in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"])
                                                                    for p, s in members], strict=True))
-                kwargs = {**_hyper(group), "foreach": group["foreach"], **_absmaxes([s for _, s in members])}
+                kwargs = {**_hyper(group), "lr": plain_lr(group), "foreach": group["foreach"],
+                          **_absmaxes([s for _, s in members])}  # fmt: skip
                 calls.append((functional.adamw, (*args, [s["step"] for _, s in members]), kwargs))
         batches: dict[tuple[int, str, str], list[Matrix]] = {}
         for x in projected:
@@ -279,6 +315,8 @@ class SubspaceAdamW(Optimizer):
                     [local(x.state["exp_avg_sq"]) for x in xs], [x.state["moment_age"] for x in xs])  # fmt: skip
             kwargs = {**_hyper(xs[0].group), "scale": xs[0].group["scale"], "sides": [x.side for x in xs],
                       "engine": which, "matmul_precision": precision, **_absmaxes([x.state for x in xs])}  # fmt: skip
+            if xs[0].group["residual"] != "none":
+                kwargs.update(residual=xs[0].group["residual"], update_norms=[x.state["update_norm"] for x in xs])
             calls.append((functional.subspace_adamw, args, kwargs))
         return calls
 

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from . import kernels
+from .inner import RESIDUALS
 from .quant import BASIS_DTYPES, MOMENT_DTYPES
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
 
@@ -30,7 +31,8 @@ class Option:
     """One option. ``kind`` is one of: ``lr`` (number or 1-element tensor >= 0), ``betas``, ``real``
     (finite number; ``low`` is its bound, ``open`` whether the bound is excluded), ``int`` (``low`` is
     the smallest allowed value, None for any int), ``rank`` (positive int or None), ``choice``,
-    ``bool_or_none``. ``label`` is the name in torch's error wording ("Invalid learning rate: ...")."""
+    ``bool_or_none``, ``lr_or_none`` (None or a finite number >= 0). ``label`` is the name in torch's error
+    wording ("Invalid learning rate: ...")."""
 
     name: str
     default: Any
@@ -92,6 +94,15 @@ OPTIONS: tuple[Option, ...] = (
            "storage of Adam's moments: float32, bfloat16, or int8 (bitsandbytes-style blockwise 8-bit)",
            MOMENT_DTYPES),
     Option("basis_dtype", "float32", "choice", "storage of the projection bases: float32 or bfloat16", BASIS_DTYPES),
+    Option("residual", "none", "choice",
+           "what the projected step does with the gradient outside the subspace: none (GaLore), fira (add it, "
+           "rescaled per channel by Adam's norm ratio), fira_tensor (one ratio per matrix), apollo (the whole "
+           "gradient, channel-scaled, instead of the low-rank update); all but none limit update-norm growth",
+           RESIDUALS),
+    Option("plain_lr", None, "lr_or_none",
+           "learning rate of the parameters that are not projected (embeddings, head, norms); None: the group's "
+           "lr. An lr scheduler scales it by lr / initial_lr", low=0.0,
+           fix="plain_lr must be None or a finite number >= 0, e.g. plain_lr=3e-3"),
 )  # fmt: skip
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -177,6 +188,8 @@ def validate(options: dict[str, Any], where: str) -> None:
         elif kind == "choice":
             if value not in option.choices:
                 _fail(option, value, where, f"use one of {', '.join(repr(c) for c in option.choices)}")
+        elif kind == "lr_or_none" and value is not None:
+            _check_real(option, value, where)
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
             _fail(option, value, where, f"{option.name} must be True, False or None", TypeError)
     if options["engine"] == "triton" and not kernels.available():
@@ -191,7 +204,7 @@ def plain_numbers(options: dict[str, Any]) -> None:
             continue
         if option.kind in ("int", "rank"):
             options[name] = int(value)
-        elif option.kind == "real" or (option.kind == "lr" and not isinstance(value, Tensor)):
+        elif option.kind in ("real", "lr_or_none") or (option.kind == "lr" and not isinstance(value, Tensor)):
             options[name] = float(value)
         elif option.kind == "betas":
             options[name] = tuple(b if isinstance(b, Tensor) else float(b) for b in value)

@@ -1,11 +1,12 @@
 """A parameter's optimizer state: how it is created, how its storage follows the group's options, and how
 it keeps its dtypes through ``load_state_dict``.
 
-Projected matrices hold ``step``, ``moment_age``, ``refresh_count`` (plain ints), ``basis`` and the two
-low-rank moments; plain parameters hold torch AdamW's ``step``, ``exp_avg`` and ``exp_avg_sq``. Moments
-are stored as the group's ``moments_dtype`` says (``quant``): plain parameters keep torch AdamW's own
-state (the parameter's dtype and layout) with ``"float32"``, and with ``"int8"`` when they are too small
-or not 2-D enough for 8 bits.
+Projected matrices hold ``step``, ``moment_age``, ``refresh_count`` (plain ints), ``basis``, the two
+low-rank moments and, with a ``residual``, ``update_norm`` (the limiter's 0-d fp32 scalar); plain
+parameters hold torch AdamW's ``step``, ``exp_avg`` and ``exp_avg_sq``. Moments are stored as the
+group's ``moments_dtype`` says (``quant``): plain parameters keep torch AdamW's own state (the parameter's
+dtype and layout) with ``"float32"``, and with ``"int8"`` when they are too small or not 2-D enough for 8
+bits.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from . import distributed, quant, schedule
 from .distributed import local
 
 # State keys that keep the dtype they were saved with (their options chose it), whatever the parameter's.
-OWN_DTYPE_KEYS = ("basis", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+OWN_DTYPE_KEYS = ("basis", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "update_norm")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -74,8 +75,16 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
         shape = (rank, n) if schedule.side(p, group) == "left" else (m, rank)
     for key in MOMENTS:
         state.update(_moment(p, shape, group["moments_dtype"], key, projected=True))
+    _residual_state(p, group, state)
     # "basis" is created by the first refresh (d x rank, d = basis_dim(side, m, n)).
     return state
+
+
+def _residual_state(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+    """A projected matrix with a residual keeps its limiter's previous update norm: one fp32 scalar (0: no
+    step yet), on the weight's (local) device. Created when the group first asks for a residual."""
+    if group["residual"] != "none" and "update_norm" not in state:
+        state["update_norm"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
 
 
 def _wanted(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[str, torch.dtype | None]:
@@ -95,7 +104,10 @@ def mismatched(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
 
 def conform(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
     """Convert state saved with other ``moments_dtype`` / ``basis_dtype`` options to the group's, through
-    fp32 (a documented conversion; ``checks`` refuses it for FSDP2 shards before anything changes)."""
+    fp32 (a documented conversion; ``checks`` refuses it for FSDP2 shards before anything changes), and
+    give a projected matrix the residual's state when its group has turned a residual on."""
+    if "refresh_count" in state:
+        _residual_state(p, group, state)
     if not mismatched(p, group, state):
         return
     kind, basis = _wanted(p, group, state)

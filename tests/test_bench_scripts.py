@@ -168,3 +168,17 @@ def test_bench_memory_step_accounting_7b():
     target = memory_step.target({"7b": {"bfloat16": step}})
     assert target["met"] and target["total_bytes"] == rows["ours_int8_layerwise"]["total"] <= 20e9
     assert target["total_gib"] * 2**30 == pytest.approx(target["total_gb"] * 1e9) == target["total_bytes"]
+
+
+
+def test_bench_quality_smoke(tmp_path):
+    """Three tiny pretrain runs in parallel (AdamW, ours without and with a residual), read back into the
+    table, and the step timing of every residual mode."""
+    md = tmp_path / "quality.md"
+    result = _run("bench_quality.py", "--smoke", "--no-galore", "--residuals", "none", "fira", "--jobs", "3",
+                  "--out", str(tmp_path / "runs"), "--step-time", "--markdown", str(md), tmp_path=tmp_path)  # fmt: skip
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["adamw_lr0.003", "subspace_none_lr0.01", "subspace_fira_lr0.01"]
+    assert all(r["steps"] == 4 and 0 < r["eval_loss"] < 20 for r in result["rows"])
+    assert set(result["step_time"]["ratio_vs_none"]) == {"none", "fira", "fira_tensor", "apollo"}
+    assert "| subspace_fira_lr0.01 | subspace | 0.01 |" in md.read_text()

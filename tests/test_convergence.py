@@ -83,3 +83,13 @@ def test_low_precision_state_trains_like_fp32_state(data, adamw_result, fp32_sta
     low = _train(data, _subspace(moments_dtype=moments_dtype, basis_dtype=basis_dtype))
     assert low.eval_loss <= 1.05 * adamw_result.eval_loss, (low.eval_loss, adamw_result.eval_loss)
     assert low.eval_loss <= 1.02 * fp32_state_result.eval_loss, (low.eval_loss, fp32_state_result.eval_loss)
+
+
+@pytest.mark.parametrize("residual", ["fira", "fira_tensor", "apollo"])
+def test_every_residual_mode_trains_like_adamw(data, adamw_result, fp32_state_result, residual):
+    """Each residual mode (the discarded gradient recovered, norm-growth limited) learns: within 5% of AdamW
+    and of the same run without a residual. Which mode is best is measured by scripts/bench_quality.py."""
+    result = _train(data, _subspace(residual=residual))
+    assert result.eval_loss <= 1.05 * adamw_result.eval_loss, (result.eval_loss, adamw_result.eval_loss)
+    assert result.eval_loss <= 1.05 * fp32_state_result.eval_loss, (result.eval_loss, fp32_state_result.eval_loss)
+    assert sum(result.losses[-10:]) / 10 < 0.6 * result.losses[0]

@@ -135,3 +135,10 @@ def test_optimizer_traffic_ddp_sends_nothing_and_fsdp2_never_gathers(tmp_path):
     # A regular step sends one batched all-reduce of the non-finite flags; a refresh adds the range finder's.
     assert sum(r0["fsdp"][1].values()) == sum(r0["fsdp"][2].values()) == 1, r0["fsdp"]
     assert sum(r0["fsdp"][3].values()) > 1
+
+
+def test_ddp_ranks_stay_bitwise_identical_with_a_residual(tmp_path):
+    """The residual and its limiter state are computed from the all-reduced gradient alone: ranks agree."""
+    r0, r1 = _launch(tmp_path, "ddp_train", steps=5, refresh_owner="round_robin", refresh="warm", residual="fira")
+    assert r0["world"] == r1["world"] == 2
+    _assert_bitwise_equal(r0["weights"], r1["weights"])

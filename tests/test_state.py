@@ -213,7 +213,7 @@ def test_release_checkpoint_resumes_bit_identically(case):
     # Options added since the release appear at their defaults; every saved key is unchanged.
     added = {k: v for k, v in options.DEFAULTS.items() if k not in expected["param_groups"][0]}
     assert got["param_groups"] == [{**g, **added} for g in expected["param_groups"]]
-    assert set(added) <= {"moments_dtype", "basis_dtype"}
+    assert set(added) <= {"moments_dtype", "basis_dtype", "residual", "plain_lr"}
     for pid, entry in expected["state"].items():
         assert got["state"][pid].keys() == entry.keys(), pid
         for key, value in entry.items():

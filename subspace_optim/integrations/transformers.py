@@ -50,7 +50,9 @@ _ARGS_FIELDS = {
 # APOLLO's optim_args keys without a SubspaceAdamW meaning (its rank, scale and update_proj_gap are shared).
 _APOLLO_ONLY = {"proj": "random or svd projection", "scale_type": "channel or tensor scaling"}
 
-_KINDS: dict[str, type] = {"int": int, "rank": int, "real": float, "choice": str, "bool_or_none": bool}
+_KINDS: dict[str, type] = {
+    "int": int, "rank": int, "real": float, "choice": str, "bool_or_none": bool, "lr_or_none": float
+}  # fmt: skip
 
 
 def _optim_args_table() -> dict[str, tuple[type, str]]:
@@ -60,7 +62,7 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
     for option in options.OPTIONS:
         if option.name in _ARGS_FIELDS:
             continue
-        example = {"rank": "128", "foreach": "false"}.get(option.name, str(option.default))
+        example = {"rank": "128", "foreach": "false", "plain_lr": "3e-3"}.get(option.name, str(option.default))
         table[option.name] = (_KINDS[option.kind], example)
         if option.alias:
             table[option.alias] = table[option.name]

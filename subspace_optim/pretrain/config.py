@@ -158,6 +158,11 @@ class PretrainConfig:
         _lr,
         group="optimizer",
     )
+    lr_tuning: str = _opt(
+        "not tuned for this model: the built-in defaults",
+        "what chose --lr and --plain-lr (printed in the report, so a reader knows what was tuned)",
+        group="optimizer",
+    )
     weight_decay: float = _opt(0.0, "decoupled weight decay on matrices (never on norms/biases)", group="optimizer")
     adam_beta1: float = _opt(0.9, "Adam beta1", group="optimizer")
     adam_beta2: float = _opt(0.999, "Adam beta2", group="optimizer")
@@ -191,6 +196,15 @@ class PretrainConfig:
     matmul_precision: str = _option("matmul_precision")
     moments_dtype: str = _option("moments_dtype")
     basis_dtype: str = _option("basis_dtype")
+    residual: str = _option("residual")
+    plain_lr: Any = _opt(
+        None,
+        "peak lr of the parameters that are not projected (embeddings, output head, norms), one number or per "
+        "optimizer as adamw=1e-3,subspace=3e-3; none: the optimizer's --lr. subspace: SubspaceAdamW's plain_lr; "
+        "adamw/adamw8bit: those parameters' own group, the selected linear layers keep --lr",
+        _optional(_lr),
+        group="optimizer",
+    )
     apollo_scale: float = _opt(1.0, "apollo: update scale (APOLLO-Mini uses 128 with rank 1)", group="optimizer")
     apollo_proj: str = _opt("random", "apollo: projection", _choice("random", "svd"), group="optimizer")
     apollo_scale_type: str = _opt(
@@ -301,6 +315,13 @@ class PretrainConfig:
             return float(self.lr[optimizer])
         return float(self.lr)
 
+    def plain_lr_for(self, optimizer: str) -> float | None:
+        """The separate lr of the parameters that are not projected, or None (they take ``lr_for``)."""
+        if isinstance(self.plain_lr, dict):
+            value = self.plain_lr.get(optimizer)
+            return None if value is None else float(value)
+        return None if self.plain_lr is None else float(self.plain_lr)
+
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
@@ -373,12 +394,15 @@ class PretrainConfig:
             "cache_dir",
             "threads",
             "lr",  # replaced by this optimizer's effective lr below
+            "plain_lr",  # likewise
+            "lr_tuning",  # a note for the report
             "warmup_steps",  # replaced by the effective warmup below
         }
         if optimizer != "subspace":
             skip.add("layerwise")  # only SubspaceAdamW updates inside backward
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         fields["lr"] = self.lr_for(optimizer)
+        fields["plain_lr"] = self.plain_lr_for(optimizer)
         fields["warmup"] = self.warmup
         return fields
 

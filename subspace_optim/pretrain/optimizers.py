@@ -88,10 +88,22 @@ def _split(model: nn.Module, cfg: PretrainConfig) -> tuple[list[Tensor], list[Te
     return projected, [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
 
 
-def _plain_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+def _plain_groups(model: nn.Module, weight_decay: float, cfg: PretrainConfig, name: str) -> list[dict[str, Any]]:
+    """AdamW's groups: matrices with weight decay, 1-D parameters without. With ``--plain-lr`` for this
+    optimizer, the parameters a subspace method would not project (embeddings, head, norms) get that lr in
+    their own groups, so AdamW can be tuned with a separate embedding lr on the same terms."""
+    separate = cfg.plain_lr_for(name)
+    if separate is None:
+        matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+    projected, matrices, vectors = _split(model, cfg)
+    groups = [
+        {"params": projected, "weight_decay": weight_decay},
+        {"params": matrices, "weight_decay": weight_decay, "lr": separate},
+        {"params": vectors, "weight_decay": 0.0, "lr": separate},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
@@ -106,18 +118,19 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
 
             fused = device.type in _get_fused_kernels_supported_devices()
         return torch.optim.AdamW(
-            _plain_groups(model, cfg.weight_decay), lr=lr, betas=betas, eps=cfg.adam_eps, fused=fused
+            _plain_groups(model, cfg.weight_decay, cfg, name), lr=lr, betas=betas, eps=cfg.adam_eps, fused=fused
         )
     if name == "subspace":
         check_rank(model, cfg)
         # Every option of the table that the config holds (lr, betas, eps and weight decay are set above).
         opts = {
-            name: getattr(cfg, OPTION_FIELDS.get(name, name))
-            for name in subspace_options.DEFAULTS
-            if name not in ("lr", "betas", "eps", "weight_decay")
+            key: getattr(cfg, OPTION_FIELDS.get(key, key))
+            for key in subspace_options.DEFAULTS
+            if key not in ("lr", "betas", "eps", "weight_decay")
         }
-        # plain groups too: the engine, foreach, matmul precision and moment storage
-        everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "matmul_precision", "moments_dtype")}
+        opts["plain_lr"] = cfg.plain_lr_for(name)
+        # plain groups too: the engine, foreach, matmul precision, moment storage and their lr
+        everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "matmul_precision", "moments_dtype", "plain_lr")}
         groups = param_groups(model, target_modules(cfg), weight_decay=cfg.weight_decay, **opts)
         return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, **everywhere)
     if name in ("galore", "galore8bit", "apollo"):
@@ -145,7 +158,7 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
         return fix_galore8bit_args(opt) if name == "galore8bit" else opt
     if name == "adamw8bit":
         bnb = _import(name)
-        groups = _plain_groups(model, cfg.weight_decay)
+        groups = _plain_groups(model, cfg.weight_decay, cfg, name)
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=cfg.adam_eps)
     raise ValueError(f"unknown optimizer {name!r}")
 

@@ -45,6 +45,13 @@ def smooth(values: list[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+def _lrs(run: dict[str, Any]) -> str:
+    """'subspace 0.01 (plain parameters 0.03)': an optimizer's peak lr and its separate plain-parameter lr."""
+    plain = run["config"].get("plain_lr")
+    plain = plain.get(run["optimizer"]) if isinstance(plain, dict) else plain
+    return f"{run['optimizer']} {run['lr']:g}" + ("" if plain is None else f" (plain parameters {float(plain):g})")
+
+
 def eval_span(state: dict[str, Any]) -> str:
     """'9.038 (step 0) -> 5.244 (step 300)': the first and the last held-out loss, each with its step."""
     evals = state["evals"]
@@ -158,8 +165,10 @@ def write(runs: list[dict[str, Any]], out_dir: Path, command: str) -> Path:
         f"cosine to {cfg['min_lr_ratio']:g} x lr, clip {cfg['max_grad_norm']:g}, seed {cfg['seed']}, "
         f"same data order for every optimizer",
         f"- low-rank settings: rank {cfg['rank']}, update gap {cfg['update_gap']}, scale {cfg['scale']:g} "
-        f"(subspace: refresh {cfg['refresh']}, moments {cfg['moments']}, proj_type {cfg['proj_type']}"
+        f"(subspace: refresh {cfg['refresh']}, moments {cfg['moments']}, proj_type {cfg['proj_type']}, "
+        f"residual {cfg.get('residual', 'none')}"
         + (", layer-wise updates inside backward, clipping by the layer-wise rule)" if cfg.get("layerwise") else ")"),
+        f"- learning rates: {', '.join(_lrs(run) for run in runs)}; chosen by: {cfg.get('lr_tuning', 'not recorded')}",
         f"- machine: {environment()}, {first['device']}, mixed precision {first['mixed_precision']}",
         "",
         table(runs),

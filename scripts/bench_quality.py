@@ -1,0 +1,274 @@
+"""Quality at equal steps and rank: tuned AdamW, galore-torch and SubspaceAdamW with every residual mode.
+
+Each row is one ``subspace-optim pretrain`` run (same model init, data order, steps, rank, schedule; only the
+optimizer and its learning rates change), run as its own process and read back from its report.json. The
+sweep goes in stages, each choosing from the finished rows before it:
+
+1. AdamW over ``--adamw-lrs``; the best one then again with a separate lr for the embedding, head and
+   norms (``--plain-lr``, each of ``--plain-factors`` x its lr);
+2. galore-torch at its paper's settings (lr 1e-2, scale 0.25, update gap 200) and at our update gap;
+3. SubspaceAdamW with every ``residual`` at lr 1e-2, then an lr sweep (``--subspace-lrs``) of ``none`` and
+   of the best residual, then the best of those with a separate plain lr.
+
+With ``--step-time`` it also times SubspaceAdamW's ``step()`` alone, every residual against ``none`` in one
+process, steps interleaved round by round, on the model's projected shapes (no refresh in the timed steps).
+
+    python scripts/bench_quality.py --model llama_9m --out runs/quality --step-time --markdown docs/benchmarks.md
+
+Runs already in ``--out`` are read, not rerun, so an interrupted sweep resumes. ``--smoke`` runs a few steps
+of a tiny model (what the tests run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESIDUALS = ("none", "fira", "fira_tensor", "apollo")
+
+
+def _flag_value(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _command(args: argparse.Namespace, out: Path, optimizer: str, lr: float, extra: dict) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", args.model, "--optimizer", optimizer,
+           "--lr", f"{optimizer}={_flag_value(lr)}", "--output-dir", str(out), "--no-progress",
+           "--save-every", "0"]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    cmd += list(args.extra_flags)
+    for key, value in extra.items():
+        if key == "plain_lr":
+            cmd += ["--plain-lr", f"{optimizer}={_flag_value(value)}"]
+        else:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return cmd
+
+
+def run_many(args: argparse.Namespace, specs: list[tuple[str, str, float, dict]]) -> list[dict]:
+    """Run the pretrain jobs ``specs`` = (name, optimizer, lr, extra flags), ``--jobs`` at a time (runs
+    whose report.json exists are read, not rerun); returns their rows in ``specs`` order."""
+    # this checkout's package first, whatever an editable install elsewhere points at
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    todo = [s for s in specs if not (args.out / s[0] / "report.json").exists()]
+    # a run directory without a report is a run in progress elsewhere (an earlier, interrupted sweep's
+    # child): wait for its report instead of starting it twice (delete the directory to rerun it)
+    elsewhere = [s[0] for s in todo if (args.out / s[0]).exists()]
+    todo = [s for s in todo if s[0] not in elsewhere]
+    running: list[tuple[subprocess.Popen, str, float]] = []
+    while todo or running or elsewhere:
+        elsewhere = [name for name in elsewhere if not (args.out / name / "report.json").exists()]
+        while todo and len(running) < args.jobs:
+            name, optimizer, lr, extra = todo.pop(0)
+            cmd = _command(args, args.out / name, optimizer, lr, extra)
+            (args.out / name).mkdir(parents=True, exist_ok=True)
+            log = (args.out / name / "stdout.log").open("w")
+            print("$", " ".join(cmd), flush=True)
+            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), name,
+                            time.perf_counter()))  # fmt: skip
+        time.sleep(2)
+        for job in list(running):
+            proc, name, started = job
+            if proc.poll() is not None:
+                running.remove(job)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see {args.out / name}/stdout.log")
+                print(f"  {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    return [_row(args, *s) for s in specs]
+
+
+def _row(args: argparse.Namespace, name: str, optimizer: str, lr: float, extra: dict) -> dict:
+    run = json.loads((args.out / name / "report.json").read_text())["runs"][0]
+    summary = run["summary"]
+    row = {
+        "name": name,
+        "optimizer": optimizer,
+        "lr": lr,
+        "plain_lr": extra.get("plain_lr"),
+        "residual": extra.get("residual", "none" if optimizer == "subspace" else None),
+        "update_gap": extra.get("update_gap"),
+        "eval_loss": summary["final_eval_loss"],
+        "train_seconds": summary["train_seconds"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "state_bytes": summary["state_bytes"],
+        "steps": summary["steps"],
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def recorded_row(args: argparse.Namespace, name: str) -> dict:
+    """The row of a finished run directory, from what the run recorded (its optimizer, lr and config)."""
+    run = json.loads((args.out / name / "report.json").read_text())["runs"][0]
+    config = json.loads((args.out / name / run["optimizer"] / "log.json").read_text())["config"]
+    plain = config.get("plain_lr")
+    extra = {"plain_lr": plain.get(run["optimizer"]) if isinstance(plain, dict) else plain}
+    if run["optimizer"] in ("subspace", "galore"):
+        extra["update_gap"] = config["update_gap"]
+    if run["optimizer"] == "subspace":
+        extra["residual"] = config.get("residual", "none")
+    return _row(args, name, run["optimizer"], run["lr"], {k: v for k, v in extra.items() if v is not None})
+
+
+def _best(rows: list[dict]) -> dict:
+    return min(rows, key=lambda r: r["eval_loss"])
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """Stage 1: AdamW's lrs, galore-torch, ours with every residual (lr 1e-2); stage 2: the best AdamW with
+    separate plain lrs, ours (best residual) at other lrs and with separate plain lrs."""
+    f = _flag_value
+    adamw = [(f"adamw_lr{f(lr)}", "adamw", lr, {}) for lr in args.adamw_lrs]
+    galore = [] if args.no_galore else [
+        (f"galore_lr0.01_gap{gap}", "galore", 1e-2, {"update_gap": gap, "scale": 0.25})
+        for gap in dict.fromkeys([200, args.update_gap])
+    ]  # fmt: skip
+    ours = [(f"subspace_{mode}_lr0.01", "subspace", 1e-2, {"residual": mode}) for mode in args.residuals]
+    first = run_many(args, adamw + galore + ours)
+    adamw_rows = first[: len(adamw)]
+    ours_rows = first[len(adamw) + len(galore) :]
+    best = _best(adamw_rows)
+    top = _best(ours_rows)
+    second = [(f"adamw_lr{f(best['lr'])}_plain{f(best['lr'] * k)}", "adamw", best["lr"], {"plain_lr": best["lr"] * k})
+              for k in args.plain_factors]  # fmt: skip
+    second += [(f"subspace_{top['residual']}_lr{f(lr)}", "subspace", lr, {"residual": top["residual"]})
+               for lr in args.subspace_lrs if lr != 1e-2]  # fmt: skip
+    second += [(f"subspace_{top['residual']}_lr0.01_plain{f(plain)}", "subspace", 1e-2,
+                {"residual": top["residual"], "plain_lr": plain}) for plain in args.subspace_plain_lrs]  # fmt: skip
+    return first + run_many(args, second)
+
+
+def step_times(args: argparse.Namespace) -> dict:
+    """Median seconds of SubspaceAdamW.step() per residual mode, interleaved, on the model's shapes."""
+    sys.path.insert(0, str(ROOT))  # this checkout's package, as the pretrain runs get through PYTHONPATH
+    from subspace_optim import SubspaceAdamW, param_groups
+    from subspace_optim.pretrain import loop
+    from subspace_optim.pretrain.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(["--model", args.model])
+    model = loop.build_model(cfg, cfg.tokenizer_vocab)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = {}
+    for mode in RESIDUALS:
+        groups = param_groups(model, "all-linear", rank=cfg.rank, update_gap=10**9)
+        opts[mode] = SubspaceAdamW(groups, lr=1e-6, residual=mode)  # tiny lr: the weights barely move
+    projected = [p for p in opts["none"].param_groups[0]["params"]]
+    grads = {id(p): torch.randn_like(p) * 1e-2 for p in model.parameters()}
+    times: dict[str, list[float]] = {m: [] for m in RESIDUALS}
+    for p in model.parameters():
+        p.grad = grads[id(p)]
+    for rnd in range(args.timed_steps + 2):
+        for mode, opt in opts.items():
+            for p in projected:  # only the projected matrices: the plain AdamW part is the same for every mode
+                p.grad = grads[id(p)]
+            started = time.perf_counter()
+            opt.step()
+            if rnd >= 2:  # the first (refresh) step and one warm-up step are not timed
+                times[mode].append(time.perf_counter() - started)
+    medians = {m: statistics.median(t) for m, t in times.items()}
+    return {"model": args.model, "rank": cfg.rank, "threads": torch.get_num_threads(), "steps": args.timed_steps,
+            "median_s": medians, "ratio_vs_none": {m: medians[m] / medians["none"] for m in RESIDUALS}}  # fmt: skip
+
+
+def markdown(args: argparse.Namespace, rows: list[dict], timing: dict | None, command: str) -> str:
+    adamw = [r for r in rows if r["optimizer"] == "adamw"]
+    galore = [r for r in rows if r["optimizer"] == "galore"]
+    best_adamw = _best(adamw)["eval_loss"] if adamw else None
+    best_galore = _best(galore)["eval_loss"] if galore else None
+
+    def rel(x: float, ref: float | None) -> str:
+        return "" if ref is None else f"{100 * (x - ref) / ref:+.2f}%"
+
+    lines = [
+        f"### Quality sweep: {args.model}, {rows[0]['steps']} steps, equal rank and data (`scripts/bench_quality.py`)",
+        "",
+        f"Command: `{command}`; {platform.machine()} CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+        "Held-out loss at the last step; seconds are training wall time on shared cores (indicative only).",
+        "",
+        "| run | optimizer | lr | plain lr | residual | update gap | held-out loss | vs best AdamW | vs best galore | "
+        "train s | optimizer state |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        plain = "" if r["plain_lr"] is None else format(r["plain_lr"], "g")
+        loss = r["eval_loss"]
+        lines.append(
+            f"| {r['name']} | {r['optimizer']} | {r['lr']:g} | {plain} | {r['residual'] or ''}"
+            f" | {r['update_gap'] or ''} | {loss:.4f} | {rel(loss, best_adamw)} | {rel(loss, best_galore)}"
+            f" | {r['train_seconds']:.0f}"
+            f" | {r['state_bytes'] / 2**20:.2f} MiB |"
+        )
+    if timing:
+        lines += ["", f"Step time of `SubspaceAdamW.step()` alone ({timing['model']} shapes, rank {timing['rank']}, "
+                  f"{timing['threads']} threads, median of {timing['steps']} interleaved steps, no refresh):", "",
+                  "| residual | median step | ratio vs none |", "| --- | --- | --- |"]  # fmt: skip
+        for mode, t in timing["median_s"].items():
+            lines.append(f"| {mode} | {1e3 * t:.1f} ms | {timing['ratio_vs_none'][mode]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama_9m")
+    ap.add_argument("--steps", type=int, default=None, help="default: the model config's")
+    ap.add_argument("--update-gap", type=int, default=50, help="our (and the second galore row's) update gap")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="pretrain runs at a time")
+    ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    ap.add_argument("--plain-factors", type=float, nargs="*", default=[3.0])
+    ap.add_argument("--residuals", nargs="+", default=list(RESIDUALS), choices=RESIDUALS)
+    ap.add_argument("--subspace-lrs", type=float, nargs="*", default=[])
+    ap.add_argument("--subspace-plain-lrs", type=float, nargs="*", default=[3e-2])
+    ap.add_argument("--no-galore", action="store_true")
+    ap.add_argument("--also", nargs="*", default=[], help="finished run directories in --out to add to the table")
+    ap.add_argument("--step-time", action="store_true", help="also time step() per residual mode")
+    ap.add_argument("--timed-steps", type=int, default=20)
+    ap.add_argument("--extra-flags", nargs=argparse.REMAINDER, default=[], help="passed to every pretrain run")
+    ap.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (the tests)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps = args.steps or 4
+        args.extra_flags = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "1",
+                            "--num-attention-heads", "2", "--rank", "4", "--eval-every", "2", "--eval-windows", "2",
+                            "--max-train-bytes", "200000", "--tokenizer-vocab", "300", "--seq-len", "32",
+                            "--batch-size", "2", "--update-gap", "2", *args.extra_flags]  # fmt: skip
+        args.adamw_lrs, args.plain_factors, args.subspace_lrs, args.subspace_plain_lrs = [3e-3], [], [], []
+        args.timed_steps = 2
+    else:
+        args.extra_flags = ["--update-gap", str(args.update_gap), *args.extra_flags]
+    command = "python scripts/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = sweep(args)
+    seen = {r["name"] for r in rows}
+    rows += [recorded_row(args, name) for name in args.also if name not in seen]
+    timing = step_times(args) if args.step_time else None
+    result = {"rows": rows, "step_time": timing, "command": command}
+    text = markdown(args, rows, timing, command)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        with args.markdown.open("a") as f:
+            f.write("\n" + text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

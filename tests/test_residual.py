@@ -1,0 +1,330 @@
+"""The ``residual`` option (what a projected step does with the gradient outside its subspace) and
+``plain_lr`` (the lr of the parameters that are not projected).
+
+The residual's math is checked against an independent float64 formula on both engines (the Triton one
+under ``TRITON_INTERPRET=1`` on CPU, set by conftest), the limiter against its bound over a run whose
+gradients grow, and each mode by training a tiny LLaMA. Inputs are fresh random numbers, never zeros.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import subspace_optim as so
+from subspace_optim import functional, inner, kernels
+
+MODES = [m for m in inner.RESIDUALS if m != "none"]
+ENGINES = ["reference"] + (["triton"] if kernels.available() else [])
+HYPER = {"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "scale": 0.25}
+
+
+def _problem(m, n, r, side, seed):
+    gen = torch.Generator().manual_seed(seed)
+    d = m if side == "left" else n
+    rshape = (r, n) if side == "left" else (m, r)
+    basis, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
+    return {
+        "w": torch.randn(m, n, generator=gen),
+        "g": torch.randn(m, n, generator=gen),
+        "p": basis.float(),
+        "m": 0.1 * torch.randn(rshape, generator=gen),
+        "v": 0.01 + 0.1 * torch.rand(rshape, generator=gen),
+    }
+
+
+def _oracle(x, side, mode, age, previous):
+    """The documented update, written out in float64 without the engines' folding:
+    U = P D + phi o (G - P P^T G) (fira) or phi o G (apollo), D the bias-corrected Adam direction,
+    phi_j = ||D_j|| / ||R_j||, then the limiter against ``previous`` (first step: sqrt(d/r) ||D||)."""
+    b1, b2 = HYPER["betas"]
+    g, p = x["g"].double(), x["p"].double()
+    r = p.T @ g if side == "left" else g @ p
+    m = b1 * x["m"].double() + (1 - b1) * r
+    v = b2 * x["v"].double() + (1 - b2) * r * r
+    d = (m / (1 - b1**age)) / ((v / (1 - b2**age)).sqrt() + HYPER["eps"])
+    axis = 0 if side == "left" else 1
+    if mode == "fira_tensor":
+        phi = (d.norm() / r.norm()) * torch.ones(r.shape[1 - axis], dtype=torch.float64)
+    else:
+        phi = d.norm(dim=axis) / r.norm(dim=axis)
+    phi = phi.unsqueeze(axis)
+    back = (lambda t: p @ t) if side == "left" else (lambda t: t @ p.T)
+    u = phi * g if mode == "apollo" else back(d) + phi * (g - back(r))
+    limit = 1.01 * previous if previous > 0 else math.sqrt(p.shape[0] / p.shape[1]) * float(d.norm())
+    c = min(1.0, limit / float(u.norm()))
+    w = x["w"].double() * (1 - HYPER["lr"] * HYPER["weight_decay"]) - HYPER["lr"] * HYPER["scale"] * c * u
+    return w, m, v, c * float(u.norm()), c
+
+
+def _run_core(x, side, mode, age, previous, engine, **kwargs):
+    w, m, v = x["w"].clone(), x["m"].clone(), x["v"].clone()
+    norm = torch.tensor(previous, dtype=torch.float32)
+    functional.subspace_adamw(
+        [w], [x["g"]], [x["p"]], [m], [v], [age], **HYPER, sides=[side], engine=engine, residual=mode,
+        update_norms=[norm], **kwargs,
+    )  # fmt: skip
+    return w, m, v, norm
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("previous", ["first", "bound", "free"])
+def test_residual_matches_float64_formula(engine, side, mode, previous):
+    x = _problem(37, 21, 5, side, seed=hash((side, mode, previous)) % 1000)
+    free = _oracle(x, side, mode, age=3, previous=1e9)[3]  # the unlimited update's norm
+    prev = {"first": 0.0, "bound": 0.5 * free, "free": 10.0 * free}[previous]
+    w0, m0, v0, norm0, c = _oracle(x, side, mode, age=3, previous=prev)
+    if previous == "bound":
+        assert c < 0.6  # the limiter acts: the update is scaled to 1.01 x the previous norm
+    if previous == "free":
+        assert c == 1.0
+    w, m, v, norm = _run_core(x, side, mode, 3, prev, engine)
+    torch.testing.assert_close(m.double(), m0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v.double(), v0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.double(), w0, rtol=0, atol=5e-6)
+    assert float(norm) == pytest.approx(norm0, rel=1e-5)
+
+
+@pytest.mark.skipif("triton" not in ENGINES, reason="triton not installed")
+@pytest.mark.parametrize("moments_dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("mode", MODES)
+def test_engines_agree_with_low_precision_moments(moments_dtype, mode):
+    """Both engines through the optimizer: low-precision moments, bf16 bases, both sides, 4 steps with a refresh
+    (an exact SVD refresh, the same on both engines, so that only the steps are compared)."""
+    results = []
+    for engine in ("reference", "triton"):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(40, 24, bias=False), nn.Linear(24, 40, bias=False))
+        opt = so.SubspaceAdamW(
+            [{"params": list(model.parameters()), "rank": 4, "update_gap": 3, "refresh": "svd"}], lr=1e-2,
+            engine=engine,
+            residual=mode, moments_dtype=moments_dtype, basis_dtype="bfloat16",
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
+def test_residual_none_is_the_plain_step_bit_for_bit():
+    """``residual="none"`` is today's step: no state added, the same numbers bit for bit."""
+    x = _problem(19, 11, 3, "right", seed=1)
+    a = [x["w"].clone(), x["m"].clone(), x["v"].clone()]
+    inner.projected_adamw(a[0], x["g"], x["p"], a[1], a[2], inner.adam_scalars(**HYPER, age=2), "right")
+    b = _run_core(x, "right", "none", 2, 0.7, "reference")
+    for u, v in zip(a, b, strict=False):
+        assert torch.equal(u, v)
+    assert float(b[3]) == pytest.approx(0.7)  # the limiter's state is not touched
+    w = nn.Parameter(torch.randn(8, 6))
+    w.grad = torch.randn(8, 6)
+    opt = so.SubspaceAdamW([w], rank=2)
+    opt.step()
+    assert "update_norm" not in opt.state[w] and opt.param_groups[0]["residual"] == "none"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", MODES)
+def test_limiter_bounds_update_norm_growth(engine, mode):
+    """Gradients whose part outside the subspace grows 30% a step: each update's norm (read back from the
+    weights) grows by at most 1%, the state holds it, and the limiter does act."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(24, 17))
+    lr, scale = 1e-3, 0.25
+    opt = so.SubspaceAdamW([w], lr=lr, rank=3, update_gap=1000, scale=scale, residual=mode, engine=engine)
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(24, 17, generator=gen)
+    norms = []
+    for t in range(12):
+        w.grad = base + (1.3**t) * torch.randn(24, 17, generator=gen)
+        before = w.detach().clone()
+        opt.step()
+        norms.append(float((w.detach() - before).norm()) / (lr * scale))  # the bias-corrected update's norm
+        assert float(opt.state[w]["update_norm"]) == pytest.approx(norms[-1], rel=1e-3)
+    ratios = [b / a for a, b in zip(norms, norms[1:], strict=False)]
+    assert max(ratios) <= 1.01 * (1 + 1e-4), ratios
+    assert any(r > 1.009 for r in ratios), ratios  # it bound at least once
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", MODES)
+def test_residual_never_writes_nonfinite_weights(engine, mode):
+    """A channel whose projection vanishes (exactly, or to 1e-30) while Adam's moment remembers it, next to
+    a gradient near the largest the optimizer accepts: phi would be unbounded; the weights stay finite."""
+    m, n, r = 20, 9, 2
+    p = torch.zeros(m, r)
+    p[0, 0] = p[1, 1] = 1.0  # a left basis: R = rows 0 and 1 of G
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(2)) * 1e17
+    g[:2, 0] = 0.0  # channel 0: R_0 = 0 exactly
+    g[:2, 1] = 1e-30  # channel 1: R_1 tiny
+    x = {"w": torch.randn(m, n), "g": g, "p": p, "m": torch.randn(r, n), "v": torch.rand(r, n) + 0.1}
+    for previous in (0.0, 1e30):
+        w, *_, norm = _run_core(x, "left", mode, 5, previous, engine)
+        assert bool(torch.isfinite(w).all()) and math.isfinite(float(norm))
+
+
+def _tiny(mode: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 50)).to(dtype)
+    opt = so.SubspaceAdamW(so.param_groups(model, "all-linear", rank=4, update_gap=3), lr=1e-2, residual=mode)
+    return model, opt
+
+
+def _train_steps(model, opt, steps, start=0):
+    for i in range(start, start + steps):
+        x = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x).float(), (x + 1) % 50).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_checkpoint_carries_the_limiter_and_resumes_bit_exactly(mode, dtype):
+    model, opt = _tiny(mode, dtype)
+    _train_steps(model, opt, 7)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model, opt = _tiny(mode, dtype)
+    _train_steps(model, opt, 4)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    norms = [s["update_norm"] for s in saved["opt"]["state"].values() if "update_norm" in s]
+    assert len(norms) == 2 and all(t.dtype == torch.float32 and float(t) > 0 for t in norms)
+    model, opt = _tiny(mode, dtype)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    assert all(s["update_norm"].dtype == torch.float32 for s in opt.state.values() if "update_norm" in s)
+    _train_steps(model, opt, 3, start=4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_residual_turned_on_for_a_resumed_run_creates_its_state():
+    model, opt = _tiny("none")
+    _train_steps(model, opt, 2)
+    opt.param_groups[0]["residual"] = "fira"
+    _train_steps(model, opt, 1, start=2)
+    assert sum("update_norm" in s for s in opt.state.values()) == 2
+
+
+def test_residual_refused_for_row_sharded_weights_before_anything_changes(monkeypatch):
+    from subspace_optim import optimizer as optimizer_mod
+
+    w = nn.Parameter(torch.randn(12, 8))
+    w.grad = torch.randn(12, 8)
+    opt = so.SubspaceAdamW([w], rank=2, residual="fira")
+    monkeypatch.setattr(optimizer_mod.distributed, "is_dtensor", lambda t: t is w)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"Invalid residual: 'fira' for parameter params\[0\].*residual='none'"):
+        opt.step()
+    assert torch.equal(w.detach(), before) and not opt.state[w]
+
+
+def test_residual_option_is_validated():
+    w = nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="Invalid residual: 'fira_channel'.*'none', 'fira', 'fira_tensor', 'apollo'"):
+        so.SubspaceAdamW([w], residual="fira_channel")
+    with pytest.raises(ValueError, match="Invalid plain_lr: -0.1 in param group 0"):
+        so.SubspaceAdamW([{"params": [w], "plain_lr": -0.1}])
+    with pytest.raises(ValueError, match="residual must be one of"):
+        functional.subspace_adamw([], [], [], [], [], [], **HYPER, sides=[], residual="fira_channel")
+    with pytest.raises(ValueError, match="needs update_norms"):
+        functional.subspace_adamw([w], [w], [w], [w], [w], [1], **HYPER, sides=["left"], residual="fira")
+
+
+# --------------------------------------------------------------------------------------------- plain_lr
+def _plain_and_projected(plain_lr, schedule=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 12), nn.Linear(12, 30))
+    groups = so.param_groups(model, "all-linear", rank=3, update_gap=4)
+    opt = so.SubspaceAdamW(groups, lr=1e-2, plain_lr=plain_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule) if schedule else None
+    return model, opt, sched
+
+
+def _steps_with(model, opt, sched, steps=6):
+    for i in range(steps):
+        x = torch.randint(0, 30, (5,), generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), x).backward()
+        opt.step()
+        if sched:
+            sched.step()
+
+
+@pytest.mark.parametrize("schedule", [None, lambda s: (s + 1) / 4 if s < 3 else 0.5 ** (s - 2)])
+def test_plain_lr_trains_plain_parameters_as_adamw_at_that_lr_following_the_schedule(schedule):
+    model, opt, sched = _plain_and_projected(3e-3, schedule)
+    assert all(g["plain_lr"] == 3e-3 for g in opt.param_groups)
+    # torch's AdamW on copies of the plain parameters (embedding, bias), its own scheduler at peak 3e-3
+    plain_names = ["0.weight", "1.bias"]
+    twin = {n: nn.Parameter(dict(model.named_parameters())[n].detach().clone()) for n in plain_names}
+    adamw = torch.optim.AdamW(list(twin.values()), lr=3e-3, weight_decay=0.0)
+    twin_sched = torch.optim.lr_scheduler.LambdaLR(adamw, schedule) if schedule else None
+    reference, ref_opt, ref_sched = _plain_and_projected(None, schedule)
+    for i in range(6):
+        x = torch.randint(0, 30, (5,), generator=torch.Generator().manual_seed(i))
+        for mod in (model, reference):
+            mod.zero_grad()
+            nn.functional.cross_entropy(mod(x), x).backward()
+        for n in plain_names:
+            twin[n].grad = dict(model.named_parameters())[n].grad.clone()
+        opt.step()
+        ref_opt.step()
+        adamw.step()
+        for s in (sched, ref_sched, twin_sched):
+            if s:
+                s.step()
+    params = dict(model.named_parameters())
+    for n in plain_names:
+        torch.testing.assert_close(params[n].detach(), twin[n].detach(), rtol=1e-6, atol=1e-7)
+    ref = dict(reference.named_parameters())
+    assert not torch.allclose(params["0.weight"], ref["0.weight"])  # the group lr (1e-2) differs from 3e-3
+
+
+def test_plain_lr_leaves_projected_matrices_alone():
+    a, opt_a, _ = _plain_and_projected(1e-4)
+    b, opt_b, _ = _plain_and_projected(None)
+    # same gradients for both: feed b's gradients into a
+    for i in range(4):
+        x = torch.randint(0, 30, (5,), generator=torch.Generator().manual_seed(i))
+        b.zero_grad()
+        nn.functional.cross_entropy(b(x), x).backward()
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            pa.grad = pb.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a[1].weight, b[1].weight)  # projected: group lr either way
+    assert not torch.equal(a[0].weight, b[0].weight)
+
+
+def test_plain_lr_through_trainer_optim_args_and_pretrain_flags():
+    from subspace_optim.integrations.transformers import parse_optim_args
+    from subspace_optim.pretrain import loop, optimizers
+    from subspace_optim.pretrain.config import load_config
+
+    assert parse_optim_args("rank=8, plain_lr=3e-3, residual=fira") == {"rank": 8, "plain_lr": 3e-3, "residual": "fira"}
+    argv = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "1",
+            "--num-attention-heads", "2", "--plain-lr", "adamw=1e-3,subspace=2e-3",
+            "--lr", "adamw=3e-3,subspace=1e-2"]  # fmt: skip
+    cfg = load_config(argv)
+    model = loop.build_model(cfg, 64)
+    adamw = optimizers.build("adamw", model, cfg)
+    lrs = sorted({g["lr"] for g in adamw.param_groups})
+    assert lrs == [1e-3, 3e-3]
+    projected = {id(p) for _, p in so.param_groups(model, "all-linear", rank=cfg.rank)[0]["params"]}
+    for g in adamw.param_groups:
+        assert (g["lr"] == 3e-3) == all(id(p) in projected for p in g["params"])
+    ours = optimizers.build("subspace", model, cfg)
+    assert {g["plain_lr"] for g in ours.param_groups} == {2e-3}
