@@ -304,3 +304,12 @@ def test_add_param_group_while_attached_is_refused():
     assert len(opt.param_groups) == 2
     handle.remove()
     opt.add_param_group({"params": list(extra.parameters()), "param_names": ["extra.weight", "extra.bias"]})
+
+
+@pytest.mark.parametrize("residual", ["fira", "fira_tensor", "apollo"])
+def test_layerwise_equals_regular_with_a_residual(residual):
+    """The residual's limiter scalar is per matrix, so updating one matrix at a time changes nothing."""
+    regular, opt = _train(False, accum=2, steps=4, residual=residual)
+    layerwise, _ = _train(True, accum=2, steps=4, residual=residual)
+    _assert_same(regular, layerwise)
+    assert any("update_norm" in s for s in opt.state.values())
