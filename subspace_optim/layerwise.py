@@ -211,8 +211,9 @@ class BackwardUpdate:
         self._open = False
 
     def restart(self) -> None:
-        """Start a new accumulation cycle (``zero_grad`` and ``step`` call this)."""
-        self._backwards = 0
+        """Start a new accumulation cycle (``zero_grad`` and ``step`` call this, never inside backward: a
+        backward that died before its end, e.g. out of memory, is forgotten here)."""
+        self._backwards, self._open = 0, False
 
     # ------------------------------------------------------------------ updates
     def _on_grad(self, p: Tensor) -> None:

@@ -313,3 +313,27 @@ def test_layerwise_equals_regular_with_a_residual(residual):
     layerwise, _ = _train(True, accum=2, steps=4, residual=residual)
     _assert_same(regular, layerwise)
     assert any("update_norm" in s for s in opt.state.values())
+
+
+def test_a_backward_that_died_is_forgotten_by_zero_grad():
+    """An error inside backward (not ours: e.g. out of memory) skips its end-of-backward bookkeeping; the
+    next zero_grad() starts a clean cycle and the following backward updates again."""
+    model = _mlp()
+    opt = _optimizer(model)
+    opt.update_in_backward(model, accumulation_steps=2)
+    x, y = _micro(torch.Generator().manual_seed(6))
+
+    def die(_):
+        raise RuntimeError("simulated failure")
+
+    hook = model[2].weight.register_hook(die)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        (model(x) - y).square().mean().backward()
+    hook.remove()
+    opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    (model(x) - y).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())  # the first of a new cycle
+    (model(x) - y).square().mean().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
