@@ -179,7 +179,7 @@ def _optimizer(config: str, model: Any, cfg: Any) -> Any:
     from subspace_optim.pretrain import optimizers
 
     if config in ("adamw", "adamw_foreach"):
-        groups = optimizers._plain_groups(model, cfg.weight_decay)
+        groups = optimizers._plain_groups(model, cfg.weight_decay, cfg, "adamw")
         return torch.optim.AdamW(groups, lr=cfg.lr_for("adamw"), foreach=config == "adamw_foreach", fused=False)
     opt = optimizers.build({"adamw_fused": "adamw", "galore": "galore"}.get(config, "subspace"), model, cfg)
     if config.endswith("_layerwise"):
