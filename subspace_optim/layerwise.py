@@ -114,12 +114,12 @@ class BackwardUpdate:
         self._updated: set[int] = set()
         self._sq_norm = 0.0
         self._hooks: list[Any] = []
-        inner = model.module if self.kind == "ddp" else model
-        self._hooks.append(inner.register_forward_hook(self._on_forward))
         if self.kind == "ddp":
-            self._attach_ddp()
+            self._attach_ddp()  # may refuse the module: before any hook is registered
         else:
             self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+        inner = model.module if self.kind == "ddp" else model
+        self._hooks.append(inner.register_forward_hook(self._on_forward))
         optimizer._backward_update = self
 
     # ------------------------------------------------------------------ set-up
