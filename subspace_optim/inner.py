@@ -60,10 +60,19 @@ def projected_adamw(
 ) -> None:
     """One step of matrix ``p`` (viewed as ``g``'s shape) in the subspace of ``basis``, in place (reference)."""
     r = project(g.float(), basis, side)
+    direction = _moments_direction(r, exp_avg, exp_avg_sq, s)
+    _apply_update(p, project_back(direction, basis, side), s)
+
+
+def _moments_direction(r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars) -> Tensor:
+    """Update the moments with R in place; return N = M / (sqrt(V) / sqrt(1 - b2^t) + eps)."""
     exp_avg.lerp_(r, s.w1)
     exp_avg_sq.mul_(s.beta2).addcmul_(r, r, value=s.w2)
-    direction = exp_avg / (exp_avg_sq.sqrt() / s.bias2_sqrt).add_(s.eps)
-    update = project_back(direction, basis, side)
+    return exp_avg / (exp_avg_sq.sqrt() / s.bias2_sqrt).add_(s.eps)
+
+
+def _apply_update(p: Tensor, update: Tensor, s: AdamScalars) -> None:
+    """W <- W (1 - lr wd) - alpha U, in place, U (fp32, ``p``'s element count) rounded once into ``p``'s dtype."""
     if s.decay != 1.0:
         p.mul_(s.decay)
     if torch.compiler.is_compiling():
@@ -143,9 +152,7 @@ def residual_moments(
     sums of squares (``residual_factors``' ``nn``, ``rr``, ``gg``) stacked as a 3 x channels tensor."""
     gf = g.float()
     r = project(gf, basis, side)
-    exp_avg.lerp_(r, s.w1)
-    exp_avg_sq.mul_(s.beta2).addcmul_(r, r, value=s.w2)
-    direction = exp_avg / (exp_avg_sq.sqrt() / s.bias2_sqrt).add_(s.eps)
+    direction = _moments_direction(r, exp_avg, exp_avg_sq, s)
     dim = channel_dim(side)
     # G's channels lie along R's axis; vector_norm makes no m x n temporary
     stats = torch.stack((direction.square().sum(dim), r.square().sum(dim), torch.linalg.vector_norm(gf, dim=dim)))
@@ -165,9 +172,4 @@ def residual_update(
         update = gf * coef_b
     else:
         update = project_back(direction * c - r * coef_b, basis, side).addcmul_(gf, coef_b)
-    if s.decay != 1.0:
-        p.mul_(s.decay)
-    if torch.compiler.is_compiling():
-        p.add_((update * -s.alpha).view(p.shape).to(p.dtype))
-    else:
-        p.add_(update.view(p.shape).to(p.dtype), alpha=-s.alpha)
+    _apply_update(p, update, s)
