@@ -432,10 +432,14 @@ def _launch_group(
     if resid:
         dim = channel_dim(side) + 1  # the batch axis comes first
         first_ratio = math.sqrt(ps[0].shape[0] / r)
+        sumsq = torch.stack((nbuf.square().sum(dim), rbuf.square().sum(dim), sqbuf), dim=-1)  # batch x ch x 3
+        per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+        sumsq = sumsq.view(-1, 3) if per_channel else sumsq.sum(1)
         c, coef, norms = residual_factors(
-            nbuf.square().sum(dim), rbuf.square().sum(dim), sqbuf, torch.stack(update_norms),
+            sumsq, torch.full((batch,), channels, device=dev) if per_channel else None, torch.stack(update_norms),
             torch.tensor(bias1, dtype=torch.float64, device=dev), residual, first_ratio,
         )  # fmt: skip
+        coef = coef.view(batch, -1).expand(batch, channels)
         torch._foreach_copy_(update_norms, list(norms.unbind(0)))
         if residual != "apollo":  # B of launch 2 becomes c N - coef o R (in place: N is this step's temporary)
             nbuf.mul_(c.view(-1, 1, 1)).sub_(rbuf.mul_(coef.unsqueeze(dim)))

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -172,17 +173,23 @@ def step_times(args: argparse.Namespace) -> dict:
     times: dict[str, list[float]] = {m: [] for m in RESIDUALS}
     for p in model.parameters():
         p.grad = grads[id(p)]
+    order = random.Random(0)
     for rnd in range(args.timed_steps + 2):
-        for mode, opt in opts.items():
+        modes = list(opts)
+        order.shuffle(modes)  # no mode always runs first (or right after another) in a round
+        for mode in modes:
             for p in projected:  # only the projected matrices: the plain AdamW part is the same for every mode
                 p.grad = grads[id(p)]
             started = time.perf_counter()
-            opt.step()
+            opts[mode].step()
             if rnd >= 2:  # the first (refresh) step and one warm-up step are not timed
                 times[mode].append(time.perf_counter() - started)
     medians = {m: statistics.median(t) for m, t in times.items()}
+    # the ratio of each round's steps, then the median over rounds: a load that changes between rounds
+    # (other processes on the machine) cancels in each round's ratio
+    ratios = {m: statistics.median(a / b for a, b in zip(times[m], times["none"], strict=True)) for m in RESIDUALS}
     return {"model": args.model, "rank": cfg.rank, "threads": torch.get_num_threads(), "steps": args.timed_steps,
-            "median_s": medians, "ratio_vs_none": {m: medians[m] / medians["none"] for m in RESIDUALS}}  # fmt: skip
+            "median_s": medians, "ratio_vs_none": ratios}  # fmt: skip
 
 
 def markdown(args: argparse.Namespace, rows: list[dict], timing: dict | None, command: str) -> str:

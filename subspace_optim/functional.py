@@ -98,27 +98,39 @@ def subspace_adamw(
 def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
                         sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms) -> None:  # fmt: skip
     """The reference residual step in three passes: R, moments, N and channel sums per matrix; the
-    coefficients of every matrix in one ``residual_factors`` call (channel vectors zero-padded to one
-    length, which adds exact zeros: a few operations per call instead of per matrix); then each update."""
-    work = []
+    coefficients of every matrix in one ``residual_factors`` call (every matrix's channels in one flat
+    tensor: a few operations per step instead of per matrix; on CPU each costs a dispatch); then each
+    update. ``fira_tensor`` takes whole-matrix norms, one ``_foreach_norm`` per kind for the batch."""
+    per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+    work, sums = [], ([], [], [])
     for i in range(len(params)):
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
         m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
         basis = bases[i].float()
-        r, direction, stats = residual_moments(grads[i], basis, m, v, s, sides[i])
+        r, direction, channel_sums = residual_moments(grads[i], basis, m, v, s, sides[i], per_channel)
         quant.store(moments, "exp_avg", m)
         quant.store(moments, "exp_avg_sq", v)
-        work.append((s, basis, r, direction, stats))
+        work.append((s, basis, r, direction))
+        for into, t in zip(sums, channel_sums, strict=False):  # no sums without per_channel
+            into.append(t)
     dev = grads[0].device
-    stats = torch.nn.utils.rnn.pad_sequence([w[4].mT for w in work], batch_first=True).mT  # batch x 3 x channels
+    if per_channel:
+        lengths = [t.shape[0] for t in sums[0]]
+        sumsq = torch.stack([torch.cat(ts) for ts in sums], dim=1)
+    else:  # one dispatch per kind for the whole batch
+        lengths = [1] * len(work)
+        whole = ([w[3] for w in work], [w[2] for w in work], list(grads))
+        sumsq = torch.stack([torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)) for ts in whole], dim=1)
+        sumsq.square_()
     bias1 = torch.tensor([w[0].bias1 for w in work], dtype=torch.float64, device=dev)
     first = torch.tensor([(b.shape[0] / b.shape[1]) ** 0.5 for b in bases], dtype=torch.float64, device=dev)
-    c, coef, norms = residual_factors(stats[:, 0], stats[:, 1], stats[:, 2], torch.stack(list(update_norms)), bias1,
-                                      residual, first)  # fmt: skip
-    torch._foreach_copy_(list(update_norms), list(norms.unbind(0)))
-    for i, (s, basis, r, direction, st) in enumerate(work):
-        residual_update(params[i], grads[i], basis, r, direction, c[i], coef[i, : st.shape[1]], s, sides[i], residual)
+    c, coef, limiter = residual_factors(sumsq, torch.tensor(lengths, device=dev) if per_channel else None,
+                                        torch.stack(list(update_norms)), bias1, residual, first)  # fmt: skip
+    torch._foreach_copy_(list(update_norms), list(limiter.unbind(0)))
+    coefs = coef.split(lengths)
+    for i, ((s, basis, r, direction), c_i) in enumerate(zip(work, c.unbind(0), strict=True)):
+        residual_update(params[i], grads[i], basis, r, direction, c_i, coefs[i], s, sides[i], residual)
 
 
 def adamw(

@@ -100,17 +100,22 @@ def channel_dim(side: str) -> int:
 
 
 def residual_factors(
-    nn: Tensor, rr: Tensor, gg: Tensor, previous: Tensor, bias1: Tensor, mode: str, first_ratio: Tensor | float
+    sumsq: Tensor, lengths: Tensor | None, previous: Tensor, bias1: Tensor, mode: str, first_ratio: Tensor | float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    r"""The residual's coefficients, from per-channel sums of squares (the last axis is the channel).
+    r"""The residual's coefficients for a batch of matrices, from per-channel sums of squares.
 
-    ``nn``, ``rr``, ``gg``: ||N_j||^2, ||R_j||^2, ||G_j||^2 per channel j (fp32, any leading batch axes);
-    ``previous``: the last step's update norm (0: none yet); ``bias1``: 1 - b1^t. With
-    phi_j = ||N_j|| / ||R_j|| (``fira``, ``apollo``; 0 where R_j = 0) or phi = ||N|| / ||R|| (``fira_tensor``),
-    the step's full-space update, before lr scale / (1 - b1^t), is
+    ``sumsq`` (channels, 3): rows nn, rr, gg = ||N_j||^2, ||R_j||^2, ||G_j||^2 for every channel j of every
+    matrix, matrix after matrix, ``lengths[i]`` channels for matrix i (fp32 or fp64; one flat layout for
+    matrices of any shapes, so the whole step needs one call); ``previous``: each matrix's last update norm
+    (0: none yet); ``bias1``: 1 - b1^t. With phi_j = ||N_j|| / ||R_j|| (0 where R_j = 0), the step's
+    full-space update, before lr scale / (1 - b1^t), is
 
         fira, fira_tensor:  U = P N + phi o (G - P R)      (phi o: channel j scaled by phi_j)
         apollo:             U = phi o G                    (the whole gradient, channel-scaled)
+
+    ``fira_tensor`` is ``fira`` with one channel per matrix, the whole matrix (``lengths`` None: one row
+    of ``sumsq`` per matrix, its whole sums): one phi = ||N|| / ||R|| per matrix, and no per-channel
+    reduction at all.
 
     ``P N`` lies in the subspace and ``G - P R`` is orthogonal to it, channel by channel, so
     ||U||^2 = ||N||^2 + sum_j phi_j^2 (||G_j||^2 - ||R_j||^2) (fira) or sum_j phi_j^2 ||G_j||^2 (apollo):
@@ -121,43 +126,61 @@ def residual_factors(
     than r/d of G's energy) stays below it, so it is unlimited as in Fira; a channel whose projection is
     nearly zero while N is not cannot make the first step arbitrarily large.
 
-    Returns (c, coef = c phi, the new ``previous`` = c ||U|| / bias1): the update is
-    ``P (c N - coef o R) + coef o G`` (fira: P R never formed on its own) or ``coef o G`` (apollo). The
-    factors are computed in fp64 and ``coef`` is capped so that ``coef * |G_ij|`` stays finite: no
-    NaN or Inf reaches a weight, whatever the (finite) gradient.
+    Returns (c per matrix, coef = c phi per channel (flat, as ``sumsq``), the new ``previous`` =
+    c ||U|| / bias1): the update is ``P (c N - coef o R) + coef o G`` (fira: P R never formed on its own)
+    or ``coef o G`` (apollo). The factors are computed in fp64 and ``coef`` is capped so that
+    ``coef * |G_ij|`` stays finite: no NaN or Inf reaches a weight, whatever the (finite) gradient.
     """
-    # Few, fused operations: this runs once per matrix and step, on vectors of one number per channel.
-    stats = torch.stack((nn, rr, gg)).double()
-    nn, rr, gg = stats.unbind(0)
-    sums = stats.sum(-1)  # ||N||^2, ||R||^2, ||G||^2 per matrix
-    if mode == "fira_tensor":
-        phi2 = torch.where(sums[1] > 0, sums[0] / sums[1], 0.0).unsqueeze(-1)
-    else:
-        phi2 = torch.where(rr > 0, nn / rr, 0.0)  # phi_j^2
+    # Few operations on one flat tensor: on CPU each costs a dispatch, whatever its size.
+    stats = sumsq.double()
+    channels = stats.shape[0]
+    per_matrix = (lambda t: t) if lengths is None else (lambda t: torch.segment_reduce(t, "sum", lengths=lengths))
+    per_channel = (lambda t: t) if lengths is None else (lambda t: t.repeat_interleave(lengths, output_size=channels))
+    sum_n, sum_r, sum_g = per_matrix(stats).unbind(1)
+    nn, rr, gg = stats.unbind(1)
+    phi2 = torch.where(rr > 0, nn / rr, 0.0)  # phi_j^2
     outside = gg if mode == "apollo" else (gg - rr).clamp_min_(0.0)  # ||G_j||^2, or ||G_j - P R_j||^2
-    total = (phi2 * outside).sum(-1)
+    total = per_matrix(phi2 * outside)
     if mode != "apollo":
-        total += sums[0]
+        total += sum_n
     norm = total.sqrt_().div_(bias1)
-    limit = torch.where(previous > 0, GROWTH_LIMIT * previous.double(), sums[0].sqrt() * (first_ratio / bias1))
+    limit = torch.where(previous > 0, GROWTH_LIMIT * previous.double(), sum_n.sqrt() * (first_ratio / bias1))
     c = (limit / norm).clamp_(max=1.0).nan_to_num_(0.0)  # 0 / 0 (no update at all): 0
-    coef = torch.minimum(phi2.sqrt_() * c.unsqueeze(-1), (_COEF_PRODUCT_CAP**2 / gg).sqrt_())
+    phi_c = phi2.sqrt_().mul_(per_channel(c))
+    coef = torch.minimum(phi_c, gg.rsqrt().mul_(_COEF_PRODUCT_CAP))  # ||G_j|| = 0: rsqrt inf, no cap
     return c.float(), coef.float(), (c * norm).float()
 
 
+def channel_sumsq(t: Tensor, dim: int) -> Tensor:
+    """sum(t^2) along ``dim`` of a matrix: ||t_j||^2 for each channel. Along rows (dim 1) ``vector_norm``
+    squared, which makes no temporary; down columns (dim 0) ``square().sum(0)`` over bands of rows
+    (at most ``_SUMSQ_BAND`` values of temporary), because on CPU (torch 2.13) ``vector_norm`` down
+    columns is 5-40x slower than either (``scripts/bench_quality.py --step-time``)."""
+    if dim == 1:
+        return torch.linalg.vector_norm(t, dim=1).square_()
+    band = max(1, _SUMSQ_BAND // max(t.shape[1], 1))
+    if t.shape[0] <= band:
+        return t.square().sum(0)
+    out = t[:band].square().sum(0)
+    for start in range(band, t.shape[0], band):
+        out += t[start : start + band].square().sum(0)
+    return out
+
+
+_SUMSQ_BAND = 1 << 22  # values of temporary per band in channel_sumsq (16 MiB in fp32)
+
+
 def residual_moments(
-    g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The first half of a residual step (reference): R, the moments updated in place, N, and the per-channel
-    sums of squares (``residual_factors``' ``nn``, ``rr``, ``gg``) stacked as a 3 x channels tensor."""
+    g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str, per_channel: bool
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The first half of a residual step (reference): R, the moments updated in place, N, and (``per_channel``)
+    the per-channel sums of squares ||N_j||^2, ||R_j||^2, ||G_j||^2 (``residual_factors``' ``sumsq``
+    columns; without ``per_channel`` none: the caller takes whole-matrix norms of a batch at once)."""
     gf = g.float()
     r = project(gf, basis, side)
     direction = _moments_direction(r, exp_avg, exp_avg_sq, s)
     dim = channel_dim(side)
-    # G's channels lie along R's axis; vector_norm makes no m x n temporary
-    stats = torch.stack((direction.square().sum(dim), r.square().sum(dim), torch.linalg.vector_norm(gf, dim=dim)))
-    stats[2].square_()
-    return r, direction, stats
+    return r, direction, [channel_sumsq(t, dim) for t in (direction, r, gf)] if per_channel else []
 
 
 def residual_update(
@@ -165,11 +188,25 @@ def residual_update(
     side: str, mode: str,
 ) -> None:  # fmt: skip
     """The second half (reference): W <- W (1 - lr wd) - alpha U, with U = P (c N - coef o R) + coef o G
-    (fira, fira_tensor) or coef o G (apollo); ``c`` and ``coef`` from ``residual_factors``."""
+    (fira, fira_tensor) or coef o G (apollo); ``c`` and ``coef`` from ``residual_factors``. ``direction``
+    (N, this step's temporary) is overwritten.
+
+    An fp32 matrix (eager) is updated without forming U: the GEMM adds P X into W with the decay as its
+    beta, then coef o G is added in place. That saves writing and re-reading an m x n temporary and a pass
+    for the decay (on CPU the residual then costs little more than the plain step) at the price of two fp32
+    roundings into W instead of one. Other dtypes (a bf16 W must be rounded once) and compiled graphs
+    (inductor drops addmm's alpha, as in ``_apply_update``) form U."""
     gf = g.float()
     coef_b = coef.unsqueeze(channel_dim(side))  # broadcast along the channel's entries
-    if mode == "apollo":
-        update = gf * coef_b
+    x = None if mode == "apollo" else direction.mul_(c).addcmul_(r, coef_b, value=-1.0)
+    if p.dtype != torch.float32 or p.shape != gf.shape or torch.compiler.is_compiling():
+        update = gf * coef_b if x is None else project_back(x, basis, side).addcmul_(gf, coef_b)
+        _apply_update(p, update, s)
+        return
+    if x is None:
+        if s.decay != 1.0:
+            p.mul_(s.decay)
     else:
-        update = project_back(direction * c - r * coef_b, basis, side).addcmul_(gf, coef_b)
-    _apply_update(p, update, s)
+        a, b = (basis, x) if side == "left" else (x, basis.mT)  # project_back's product, added into W
+        p.addmm_(a, b, beta=s.decay, alpha=-s.alpha)
+    p.addcmul_(gf, coef_b, value=-s.alpha)

@@ -300,8 +300,10 @@ class SubspaceAdamW(Optimizer):
         for group in self.param_groups:
             for native, members in _by_storage(plain.get(id(group), [])):
                 view = (lambda t: t) if native else local  # low-precision storage is updated rank-locally
-                args = tuple([view(t) for t in ts] for ts in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"])
-                                                                   for p, s in members], strict=True))
+                args = tuple(
+                    [view(t) for t in ts]
+                    for ts in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"]) for p, s in members], strict=True)
+                )
                 kwargs = {**_hyper(group), "lr": plain_lr(group), "foreach": group["foreach"],
                           **_absmaxes([s for _, s in members])}  # fmt: skip
                 calls.append((functional.adamw, (*args, [s["step"] for _, s in members]), kwargs))

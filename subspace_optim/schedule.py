@@ -58,7 +58,7 @@ def rank_fallbacks(new: list[tuple[Tensor, dict[str, Any], str]]) -> None:
             by_rank.setdefault(group["rank"], []).append((name, matrix_shape(p)))
     for rank, found in by_rank.items():
         if len(found) == 1:
-            (name, shape), = found
+            ((name, shape),) = found
             compat.warn_user(
                 f"rank={rank} exceeds min{shape} of parameter {name}: it is trained with plain AdamW "
                 f"(set rank <= {min(shape)} or leave this parameter out of the rank group)"

@@ -91,6 +91,33 @@ def test_residual_matches_float64_formula(engine, side, mode, previous):
     assert float(norm) == pytest.approx(norm0, rel=1e-5)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("mode", MODES)
+def test_fp32_update_without_u_matches_the_formed_update(side, mode, monkeypatch):
+    """An fp32 weight is updated by addmm into W plus coef o G in place; the path that forms U (bf16
+    weights, compiled graphs) is the same math: both agree to fp32 rounding, and both match the oracle."""
+    x = _problem(29, 45, 6, side, seed=17)
+    fused = _run_core(x, side, mode, 4, 0.0, "reference")
+    monkeypatch.setattr(inner.torch.compiler, "is_compiling", lambda: True)  # takes the U path
+    formed = _run_core(x, side, mode, 4, 0.0, "reference")
+    torch.testing.assert_close(fused[0], formed[0], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(fused[0], x["w"])
+    w0 = _oracle(x, side, mode, age=4, previous=0.0)[0]
+    for w in (fused[0], formed[0]):
+        torch.testing.assert_close(w.double(), w0, rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_channel_sumsq_in_bands_matches_float64(dim, monkeypatch):
+    """Per-channel sums of squares down columns are taken in bands of rows (bounded temporaries); the
+    bands' sum equals the float64 sum, for bands that do and do not divide the rows."""
+    t = torch.randn(103, 37, generator=torch.Generator().manual_seed(2))
+    want = t.double().square().sum(dim)
+    for band in (1 << 22, 37 * 10, 37 * 7 + 3, 1):
+        monkeypatch.setattr(inner, "_SUMSQ_BAND", band)
+        torch.testing.assert_close(inner.channel_sumsq(t, dim).double(), want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.skipif("triton" not in ENGINES, reason="triton not installed")
 @pytest.mark.parametrize("moments_dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("mode", MODES)
