@@ -355,3 +355,9 @@ def test_plain_lr_through_trainer_optim_args_and_pretrain_flags():
         assert (g["lr"] == 3e-3) == all(id(p) in projected for p in g["params"])
     ours = optimizers.build("subspace", model, cfg)
     assert {g["plain_lr"] for g in ours.param_groups} == {2e-3}
+    pytest.importorskip("galore_torch")
+    cfg = load_config([*argv[:-4], "--optimizer", "galore", "--plain-lr", "galore=4e-3", "--lr", "galore=1e-2"])
+    galore = optimizers.build("galore", model, cfg)
+    for g in galore.param_groups:  # galore-torch's own groups: the projected ones carry "rank"
+        assert g["lr"] == (1e-2 if "rank" in g else 4e-3)
+    assert any("rank" in g for g in galore.param_groups) and any("rank" not in g for g in galore.param_groups)

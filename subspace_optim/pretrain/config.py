@@ -201,7 +201,7 @@ class PretrainConfig:
         None,
         "peak lr of the parameters that are not projected (embeddings, output head, norms), one number or per "
         "optimizer as adamw=1e-3,subspace=3e-3; none: the optimizer's --lr. subspace: SubspaceAdamW's plain_lr; "
-        "adamw/adamw8bit: those parameters' own group, the selected linear layers keep --lr",
+        "adamw/adamw8bit/galore/apollo: those parameters' own groups, the selected linear layers keep --lr",
         _optional(_lr),
         group="optimizer",
     )

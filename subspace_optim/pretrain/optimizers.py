@@ -146,9 +146,11 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
         else:
             low_rank.update(scale=cfg.apollo_scale, proj=cfg.apollo_proj, scale_type=cfg.apollo_scale_type)
             cls = module.APOLLOAdamW
+        separate = cfg.plain_lr_for(name)  # the parameters galore/apollo do not project, as for adamw
+        plain = {} if separate is None else {"lr": separate}
         groups = [
-            {"params": matrices, "weight_decay": cfg.weight_decay},
-            {"params": vectors, "weight_decay": 0.0},
+            {"params": matrices, "weight_decay": cfg.weight_decay, **plain},
+            {"params": vectors, "weight_decay": 0.0, **plain},
             {"params": projected, "weight_decay": cfg.weight_decay, **low_rank},
         ]
         kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": cfg.adam_eps}
