@@ -23,7 +23,8 @@ launch 2 adds coef o G in its epilogue (``apollo``: U = coef o G, no GEMM). No e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -344,7 +345,20 @@ def projection_blocks(blocks: Blocks, cols: int, quantized: bool) -> Blocks:
     return Blocks(bm, bn, blocks.k, warps=blocks.warps, stages=blocks.stages)
 
 
-def _launch_group(
+class _Launched(NamedTuple):
+    """What launch 1 leaves for launch 2: N (and with a residual R and ||G_j||^2) per batch member."""
+
+    ws: list[Tensor]
+    gs: list[Tensor]
+    ps: list[Tensor]
+    hyper: Tensor
+    side: str
+    nbuf: Tensor
+    rbuf: Tensor | None
+    sqbuf: Tensor | None
+
+
+def _project_launch(
     ws: list[Tensor],
     gs: list[Tensor],
     ps: list[Tensor],
@@ -356,16 +370,10 @@ def _launch_group(
     side: str,
     blocks: Blocks,
     precision: str,
-    residual: str = "none",
-    update_norms: list[Tensor] | None = None,
-    bias1: list[float] | None = None,
-) -> None:
-    """Both launches for one batch of same-shape, same-layout, same-storage matrices, on their device.
-
-    With a ``residual``, launch 1 also leaves R and ||G_j||^2 per channel; between the launches a few
-    torch operations on those low-rank buffers (never on G) compute the residual's coefficients
-    (``inner.residual_factors``), update the limiter state ``update_norms`` in place and turn N into
-    c N - coef o R; launch 2 adds coef o G in its epilogue (see ``back_update_kernel``).
+    resid: bool,
+) -> _Launched:
+    """Launch 1 for one batch of same-shape, same-layout, same-storage matrices, on their device: the
+    moments updated in place, N in a fresh buffer (with ``resid``, also R and ||G_j||^2 per channel).
 
     Every operand is addressed through its own strides, so any non-overlapping layout works: column-major
     or sliced moments (as ``load_state_dict`` may restore them), a transposed basis, a strided gradient.
@@ -378,7 +386,7 @@ def _launch_group(
     pst = check_same_layout(ps, "bases")
     mst = check_same_layout(ms, "exp_avg")
     vst = check_same_layout(vs, "exp_avg_sq")
-    wst = check_same_layout(ws, "weights")
+    check_same_layout(ws, "weights")
     rshape = (r, n) if side == "left" else (m, r)
     if tuple(ms[0].shape) != rshape or tuple(vs[0].shape) != rshape or ps[0].shape[0] != (m if side == "left" else n):
         raise ValueError(f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms[0].shape)} do not fit G {(m, n)}")
@@ -403,15 +411,14 @@ def _launch_group(
     nst = nbuf.stride()[1:]
     g_arr, p_arr = pointer_array(gs, dev), pointer_array(ps, dev)
     n_arr = pointer_array(list(nbuf.unbind(0)), dev)
-    p_dt = tl_dtype(ps[0].dtype)
 
     g_dt, pp_dt = gs[0].dtype, ps[0].dtype
     if side == "left":  # R = P^T G: A = P^T (r x m), B = G (m x n)
         a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = p_arr, pst[::-1], pp_dt, g_arr, gst, g_dt, (r, n, m)
     else:  # R = G P: A = G (m x n), B = P (n x r)
         a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = g_arr, gst, g_dt, p_arr, pst, pp_dt, (m, r, n)
-    resid = residual != "none"
     r_arr = sq_arr = n_arr  # placeholders, never read without a residual
+    rbuf = sqbuf = None
     if resid:
         channels = n if side == "left" else m
         rbuf = torch.empty_like(nbuf)
@@ -428,37 +435,80 @@ def _launch_group(
         SQ_OF_B=side == "left", PRECISION=precision,
         BM=pb.m, BN=pb.n, BK=pb.k, GROUP_M=8, num_warps=pb.warps, num_stages=pb.stages,
     )  # fmt: skip
-    coef = hyper  # placeholder
-    if resid:
-        dim = channel_dim(side) + 1  # the batch axis comes first
-        first_ratio = math.sqrt(ps[0].shape[0] / r)
-        sumsq = torch.stack((nbuf.square().sum(dim), rbuf.square().sum(dim), sqbuf), dim=-1)  # batch x ch x 3
-        per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
-        sumsq = sumsq.view(-1, 3) if per_channel else sumsq.sum(1)
-        c, coef, norms = residual_factors(
-            sumsq, torch.full((batch,), channels, device=dev) if per_channel else None, torch.stack(update_norms),
-            torch.tensor(bias1, dtype=torch.float64, device=dev), residual, first_ratio,
-        )  # fmt: skip
-        coef = coef.view(batch, -1).expand(batch, channels)
-        torch._foreach_copy_(update_norms, list(norms.unbind(0)))
-        if residual != "apollo":  # B of launch 2 becomes c N - coef o R (in place: N is this step's temporary)
-            nbuf.mul_(c.view(-1, 1, 1)).sub_(rbuf.mul_(coef.unsqueeze(dim)))
-        coef = coef.contiguous()
+    return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf)
 
+
+def _back_launch(x: _Launched, blocks: Blocks, precision: str, residual: str, coef: Tensor | None) -> None:
+    """Launch 2: W <- W (1 - lr wd) - alpha (P N + coef o G) for the batch; with a residual, N already
+    holds c N - coef o R (``apollo``: no GEMM, U = coef o G); ``coef`` batch x channels, contiguous."""
+    ws, gs, ps, side = x.ws, x.gs, x.ps, x.side
+    dev = gs[0].device
+    m, n = gs[0].shape
+    r = ps[0].shape[1]
+    gst, pst, wst = gs[0].stride(), ps[0].stride(), ws[0].stride()
+    nst = x.nbuf.stride()[1:]
+    p_arr, n_arr, g_arr = pointer_array(ps, dev), pointer_array(list(x.nbuf.unbind(0)), dev), pointer_array(gs, dev)
+    p_dt = tl_dtype(ps[0].dtype)
+    resid = residual != "none"
     if side == "left":  # U = P N: A = P (m x r), B = N (r x n)
         a_arr, sa, a_dt, b_arr, sb, b_dt = p_arr, pst, p_dt, n_arr, nst, tl.float32
     else:  # U = N P^T: A = N (m x r), B = P^T (r x n)
         a_arr, sa, a_dt, b_arr, sb, b_dt = n_arr, nst, tl.float32, p_arr, pst[::-1], p_dt
-    grid = (triton.cdiv(m, blocks.m) * triton.cdiv(n, blocks.n), batch)
+    coef = x.hyper if coef is None else coef  # placeholder without a residual
+    grid = (triton.cdiv(m, blocks.m) * triton.cdiv(n, blocks.n), len(gs))
     back_update_kernel[grid](
-        a_arr, b_arr, pointer_array(ws, dev), hyper,
+        a_arr, b_arr, pointer_array(ws, dev), x.hyper,
         m, n, r, sa[0], sa[1], sb[0], sb[1], wst[0], wst[1], g_arr, gst[0], gst[1], coef,
         coef.stride(0) if resid else 0,
-        A_DT=a_dt, B_DT=b_dt, W_DT=tl_dtype(ws[0].dtype), G_DT=tl_dtype(g_dt),
+        A_DT=a_dt, B_DT=b_dt, W_DT=tl_dtype(ws[0].dtype), G_DT=tl_dtype(gs[0].dtype),
         ROUND_BF16=ws[0].dtype == torch.bfloat16, RESID=resid, LOW_RANK=residual != "apollo",
         COEF_OF_COLS=side == "left", PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
         num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
+
+
+def _residual_between(
+    launched: list[_Launched],
+    members: list[list[int]],
+    count: int,
+    residual: str,
+    update_norms: Sequence[Tensor],
+    bias1: list[float],
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> list[Tensor]:
+    """Between the launches, for every batch at once: the residual's coefficients from launch 1's low-rank
+    buffers (never G), in matrix order (so row-sharded ranks, whose batches may group differently, make
+    the same ``reduce`` call), the limiter state updated in place, and each batch's N turned into
+    c N - coef o R. Returns each batch's coef (batch x channels, contiguous)."""
+    per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+    pieces: list[Tensor | None] = [None] * count
+    for x, idx in zip(launched, members, strict=True):
+        dim = channel_dim(x.side) + 1  # the batch axis comes first
+        sumsq = torch.stack((x.nbuf.square().sum(dim), x.rbuf.square().sum(dim), x.sqbuf), dim=-1)  # b x ch x 3
+        for j, i in enumerate(idx):
+            pieces[i] = sumsq[j] if per_channel else sumsq[j].sum(0, keepdim=True)
+    dev = pieces[0].device
+    lengths = [t.shape[0] for t in pieces]
+    first = [0.0] * count  # sqrt(d / r) per matrix, d the projected side
+    for x, idx in zip(launched, members, strict=True):
+        for i in idx:
+            first[i] = math.sqrt(x.ps[0].shape[0] / x.ps[0].shape[1])
+    c, coef, norms = residual_factors(
+        torch.cat(pieces), torch.tensor(lengths, device=dev) if per_channel else None, torch.stack(list(update_norms)),
+        torch.tensor(bias1, dtype=torch.float64, device=dev), residual,
+        torch.tensor(first, dtype=torch.float64, device=dev), reduce,
+    )  # fmt: skip
+    torch._foreach_copy_(list(update_norms), list(norms.unbind(0)))
+    coefs = coef.split(lengths)
+    out = []
+    for x, idx in zip(launched, members, strict=True):
+        channels = x.sqbuf.shape[1]
+        dim = channel_dim(x.side) + 1
+        batch_coef = torch.stack([coefs[i].expand(channels) for i in idx])
+        if residual != "apollo":  # B of launch 2 becomes c N - coef o R (in place: N is this step's temporary)
+            x.nbuf.mul_(c[idx].view(-1, 1, 1)).sub_(x.rbuf.mul_(batch_coef.unsqueeze(dim)))
+        out.append(batch_coef.contiguous())
+    return out
 
 
 def _layout(t: Tensor | None) -> tuple | None:
@@ -484,6 +534,7 @@ def subspace_adamw(
     matmul_precision: str = "ieee",
     residual: str = "none",
     update_norms: Sequence[Tensor] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
     blocks: Blocks | None = None,
 ) -> None:
     """The Triton twin of ``functional.subspace_adamw``: the same arguments, the same update, in place.
@@ -517,27 +568,23 @@ def subspace_adamw(
         key = (sides[i], g.device, tuple(g.shape), g.dtype, g.stride(), w.dtype, w.stride())
         key += tuple(_layout(t) for t in (bases[i], exp_avgs[i], exp_avg_sqs[i], mqs[i], vqs[i]))
         batches.setdefault(key, []).append(i)
-    for key, idx in batches.items():
+    resid = residual != "none"
+    launched, members, bias1 = [], list(batches.values()), [0.0] * count
+    for idx in members:
         dev = grads[idx[0]].device
-        rows, bias1 = [], []
+        rows = []
         for i in idx:
             s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
             rows.append([s.w1, s.beta2, s.w2, s.eps, s.bias2_sqrt, s.alpha, s.decay, 0.0])
-            bias1.append(s.bias1)
+            bias1[i] = s.bias1
         with device_guard(dev):
-            _launch_group(
-                [ws[i] for i in idx],
-                [grads[i] for i in idx],
-                [bases[i] for i in idx],
-                [exp_avgs[i] for i in idx],
-                [exp_avg_sqs[i] for i in idx],
-                None if mqs[idx[0]] is None else [mqs[i] for i in idx],
-                None if vqs[idx[0]] is None else [vqs[i] for i in idx],
-                host_table(rows, torch.float32, dev),
-                key[0],
-                blocks,
-                matmul_precision,
-                residual,
-                None if residual == "none" else [update_norms[i] for i in idx],
-                bias1,
-            )
+            launched.append(_project_launch(
+                [ws[i] for i in idx], [grads[i] for i in idx], [bases[i] for i in idx], [exp_avgs[i] for i in idx],
+                [exp_avg_sqs[i] for i in idx], None if mqs[idx[0]] is None else [mqs[i] for i in idx],
+                None if vqs[idx[0]] is None else [vqs[i] for i in idx], host_table(rows, torch.float32, dev),
+                sides[idx[0]], blocks, matmul_precision, resid,
+            ))  # fmt: skip
+    coefs = _residual_between(launched, members, count, residual, update_norms, bias1, reduce) if resid else None
+    for b, x in enumerate(launched):
+        with device_guard(x.gs[0].device):
+            _back_launch(x, blocks, matmul_precision, residual, None if coefs is None else coefs[b])

@@ -12,7 +12,7 @@ finiteness) before it calls them, which is what makes a step all or nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -56,6 +56,7 @@ def subspace_adamw(
     matmul_precision: str = "ieee",
     residual: str = "none",
     update_norms: Sequence[Tensor] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
 
@@ -66,7 +67,9 @@ def subspace_adamw(
     ``steps[i]`` is the moments' age t, already counting this step. ``matmul_precision`` applies to the
     Triton engine ("ieee" or "tf32"). ``residual`` (``inner.RESIDUALS``) adds what the subspace discards
     (``inner.residual_factors``); it then needs ``update_norms[i]``, matrix i's 0-d fp32 limiter state,
-    updated in place.
+    updated in place. ``reduce``: for a residual on row shards (FSDP2; right projections), sums the
+    per-matrix partial sums over the ranks holding the other rows (``inner.residual_factors``); every rank
+    calls this function with the same matrices in the same order.
     """
     if residual not in RESIDUALS:
         raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
@@ -77,14 +80,14 @@ def subspace_adamw(
             params, grads, bases, exp_avgs, exp_avg_sqs, steps,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
             exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
-            matmul_precision=matmul_precision, residual=residual, update_norms=update_norms,
+            matmul_precision=matmul_precision, residual=residual, update_norms=update_norms, reduce=reduce,
         )  # fmt: skip
         return
     if engine != "reference":
         raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
     if residual != "none":
         _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
-                            sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms)  # fmt: skip
+                            sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms, reduce)  # fmt: skip
         return
     for i, p in enumerate(params):
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
@@ -96,7 +99,8 @@ def subspace_adamw(
 
 
 def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
-                        sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms) -> None:  # fmt: skip
+                        sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms,
+                        reduce) -> None:  # fmt: skip
     """The reference residual step in three passes: R, moments, N and channel sums per matrix; the
     coefficients of every matrix in one ``residual_factors`` call (every matrix's channels in one flat
     tensor: a few operations per step instead of per matrix; on CPU each costs a dispatch); then each
@@ -126,7 +130,7 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
     bias1 = torch.tensor([w[0].bias1 for w in work], dtype=torch.float64, device=dev)
     first = torch.tensor([(b.shape[0] / b.shape[1]) ** 0.5 for b in bases], dtype=torch.float64, device=dev)
     c, coef, limiter = residual_factors(sumsq, torch.tensor(lengths, device=dev) if per_channel else None,
-                                        torch.stack(list(update_norms)), bias1, residual, first)  # fmt: skip
+                                        torch.stack(list(update_norms)), bias1, residual, first, reduce)  # fmt: skip
     torch._foreach_copy_(list(update_norms), list(limiter.unbind(0)))
     coefs = coef.split(lengths)
     for i, ((s, basis, r, direction), c_i) in enumerate(zip(work, c.unbind(0), strict=True)):

@@ -15,6 +15,7 @@ reference below and the Triton epilogues (``kernels.step``) read the same ``Adam
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -100,7 +101,13 @@ def channel_dim(side: str) -> int:
 
 
 def residual_factors(
-    sumsq: Tensor, lengths: Tensor | None, previous: Tensor, bias1: Tensor, mode: str, first_ratio: Tensor | float
+    sumsq: Tensor,
+    lengths: Tensor | None,
+    previous: Tensor,
+    bias1: Tensor,
+    mode: str,
+    first_ratio: Tensor | float,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""The residual's coefficients for a batch of matrices, from per-channel sums of squares.
 
@@ -116,6 +123,11 @@ def residual_factors(
     ``fira_tensor`` is ``fira`` with one channel per matrix, the whole matrix (``lengths`` None: one row
     of ``sumsq`` per matrix, its whole sums): one phi = ||N|| / ||R|| per matrix, and no per-channel
     reduction at all.
+
+    ``reduce`` (row-sharded matrices, FSDP2): sums a tensor of per-matrix partial sums over the ranks that
+    hold the matrices' rows, in place, and returns it. Every channel of a right projection is a row, so
+    phi_j is rank-local and only the per-matrix sums travel: one all-reduce of matrices x 2 (or x 3 for
+    whole-matrix channels) fp64 numbers per step, the same on every rank.
 
     ``P N`` lies in the subspace and ``G - P R`` is orthogonal to it, channel by channel, so
     ||U||^2 = ||N||^2 + sum_j phi_j^2 (||G_j||^2 - ||R_j||^2) (fira) or sum_j phi_j^2 ||G_j||^2 (apollo):
@@ -133,20 +145,24 @@ def residual_factors(
     """
     # Few operations on one flat tensor: on CPU each costs a dispatch, whatever its size.
     stats = sumsq.double()
-    channels = stats.shape[0]
-    per_matrix = (lambda t: t) if lengths is None else (lambda t: torch.segment_reduce(t, "sum", lengths=lengths))
-    per_channel = (lambda t: t) if lengths is None else (lambda t: t.repeat_interleave(lengths, output_size=channels))
-    sum_n, sum_r, sum_g = per_matrix(stats).unbind(1)
+    if lengths is None and reduce is not None:  # whole matrices, sharded: their sums over every rank's rows
+        stats = reduce(stats.clone() if stats is sumsq else stats)
     nn, rr, gg = stats.unbind(1)
     phi2 = torch.where(rr > 0, nn / rr, 0.0)  # phi_j^2
     outside = gg if mode == "apollo" else (gg - rr).clamp_min_(0.0)  # ||G_j||^2, or ||G_j - P R_j||^2
-    total = per_matrix(phi2 * outside)
+    sums = torch.stack((nn, phi2 * outside), 1)
+    if lengths is not None:  # per matrix: ||N||^2 and sum_j phi_j^2 outside_j
+        sums = torch.segment_reduce(sums, "sum", lengths=lengths, axis=0)
+        if reduce is not None:
+            sums = reduce(sums)
+    sum_n, total = sums.unbind(1)
     if mode != "apollo":
-        total += sum_n
-    norm = total.sqrt_().div_(bias1)
+        total = total + sum_n
+    norm = total.sqrt().div_(bias1)
     limit = torch.where(previous > 0, GROWTH_LIMIT * previous.double(), sum_n.sqrt() * (first_ratio / bias1))
     c = (limit / norm).clamp_(max=1.0).nan_to_num_(0.0)  # 0 / 0 (no update at all): 0
-    phi_c = phi2.sqrt_().mul_(per_channel(c))
+    per_channel = c if lengths is None else c.repeat_interleave(lengths, output_size=stats.shape[0])
+    phi_c = phi2.sqrt_().mul_(per_channel)
     coef = torch.minimum(phi_c, gg.rsqrt().mul_(_COEF_PRODUCT_CAP))  # ||G_j|| = 0: rsqrt inf, no cap
     return c.float(), coef.float(), (c * norm).float()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -119,8 +120,8 @@ class SubspaceAdamW(Optimizer):
             ``"none"`` (GaLore's step), ``"fira"`` (adds phi_j (G - P P^T G) with phi_j = ||N_j|| / ||R_j|| per
             channel j), ``"fira_tensor"`` (one phi per matrix), ``"apollo"`` (steps along the whole gradient
             scaled per channel by phi_j, instead of P N). Each limits the growth of the update's norm to 1%
-            a step and keeps one 0-d tensor of state per matrix (``update_norm``). Not for FSDP2-sharded
-            weights yet.
+            a step and keeps one 0-d tensor of state per matrix (``update_norm``). On FSDP2 row shards the
+            channels are rows, so only per-matrix sums are all-reduced: one small collective per step.
         plain_lr: learning rate of the parameters that are not projected (embeddings, the output head,
             norms, biases); ``None``: the group's ``lr``. lr schedulers scale it by lr / initial_lr
             (``plain_lr``).
@@ -239,13 +240,6 @@ class SubspaceAdamW(Optimizer):
             checks.refuse_bad_gradient(p, name)
             if schedule.projects(p, group):
                 engine.check(group["engine"], p, name)
-                if group["residual"] != "none" and distributed.is_dtensor(p):
-                    raise ValueError(
-                        f"Invalid residual: {group['residual']!r} for parameter {name}, a row-sharded (FSDP2) "
-                        "weight: the residual's norm-growth limiter needs the norm of the whole update, across "
-                        "shards, which is not implemented. Use residual='none' for sharded parameters "
-                        "(nothing was changed)."
-                    )
             if self.state[p] and distributed.is_dtensor(p) and state_mod.mismatched(p, group, self.state[p]):
                 raise NotImplementedError(
                     f"parameter {name}: its sharded state is stored otherwise than moments_dtype/basis_dtype ask "
@@ -307,11 +301,13 @@ class SubspaceAdamW(Optimizer):
                 kwargs = {**_hyper(group), "lr": plain_lr(group), "foreach": group["foreach"],
                           **_absmaxes([s for _, s in members])}  # fmt: skip
                 calls.append((functional.adamw, (*args, [s["step"] for _, s in members]), kwargs))
-        batches: dict[tuple[int, str, str], list[Matrix]] = {}
+        batches: dict[tuple[int, str, str, Any], list[Matrix]] = {}
         for x in projected:
             precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
-            batches.setdefault((id(x.group), x.engine, precision), []).append(x)
-        for (_, which, precision), xs in batches.items():
+            # row-sharded matrices batch by their process group: a residual sums across exactly those ranks
+            shard = distributed.row_shard(x.p, x.name).group if distributed.is_dtensor(x.p) else None
+            batches.setdefault((id(x.group), x.engine, precision, shard), []).append(x)
+        for (_, which, precision, shard), xs in batches.items():
             args = ([local(x.p) for x in xs], [local_matrix(x.p.grad) for x in xs],
                     [local(x.state["basis"]) for x in xs], [local(x.state["exp_avg"]) for x in xs],
                     [local(x.state["exp_avg_sq"]) for x in xs], [x.state["moment_age"] for x in xs])  # fmt: skip
@@ -319,6 +315,8 @@ class SubspaceAdamW(Optimizer):
                       "engine": which, "matmul_precision": precision, **_absmaxes([x.state for x in xs])}  # fmt: skip
             if xs[0].group["residual"] != "none":
                 kwargs.update(residual=xs[0].group["residual"], update_norms=[x.state["update_norm"] for x in xs])
+                if shard is not None:
+                    kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
             calls.append((functional.subspace_adamw, args, kwargs))
         return calls
 

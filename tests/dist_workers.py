@@ -153,6 +153,7 @@ def fsdp_train(rank: int, world: int, steps: int, refresh: str, **dtypes: str) -
         "gate_state_dtypes": {k: str(v.dtype) for k, v in state.items() if hasattr(v, "dtype")},
         "gate_absmax_local_rows": state["exp_avg_absmax"].to_local().shape[0] if "exp_avg_absmax" in state else None,
         "embed_state_dtypes": {k: str(v.dtype) for k, v in opt.state[model.model.embed_tokens.weight].items()},
+        "gate_update_norm": state["update_norm"].clone() if "update_norm" in state else None,
     }
 
 
@@ -181,6 +182,8 @@ def fsdp_empty_shard(rank: int, world: int, **dtypes: str) -> dict:
         "local_rows": weight.to_local().shape[0],
         "weight": weight.full_tensor().detach().clone(),
         "reference": ref_param.detach().clone(),
+        "update_norm": opt.state[model[0].weight].get("update_norm"),
+        "reference_update_norm": ref_opt.state[ref_param].get("update_norm"),
     }
 
 

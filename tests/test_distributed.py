@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from subspace_optim import kernels
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
@@ -142,3 +144,33 @@ def test_ddp_ranks_stay_bitwise_identical_with_a_residual(tmp_path):
     r0, r1 = _launch(tmp_path, "ddp_train", steps=5, refresh_owner="round_robin", refresh="warm", residual="fira")
     assert r0["world"] == r1["world"] == 2
     _assert_bitwise_equal(r0["weights"], r1["weights"])
+
+
+@pytest.mark.parametrize(
+    "residual,engine",
+    [("fira", "reference"), ("fira_tensor", "reference"), pytest.param("apollo", "reference", marks=pytest.mark.slow),
+     pytest.param("fira", "triton", marks=pytest.mark.skipif(not kernels.available(), reason="no triton"))],
+)  # fmt: skip
+def test_fsdp2_residual_matches_single_process(tmp_path, residual, engine):
+    """On row shards (uneven: 17 / 16 rows) each rank computes its rows' channel factors and only the
+    per-matrix sums are all-reduced: training equals one process on the whole batch, the limiter state
+    (a plain 0-d tensor, like ``step``) is the same on both ranks, and the gathered weights agree bitwise."""
+    steps = 7
+    r0, r1 = _launch(tmp_path, "fsdp_train", steps=steps, refresh="warm", residual=residual, engine=engine)
+    assert (r0["gate_local_rows"], r1["gate_local_rows"]) == (17, 16)
+    _assert_bitwise_equal(r0["weights"], r1["weights"])
+    assert float(r0["gate_update_norm"]) > 0 and torch.equal(r0["gate_update_norm"], r1["gate_update_norm"])
+    reference = dist_workers.single_process_llama(steps, "warm", residual=residual)
+    none = dist_workers.single_process_llama(steps, "warm")
+    for k, v in reference.items():
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    assert not torch.allclose(reference[gate], none[gate], rtol=1e-4, atol=1e-5)  # the residual did act
+
+
+def test_fsdp2_residual_with_an_empty_shard(tmp_path):
+    """A rank with no rows of a matrix still joins the residual's all-reduce (its sums are zeros)."""
+    r0, r1 = _launch(tmp_path, "fsdp_empty_shard", moments_dtype="float32", residual="fira")
+    assert (r0["local_rows"], r1["local_rows"]) == (1, 0)
+    torch.testing.assert_close(r0["weight"], r0["reference"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(r1["update_norm"], r0["reference_update_norm"], rtol=1e-5, atol=0)

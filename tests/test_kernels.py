@@ -48,13 +48,13 @@ def _launches(monkeypatch) -> list[int]:
     from subspace_optim.kernels import step as ks
 
     sizes: list[int] = []
-    original = ks._launch_group
+    original = ks._project_launch
 
     def counted(ws, *args, **kwargs):
         sizes.append(len(ws))
         return original(ws, *args, **kwargs)
 
-    monkeypatch.setattr(ks, "_launch_group", counted)
+    monkeypatch.setattr(ks, "_project_launch", counted)
     return sizes
 
 
