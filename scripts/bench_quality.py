@@ -184,12 +184,31 @@ def step_times(args: argparse.Namespace) -> dict:
             opts[mode].step()
             if rnd >= 2:  # the first (refresh) step and one warm-up step are not timed
                 times[mode].append(time.perf_counter() - started)
-    medians = {m: statistics.median(t) for m, t in times.items()}
+    # A whole training step (forward, backward, step) per mode on one batch of the config's shape: what the
+    # residual adds to a run's wall time. Same rounds, shuffled order and per-round ratios.
+    ids = torch.randint(0, cfg.tokenizer_vocab, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator())
+    train: dict[str, list[float]] = {m: [] for m in RESIDUALS}
+    for rnd in range(args.timed_steps // 2 + 1):
+        modes = list(opts)
+        order.shuffle(modes)
+        for mode in modes:
+            started = time.perf_counter()
+            opts[mode].zero_grad()
+            logits = model(input_ids=ids[:, :-1]).logits
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            opts[mode].step()
+            if rnd >= 1:
+                train[mode].append(time.perf_counter() - started)
+
     # the ratio of each round's steps, then the median over rounds: a load that changes between rounds
     # (other processes on the machine) cancels in each round's ratio
-    ratios = {m: statistics.median(a / b for a, b in zip(times[m], times["none"], strict=True)) for m in RESIDUALS}
+    def ratios(t: dict[str, list[float]]) -> dict[str, float]:
+        return {m: statistics.median(a / b for a, b in zip(t[m], t["none"], strict=True)) for m in RESIDUALS}
+
     return {"model": args.model, "rank": cfg.rank, "threads": torch.get_num_threads(), "steps": args.timed_steps,
-            "median_s": medians, "ratio_vs_none": ratios}  # fmt: skip
+            "median_s": {m: statistics.median(t) for m, t in times.items()}, "ratio_vs_none": ratios(times),
+            "train_median_s": {m: statistics.median(t) for m, t in train.items()},
+            "train_ratio_vs_none": ratios(train)}  # fmt: skip
 
 
 def markdown(args: argparse.Namespace, rows: list[dict], timing: dict | None, command: str) -> str:
@@ -202,15 +221,21 @@ def markdown(args: argparse.Namespace, rows: list[dict], timing: dict | None, co
         return "" if ref is None else f"{100 * (x - ref) / ref:+.2f}%"
 
     lines = [
-        f"### Quality sweep: {args.model}, {rows[0]['steps']} steps, equal rank and data (`scripts/bench_quality.py`)",
-        "",
-        f"Command: `{command}`; {platform.machine()} CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
-        "Held-out loss at the last step; seconds are training wall time on shared cores (indicative only).",
-        "",
-        "| run | optimizer | lr | plain lr | residual | update gap | held-out loss | vs best AdamW | vs best galore | "
-        "train s | optimizer state |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Command: `{command}`; {platform.machine()} CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.",
     ]
+    if rows:
+        lines[:0] = [
+            f"### Quality sweep: {args.model}, {rows[0]['steps']} steps, equal rank and data "
+            "(`scripts/bench_quality.py`)",
+            "",
+        ]
+        lines += [
+            "Held-out loss at the last step; seconds are training wall time on shared cores (indicative only).",
+            "",
+            "| run | optimizer | lr | plain lr | residual | update gap | held-out loss | vs best AdamW | "
+            "vs best galore | train s | optimizer state |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
     for r in rows:
         plain = "" if r["plain_lr"] is None else format(r["plain_lr"], "g")
         loss = r["eval_loss"]
@@ -226,6 +251,10 @@ def markdown(args: argparse.Namespace, rows: list[dict], timing: dict | None, co
                   "| residual | median step | ratio vs none |", "| --- | --- | --- |"]  # fmt: skip
         for mode, t in timing["median_s"].items():
             lines.append(f"| {mode} | {1e3 * t:.1f} ms | {timing['ratio_vs_none'][mode]:.3f} |")
+        lines += ["", "A whole training step (forward, backward and step on one batch of the config's shape):", "",
+                  "| residual | median training step | ratio vs none |", "| --- | --- | --- |"]  # fmt: skip
+        for mode, t in timing["train_median_s"].items():
+            lines.append(f"| {mode} | {1e3 * t:.0f} ms | {timing['train_ratio_vs_none'][mode]:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -245,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-galore", action="store_true")
     ap.add_argument("--also", nargs="*", default=[], help="finished run directories in --out to add to the table")
     ap.add_argument("--step-time", action="store_true", help="also time step() per residual mode")
+    ap.add_argument("--step-time-only", action="store_true", help="time the steps; no pretrain runs")
     ap.add_argument("--timed-steps", type=int, default=20)
     ap.add_argument("--extra-flags", nargs=argparse.REMAINDER, default=[], help="passed to every pretrain run")
     ap.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
@@ -262,10 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         args.extra_flags = ["--update-gap", str(args.update_gap), *args.extra_flags]
     command = "python scripts/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows = sweep(args)
+    rows = [] if args.step_time_only else sweep(args)
     seen = {r["name"] for r in rows}
     rows += [recorded_row(args, name) for name in args.also if name not in seen]
-    timing = step_times(args) if args.step_time else None
+    timing = step_times(args) if args.step_time or args.step_time_only else None
     result = {"rows": rows, "step_time": timing, "command": command}
     text = markdown(args, rows, timing, command)
     print(text)
