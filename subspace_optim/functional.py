@@ -104,7 +104,7 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
     """The reference residual step in three passes: R, moments, N and channel sums per matrix; the
     coefficients of every matrix in one ``residual_factors`` call (every matrix's channels in one flat
     tensor: a few operations per step instead of per matrix; on CPU each costs a dispatch); then each
-    update. ``fira_tensor`` takes whole-matrix norms, one ``_foreach_norm`` per kind for the batch."""
+    update. ``fira_tensor`` takes whole-matrix norms (one row per matrix)."""
     per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
     work, sums = [], ([], [], [])
     for i in range(len(params)):
@@ -116,17 +116,15 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
         quant.store(moments, "exp_avg", m)
         quant.store(moments, "exp_avg_sq", v)
         work.append((s, basis, r, direction))
-        for into, t in zip(sums, channel_sums, strict=False):  # no sums without per_channel
+        for into, t in zip(sums, channel_sums, strict=True):
             into.append(t)
     dev = grads[0].device
     if per_channel:
         lengths = [t.shape[0] for t in sums[0]]
         sumsq = torch.stack([torch.cat(ts) for ts in sums], dim=1)
-    else:  # one dispatch per kind for the whole batch
+    else:  # whole-matrix norms
         lengths = [1] * len(work)
-        whole = ([w[3] for w in work], [w[2] for w in work], list(grads))
-        sumsq = torch.stack([torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32)) for ts in whole], dim=1)
-        sumsq.square_()
+        sumsq = torch.stack([torch.stack(ts) for ts in sums], dim=1).square_()
     bias1 = torch.tensor([w[0].bias1 for w in work], dtype=torch.float64, device=dev)
     first = torch.tensor([(b.shape[0] / b.shape[1]) ** 0.5 for b in bases], dtype=torch.float64, device=dev)
     c, coef, limiter = residual_factors(sumsq, torch.tensor(lengths, device=dev) if per_channel else None,

@@ -171,7 +171,7 @@ def channel_sumsq(t: Tensor, dim: int) -> Tensor:
     """sum(t^2) along ``dim`` of a matrix: ||t_j||^2 for each channel. Along rows (dim 1) ``vector_norm``
     squared, which makes no temporary; down columns (dim 0) ``square().sum(0)`` over bands of rows
     (at most ``_SUMSQ_BAND`` values of temporary), because on CPU (torch 2.13) ``vector_norm`` down
-    columns is 5-40x slower than either (``scripts/bench_quality.py --step-time``)."""
+    columns is 5-40x slower than either (measured here, docs/benchmarks.md "Issue 13")."""
     if dim == 1:
         return torch.linalg.vector_norm(t, dim=1).square_()
     band = max(1, _SUMSQ_BAND // max(t.shape[1], 1))
@@ -191,12 +191,15 @@ def residual_moments(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The first half of a residual step (reference): R, the moments updated in place, N, and (``per_channel``)
     the per-channel sums of squares ||N_j||^2, ||R_j||^2, ||G_j||^2 (``residual_factors``' ``sumsq``
-    columns; without ``per_channel`` none: the caller takes whole-matrix norms of a batch at once)."""
+    columns), or else the whole norms ||N||, ||R||, ||G|| (0-d; the caller squares a batch of them at once).
+    Taken here, right after the projection has read G, while G is still in cache."""
     gf = g.float()
     r = project(gf, basis, side)
     direction = _moments_direction(r, exp_avg, exp_avg_sq, s)
     dim = channel_dim(side)
-    return r, direction, [channel_sumsq(t, dim) for t in (direction, r, gf)] if per_channel else []
+    if per_channel:
+        return r, direction, [channel_sumsq(t, dim) for t in (direction, r, gf)]
+    return r, direction, [torch.linalg.vector_norm(t) for t in (direction, r, gf)]
 
 
 def residual_update(
