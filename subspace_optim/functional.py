@@ -130,9 +130,10 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
     c, coef, limiter = residual_factors(sumsq, torch.tensor(lengths, device=dev) if per_channel else None,
                                         torch.stack(list(update_norms)), bias1, residual, first, reduce)  # fmt: skip
     torch._foreach_copy_(list(update_norms), list(limiter.unbind(0)))
-    coefs = coef.split(lengths)
-    for i, ((s, basis, r, direction), c_i) in enumerate(zip(work, c.unbind(0), strict=True)):
-        residual_update(params[i], grads[i], basis, r, direction, c_i, coefs[i], s, sides[i], residual)
+    coefs, cs = coef.split(lengths), c.unbind(0)
+    for i in reversed(range(len(work))):  # the last projected first: its G is the likeliest still in cache
+        s, basis, r, direction = work[i]
+        residual_update(params[i], grads[i], basis, r, direction, cs[i], coefs[i], s, sides[i], residual)
 
 
 def adamw(
