@@ -6,7 +6,9 @@ sweep goes in stages, each choosing from the finished rows before it:
 
 1. AdamW over ``--adamw-lrs``; the best one then again with a separate lr for the embedding, head and
    norms (``--plain-lr``, each of ``--plain-factors`` x its lr);
-2. galore-torch at its paper's settings (lr 1e-2, scale 0.25, update gap 200) and at our update gap;
+2. galore-torch at its paper's settings (lr 1e-2, scale 0.25, update gap 200) and at our update gap, and
+   apollo-torch (when installed: ``pip install -e ".[peers]"``) at its paper's (lr 1e-2, random projection,
+   channel-wise scaling, scale 1, update gap 200) and at our update gap;
 3. SubspaceAdamW with every ``residual`` at lr 1e-2, then an lr sweep (``--subspace-lrs``) of ``none`` and
    of the best residual, then the best of those with a separate plain lr.
 
@@ -22,6 +24,7 @@ of a tiny model (what the tests run).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -117,7 +120,7 @@ def recorded_row(args: argparse.Namespace, name: str) -> dict:
     config = json.loads((args.out / name / run["optimizer"] / "log.json").read_text())["config"]
     plain = config.get("plain_lr")
     extra = {"plain_lr": plain.get(run["optimizer"]) if isinstance(plain, dict) else plain}
-    if run["optimizer"] in ("subspace", "galore"):
+    if run["optimizer"] in ("subspace", "galore", "apollo"):
         extra["update_gap"] = config["update_gap"]
     if run["optimizer"] == "subspace":
         extra["residual"] = config.get("residual", "none")
@@ -137,10 +140,17 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         (f"galore_lr0.01_gap{gap}", "galore", 1e-2, {"update_gap": gap, "scale": 0.25})
         for gap in dict.fromkeys([200, args.update_gap])
     ]  # fmt: skip
+    # apollo-torch at its paper's LLaMA settings (lr 1e-2, rank as ours, random projection, channel-wise
+    # scaling, scale 1, update gap 200) and at our update gap; skipped when it is not installed
+    apollo = [] if args.no_apollo or importlib.util.find_spec("apollo_torch") is None else [
+        (f"apollo_lr0.01_gap{gap}", "apollo", 1e-2,
+         {"update_gap": gap, "apollo_scale": 1, "apollo_proj": "random", "apollo_scale_type": "channel"})
+        for gap in dict.fromkeys([200, args.update_gap])
+    ]  # fmt: skip
     ours = [(f"subspace_{mode}_lr0.01", "subspace", 1e-2, {"residual": mode}) for mode in args.residuals]
-    first = run_many(args, adamw + galore + ours)
+    first = run_many(args, adamw + galore + apollo + ours)
     adamw_rows = first[: len(adamw)]
-    ours_rows = first[len(adamw) + len(galore) :]
+    ours_rows = first[len(adamw) + len(galore) + len(apollo) :]
     best = _best(adamw_rows)
     top = _best(ours_rows)
     second = [(f"adamw_lr{f(best['lr'])}_plain{f(best['lr'] * k)}", "adamw", best["lr"], {"plain_lr": best["lr"] * k})
@@ -272,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--subspace-lrs", type=float, nargs="*", default=[])
     ap.add_argument("--subspace-plain-lrs", type=float, nargs="*", default=[3e-2])
     ap.add_argument("--no-galore", action="store_true")
+    ap.add_argument("--no-apollo", action="store_true", help="leave apollo-torch out (skipped if not installed)")
     ap.add_argument("--also", nargs="*", default=[], help="finished run directories in --out to add to the table")
     ap.add_argument("--step-time", action="store_true", help="also time step() per residual mode")
     ap.add_argument("--step-time-only", action="store_true", help="time the steps; no pretrain runs")
