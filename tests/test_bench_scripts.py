@@ -175,8 +175,9 @@ def test_bench_quality_smoke(tmp_path):
     """Three tiny pretrain runs in parallel (AdamW, ours without and with a residual), read back into the
     table, and the step timing of every residual mode."""
     md = tmp_path / "quality.md"
-    result = _run("bench_quality.py", "--smoke", "--no-galore", "--no-apollo", "--residuals", "none", "fira", "--jobs", "3",
-                  "--out", str(tmp_path / "runs"), "--step-time", "--markdown", str(md), tmp_path=tmp_path)  # fmt: skip
+    result = _run("bench_quality.py", "--smoke", "--no-galore", "--no-apollo", "--residuals", "none", "fira",
+                  "--jobs", "3", "--out", str(tmp_path / "runs"), "--step-time", "--markdown", str(md),
+                  tmp_path=tmp_path)  # fmt: skip
     names = [r["name"] for r in result["rows"]]
     assert names == ["adamw_lr0.003", "subspace_none_lr0.01", "subspace_fira_lr0.01"]
     assert all(r["steps"] == 4 and 0 < r["eval_loss"] < 20 for r in result["rows"])
