@@ -22,7 +22,6 @@ launch 2 adds coef o G in its epilogue (``apollo``: U = coef o G, no GEMM). No e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -31,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..inner import adam_scalars, channel_dim, residual_factors
+from ..inner import adam_scalars, channel_dim, first_ratios, residual_factors
 from ..quant import BLOCK
 from ._common import (
     MOMENT_INT8,
@@ -470,7 +469,7 @@ def _back_launch(x: _Launched, blocks: Blocks, precision: str, residual: str, co
 def _residual_between(
     launched: list[_Launched],
     members: list[list[int]],
-    count: int,
+    bases: Sequence[Tensor],
     residual: str,
     update_norms: Sequence[Tensor],
     bias1: list[float],
@@ -481,7 +480,7 @@ def _residual_between(
     the same ``reduce`` call), the limiter state updated in place, and each batch's N turned into
     c N - coef o R. Returns each batch's coef (batch x channels, contiguous)."""
     per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
-    pieces: list[Tensor | None] = [None] * count
+    pieces: list[Tensor | None] = [None] * len(bases)
     for x, idx in zip(launched, members, strict=True):
         dim = channel_dim(x.side) + 1  # the batch axis comes first
         sumsq = torch.stack((x.nbuf.square().sum(dim), x.rbuf.square().sum(dim), x.sqbuf), dim=-1)  # b x ch x 3
@@ -489,14 +488,9 @@ def _residual_between(
             pieces[i] = sumsq[j] if per_channel else sumsq[j].sum(0, keepdim=True)
     dev = pieces[0].device
     lengths = [t.shape[0] for t in pieces]
-    first = [0.0] * count  # sqrt(d / r) per matrix, d the projected side
-    for x, idx in zip(launched, members, strict=True):
-        for i in idx:
-            first[i] = math.sqrt(x.ps[0].shape[0] / x.ps[0].shape[1])
     c, coef, norms = residual_factors(
         torch.cat(pieces), torch.tensor(lengths, device=dev) if per_channel else None, torch.stack(list(update_norms)),
-        torch.tensor(bias1, dtype=torch.float64, device=dev), residual,
-        torch.tensor(first, dtype=torch.float64, device=dev), reduce,
+        torch.tensor(bias1, dtype=torch.float64, device=dev), residual, first_ratios(list(bases), dev), reduce,
     )  # fmt: skip
     torch._foreach_copy_(list(update_norms), list(norms.unbind(0)))
     coefs = coef.split(lengths)
@@ -584,7 +578,7 @@ def subspace_adamw(
                 None if vqs[idx[0]] is None else [vqs[i] for i in idx], host_table(rows, torch.float32, dev),
                 sides[idx[0]], blocks, matmul_precision, resid,
             ))  # fmt: skip
-    coefs = _residual_between(launched, members, count, residual, update_norms, bias1, reduce) if resid else None
+    coefs = _residual_between(launched, members, bases, residual, update_norms, bias1, reduce) if resid else None
     for b, x in enumerate(launched):
         with device_guard(x.gs[0].device):
             _back_launch(x, blocks, matmul_precision, residual, None if coefs is None else coefs[b])

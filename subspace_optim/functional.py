@@ -19,7 +19,15 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
 from . import kernels, linalg, quant, subspace
-from .inner import RESIDUALS, adam_scalars, projected_adamw, residual_factors, residual_moments, residual_update
+from .inner import (
+    RESIDUALS,
+    adam_scalars,
+    first_ratios,
+    projected_adamw,
+    residual_factors,
+    residual_moments,
+    residual_update,
+)
 
 
 def _stored_moments(
@@ -126,7 +134,7 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
         lengths = [1] * len(work)
         sumsq = torch.stack([torch.stack(ts) for ts in sums], dim=1).square_()
     bias1 = torch.tensor([w[0].bias1 for w in work], dtype=torch.float64, device=dev)
-    first = torch.tensor([(b.shape[0] / b.shape[1]) ** 0.5 for b in bases], dtype=torch.float64, device=dev)
+    first = first_ratios(list(bases), dev)
     c, coef, limiter = residual_factors(sumsq, torch.tensor(lengths, device=dev) if per_channel else None,
                                         torch.stack(list(update_norms)), bias1, residual, first, reduce)  # fmt: skip
     torch._foreach_copy_(list(update_norms), list(limiter.unbind(0)))

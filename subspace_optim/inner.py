@@ -167,6 +167,11 @@ def residual_factors(
     return c.float(), coef.float(), (c * norm).float()
 
 
+def first_ratios(bases: list[Tensor], device: torch.device) -> Tensor:
+    """``residual_factors``' first-step bound per matrix: sqrt(d / r) of each d x r basis, in fp64."""
+    return torch.tensor([math.sqrt(b.shape[0] / b.shape[1]) for b in bases], dtype=torch.float64, device=device)
+
+
 def channel_sumsq(t: Tensor, dim: int) -> Tensor:
     """sum(t^2) along ``dim`` of a matrix: ||t_j||^2 for each channel. Along rows (dim 1) ``vector_norm``
     squared, which makes no temporary; down columns (dim 0) ``square().sum(0)`` over bands of rows
