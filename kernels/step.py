@@ -16,7 +16,7 @@ fp32 new moments, before they are rounded, as the reference does. Bases may be f
 fp32 on load).
 
 With a ``residual`` (``inner.residual_factors``), launch 1 also keeps R and sums ||G_j||^2 per channel
-inside its GEMM loop; torch folds the coefficients into N between the launches (N <- c N - coef o R);
+inside its GEMM loop; torch folds the coefficients into N between the launches (N <- N - coef o R);
 launch 2 adds coef o G in its epilogue (``apollo``: U = coef o G, no GEMM). No extra GEMM or pass over G.
 """
 
@@ -294,10 +294,10 @@ def back_update_kernel(
 
     computed in fp32 and rounded once (to nearest even) to W's dtype, in place.
 
-    With RESID, N has become c N - coef o R on the host, and the epilogue adds coef o G (coef_j per
+    With RESID, N has become N - coef o R on the host, and the epilogue adds coef o G (coef_j per
     column, COEF_OF_COLS, for a left basis; per row for a right one; ``coef`` is one fp32 row of
-    ``s_coef`` elements per member), reading G's tile beside W's: U = P (c N - coef o R) + coef o G
-    = c P N + coef o (G - P P^T G). Without LOW_RANK (``apollo``) there is no GEMM: U = coef o G.
+    ``s_coef`` elements per member), reading G's tile beside W's: U = P (N - coef o R) + coef o G
+    = P N + coef o (G - P P^T G). Without LOW_RANK (``apollo``) there is no GEMM: U = coef o G.
     """
     bid = tl.program_id(1)
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
@@ -439,7 +439,7 @@ def _project_launch(
 
 def _back_launch(x: _Launched, blocks: Blocks, precision: str, residual: str, coef: Tensor | None) -> None:
     """Launch 2: W <- W (1 - lr wd) - alpha (P N + coef o G) for the batch; with a residual, N already
-    holds c N - coef o R (``apollo``: no GEMM, U = coef o G); ``coef`` batch x channels, contiguous."""
+    holds N - coef o R (``apollo``: no GEMM, U = coef o G); ``coef`` batch x channels, contiguous."""
     ws, gs, ps, side = x.ws, x.gs, x.ps, x.side
     dev = gs[0].device
     m, n = gs[0].shape
@@ -473,12 +473,13 @@ def _residual_between(
     residual: str,
     update_norms: Sequence[Tensor],
     bias1: list[float],
+    scale: float,
     reduce: Callable[[Tensor], Tensor] | None,
 ) -> list[Tensor]:
     """Between the launches, for every batch at once: the residual's coefficients from launch 1's low-rank
     buffers (never G), in matrix order (so row-sharded ranks, whose batches may group differently, make
     the same ``reduce`` call), the limiter state updated in place, and each batch's N turned into
-    c N - coef o R. Returns each batch's coef (batch x channels, contiguous)."""
+    N - coef o R. Returns each batch's coef (batch x channels, contiguous)."""
     per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
     pieces: list[Tensor | None] = [None] * len(bases)
     for x, idx in zip(launched, members, strict=True):
@@ -488,9 +489,9 @@ def _residual_between(
             pieces[i] = sumsq[j] if per_channel else sumsq[j].sum(0, keepdim=True)
     dev = pieces[0].device
     lengths = [t.shape[0] for t in pieces]
-    c, coef, norms = residual_factors(
+    coef, norms = residual_factors(
         torch.cat(pieces), torch.tensor(lengths, device=dev) if per_channel else None, torch.stack(list(update_norms)),
-        torch.tensor(bias1, dtype=torch.float64, device=dev), residual, first_ratios(list(bases), dev), reduce,
+        torch.tensor(bias1, dtype=torch.float64, device=dev), residual, first_ratios(list(bases), dev), scale, reduce,
     )  # fmt: skip
     torch._foreach_copy_(list(update_norms), list(norms.unbind(0)))
     coefs = coef.split(lengths)
@@ -499,8 +500,8 @@ def _residual_between(
         channels = x.sqbuf.shape[1]
         dim = channel_dim(x.side) + 1
         batch_coef = torch.stack([coefs[i].expand(channels) for i in idx])
-        if residual != "apollo":  # B of launch 2 becomes c N - coef o R (in place: N is this step's temporary)
-            x.nbuf.mul_(c[idx].view(-1, 1, 1)).sub_(x.rbuf.mul_(batch_coef.unsqueeze(dim)))
+        if residual != "apollo":  # B of launch 2 becomes N - coef o R (in place: N is this step's temporary)
+            x.nbuf.sub_(x.rbuf.mul_(batch_coef.unsqueeze(dim)))
         out.append(batch_coef.contiguous())
     return out
 
@@ -540,7 +541,7 @@ def subspace_adamw(
     side, shapes, dtypes, strides and storage form one batch: two kernel launches per batch, whatever its
     size. ``matmul_precision="ieee"`` keeps fp32 GEMM semantics (the reference's); ``"tf32"`` trades that
     for tensor-core speed. ``residual`` / ``update_norms`` as the reference's (``functional._residual_reference``):
-    the residual adds no GEMM (``fira``: P (c N - coef o R) replaces P N; ``apollo`` drops the
+    the residual adds no GEMM (``fira``: P (N - coef o R) replaces P N; ``apollo`` drops the
     back-projection GEMM) and no pass over G (its channel norms are summed inside the projection GEMM,
     its entries read in the weight epilogue beside W's).
     """
@@ -578,7 +579,7 @@ def subspace_adamw(
                 None if vqs[idx[0]] is None else [vqs[i] for i in idx], host_table(rows, torch.float32, dev),
                 sides[idx[0]], blocks, matmul_precision, resid,
             ))  # fmt: skip
-    coefs = _residual_between(launched, members, bases, residual, update_norms, bias1, reduce) if resid else None
+    coefs = _residual_between(launched, members, bases, residual, update_norms, bias1, scale, reduce) if resid else None
     for b, x in enumerate(launched):
         with device_guard(x.gs[0].device):
             _back_launch(x, blocks, matmul_precision, residual, None if coefs is None else coefs[b])

@@ -349,6 +349,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed regular steps (default 10; smoke 3)")
     parser.add_argument("--refresh-steps", type=int, help="timed refresh steps (default 3; smoke 2)")
     parser.add_argument("--profile", action="store_true", help="print the top ops of one regular step")
+    parser.add_argument("--power-iters", type=int, help="SubspaceAdamW's power_iters (default: the library's)")
+    parser.add_argument("--oversample", type=int, help="SubspaceAdamW's oversample (default: the library's)")
     parser.add_argument("--json", help="write the JSON result here too")
     parser.add_argument("--markdown", help="append a markdown table to this file")
     args = parser.parse_args()
@@ -380,10 +382,12 @@ def main() -> None:
         group = {"params": ps, "rank": r, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
         return GaLoreAdamW([group], lr=1e-2)
 
+    sketch = {k: v for k, v in (("power_iters", args.power_iters), ("oversample", args.oversample)) if v is not None}
+
     def subspace(engine: str, refresh: str) -> Callable[[list[Any], int, int], Any]:
-        return lambda ps, r, gap: SubspaceAdamW(
-            [{"params": ps, "rank": r, "update_gap": gap, "scale": 0.25, "refresh": refresh}], lr=1e-2, engine=engine
-        )
+        group = {"rank": 0, "update_gap": 0, "scale": 0.25, "refresh": refresh, **sketch}
+        return lambda ps, r, gap: SubspaceAdamW([{**group, "params": ps, "rank": r, "update_gap": gap}], lr=1e-2,
+                                                engine=engine)  # fmt: skip
 
     contenders = [
         Contender("adamw_fused", "torch AdamW, fused", lambda ps, r, gap: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
@@ -563,6 +567,7 @@ def main() -> None:
         "model": model,
         "shapes": {"hidden_intermediate_layers_rank": MODELS[model], "matrices": len(shapes(model)[0])},
         "dtype": args.dtype,
+        "subspace_options": sketch or "library defaults",
         "device_kind": device,
         "steps": steps,
         "refresh_steps": refresh_steps,

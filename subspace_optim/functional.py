@@ -135,13 +135,14 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
         sumsq = torch.stack([torch.stack(ts) for ts in sums], dim=1).square_()
     bias1 = torch.tensor([w[0].bias1 for w in work], dtype=torch.float64, device=dev)
     first = first_ratios(list(bases), dev)
-    c, coef, limiter = residual_factors(sumsq, torch.tensor(lengths, device=dev) if per_channel else None,
-                                        torch.stack(list(update_norms)), bias1, residual, first, reduce)  # fmt: skip
+    lengths_t = torch.tensor(lengths, device=dev) if per_channel else None
+    coef, limiter = residual_factors(sumsq, lengths_t, torch.stack(list(update_norms)), bias1, residual, first, scale,
+                                     reduce)  # fmt: skip
     torch._foreach_copy_(list(update_norms), list(limiter.unbind(0)))
-    coefs, cs = coef.split(lengths), c.unbind(0)
+    coefs = coef.split(lengths)
     for i in reversed(range(len(work))):  # the last projected first: its G is the likeliest still in cache
         s, basis, r, direction = work[i]
-        residual_update(params[i], grads[i], basis, r, direction, cs[i], coefs[i], s, sides[i], residual)
+        residual_update(params[i], grads[i], basis, r, direction, coefs[i], s, sides[i], residual)
 
 
 def adamw(

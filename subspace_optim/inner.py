@@ -86,8 +86,14 @@ def _apply_update(p: Tensor, update: Tensor, s: AdamScalars) -> None:
 # --------------------------------------------------------------------------------------------- residual
 # What a projected step does with the part of the gradient its subspace discards (the ``residual`` option).
 RESIDUALS = ("none", "fira", "fira_tensor", "apollo")
-# Fira's norm-growth limiter: an update's norm may grow by at most this factor from one step to the next.
+# Fira's norm-growth limiter: the residual's norm may grow by at most this factor from one step to the next.
 GROWTH_LIMIT = 1.01
+# The limiter's state never falls below this fraction of the low-rank step's norm (times the residual's weight).
+# A residual that vanishes (a fresh basis that holds the whole gradient) is computed as ||G_j||^2 - ||R_j||^2:
+# 0, or fp32 rounding noise (about 3e-4 of the norm), depending on summation order (ranks, engines). Stored
+# as is, that noise would hold every later residual near zero for the rest of the gap (1% growth a step);
+# the floor, 30x above the noise, makes both cases the same and the limiter continuous.
+_LIMIT_FLOOR = 1e-2
 # Residual coefficients are capped so that coef * |G_ij| stays below this: a channel whose projection is
 # (almost) zero while Adam's moment still remembers it would otherwise give an unbounded phi.
 _COEF_PRODUCT_CAP = 1e30
@@ -107,40 +113,45 @@ def residual_factors(
     bias1: Tensor,
     mode: str,
     first_ratio: Tensor | float,
+    scale: float,
     reduce: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""The residual's coefficients for a batch of matrices, from per-channel sums of squares.
+) -> tuple[Tensor, Tensor]:
+    r"""The residual's per-channel coefficients for a batch of matrices, from per-channel sums of squares.
 
     ``sumsq`` (channels, 3): rows nn, rr, gg = ||N_j||^2, ||R_j||^2, ||G_j||^2 for every channel j of every
     matrix, matrix after matrix, ``lengths[i]`` channels for matrix i (fp32 or fp64; one flat layout for
-    matrices of any shapes, so the whole step needs one call); ``previous``: each matrix's last update norm
-    (0: none yet); ``bias1``: 1 - b1^t. With phi_j = ||N_j|| / ||R_j|| (0 where R_j = 0), the step's
-    full-space update, before lr scale / (1 - b1^t), is
+    matrices of any shapes, so the whole step needs one call); ``previous``: each matrix's last limited norm
+    (0: none yet); ``bias1``: 1 - b1^t; ``scale``: the group's GaLore scale. With phi_j = ||N_j|| / ||R_j||
+    (0 where R_j = 0), the step's full-space update, before lr scale / (1 - b1^t), is
 
-        fira, fira_tensor:  U = P N + phi o (G - P R)      (phi o: channel j scaled by phi_j)
-        apollo:             U = phi o G                    (the whole gradient, channel-scaled)
+        fira, fira_tensor:  U = P N + S,  S = (c / scale) phi o (G - P R)   (phi o: channel j scaled by phi_j)
+        apollo:             U = c phi o G                                   (the whole gradient, channel-scaled)
 
-    ``fira_tensor`` is ``fira`` with one channel per matrix, the whole matrix (``lengths`` None: one row
-    of ``sumsq`` per matrix, its whole sums): one phi = ||N|| / ||R|| per matrix, and no per-channel
-    reduction at all.
+    ``fira`` is Fira's rule as its authors' code applies it: the residual S is not multiplied by GaLore's
+    scale (hence 1 / scale here, since the whole U is), and the norm-growth limiter c acts on S alone, so
+    the low-rank Adam step P N is never limited. At llama_9m and llama_20m this measured ahead of limiting
+    the whole update with S scaled like P N (docs/benchmarks.md, "Issue 13", third pass). ``apollo``'s
+    update is all residual, so the limiter acts on all of it. ``fira_tensor`` is ``fira`` with one channel
+    per matrix, the whole matrix (``lengths`` None: one row of ``sumsq`` per matrix, its whole sums).
 
     ``reduce`` (row-sharded matrices, FSDP2): sums a tensor of per-matrix partial sums over the ranks that
     hold the matrices' rows, in place, and returns it. Every channel of a right projection is a row, so
     phi_j is rank-local and only the per-matrix sums travel: one all-reduce of matrices x 2 (or x 3 for
     whole-matrix channels) fp64 numbers per step, the same on every rank.
 
-    ``P N`` lies in the subspace and ``G - P R`` is orthogonal to it, channel by channel, so
-    ||U||^2 = ||N||^2 + sum_j phi_j^2 (||G_j||^2 - ||R_j||^2) (fira) or sum_j phi_j^2 ||G_j||^2 (apollo):
-    no pass over U is needed for its norm. The limiter (Fira's) scales U by
-    c = min(1, GROWTH_LIMIT * previous / (||U|| / bias1)). On the first step (``previous`` 0) the bound is
-    ``first_ratio`` ||N|| / bias1 instead, with first_ratio = sqrt(d / r) (d the projected side): the norm
-    of a full-space update whose entries have the RMS of N. A usual first step (the basis captures more
-    than r/d of G's energy) stays below it, so it is unlimited as in Fira; a channel whose projection is
-    nearly zero while N is not cannot make the first step arbitrarily large.
+    ``G - P R`` is orthogonal to the subspace channel by channel, so ||S||^2 = sum_j (phi_j / scale)^2
+    (||G_j||^2 - ||R_j||^2) (fira) and ||U||^2 = sum_j phi_j^2 ||G_j||^2 (apollo): no pass over G is needed
+    for the norm the limiter measures, T = ||S|| / bias1 or ||U|| / bias1 (units of the bias-corrected
+    step, so lr warmup never triggers it). The limiter (Fira's) is c = min(1, GROWTH_LIMIT * previous / T).
+    On the first step (``previous`` 0) the bound is ``first_ratio`` ||N|| / bias1 instead (fira: times
+    1 / scale, as S), with first_ratio = sqrt(d / r) (d the projected side): the norm of a full-space
+    update whose entries have the RMS of N. A usual first step (the basis captures more than r/d of G's
+    energy) stays below it, so it is unlimited as in Fira; a channel whose projection is nearly zero while
+    N is not cannot make the first step arbitrarily large.
 
-    Returns (c per matrix, coef = c phi per channel (flat, as ``sumsq``), the new ``previous`` =
-    c ||U|| / bias1): the update is ``P (c N - coef o R) + coef o G`` (fira: P R never formed on its own)
-    or ``coef o G`` (apollo). The factors are computed in fp64 and ``coef`` is capped so that
+    Returns (coef per channel, flat as ``sumsq``: c phi_j / scale (fira) or c phi_j (apollo); the new
+    ``previous`` = c T per matrix, but at least ``_LIMIT_FLOOR`` ||N|| / bias1 (fira: over scale)): the update is ``P (N - coef o R) + coef o G`` (fira: P R never formed on
+    its own) or ``coef o G`` (apollo). The factors are computed in fp64 and ``coef`` is capped so that
     ``coef * |G_ij|`` stays finite: no NaN or Inf reaches a weight, whatever the (finite) gradient.
     """
     # Few operations on one flat tensor: on CPU each costs a dispatch, whatever its size.
@@ -156,15 +167,15 @@ def residual_factors(
         if reduce is not None:
             sums = reduce(sums)
     sum_n, total = sums.unbind(1)
-    if mode != "apollo":
-        total = total + sum_n
-    norm = total.sqrt().div_(bias1)
-    limit = torch.where(previous > 0, GROWTH_LIMIT * previous.double(), sum_n.sqrt() * (first_ratio / bias1))
-    c = (limit / norm).clamp_(max=1.0).nan_to_num_(0.0)  # 0 / 0 (no update at all): 0
+    weight = 1.0 if mode == "apollo" else 1.0 / float(scale)  # the residual's weight inside U
+    norm = total.sqrt().mul_(weight / bias1)
+    limit = torch.where(previous > 0, GROWTH_LIMIT * previous.double(), sum_n.sqrt() * (weight * first_ratio / bias1))
+    c = (limit / norm).clamp_(max=1.0).nan_to_num_(0.0)  # 0 / 0 (nothing outside the subspace): 0
     per_channel = c if lengths is None else c.repeat_interleave(lengths, output_size=stats.shape[0])
-    phi_c = phi2.sqrt_().mul_(per_channel)
-    coef = torch.minimum(phi_c, gg.rsqrt().mul_(_COEF_PRODUCT_CAP))  # ||G_j|| = 0: rsqrt inf, no cap
-    return c.float(), coef.float(), (c * norm).float()
+    coef = phi2.sqrt_().mul_(per_channel * weight)
+    coef = torch.minimum(coef, gg.rsqrt().mul_(_COEF_PRODUCT_CAP))  # ||G_j|| = 0: rsqrt inf, no cap
+    floor = sum_n.sqrt().mul_(weight * _LIMIT_FLOOR / bias1)
+    return coef.float(), torch.maximum(c * norm, floor).float()
 
 
 def first_ratios(bases: list[Tensor], device: torch.device) -> Tensor:
@@ -208,12 +219,12 @@ def residual_moments(
 
 
 def residual_update(
-    p: Tensor, g: Tensor, basis: Tensor, r: Tensor, direction: Tensor, c: Tensor, coef: Tensor, s: AdamScalars,
-    side: str, mode: str,
+    p: Tensor, g: Tensor, basis: Tensor, r: Tensor, direction: Tensor, coef: Tensor, s: AdamScalars, side: str,
+    mode: str,
 ) -> None:  # fmt: skip
-    """The second half (reference): W <- W (1 - lr wd) - alpha U, with U = P (c N - coef o R) + coef o G
-    (fira, fira_tensor) or coef o G (apollo); ``c`` and ``coef`` from ``residual_factors``. ``direction``
-    (N, this step's temporary) is overwritten.
+    """The second half (reference): W <- W (1 - lr wd) - alpha U, with U = P (N - coef o R) + coef o G
+    (fira, fira_tensor) or coef o G (apollo); ``coef`` from ``residual_factors``. ``direction`` (N, this
+    step's temporary) is overwritten.
 
     An fp32 matrix (eager) is updated without forming U: the GEMM adds P X into W with the decay as its
     beta, then coef o G is added in place. That saves writing and re-reading an m x n temporary and a pass
@@ -222,7 +233,7 @@ def residual_update(
     (inductor drops addmm's alpha, as in ``_apply_update``) form U."""
     gf = g.float()
     coef_b = coef.unsqueeze(channel_dim(side))  # broadcast along the channel's entries
-    x = None if mode == "apollo" else direction.mul_(c).addcmul_(r, coef_b, value=-1.0)
+    x = None if mode == "apollo" else direction.addcmul_(r, coef_b, value=-1.0)
     if p.dtype != torch.float32 or p.shape != gf.shape or torch.compiler.is_compiling():
         update = gf * coef_b if x is None else project_back(x, basis, side).addcmul_(gf, coef_b)
         _apply_update(p, update, s)

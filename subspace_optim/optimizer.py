@@ -117,10 +117,11 @@ class SubspaceAdamW(Optimizer):
         moments_dtype, basis_dtype: storage of the moments (``"float32"``, ``"bfloat16"``, ``"int8"``:
             blockwise 8-bit, see ``quant``) and of the bases (``"float32"``, ``"bfloat16"``); math is fp32.
         residual: what a projected step does with the gradient its subspace discards (``inner.residual_factors``):
-            ``"none"`` (GaLore's step), ``"fira"`` (adds phi_j (G - P P^T G) with phi_j = ||N_j|| / ||R_j|| per
-            channel j), ``"fira_tensor"`` (one phi per matrix), ``"apollo"`` (steps along the whole gradient
-            scaled per channel by phi_j, instead of P N). Each limits the growth of the update's norm to 1%
-            a step and keeps one 0-d tensor of state per matrix (``update_norm``). On FSDP2 row shards the
+            ``"none"`` (GaLore's step), ``"fira"`` (adds phi_j (G - P P^T G) / scale with phi_j = ||N_j|| /
+            ||R_j|| per channel j, Fira's rule), ``"fira_tensor"`` (one phi per matrix), ``"apollo"`` (steps
+            along the whole gradient scaled per channel by phi_j, instead of P N). Each limits the growth of
+            the residual's norm (apollo: the update's) to 1% a step and keeps one 0-d tensor of state per
+            matrix (``update_norm``). On FSDP2 row shards the
             channels are rows, so only per-matrix sums are all-reduced: one small collective per step.
         plain_lr: learning rate of the parameters that are not projected (embeddings, the output head,
             norms, biases); ``None``: the group's ``lr``. lr schedulers scale it by lr / initial_lr

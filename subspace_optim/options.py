@@ -97,7 +97,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("residual", "none", "choice",
            "what the projected step does with the gradient outside the subspace: none (GaLore), fira (add it, "
            "rescaled per channel by Adam's norm ratio), fira_tensor (one ratio per matrix), apollo (the whole "
-           "gradient, channel-scaled, instead of the low-rank update); all but none limit update-norm growth",
+           "gradient, channel-scaled, instead of the low-rank update); all but none limit the growth of the "
+           "residual's norm",
            RESIDUALS),
     Option("plain_lr", None, "lr_or_none",
            "learning rate of the parameters that are not projected (embeddings, head, norms); None: the group's "

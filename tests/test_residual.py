@@ -38,9 +38,11 @@ def _problem(m, n, r, side, seed):
 
 
 def _oracle(x, side, mode, age, previous):
-    """The documented update, written out in float64 without the engines' folding:
-    U = P D + phi o (G - P P^T G) (fira) or phi o G (apollo), D the bias-corrected Adam direction,
-    phi_j = ||D_j|| / ||R_j||, then the limiter against ``previous`` (first step: sqrt(d/r) ||D||)."""
+    """The documented update, written out in float64 without the engines' folding: with D the bias-corrected
+    Adam direction and phi_j = ||D_j|| / ||R_j||, fira: U = P D + c S, S = phi o (G - P P^T G) / scale (Fira's
+    rule: the residual is not scaled by GaLore's scale, and only it is limited); apollo: U = c phi o G. The
+    limiter c bounds ||S|| (apollo: ||phi o G||) by 1.01 ``previous`` (first step: sqrt(d/r) ||D||, divided
+    by scale for fira)."""
     b1, b2 = HYPER["betas"]
     g, p = x["g"].double(), x["p"].double()
     r = p.T @ g if side == "left" else g @ p
@@ -54,11 +56,13 @@ def _oracle(x, side, mode, age, previous):
         phi = d.norm(dim=axis) / r.norm(dim=axis)
     phi = phi.unsqueeze(axis)
     back = (lambda t: p @ t) if side == "left" else (lambda t: t @ p.T)
-    u = phi * g if mode == "apollo" else back(d) + phi * (g - back(r))
-    limit = 1.01 * previous if previous > 0 else math.sqrt(p.shape[0] / p.shape[1]) * float(d.norm())
-    c = min(1.0, limit / float(u.norm()))
-    w = x["w"].double() * (1 - HYPER["lr"] * HYPER["weight_decay"]) - HYPER["lr"] * HYPER["scale"] * c * u
-    return w, m, v, c * float(u.norm()), c
+    weight = 1.0 if mode == "apollo" else 1.0 / HYPER["scale"]
+    limited = weight * phi * (g if mode == "apollo" else g - back(r))  # the part the limiter bounds
+    limit = 1.01 * previous if previous > 0 else weight * math.sqrt(p.shape[0] / p.shape[1]) * float(d.norm())
+    c = min(1.0, limit / float(limited.norm()))
+    u = c * limited if mode == "apollo" else back(d) + c * limited
+    w = x["w"].double() * (1 - HYPER["lr"] * HYPER["weight_decay"]) - HYPER["lr"] * HYPER["scale"] * u
+    return w, m, v, c * float(limited.norm()), c
 
 
 def _run_core(x, side, mode, age, previous, engine, **kwargs):
@@ -81,7 +85,7 @@ def test_residual_matches_float64_formula(engine, side, mode, previous):
     prev = {"first": 0.0, "bound": 0.5 * free, "free": 10.0 * free}[previous]
     w0, m0, v0, norm0, c = _oracle(x, side, mode, age=3, previous=prev)
     if previous == "bound":
-        assert c < 0.6  # the limiter acts: the update is scaled to 1.01 x the previous norm
+        assert c < 0.6  # the limiter acts: the limited part is scaled to 1.01 x the previous norm
     if previous == "free":
         assert c == 1.0
     w, m, v, norm = _run_core(x, side, mode, 3, prev, engine)
@@ -162,8 +166,9 @@ def test_residual_none_is_the_plain_step_bit_for_bit():
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", MODES)
 def test_limiter_bounds_update_norm_growth(engine, mode):
-    """Gradients whose part outside the subspace grows 30% a step: each update's norm (read back from the
-    weights) grows by at most 1%, the state holds it, and the limiter does act."""
+    """Gradients whose part outside the subspace grows 30% a step: the norm of what the limiter bounds (read
+    back from the weights: for fira the update's part outside the subspace, for apollo the whole update)
+    grows by at most 1% a step, the state holds it, and the limiter does act."""
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(24, 17))
     lr, scale = 1e-3, 0.25
@@ -175,11 +180,47 @@ def test_limiter_bounds_update_norm_growth(engine, mode):
         w.grad = base + (1.3**t) * torch.randn(24, 17, generator=gen)
         before = w.detach().clone()
         opt.step()
-        norms.append(float((w.detach() - before).norm()) / (lr * scale))  # the bias-corrected update's norm
+        delta = (w.detach() - before).double()
+        if mode != "apollo":  # P N lies inside the subspace; the limited residual is what lies outside it
+            p = opt.state[w]["basis"].double()
+            delta = delta - (p @ (p.T @ delta) if p.shape[0] == delta.shape[0] else (delta @ p) @ p.T)
+        norms.append(float(delta.norm()) / (lr * scale))  # in units of the bias-corrected step
         assert float(opt.state[w]["update_norm"]) == pytest.approx(norms[-1], rel=1e-3)
     ratios = [b / a for a, b in zip(norms, norms[1:], strict=False)]
     assert max(ratios) <= 1.01 * (1 + 1e-4), ratios
     assert any(r > 1.009 for r in ratios), ratios  # it bound at least once
+
+
+@pytest.mark.parametrize("mode", ["fira", "fira_tensor"])
+def test_limiter_state_of_a_vanishing_residual_does_not_depend_on_rounding(mode):
+    """A residual that vanishes (a fresh basis holding the whole gradient) is ||G_j||^2 - ||R_j||^2: exactly 0
+    on one rank or engine, fp32 rounding noise on another. Both must leave the same limiter state (the
+    floor), and the next step's residual must then be limited alike; stored noise would hold it near 0."""
+    gen = torch.Generator().manual_seed(3)
+    nn_, rr = torch.rand(5, generator=gen) + 0.5, torch.rand(5, generator=gen) + 0.5
+    lengths = torch.tensor([5]) if mode == "fira" else None
+    bias1, first, prev0 = (
+        torch.tensor([0.5], dtype=torch.float64),
+        torch.tensor([2.0], dtype=torch.float64),
+        torch.zeros(1),
+    )
+
+    def factors(gg, previous):
+        sumsq = torch.stack((nn_, rr, gg), 1)
+        if lengths is None:
+            sumsq = sumsq.sum(0, keepdim=True)
+        return inner.residual_factors(sumsq, lengths, previous, bias1, mode, first, 0.25)
+
+    states = [factors(rr * (1 + noise), torch.full((1,), 7.0))[1] for noise in (0.0, 3e-7)]
+    assert float(states[0]) > 0 and torch.equal(states[0], states[1])
+    want = 0.01 * math.sqrt(float(nn_.sum())) / 0.25 / 0.5  # the floor: 1% of ||N|| / bias1, over scale
+    assert float(states[0]) == pytest.approx(want, rel=1e-6)
+    grown = rr * 3.0  # next step: a stale basis, a large residual
+    coefs = [factors(grown, state)[0] for state in states]
+    torch.testing.assert_close(coefs[0], coefs[1], rtol=0, atol=0)
+    free = factors(grown, torch.full((1,), 1e9))[0]
+    assert float(coefs[0].max()) < 0.1 * float(free.max())  # limited to 1.01 x the floor
+    assert float(factors(grown, prev0)[0].max()) == pytest.approx(float(free.max()))  # the first step: unlimited here
 
 
 @pytest.mark.parametrize("engine", ENGINES)
