@@ -142,7 +142,7 @@ class SubspaceAdamW(Optimizer):
         refresh: str = "warm",
         moments: str = DEFAULT_MOMENTS,
         proj_type: str = "std",
-        oversample: int = 8,
+        oversample: int = 32,
         power_iters: int = 1,
         seed: int = 0,
         nonfinite: str = "skip",

@@ -76,7 +76,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("refresh", "warm", "choice", "how a basis is refreshed", REFRESH_POLICIES),
     Option("moments", "rotate", "choice", "what Adam's moments do when the basis changes", MOMENT_POLICIES),
     Option("proj_type", "std", "choice", "which side carries the basis", PROJ_TYPES),
-    Option("oversample", 8, "int", "extra sketch columns for warm/rsvd refreshes", low=0),
+    Option("oversample", 32, "int", "extra sketch columns for warm/rsvd refreshes", low=0),
     Option("power_iters", 1, "int", "power (subspace) iterations for warm/rsvd refreshes", low=0),
     Option("seed", 0, "int", "sketch seed: sketches depend on (seed, parameter index, refresh count) only",
            type_error=True),

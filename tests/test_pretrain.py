@@ -506,7 +506,7 @@ def test_report_holds_the_measured_numbers(workdir, tmp_path):
     numbers = json.loads((out / "report.json").read_text())
     assert [r["optimizer"] for r in numbers["runs"]] == names
     # what was tuned is on the page: llama_9m.yaml's measured lrs, plain lrs and the sweep that chose them
-    assert "learning rates: adamw 0.002 (plain parameters 0.03), subspace 0.02 (plain parameters 0.03)" in text
+    assert "learning rates: adamw 0.002 (plain parameters 0.03), subspace 0.01 (plain parameters 0.03)" in text
     assert "chosen by: adamw, subspace and galore: the best of the llama_9m sweep" in text
     assert "residual fira, " in text or "residual fira)" in text
     for name in names:
