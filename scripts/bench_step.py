@@ -385,9 +385,11 @@ def main() -> None:
     sketch = {k: v for k, v in (("power_iters", args.power_iters), ("oversample", args.oversample)) if v is not None}
 
     def subspace(engine: str, refresh: str) -> Callable[[list[Any], int, int], Any]:
-        group = {"rank": 0, "update_gap": 0, "scale": 0.25, "refresh": refresh, **sketch}
-        return lambda ps, r, gap: SubspaceAdamW([{**group, "params": ps, "rank": r, "update_gap": gap}], lr=1e-2,
-                                                engine=engine)  # fmt: skip
+        return lambda ps, r, gap: SubspaceAdamW(
+            [{"params": ps, "rank": r, "update_gap": gap, "scale": 0.25, "refresh": refresh, **sketch}],
+            lr=1e-2,
+            engine=engine,
+        )
 
     contenders = [
         Contender("adamw_fused", "torch AdamW, fused", lambda ps, r, gap: torch.optim.AdamW(ps, lr=1e-3, fused=True)),

@@ -152,8 +152,8 @@ def residual_factors(
     Returns (coef per channel, flat as ``sumsq``: c phi_j / scale (fira) or c phi_j (apollo); the new
     ``previous`` = c T per matrix, but at least ``_LIMIT_FLOOR`` ||N|| / bias1 (fira: over scale)): the
     update is ``P (N - coef o R) + coef o G`` (fira: P R never formed on its own) or ``coef o G`` (apollo).
-    The factors are computed in fp64 and ``coef`` is capped so that
-    ``coef * |G_ij|`` stays finite: no NaN or Inf reaches a weight, whatever the (finite) gradient.
+    The factors are computed in fp64 and ``coef`` is capped so that ``coef * |G_ij|`` stays finite: no NaN
+    or Inf reaches a weight, whatever the (finite) gradient.
     """
     # Few operations on one flat tensor: on CPU each costs a dispatch, whatever its size.
     stats = sumsq.double()
