@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..quant import dynamic_map, num_blocks
-from . import interpreting
+from ..triton_runtime import interpreting
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

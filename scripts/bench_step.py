@@ -19,7 +19,7 @@ step: the refresh, the moments' transport (ours) and the regular update.
 The optimizers' steps are interleaved (one step of each in turn, round after round), so that load from
 other processes on a shared machine falls on all of them alike. The script also checks what it timed:
 no basis changed during the timed regular steps, every basis changed at every timed refresh step, the
-triton row's steps called the kernels (``subspace_optim.kernels.subspace_adamw``/``refresh_bases`` are
+triton row's steps called the kernels (``subspace_optim.kernels.step.subspace_adamw``/``refresh.refresh_bases`` are
 wrapped and counted) and the reference rows never did. Finally it checks, on the timed reference
 optimizer, the non-finite guarantee: with ``nonfinite="raise"`` a NaN gradient raises and nothing
 changes; with ``"skip"`` the matrices with a NaN/Inf gradient are left untouched and the others step.
@@ -58,7 +58,8 @@ MODELS = {
     "7b-layer": (4096, 11008, 1, 1024),
 }
 CPU_MODELS = ("smoke", "60m")
-KERNEL_ENTRIES = ("subspace_adamw", "refresh_bases")
+# The Triton entry points and their modules (``functional`` imports them from there when it launches).
+KERNEL_ENTRIES = {"subspace_adamw": "subspace_optim.kernels.step", "refresh_bases": "subspace_optim.kernels.refresh"}
 
 
 def shapes(model: str) -> tuple[list[tuple[int, int]], int]:
@@ -207,30 +208,28 @@ def refresh_marks(opt: Any) -> list[Any]:
 
 
 class KernelCounter:
-    """Wraps ``subspace_optim.kernels.subspace_adamw`` and ``refresh_bases`` (``functional`` calls them
-    through the module) and counts the calls: the proof that a timed step ran the kernels."""
+    """Wraps ``subspace_optim.kernels.step.subspace_adamw`` and ``.refresh.refresh_bases`` (``functional``
+    looks them up there at each call) and counts the calls: the proof that a timed step ran the kernels."""
 
     def __init__(self) -> None:
         self.calls = dict.fromkeys(KERNEL_ENTRIES, 0)
 
     def __enter__(self) -> KernelCounter:
-        import subspace_optim.kernels as kernels
+        self.originals = {}
+        for name, module_name in KERNEL_ENTRIES.items():
+            module = importlib.import_module(module_name)  # imports Triton
+            self.originals[name] = (module, getattr(module, name))
 
-        for name in KERNEL_ENTRIES:
-            original = getattr(kernels, name)  # imports the Triton module on first use
-
-            def counted(*a: Any, _name: str = name, _original: Any = original, **kw: Any) -> Any:
+            def counted(*a: Any, _name: str = name, _original: Any = self.originals[name][1], **kw: Any) -> Any:
                 self.calls[_name] += 1
                 return _original(*a, **kw)
 
-            setattr(kernels, name, counted)
+            setattr(module, name, counted)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import subspace_optim.kernels as kernels
-
-        for name in KERNEL_ENTRIES:
-            delattr(kernels, name)  # back to the package's lazy attribute
+        for name, (module, original) in self.originals.items():
+            setattr(module, name, original)
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.calls)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
@@ -101,9 +102,11 @@ def upgrade_state(state: dict[Any, dict[str, Any]], groups: list[dict[str, Any]]
 
 def _package_dirs() -> tuple[str, ...]:
     """Folders whose frames are library code, not the user's: this package, torch and the trainers."""
-    from . import kernels
-
-    dirs = [os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, kernels.__file__, torch.__file__)]
+    # The kernels ship as subspace_optim.kernels, a folder with no __init__.py (no __file__): its spec has the path.
+    package = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.find_spec(f"{__package__}.kernels")
+    kernels_dirs = [os.path.abspath(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    dirs = [d + os.sep for d in (package, *kernels_dirs, os.path.dirname(os.path.abspath(torch.__file__)))]
     for name in ("transformers", "accelerate", "trl", "peft", "contextlib"):
         module = sys.modules.get(name)
         if module is not None and getattr(module, "__file__", None):

@@ -1,7 +1,7 @@
 """Which engine runs a matrix: the user's ``engine`` option resolved against the tensors and the device.
 
 ``"reference"`` is PyTorch everywhere. ``"auto"`` takes the Triton kernels for plain, contiguous CUDA
-matrices of a supported dtype once the kernels pass their first-use self-check there (``kernels.probe``),
+matrices of a supported dtype once the kernels pass their first-use self-check there (``kernels/probe.py``),
 and the reference otherwise. ``"triton"`` is obeyed: every projected matrix takes the kernels, on CUDA or,
 under ``TRITON_INTERPRET=1``, on the CPU; a matrix they cannot take is an error before anything changes.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import compat, kernels
+from . import compat, triton_runtime
 from .distributed import is_dtensor, local
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -27,7 +27,9 @@ def _passes_probe(device: torch.device, engine: str) -> bool:
     warns once and keeps the reference path; ``"triton"`` raises, since the user asked for the kernels."""
     key = str(device)
     if key not in _PROBED:
-        _PROBED[key] = kernels.probe(device)
+        from .kernels.probe import probe
+
+        _PROBED[key] = probe(device)
         if _PROBED[key] is not None and engine == "auto":
             compat.warn_user(
                 f"SubspaceAdamW: the Triton kernels failed their self-check on {key} ({_PROBED[key]}); "
@@ -44,10 +46,10 @@ def _passes_probe(device: torch.device, engine: str) -> bool:
 
 def kernel_refusal(p: Tensor, grad: Tensor) -> str | None:
     """Why the kernels cannot take this matrix (None: they can)."""
-    if not kernels.available():
+    if not triton_runtime.available():
         return "the triton package is not installed (pip install triton)"
     device = local(p).device
-    if not kernels.runs_on(device):
+    if not triton_runtime.runs_on(device):
         return f"it is on {device}: the kernels run on CUDA, or on the CPU only under TRITON_INTERPRET=1"
     if p.dtype not in KERNEL_DTYPES or grad.dtype != p.dtype:
         return f"weight {p.dtype} / gradient {grad.dtype}: the kernels take fp32, bf16 or fp16, the same for both"

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
-from . import kernels, linalg, quant, subspace
+from . import linalg, quant, subspace
 from .inner import (
     RESIDUALS,
     adam_scalars,
@@ -84,7 +84,9 @@ def subspace_adamw(
     if residual != "none" and (update_norms is None or len(update_norms) != len(params)):
         raise ValueError(f"subspace_adamw: residual={residual!r} needs update_norms, one 0-d tensor per matrix")
     if engine == "triton":
-        kernels.subspace_adamw(
+        from .kernels.step import subspace_adamw as triton_subspace_adamw  # imports Triton: only on use
+
+        triton_subspace_adamw(
             params, grads, bases, exp_avgs, exp_avg_sqs, steps,
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
             exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
@@ -247,8 +249,10 @@ def refresh_bases(
         if engine == "triton" and policy in ("warm", "rsvd") and slabs[i] is linalg.UNSHARDED
     ]  # fmt: skip
     if fast:
+        from .kernels.refresh import refresh_bases as triton_refresh_bases  # imports Triton: only on use
+
         try:
-            items = kernels.refresh_bases(
+            items = triton_refresh_bases(
                 [grads[i] for i in fast],
                 [previous[i] if policy == "warm" else None for i in fast],
                 [seeds[i] for i in fast],

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from . import kernels
+from . import triton_runtime
 from .inner import RESIDUALS
 from .quant import BASIS_DTYPES, MOMENT_DTYPES
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
@@ -193,7 +193,7 @@ def validate(options: dict[str, Any], where: str) -> None:
             _check_real(option, value, where)
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
             _fail(option, value, where, f"{option.name} must be True, False or None", TypeError)
-    if options["engine"] == "triton" and not kernels.available():
+    if options["engine"] == "triton" and not triton_runtime.available():
         _fail(BY_NAME["engine"], "triton", where, "engine='triton' needs the triton package (pip install triton)")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from subspace_optim import kernels
+from subspace_optim import triton_runtime
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -149,7 +149,7 @@ def test_ddp_ranks_stay_bitwise_identical_with_a_residual(tmp_path):
 @pytest.mark.parametrize(
     "residual,engine",
     [("fira", "reference"), ("fira_tensor", "reference"), pytest.param("apollo", "reference", marks=pytest.mark.slow),
-     pytest.param("fira", "triton", marks=pytest.mark.skipif(not kernels.available(), reason="no triton"))],
+     pytest.param("fira", "triton", marks=pytest.mark.skipif(not triton_runtime.available(), reason="no triton"))],
 )  # fmt: skip
 def test_fsdp2_residual_matches_single_process(tmp_path, residual, engine):
     """On row shards (uneven: 17 / 16 rows) each rank computes its rows' channel factors and only the

@@ -19,11 +19,12 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-import subspace_optim.kernels as kernels  # noqa: E402
 from conftest import gradient_like, orthonormality_error, subspace_distance  # noqa: E402
-from subspace_optim.kernels import refresh as kr  # noqa: E402
 
 from subspace_optim import engine, inner, linalg, schedule, subspace  # noqa: E402
+from subspace_optim.kernels import probe as kprobe  # noqa: E402
+from subspace_optim.kernels import refresh as kr  # noqa: E402
+from subspace_optim.kernels import step as ks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(5, 13), (33, 17), (64, 40)]
@@ -60,12 +61,12 @@ def _launches(monkeypatch) -> list[int]:
 
 def _step(ws, gs, ps, ms, vs, ages, group, sides, **kwargs):
     """The kernel step for matrices of one param group (the twin's signature)."""
-    kernels.subspace_adamw(ws, gs, ps, ms, vs, ages, **group, sides=sides, **kwargs)
+    ks.subspace_adamw(ws, gs, ps, ms, vs, ages, **group, sides=sides, **kwargs)
 
 
 def _refresh(grads, sides, rank, *, oversample, power_iters, seeds, previous=None):
     previous = previous if previous is not None else [None] * len(grads)
-    return kernels.refresh_bases(
+    return kr.refresh_bases(
         grads, previous, seeds, sides=sides, rank=rank, oversample=oversample, power_iters=power_iters
     )
 
@@ -145,16 +146,16 @@ def test_in_kernel_gaussian_is_the_materialized_one():
     Philox numbers)."""
     a = torch.randn(33, 17, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     seed = linalg.sketch_seed(0, 5, 2)
-    omega = kernels.gaussian(17, 7, seed, DEVICE)
-    assert torch.equal(omega, kernels.gaussian(17, 7, seed, DEVICE))
-    assert not torch.equal(omega, kernels.gaussian(17, 7, seed + 1, DEVICE))
+    omega = kr.gaussian(17, 7, seed, DEVICE)
+    assert torch.equal(omega, kr.gaussian(17, 7, seed, DEVICE))
+    assert not torch.equal(omega, kr.gaussian(17, 7, seed + 1, DEVICE))
     seeds = torch.tensor([seed], device=DEVICE)
     y = kr.bmm(kr.Mat.of([a]), None, torch.empty(1, 33, 7, device=DEVICE), seeds=seeds)
     torch.testing.assert_close(y[0].double(), a.double() @ omega.double(), rtol=1e-6, atol=1e-5)
 
 
 def test_gaussian_statistics():
-    x = kernels.gaussian(64, 40, 12345, DEVICE).double()
+    x = kr.gaussian(64, 40, 12345, DEVICE).double()
     assert abs(float(x.mean())) < 0.1 and abs(float(x.std()) - 1.0) < 0.1
 
 
@@ -226,8 +227,8 @@ def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None; import importlib.util as u; "
         "u.find_spec = lambda name, *a: None if name == 'triton' else None; "
-        "import subspace_optim.kernels as kernels; assert not kernels.available(); "
-        "assert not kernels.runs_on('cuda'); print('ok')"
+        "from subspace_optim import triton_runtime; assert not triton_runtime.available(); "
+        "assert not triton_runtime.runs_on('cuda'); print('ok')"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
@@ -284,7 +285,7 @@ def test_optimizer_wiring_under_interpreter_matches_reference(monkeypatch, wdtyp
 
     monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
     calls = {"step": 0, "refresh": 0}
-    step_fn, refresh_fn = kernels.subspace_adamw, kernels.refresh_bases
+    step_fn, refresh_fn = ks.subspace_adamw, kr.refresh_bases
 
     def counted_step(*args, **kwargs):
         calls["step"] += 1
@@ -294,8 +295,8 @@ def test_optimizer_wiring_under_interpreter_matches_reference(monkeypatch, wdtyp
         calls["refresh"] += 1
         return refresh_fn(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "subspace_adamw", counted_step, raising=False)
-    monkeypatch.setattr(kernels, "refresh_bases", counted_refresh, raising=False)
+    monkeypatch.setattr(ks, "subspace_adamw", counted_step, raising=False)
+    monkeypatch.setattr(kr, "refresh_bases", counted_refresh, raising=False)
 
     def run(engine: str, refresh: str):
         torch.manual_seed(0)
@@ -440,7 +441,7 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
     _refresh([g], ["left"], 2, oversample=1, power_iters=1, seeds=[1])
     _refresh([g], ["right"], 2, oversample=1, power_iters=1, seeds=[1], previous=[p])
     kr.orthonormalize(torch.randn(1, 9, 3, device=DEVICE))
-    kernels.gaussian(4, 3, 0, DEVICE)
+    kr.gaussian(4, 3, 0, DEVICE)
     names = {name for name, _ in launches}
     assert names == {"project_adam_kernel", "back_update_kernel", "batched_gemm_kernel", "gaussian_kernel"}
     assert all(device == g.device for _, device in launches), launches
@@ -476,7 +477,7 @@ def test_optimizer_warm_refresh_loop_under_interpreter_matches_reference(monkeyp
         grads.append([g * float(c) for g, c in zip(windows[step // 3], scale, strict=True)])
 
     calls = {"refresh": 0}
-    refresh_fn = kernels.refresh_bases
+    refresh_fn = kr.refresh_bases
 
     def counted_refresh(*args, **kwargs):
         calls["refresh"] += 1
@@ -492,7 +493,7 @@ def test_optimizer_warm_refresh_loop_under_interpreter_matches_reference(monkeyp
         with monkeypatch.context() as patch:
             if choice != "reference":
                 patch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
-                patch.setattr(kernels, "refresh_bases", counted_refresh, raising=False)
+                patch.setattr(kr, "refresh_bases", counted_refresh, raising=False)
             for step_grads in grads:
                 for p, g in zip(params, step_grads, strict=True):
                     p.grad = g.clone()
@@ -640,10 +641,10 @@ def test_optimizer_resumes_column_major_moments_under_interpreter(monkeypatch):
     opt_tri.load_state_dict(col_major)
     assert not opt_tri.state[p_tri]["exp_avg"].is_contiguous() and opt_ref.state[p_ref]["exp_avg"].is_contiguous()
     calls = []
-    step_fn = kernels.subspace_adamw
+    step_fn = ks.subspace_adamw
     monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(
-        kernels, "subspace_adamw", lambda *a, **kw: calls.append(1) or step_fn(*a, **kw), raising=False
+        ks, "subspace_adamw", lambda *a, **kw: calls.append(1) or step_fn(*a, **kw), raising=False
     )
     for g in grads[2:]:
         for q, o in ((p_ref, opt_ref), (p_tri, opt_tri)):
@@ -690,13 +691,13 @@ def test_matmul_precision_reaches_the_step_kernels(monkeypatch, wdtype, choice, 
 
     monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
     seen = []
-    step_fn = kernels.subspace_adamw
+    step_fn = ks.subspace_adamw
 
     def recording(*args, matmul_precision="ieee", **kwargs):
         seen.append(matmul_precision)
         return step_fn(*args, matmul_precision=matmul_precision, **kwargs)
 
-    monkeypatch.setattr(kernels, "subspace_adamw", recording, raising=False)
+    monkeypatch.setattr(ks, "subspace_adamw", recording, raising=False)
 
     def run(engine: str):
         torch.manual_seed(3)
@@ -756,13 +757,13 @@ def test_failed_probe_falls_back_for_auto_and_raises_for_triton(monkeypatch, cho
 
     monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(engine, "_PROBED", {})
-    monkeypatch.setattr(kernels, "probe", lambda device: "simulated failure")
+    monkeypatch.setattr(kprobe, "probe", lambda device: "simulated failure")
 
     def never(*args, **kwargs):
         raise AssertionError("a kernel was launched after a failed probe")
 
-    monkeypatch.setattr(kernels, "subspace_adamw", never, raising=False)
-    monkeypatch.setattr(kernels, "refresh_bases", never, raising=False)
+    monkeypatch.setattr(ks, "subspace_adamw", never, raising=False)
+    monkeypatch.setattr(kr, "refresh_bases", never, raising=False)
 
     def run(engine_name):
         torch.manual_seed(5)
@@ -794,7 +795,7 @@ def test_kernel_refresh_that_a_factorization_refuses_falls_back_to_the_reference
     def refused(*args, **kwargs):
         raise torch.linalg.LinAlgError("simulated: eigh got a non-finite Gram matrix")
 
-    monkeypatch.setattr(kernels, "refresh_bases", refused, raising=False)
+    monkeypatch.setattr(kr, "refresh_bases", refused, raising=False)
 
     def run(engine):
         torch.manual_seed(6)
@@ -1028,7 +1029,7 @@ def test_fused_step_batches_by_storage(monkeypatch):
     for pr, o in zip(problems, out, strict=True):
         for key, t in pr["state"].items():
             o["state"][key] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
-    kernels.subspace_adamw(
+    ks.subspace_adamw(
         [o["w"] for o in out], [o["g"] for o in out], [o["p"] for o in out],
         [o["state"]["exp_avg"] for o in out], [o["state"]["exp_avg_sq"] for o in out], [3] * len(out), **GROUP,
         sides=["left"] * len(out), exp_avg_absmaxes=[o["state"].get("exp_avg_absmax") for o in out],
@@ -1078,14 +1079,14 @@ def test_fused_step_refuses_state_it_cannot_read():
     args = ([pr["w"]], [pr["g"]], [pr["p"]], [st["exp_avg"]], [st["exp_avg_sq"]], [2])
     kw = dict(GROUP, sides=["left"])
     with pytest.raises(TypeError, match="moments must be fp32, bf16, or uint8 codes"):
-        kernels.subspace_adamw(*args, **kw)
+        ks.subspace_adamw(*args, **kw)
     with pytest.raises(TypeError, match=r"absmax of shape \(3, 2\)"):
-        kernels.subspace_adamw(
+        ks.subspace_adamw(
             *args, **kw, exp_avg_absmaxes=[st["exp_avg_absmax"][:, :1]], exp_avg_sq_absmaxes=[st["exp_avg_sq_absmax"]]
         )
     fp16 = _state_problem(7, 30, 3, "left", "float32", torch.float32, torch.float32, seed=9)
     with pytest.raises(TypeError, match="bases must be fp32 or bf16"):
-        kernels.subspace_adamw(
+        ks.subspace_adamw(
             [fp16["w"]], [fp16["g"]], [fp16["p"].half()], [fp16["state"]["exp_avg"]], [fp16["state"]["exp_avg_sq"]],
             [2], **kw,
         )  # fmt: skip

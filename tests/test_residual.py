@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import subspace_optim as so
-from subspace_optim import functional, inner, kernels
+from subspace_optim import functional, inner, triton_runtime
 
 MODES = [m for m in inner.RESIDUALS if m != "none"]
-ENGINES = ["reference"] + (["triton"] if kernels.available() else [])
+ENGINES = ["reference"] + (["triton"] if triton_runtime.available() else [])
 HYPER = {"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "scale": 0.25}
 
 
