@@ -15,8 +15,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    """At most 2 intra-op threads (CI's count), restored after each test so one test's count never leaks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, before))
     yield
+    torch.set_num_threads(before)
 
 
 def gradient_like(m: int, n: int, rank: int, *, decay: float = 0.7, noise: float = 1e-2, seed: int = 0):
