@@ -11,7 +11,7 @@ trained on the training text (cached in ``--output-dir``), the text the Python s
 
     python scripts/finetune.py                                  # full fine-tune, SFTTrainer, ~1 min on 2 CPU cores
     python scripts/finetune.py --lora-r 16                      # LoRA adapters only; --rank defaults to 8 <= r
-    python scripts/finetune.py --max-steps 400 --resume         # continue from the last checkpoint in --output-dir
+    python scripts/finetune.py --resume                         # continue from the last checkpoint in --output-dir
     python scripts/finetune.py --trainer trainer --lora-r 16    # plain transformers.Trainer, same optimizer
     python scripts/finetune.py --moments-dtype int8 --basis-dtype bfloat16   # low-precision optimizer state
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from subspace_optim.integrations.transformers import (
     optimizer_cls_and_kwargs,
     unwrap_optimizer,
 )
-from subspace_optim.pretrain import corpus, lm
+from subspace_optim.pretrain import corpus, lm, resuming
 from subspace_optim.pretrain.tokenizer import EOS, cached_bpe
 
 DOC_CHARS = 4_000  # the built-in corpus and .txt files are cut into documents of about this many characters
@@ -280,7 +281,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --max-steps")
     train.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at the end)")
-    train.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume from the last checkpoint in --output-dir (none there: start a new run); --max-steps must be "
+        "the checkpointed run's",
+    )
     train.add_argument("--bf16", action="store_true", help="bf16 autocast")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--seed", type=int, default=0)
@@ -317,8 +323,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint ``--resume`` continues from, checked before anything is built or written, by the rules
+    ``subspace-optim pretrain --resume`` follows: none in ``--output-dir`` starts a new run (one printed line says
+    so); one written with another ``--max-steps`` is refused (``resuming.ResumeMismatch``), because the trainer
+    would rebuild the cosine schedule over the new length and change the lr of the remaining steps."""
+    if not args.resume:
+        return None
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(args.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is None:
+        print(resuming.no_checkpoint(out), flush=True)
+        return None
+    state = Path(last) / TRAINER_STATE_NAME
+    saved = json.loads(state.read_text()).get("max_steps") if state.is_file() else None
+    if saved is not None:  # no trainer state: the trainer refuses the checkpoint itself
+        resuming.check_length(last, "--max-steps", saved, args.max_steps)
+    return last
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    resume_from = resume_checkpoint(args)
     if args.quiet:
         import datasets
 
@@ -327,9 +356,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     trainer = build_trainer(args)
     model = trainer.model
-    before = None if args.resume else trainer.evaluate()["eval_loss"]
+    before = None if resume_from else trainer.evaluate()["eval_loss"]
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     after = trainer.evaluate()["eval_loss"]
     final = Path(args.output_dir) / "final"
@@ -364,5 +393,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: a refused resume prints one line and returns 2, as ``subspace-optim pretrain`` does."""
+    try:
+        main(argv)
+    except resuming.ResumeMismatch as err:
+        print(f"finetune.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

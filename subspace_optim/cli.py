@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 USAGE = """usage: subspace-optim <command> [flags]
+       subspace-optim --version
 
 commands:
   pretrain    pretrain a LLaMA from configs/ with AdamW, SubspaceAdamW and others on the same data,
@@ -13,11 +14,27 @@ commands:
 """
 
 
+def version() -> str:
+    """The installed distribution's version (what pip installed, so what a bug report should name); from a
+    source tree that was never installed, the package's ``__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("subspace-optim")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if args else 2
+    if args[0] == "--version":
+        print(f"subspace-optim {version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "pretrain":
         from .pretrain import main as pretrain_main

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import runpy
+import shutil
 import warnings
 
 import pytest
@@ -253,3 +254,41 @@ def test_prebuilt_optimizer_with_peft_is_refused(tmp_path, recipe, trainer_kind)
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p, before[name]), f"{name} changed although the step was refused"
     assert all(len(s) == 0 for s in opt.state.values()), "optimizer state was created"
+
+
+# --------------------------------------------------------------------------- (e) --resume, as in pretrain
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path, recipe, capsys):
+    """--resume with no checkpoint in --output-dir starts a new run and says so in one line, as
+    `subspace-optim pretrain --resume` does (it crashed with transformers' "No valid checkpoint found")."""
+    out = tmp_path / "run"
+    summary = recipe["main"](argv(out, "--max-steps", "2", "--resume"))
+    assert summary["steps"] == 2 and summary["eval_loss_before"] is not None  # a new run: evaluated before
+    lines = [line for line in capsys.readouterr().out.splitlines() if "no checkpoint" in line]
+    assert lines == [f"--resume: no checkpoint found in {out}; starting a new run"]
+
+
+def test_resume_refuses_a_changed_max_steps(tmp_path, recipe, capsys):
+    """The cosine schedule spans --max-steps (and the default warmup is 5% of it): resuming with another value
+    would bend the lr of the remaining steps, which the trainer did silently. Refused as `pretrain` refuses a
+    changed --steps, before anything is built or written; the same value resumes."""
+    out = tmp_path / "run"
+    recipe["main"](argv(out, "--max-steps", "2", "--save-steps", "1"))
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    expected = (
+        rf"cannot resume from {re.escape(str(out / 'checkpoint-2'))}: the run was started with different settings "
+        r"\(checkpoint -> now: --max-steps: 2 -> 4\)\. --max-steps cannot change on resume: .*"
+        r"Pass the original values, or drop --resume \(or choose another --output-dir\) to start a new run\."
+    )
+    with pytest.raises(ValueError, match=expected):
+        recipe["main"](argv(out, "--max-steps", "4", "--resume"))
+    capsys.readouterr()
+    assert recipe["cli"](argv(out, "--max-steps", "4", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finetune.py: error: cannot resume from ") and "--max-steps: 2 -> 4" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written  # nothing built, trained or written
+
+    shutil.rmtree(out / "checkpoint-2")  # resume from step 1 with the same --max-steps: accepted
+    summary = recipe["main"](argv(out, "--max-steps", "2", "--resume"))
+    assert summary["steps"] == 2 and summary["eval_loss_before"] is None

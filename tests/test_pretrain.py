@@ -215,6 +215,29 @@ def test_galore8bit_is_refused_on_cpu_before_training(workdir, tmp_path, capsys)
     assert not (tmp_path / "adamw").exists() and not (tmp_path / "galore8bit").exists()  # nothing trained
 
 
+def test_an_optimizer_that_cannot_run_here_is_refused_before_its_missing_lr(workdir, tmp_path, monkeypatch, capsys):
+    """llama_9m.yaml has no lr for galore8bit. Whether an optimizer can run at all (its package, CUDA) is reported
+    first: asking for an lr that could not help sent users round twice. A missing lr is still refused before any
+    data is read or anything is written."""
+    with monkeypatch.context() as patched:
+        patched.setitem(sys.modules, "galore_torch", None)  # importing it now raises ImportError
+        assert main(tiny(workdir, tmp_path, "--optimizer", "galore8bit", "--cpu")) == 2
+        err = capsys.readouterr().err
+        assert "needs the galore-torch package" in err and "no learning rate" not in err, err
+    assert main(tiny(workdir, tmp_path, "--optimizer", "subspace", "--lr", "adamw=1e-3")) == 2
+    err = capsys.readouterr().err
+    assert "no learning rate for optimizer 'subspace'" in err and "add subspace=<lr> to --lr" in err, err
+    assert not any(tmp_path.iterdir())  # nothing trained or written
+    pytest.importorskip("galore_torch")
+    assert main(tiny(workdir, tmp_path, "--compare", "adamw,galore8bit", "--cpu")) == 2
+    err = capsys.readouterr().err
+    assert "'galore8bit'" in err and "needs a CUDA GPU" in err and "no learning rate" not in err, err
+    assert not any(tmp_path.iterdir())
+    cfg = load_config(tiny(workdir, tmp_path, "--optimizer", "galore8bit", "--cpu"))
+    with pytest.raises(optimizers.MissingOptimizer, match="needs a CUDA GPU"):  # the Python API in the same order
+        optimizers.build("galore8bit", loop.build_model(cfg, 320), cfg)
+
+
 def test_galore8bit_gets_bitsandbytes_defaults(monkeypatch):
     """galore-torch 1.0 passes percentile_clipping and block_wise positionally, which bitsandbytes 0.50
     reads as max_unorm=100 and skip_zeros=True; the pretrain build puts the defaults back."""
@@ -435,6 +458,16 @@ def test_resume_refuses_another_schedule(workdir, tmp_path, capsys):
     resumed = log(out / "adamw")
     assert resumed["state"]["step"] == 3 and resumed["lr"] == 3e-3
     assert resumed["state"]["history"][-1]["lr"] == pytest.approx(3e-3 * loop.lr_multiplier(2, 1, 6, 0.1))
+
+
+def test_resume_without_a_checkpoint_starts_fresh(workdir, tmp_path, capsys):
+    """--resume with nothing to resume trains a new run and says so in one line (scripts/finetune.py prints the
+    same line), so a job script can pass --resume from its first launch on."""
+    out = tmp_path / "fresh"
+    run(load_config(tiny(workdir, out, "--optimizer", "adamw", "--steps", "2", "--resume", "--no-report")))
+    assert log(out / "adamw")["status"] == "finished" and log(out / "adamw")["state"]["step"] == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "no checkpoint" in line]
+    assert lines == [f"[adamw] --resume: no checkpoint found in {out / 'adamw' / 'checkpoints'}; starting a new run"]
 
 
 def test_stopped_run_reports_its_last_eval_with_its_step(workdir, tmp_path, capsys):

@@ -7,7 +7,8 @@ Python use::
     report_path = run(cfg)
 
 Modules: ``config`` (flags and YAML), ``data`` (corpora, splits, per-step batches), ``tokenizer`` (cached
-BPE), ``optimizers`` (the compared optimizers), ``loop`` (one run: step, eval, checkpoints), ``report``.
+BPE), ``optimizers`` (the compared optimizers), ``loop`` (one run: step, eval, checkpoints), ``resuming`` (the
+``--resume`` rules scripts/finetune.py shares), ``report``.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ def _use_cpu(cfg: PretrainConfig) -> bool:
 
 
 def preflight(cfg: PretrainConfig) -> None:
-    """Fail in seconds, before any data is read: missing optional packages and impossible ranks."""
+    """Fail in seconds, before any data is read: missing optional packages, CUDA-only optimizers on CPU, missing
+    learning rates, impossible ranks. Whether each optimizer can run here comes first: asking for the lr of an
+    optimizer that cannot run on this machine would send the user round twice."""
     from . import loop, optimizers
 
     device = "cuda" if torch.cuda.is_available() and not _use_cpu(cfg) else "cpu"
     for name in cfg.optimizer:
         optimizers.require(name, device)
+    cfg.check_lrs()
     if any(name in ("subspace", "galore", "apollo") for name in cfg.optimizer):
         with torch.device("meta"):
             model = loop.build_model(cfg, cfg.tokenizer_vocab)

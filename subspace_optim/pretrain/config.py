@@ -327,7 +327,8 @@ class PretrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
 
     def validate(self) -> None:
-        """Reject impossible settings before any data or model is built."""
+        """Reject impossible settings before any data or model is built. Each optimizer's lr is checked later, by
+        ``check_lrs`` in ``preflight``, after whether the optimizer can run here at all (package, CUDA)."""
         positive = (
             "hidden_size",
             "intermediate_size",
@@ -365,6 +366,9 @@ class PretrainConfig:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.stop_at is not None and self.stop_at <= 0:
             raise ValueError(f"--stop-at must be a positive step, got {self.stop_at}")
+
+    def check_lrs(self) -> None:
+        """Every optimizer of the run has a learning rate above 0 (a per-optimizer --lr may leave one out)."""
         for name in self.optimizer:
             lr = self.lr_for(name)
             if not lr > 0:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..metrics import state_bytes
-from . import files, optimizers
+from . import files, optimizers, resuming
 from .config import PretrainConfig
 from .data import TokenData
 
@@ -328,6 +328,8 @@ def _set_up(
     ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
     resume_from = ckpts.latest() if cfg.resume else None
     if accelerator.is_main_process and resume_from is None:
+        if cfg.resume:
+            print(f"[{name}] {resuming.no_checkpoint(ckpts.dir)}", flush=True)
         _ensure_fresh(run_dir)
     accelerator.wait_for_everyone()
     accum, rows = _batch_layout(cfg, accelerator.num_processes)
@@ -563,17 +565,10 @@ def _check_resumable(saved: dict[str, Any], current: dict[str, Any], where: Path
             diffs.append(f"{flag}: {shown(old, key)} -> {shown(new, key)}")
     notes = ""
     if old.get("steps") != new.get("steps"):
-        notes += (
-            " --steps cannot change on resume: the warmup + cosine schedule spans --steps, so another value "
-            "would change the learning rate of the remaining steps (to train longer, start a new run)."
-        )
+        notes += " " + resuming.length_note("--steps")
     if any(key not in old for key in new):
         notes += " The checkpoint predates recording some of these settings, so it cannot be checked against them."
-    raise ValueError(
-        f"cannot resume from {where}: the run was started with different settings (checkpoint -> now: "
-        f"{'; '.join(diffs)}).{notes} Pass the original values, or drop --resume (or choose another "
-        "--output-dir) to start a new run."
-    )
+    raise resuming.mismatch(where, diffs, notes)
 
 
 def _summary(

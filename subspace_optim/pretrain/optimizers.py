@@ -107,7 +107,14 @@ def _plain_groups(model: nn.Module, weight_decay: float, cfg: PretrainConfig, na
 
 
 def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    """The optimizer ``name`` for ``model`` with the run's hyperparameters (lr is the schedule's peak)."""
+    """The optimizer ``name`` for ``model`` with the run's hyperparameters (lr is the schedule's peak).
+
+    Whether the optimizer can run here (its package, CUDA) is checked before its lr is looked up, as in
+    ``preflight``: a missing lr is not the first thing to fix for an optimizer that cannot run."""
+    if name in OPTIONAL:
+        _import(name)
+    if name == "galore8bit":
+        _require_cuda_galore8bit(next(model.parameters()).device)
     lr = cfg.lr_for(name)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if name == "adamw":
@@ -135,8 +142,6 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
         return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, **everywhere)
     if name in ("galore", "galore8bit", "apollo"):
         module = _import(name)
-        if name == "galore8bit":
-            _require_cuda_galore8bit(next(model.parameters()).device)
         check_rank(model, cfg)
         projected, matrices, vectors = _split(model, cfg)
         low_rank: dict[str, Any] = {"rank": cfg.rank, "update_proj_gap": cfg.update_gap, "proj_type": cfg.proj_type}
