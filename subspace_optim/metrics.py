@@ -114,7 +114,37 @@ def _entry(state: dict[str, Any], side: str, nbytes: int, info: dict[str, Any]) 
     return entry
 
 
-def subspace_metrics(
+def unwrap(optimizer: Any) -> Optimizer | None:
+    """The ``SubspaceAdamW`` inside ``optimizer`` or inside the wrappers around it, else None.
+
+    Trainers hand out wrappers: accelerate's ``AcceleratedOptimizer`` (what ``Trainer.optimizer`` is), DeepSpeed's
+    and others keep the optimizer they wrap as ``.optimizer``; that chain is followed (8 levels at most).
+    """
+    from .optimizer import SubspaceAdamW  # here: optimizer imports this module
+
+    for _ in range(9):
+        if optimizer is None or isinstance(optimizer, SubspaceAdamW):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def subspace_metrics(optimizer: Any) -> dict[str, Any]:
+    """``SubspaceAdamW.subspace_metrics()`` of ``optimizer`` or of the SubspaceAdamW it wraps.
+
+    Use it on ``trainer.optimizer``: accelerate wraps the optimizer in an ``AcceleratedOptimizer``, which does not
+    forward ``subspace_metrics``. A TypeError when no SubspaceAdamW is found.
+    """
+    inner = unwrap(optimizer)
+    if inner is None:
+        raise TypeError(
+            f"subspace_metrics needs a SubspaceAdamW, or a wrapper that keeps one as .optimizer (accelerate's "
+            f"AcceleratedOptimizer); got {type(optimizer).__name__}, which holds none"
+        )
+    return inner.subspace_metrics()
+
+
+def collect(
     matrices: Iterable[tuple[int, str, dict[str, Any], str | None]],
     metrics: dict[int, dict[str, Any]],
     nonfinite_skips: int,

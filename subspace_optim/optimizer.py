@@ -8,7 +8,6 @@ compatibility guards in ``compat``, metrics in ``metrics``; ``docs/architecture.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -26,6 +25,12 @@ from .schedule import Matrix, local_matrix
 from .subspace import basis_dim
 
 DEFAULT_MOMENTS = options.DEFAULTS["moments"]
+# Options that decide the shape of a parameter's state (projected or not, side, rank): changing one on a live
+# group would make the next step fail part-way, so ``step`` refuses it while it would reshape existing state.
+SHAPE_OPTIONS = ("rank", "proj_type")
+PARAM_GROUPS_HINT = "subspace_optim.param_groups(model, target_modules='all-linear', rank=128)"
+# Parameter-name parts of input embeddings and output heads (HF, GPT-2 and Meta LLaMA spellings).
+_VOCAB_NAMES = ("lm_head", "wte", "wpe")
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +62,40 @@ def _absmaxes(states: list[dict[str, Any]]) -> dict[str, list[Tensor]]:
     return {f"{k}_absmaxes": [local(s[f"{k}_absmax"]) for s in states] for k in ("exp_avg", "exp_avg_sq")}
 
 
+def _source_module(params: Any) -> nn.Module | None:
+    """The module whose ``parameters()`` / ``named_parameters()`` generator ``params`` is, else None: its
+    not-yet-started frame holds the module as ``self``."""
+    frame = getattr(params, "gi_frame", None)
+    owner = frame.f_locals.get("self") if frame is not None else None
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _vocab_weights(module: nn.Module | None, named: dict[int, str]) -> set[int]:
+    """Ids of input-embedding and output-head weights: ``nn.Embedding`` weights and the HF model's input/output
+    embeddings when the module is known, and parameters whose name says so (``embed``, ``lm_head``, ...)."""
+    found = set()
+    if module is not None:
+        found |= {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            get = getattr(module, getter, None)
+            try:
+                weight = getattr(get() if callable(get) else None, "weight", None)
+            except (NotImplementedError, AttributeError):  # a PreTrainedModel subclass without the accessor
+                weight = None
+            if isinstance(weight, Tensor):
+                found.add(id(weight))
+    for pid, name in named.items():
+        parts = name.split(".")[:-1]
+        if any("embed" in part or part in _VOCAB_NAMES for part in parts) or name == "output.weight":
+            found.add(pid)
+    return found
+
+
+def _layout(p: Tensor, group: dict[str, Any]) -> tuple[str, int | None]:
+    """The shape of the state ``group``'s options give ``p``: ("plain", None) or (side, rank)."""
+    return (schedule.side(p, group), group["rank"]) if schedule.projects(p, group) else ("plain", None)
+
+
 def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool, list]]:
     """Plain parameters split by moment storage: (True, native: torch AdamW's own state, in the parameter's
     dtype), then (False, members) per other storage (another float dtype, or 8-bit); none is left out."""
@@ -84,10 +123,15 @@ class SubspaceAdamW(Optimizer):
 
     Args:
         params: parameters or param groups. Every option below can be set per group; galore-torch 1.0
-            groups (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) work unchanged.
+            groups (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``) work unchanged. A group key that is
+            neither an option nor one torch and its lr schedulers add is a ValueError (with the likely key).
+            ``rank`` at the top level over a model's flat parameters projects its embeddings and head too (a
+            warning names them): build groups with ``subspace_optim.param_groups(model, ...)``.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (weight decay is decoupled and applied in
             full space, also to projected matrices).
-        rank: subspace rank r; ``None`` (default) means plain AdamW for the group.
+        rank: subspace rank r; ``None`` (default) means plain AdamW for the group (when no group has a rank
+            the first step warns). ``rank`` and ``proj_type`` of a group whose parameters have state may only
+            change where no state would be reshaped; otherwise the next step raises, changing nothing.
         update_gap: refresh the basis every this many optimizer steps of the parameter.
         scale: multiplier alpha on the projected-back update (GaLore's ``scale``).
         refresh: ``"warm"`` | ``"rsvd"`` | ``"svd"`` | ``"random"`` (see ``subspace.refresh_basis``).
@@ -115,7 +159,9 @@ class SubspaceAdamW(Optimizer):
             ``"tf32"`` for bf16/fp16 weights, whose gradients TF32 holds exactly, ``"ieee"`` for fp32.
             Refreshes always use ieee fp32 with fp64 Gram matrices.
         moments_dtype, basis_dtype: storage of the moments (``"float32"``, ``"bfloat16"``, ``"int8"``:
-            blockwise 8-bit, see ``quant``) and of the bases (``"float32"``, ``"bfloat16"``); math is fp32.
+            blockwise 8-bit, see ``quant``) and of the bases (``"float32"``, ``"bfloat16"``); math is fp32. The
+            torch dtypes of those choices are accepted and stored as the strings; changed on a live group, the
+            state is converted at the next step.
         residual: what a projected step does with the gradient its subspace discards (``inner.residual_factors``):
             ``"none"`` (GaLore's step), ``"fira"`` (adds phi_j (G - P P^T G) / scale with phi_j = ||N_j|| /
             ||R_j|| per channel j, Fira's rule), ``"fira_tensor"`` (one phi per matrix), ``"apollo"`` (steps
@@ -165,21 +211,37 @@ class SubspaceAdamW(Optimizer):
                 raise ValueError(f"SubspaceAdamW got update_gap={update_gap!r} and update_proj_gap={gap!r}; keep one")
             given["update_gap"] = gap
         if unexpected:
-            raise TypeError(compat.unexpected_keywords(sorted(unexpected)))
+            names = sorted(unexpected)
+            hint = options.suggest(names[0], [*options.DEFAULTS, *options.ALIASES])
+            raise TypeError(compat.unexpected_keywords(names) + hint)
         if isinstance(given["betas"], list):
             given["betas"] = tuple(given["betas"])
+        options.normalize_dtypes(given)
         options.validate(given, "in SubspaceAdamW(...)")
         options.plain_numbers(given)
-        self._metrics: dict[int, dict[str, Any]] = {}
-        self._nonfinite_skips = 0
-        self._known_params: set[int] = set()
-        self._backward_update: BackwardUpdate | None = None
+        if isinstance(params, nn.Module):  # iterating a model fails, or (nn.Sequential) yields its layers
+            raise TypeError(
+                f"SubspaceAdamW got a model ({type(params).__name__}), not its parameters: pass model.parameters() "
+                f"(every parameter gets the same options), or param groups such as {PARAM_GROUPS_HINT}, which "
+                "projects the linear layers and leaves embeddings, the output head, norms and biases in plain AdamW"
+            )
         if isinstance(params, Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be an iterable of Tensors or dicts, "
                 f"but got {torch.typename(params)}"
             )
+        self._metrics: dict[int, dict[str, Any]] = {}
+        self._nonfinite_skips = 0
+        self._known_params: set[int] = set()
+        self._backward_update: BackwardUpdate | None = None
+        self._rank_given = False  # some group named a rank (None included): plain AdamW there is deliberate
+        self._plain_checked = False  # the first step's "no group has a rank" check has run
+        self._layouts: dict[int, dict[str, Any]] = {}  # id(group) -> SHAPE_OPTIONS its state was built with
+        module = _source_module(params)
+        params = list(params)
         super().__init__(params, given)
+        if rank is not None and params and not isinstance(params[0], dict):
+            self._warn_projected_vocab(params, module, rank)
 
     # ------------------------------------------------------------------ groups
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -191,10 +253,15 @@ class SubspaceAdamW(Optimizer):
         self._metrics = {}
         self._nonfinite_skips = 0
         self._known_params = set()
+        self._rank_given = getattr(self, "_rank_given", True)  # a copy or a loaded optimizer: warned already
+        self._plain_checked = getattr(self, "_plain_checked", True)
+        self._layouts = {}
         for i, group in enumerate(self.param_groups):
             for key in options.DEFAULTS:  # not torch's "differentiable", which __setstate__ put in defaults
                 group.setdefault(key, self.defaults[key])
             self.param_groups[i] = compat.ParamGroup(dict(group), self._known_params)
+            # Loaded state was built with the loaded groups' options (torch's loader keeps the saved ones).
+            self._layouts[id(self.param_groups[i])] = {k: group[k] for k in SHAPE_OPTIONS}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate (and translate galore-torch keys of) a group before it is added."""
@@ -205,18 +272,61 @@ class SubspaceAdamW(Optimizer):
                 "add_param_group while update_in_backward is attached: its hooks cover the parameters it was "
                 "attached with. Call remove() on the handle, add the group, then attach again"
             )
-        where = f"in param group {len(self.param_groups)}"
-        group = options.translate_aliases(param_group, f"param group {len(self.param_groups)}")
+        label = f"param group {len(self.param_groups)}"
+        where = f"in {label}"
+        group = options.translate_aliases(param_group, label)
         if "params" in group:
             group["params"] = compat.param_list(group["params"])
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
-        unknown = set(group) - set(options.DEFAULTS) - options.GROUP_KEYS
-        if unknown:
-            warnings.warn(f"SubspaceAdamW ignores unknown param group keys {sorted(unknown)}", stacklevel=2)
+        options.check_group_keys(group, label)
+        options.normalize_dtypes(group)
         options.validate({**self.defaults, **group}, where)
         options.plain_numbers(group)
         super().add_param_group(compat.ParamGroup(group, self._known_params))
+        self._rank_given |= "rank" in group
+        added = self.param_groups[-1]
+        self._layouts[id(added)] = {k: added[k] for k in SHAPE_OPTIONS}
+
+    def _warn_projected_vocab(self, params: list[Any], module: nn.Module | None, rank: int) -> None:
+        """Warn when a top-level ``rank`` over a whole model's flat parameter list projects its input embeddings
+        or output head: GaLore-style training projects the attention and MLP weights only."""
+        named = {id(item[1]): item[0] for item in params if isinstance(item, tuple)}
+        if module is not None:
+            named.update({id(p): n for n, p in module.named_parameters()})
+        vocab = _vocab_weights(module, named)
+        hit = [named.get(id(p), f"params[{i}]") for i, p in enumerate(self.param_groups[0]["params"])
+               if id(p) in vocab and schedule.projects(p, self.param_groups[0])]  # fmt: skip
+        if hit:
+            compat.warn_user(
+                f"rank={rank} was given for a flat list of parameters, so every matrix is projected, including the "
+                f"input embedding / output head weights {hit[:4]}: projecting the vocabulary matrices usually hurts "
+                f"quality (GaLore projects only attention and MLP weights). Build the groups with "
+                f"{PARAM_GROUPS_HINT.replace('128', str(rank))}, which leaves embeddings, the head, norms and biases "
+                "in plain AdamW; or pass explicit param groups to project them on purpose"
+            )
+
+    def _refuse_reshaped_groups(self) -> None:
+        """Refuse, before anything changes, a group whose ``rank`` or ``proj_type`` was changed after some of its
+        parameters got state that the new value would reshape (a step would fail part-way, with a raw shape error).
+        A change that reshapes no existing state is accepted (and remembered)."""
+        for i, group in enumerate(self.param_groups):
+            now = {k: group[k] for k in SHAPE_OPTIONS}
+            built = self._layouts.get(id(group))
+            if built is not None and built != now:
+                before = {**group, **built}
+                for _, owner, name, p in self._named_params():
+                    if owner is group and self.state.get(p) and _layout(p, before) != _layout(p, group):
+                        changes = [f"{k} from {built[k]!r} to {now[k]!r}" for k in SHAPE_OPTIONS if built[k] != now[k]]
+                        side, r = _layout(p, before)
+                        held = "plain AdamW state" if r is None else f"rank-{r} state projected on the {side}"
+                        raise ValueError(
+                            f"param group {i} changed {' and '.join(changes)} after its state was created: parameter "
+                            f"{name} holds {held}, which the new value would reshape. Nothing was changed. Set it "
+                            "back, or, to train with the new value, build a new SubspaceAdamW (its state starts "
+                            "fresh) or load a checkpoint saved with it"
+                        )
+            self._layouts[id(group)] = now
 
     # ------------------------------------------------------------------ state
     # ------------------------------------------------------------------ step
@@ -231,6 +341,7 @@ class SubspaceAdamW(Optimizer):
     def _checked_work(self, only: set[int] | None = None) -> list[tuple[int, dict[str, Any], str, Tensor]]:
         """Every parameter with a gradient (of ``only``, ids, when given), each checked (types, engine,
         finiteness) before anything moves; non-finite ones are skipped or raised per ``nonfinite``."""
+        self._refuse_reshaped_groups()
         work = []
         for index, group, name, p in self._named_params():
             if only is not None and id(p) not in only:
@@ -273,6 +384,14 @@ class SubspaceAdamW(Optimizer):
         plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
         projected: list[Matrix] = []
         work = self._checked_work(only)
+        if not self._plain_checked:
+            self._plain_checked = True
+            if not self._rank_given and all(g["rank"] is None for g in self.param_groups):
+                compat.warn_user(
+                    "SubspaceAdamW: no param group has a rank, so every parameter trains as plain AdamW (nothing is "
+                    "projected). To project, give the weight matrices a group with rank=..., e.g. "
+                    f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
+                )
         schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self.state[p]])
         for index, group, name, p in work:
             state = self.state[p]
@@ -415,7 +534,7 @@ class SubspaceAdamW(Optimizer):
             for i, g, n, p in self._named_params()
             if self.state.get(p)
         )
-        return metrics.subspace_metrics(entries, self._metrics, self._nonfinite_skips)
+        return metrics.collect(entries, self._metrics, self._nonfinite_skips)
 
 
 __all__ = ["SubspaceAdamW", "DEFAULT_MOMENTS", "state_bytes", "basis_dim"]

@@ -8,11 +8,14 @@ flags. Adding an option is adding a row.
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from . import triton_runtime
@@ -109,8 +112,55 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 ALIASES: dict[str, str] = {o.alias: o.name for o in OPTIONS if o.alias}
-# Group keys that are not options but that torch or our helpers put into groups.
-GROUP_KEYS = frozenset({"params", "param_names", "initial_lr"})
+# Group keys that are not options but that torch, its lr schedulers, loggers or our helpers put into groups:
+# torch's params / param_names (named parameters); initial_lr (every lr scheduler), max_lr, min_lr,
+# max_momentum, base_momentum (OneCycleLR), swa_lr (SWALR); name (a label Lightning's LearningRateMonitor and
+# others read); lr_scale (timm's schedulers multiply lr by it). A copied group carries them; none changes a step.
+GROUP_KEYS = frozenset(
+    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr", "name",
+     "lr_scale"}
+)  # fmt: skip
+# torch.optim.AdamW's own group flags, at the values that describe this optimizer: a group copied from an AdamW
+# (``SubspaceAdamW(adamw.param_groups)``) keeps them; any other value asks for a mode SubspaceAdamW lacks.
+TORCH_ADAMW_FLAGS: dict[str, tuple[Any, ...]] = {
+    "amsgrad": (False,), "maximize": (False,), "capturable": (False,), "differentiable": (False,),
+    "fused": (None, False), "decoupled_weight_decay": (True,),
+}  # fmt: skip
+
+
+def suggest(key: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'rank'?)`` for a near miss of one of ``choices`` (difflib), else ``""``: the one hint
+    every unknown-name error (constructor keywords, param group keys, optim_args, factory options) gives."""
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_group_keys(group: dict[str, Any], where: str) -> None:
+    """Refuse a param group key that is neither an option nor one torch or a scheduler puts there: a typo
+    (``"rnak"``) would otherwise leave the group training as plain AdamW without a word."""
+    for key in sorted(set(group) - set(DEFAULTS) - GROUP_KEYS, key=str):
+        if key in TORCH_ADAMW_FLAGS:
+            if group[key] not in TORCH_ADAMW_FLAGS[key]:
+                raise ValueError(
+                    f"{where} sets {key}={group[key]!r}: SubspaceAdamW has no such mode (torch.optim.AdamW's flag). "
+                    f"Remove it, or set it to {TORCH_ADAMW_FLAGS[key][0]!r}"
+                )
+            continue
+        raise ValueError(
+            f"{where} has unknown key {key!r}{suggest(str(key), list(DEFAULTS) + list(ALIASES))}: a group takes "
+            f"SubspaceAdamW's options ({describe()}) and params. Fix or remove the key"
+        )
+
+
+def normalize_dtypes(options: dict[str, Any]) -> None:
+    """Store a torch dtype given for a dtype choice (``moments_dtype=torch.bfloat16``) as the choice's string,
+    in place, so groups and state dicts hold plain values. A dtype that is not a choice is left to ``validate``."""
+    for name, value in list(options.items()):
+        option = BY_NAME.get(name) if isinstance(name, str) else None
+        if option is not None and option.kind == "choice" and isinstance(value, torch.dtype):
+            spelled = str(value).removeprefix("torch.")
+            if spelled in option.choices:
+                options[name] = spelled
 
 
 def _is_int(x: Any) -> bool:

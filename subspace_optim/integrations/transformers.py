@@ -6,7 +6,8 @@ All three ways in build the optimizer through ``build_optimizer``, so they give 
 - ``Trainer(optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args))``, i.e.
   ``(SubspaceAdamWFactory, kwargs)``: transformers calls a first element that is not an ``Optimizer``
   subclass as a factory, ``SubspaceAdamWFactory()(model, **kwargs)``, so the projected weights are chosen
-  by module name when training starts, not by tensors that must exist when the Trainer is built;
+  by module name when training starts, not by tensors that must exist when the Trainer is built; lr, betas,
+  eps and weight_decay that ``kwargs`` leave out come from the Trainer's ``TrainingArguments``;
 - ``create_optimizer(model, args)`` itself, which reads ``learning_rate``, ``adam_beta1/2``,
   ``adam_epsilon``, ``weight_decay``, ``optim_target_modules`` and a ``galore_adamw`` ``optim_args`` string.
 
@@ -15,7 +16,7 @@ All three ways in build the optimizer through ``build_optimizer``, so they give 
 
 from __future__ import annotations
 
-import difflib
+import sys
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .. import compat, options
+from .. import compat, metrics, options
 from ..optimizer import SubspaceAdamW
 from ..targets import ALL_LINEAR, param_groups
 
@@ -72,6 +73,8 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
 
 
 _OPTIM_ARGS = _optim_args_table()
+# Keys whose option may be None: optim_args spells that "none" (any case).
+_NULLABLE = frozenset(o.name for o in options.OPTIONS if o.kind in ("bool_or_none", "lr_or_none"))
 _OPTIMIZER_OPTIONS = frozenset(options.DEFAULTS)
 _LAYERWISE_OPTIONS = {"accumulation_steps", "max_grad_norm"}  # update_in_backward's, with layerwise=True only
 _BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap", "layerwise"}
@@ -80,28 +83,33 @@ _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _EXAMPLE = "optim_args='rank=128, update_proj_gap=200, scale=0.25, proj_type=std'"
 
 
-def _suggest(key: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_suggest = options.suggest  # the one difflib hint, shared with the constructor and param groups
 
 
 def _parse_value(key: str, value: str, kind: type, example: str) -> Any:
+    nullable = key in _NULLABLE
+    if nullable and value.lower() == "none":
+        return None
     if kind is bool:
         if value.lower() in _TRUE + _FALSE:
             return value.lower() in _TRUE
-        raise ValueError(f"optim_args entry {key}={value!r} is not a boolean: write {key}=true or {key}=false")
+        alternatives = f"{key}=true, {key}=false or {key}=none" if nullable else f"{key}=true or {key}=false"
+        raise ValueError(f"optim_args entry {key}={value!r} is not a boolean: write {alternatives}")
     try:
         return kind(value)
     except ValueError:
         what = "an int" if kind is int else "a number"
-        raise ValueError(f"optim_args entry {key}={value!r} is not {what}: write e.g. {key}={example}") from None
+        alternatives = f"{key}={example}" + (f" or {key}=none" if nullable else "")
+        raise ValueError(f"optim_args entry {key}={value!r} is not {what}: write e.g. {alternatives}") from None
 
 
 def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
     """Typed ``SubspaceAdamW`` options from a ``TrainingArguments.optim_args`` string.
 
     Accepts everything ``optim="galore_adamw"`` reads (rank, update_proj_gap, scale, proj_type) plus our
-    own option names, so a galore config migrates unchanged. transformers' parser fails with an unpacking
+    own option names, so a galore config migrates unchanged. Values are typed by the option table: ints,
+    numbers, choice strings (``moments_dtype=int8``), booleans as true/false/1/0/yes/no, and ``none`` for the
+    options that may be None (``plain_lr``, ``foreach``). transformers' parser fails with an unpacking
     error on a malformed entry and its galore path silently drops unknown keys; here both are a ValueError
     naming the entry and the fix. Values are range-checked later, by ``SubspaceAdamW`` itself.
     """
@@ -122,9 +130,10 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
             )
         if key in _APOLLO_ONLY:
             raise ValueError(
-                f"optim_args key {key!r} is APOLLO's ({_APOLLO_ONLY[key]}): SubspaceAdamW has no APOLLO-style "
-                "channel scaling yet, so it cannot honour it. Remove it (rank, update_proj_gap, scale and proj_type "
-                "are shared with GaLore and accepted)."
+                f"optim_args key {key!r} is APOLLO's ({_APOLLO_ONLY[key]}): SubspaceAdamW has no such setting "
+                "(residual=apollo scales channels in its own SVD-refreshed basis, not APOLLO's projection), so it "
+                "cannot honour it. Remove it (rank, update_proj_gap, scale and proj_type are shared with GaLore and "
+                "accepted)."
             )
         if key in _ARGS_FIELDS:
             raise ValueError(
@@ -262,9 +271,10 @@ def _check_optim_name(args: TrainingArguments) -> None:
     optim = str(getattr(args.optim, "value", args.optim))
     if optim.startswith("apollo"):
         raise ValueError(
-            f"TrainingArguments(optim={optim!r}): SubspaceAdamW does not implement APOLLO's channel-wise gradient "
-            "scaling yet, and it will not stand in for it silently. Use optim='galore_adamw' settings for "
-            "SubspaceAdamW (rank, update_proj_gap, scale, proj_type), or train with apollo-torch."
+            f"TrainingArguments(optim={optim!r}): SubspaceAdamW is not APOLLO (residual=apollo applies APOLLO's "
+            "channel-wise gradient scaling in its own SVD-refreshed basis, not a random projection), and it will not "
+            "stand in for it silently. Use optim='galore_adamw' settings for SubspaceAdamW (rank, update_proj_gap, "
+            "scale, proj_type; optim_args 'residual=apollo' for the channel scaling), or train with apollo-torch."
         )
     if optim.startswith("galore") and optim not in ("galore_adamw", "galore_adamw_layerwise"):
         warnings.warn(
@@ -285,10 +295,7 @@ def optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
     _check_optim_name(args)
     kwargs: dict[str, Any] = {
         "target_modules": _normalize_targets(args.optim_target_modules),
-        "lr": args.learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "eps": args.adam_epsilon,
-        "weight_decay": args.weight_decay,
+        **_adamw_hyperparameters(args),
     }
     kwargs.update(parse_optim_args(args.optim_args))
     if str(getattr(args.optim, "value", args.optim)).endswith("_layerwise"):
@@ -327,7 +334,43 @@ class SubspaceAdamWFactory:
             )
 
     def __call__(self, model: nn.Module, **kwargs: Any) -> SubspaceAdamW:
-        return build_optimizer(model, **kwargs)
+        """``build_optimizer(model, **kwargs)``; called by a Trainer, the AdamW hyperparameters that ``kwargs``
+        leave out (lr, betas, eps, weight_decay) come from its ``TrainingArguments``, as for any Trainer optimizer."""
+        trainer = _calling_trainer()
+        if trainer is not None:
+            kwargs = {**_adamw_hyperparameters(trainer.args), **kwargs}
+        optimizer = build_optimizer(model, **kwargs)
+        if trainer is None and "lr" not in kwargs:
+            compat.warn_user(
+                f"SubspaceAdamWFactory got no lr and was not called by a Trainer: lr={options.DEFAULTS['lr']} "
+                "(SubspaceAdamW's default) is used, not TrainingArguments.learning_rate. Pass lr=args.learning_rate, "
+                "or build the kwargs with optimizer_cls_and_kwargs(args)"
+            )
+        return optimizer
+
+
+def _adamw_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
+    """The AdamW hyperparameters TrainingArguments owns (see ``_ARGS_FIELDS``), as ``SubspaceAdamW`` keywords."""
+    return {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+    }
+
+
+def _calling_trainer() -> Trainer | None:
+    """The Trainer whose ``create_optimizer`` calls the factory (transformers passes the factory only the model,
+    so its arguments are read from the caller's frame), or None when called otherwise."""
+    frame = sys._getframe(2)  # 0: here, 1: SubspaceAdamWFactory.__call__, 2: its caller
+    for _ in range(3):  # Trainer.create_optimizer, possibly behind a subclass's override
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def optimizer_cls_and_kwargs(args: TrainingArguments, **overrides: Any) -> tuple[type, dict[str, Any]]:
@@ -336,12 +379,9 @@ def optimizer_cls_and_kwargs(args: TrainingArguments, **overrides: Any) -> tuple
 
 
 def unwrap_optimizer(optimizer: Optimizer | None) -> SubspaceAdamW | None:
-    """The ``SubspaceAdamW`` inside the Trainer's optimizer (accelerate wraps it), or None."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, SubspaceAdamW) and seen < 8:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return optimizer if isinstance(optimizer, SubspaceAdamW) else None
+    """The ``SubspaceAdamW`` inside the Trainer's optimizer (accelerate wraps it), or None; see
+    ``subspace_optim.metrics.unwrap`` (and ``metrics.subspace_metrics(trainer.optimizer)`` for the metrics)."""
+    return metrics.unwrap(optimizer)
 
 
 class SubspaceMetricsCallback(TrainerCallback):
