@@ -7,5 +7,10 @@ from .targets import param_groups, select_target_modules
 __version__ = "0.1.0"
 
 __all__ = [
-    "SubspaceAdamW", "param_groups", "select_target_modules", "state_bytes", "subspace_metrics", "DEFAULT_MOMENTS"
+    "SubspaceAdamW",
+    "param_groups",
+    "select_target_modules",
+    "state_bytes",
+    "subspace_metrics",
+    "DEFAULT_MOMENTS",
 ]
