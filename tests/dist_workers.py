@@ -103,15 +103,50 @@ def _subspace_for(model, refresh: str, proj_type: str = "std", **dtypes: str):
     return SubspaceAdamW(groups, lr=5e-3, weight_decay=0.0, **dtypes)
 
 
-def single_process_llama(steps: int, refresh: str, **dtypes: str) -> dict[str, torch.Tensor]:
-    """The reference trajectory: one process, whole batch, right projections (what FSDP2 uses)."""
+def single_process_llama(steps: int, refresh: str, stats: dict | None = None, **dtypes) -> dict[str, torch.Tensor]:
+    """The reference trajectory: one process, whole batch, right projections (what FSDP2 uses). With
+    ``stats`` (a dict), each step's inputs of an error bound are appended to ``stats[name]``
+    (``_bound_inputs``)."""
     model = _llama()
     opt = _subspace_for(model, refresh, proj_type="right", **dtypes)
     for step in range(steps):
         opt.zero_grad()
         _lm_loss(model, step, None).backward()
+        before = None if stats is None else _bound_inputs(model, opt, None)
         opt.step()
+        if stats is not None:
+            for name, record in _bound_inputs(model, opt, before).items():
+                stats.setdefault(name, []).append(record)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def _bound_inputs(model, opt, before: dict | None) -> dict[str, dict]:
+    """Before a step (``before`` None): each parameter's weight and refresh count. After it: per parameter
+    the step's largest |dW| ("dw"), and per projected matrix (right basis P: a channel is a row j of G, R = G P)
+    kappa = max_j ||G_j|| / ||R_j||, rho = max_jk ||G_j|| eps / (s (s + eps)) over Adam's s = sqrt(V / (1 -
+    b2^t)) > 0 (eps's sensitivity), and on a refresh "spread" = sigma_1 / (sigma_r - sigma_r+1) of G."""
+    out, names = {}, {q: n for n, q in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = names[p]
+            state = opt.state.get(p, {})
+            if before is None:
+                out[name] = (p.detach().clone(), state.get("refresh_count", 0))
+                continue
+            record = {"dw": float((p.detach() - before[name][0]).abs().max())}
+            if "basis" in state:
+                g, basis = p.grad.double(), state["basis"].double()
+                rows = g.norm(dim=1)
+                record["kappa"] = float((rows / (g @ basis).norm(dim=1)).max())
+                eps = group["eps"]
+                s = (state["exp_avg_sq"].double() / (1 - group["betas"][1] ** state["moment_age"])).sqrt()
+                record["rho"] = float((rows[:, None] * eps / (s * (s + eps)))[s > 0].max())
+                if state["refresh_count"] != before[name][1]:
+                    sv, r = torch.linalg.svdvals(g), basis.shape[1]
+                    record["spread"] = float(sv[0] / (sv[r - 1] - sv[r]))
+            out[name] = record
+    return out
 
 
 def _fsdp_llama(rank: int):

@@ -146,6 +146,39 @@ def test_ddp_ranks_stay_bitwise_identical_with_a_residual(tmp_path):
     _assert_bitwise_equal(r0["weights"], r1["weights"])
 
 
+def _residual_tolerances(stats: dict[str, list[dict]], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A first-order bound on |W_fsdp - W_single| per projected matrix (issue 20): two fp32 runs of the same
+    math that differ only in summation order (row shards and their all-reduce, Triton's tiles, the batch
+    split). Every sum has <= L = 64 terms (a weight gradient's 4 x 16 tokens; rows of 32, channels of 33):
+    relative error <= gamma = L u / (1 - L u), u = 2^-24. Per step, channel j a row of G (m x n), R = G P:
+    - R_j is off by (2 gamma + dP) ||G_j|| (G's sums, G P's; dP: the basis difference, by Wedin <= 2 gamma
+      sigma_1 / (sigma_r - sigma_r+1) of G at the last refresh, whose 36-column sketch spans G's 32 columns),
+      i.e. by kappa (2 gamma + dP) relatively, kappa = max_j ||G_j|| / ||R_j||;
+    - Adam's N = M / (s + eps), s = sqrt(V-hat), is scale-free in R but for eps, through which an absolute
+      error d of R_jk is a relative one of N_jk of d eps / (s (s + eps)): rho = max_jk ||G_j|| eps / (s (s + eps));
+    - the residual's factors are ratios of norms of these: phi_j = ||N_j|| / ||R_j||, the limiter's c =
+      1.01 prev / ||S||, coef = c phi_j / scale; the update P (N - coef o R) + coef o G then uses P once
+      more: e = (K kappa + rho)(2 gamma + dP) + dP relatively, K = 8 (N 2, phi 3, c 2, back-projection 1).
+    The step's largest |dW| (lr, scale, bias correction and the limiter are in it) times e, summed over the
+    steps, plus W's roundings (<= 2 per step and run: the reference engine's two, Triton's one), bounds the
+    difference, step by step: how an earlier step's difference moves later gradients is not followed.
+    At Adam's default eps = 1e-8 this trajectory has |R_jk| = 1.7e-8 (up_proj, step 0): rho ~ 4e4 and no
+    useful bound exists (issue 20: 1.2e-5 on gate_proj; 1.7e-5 between the engines in one process), so the
+    test runs at eps = 1e-12, where rho stays below kappa."""
+    gamma = 64 * 2.0**-24 / (1 - 64 * 2.0**-24)
+    out = {}
+    for name, records in stats.items():
+        if "kappa" not in records[0]:
+            continue
+        total, dp = 0.0, 0.0
+        for rec in records:
+            dp = 2 * gamma * rec["spread"] if "spread" in rec else dp
+            e = (8 * rec["kappa"] + rec["rho"]) * (2 * gamma + dp) + dp
+            total += e * rec["dw"]
+        out[name] = total + 4 * len(records) * 2.0**-24 * float(reference[name].abs().max())
+    return out
+
+
 @pytest.mark.parametrize(
     "residual,engine",
     [("fira", "reference"), ("fira_tensor", "reference"), pytest.param("apollo", "reference", marks=pytest.mark.slow),
@@ -155,15 +188,21 @@ def test_fsdp2_residual_matches_single_process(tmp_path, residual, engine):
     """On row shards (uneven: 17 / 16 rows) each rank computes its rows' channel factors and only the
     per-matrix sums are all-reduced: training equals one process on the whole batch, the limiter state
     (a plain 0-d tensor, like ``step``) is the same on both ranks, and the gathered weights agree bitwise."""
-    steps = 7
-    r0, r1 = _launch(tmp_path, "fsdp_train", steps=steps, refresh="warm", residual=residual, engine=engine)
+    steps, eps = 7, 1e-12  # eps: see _residual_tolerances
+    r0, r1 = _launch(tmp_path, "fsdp_train", steps=steps, refresh="warm", residual=residual, engine=engine, eps=eps)
     assert (r0["gate_local_rows"], r1["gate_local_rows"]) == (17, 16)
     _assert_bitwise_equal(r0["weights"], r1["weights"])
     assert float(r0["gate_update_norm"]) > 0 and torch.equal(r0["gate_update_norm"], r1["gate_update_norm"])
-    reference = dist_workers.single_process_llama(steps, "warm", residual=residual)
-    none = dist_workers.single_process_llama(steps, "warm")
+    stats: dict = {}
+    reference = dist_workers.single_process_llama(steps, "warm", stats=stats, residual=residual, eps=eps)
+    none = dist_workers.single_process_llama(steps, "warm", eps=eps)
+    tolerances = _residual_tolerances(stats, reference)
+    assert all(r["rho"] < r["kappa"] for records in stats.values() for r in records if "rho" in r)  # eps is negligible
     for k, v in reference.items():
-        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        if k in tolerances:  # the projected matrices: _residual_tolerances' bound
+            torch.testing.assert_close(r0["weights"][k], v, rtol=0, atol=tolerances[k], msg=k)
+        else:  # plain AdamW (torch's) on the same gradients
+            torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     gate = "model.layers.0.mlp.gate_proj.weight"
     assert not torch.allclose(reference[gate], none[gate], rtol=1e-4, atol=1e-5)  # the residual did act
 
