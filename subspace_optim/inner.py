@@ -130,7 +130,7 @@ def residual_factors(
     ``fira`` is Fira's rule as its authors' code applies it: the residual S is not multiplied by GaLore's
     scale (hence 1 / scale here, since the whole U is), and the norm-growth limiter c acts on S alone, so
     the low-rank Adam step P N is never limited. At llama_9m and llama_20m this measured ahead of limiting
-    the whole update with S scaled like P N (docs/benchmarks.md, "Issue 13", third pass). ``apollo``'s
+    the whole update with S scaled like P N (docs/benchmarks.md, "The residual rule: ablations"). ``apollo``'s
     update is all residual, so the limiter acts on all of it. ``fira_tensor`` is ``fira`` with one channel
     per matrix, the whole matrix (``lengths`` None: one row of ``sumsq`` per matrix, its whole sums).
 
@@ -188,7 +188,7 @@ def channel_sumsq(t: Tensor, dim: int) -> Tensor:
     """sum(t^2) along ``dim`` of a matrix: ||t_j||^2 for each channel. Along rows (dim 1) ``vector_norm``
     squared, which makes no temporary; down columns (dim 0) ``square().sum(0)`` over bands of rows
     (at most ``_SUMSQ_BAND`` values of temporary), because on CPU (torch 2.13) ``vector_norm`` down
-    columns is 5-40x slower than either (measured here, docs/benchmarks.md "Issue 13")."""
+    columns is 5-40x slower than either (measured here, docs/benchmarks.md "Step time of the residual modes")."""
     if dim == 1:
         return torch.linalg.vector_norm(t, dim=1).square_()
     band = max(1, _SUMSQ_BAND // max(t.shape[1], 1))
