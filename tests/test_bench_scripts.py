@@ -183,3 +183,113 @@ def test_bench_quality_smoke(tmp_path):
     assert all(r["steps"] == 4 and 0 < r["eval_loss"] < 20 for r in result["rows"])
     assert set(result["step_time"]["ratio_vs_none"]) == {"none", "fira", "fira_tensor", "apollo"}
     assert "| subspace_fira_lr0.01 | subspace | 0.01 |" in md.read_text()
+
+
+def test_bench_host_smoke(tmp_path):
+    """Host time of a regular step (2 layers of LLaMA-7B's roles, tiny widths): every optimizer row exists
+    and is positive; the Triton engine's stubbed launches were counted (the script itself fails if a timed
+    step launched otherwise than its counted step, or a non-triton row launched anything): each same-shape
+    group is launched whole, at most 2 launches per group plus a constant (issue 21's target)."""
+    import importlib.util
+
+    result = _run("bench_host.py", "--smoke", tmp_path=tmp_path)
+    rows, params = result["results"], result["parameters"]
+    # 2 layers x (q, k, v, o, gate, up, down) projected; 2 x 2 RMSNorms + the final one plain; 3 shapes.
+    assert (params["projected"], params["plain"], params["groups"]) == (14, 5, 3)
+    expected = {"adamw_fused", "adamw_foreach", "reference", "reference_fira", "reference_int8_bf16"}
+    if importlib.util.find_spec("galore_torch") is not None:
+        expected.add("galore")
+    triton_rows = {"triton", "triton_fira", "triton_int8_bf16"} if importlib.util.find_spec("triton") else set()
+    assert expected | triton_rows <= set(rows)
+    for name, row in rows.items():
+        assert row["step_s"] > 0 and row["us_per_parameter"] > 0 and row["vs_adamw_fused"] > 0, name
+        assert len(row["step_s_runs"]) == result["steps"] == 3, name
+    for name in triton_rows:
+        launches = rows[name]["launches"]
+        assert result["stubbed_launches"] and launches["total"] <= 2 * params["groups"] + 2, (name, launches)
+        # q/k/v/o (8 matrices), gate/up (4) and down (2): every launch takes a whole group.
+        assert set(launches["batch_sizes"]) == {2, 4, 8}, (name, launches)
+    for name in expected:
+        assert rows[name]["launches"]["total"] == 0, name
+        assert rows[name]["torch_ops"] > 0, name
+
+
+def test_gpu_check_needs_a_gpu(tmp_path):
+    """Without CUDA the one-command GPU check refuses with exit status 2 and says why, writing nothing."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: gpu_check.py would run")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "gpu_check.py"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "needs a CUDA GPU" in proc.stderr and "--dry-run" in proc.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """--dry-run runs nowhere-near-a-GPU and lists every part, its budget and command; the aot part's
+    selection (the preset launches' configurations matched against kernels.aot's variants) is made."""
+    import re
+
+    plan = _run("gpu_check.py", "--dry-run", "--out", str(tmp_path / "out"), tmp_path=tmp_path)
+    parts = {p["name"]: p for p in plan["parts"]}
+    assert list(parts) == ["versions", "probe", "aot", "kernel_tests", "memory", "bench_step", "bench_refresh"]
+    assert sum(p["budget_s"] for p in plan["parts"]) > 0 and plan["budget_s"] == 300
+    assert "tests/test_kernels.py" in parts["kernel_tests"]["command"]
+    for name in ("bench_step", "bench_refresh"):
+        assert f"{name}.py --model 1b" in parts[name]["command"], parts[name]
+    assert "--model 7b-layer" in parts["bench_refresh"]["fallbacks"][0]
+    if (SCRIPTS.parent / "kernels" / "aot.py").exists():
+        assert re.match(r"[1-9]\d* aot variants selected", plan["aot"]), plan["aot"]
+    else:
+        assert plan["aot"].startswith("aot module missing"), plan["aot"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_records_without_a_gpu(tmp_path):
+    """The GPU-only bookkeeping, on CPU: a part that overruns its budget is killed with its children and
+    recorded as a timeout; a failing part is recorded and the summary still renders every part."""
+    import os
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    sleeper = [sys.executable, "-c", "import subprocess, sys, time; "
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"]  # fmt: skip
+    code, _, seconds = gpu_check.run_command(sleeper, 2, dict(os.environ))
+    assert code is None and seconds < 30
+    slow = gpu_check.Part("kernel_tests", "a part that hangs", 2, sleeper)
+    failing = gpu_check.Part("bench_step", "a part that fails", 60, [sys.executable, "-c", "raise SystemExit(3)",
+                                                                      "--json", str(tmp_path / "x.json")])  # fmt: skip
+    short = gpu_check.Part("bench_refresh", "a part that needs more time than is left", 60, ["true"], needs_s=100)
+    records = [gpu_check.run_part(p, 50, tmp_path, dict(os.environ)) for p in (slow, failing, short)]
+    assert [r.status for r in records] == ["timeout", "failed", "skipped"]
+    assert records[1].returncode == 3 and records[0].returncode is None
+    text = gpu_check.markdown(records, 12.0, 300)
+    for r in records:
+        assert f"| {r.name} | {r.status} |" in text
+
+
+def test_gpu_check_loop_on_cpu(tmp_path):
+    """The orchestration that otherwise only runs on a lent GPU, forced onto the CPU: a part that works here
+    (versions) and one that cannot (aot wants the GPU's architecture: it fails, in the background, and is
+    recorded); one JSON and one markdown summary come out, in the plan's order, exit status 1."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "gpu_check.py"), "--without-gpu", "--only", "aot,versions", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    parts = {p["name"]: p for p in result["parts"]}
+    assert list(parts) == ["versions", "aot"]
+    assert parts["versions"]["status"] == "ok" and parts["versions"]["result"]["torch"]
+    assert parts["aot"]["status"] == "failed" and parts["aot"]["returncode"] not in (0, None)
+    text = (out / "gpu_check.md").read_text()
+    assert "| versions | ok |" in text and "| aot | failed |" in text and "### aot: failed" in text
