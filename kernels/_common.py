@@ -127,11 +127,39 @@ class Blocks:
     stages: int = 3
 
 
-def default_blocks(fp64: bool = False) -> Blocks:
-    """Interpreter: 16-wide tiles (cheap, and tiny test shapes still span several tiles).
-    GPU: 64 x 64 x 32 fp32 tiles (32 x 32 x 16 for fp64 Gram tiles, which need twice the registers)."""
-    if interpreting():
+# Every launch passes ``enable_fp_fusion`` explicitly (Triton 3.9 defaults it on and warns that 3.10 turns it
+# off): off. What the flag decides is whether LLVM/ptxas may contract a separate ``a * b + c`` into one FMA.
+# ``tl.dot`` is not affected: its CUDA-core (ieee) lowering emits explicit fma instructions either way
+# (checked on the SASS: the FFMA count of the GEMM loop is the same with the flag on and off), and TF32 runs
+# on mma/wgmma. So the flag only touches the epilogues (Adam's moments, the weight update, the Philox
+# Box-Muller of the in-kernel Gaussian), and there the interpreter, which the CPU tests run, never
+# contracts: with fusion off a GPU rounds every product and sum as the interpreter does, the Gaussian a
+# sketch generates stays the one ``refresh.gaussian`` materializes, and no result depends on Triton's default.
+FP_FUSION = False
+
+
+def default_blocks(fp64: bool = False, *, precision: str = "ieee", interpreted: bool | None = None) -> Blocks:
+    """The tiles of every GEMM launch unless a caller passes its own ``blocks``.
+
+    Interpreter: 16-wide tiles (cheap, and tiny test shapes still span several tiles); ``interpreted``
+    None means whether ``TRITON_INTERPRET`` is set now (``aot`` asks for the GPU's tiles explicitly).
+
+    GPU: 64 x 64 fp32 output tiles on 8 warps, K steps of 16 for ieee dots and 32 for TF32; fp64 Gram tiles
+    32 x 32 x 16 on 4 warps. Chosen by proxy: no GPU has been lent, so nothing here is timed; the choice
+    comes from the ahead-of-time sweep's register and spill counts (``python -m subspace_optim.kernels.aot``,
+    ptxas for sm_80 and sm_90). With the former 64 x 64 x 32 on 4 warps, 32 accumulators per thread plus the
+    step's fp32 epilogue (moments, N, 64-bit offsets) ran most step variants at 255 registers with spills,
+    the back-projection of an fp32 weight with a bf16 basis spilled ~0.9 KB, the cold sketch's in-kernel
+    Gaussian ~1 KB, and ptxas fell into 32-register allocations with 9-10 KB of spill stores for the ieee
+    projection with one fp32 and one bf16 operand. 8 warps halve the per-thread tile; an ieee dot runs on
+    CUDA cores and holds its A and B fragments in registers, so its K step is halved too (TF32 runs on
+    mma/wgmma, whose operands stay in shared memory). Every default-path variant then compiles without
+    spills or with at most a few dozen bytes (8-bit moments), on both targets; see docs/kernels.md. The
+    cost (two resident 4-warp blocks of 255 registers per SM become one 8-warp block: the same warps) and
+    the speed of these tiles are still to be measured on a GPU. BK does not change the interpreter's
+    numbers: it always runs 16-wide tiles."""
+    if interpreting() if interpreted is None else interpreted:
         return Blocks(16, 16, 16)
     if fp64:
         return Blocks(32, 32, 16, warps=4, stages=2)
-    return Blocks(64, 64, 32, warps=4, stages=3)
+    return Blocks(64, 64, 16 if precision == "ieee" else 32, warps=8, stages=3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
@@ -22,7 +23,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import linalg
-from ._common import Blocks, check_same_layout, default_blocks, device_guard, host_table, pointer_array, tl_dtype
+from ._common import (
+    FP_FUSION,
+    Blocks,
+    check_same_layout,
+    default_blocks,
+    device_guard,
+    host_table,
+    pointer_array,
+    tl_dtype,
+)
 from .gemm import batched_gemm_kernel, gaussian_kernel
 
 
@@ -50,6 +60,34 @@ class Mat:
         return replace(self, rows=self.cols, cols=self.rows, s0=self.s1, s1=self.s0)
 
 
+def gemm_config(
+    a_dtype: torch.dtype,
+    b_dtype: torch.dtype | None,
+    fp64: bool,
+    precision: str,
+    blocks: Blocks | None = None,
+    *,
+    interpreted: bool | None = None,
+) -> dict[str, Any]:
+    """``batched_gemm_kernel``'s constexprs and launch options (``b_dtype`` None: B is the in-kernel
+    Gaussian; ``fp64``: an exact-product fp64 Gram matrix). The one place they are chosen: ``bmm`` launches
+    with them and ``aot`` compiles every combination the refresh can ask for."""
+    if blocks is None:
+        blocks = default_blocks(fp64, precision=precision, interpreted=interpreted)
+    return dict(
+        A_DT=tl_dtype(a_dtype), B_DT=tl_dtype(a_dtype if b_dtype is None else b_dtype),
+        C_DT=tl.float64 if fp64 else tl.float32, GAUSS=b_dtype is None, FP64=fp64, PRECISION=precision,
+        BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8, num_warps=blocks.warps, num_stages=blocks.stages,
+        enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
+
+
+def gaussian_config() -> dict[str, Any]:
+    """``gaussian_kernel``'s constexprs and launch options: fp fusion as in ``batched_gemm_kernel``, whose
+    in-kernel Gaussian must be these very numbers."""
+    return dict(BLOCK=1024, num_warps=4, enable_fp_fusion=FP_FUSION)
+
+
 def bmm(
     a: Mat,
     b: Mat | None,
@@ -66,7 +104,6 @@ def bmm(
     """
     batch, m, n = out.shape
     fp64 = out.dtype == torch.float64
-    blocks = blocks or default_blocks(fp64)
     gauss = b is None
     if gauss:
         if seeds is None:
@@ -76,16 +113,14 @@ def bmm(
         raise ValueError(f"bmm shapes: ({a.rows} x {a.cols}) @ ({b.rows} x {b.cols}) -> {tuple(out.shape)}")
     if gauss and b.rows * n >= 2**31:
         raise ValueError("sketch too large for 32-bit Philox counters")
-    grid = (triton.cdiv(m, blocks.m) * triton.cdiv(n, blocks.n), batch)
+    cfg = gemm_config(a.dtype, None if gauss else b.dtype, fp64, precision, blocks)
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), batch)
     with device_guard(out.device):
         if seeds is None:
             seeds = torch.zeros(batch, dtype=torch.int64, device=out.device)
         batched_gemm_kernel[grid](
             a.ptrs, b.ptrs, pointer_array(list(out.unbind(0)), out.device), seeds,
-            m, n, a.cols, a.s0, a.s1, b.s0, b.s1, out.stride(1), out.stride(2),
-            A_DT=tl_dtype(a.dtype), B_DT=tl_dtype(b.dtype), C_DT=tl.float64 if fp64 else tl.float32,
-            GAUSS=gauss, FP64=fp64, PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
-            num_warps=blocks.warps, num_stages=blocks.stages,
+            m, n, a.cols, a.s0, a.s1, b.s0, b.s1, out.stride(1), out.stride(2), **cfg,
         )  # fmt: skip
     return out
 
@@ -104,9 +139,9 @@ def gaussian(rows: int, cols: int, seed: int, device: torch.device | str = "cpu"
     Entry (i, j) is Philox randn(seed, i * cols + j), exactly what the GEMM kernel generates in place.
     """
     out = torch.empty(rows, cols, dtype=torch.float32, device=device)
-    block = 1024
+    cfg = gaussian_config()
     with device_guard(out.device):
-        gaussian_kernel[(triton.cdiv(rows * cols, block),)](out, seed, rows, cols, BLOCK=block)
+        gaussian_kernel[(triton.cdiv(rows * cols, cfg["BLOCK"]),)](out, seed, rows, cols, **cfg)
     return out
 
 

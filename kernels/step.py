@@ -23,16 +23,17 @@ launch 2 adds coef o G in its epilogue (``apollo``: U = coef o G, no GEMM). No e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..inner import adam_scalars, channel_dim, first_ratios, residual_factors
+from ..inner import adam_scalars, channel_dim, device_vector, first_ratios, lag_factors, residual_factors
 from ..quant import BLOCK
 from ._common import (
+    FP_FUSION,
     MOMENT_INT8,
     Blocks,
     check_same_layout,
@@ -48,7 +49,8 @@ from ._common import (
 from .gemm import dot_tile, tile_ids
 
 # The per-member table holds ``inner.AdamScalars`` in field order (w1, b2, w2, eps, sqrt(1 - b2^t), alpha,
-# decay), padded to 8 columns: one fp32 row per matrix of a batch.
+# decay), then a skip flag (nonzero: leave the member untouched; set on the device): one fp32 row of 8 per
+# matrix of a batch.
 
 
 @triton.jit
@@ -129,8 +131,10 @@ def dot_tile_sumsq(
     basis) or the rows of A (G is A, a right basis). That gives ||G_j||^2 per channel without another
     read of G."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    sq_b = tl.zeros((BN,), dtype=tl.float32)
-    sq_a = tl.zeros((BM,), dtype=tl.float32)
+    # One accumulator whose length the constexpr picks, and one return: Triton's code generator type-checks
+    # every return statement, so returning a [BN] sum in one branch and a [BM] sum after it failed to
+    # compile whenever BM != BN (8-bit moments), although the interpreter ran it.
+    sq = tl.zeros((BN if SQ_OF_B else BM,), dtype=tl.float32)
     rk0 = tl.arange(0, BK)
     m_ok = rm < M
     n_ok = rn < N
@@ -144,13 +148,11 @@ def dot_tile_sumsq(
             b + rk[:, None].to(tl.int64) * sb0 + rn[None, :] * sb1, mask=k_ok[:, None] & n_ok[None, :], other=0.0
         ).to(tl.float32)
         if SQ_OF_B:
-            sq_b += tl.sum(b_tile * b_tile, axis=0)
+            sq += tl.sum(b_tile * b_tile, axis=0)
         else:
-            sq_a += tl.sum(a_tile * a_tile, axis=1)
+            sq += tl.sum(a_tile * a_tile, axis=1)
         acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)
-    if SQ_OF_B:
-        return acc, sq_b
-    return acc, sq_a
+    return acc, sq
 
 
 @triton.jit
@@ -214,8 +216,13 @@ def project_adam_kernel(
     With RESID (a ``residual`` other than "none") the epilogue also stores R (fp32, N's layout, at
     ``r_ptrs``), and the tiles of the first row (SQ_OF_B: G is B) or column (G is A) of the grid store
     ||G_j||^2 per channel (``sq_ptrs``), summed while G's tiles pass through the GEMM.
+
+    A member whose ``hyper`` row has a nonzero skip flag (column 7: a non-finite gradient, decided on the
+    device) returns at once, storing nothing: its moments keep their bits; its N (and R, sums) stay unset.
     """
     bid = tl.program_id(1)
+    if tl.load(hyper + bid * 8 + 7) != 0.0:
+        return
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
     a = tl.load(a_ptrs + bid).to(tl.pointer_type(A_DT))
     b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
@@ -298,8 +305,13 @@ def back_update_kernel(
     column, COEF_OF_COLS, for a left basis; per row for a right one; ``coef`` is one fp32 row of
     ``s_coef`` elements per member), reading G's tile beside W's: U = P (N - coef o R) + coef o G
     = P N + coef o (G - P P^T G). Without LOW_RANK (``apollo``) there is no GEMM: U = coef o G.
+
+    A member flagged to skip (``hyper`` column 7, as in ``project_adam_kernel``) returns at once: its
+    weight keeps its bits.
     """
     bid = tl.program_id(1)
+    if tl.load(hyper + bid * 8 + 7) != 0.0:
+        return
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
@@ -344,6 +356,57 @@ def projection_blocks(blocks: Blocks, cols: int, quantized: bool) -> Blocks:
     return Blocks(bm, bn, blocks.k, warps=blocks.warps, stages=blocks.stages)
 
 
+def project_config(
+    side: str,
+    g_dtype: torch.dtype,
+    p_dtype: torch.dtype,
+    m_kind: int,
+    v_kind: int,
+    resid: bool,
+    precision: str,
+    cols: int,
+    blocks: Blocks | None = None,
+    *,
+    interpreted: bool | None = None,
+) -> dict[str, Any]:
+    """``project_adam_kernel``'s constexprs and launch options for one batch (``cols``: the moments'
+    columns). The one place they are chosen: ``_project_launch`` launches with them and ``aot`` compiles
+    every combination of its arguments, so the ahead-of-time sweep covers exactly what can launch."""
+    quantized = MOMENT_INT8 in (m_kind, v_kind)
+    a_dt, b_dt = (p_dtype, g_dtype) if side == "left" else (g_dtype, p_dtype)  # left: P^T G; right: G P
+    if blocks is None:
+        blocks = default_blocks(precision=precision, interpreted=interpreted)
+    pb = projection_blocks(blocks, cols, quantized)
+    return dict(
+        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), M_KIND=m_kind, V_KIND=v_kind, RESID=resid,
+        SQ_OF_B=side == "left", PRECISION=precision, BM=pb.m, BN=pb.n, BK=pb.k, GROUP_M=8,
+        num_warps=pb.warps, num_stages=pb.stages, enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
+
+
+def back_config(
+    side: str,
+    w_dtype: torch.dtype,
+    g_dtype: torch.dtype,
+    p_dtype: torch.dtype,
+    residual: str,
+    precision: str,
+    blocks: Blocks | None = None,
+    *,
+    interpreted: bool | None = None,
+) -> dict[str, Any]:
+    """``back_update_kernel``'s constexprs and launch options for one batch (see ``project_config``)."""
+    a_dt, b_dt = (p_dtype, torch.float32) if side == "left" else (torch.float32, p_dtype)  # P N; N P^T
+    if blocks is None:
+        blocks = default_blocks(precision=precision, interpreted=interpreted)
+    return dict(
+        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), W_DT=tl_dtype(w_dtype), G_DT=tl_dtype(g_dtype),
+        ROUND_BF16=w_dtype == torch.bfloat16, RESID=residual != "none", LOW_RANK=residual != "apollo",
+        COEF_OF_COLS=side == "left", PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
+        num_warps=blocks.warps, num_stages=blocks.stages, enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
+
+
 class _Launched(NamedTuple):
     """What launch 1 leaves for launch 2: N (and with a residual R and ||G_j||^2) per batch member."""
 
@@ -367,7 +430,7 @@ def _project_launch(
     vqs: list[Tensor] | None,
     hyper: Tensor,
     side: str,
-    blocks: Blocks,
+    blocks: Blocks | None,
     precision: str,
     resid: bool,
 ) -> _Launched:
@@ -413,9 +476,9 @@ def _project_launch(
 
     g_dt, pp_dt = gs[0].dtype, ps[0].dtype
     if side == "left":  # R = P^T G: A = P^T (r x m), B = G (m x n)
-        a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = p_arr, pst[::-1], pp_dt, g_arr, gst, g_dt, (r, n, m)
+        a_arr, sa, b_arr, sb, (rm, rn, rk) = p_arr, pst[::-1], g_arr, gst, (r, n, m)
     else:  # R = G P: A = G (m x n), B = P (n x r)
-        a_arr, sa, a_dt, b_arr, sb, b_dt, (rm, rn, rk) = g_arr, gst, g_dt, p_arr, pst, pp_dt, (m, r, n)
+        a_arr, sa, b_arr, sb, (rm, rn, rk) = g_arr, gst, p_arr, pst, (m, r, n)
     r_arr = sq_arr = n_arr  # placeholders, never read without a residual
     rbuf = sqbuf = None
     if resid:
@@ -424,20 +487,17 @@ def _project_launch(
         sqbuf = torch.empty((batch, channels), dtype=torch.float32, device=dev)
         r_arr = pointer_array(list(rbuf.unbind(0)), dev)
         sq_arr = pointer_array(list(sqbuf.unbind(0)), dev)
-    pb = projection_blocks(blocks, rn, MOMENT_INT8 in (m_kind, v_kind))
-    grid = (triton.cdiv(rm, pb.m) * triton.cdiv(rn, pb.n), batch)
+    cfg = project_config(side, g_dt, pp_dt, m_kind, v_kind, resid, precision, rn, blocks)
+    grid = (triton.cdiv(rm, cfg["BM"]) * triton.cdiv(rn, cfg["BN"]), batch)
     project_adam_kernel[grid](
         a_arr, b_arr, pointer_array(ms, dev), pointer_array(vs, dev), n_arr, mq_arr, vq_arr, m_table, v_table,
         hyper, rm, rn, rk, sa[0], sa[1], sb[0], sb[1], mst[0], mst[1], vst[0], vst[1], nst[0], nst[1],
-        mqst[0], mqst[1], vqst[0], vqst[1], r_arr, sq_arr,
-        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), M_KIND=m_kind, V_KIND=v_kind, RESID=resid,
-        SQ_OF_B=side == "left", PRECISION=precision,
-        BM=pb.m, BN=pb.n, BK=pb.k, GROUP_M=8, num_warps=pb.warps, num_stages=pb.stages,
+        mqst[0], mqst[1], vqst[0], vqst[1], r_arr, sq_arr, **cfg,
     )  # fmt: skip
     return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf)
 
 
-def _back_launch(x: _Launched, blocks: Blocks, precision: str, residual: str, coef: Tensor | None) -> None:
+def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: str, coef: Tensor | None) -> None:
     """Launch 2: W <- W (1 - lr wd) - alpha (P N + coef o G) for the batch; with a residual, N already
     holds N - coef o R (``apollo``: no GEMM, U = coef o G); ``coef`` batch x channels, contiguous."""
     ws, gs, ps, side = x.ws, x.gs, x.ps, x.side
@@ -447,22 +507,18 @@ def _back_launch(x: _Launched, blocks: Blocks, precision: str, residual: str, co
     gst, pst, wst = gs[0].stride(), ps[0].stride(), ws[0].stride()
     nst = x.nbuf.stride()[1:]
     p_arr, n_arr, g_arr = pointer_array(ps, dev), pointer_array(list(x.nbuf.unbind(0)), dev), pointer_array(gs, dev)
-    p_dt = tl_dtype(ps[0].dtype)
     resid = residual != "none"
     if side == "left":  # U = P N: A = P (m x r), B = N (r x n)
-        a_arr, sa, a_dt, b_arr, sb, b_dt = p_arr, pst, p_dt, n_arr, nst, tl.float32
+        a_arr, sa, b_arr, sb = p_arr, pst, n_arr, nst
     else:  # U = N P^T: A = N (m x r), B = P^T (r x n)
-        a_arr, sa, a_dt, b_arr, sb, b_dt = n_arr, nst, tl.float32, p_arr, pst[::-1], p_dt
+        a_arr, sa, b_arr, sb = n_arr, nst, p_arr, pst[::-1]
     coef = x.hyper if coef is None else coef  # placeholder without a residual
-    grid = (triton.cdiv(m, blocks.m) * triton.cdiv(n, blocks.n), len(gs))
+    cfg = back_config(side, ws[0].dtype, gs[0].dtype, ps[0].dtype, residual, precision, blocks)
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), len(gs))
     back_update_kernel[grid](
         a_arr, b_arr, pointer_array(ws, dev), x.hyper,
         m, n, r, sa[0], sa[1], sb[0], sb[1], wst[0], wst[1], g_arr, gst[0], gst[1], coef,
-        coef.stride(0) if resid else 0,
-        A_DT=a_dt, B_DT=b_dt, W_DT=tl_dtype(ws[0].dtype), G_DT=tl_dtype(gs[0].dtype),
-        ROUND_BF16=ws[0].dtype == torch.bfloat16, RESID=resid, LOW_RANK=residual != "apollo",
-        COEF_OF_COLS=side == "left", PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
-        num_warps=blocks.warps, num_stages=blocks.stages,
+        coef.stride(0) if resid else 0, **cfg,
     )  # fmt: skip
 
 
@@ -472,14 +528,17 @@ def _residual_between(
     bases: Sequence[Tensor],
     residual: str,
     update_norms: Sequence[Tensor],
-    bias1: list[float],
+    bias1: Tensor,
     scale: float,
     reduce: Callable[[Tensor], Tensor] | None,
+    skipped: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Between the launches, for every batch at once: the residual's coefficients from launch 1's low-rank
     buffers (never G), in matrix order (so row-sharded ranks, whose batches may group differently, make
     the same ``reduce`` call), the limiter state updated in place, and each batch's N turned into
-    N - coef o R. Returns each batch's coef (batch x channels, contiguous)."""
+    N - coef o R. Returns each batch's coef (batch x channels, contiguous). ``bias1``: 1 - b1^t per matrix
+    (fp64, on the device). A ``skipped`` matrix's buffers were never written: its garbage stays in its own
+    rows, and its limiter state keeps its value."""
     per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
     pieces: list[Tensor | None] = [None] * len(bases)
     for x, idx in zip(launched, members, strict=True):
@@ -489,10 +548,13 @@ def _residual_between(
             pieces[i] = sumsq[j] if per_channel else sumsq[j].sum(0, keepdim=True)
     dev = pieces[0].device
     lengths = [t.shape[0] for t in pieces]
+    previous = torch.stack(list(update_norms))
     coef, norms = residual_factors(
-        torch.cat(pieces), torch.tensor(lengths, device=dev) if per_channel else None, torch.stack(list(update_norms)),
-        torch.tensor(bias1, dtype=torch.float64, device=dev), residual, first_ratios(list(bases), dev), scale, reduce,
+        torch.cat(pieces), device_vector(lengths, torch.int64, dev) if per_channel else None, previous,
+        bias1, residual, first_ratios(list(bases), dev), scale, reduce,
     )  # fmt: skip
+    if skipped is not None:
+        norms = torch.where(torch.stack(list(skipped)), previous, norms)
     torch._foreach_copy_(list(update_norms), list(norms.unbind(0)))
     coefs = coef.split(lengths)
     out = []
@@ -530,6 +592,8 @@ def subspace_adamw(
     residual: str = "none",
     update_norms: Sequence[Tensor] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    skipped: Sequence[Tensor] | None = None,
+    lags: Sequence[Tensor] | None = None,
     blocks: Blocks | None = None,
 ) -> None:
     """The Triton twin of ``functional.subspace_adamw``: the same arguments, the same update, in place.
@@ -543,7 +607,10 @@ def subspace_adamw(
     for tensor-core speed. ``residual`` / ``update_norms`` as the reference's (``functional._residual_reference``):
     the residual adds no GEMM (``fira``: P (N - coef o R) replaces P N; ``apollo`` drops the
     back-projection GEMM) and no pass over G (its channel norms are summed inside the projection GEMM,
-    its entries read in the weight epilogue beside W's).
+    its entries read in the weight epilogue beside W's). ``skipped`` / ``lags`` as the reference's: the
+    flags are copied on the device into the scalar table's spare column, which both kernels read first (a
+    flagged member's programs store nothing), and the lags' corrections (``inner.Lag``) are applied to the
+    table's scalars on the device.
     """
     count = len(grads)
     if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {count}:
@@ -552,7 +619,6 @@ def subspace_adamw(
     vqs = list(exp_avg_sq_absmaxes) if exp_avg_sq_absmaxes is not None else [None] * count
     if len(mqs) != count or len(vqs) != count:
         raise ValueError("subspace_adamw: the absmax lists need one entry per matrix")
-    blocks = blocks or default_blocks()
     batches: dict[tuple, list[int]] = {}
     ws = []
     for i in range(count):
@@ -565,6 +631,7 @@ def subspace_adamw(
         batches.setdefault(key, []).append(i)
     resid = residual != "none"
     launched, members, bias1 = [], list(batches.values()), [0.0] * count
+    fixes = None if lags is None else lag_factors(steps, lags, betas)  # an ``inner.Lag`` per matrix
     for idx in members:
         dev = grads[idx[0]].device
         rows = []
@@ -573,13 +640,24 @@ def subspace_adamw(
             rows.append([s.w1, s.beta2, s.w2, s.eps, s.bias2_sqrt, s.alpha, s.decay, 0.0])
             bias1[i] = s.bias1
         with device_guard(dev):
+            hyper = host_table(rows, torch.float32, dev)
+            if skipped is not None:
+                hyper[:, 7].copy_(torch.stack([skipped[i] for i in idx]))
+            if fixes is not None:  # alpha and sqrt(1 - b2^t) where the host count runs ahead (exact 1.0 otherwise)
+                hyper[:, 5].mul_(torch.stack([fixes[i].c1 for i in idx]))
+                hyper[:, 4].div_(torch.stack([fixes[i].c2 for i in idx]))
             launched.append(_project_launch(
                 [ws[i] for i in idx], [grads[i] for i in idx], [bases[i] for i in idx], [exp_avgs[i] for i in idx],
                 [exp_avg_sqs[i] for i in idx], None if mqs[idx[0]] is None else [mqs[i] for i in idx],
-                None if vqs[idx[0]] is None else [vqs[i] for i in idx], host_table(rows, torch.float32, dev),
+                None if vqs[idx[0]] is None else [vqs[i] for i in idx], hyper,
                 sides[idx[0]], blocks, matmul_precision, resid,
             ))  # fmt: skip
-    coefs = _residual_between(launched, members, bases, residual, update_norms, bias1, scale, reduce) if resid else None
+    coefs = None
+    if resid:
+        bias1_t = device_vector(bias1, torch.float64, grads[0].device)
+        if fixes is not None:
+            bias1_t = bias1_t / torch.stack([f.c1 for f in fixes])
+        coefs = _residual_between(launched, members, bases, residual, update_norms, bias1_t, scale, reduce, skipped)
     for b, x in enumerate(launched):
         with device_guard(x.gs[0].device):
             _back_launch(x, blocks, matmul_precision, residual, None if coefs is None else coefs[b])

@@ -1,5 +1,9 @@
 """What a step checks before anything moves: every parameter the groups hold, every gradient's type, and
-one batched finiteness test whose flags decide, per parameter, between stepping, skipping and raising."""
+one batched finiteness test whose flags decide, per parameter, between stepping, skipping and raising.
+
+The flags stay on the device: the host reads them only where it must (``nonfinite="raise"``, a refresh, plain
+AdamW parameters; ``SubspaceAdamW._read``), and a regular step of projected matrices hands them to the
+functional core, which skips on the device."""
 
 from __future__ import annotations
 
@@ -50,8 +54,9 @@ def grad_limit(p: Tensor, projected: bool) -> float:
     return _SQRT_FP32_MAX / 2.0 / math.sqrt(max(p.shape[0], p.numel() // p.shape[0]))
 
 
-def finite_flags(grads: list[Tensor], limits: list[float], shard_groups: list[Any]) -> list[bool]:
-    """Per gradient, whether every entry is finite and below its limit: one batched test, one host sync.
+def nonfinite_flags(grads: list[Tensor], limits: list[float], shard_groups: list[Any]) -> Tensor:
+    """Per gradient, True where an entry is NaN/Inf or above its limit: one batched test, a bool tensor on the
+    device (the first gradient's), never read here, so computing it costs no host sync.
 
     ``aminmax`` reads G once (NaN propagates into both results); it is about 20x cheaper on CPU than the
     ``vector_norm(G, inf)`` it replaced, which cost as much as a projection GEMM. Ranks holding shards of
@@ -67,7 +72,7 @@ def finite_flags(grads: list[Tensor], limits: list[float], shard_groups: list[An
         low, high = torch.aminmax(g)
         peak = torch.maximum(high.float(), -low.float())  # NaN if any entry is NaN
         flags.append(~(peak < limit))  # True (bad) for NaN, for Inf and above the limit
-    bad = torch.stack([f.to(flags[0].device) for f in flags]).to(torch.int32)
-    if shard_groups:
-        bad = distributed.any_across(bad, shard_groups)
-    return [not b for b in bad.tolist()]
+    bad = torch.stack([f.to(flags[0].device) for f in flags])
+    if shard_groups:  # collectives take int flags; an all-reduce is queued on the device, not waited for
+        bad = distributed.any_across(bad.to(torch.int32), shard_groups).bool()
+    return bad

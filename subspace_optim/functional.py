@@ -6,8 +6,11 @@ the same signature. ``engine`` is obeyed as given: the optimizer decides ``"auto
 (``engine.choose``), and callers (tests, benchmarks, the layer-wise mode) may force either one, e.g. the
 interpreted kernels on CPU tensors under ``TRITON_INTERPRET=1``.
 
-These functions assume valid, finite inputs: the optimizer validates everything (options, gradients,
-finiteness) before it calls them, which is what makes a step all or nothing.
+These functions assume valid inputs: the optimizer validates everything (options, tensor types) before it
+calls them, which is what makes a step all or nothing. Finiteness is the exception that the host need not
+know: ``subspace_adamw``'s ``skipped`` flags, computed on the device, leave the matrices whose gradient is
+not finite untouched there (as torch's fused AdamW does with ``found_inf``), so a regular step never waits
+for the device to say which gradients were bad.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from torch.optim.adam import adam as _torch_adam
 from . import linalg, quant, subspace
 from .inner import (
     RESIDUALS,
+    Lag,
     adam_scalars,
+    device_vector,
     first_ratios,
+    lag_factors,
     projected_adamw,
     residual_factors,
     residual_moments,
@@ -42,6 +48,27 @@ def _stored_moments(
     if exp_avg_absmaxes is not None:
         moments.update(exp_avg_absmax=exp_avg_absmaxes[i], exp_avg_sq_absmax=exp_avg_sq_absmaxes[i])
     return moments
+
+
+def _snapshot(moments: dict[str, Tensor], skip: Tensor | None) -> dict[str, Tensor] | None:
+    """Copies of a matrix's 8-bit moments (codes and absmaxes) when it may be skipped (``_restore``). fp32 and
+    bf16 moments need none: the update keeps their old fp32 values itself (``inner._moments_direction``), and
+    a bf16 value goes back to bf16 exactly; requantizing dequantized codes is not guaranteed to."""
+    if skip is None or "exp_avg_absmax" not in moments:
+        return None
+    return {k: t.clone() for k, t in moments.items()}
+
+
+def _restore(moments: dict[str, Tensor], saved: dict[str, Tensor] | None, skip: Tensor | None) -> None:
+    """Put the saved 8-bit moments back where ``skip`` is set (the moments are low rank: cheap)."""
+    if saved is not None:
+        for key, t in moments.items():
+            torch.where(skip, saved[key], t, out=t)
+
+
+def _lags(steps: Sequence[int], lags: Sequence[Tensor] | None, betas: tuple[float, float]) -> list[Lag | None]:
+    """Each matrix's ``inner.Lag`` (None for all when no lag is given)."""
+    return [None] * len(steps) if lags is None else list(lag_factors(steps, lags, betas))
 
 
 def subspace_adamw(
@@ -65,6 +92,8 @@ def subspace_adamw(
     residual: str = "none",
     update_norms: Sequence[Tensor] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    skipped: Sequence[Tensor] | None = None,
+    lags: Sequence[Tensor] | None = None,
 ) -> None:
     r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
 
@@ -78,6 +107,11 @@ def subspace_adamw(
     updated in place. ``reduce``: for a residual on row shards (FSDP2; right projections), sums the
     per-matrix partial sums over the ranks holding the other rows (``inner.residual_factors``); every rank
     calls this function with the same matrices in the same order.
+
+    ``skipped[i]`` (0-d bool on matrix i's device; True: its gradient is not finite) leaves matrix i's weight,
+    moments and limiter state untouched bit for bit, decided on the device: no host sync. ``lags[i]`` (0-d
+    int on the device) says how many of the steps counted in ``steps[i]`` were such skips, which the caller
+    has not read back yet; the bias corrections are fixed on the device (``inner.lag_factors``).
     """
     if residual not in RESIDUALS:
         raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
@@ -91,40 +125,51 @@ def subspace_adamw(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
             exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
             matmul_precision=matmul_precision, residual=residual, update_norms=update_norms, reduce=reduce,
+            skipped=skipped, lags=lags,
         )  # fmt: skip
         return
     if engine != "reference":
         raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
     if residual != "none":
         _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
-                            sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms, reduce)  # fmt: skip
+                            sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms, reduce, skipped,
+                            lags)  # fmt: skip
         return
+    fixes = _lags(steps, lags, betas)
     for i, p in enumerate(params):
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
+        skip = None if skipped is None else skipped[i]
+        saved = _snapshot(moments, skip)
         m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
-        projected_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i])
+        projected_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i], fixes[i], skip)
         quant.store(moments, "exp_avg", m)
         quant.store(moments, "exp_avg_sq", v)
+        _restore(moments, saved, skip)
 
 
 def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
-                        sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms,
-                        reduce) -> None:  # fmt: skip
+                        sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms, reduce, skipped,
+                        lags) -> None:  # fmt: skip
     """The reference residual step in three passes: R, moments, N and channel sums per matrix; the
     coefficients of every matrix in one ``residual_factors`` call (every matrix's channels in one flat
     tensor: a few operations per step instead of per matrix; on CPU each costs a dispatch); then each
-    update. ``fira_tensor`` takes whole-matrix norms (one row per matrix)."""
+    update. ``fira_tensor`` takes whole-matrix norms (one row per matrix). A skipped matrix's NaN stays in
+    its own rows of the flat tensors; its limiter state keeps its old value."""
     per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+    fixes = _lags(steps, lags, betas)
     work, sums = [], ([], [], [])
     for i in range(len(params)):
         s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
+        skip = None if skipped is None else skipped[i]
+        saved = _snapshot(moments, skip)
         m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
         basis = bases[i].float()
-        r, direction, channel_sums = residual_moments(grads[i], basis, m, v, s, sides[i], per_channel)
+        r, direction, channel_sums = residual_moments(grads[i], basis, m, v, s, sides[i], per_channel, fixes[i], skip)
         quant.store(moments, "exp_avg", m)
         quant.store(moments, "exp_avg_sq", v)
+        _restore(moments, saved, skip)
         work.append((s, basis, r, direction))
         for into, t in zip(sums, channel_sums, strict=True):
             into.append(t)
@@ -135,16 +180,21 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
     else:  # whole-matrix norms
         lengths = [1] * len(work)
         sumsq = torch.stack([torch.stack(ts) for ts in sums], dim=1).square_()
-    bias1 = torch.tensor([w[0].bias1 for w in work], dtype=torch.float64, device=dev)
+    bias1 = device_vector([w[0].bias1 for w in work], torch.float64, dev)
+    if lags is not None:  # the true 1 - b1^a of a matrix whose count runs ahead (exact: c1 is 1.0 without a lag)
+        bias1 = bias1 / torch.stack([f.c1 for f in fixes])
     first = first_ratios(list(bases), dev)
-    lengths_t = torch.tensor(lengths, device=dev) if per_channel else None
-    coef, limiter = residual_factors(sumsq, lengths_t, torch.stack(list(update_norms)), bias1, residual, first, scale,
-                                     reduce)  # fmt: skip
+    lengths_t = device_vector(lengths, torch.int64, dev) if per_channel else None
+    previous = torch.stack(list(update_norms))
+    coef, limiter = residual_factors(sumsq, lengths_t, previous, bias1, residual, first, scale, reduce)
+    if skipped is not None:
+        limiter = torch.where(torch.stack(list(skipped)), previous, limiter)
     torch._foreach_copy_(list(update_norms), list(limiter.unbind(0)))
     coefs = coef.split(lengths)
     for i in reversed(range(len(work))):  # the last projected first: its G is the likeliest still in cache
         s, basis, r, direction = work[i]
-        residual_update(params[i], grads[i], basis, r, direction, coefs[i], s, sides[i], residual)
+        residual_update(params[i], grads[i], basis, r, direction, coefs[i], s, sides[i], residual, fixes[i],
+                        None if skipped is None else skipped[i])  # fmt: skip
 
 
 def adamw(

@@ -15,7 +15,7 @@ reference below and the Triton epilogues (``kernels.step``) read the same ``Adam
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -56,26 +56,111 @@ def adam_scalars(
     )
 
 
+class Lag(NamedTuple):
+    """One matrix's correction for steps skipped on the device that its host-side count ``t`` still includes
+    (``lag_factors``): with a = t - lag its true age, ``c1`` = (1 - b1^t) / (1 - b1^a) multiplies alpha
+    and ``c2`` = sqrt(1 - b2^t) / sqrt(1 - b2^a) multiplies sqrt(V) / sqrt(1 - b2^t); both 0-d fp64 on the
+    device, exactly 1.0 where the lag is 0, so a matrix that skipped nothing steps bit for bit as without."""
+
+    c1: Tensor
+    c2: Tensor
+
+
+def lag_factors(steps: Sequence[int], lags: Sequence[Tensor], betas: tuple[float, float]) -> list[Lag]:
+    """Per matrix its ``Lag`` (on its lag's device), from the host ages ``steps`` and the device counts ``lags``
+    of skipped steps among them, without reading the lags on the host (a sync): a few vector operations
+    per device.
+
+    A skipped matrix does not age; the optimizer learns which were skipped only when it next reads its
+    flags, so until then its host count runs ahead by the lag and the bias corrections are fixed here.
+    Numerator and denominator are the same device expression, so a lag of 0 gives exactly 1.0."""
+    beta1, beta2 = (float(b) for b in betas)
+    out: list[Lag | None] = [None] * len(lags)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, lag in enumerate(lags):
+        by_device.setdefault(lag.device, []).append(i)
+    for device, idx in by_device.items():
+        t = device_vector([steps[i] for i in idx], torch.float64, device)
+        a = t - torch.stack([lags[i] for i in idx]).double()
+        c1 = (1.0 - torch.pow(beta1, t)) / (1.0 - torch.pow(beta1, a))
+        c2 = (1.0 - torch.pow(beta2, t)).sqrt_() / (1.0 - torch.pow(beta2, a)).sqrt_()
+        for i, x, y in zip(idx, c1.unbind(0), c2.unbind(0), strict=True):
+            out[i] = Lag(x, y)
+    return out  # type: ignore[return-value]
+
+
+def device_vector(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync. A copy from pageable host memory
+    to a GPU waits for the stream (everything queued before it); a pinned buffer copied with ``non_blocking``
+    is queued instead (``kernels._common.host_table`` does the same for the kernels, which this module cannot
+    import: it is Triton's)."""
+    table = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def projected_adamw(
-    p: Tensor, g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str
-) -> None:
-    """One step of matrix ``p`` (viewed as ``g``'s shape) in the subspace of ``basis``, in place (reference)."""
+    p: Tensor, g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str,
+    lag: Lag | None = None, skip: Tensor | None = None,
+) -> None:  # fmt: skip
+    """One step of matrix ``p`` (viewed as ``g``'s shape) in the subspace of ``basis``, in place (reference).
+
+    ``skip`` (0-d bool on the device; True: the gradient is not finite) leaves ``p`` and the moments given
+    untouched bit for bit without the host knowing (``_moments_direction``, ``_apply_update``)."""
     r = project(g.float(), basis, side)
-    direction = _moments_direction(r, exp_avg, exp_avg_sq, s)
-    _apply_update(p, project_back(direction, basis, side), s)
+    direction = _moments_direction(r, exp_avg, exp_avg_sq, s, lag, skip)
+    if lag is not None:
+        direction.mul_(lag.c1)
+    _apply_update(p, project_back(direction, basis, side), s, skip)
 
 
-def _moments_direction(r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars) -> Tensor:
-    """Update the moments with R in place; return N = M / (sqrt(V) / sqrt(1 - b2^t) + eps)."""
-    exp_avg.lerp_(r, s.w1)
-    exp_avg_sq.mul_(s.beta2).addcmul_(r, r, value=s.w2)
-    return exp_avg / (exp_avg_sq.sqrt() / s.bias2_sqrt).add_(s.eps)
+def _moments_direction(
+    r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, lag: Lag | None = None,
+    skip: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """Update the moments with R in place; return N = M / (sqrt(V) / sqrt(1 - b2^t) + eps).
+
+    With ``skip`` the new moments are computed out of place by the same kernels (the same bits) and kept
+    only where ``skip`` is False, so a skipped matrix's NaN never lands in them (its N is garbage, unused)."""
+    if skip is None:
+        exp_avg.lerp_(r, s.w1)
+        exp_avg_sq.mul_(s.beta2).addcmul_(r, r, value=s.w2)
+        m, v = exp_avg, exp_avg_sq
+    else:
+        m = torch.lerp(exp_avg, r, s.w1)
+        v = exp_avg_sq.mul(s.beta2).addcmul_(r, r, value=s.w2)
+        torch.where(skip, exp_avg, m, out=exp_avg)
+        torch.where(skip, exp_avg_sq, v, out=exp_avg_sq)
+    root = v.sqrt()
+    if lag is not None:
+        root.mul_(lag.c2)
+    return m / (root / s.bias2_sqrt).add_(s.eps)
 
 
-def _apply_update(p: Tensor, update: Tensor, s: AdamScalars) -> None:
-    """W <- W (1 - lr wd) - alpha U, in place, U (fp32, ``p``'s element count) rounded once into ``p``'s dtype."""
-    if s.decay != 1.0:
-        p.mul_(s.decay)
+def _decay(p: Tensor, decay: float, skip: Tensor | None) -> None:
+    """W <- W (1 - lr wd) in place; a ``skip``ped matrix is multiplied by exactly 1. The factor becomes a 0-d
+    fp32 tensor only where that rounds like the number (fp32 weights; any dtype on the CPU, where a 0-d
+    operand is read at fp32); a low-precision GPU weight would round the tensor factor to its own dtype
+    first, so it takes a ``where`` over a decayed copy instead."""
+    if decay == 1.0:
+        return
+    if skip is None:
+        p.mul_(decay)
+    elif p.dtype == torch.float32 or p.device.type == "cpu":
+        p.mul_(torch.where(skip, 1.0, decay))
+    else:
+        torch.where(skip, p, p * decay, out=p)
+
+
+def _apply_update(p: Tensor, update: Tensor, s: AdamScalars, skip: Tensor | None = None) -> None:
+    """W <- W (1 - lr wd) - alpha U, in place, U (fp32, ``p``'s element count) rounded once into ``p``'s dtype.
+
+    With ``skip`` set, U (this step's temporary) is zeroed first: W + (-alpha) * (+0) is W for every W,
+    signed zeros included, so the skipped matrix's weight keeps its bits and its NaN never reaches it."""
+    if skip is not None:
+        update.masked_fill_(skip, 0.0)
+    _decay(p, s.decay, skip)
     if torch.compiler.is_compiling():
         # Inductor (torch 2.13, CPU) compiles p.add_(a @ b, alpha=c) as if alpha were 1: scale explicitly.
         p.add_((update * -s.alpha).view(p.shape).to(p.dtype))
@@ -181,7 +266,7 @@ def residual_factors(
 
 def first_ratios(bases: list[Tensor], device: torch.device) -> Tensor:
     """``residual_factors``' first-step bound per matrix: sqrt(d / r) of each d x r basis, in fp64."""
-    return torch.tensor([math.sqrt(b.shape[0] / b.shape[1]) for b in bases], dtype=torch.float64, device=device)
+    return device_vector([math.sqrt(b.shape[0] / b.shape[1]) for b in bases], torch.float64, device)
 
 
 def channel_sumsq(t: Tensor, dim: int) -> Tensor:
@@ -204,15 +289,16 @@ _SUMSQ_BAND = 1 << 22  # values of temporary per band in channel_sumsq (16 MiB i
 
 
 def residual_moments(
-    g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str, per_channel: bool
-) -> tuple[Tensor, Tensor, list[Tensor]]:
+    g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str, per_channel: bool,
+    lag: Lag | None = None, skip: Tensor | None = None,
+) -> tuple[Tensor, Tensor, list[Tensor]]:  # fmt: skip
     """The first half of a residual step (reference): R, the moments updated in place, N, and (``per_channel``)
     the per-channel sums of squares ||N_j||^2, ||R_j||^2, ||G_j||^2 (``residual_factors``' ``sumsq``
     columns), or else the whole norms ||N||, ||R||, ||G|| (0-d; the caller squares a batch of them at once).
     Taken here, right after the projection has read G, while G is still in cache."""
     gf = g.float()
     r = project(gf, basis, side)
-    direction = _moments_direction(r, exp_avg, exp_avg_sq, s)
+    direction = _moments_direction(r, exp_avg, exp_avg_sq, s, lag, skip)
     dim = channel_dim(side)
     if per_channel:
         return r, direction, [channel_sumsq(t, dim) for t in (direction, r, gf)]
@@ -221,7 +307,7 @@ def residual_moments(
 
 def residual_update(
     p: Tensor, g: Tensor, basis: Tensor, r: Tensor, direction: Tensor, coef: Tensor, s: AdamScalars, side: str,
-    mode: str,
+    mode: str, lag: Lag | None = None, skip: Tensor | None = None,
 ) -> None:  # fmt: skip
     """The second half (reference): W <- W (1 - lr wd) - alpha U, with U = P (N - coef o R) + coef o G
     (fira, fira_tensor) or coef o G (apollo); ``coef`` from ``residual_factors``. ``direction`` (N, this
@@ -231,18 +317,29 @@ def residual_update(
     beta, then coef o G is added in place. That saves writing and re-reading an m x n temporary and a pass
     for the decay (on CPU the residual then costs little more than the plain step) at the price of two fp32
     roundings into W instead of one. Other dtypes (a bf16 W must be rounded once) and compiled graphs
-    (inductor drops addmm's alpha, as in ``_apply_update``) form U."""
+    (inductor drops addmm's alpha, as in ``_apply_update``) form U.
+
+    ``lag`` scales X = N - coef o R and coef by c1 (alpha's correction, ``Lag``); ``skip`` leaves ``p``
+    untouched: U is zeroed (``_apply_update``), or the fp32 path runs on a copy of W that only a matrix not
+    skipped takes (a ``where``), since addmm's beta and G's entries would otherwise touch it."""
     gf = g.float()
     coef_b = coef.unsqueeze(channel_dim(side))  # broadcast along the channel's entries
     x = None if mode == "apollo" else direction.addcmul_(r, coef_b, value=-1.0)
+    if lag is not None:
+        coef_b = coef_b * lag.c1
+        if x is not None:
+            x.mul_(lag.c1)
     if p.dtype != torch.float32 or p.shape != gf.shape or torch.compiler.is_compiling():
         update = gf * coef_b if x is None else project_back(x, basis, side).addcmul_(gf, coef_b)
-        _apply_update(p, update, s)
+        _apply_update(p, update, s, skip)
         return
+    target = p if skip is None else p.clone()
     if x is None:
         if s.decay != 1.0:
-            p.mul_(s.decay)
+            target.mul_(s.decay)
     else:
         a, b = (basis, x) if side == "left" else (x, basis.mT)  # project_back's product, added into W
-        p.addmm_(a, b, beta=s.decay, alpha=-s.alpha)
-    p.addcmul_(gf, coef_b, value=-s.alpha)
+        target.addmm_(a, b, beta=s.decay, alpha=-s.alpha)
+    target.addcmul_(gf, coef_b, value=-s.alpha)
+    if skip is not None:
+        torch.where(skip, p, target, out=p)

@@ -75,7 +75,10 @@ class BackwardUpdate:
       changes slowly, and a spike in one tensor is still clipped by its own norm. ``last_grad_norm`` holds
       N of the last completed step (None without ``max_grad_norm``: computing it synchronizes per tensor).
     - ``nonfinite="skip"``: as in regular stepping, a parameter whose gradient is not finite is left untouched
-      (weights, moments, basis, step) and the others update. ``"raise"``: ``FloatingPointError`` out of
+      (weights, moments, basis, step) and the others update. A projected matrix's update decides that on the
+      device, so it waits for nothing inside backward (unless its refresh is due: one host read); a plain
+      parameter's update reads its flag on the host (a sync, as torch's AdamW keeps its step count there), and
+      so does every update with ``max_grad_norm`` (the norms). ``"raise"``: ``FloatingPointError`` out of
       ``backward()`` at the first such parameter, which is untouched. Parameters updated earlier in that
       backward keep their update (the message counts them); every pending gradient of the optimizer is
       dropped and a new cycle starts. Under DDP the reducer is then mid-reduction: stop the process.

@@ -8,6 +8,7 @@ compatibility guards in ``compat``, metrics in ``metrics``; ``docs/architecture.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -29,6 +30,10 @@ DEFAULT_MOMENTS = options.DEFAULTS["moments"]
 # group would make the next step fail part-way, so ``step`` refuses it while it would reshape existing state.
 SHAPE_OPTIONS = ("rank", "proj_type")
 PARAM_GROUPS_HINT = "subspace_optim.param_groups(model, target_modules='all-linear', rank=128)"
+# One parameter a step works on: (flat index, its group, its name, the parameter).
+Work = tuple[int, dict[str, Any], str, Tensor]
+# One call of a step: (function, args, kwargs), holding only tensors, lists and plain values.
+Call = tuple[Callable[..., None], tuple, dict[str, Any]]
 # Parameter-name parts of input embeddings and output heads (HF, GPT-2 and Meta LLaMA spellings).
 _VOCAB_NAMES = ("lm_head", "wte", "wpe")
 
@@ -105,6 +110,43 @@ def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool
     return [(kind == "native", part) for kind, part in sorted(parts.items(), key=lambda kv: kv[0] != "native")]
 
 
+class _State(defaultdict):
+    """``optimizer.state``, whose readers see settled step counts: with ``nonfinite="skip"`` a matrix's counts
+    run ahead of the steps it took by its skips the device decided and the host has not read yet
+    (``SubspaceAdamW._read``); reading an entry (``[p]``, ``get``, ``items``, ``values``) reads those first,
+    once (a host sync only while some are owed). The optimizer's own bookkeeping reads through ``raw`` and
+    ``peek``, which read nothing back. Copies and pickles are plain ``defaultdict``s (re-wrapped on load)."""
+
+    def __init__(self, settle: Callable[[], None], entries: Any = ()) -> None:
+        super().__init__(dict, entries)
+        self._settle = settle
+
+    def raw(self, p: Tensor) -> dict[str, Any]:
+        return super().__getitem__(p)
+
+    def peek(self, p: Tensor) -> dict[str, Any] | None:
+        return super().get(p)
+
+    def __getitem__(self, p: Tensor) -> dict[str, Any]:
+        self._settle()
+        return super().__getitem__(p)
+
+    def get(self, p: Tensor, default: Any = None) -> Any:
+        self._settle()
+        return super().get(p, default)
+
+    def items(self) -> Any:
+        self._settle()
+        return super().items()
+
+    def values(self) -> Any:
+        self._settle()
+        return super().values()
+
+    def __reduce__(self) -> tuple:
+        return (defaultdict, (dict,), None, None, iter(super().items()))
+
+
 class SubspaceAdamW(Optimizer):
     r"""AdamW with GaLore-style low-rank projection of selected weight matrices.
 
@@ -143,7 +185,12 @@ class SubspaceAdamW(Optimizer):
         nonfinite: ``"skip"`` (a parameter whose gradient has a NaN/Inf is left untouched this step:
             weights, moments, basis and step count) or ``"raise"`` (FloatingPointError, nothing changed).
             A projected matrix's gradient so large that its projection's square would overflow fp32
-            (max|G| > 9.2e18 / sqrt(max(m, n))) counts as non-finite.
+            (max|G| > 9.2e18 / sqrt(max(m, n))) counts as non-finite. With ``"skip"`` a regular step of the
+            projected matrices decides this on the device, with no host sync (as torch's fused AdamW does
+            with ``found_inf``); the host reads the flags once on a step that may refresh a basis, and once,
+            after the projected updates are queued, on a step with plain-AdamW parameters (torch's AdamW
+            keeps their step counts on the host). ``"raise"`` must raise before anything changes, so it
+            reads the flags on the host (one sync) at every step.
         engine: ``"auto"`` (Triton kernels for plain contiguous CUDA matrices once they pass their
             self-check there, else the reference), ``"triton"`` (obeyed: every projected matrix takes the
             kernels, on CUDA or on CPU under ``TRITON_INTERPRET=1``; one they cannot take is an error before
@@ -232,6 +279,10 @@ class SubspaceAdamW(Optimizer):
             )
         self._metrics: dict[int, dict[str, Any]] = {}
         self._nonfinite_skips = 0
+        # Per projected matrix: a 0-d int32 count, on its device, of its steps skipped there and not yet read by
+        # the host, and how many of its steps were decided on the device since the host last read (``_read``).
+        self._skips: dict[Tensor, Tensor] = {}
+        self._unread: dict[Tensor, int] = {}
         self._known_params: set[int] = set()
         self._backward_update: BackwardUpdate | None = None
         self._rank_given = False  # some group named a rank (None included): plain AdamW there is deliberate
@@ -240,6 +291,7 @@ class SubspaceAdamW(Optimizer):
         module = _source_module(params)
         params = list(params)
         super().__init__(params, given)
+        self.state = _State(self._settle, self.state)
         if rank is not None and params and not isinstance(params[0], dict):
             self._warn_projected_vocab(params, module, rank)
 
@@ -252,6 +304,8 @@ class SubspaceAdamW(Optimizer):
         self._backward_update = getattr(self, "_backward_update", None)  # hooks belong to the live object only
         self._metrics = {}
         self._nonfinite_skips = 0
+        self._skips, self._unread = {}, {}  # the state they counted for was replaced
+        self.state = _State(self._settle, self.state)
         self._known_params = set()
         self._rank_given = getattr(self, "_rank_given", True)  # a copy or a loaded optimizer: warned already
         self._plain_checked = getattr(self, "_plain_checked", True)
@@ -316,7 +370,7 @@ class SubspaceAdamW(Optimizer):
             if built is not None and built != now:
                 before = {**group, **built}
                 for _, owner, name, p in self._named_params():
-                    if owner is group and self.state.get(p) and _layout(p, before) != _layout(p, group):
+                    if owner is group and self._state_of(p, peek=True) and _layout(p, before) != _layout(p, group):
                         changes = [f"{k} from {built[k]!r} to {now[k]!r}" for k in SHAPE_OPTIONS if built[k] != now[k]]
                         side, r = _layout(p, before)
                         held = "plain AdamW state" if r is None else f"rank-{r} state projected on the {side}"
@@ -338,9 +392,9 @@ class SubspaceAdamW(Optimizer):
                 yield index, group, (names[j] if names else f"params[{index}]"), p
                 index += 1
 
-    def _checked_work(self, only: set[int] | None = None) -> list[tuple[int, dict[str, Any], str, Tensor]]:
-        """Every parameter with a gradient (of ``only``, ids, when given), each checked (types, engine,
-        finiteness) before anything moves; non-finite ones are skipped or raised per ``nonfinite``."""
+    def _checked_work(self, only: set[int] | None = None) -> tuple[list[Work], Tensor | None]:
+        """Every parameter with a gradient (of ``only``, ids, when given), each checked (types, engine) before
+        anything moves, and their non-finite flags (``checks.nonfinite_flags``: on the device, not read)."""
         self._refuse_reshaped_groups()
         work = []
         for index, group, name, p in self._named_params():
@@ -352,19 +406,24 @@ class SubspaceAdamW(Optimizer):
             checks.refuse_bad_gradient(p, name)
             if schedule.projects(p, group):
                 engine.check(group["engine"], p, name)
-            if self.state[p] and distributed.is_dtensor(p) and state_mod.mismatched(p, group, self.state[p]):
+            state = self._state_of(p)
+            if state and distributed.is_dtensor(p) and state_mod.mismatched(p, group, state):
                 raise NotImplementedError(
                     f"parameter {name}: its sharded state is stored otherwise than moments_dtype/basis_dtype ask "
                     "(a checkpoint saved with other options, or changed groups); set the options it was saved with"
                 )
             work.append((index, group, name, p))
         if not work:
-            return work
+            return work, None
         shard_groups = {id(g): g for g in (distributed.row_shard(p, n).group for _, _, n, p in work
                                            if distributed.is_dtensor(p))}  # fmt: skip
         limits = [checks.grad_limit(p, schedule.projects(p, g)) for _, g, _, p in work]
-        finite = checks.finite_flags([p.grad for *_, p in work], limits, list(shard_groups.values()))
-        bad = [w for w, ok in zip(work, finite, strict=True) if not ok]
+        return work, checks.nonfinite_flags([p.grad for *_, p in work], limits, list(shard_groups.values()))
+
+    def _finite_only(self, work: list[Work], ok: list[bool]) -> list[Work]:
+        """``work`` without its non-finite parameters, known on the host: raised (``nonfinite="raise"``, before
+        anything moved) or skipped and counted."""
+        bad = [w for w, fine in zip(work, ok, strict=True) if not fine]
         if any(g["nonfinite"] == "raise" for _, g, _, _ in bad):
             raise FloatingPointError(
                 f"non-finite gradient in parameter(s) {[n for _, _, n, _ in bad]} (a NaN/Inf, or an entry so large "
@@ -372,18 +431,123 @@ class SubspaceAdamW(Optimizer):
                 "parameters untouched for the step, or fix the loss scaling."
             )
         self._nonfinite_skips += len(bad)
-        return [w for w, ok in zip(work, finite, strict=True) if ok]
+        return [w for w, fine in zip(work, ok, strict=True) if fine]
+
+    def _must_read(self, work: list[Work]) -> bool:
+        """Whether the host needs this step's flags before anything moves: a ``nonfinite="raise"`` group (it
+        raises first), a matrix without state (its first step refreshes), or a refresh that may be due. A
+        matrix counted at step t with k steps decided on the device since the last read is truly at one of
+        t - k ... t, so a refresh may be due when a multiple of ``update_gap`` lies in [t - k, t]. The host
+        count passes every multiple, so a due refresh is never missed, and without skips (the usual case)
+        the host reads exactly on the refresh steps."""
+        for _, group, _, p in work:
+            if group["nonfinite"] == "raise":
+                return True
+            if not schedule.projects(p, group):
+                continue
+            state = self._state_of(p, peek=True)
+            if not state or "refresh_count" not in state:
+                return True
+            t, gap = state["step"], group["update_gap"]
+            if t // gap * gap >= t - self._unread.get(p, 0):
+                return True
+        return False
+
+    def _read(self, flags: Tensor | None = None) -> list[bool]:
+        """The host's one read of device values (a sync on a GPU): this step's non-finite ``flags`` when given,
+        and every projected matrix's count of steps skipped on the device since the last read. The counts
+        are settled: taken off the matrices' ``step`` and ``moment_age`` (which ran ahead, as if those steps
+        had been taken), added to the skip total, and zeroed. Returns the flags as "finite" booleans."""
+        owed = [(p, count) for p, count in self._skips.items() if self._unread.get(p, 0)]
+        self._unread.clear()
+        pieces = [] if flags is None else [flags.to(torch.int32)]
+        if owed:
+            dev = pieces[0].device if pieces else owed[0][1].device
+            pieces.append(torch.stack([count.to(dev) for _, count in owed]))
+        if not pieces:
+            return []
+        values = torch.cat(pieces).tolist()
+        taken = 0 if flags is None else flags.numel()
+        for (p, _), skipped in zip(owed, values[taken:], strict=True):
+            if skipped:
+                state = self._state_of(p)
+                state["step"] -= skipped
+                state["moment_age"] -= skipped
+                self._nonfinite_skips += skipped
+        if owed:
+            torch._foreach_zero_([count for _, count in owed])
+        return [not bad for bad in values[:taken]]
+
+    def _state_of(self, p: Tensor, peek: bool = False) -> dict[str, Any] | None:
+        """``p``'s state as the optimizer itself reads it: without settling (``_State``); ``peek``: None when it
+        has none (nothing is created). Also works if something replaced ``self.state`` by a plain dict."""
+        state = self.state
+        if isinstance(state, _State):
+            return state.peek(p) if peek else state.raw(p)
+        return state.get(p) if peek else state[p]
+
+    def _settle(self) -> None:
+        """Read back the skip counts the device still holds, if any (``_read``; ``_State`` calls this)."""
+        if any(self._unread.values()):
+            self._read()
+
+    def _skip_count(self, p: Tensor) -> Tensor:
+        """``p``'s device count of skipped steps not read yet (``_read``), created at its first masked step."""
+        count = self._skips.get(p)
+        if count is None:
+            count = self._skips[p] = torch.zeros((), dtype=torch.int32, device=local(p).device)
+        return count
+
+    def _plain_calls(self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]]) -> list[Call]:
+        """torch's AdamW per group and moment storage, for plain parameters known to have finite gradients."""
+        calls: list[Call] = []
+        for group in self.param_groups:
+            for native, members in _by_storage(plain.get(id(group), [])):
+                view = (lambda t: t) if native else local  # low-precision storage is updated rank-locally
+                args = tuple(
+                    [view(t) for t in ts]
+                    for ts in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"]) for p, s in members], strict=True)
+                )
+                kwargs = {**_hyper(group), "lr": plain_lr(group), "foreach": group["foreach"],
+                          **_absmaxes([s for _, s in members])}  # fmt: skip
+                calls.append((functional.adamw, (*args, [s["step"] for _, s in members]), kwargs))
+        return calls
 
     @torch._disable_dynamo
-    def _prepare(self, only: set[int] | None = None) -> list[tuple[Callable[..., None], tuple, dict[str, Any]]]:
+    def _plain_after_read(
+        self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]], flags: dict[Tensor, Tensor]
+    ) -> None:
+        """The plain parameters of a step whose projected matrices were masked on the device. torch's AdamW keeps
+        a plain parameter's step count on the host and computes its bias corrections there, so whether it skips
+        must be known there: one read (which settles the matrices' skip counts too), queued after every
+        projected update of the step, so the device has that work while the host waits."""
+        members = [(p, s) for group_members in plain.values() for p, s in group_members]
+        ok = dict(zip((id(p) for p, _ in members), self._read(torch.stack([flags[p] for p, _ in members])),
+                      strict=True))  # fmt: skip
+        self._nonfinite_skips += sum(not fine for fine in ok.values())
+        finite = {key: [(p, s) for p, s in ms if ok[id(p)]] for key, ms in plain.items()}
+        for function, args, kwargs in self._plain_calls(finite):
+            function(*args, **kwargs)
+
+    @torch._disable_dynamo
+    def _prepare(self, only: set[int] | None = None) -> list[Call]:
         """Check, create state, refresh what is due, advance the counters, and return the core calls of this
         step: plain AdamW per group, then ``subspace_adamw`` per (group, engine, precision), as (function,
         args, kwargs) holding only tensors, lists and plain values. This host-side bookkeeping (syncs,
         collectives, param-group objects) is kept out of ``torch.compile``'s tracing; the calls are not.
-        ``only`` (parameter ids) restricts the step to those parameters: the layer-wise mode's updates."""
+        ``only`` (parameter ids) restricts the step to those parameters: the layer-wise mode's updates.
+
+        A masked step (flags left on the device) instead returns the ``subspace_adamw`` calls with their
+        ``skipped`` flags (and ``lags``), the count of the skips, and last ``_plain_after_read``."""
         plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
         projected: list[Matrix] = []
-        work = self._checked_work(only)
+        work, bad = self._checked_work(only)
+        # With nonfinite="skip" and no refresh possibly due, the flags stay on the device: the projected updates
+        # skip there and plain AdamW reads them after those are queued (``_plain_after_read``). Otherwise the
+        # host reads them now, once, and the step runs on what it read.
+        masked = bad is not None and not self._must_read(work)
+        if bad is not None and not masked:
+            work = self._finite_only(work, self._read(bad))
         if not self._plain_checked:
             self._plain_checked = True
             if not self._rank_given and all(g["rank"] is None for g in self.param_groups):
@@ -392,9 +556,9 @@ class SubspaceAdamW(Optimizer):
                     "projected). To project, give the weight matrices a group with rank=..., e.g. "
                     f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
                 )
-        schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self.state[p]])
+        schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self._state_of(p)])
         for index, group, name, p in work:
-            state = self.state[p]
+            state = self._state_of(p)
             if state:
                 state_mod.conform(p, group, state)
             else:
@@ -407,20 +571,19 @@ class SubspaceAdamW(Optimizer):
         due = schedule.due(projected)
         if due and schedule.refresh(due, self._metrics):
             self.check_consistency()
-        for x in projected:
+        for x in projected:  # when masked, ahead by the steps skipped on the device until the next read
             x.state["step"] += 1
             x.state["moment_age"] += 1
-        calls: list[tuple[Callable[..., None], tuple, dict[str, Any]]] = []
-        for group in self.param_groups:
-            for native, members in _by_storage(plain.get(id(group), [])):
-                view = (lambda t: t) if native else local  # low-precision storage is updated rank-locally
-                args = tuple(
-                    [view(t) for t in ts]
-                    for ts in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"]) for p, s in members], strict=True)
-                )
-                kwargs = {**_hyper(group), "lr": plain_lr(group), "foreach": group["foreach"],
-                          **_absmaxes([s for _, s in members])}  # fmt: skip
-                calls.append((functional.adamw, (*args, [s["step"] for _, s in members]), kwargs))
+        calls = [] if masked else self._plain_calls(plain)
+        skip_of: dict[Tensor, Tensor] = {}
+        counted: dict[Tensor, Tensor] = {}
+        if masked:  # per parameter, on its device: a bool flag for the updates, an int32 one to count the skips
+            for dev in {local(p).device for *_, p in work}:
+                here = bad if dev == bad.device else bad.to(dev)
+                flags, ints = here.unbind(0), here.to(torch.int32).unbind(0)
+                for j, (*_, p) in enumerate(work):
+                    if local(p).device == dev:
+                        skip_of[p], counted[p] = flags[j], ints[j]
         batches: dict[tuple[int, str, str, Any], list[Matrix]] = {}
         for x in projected:
             precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
@@ -437,7 +600,19 @@ class SubspaceAdamW(Optimizer):
                 kwargs.update(residual=xs[0].group["residual"], update_norms=[x.state["update_norm"] for x in xs])
                 if shard is not None:
                     kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
+            if masked:
+                kwargs["skipped"] = [skip_of[x.p] for x in xs]
+                if any(self._unread.get(x.p, 0) for x in xs):  # some count may run ahead of its matrix's age
+                    kwargs["lags"] = [self._skip_count(x.p) for x in xs]
             calls.append((functional.subspace_adamw, args, kwargs))
+        if masked:
+            if projected:  # after the updates, which read the counts as lags
+                counts = [self._skip_count(x.p) for x in projected]
+                calls.append((torch._foreach_add_, (counts, [counted[x.p] for x in projected]), {}))
+                for x in projected:
+                    self._unread[x.p] = self._unread.get(x.p, 0) + 1
+            if plain:
+                calls.append((self._plain_after_read, (plain, skip_of), {}))
         return calls
 
     @torch.no_grad()
@@ -492,6 +667,19 @@ class SubspaceAdamW(Optimizer):
         return BackwardUpdate(self, model, accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm)
 
     # ------------------------------------------------------------------ checkpoints
+    @torch._disable_dynamo
+    def state_dict(self) -> dict[str, Any]:
+        """``Optimizer.state_dict``, with the step counts the device still holds settled first (``_read``: a
+        host read, at checkpoint time), so a checkpoint counts exactly the steps taken."""
+        self._settle()
+        return super().state_dict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` see settled step counts too (see ``state_dict``)."""
+        if getattr(self, "_unread", None):
+            self._settle()
+        return super().__getstate__()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state, keeping the bases and moments in the dtypes their options chose.
 
@@ -527,8 +715,10 @@ class SubspaceAdamW(Optimizer):
         (1: same subspace, 0: orthogonal), None after the first. Reading the metrics synchronizes with the
         device; call it at logging time. Overall, ``last_refresh_time_s`` sums every matrix's latest refresh
         time and ``captured_energy`` is energy-weighted over matrices. Refresh metrics are not
-        checkpointed: after a resume they are empty until the next refresh.
+        checkpointed: after a resume they are empty until the next refresh. ``nonfinite_skips`` and each
+        matrix's ``step`` include the skips the device decided since the last read (read here).
         """
+        self._settle()
         entries = (
             (i, n, self.state[p], schedule.side(p, g) if "refresh_count" in self.state[p] else None)
             for i, g, n, p in self._named_params()

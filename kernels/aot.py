@@ -1,0 +1,535 @@
+"""Ahead-of-time compile sweep: every kernel variant the launchers can choose, compiled for sm_80 and sm_90.
+
+No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs Triton's
+whole pipeline and the ptxas that ships in the Triton wheel. The interpreter, which runs the CPU tests,
+follows Python and misses what only the code generator checks (a return type mismatch made 8-bit moments
+with a residual fail to compile on every GPU), and it says nothing about registers or spills.
+
+The variants are not a hand list. The launch configuration lives in three functions,
+``step.project_config``, ``step.back_config`` and ``refresh.gemm_config`` (plus ``refresh.gaussian_config``),
+which the launchers call to get the constexprs and launch options they pass. This module calls the same
+functions over the domain of their arguments, which comes from the option tables (``engine.KERNEL_DTYPES``,
+``quant.BASIS_DTYPES``, ``quant.MOMENT_DTYPES``, ``inner.RESIDUALS``, ``options.MATMUL_PRECISIONS`` resolved
+by ``engine.matmul_precision``), and keeps each distinct result. The runtime arguments (pointer arrays,
+sizes, strides) are then bound by Triton's own launch-time specialization (ints equal to 1 become constants,
+multiples of 16 get a divisibility hint), for contiguous operands of two shape classes: "aligned" (every
+size a multiple of 16) and "ragged" (none). The refresh's GEMM also takes each operand row- and
+column-major (its products pass transposes as stride swaps).
+
+Registers and spills come from ``ptxas -v``; shared memory from Triton's metadata. A "default path" is the
+optimizer's precision for the weight dtype (``matmul_precision="auto"``: TF32 for bf16/fp16 weights, ieee
+for fp32) and ieee for the refresh (``schedule`` always asks for it); there no variant may spill more than
+``SPILL_LIMIT`` bytes or be allocated at 32 registers (ptxas's pathological allocation for some mixed-dtype
+ieee dots, with kilobytes of spills).
+
+    python -m subspace_optim.kernels.aot --targets 80,90 [--representatives] [--markdown] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .. import engine, inner, options, quant
+from ..quant import num_blocks
+
+# Nothing here imports Triton at module level: a compile worker imports this module first and must turn
+# the interpreter off before the kernel modules (and triton.language's own jit functions) are decorated.
+
+SPILL_LIMIT = 256  # bytes of spill stores allowed on a default path
+SIDES = ("left", "right")
+MOMENT_KINDS = {"float32": 0, "bfloat16": 1, "int8": 2}  # ``_common.MOMENT_FP32`` / ``_BF16`` / ``_INT8``
+MOMENT_INT8 = MOMENT_KINDS["int8"]
+REFRESH_PRECISION = "ieee"  # what ``schedule`` passes to every refresh
+KERNELS = {  # kernel name -> its module
+    "project_adam_kernel": "step",
+    "back_update_kernel": "step",
+    "batched_gemm_kernel": "gemm",
+    "gaussian_kernel": "gemm",
+}
+# (m, n, r) of the two shape classes: LLaMA-like sizes that are, or are not, multiples of 16.
+SHAPES = {"aligned": (2048, 5504, 512), "ragged": (1365, 5461, 250)}
+# Element types of the pointer arguments that are not int64 pointer arrays (``test_aot`` checks them
+# against real launches).
+_POINTER_DTYPES = {"hyper": torch.float32, "m_table": torch.float32, "v_table": torch.float32,
+                   "coef": torch.float32, "out": torch.float32, "skip": torch.uint8}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compile: a kernel, the constexprs/options its launcher passes, and the runtime ints it binds."""
+
+    kernel: str
+    label: str  # what the launcher was asked for (side, dtypes, storage, residual, precision)
+    klass: str  # the combination class (see ``step_variants``); ``--representatives`` compiles one of each
+    default: bool  # on a default path (see the module docstring)
+    config: tuple[tuple[str, Any], ...]  # constexprs and launch options, tl dtypes as their names
+    ints: tuple[tuple[str, int], ...]  # runtime integer arguments by name
+    shape: str  # "aligned" or "ragged"
+
+
+@dataclass
+class Result:
+    """What compiling one variant for one target gave (``error`` None: it compiled)."""
+
+    variant: Variant
+    arch: int
+    error: str | None = None
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    stack: int = 0
+    shared: int = 0
+    seconds: float = 0.0
+    violations: list[str] = field(default_factory=list)
+
+
+def _freeze(cfg: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    import triton.language as tl
+
+    return tuple((k, str(v) if isinstance(v, tl.dtype) else v) for k, v in cfg.items())
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return {None: "gauss", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _dtype_class(dtype: torch.dtype | None) -> str:
+    """bf16 and fp16 take the same code paths: one class ("16")."""
+    return {None: "gauss", torch.float32: "fp32", torch.bfloat16: "16", torch.float16: "16"}[dtype]
+
+
+def _strides(shape: Sequence[int], column_major: bool = False) -> tuple[int, int]:
+    rows, cols = shape
+    return (1, rows) if column_major else (cols, 1)
+
+
+def _precisions() -> list[str]:
+    """Every precision a step can run at: the option's choices, "auto" resolved for every weight dtype."""
+    out = {engine.matmul_precision(c, w) for c in options.MATMUL_PRECISIONS for w in engine.KERNEL_DTYPES}
+    return sorted(out)
+
+
+def _int8_columns() -> list[int]:
+    """Moment widths that reach every distinct 8-bit tile (``step.projection_blocks`` turns them into BN):
+    the powers of two up to twice the quantization block, widest first (the first width giving a config is
+    the one compiled)."""
+    return [2**i for i in reversed(range((2 * quant.BLOCK).bit_length()))]
+
+
+def step_variants() -> list[Variant]:
+    """Both step launches for every side, weight / basis dtype, moment storage, residual and precision."""
+    from . import step
+
+    out: list[Variant] = []
+    for side, wd, pname, prec in itertools.product(SIDES, engine.KERNEL_DTYPES, quant.BASIS_DTYPES, _precisions()):
+        pd = getattr(torch, pname)
+        default = prec == engine.matmul_precision("auto", wd)
+        dts = f"{_dtype_name(wd)} weights, {_dtype_name(pd)} basis"
+        # A class is a kernel's structural constexprs (side, storage, residual, precision) and, on a default
+        # path only, the operand dtypes: off the default paths only compile failures count, and those are
+        # structural (registers differ with the dtypes, and only the default paths have spill limits).
+        classes = f"{side} {_dtype_class(wd)}/{_dtype_class(pd)}" if default else f"{side} any-dtype"
+        for mname, resid in itertools.product(quant.MOMENT_DTYPES, (False, True)):
+            kind = MOMENT_KINDS[mname]
+            seen: set[tuple] = set()
+            for cols in _int8_columns() if kind == MOMENT_INT8 else [0]:
+                cfg = step.project_config(side, wd, pd, kind, kind, resid, prec, cols, interpreted=False)
+                if _freeze(cfg) in seen:
+                    continue
+                seen.add(_freeze(cfg))
+                tile, block = "", ""
+                if kind == MOMENT_INT8:
+                    tile, block = f" (BN {cfg['BN']})", "-256" if cfg["BN"] == quant.BLOCK else "-short"
+                what = "residual" if resid else "no residual"
+                label = f"{side}, {dts}, {mname} moments{tile}, {what}, {prec}"
+                klass = f"project {classes} {mname}{block} {what} {prec}"
+                ints = functools.partial(_project_ints, side, cols=cols, kind=kind)
+                out += _with_shapes("project_adam_kernel", label, klass, default, cfg, ints)
+        for residual in inner.RESIDUALS:
+            cfg = step.back_config(side, wd, wd, pd, residual, prec, interpreted=False)
+            mode = residual if residual in ("none", "apollo") else "fira"  # fira_tensor: fira's compile
+            label = f"{side}, {dts}, residual {residual}, {prec}"
+            ints = functools.partial(_back_ints, side, residual=residual)
+            out += _with_shapes("back_update_kernel", label, f"back {classes} {mode} {prec}", default, cfg, ints)
+    return _dedup(out)
+
+
+def refresh_variants() -> list[Variant]:
+    """The refresh's GEMM for every operand dtype it can see (a gradient: fp32/bf16/fp16, or an fp32
+    intermediate), the in-kernel Gaussian or a loaded B, both precisions, row- and column-major operands;
+    the fp64 Gram; and the standalone Gaussian."""
+    from . import refresh
+
+    out: list[Variant] = []
+    for prec, ad, bd in itertools.product(_precisions(), engine.KERNEL_DTYPES, (None, torch.float32)):
+        cfg = refresh.gemm_config(ad, bd, False, prec, interpreted=False)
+        for a_cm, b_cm in itertools.product((False, True), (False,) if bd is None else (False, True)):
+            lay = ("col" if a_cm else "row") + ("" if bd is None else "/" + ("col" if b_cm else "row"))
+            label = f"A {_dtype_name(ad)}, B {_dtype_name(bd)}, {lay}-major, {prec}"
+            dtypes = (
+                f"{_dtype_class(ad)}/{_dtype_class(bd)}"
+                if prec == REFRESH_PRECISION
+                else "any/" + ("gauss" if bd is None else "loaded")
+            )
+            klass = f"gemm {dtypes} {lay} {prec}"  # as in ``step_variants``
+            ints = functools.partial(_gemm_ints, a_cm=a_cm, b_cm=b_cm, gauss=bd is None)
+            out += _with_shapes("batched_gemm_kernel", label, klass, prec == REFRESH_PRECISION, cfg, ints)
+    cfg = refresh.gemm_config(torch.float32, torch.float32, True, REFRESH_PRECISION, interpreted=False)
+    gram = functools.partial(_gemm_ints, a_cm=True, b_cm=False, gauss=False, gram=True)  # ``refresh.gram``
+    out += _with_shapes("batched_gemm_kernel", "fp64 Gram Y^T Y", "gram", True, cfg, gram)
+    out += _with_shapes("gaussian_kernel", "Gaussian", "gaussian", True, refresh.gaussian_config(), _gaussian_ints)
+    return _dedup(out)
+
+
+def variants(representatives: bool = False) -> list[Variant]:
+    """The sweep: every variant, or (``representatives``) the first variant of each combination class,
+    aligned shape."""
+    every = step_variants() + refresh_variants()
+    if not representatives:
+        return every
+    seen: set[str] = set()
+    out = []
+    for v in every:
+        if v.shape == "aligned" and v.klass not in seen:
+            seen.add(v.klass)
+            out.append(v)
+    return out
+
+
+def _with_shapes(kernel, label, klass, default, cfg, ints_of) -> list[Variant]:
+    return [
+        Variant(kernel, f"{label}, {shape}", klass, default, _freeze(cfg), tuple(ints_of(mnr).items()), shape)
+        for shape, mnr in SHAPES.items()
+    ]
+
+
+def _dedup(vs: Iterable[Variant]) -> list[Variant]:
+    """One variant per distinct compile (kernel, config, ints), the first request's label. (Whether a
+    compile is on a default path follows from its config: the precision, and the weight dtype it holds.)"""
+    first: dict[tuple, Variant] = {}
+    for v in vs:
+        first.setdefault((v.kernel, v.config, v.ints), v)
+    return list(first.values())
+
+
+def _project_ints(side: str, mnr: tuple[int, int, int], cols: int = 0, kind: int = 0) -> dict[str, int]:
+    """``_project_launch``'s integer arguments for contiguous operands of G (m x n) and rank r. An 8-bit
+    moment narrower than a block is ``cols`` wide, or a little less in a ragged shape (the same tile)."""
+    m, n, r = mnr
+    if kind == MOMENT_INT8 and cols < quant.BLOCK:
+        width = cols - 3 if m % 16 else cols
+        n, r = (width, r) if side == "left" else (n, width)
+    rows, cols_ = (r, n) if side == "left" else (m, r)
+    pst = _strides((m if side == "left" else n, r))
+    gst = _strides((m, n))
+    if side == "left":  # A = P^T, B = G
+        (mm, nn, kk), sa, sb = (r, n, m), pst[::-1], gst
+    else:  # A = G, B = P
+        (mm, nn, kk), sa, sb = (m, r, n), gst, pst
+    mst = _strides((rows, cols_))
+    qst = _strides((rows, num_blocks(cols_))) if kind == MOMENT_INT8 else (0, 0)
+    return dict(M=mm, N=nn, K=kk, sa0=sa[0], sa1=sa[1], sb0=sb[0], sb1=sb[1], sm0=mst[0], sm1=mst[1],
+                sv0=mst[0], sv1=mst[1], sn0=mst[0], sn1=mst[1], smq0=qst[0], smq1=qst[1], svq0=qst[0],
+                svq1=qst[1])  # fmt: skip
+
+
+def _back_ints(side: str, mnr: tuple[int, int, int], residual: str = "none") -> dict[str, int]:
+    """``_back_launch``'s integer arguments for contiguous operands of G (m x n) and rank r."""
+    m, n, r = mnr
+    nst = _strides((r, n) if side == "left" else (m, r))
+    pst = _strides((m if side == "left" else n, r))
+    sa, sb = (pst, nst) if side == "left" else (nst, pst[::-1])
+    gst = _strides((m, n))
+    s_coef = 0 if residual == "none" else (n if side == "left" else m)
+    return dict(M=m, N=n, K=r, sa0=sa[0], sa1=sa[1], sb0=sb[0], sb1=sb[1], sw0=gst[0], sw1=gst[1],
+                sg0=gst[0], sg1=gst[1], s_coef=s_coef)  # fmt: skip
+
+
+def _gemm_ints(mnr: tuple[int, int, int], a_cm: bool, b_cm: bool, gauss: bool, gram: bool = False) -> dict[str, int]:
+    """``bmm``'s integer arguments for C (d x k) = A (d x c) B (c x k), A / B column-major or not: a
+    product with the gradient (d x c = m x n, k = r), or the Gram matrix (k x k, c = m)."""
+    m, n, r = mnr
+    d, c, k = (r, m, r) if gram else (m, n, r)
+    sa = _strides((d, c), a_cm)
+    sb = (0, 0) if gauss else _strides((c, k), b_cm)
+    return dict(M=d, N=k, K=c, sa0=sa[0], sa1=sa[1], sb0=sb[0], sb1=sb[1], sc0=k, sc1=1)
+
+
+def _gaussian_ints(mnr: tuple[int, int, int]) -> dict[str, int]:
+    """``refresh.gaussian``'s: a sketch seed is 63 bits (``linalg.sketch_seed``), so an int64 argument."""
+    m, _, r = mnr
+    return {"seed": (1 << 62) + 12345, "rows": m, "cols": r}
+
+
+# --- compiling ---------------------------------------------------------------------------------------------
+
+
+def _jitted(name: str) -> Any:
+    """The kernel's ``JITFunction``. Compiles run in worker processes that start with the interpreter off
+    (``_worker_init``): under ``TRITON_INTERPRET=1`` ``@triton.jit`` makes interpreted functions instead,
+    triton.language's own helpers (``tl.randn``, ``tl.sum``'s combine) included, which cannot compile."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    kernel = getattr(importlib.import_module(f"{__package__}.{KERNELS[name]}"), name)
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError(f"{name} was imported under TRITON_INTERPRET=1: compile it through sweep()")
+    return kernel
+
+
+def _arguments(jitted: Any, v: Variant) -> dict[str, Any]:
+    """Every kernel argument by name: constexprs from the config, ints from the variant, and a small CPU
+    tensor of the right element type for each pointer (only its type and 16-byte alignment matter)."""
+    import triton.language as tl
+
+    cfg = dict(v.config)
+    ints = dict(v.ints)
+    args: dict[str, Any] = {}
+    for p in jitted.params:
+        if p.is_constexpr:
+            value = cfg[p.name]
+            args[p.name] = tl.dtype(value) if isinstance(value, str) and p.name.endswith("_DT") else value
+        elif p.name in ints:
+            args[p.name] = ints[p.name]
+        else:  # a pointer: an int64 array of per-member pointers unless listed
+            args[p.name] = torch.zeros(4, dtype=_POINTER_DTYPES.get(p.name, torch.int64))
+    options_ = {k: cfg[k] for k in cfg if k not in args}
+    return {**args, **options_}
+
+
+_PTXAS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def compile_variant(v: Variant, arch: int) -> Result:
+    """Compile ``v`` for sm_``arch`` (no GPU needed) and read ptxas's register and spill report."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    result = Result(v, arch)
+    start = time.perf_counter()
+    try:
+        jitted = _jitted(v.kernel)
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        kwargs = _arguments(jitted, v)
+        kwargs.update(
+            debug=False,
+            instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
+            fpsan_homomorphic_casts=triton.knobs.compilation.fpsan_homomorphic_casts,
+        )  # as ``run`` adds
+        # Exactly what a launch does: Triton's binder specializes the arguments, ``_pack_args`` turns that
+        # into the signature, constants and divisibility attributes a launch would compile with.
+        binder = create_function_from_signature(jitted.signature, jitted.params, backend)
+        bound, specialization, opts = binder(**kwargs)
+        parsed, signature, constexprs, attrs = jitted._pack_args(backend, opts, bound, specialization, opts)
+        log = io.StringIO()
+        with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            triton.knobs.compilation.always_compile = True  # run ptxas even if cached: its -v report is the data
+            triton.knobs.nvidia.dump_ptxas_log = True
+            kernel = triton.compile(
+                ASTSource(jitted, signature, constexprs, attrs), target=target, options=parsed.__dict__
+            )
+        text = log.getvalue()
+        for name, pattern in _PTXAS.items():
+            found = [int(x) for x in pattern.findall(text)]
+            setattr(result, name, max(found) if found else 0)
+        result.shared = int(kernel.metadata.shared)
+    except Exception as err:  # noqa: BLE001 - a failed compile is a result of the sweep
+        result.error = _describe(err)
+    result.seconds = time.perf_counter() - start
+    result.violations = violations(result)
+    return result
+
+
+def _describe(err: BaseException) -> str:
+    """One line for a failed compile: the innermost cause (Triton nests a callee's error in its caller's),
+    where it was raised (``at line:col``, the first line of each CompilationError) and its message."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 16:
+        chain.append(chain[-1].__cause__)
+    places = [str(e).splitlines()[0] for e in chain if type(e).__name__ == "CompilationError" and str(e)]
+    root = chain[-1]
+    detail = getattr(root, "error_message", None)  # a CompilationError's own cause, e.g. a TypeError
+    text = repr(detail) if detail is not None else (str(root).strip().splitlines() or [""])[-1]
+    return f"{type(root).__name__} {' / '.join(places)} {text}"[:500]
+
+
+def violations(r: Result) -> list[str]:
+    """Why a result breaks the sweep's rules: a compile failure anywhere; on a default path, more than
+    ``SPILL_LIMIT`` bytes of spill stores or an allocation at 32 registers."""
+    if r.error:
+        return ["compile failure"]
+    out = []
+    if r.variant.default and r.spill_stores > SPILL_LIMIT:
+        out.append(f"{r.spill_stores} B of spill stores > {SPILL_LIMIT}")
+    if r.variant.default and r.registers == 32:
+        out.append("allocated at 32 registers")
+    return out
+
+
+def _worker_init(cache_dir: str) -> None:
+    """A compile worker: the interpreter off before anything imports Triton (see ``_jitted``), a private
+    cache, one thread."""
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    torch.set_num_threads(1)
+
+
+def _compile_job(job: tuple[Variant, int]) -> Result:
+    return compile_variant(*job)
+
+
+def sweep(vs: Sequence[Variant], archs: Sequence[int], jobs: int = 1, progress: bool = False) -> list[Result]:
+    """Compile every variant for every target in ``jobs`` spawned worker processes (each starts from a clean
+    interpreter with ``TRITON_INTERPRET`` off, whatever this process runs under) and a private Triton cache
+    that is removed afterwards. Results come back in order."""
+    work = [(v, arch) for arch in archs for v in vs]
+    results: list[Result] = []
+    ctx = multiprocessing.get_context("spawn")
+    with (
+        tempfile.TemporaryDirectory(prefix="aot-cache-") as cache,
+        ProcessPoolExecutor(max(1, jobs), mp_context=ctx, initializer=_worker_init, initargs=(cache,)) as pool,
+    ):
+        for i, result in enumerate(pool.map(_compile_job, work, chunksize=1)):
+            results.append(result)
+            _report(progress, i, len(work), result)
+    return results
+
+
+def _report(progress: bool, i: int, total: int, r: Result) -> None:
+    if progress and (r.error or r.violations or (i + 1) % 50 == 0 or i + 1 == total):
+        state = r.error or ", ".join(r.violations) or "ok"
+        print(f"[{i + 1}/{total}] sm_{r.arch} {r.variant.kernel} {r.variant.label}: {state}", file=sys.stderr)
+
+
+# --- reporting ---------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    """Triton's version and the ptxas it runs per target (sm_90 and up use the wheel's newer ptxas)."""
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas_version
+
+    out = {"triton": triton.__version__, "torch": torch.__version__}
+    for arch in (80, 90):
+        text = get_ptxas_version(arch)
+        found = re.search(r"release ([\d.]+), (V[\d.]+)", text)
+        out[f"ptxas sm_{arch}"] = " ".join(found.groups()) if found else text.strip().splitlines()[-1]
+    return out
+
+
+def summary(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """One row per (kernel, target, default path or not): counts, failures, register range, worst spills
+    and shared memory."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for r in results:
+        key = (r.variant.kernel, r.arch, r.variant.default)
+        row = rows.setdefault(key, {"kernel": key[0], "arch": key[1], "default": key[2], "variants": 0,
+                                    "failures": 0, "min_regs": None, "max_regs": 0, "max_spill_stores": 0,
+                                    "spilling": 0, "over_limit": 0, "at_32_regs": 0, "max_shared": 0})  # fmt: skip
+        row["variants"] += 1
+        if r.error:
+            row["failures"] += 1
+            continue
+        row["min_regs"] = r.registers if row["min_regs"] is None else min(row["min_regs"], r.registers)
+        row["max_regs"] = max(row["max_regs"], r.registers)
+        row["max_spill_stores"] = max(row["max_spill_stores"], r.spill_stores)
+        row["spilling"] += r.spill_stores > 0
+        row["over_limit"] += r.spill_stores > SPILL_LIMIT
+        row["at_32_regs"] += r.registers == 32
+        row["max_shared"] = max(row["max_shared"], r.shared)
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1], not k[2]))]
+
+
+def markdown(results: Sequence[Result], command: str, seconds: float) -> str:
+    """The sweep's summary table (for docs/kernels.md), with versions, the command, and any failures or
+    default-path violations listed."""
+    v = versions()
+    lines = [
+        f"`{command}`: {len({r.variant for r in results})} variants x {len({r.arch for r in results})} targets, "
+        f"{sum(r.error is not None for r in results)} failures, {seconds / 60:.1f} min on "
+        f"{os.cpu_count()} CPU cores. " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "",
+        "| kernel | target | path | variants | failures | registers (min-max) | max spill stores (B) | "
+        f"spilling | > {SPILL_LIMIT} B | at 32 regs | max shared (B) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary(results):
+        regs = "-" if row["min_regs"] is None else f"{row['min_regs']}-{row['max_regs']}"
+        lines.append(
+            f"| {row['kernel']} | sm_{row['arch']} | {'default' if row['default'] else 'other'} | "
+            f"{row['variants']} | {row['failures']} | {regs} | {row['max_spill_stores']} | {row['spilling']} | "
+            f"{row['over_limit']} | {row['at_32_regs']} | {row['max_shared']} |"
+        )
+    bad = [r for r in results if r.violations]
+    if bad:
+        lines += ["", "Violations:", ""]
+        lines += [f"- sm_{r.arch} {r.variant.kernel} ({r.variant.label}): {'; '.join(r.violations)}"
+                  + (f" - {r.error}" if r.error else "") for r in bad]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _as_json(r: Result) -> dict[str, Any]:
+    out = asdict(r)
+    out["variant"] = {**asdict(r.variant), "config": dict(r.variant.config), "ints": dict(r.variant.ints)}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: exit status 1 when anything failed to compile or a default path broke a limit."""
+    parser = argparse.ArgumentParser(prog="python -m subspace_optim.kernels.aot", description=__doc__.split("\n")[0])
+    parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
+    parser.add_argument("--representatives", action="store_true", help="one variant of each combination class")
+    parser.add_argument("--markdown", nargs="?", const="-", help="write the summary table here (default stdout)")
+    parser.add_argument("--json", help="write every result here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--kernel", action="append", help="only these kernels (repeatable)")
+    parser.add_argument("--default-only", action="store_true", help="only the default paths")
+    args = parser.parse_args(argv)
+    archs = [int(a) for a in args.targets.split(",") if a.strip()]
+    vs = variants(args.representatives)
+    vs = [v for v in vs if (not args.kernel or v.kernel in args.kernel) and (v.default or not args.default_only)]
+    command = "python -m subspace_optim.kernels.aot " + " ".join(argv if argv is not None else sys.argv[1:])
+    start = time.perf_counter()
+    results = sweep(vs, archs, jobs=args.jobs, progress=True)
+    seconds = time.perf_counter() - start
+    table = markdown(results, command.strip(), seconds)
+    if args.markdown in (None, "-"):
+        print(table)
+    else:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": versions(), "seconds": seconds, "results": [_as_json(r) for r in results]}, f)
+    return 1 if any(r.violations for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Every kernel variant the launchers can choose compiles for a real GPU (sm_90), without a GPU.
+
+The interpreter, which runs the other kernel tests, follows Python and cannot see what only Triton's code
+generator and ptxas see: a type error in one constexpr branch (8-bit moments with a residual once failed
+to compile on every GPU), or register spills. ``subspace_optim.kernels.aot`` compiles through the real
+pipeline (ptxas ships in the Triton wheel); the full sweep over both targets is one command
+(``python -m subspace_optim.kernels.aot --targets 80,90``), and here one representative of every
+combination class is compiled for sm_90.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import torch
+
+from subspace_optim import quant
+from subspace_optim.kernels import aot
+
+
+def _ptxas_or_skip() -> None:
+    """Skip unless Triton's NVIDIA backend and its ptxas can run here."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except Exception as err:  # noqa: BLE001 - any import problem means no NVIDIA backend
+        pytest.skip(f"triton's NVIDIA backend is unavailable: {err}")
+    try:
+        subprocess.run([get_ptxas(90).path, "--version"], check=True, capture_output=True, timeout=60)
+    except Exception as err:  # noqa: BLE001 - missing, not executable, wrong platform
+        pytest.skip(f"ptxas is unavailable: {err}")
+
+
+def test_representatives_cover_every_class_and_the_full_sweep_every_launch_choice():
+    """The representative set has one variant per combination class of the full sweep; the full sweep has
+    every distinct launch configuration (8-bit tiles included) in both shape classes."""
+    every = aot.variants()
+    reps = aot.variants(representatives=True)
+    assert {v.klass for v in reps} == {v.klass for v in every}
+    assert len({v.klass for v in reps}) == len(reps)
+    assert {v.kernel for v in every} == set(aot.KERNELS)
+    # Every 8-bit tile width a moment can need: 16 ... 256 columns.
+    bns = {dict(v.config)["BN"] for v in every if v.kernel == "project_adam_kernel" and dict(v.config)["M_KIND"] == 2}
+    assert bns == {16, 32, 64, 128, quant.BLOCK}
+    assert {v.shape for v in every} == set(aot.SHAPES)
+    from subspace_optim.kernels import _common
+
+    assert aot.MOMENT_KINDS == {"float32": _common.MOMENT_FP32, "bfloat16": _common.MOMENT_BF16, "int8": 2}
+    assert aot.MOMENT_INT8 == _common.MOMENT_INT8
+    # The bug's class is in the representative set: a left basis, 8-bit moments (BM != BN), a residual.
+    assert any(
+        dict(v.config)["SQ_OF_B"] and dict(v.config)["RESID"] and dict(v.config)["BM"] != dict(v.config)["BN"]
+        for v in reps
+        if v.kernel == "project_adam_kernel"
+    )
+
+
+def test_every_combination_class_compiles_for_sm90_within_the_spill_limits():
+    """One variant of every class compiles for sm_90 (0 failures), and on the default paths none spills
+    more than ``aot.SPILL_LIMIT`` bytes or is allocated at 32 registers. Runs under the suite's
+    TRITON_INTERPRET=1: the compile workers turn the interpreter off themselves."""
+    _ptxas_or_skip()
+    reps = aot.variants(representatives=True)
+    start = time.perf_counter()
+    results = aot.sweep(reps, [90], jobs=2)
+    elapsed = time.perf_counter() - start
+    failures = [f"{r.variant.kernel} ({r.variant.label}): {r.error}" for r in results if r.error]
+    assert not failures, "\n".join(failures)
+    broken = [f"{r.variant.kernel} ({r.variant.label}): {'; '.join(r.violations)}" for r in results if r.violations]
+    assert not broken, "\n".join(broken)
+    assert all(r.registers > 0 for r in results)  # ptxas's report was read
+    print(f"{len(results)} sm_90 compiles in {elapsed:.0f} s")
+
+
+def _capture(monkeypatch, kernel) -> list[dict]:
+    """Record every launch of ``kernel`` (arguments by name) instead of running it."""
+    calls: list[dict] = []
+
+    def run(*args, grid, warmup, **kwargs):
+        calls.append({**dict(zip(kernel.arg_names, args, strict=False)), **kwargs})
+
+    monkeypatch.setattr(kernel, "run", run)
+    return calls
+
+
+def _check_against(call: dict, expected_ints: dict, config: dict) -> None:
+    """A captured launch passes the ints ``aot`` binds (by name), pointers of the element types ``aot``
+    gives them, and exactly the config function's constexprs and options."""
+    for name, value in call.items():
+        if name in config:
+            assert value == config[name], name
+        elif isinstance(value, torch.Tensor):
+            assert value.dtype == aot._POINTER_DTYPES.get(name, torch.int64), name
+        else:
+            assert value == expected_ints[name], (name, value, expected_ints[name])
+    assert set(config) <= set(call)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("moments", ["float32", "int8"])
+@pytest.mark.parametrize("residual", ["none", "fira"])
+def test_aot_binds_the_arguments_the_step_launchers_pass(monkeypatch, side, moments, residual):
+    """The sweep's runtime ints mirror ``_project_launch`` / ``_back_launch``: a real (not executed) launch
+    on contiguous tensors passes the same ints by name, pointer types and config."""
+    from subspace_optim.kernels import step as ks
+
+    projected, back = _capture(monkeypatch, ks.project_adam_kernel), _capture(monkeypatch, ks.back_update_kernel)
+    m, n, r = (40, 300, 8) if side == "left" else (300, 40, 8)
+    shape = (r, n) if side == "left" else (m, r)
+    w, g = torch.randn(m, n), torch.randn(m, n)
+    p = torch.randn(m if side == "left" else n, r).to(torch.bfloat16)
+    st = {**quant.zeros(shape, moments, "cpu", "exp_avg"), **quant.zeros(shape, moments, "cpu", "exp_avg_sq")}
+    absmax = {}
+    if moments == "int8":
+        absmax = {"exp_avg_absmaxes": [st["exp_avg_absmax"]], "exp_avg_sq_absmaxes": [st["exp_avg_sq_absmax"]]}
+    ks.subspace_adamw(
+        [w], [g], [p], [st["exp_avg"]], [st["exp_avg_sq"]], [1], lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+        weight_decay=0.0, scale=1.0, sides=[side], matmul_precision="ieee", residual=residual,
+        update_norms=[torch.zeros(())], **absmax,
+    )  # fmt: skip
+    assert len(projected) == 1 and len(back) == 1
+    kind = aot.MOMENT_KINDS[moments]
+    cfg = ks.project_config(side, w.dtype, p.dtype, kind, kind, residual != "none", "ieee", shape[1])
+    _check_against(projected[0], aot._project_ints(side, (m, n, r), cols=quant.BLOCK, kind=kind), cfg)
+    cfg = ks.back_config(side, w.dtype, g.dtype, p.dtype, residual, "ieee")
+    _check_against(back[0], aot._back_ints(side, (m, n, r), residual), cfg)
+
+
+@pytest.mark.parametrize("a_cm", [False, True])
+@pytest.mark.parametrize("b", ["row", "col", "gauss"])
+def test_aot_binds_the_arguments_bmm_passes(monkeypatch, a_cm, b):
+    """The same for the refresh's GEMM, with row- and column-major operands and the in-kernel Gaussian."""
+    from subspace_optim.kernels import gemm
+    from subspace_optim.kernels import refresh as kr
+
+    calls = _capture(monkeypatch, gemm.batched_gemm_kernel)
+    m, n, r = 48, 37, 5
+    a = torch.randn(n, m).mT if a_cm else torch.randn(m, n)
+    bt = None if b == "gauss" else (torch.randn(r, n).mT if b == "col" else torch.randn(n, r))
+    out = torch.empty(1, m, r)
+    seeds = torch.zeros(1, dtype=torch.int64) if bt is None else None
+    kr.bmm(kr.Mat.of([a]), None if bt is None else kr.Mat.of([bt]), out, seeds=seeds)
+    cfg = kr.gemm_config(a.dtype, None if bt is None else bt.dtype, False, "ieee")
+    _check_against(calls[0], aot._gemm_ints((m, n, r), a_cm, b == "col", b == "gauss"), cfg)
