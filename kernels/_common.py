@@ -150,13 +150,13 @@ def default_blocks(fp64: bool = False, *, precision: str = "ieee", interpreted: 
     ptxas for sm_80 and sm_90). With the former 64 x 64 x 32 on 4 warps, 32 accumulators per thread plus the
     step's fp32 epilogue (moments, N, 64-bit offsets) ran most step variants at 255 registers with spills,
     the back-projection of an fp32 weight with a bf16 basis spilled ~0.9 KB, the cold sketch's in-kernel
-    Gaussian ~1 KB, and ptxas fell into 32-register allocations with 9-10 KB of spill stores for the ieee
+    Gaussian ~1 KB, and ptxas fell into 32-register allocations with 9-12 KB of spill stores for the ieee
     projection with one fp32 and one bf16 operand. 8 warps halve the per-thread tile; an ieee dot runs on
-    CUDA cores and holds its A and B fragments in registers, so its K step is halved too (TF32 runs on
-    mma/wgmma, whose operands stay in shared memory). Every default-path variant then compiles without
-    spills or with at most a few dozen bytes (8-bit moments), on both targets; see docs/kernels.md. The
-    cost (two resident 4-warp blocks of 255 registers per SM become one 8-warp block: the same warps) and
-    the speed of these tiles are still to be measured on a GPU. BK does not change the interpreter's
+    CUDA cores and holds its A and B fragments in registers, so its K step is halved too (TF32 dots run on
+    tensor cores, mma/wgmma, and did not need it). Every default-path variant then compiles without spills
+    or with at most a few dozen bytes (8-bit moments), on both targets; see docs/kernels.md. Resident warps
+    per SM stay the same (one 8-warp block of up to 255 registers instead of two 4-warp blocks of 255); the
+    speed of these tiles is still to be measured on a GPU. The GPU tiles do not change the interpreter's
     numbers: it always runs 16-wide tiles."""
     if interpreting() if interpreted is None else interpreted:
         return Blocks(16, 16, 16)

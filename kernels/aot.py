@@ -68,7 +68,7 @@ SHAPES = {"aligned": (2048, 5504, 512), "ragged": (1365, 5461, 250)}
 # Element types of the pointer arguments that are not int64 pointer arrays (``test_aot`` checks them
 # against real launches).
 _POINTER_DTYPES = {"hyper": torch.float32, "m_table": torch.float32, "v_table": torch.float32,
-                   "coef": torch.float32, "out": torch.float32, "skip": torch.uint8}  # fmt: skip
+                   "coef": torch.float32, "out": torch.float32}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,11 @@ def step_variants() -> list[Variant]:
         dts = f"{_dtype_name(wd)} weights, {_dtype_name(pd)} basis"
         # A class is a kernel's structural constexprs (side, storage, residual, precision) and, on a default
         # path only, the operand dtypes: off the default paths only compile failures count, and those are
-        # structural (registers differ with the dtypes, and only the default paths have spill limits).
+        # structural (registers differ with the dtypes, and only the default paths have spill limits). The
+        # 8-bit classes leave out the basis dtype: it only enters the GEMM's operand loads, which the other
+        # storage classes cover with every mix, and 8-bit compiles are the slow ones (~4x the others).
         classes = f"{side} {_dtype_class(wd)}/{_dtype_class(pd)}" if default else f"{side} any-dtype"
+        int8_classes = f"{side} {_dtype_class(wd)}/any" if default else f"{side} any-dtype"
         for mname, resid in itertools.product(quant.MOMENT_DTYPES, (False, True)):
             kind = MOMENT_KINDS[mname]
             seen: set[tuple] = set()
@@ -159,7 +162,7 @@ def step_variants() -> list[Variant]:
                     tile, block = f" (BN {cfg['BN']})", "-256" if cfg["BN"] == quant.BLOCK else "-short"
                 what = "residual" if resid else "no residual"
                 label = f"{side}, {dts}, {mname} moments{tile}, {what}, {prec}"
-                klass = f"project {classes} {mname}{block} {what} {prec}"
+                klass = f"project {int8_classes if block else classes} {mname}{block} {what} {prec}"
                 ints = functools.partial(_project_ints, side, cols=cols, kind=kind)
                 out += _with_shapes("project_adam_kernel", label, klass, default, cfg, ints)
         for residual in inner.RESIDUALS:
@@ -408,7 +411,8 @@ def _compile_job(job: tuple[Variant, int]) -> Result:
 def sweep(vs: Sequence[Variant], archs: Sequence[int], jobs: int = 1, progress: bool = False) -> list[Result]:
     """Compile every variant for every target in ``jobs`` spawned worker processes (each starts from a clean
     interpreter with ``TRITON_INTERPRET`` off, whatever this process runs under) and a private Triton cache
-    that is removed afterwards. Results come back in order."""
+    that is removed afterwards. Results come back in order. Like any spawn pool, it needs a ``__main__``
+    that can be re-imported: a module, a script or pytest, not ``python -`` reading stdin."""
     work = [(v, arch) for arch in archs for v in vs]
     results: list[Result] = []
     ctx = multiprocessing.get_context("spawn")
