@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -43,3 +44,20 @@ def subspace_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||A A^T - B B^T||_2 for orthonormal A, B: 0 for the same subspace."""
     a, b = a.double(), b.double()
     return float(torch.linalg.matrix_norm(a @ a.T - b @ b.T, ord=2))
+
+
+def snapshot(opt, params):
+    """The optimizer's state dict and the weights, copied: what ``assert_unchanged`` compares against."""
+    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+
+
+def assert_unchanged(opt, params, snap):
+    """Weights and every state entry bit-identical to ``snapshot``'s: a refused step changed nothing."""
+    sd, weights = snap
+    for p, before in zip(params, weights, strict=True):
+        assert torch.equal(p, before)
+    now = opt.state_dict()["state"]
+    assert now.keys() == sd["state"].keys()
+    for pid, entry in sd["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(now[pid][k], v) if isinstance(v, torch.Tensor) else now[pid][k] == v, (pid, k)

@@ -3,10 +3,9 @@ non-finite gradient policy, which never lets a NaN/Inf reach a basis, a moment o
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 
 from subspace_optim import SubspaceAdamW
@@ -74,21 +73,6 @@ def test_galore_and_native_gap_must_agree():
     assert opt.param_groups[0]["update_gap"] == 5 and "update_proj_gap" not in opt.param_groups[0]
 
 
-def _snapshot(opt, params):
-    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
-
-
-def _assert_unchanged(opt, params, snap):
-    sd, weights = snap
-    for p, w in zip(params, weights, strict=True):
-        assert torch.equal(p, w)
-    now = opt.state_dict()["state"]
-    assert now.keys() == sd["state"].keys()
-    for pid, entry in sd["state"].items():
-        for k, v in entry.items():
-            assert torch.equal(now[pid][k], v) if isinstance(v, torch.Tensor) else now[pid][k] == v
-
-
 def test_sparse_gradient_is_rejected_before_any_state_changes():
     emb = nn.Embedding(10, 4, sparse=True)
     w = _w(6, 5)
@@ -98,10 +82,10 @@ def test_sparse_gradient_is_rejected_before_any_state_changes():
     emb(torch.tensor([1, 2])).sum().backward()
     w.grad = torch.randn(6, 5)
     params = [w, emb.weight]
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     with pytest.raises(TypeError, match=r"sparse gradients \(parameter params\[1\]\).*SparseAdam"):
         opt.step()
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
 
 
 def test_complex_parameter_is_rejected():
@@ -151,13 +135,13 @@ def test_nonfinite_raise_policy_changes_nothing(bad):
     opt = SubspaceAdamW([{"params": [w], "rank": 2, "update_gap": 2}, {"params": [v]}], nonfinite="raise")
     w.grad, v.grad = torch.randn(10, 6), torch.randn(4)
     opt.step()
-    snap = _snapshot(opt, [w, v])
+    snap = snapshot(opt, [w, v])
     w.grad = torch.randn(10, 6)
     v.grad = torch.randn(4)
     v.grad[0] = bad  # bad gradient in the *plain* group: the projected param must not step either
     with pytest.raises(FloatingPointError, match=r"non-finite gradient in parameter\(s\) \['params\[1\]'\]"):
         opt.step()
-    _assert_unchanged(opt, [w, v], snap)
+    assert_unchanged(opt, [w, v], snap)
 
 
 def test_flattened_params_like_deepspeed_zero_are_refused_at_the_swap():
@@ -261,7 +245,7 @@ def test_gradient_whose_projection_overflows_fp32_follows_the_nonfinite_policy(p
     opt = SubspaceAdamW([{"params": [w], "rank": 3, "update_gap": 5}, {"params": [plain]}], nonfinite=policy)
     w.grad, plain.grad = torch.randn(12, 8), torch.randn(4, 4)
     opt.step()
-    snap = _snapshot(opt, [w])
+    snap = snapshot(opt, [w])
     w.grad = torch.full((12, 8), 3e38)  # finite, but P^T G overflows
     plain.grad = torch.full((4, 4), 3e38)  # plain AdamW takes it, as torch.optim.AdamW does
     if policy == "raise":

@@ -3,12 +3,12 @@ what happens and how to get what was meant, or documented behaviour."""
 
 from __future__ import annotations
 
-import copy
 import io
 import warnings
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 from torch import nn
 
 from subspace_optim import SubspaceAdamW, param_groups
@@ -167,20 +167,6 @@ def _grads(params, seed):
         p.grad = torch.randn(p.shape, generator=gen)
 
 
-def _snapshot(opt, params):
-    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
-
-
-def _assert_unchanged(opt, params, snap):
-    sd, weights = snap
-    for p, before in zip(params, weights, strict=True):
-        assert torch.equal(p, before)
-    now = opt.state_dict()["state"]
-    for pid, entry in sd["state"].items():
-        for k, v in entry.items():
-            assert torch.equal(now[pid][k], v) if isinstance(v, torch.Tensor) else now[pid][k] == v, (pid, k)
-
-
 @pytest.mark.parametrize(
     "group, key, new, pattern",
     [
@@ -197,12 +183,12 @@ def test_changing_a_shape_option_of_a_live_group_is_refused_before_anything_move
     opt.step()
     opt.param_groups[group][key] = new
     _grads(params, 1)
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     with pytest.raises(ValueError, match=pattern) as err:
         opt.step()
     message = str(err.value)
     assert "Nothing was changed" in message and "new SubspaceAdamW" in message and "load" in message
-    _assert_unchanged(opt, params, snap)  # the plain group 0 did not step either: all or nothing
+    assert_unchanged(opt, params, snap)  # the plain group 0 did not step either: all or nothing
     old = {"rank": 2 if group == 1 else None, "proj_type": "std"}[key]
     opt.param_groups[group][key] = old  # setting it back is the other fix
     opt.step()
