@@ -9,13 +9,16 @@ callers import a kernel module (``subspace_optim.kernels.step``) only when they 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any
 
 
+@functools.cache
 def available() -> bool:
-    """True when Triton is importable (the kernels can then run on CUDA, or on CPU when interpreting)."""
+    """True when Triton is importable (the kernels can then run on CUDA, or on CPU when interpreting). Asked
+    per matrix on every step, and an install does not change inside a process: looked up once."""
     return importlib.util.find_spec("triton") is not None
 
 
