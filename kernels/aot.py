@@ -10,11 +10,10 @@ The variants are not a hand list. The launch configuration lives in three functi
 which the launchers call to get the constexprs and launch options they pass. This module calls the same
 functions over the domain of their arguments, which comes from the option tables (``engine.KERNEL_DTYPES``,
 ``quant.BASIS_DTYPES``, ``quant.MOMENT_DTYPES``, ``inner.RESIDUALS``, ``options.MATMUL_PRECISIONS`` resolved
-by ``engine.matmul_precision``), and keeps each distinct result. The runtime arguments (pointer arrays,
-sizes, strides) are then bound by Triton's own launch-time specialization (ints equal to 1 become constants,
-multiples of 16 get a divisibility hint), for contiguous operands of two shape classes: "aligned" (every
-size a multiple of 16) and "ragged" (none). The refresh's GEMM also takes each operand row- and
-column-major (its products pass transposes as stride swaps).
+by ``engine.matmul_precision``), and keeps each distinct result. Nothing else enters a compile: the kernels
+leave their runtime arguments (sizes, strides, pointer tables) unspecialized (``precompile``), so a config is
+one compiled variant whatever the shapes, and the same variants are what a step compiles before it launches
+(``precompile.variants_for``).
 
 Registers and spills come from ``ptxas -v``; shared memory from Triton's metadata. A "default path" is the
 optimizer's precision for the weight dtype (``matmul_precision="auto"``: TF32 for bf16/fp16 weights, ieee
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import io
 import itertools
 import json
@@ -47,41 +45,32 @@ from typing import Any
 import torch
 
 from .. import engine, inner, options, quant
-from ..quant import num_blocks
+from . import precompile
 
 # Nothing here imports Triton at module level: a compile worker imports this module first and must turn
 # the interpreter off before the kernel modules (and triton.language's own jit functions) are decorated.
 
 SPILL_LIMIT = 256  # bytes of spill stores allowed on a default path
 SIDES = ("left", "right")
-MOMENT_KINDS = {"float32": 0, "bfloat16": 1, "int8": 2}  # ``_common.MOMENT_FP32`` / ``_BF16`` / ``_INT8``
+MOMENT_KINDS = precompile.MOMENT_KINDS
 MOMENT_INT8 = MOMENT_KINDS["int8"]
 REFRESH_PRECISION = "ieee"  # what ``schedule`` passes to every refresh
-KERNELS = {  # kernel name -> its module
-    "project_adam_kernel": "step",
-    "back_update_kernel": "step",
-    "batched_gemm_kernel": "gemm",
-    "gaussian_kernel": "gemm",
-}
-# (m, n, r) of the two shape classes: LLaMA-like sizes that are, or are not, multiples of 16.
-SHAPES = {"aligned": (2048, 5504, 512), "ragged": (1365, 5461, 250)}
-# Element types of the pointer arguments that are not int64 pointer arrays (``test_aot`` checks them
-# against real launches).
-_POINTER_DTYPES = {"hyper": torch.float32, "m_table": torch.float32, "v_table": torch.float32,
-                   "coef": torch.float32, "out": torch.float32}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One compile: a kernel, the constexprs/options its launcher passes, and the runtime ints it binds."""
+    """One compile of the sweep: a kernel and the constexprs/options its launcher passes, with what asked for it."""
 
     kernel: str
     label: str  # what the launcher was asked for (side, dtypes, storage, residual, precision)
     klass: str  # the combination class (see ``step_variants``); ``--representatives`` compiles one of each
     default: bool  # on a default path (see the module docstring)
     config: tuple[tuple[str, Any], ...]  # constexprs and launch options, tl dtypes as their names
-    ints: tuple[tuple[str, int], ...]  # runtime integer arguments by name
-    shape: str  # "aligned" or "ragged"
+
+    @property
+    def compiled(self) -> precompile.Variant:
+        """The runtime's name for this compile (``precompile.Variant``)."""
+        return precompile.Variant(self.kernel, self.config)
 
 
 @dataclass
@@ -100,12 +89,6 @@ class Result:
     violations: list[str] = field(default_factory=list)
 
 
-def _freeze(cfg: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    import triton.language as tl
-
-    return tuple((k, str(v) if isinstance(v, tl.dtype) else v) for k, v in cfg.items())
-
-
 def _dtype_name(dtype: torch.dtype | None) -> str:
     return {None: "gauss", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
@@ -113,11 +96,6 @@ def _dtype_name(dtype: torch.dtype | None) -> str:
 def _dtype_class(dtype: torch.dtype | None) -> str:
     """bf16 and fp16 take the same code paths: one class ("16")."""
     return {None: "gauss", torch.float32: "fp32", torch.bfloat16: "16", torch.float16: "16"}[dtype]
-
-
-def _strides(shape: Sequence[int], column_major: bool = False) -> tuple[int, int]:
-    rows, cols = shape
-    return (1, rows) if column_major else (cols, 1)
 
 
 def _precisions() -> list[str]:
@@ -131,6 +109,10 @@ def _int8_columns() -> list[int]:
     the powers of two up to twice the quantization block, widest first (the first width giving a config is
     the one compiled)."""
     return [2**i for i in reversed(range((2 * quant.BLOCK).bit_length()))]
+
+
+def _variant(kernel: str, label: str, klass: str, default: bool, cfg: dict[str, Any]) -> Variant:
+    return Variant(kernel, label, klass, default, precompile.Variant.of(kernel, cfg).config)
 
 
 def step_variants() -> list[Variant]:
@@ -151,134 +133,66 @@ def step_variants() -> list[Variant]:
         int8_classes = f"{side} {_dtype_class(wd)}/any" if default else f"{side} any-dtype"
         for mname, resid in itertools.product(quant.MOMENT_DTYPES, (False, True)):
             kind = MOMENT_KINDS[mname]
-            seen: set[tuple] = set()
             for cols in _int8_columns() if kind == MOMENT_INT8 else [0]:
                 cfg = step.project_config(side, wd, pd, kind, kind, resid, prec, cols, interpreted=False)
-                if _freeze(cfg) in seen:
-                    continue
-                seen.add(_freeze(cfg))
                 tile, block = "", ""
                 if kind == MOMENT_INT8:
                     tile, block = f" (BN {cfg['BN']})", "-256" if cfg["BN"] == quant.BLOCK else "-short"
                 what = "residual" if resid else "no residual"
                 label = f"{side}, {dts}, {mname} moments{tile}, {what}, {prec}"
                 klass = f"project {int8_classes if block else classes} {mname}{block} {what} {prec}"
-                ints = functools.partial(_project_ints, side, cols=cols, kind=kind)
-                out += _with_shapes("project_adam_kernel", label, klass, default, cfg, ints)
+                out.append(_variant("project_adam_kernel", label, klass, default, cfg))
         for residual in inner.RESIDUALS:
             cfg = step.back_config(side, wd, wd, pd, residual, prec, interpreted=False)
             mode = residual if residual in ("none", "apollo") else "fira"  # fira_tensor: fira's compile
             label = f"{side}, {dts}, residual {residual}, {prec}"
-            ints = functools.partial(_back_ints, side, residual=residual)
-            out += _with_shapes("back_update_kernel", label, f"back {classes} {mode} {prec}", default, cfg, ints)
+            out.append(_variant("back_update_kernel", label, f"back {classes} {mode} {prec}", default, cfg))
     return _dedup(out)
 
 
 def refresh_variants() -> list[Variant]:
     """The refresh's GEMM for every operand dtype it can see (a gradient: fp32/bf16/fp16, or an fp32
-    intermediate), the in-kernel Gaussian or a loaded B, both precisions, row- and column-major operands;
-    the fp64 Gram; and the standalone Gaussian."""
+    intermediate), the in-kernel Gaussian or a loaded B, both precisions; the fp64 Gram; and the standalone
+    Gaussian. (Row- or column-major operands are the same compile: strides are runtime arguments.)"""
     from . import refresh
 
     out: list[Variant] = []
     for prec, ad, bd in itertools.product(_precisions(), engine.KERNEL_DTYPES, (None, torch.float32)):
         cfg = refresh.gemm_config(ad, bd, False, prec, interpreted=False)
-        for a_cm, b_cm in itertools.product((False, True), (False,) if bd is None else (False, True)):
-            lay = ("col" if a_cm else "row") + ("" if bd is None else "/" + ("col" if b_cm else "row"))
-            label = f"A {_dtype_name(ad)}, B {_dtype_name(bd)}, {lay}-major, {prec}"
-            dtypes = (
-                f"{_dtype_class(ad)}/{_dtype_class(bd)}"
-                if prec == REFRESH_PRECISION
-                else "any/" + ("gauss" if bd is None else "loaded")
-            )
-            klass = f"gemm {dtypes} {lay} {prec}"  # as in ``step_variants``
-            ints = functools.partial(_gemm_ints, a_cm=a_cm, b_cm=b_cm, gauss=bd is None)
-            out += _with_shapes("batched_gemm_kernel", label, klass, prec == REFRESH_PRECISION, cfg, ints)
+        label = f"A {_dtype_name(ad)}, B {_dtype_name(bd)}, {prec}"
+        dtypes = (
+            f"{_dtype_class(ad)}/{_dtype_class(bd)}"
+            if prec == REFRESH_PRECISION
+            else "any/" + ("gauss" if bd is None else "loaded")
+        )
+        out.append(_variant("batched_gemm_kernel", label, f"gemm {dtypes} {prec}", prec == REFRESH_PRECISION, cfg))
     cfg = refresh.gemm_config(torch.float32, torch.float32, True, REFRESH_PRECISION, interpreted=False)
-    gram = functools.partial(_gemm_ints, a_cm=True, b_cm=False, gauss=False, gram=True)  # ``refresh.gram``
-    out += _with_shapes("batched_gemm_kernel", "fp64 Gram Y^T Y", "gram", True, cfg, gram)
-    out += _with_shapes("gaussian_kernel", "Gaussian", "gaussian", True, refresh.gaussian_config(), _gaussian_ints)
+    out.append(_variant("batched_gemm_kernel", "fp64 Gram Y^T Y", "gram", True, cfg))
+    out.append(_variant("gaussian_kernel", "Gaussian", "gaussian", True, refresh.gaussian_config()))
     return _dedup(out)
 
 
 def variants(representatives: bool = False) -> list[Variant]:
-    """The sweep: every variant, or (``representatives``) the first variant of each combination class,
-    aligned shape."""
+    """The sweep: every variant, or (``representatives``) the first variant of each combination class."""
     every = step_variants() + refresh_variants()
     if not representatives:
         return every
     seen: set[str] = set()
     out = []
     for v in every:
-        if v.shape == "aligned" and v.klass not in seen:
+        if v.klass not in seen:
             seen.add(v.klass)
             out.append(v)
     return out
 
 
-def _with_shapes(kernel, label, klass, default, cfg, ints_of) -> list[Variant]:
-    return [
-        Variant(kernel, f"{label}, {shape}", klass, default, _freeze(cfg), tuple(ints_of(mnr).items()), shape)
-        for shape, mnr in SHAPES.items()
-    ]
-
-
 def _dedup(vs: Iterable[Variant]) -> list[Variant]:
-    """One variant per distinct compile (kernel, config, ints), the first request's label. (Whether a
-    compile is on a default path follows from its config: the precision, and the weight dtype it holds.)"""
+    """One variant per distinct compile (kernel, config), the first request's label. (Whether a compile is
+    on a default path follows from its config: the precision, and the weight dtype it holds.)"""
     first: dict[tuple, Variant] = {}
     for v in vs:
-        first.setdefault((v.kernel, v.config, v.ints), v)
+        first.setdefault((v.kernel, v.config), v)
     return list(first.values())
-
-
-def _project_ints(side: str, mnr: tuple[int, int, int], cols: int = 0, kind: int = 0) -> dict[str, int]:
-    """``_project_launch``'s integer arguments for contiguous operands of G (m x n) and rank r. An 8-bit
-    moment narrower than a block is ``cols`` wide, or a little less in a ragged shape (the same tile)."""
-    m, n, r = mnr
-    if kind == MOMENT_INT8 and cols < quant.BLOCK:
-        width = cols - 3 if m % 16 else cols
-        n, r = (width, r) if side == "left" else (n, width)
-    rows, cols_ = (r, n) if side == "left" else (m, r)
-    pst = _strides((m if side == "left" else n, r))
-    gst = _strides((m, n))
-    if side == "left":  # A = P^T, B = G
-        (mm, nn, kk), sa, sb = (r, n, m), pst[::-1], gst
-    else:  # A = G, B = P
-        (mm, nn, kk), sa, sb = (m, r, n), gst, pst
-    mst = _strides((rows, cols_))
-    qst = _strides((rows, num_blocks(cols_))) if kind == MOMENT_INT8 else (0, 0)
-    return dict(M=mm, N=nn, K=kk, sa0=sa[0], sa1=sa[1], sb0=sb[0], sb1=sb[1], sm0=mst[0], sm1=mst[1],
-                sv0=mst[0], sv1=mst[1], sn0=mst[0], sn1=mst[1], smq0=qst[0], smq1=qst[1], svq0=qst[0],
-                svq1=qst[1])  # fmt: skip
-
-
-def _back_ints(side: str, mnr: tuple[int, int, int], residual: str = "none") -> dict[str, int]:
-    """``_back_launch``'s integer arguments for contiguous operands of G (m x n) and rank r."""
-    m, n, r = mnr
-    nst = _strides((r, n) if side == "left" else (m, r))
-    pst = _strides((m if side == "left" else n, r))
-    sa, sb = (pst, nst) if side == "left" else (nst, pst[::-1])
-    gst = _strides((m, n))
-    s_coef = 0 if residual == "none" else (n if side == "left" else m)
-    return dict(M=m, N=n, K=r, sa0=sa[0], sa1=sa[1], sb0=sb[0], sb1=sb[1], sw0=gst[0], sw1=gst[1],
-                sg0=gst[0], sg1=gst[1], s_coef=s_coef)  # fmt: skip
-
-
-def _gemm_ints(mnr: tuple[int, int, int], a_cm: bool, b_cm: bool, gauss: bool, gram: bool = False) -> dict[str, int]:
-    """``bmm``'s integer arguments for C (d x k) = A (d x c) B (c x k), A / B column-major or not: a
-    product with the gradient (d x c = m x n, k = r), or the Gram matrix (k x k, c = m)."""
-    m, n, r = mnr
-    d, c, k = (r, m, r) if gram else (m, n, r)
-    sa = _strides((d, c), a_cm)
-    sb = (0, 0) if gauss else _strides((c, k), b_cm)
-    return dict(M=d, N=k, K=c, sa0=sa[0], sa1=sa[1], sb0=sb[0], sb1=sb[1], sc0=k, sc1=1)
-
-
-def _gaussian_ints(mnr: tuple[int, int, int]) -> dict[str, int]:
-    """``refresh.gaussian``'s: a sketch seed is 63 bits (``linalg.sketch_seed``), so an int64 argument."""
-    m, _, r = mnr
-    return {"seed": (1 << 62) + 12345, "rows": m, "cols": r}
 
 
 # --- compiling ---------------------------------------------------------------------------------------------
@@ -288,34 +202,12 @@ def _jitted(name: str) -> Any:
     """The kernel's ``JITFunction``. Compiles run in worker processes that start with the interpreter off
     (``_worker_init``): under ``TRITON_INTERPRET=1`` ``@triton.jit`` makes interpreted functions instead,
     triton.language's own helpers (``tl.randn``, ``tl.sum``'s combine) included, which cannot compile."""
-    import importlib
-
     from triton.runtime.jit import JITFunction
 
-    kernel = getattr(importlib.import_module(f"{__package__}.{KERNELS[name]}"), name)
+    kernel = precompile.jitted(name)
     if not isinstance(kernel, JITFunction):
         raise RuntimeError(f"{name} was imported under TRITON_INTERPRET=1: compile it through sweep()")
     return kernel
-
-
-def _arguments(jitted: Any, v: Variant) -> dict[str, Any]:
-    """Every kernel argument by name: constexprs from the config, ints from the variant, and a small CPU
-    tensor of the right element type for each pointer (only its type and 16-byte alignment matter)."""
-    import triton.language as tl
-
-    cfg = dict(v.config)
-    ints = dict(v.ints)
-    args: dict[str, Any] = {}
-    for p in jitted.params:
-        if p.is_constexpr:
-            value = cfg[p.name]
-            args[p.name] = tl.dtype(value) if isinstance(value, str) and p.name.endswith("_DT") else value
-        elif p.name in ints:
-            args[p.name] = ints[p.name]
-        else:  # a pointer: an int64 array of per-member pointers unless listed
-            args[p.name] = torch.zeros(4, dtype=_POINTER_DTYPES.get(p.name, torch.int64))
-    options_ = {k: cfg[k] for k in cfg if k not in args}
-    return {**args, **options_}
 
 
 _PTXAS = {
@@ -340,7 +232,7 @@ def compile_variant(v: Variant, arch: int) -> Result:
         jitted = _jitted(v.kernel)
         target = GPUTarget("cuda", arch, 32)
         backend = make_backend(target)
-        kwargs = _arguments(jitted, v)
+        kwargs = precompile.arguments(jitted, v.compiled, lambda dtype: torch.zeros(4, dtype=dtype))
         kwargs.update(
             debug=False,
             instrumentation_mode=triton.knobs.compilation.instrumentation_mode,
@@ -501,7 +393,7 @@ def markdown(results: Sequence[Result], command: str, seconds: float) -> str:
 
 def _as_json(r: Result) -> dict[str, Any]:
     out = asdict(r)
-    out["variant"] = {**asdict(r.variant), "config": dict(r.variant.config), "ints": dict(r.variant.ints)}
+    out["variant"] = {**asdict(r.variant), "config": dict(r.variant.config)}
     return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .precompile import jit
+
 
 @triton.jit
 def tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
@@ -75,7 +77,7 @@ def dot_tile(
     return acc
 
 
-@triton.jit
+@jit
 def batched_gemm_kernel(
     a_ptrs,
     b_ptrs,
@@ -136,7 +138,7 @@ def batched_gemm_kernel(
     tl.store(c + rm[:, None] * sc0 + rn[None, :] * sc1, acc.to(C_DT), mask=mask)
 
 
-@triton.jit
+@jit
 def gaussian_kernel(out, seed, rows, cols, BLOCK: tl.constexpr):
     """out[i, j] = randn(seed, i * cols + j): the exact numbers ``dot_tile`` generates for a sketch."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -47,6 +47,7 @@ from ._common import (
     tl_dtype,
 )
 from .gemm import dot_tile, tile_ids
+from .precompile import jit
 
 # The per-member table holds ``inner.AdamScalars`` in field order (w1, b2, w2, eps, sqrt(1 - b2^t), alpha,
 # decay), then a skip flag (nonzero: leave the member untouched; set on the device): one fp32 row of 8 per
@@ -155,7 +156,7 @@ def dot_tile_sumsq(
     return acc, sq
 
 
-@triton.jit
+@jit
 def project_adam_kernel(
     a_ptrs,
     b_ptrs,
@@ -261,7 +262,7 @@ def project_adam_kernel(
         tl.store(rp + rm[:, None] * sn0 + rn[None, :] * sn1, r, mask=mask)
 
 
-@triton.jit
+@jit
 def back_update_kernel(
     a_ptrs,
     b_ptrs,

@@ -8,11 +8,14 @@ under ``TRITON_INTERPRET=1``, on the CPU; a matrix they cannot take is an error 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from . import compat, triton_runtime
 from .distributed import is_dtensor, local
+from .schedule import matrix_shape
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Device types where engine="auto" considers the kernels (the CPU runs them only interpreted: slow).
@@ -85,3 +88,61 @@ def matmul_precision(choice: str, dtype: torch.dtype) -> str:
     if choice != "auto":
         return choice
     return "tf32" if dtype in (torch.bfloat16, torch.float16) else "ieee"
+
+
+def resolve(entries: list[tuple[Tensor, dict[str, Any], str, str]]) -> list[str]:
+    """The engine of each projected matrix of a step, ``(p, group, name, side)`` (``check`` has passed), with
+    every kernel variant a Triton matrix can launch in this step, its refresh included, compiled and loaded
+    on its device first (``kernels.precompile``), before the step changes anything. A variant that fails
+    there makes the step raise for ``engine="triton"`` (nothing changed) and sends the matrices that need
+    it to the reference for ``"auto"`` (a warning, once per variant and device: failures are not retried)."""
+    choices = [choose(group["engine"], p) for p, group, _, _ in entries]
+    wanted: dict[torch.device, dict[Any, list[int]]] = {}
+    for i, (p, group, _, side) in enumerate(entries):
+        if choices[i] == "triton":
+            for v in _variants(p, group, side):
+                wanted.setdefault(local(p).device, {}).setdefault(v, []).append(i)
+    if not wanted:
+        return choices
+    from .kernels import precompile
+
+    for device, needs in wanted.items():
+        for v, why in precompile.ensure(device, needs).items():
+            hit = needs[v]
+            forced = [entries[i][2] for i in hit if entries[i][1]["engine"] == "triton"]
+            if forced:
+                raise RuntimeError(
+                    f"engine='triton': the kernel {v.describe()} that parameter(s) {forced} need did not compile "
+                    f"on {device} ({why}); nothing was changed. Use engine='auto' (falls back to the PyTorch "
+                    "path for these matrices) or engine='reference'"
+                )
+            if _warn_once(device, v):
+                compat.warn_user(
+                    f"SubspaceAdamW: the Triton kernel {v.describe()} did not compile on {device} ({why}); "
+                    f"{len(hit)} matrices that need it (e.g. {entries[hit[0]][2]}) use the PyTorch reference engine"
+                )
+            for i in hit:
+                choices[i] = "reference"
+    return choices
+
+
+_WARNED: set[tuple[str, Any]] = set()
+
+
+def _warn_once(device: torch.device, variant: Any) -> bool:
+    key = (str(device), variant)
+    fresh = key not in _WARNED
+    _WARNED.add(key)
+    return fresh
+
+
+def _variants(p: Tensor, group: dict[str, Any], side: str) -> tuple:
+    """``precompile.variants_for`` one Triton matrix (its refresh on the kernels: ``warm``/``rsvd``, unsharded)."""
+    from .kernels import precompile
+
+    cols = matrix_shape(p)[1] if side == "left" else group["rank"]  # the moments: r x n (left), m x r (right)
+    refresh = group["refresh"] in ("warm", "rsvd") and not is_dtensor(p)
+    return precompile.variants_for(
+        side, p.dtype, p.grad.dtype, group["basis_dtype"], group["moments_dtype"], group["residual"],
+        matmul_precision(group["matmul_precision"], p.dtype), cols, refresh, triton_runtime.interpreting(),
+    )  # fmt: skip

@@ -406,7 +406,7 @@ class SubspaceAdamW(Optimizer):
             checks.refuse_bad_gradient(p, name)
             if schedule.projects(p, group):
                 engine.check(group["engine"], p, name)
-            state = self._state_of(p)
+            state = self._state_of(p, peek=True)  # creates no entry: a refused step leaves none behind
             if state and distributed.is_dtensor(p) and state_mod.mismatched(p, group, state):
                 raise NotImplementedError(
                     f"parameter {name}: its sharded state is stored otherwise than moments_dtype/basis_dtype ask "
@@ -556,7 +556,10 @@ class SubspaceAdamW(Optimizer):
                     "projected). To project, give the weight matrices a group with rank=..., e.g. "
                     f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
                 )
-        schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self._state_of(p)])
+        schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self._state_of(p, peek=True)])
+        # Engines before any state changes: the kernels a Triton matrix can launch are compiled here first.
+        entries = [(p, g, n, schedule.side(p, g)) for _, g, n, p in work if schedule.projects(p, g)]
+        engines = dict(zip((id(p) for p, *_ in entries), engine.resolve(entries), strict=True))
         for index, group, name, p in work:
             state = self._state_of(p)
             if state:
@@ -564,8 +567,8 @@ class SubspaceAdamW(Optimizer):
             else:
                 state.update(state_mod.initial(p, group, name))
             if "refresh_count" in state:
-                which = engine.choose(group["engine"], p)
-                projected.append(Matrix(index, group, name, p, state, schedule.side(p, group), which))
+                side = schedule.side(p, group)
+                projected.append(Matrix(index, group, name, p, state, side, engines[id(p)]))
             else:
                 plain.setdefault(id(group), []).append((p, state))
         due = schedule.due(projected)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from subspace_optim import quant
-from subspace_optim.kernels import aot
+from subspace_optim.kernels import aot, precompile
 
 
 def _ptxas_or_skip() -> None:
@@ -34,16 +34,16 @@ def _ptxas_or_skip() -> None:
 
 def test_representatives_cover_every_class_and_the_full_sweep_every_launch_choice():
     """The representative set has one variant per combination class of the full sweep; the full sweep has
-    every distinct launch configuration (8-bit tiles included) in both shape classes."""
+    every distinct launch configuration (8-bit tiles included), each once."""
     every = aot.variants()
     reps = aot.variants(representatives=True)
     assert {v.klass for v in reps} == {v.klass for v in every}
     assert len({v.klass for v in reps}) == len(reps)
-    assert {v.kernel for v in every} == set(aot.KERNELS)
+    assert {v.kernel for v in every} == set(precompile.KERNEL_MODULES)
+    assert len({v.compiled for v in every}) == len(every)
     # Every 8-bit tile width a moment can need: 16 ... 256 columns.
     bns = {dict(v.config)["BN"] for v in every if v.kernel == "project_adam_kernel" and dict(v.config)["M_KIND"] == 2}
     assert bns == {16, 32, 64, 128, quant.BLOCK}
-    assert {v.shape for v in every} == set(aot.SHAPES)
     from subspace_optim.kernels import _common
 
     assert aot.MOMENT_KINDS == {"float32": _common.MOMENT_FP32, "bfloat16": _common.MOMENT_BF16, "int8": 2}
@@ -84,25 +84,28 @@ def _capture(monkeypatch, kernel) -> list[dict]:
     return calls
 
 
-def _check_against(call: dict, expected_ints: dict, config: dict) -> None:
-    """A captured launch passes the ints ``aot`` binds (by name), pointers of the element types ``aot``
-    gives them, and exactly the config function's constexprs and options."""
+def _check_against(call: dict, kernel: str, config: dict, wanted: tuple) -> None:
+    """A captured launch passes exactly the config function's constexprs and options (so it is the variant
+    ``precompile`` compiles first, one of ``wanted``), pointers of the element types ``precompile`` gives
+    them, and plain ints for exactly the kernel's unspecialized integer arguments."""
+    from subspace_optim.kernels import precompile
+
+    assert {k: call[k] for k in config} == config
+    assert precompile.Variant.of(kernel, config) in wanted
+    ints = {name for name, value in call.items() if name not in config and not isinstance(value, torch.Tensor)}
+    assert ints == set(precompile.INT_ARGUMENTS[kernel])
     for name, value in call.items():
-        if name in config:
-            assert value == config[name], name
-        elif isinstance(value, torch.Tensor):
-            assert value.dtype == aot._POINTER_DTYPES.get(name, torch.int64), name
-        else:
-            assert value == expected_ints[name], (name, value, expected_ints[name])
-    assert set(config) <= set(call)
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == precompile.POINTER_DTYPES.get(name, torch.int64), name
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("moments", ["float32", "int8"])
 @pytest.mark.parametrize("residual", ["none", "fira"])
-def test_aot_binds_the_arguments_the_step_launchers_pass(monkeypatch, side, moments, residual):
-    """The sweep's runtime ints mirror ``_project_launch`` / ``_back_launch``: a real (not executed) launch
-    on contiguous tensors passes the same ints by name, pointer types and config."""
+def test_step_launches_are_the_variants_precompile_names(monkeypatch, side, moments, residual):
+    """A real (not executed) launch of the step passes ``project_config`` / ``back_config``'s constexprs, which
+    ``precompile.variants_for`` names for that matrix, and its runtime arguments are the declared kinds."""
+    from subspace_optim.kernels import precompile
     from subspace_optim.kernels import step as ks
 
     projected, back = _capture(monkeypatch, ks.project_adam_kernel), _capture(monkeypatch, ks.back_update_kernel)
@@ -120,18 +123,21 @@ def test_aot_binds_the_arguments_the_step_launchers_pass(monkeypatch, side, mome
         update_norms=[torch.zeros(())], **absmax,
     )  # fmt: skip
     assert len(projected) == 1 and len(back) == 1
-    kind = aot.MOMENT_KINDS[moments]
+    wanted = precompile.variants_for(side, w.dtype, g.dtype, "bfloat16", moments, residual, "ieee", shape[1], False,
+                                     True)  # fmt: skip
+    kind = precompile.MOMENT_KINDS[moments]
     cfg = ks.project_config(side, w.dtype, p.dtype, kind, kind, residual != "none", "ieee", shape[1])
-    _check_against(projected[0], aot._project_ints(side, (m, n, r), cols=quant.BLOCK, kind=kind), cfg)
+    _check_against(projected[0], "project_adam_kernel", cfg, wanted)
     cfg = ks.back_config(side, w.dtype, g.dtype, p.dtype, residual, "ieee")
-    _check_against(back[0], aot._back_ints(side, (m, n, r), residual), cfg)
+    _check_against(back[0], "back_update_kernel", cfg, wanted)
 
 
 @pytest.mark.parametrize("a_cm", [False, True])
 @pytest.mark.parametrize("b", ["row", "col", "gauss"])
-def test_aot_binds_the_arguments_bmm_passes(monkeypatch, a_cm, b):
-    """The same for the refresh's GEMM, with row- and column-major operands and the in-kernel Gaussian."""
-    from subspace_optim.kernels import gemm
+def test_refresh_launches_are_the_variants_precompile_names(monkeypatch, a_cm, b):
+    """The same for the refresh's GEMM, with row- and column-major operands and the in-kernel Gaussian:
+    the layout is runtime arguments only, never another variant."""
+    from subspace_optim.kernels import gemm, precompile
     from subspace_optim.kernels import refresh as kr
 
     calls = _capture(monkeypatch, gemm.batched_gemm_kernel)
@@ -142,4 +148,22 @@ def test_aot_binds_the_arguments_bmm_passes(monkeypatch, a_cm, b):
     seeds = torch.zeros(1, dtype=torch.int64) if bt is None else None
     kr.bmm(kr.Mat.of([a]), None if bt is None else kr.Mat.of([bt]), out, seeds=seeds)
     cfg = kr.gemm_config(a.dtype, None if bt is None else bt.dtype, False, "ieee")
-    _check_against(calls[0], aot._gemm_ints((m, n, r), a_cm, b == "col", b == "gauss"), cfg)
+    wanted = precompile.variants_for("left", a.dtype, a.dtype, "float32", "float32", "none", "ieee", r, True, True)
+    _check_against(calls[0], "batched_gemm_kernel", cfg, wanted)
+
+
+def test_the_sweep_holds_every_variant_a_step_can_compile_on_a_gpu():
+    """Whatever the options and shapes, the variants the optimizer compiles before a step on a GPU
+    (``precompile.variants_for``, GPU tiles) are all in the full sweep: the sweep's statistics cover them."""
+    import itertools
+
+    from subspace_optim import engine, inner, options
+
+    swept = {v.compiled for v in aot.variants()}
+    for side, w, basis, moments, residual, choice, cols, refresh in itertools.product(
+        ("left", "right"), engine.KERNEL_DTYPES, quant.BASIS_DTYPES, quant.MOMENT_DTYPES, inner.RESIDUALS,
+        options.MATMUL_PRECISIONS, (5, 40, 256, 300, 4096), (False, True),
+    ):  # fmt: skip
+        precision = engine.matmul_precision(choice, w)
+        wanted = precompile.variants_for(side, w, w, basis, moments, residual, precision, cols, refresh, False)
+        assert set(wanted) <= swept, (side, w, basis, moments, residual, precision, cols)
