@@ -623,7 +623,9 @@ def subspace_adamw(
     batches: dict[tuple, list[int]] = {}
     ws = []
     for i in range(count):
-        g, w = grads[i], params[i].view(grads[i].shape)
+        g, w = grads[i], params[i]
+        if w.shape != g.shape:
+            w = w.view(g.shape)
         ws.append(w)
         if sides[i] not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {sides[i]!r}")
@@ -633,13 +635,16 @@ def subspace_adamw(
     resid = residual != "none"
     launched, members, bias1 = [], list(batches.values()), [0.0] * count
     fixes = None if lags is None else lag_factors(steps, lags, betas)  # an ``inner.Lag`` per matrix
+    by_age: dict[int, tuple[list[float], float]] = {}  # a batch's matrices usually share one age
     for idx in members:
         dev = grads[idx[0]].device
         rows = []
         for i in idx:
-            s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
-            rows.append([s.w1, s.beta2, s.w2, s.eps, s.bias2_sqrt, s.alpha, s.decay, 0.0])
-            bias1[i] = s.bias1
+            if steps[i] not in by_age:
+                s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
+                by_age[steps[i]] = ([s.w1, s.beta2, s.w2, s.eps, s.bias2_sqrt, s.alpha, s.decay, 0.0], s.bias1)
+            row, bias1[i] = by_age[steps[i]]
+            rows.append(row)
         with device_guard(dev):
             hyper = host_table(rows, torch.float32, dev)
             if skipped is not None:

@@ -15,7 +15,9 @@ for the device to say which gradients were bad.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -24,6 +26,7 @@ from torch.optim.adam import adam as _torch_adam
 from . import linalg, quant, subspace
 from .inner import (
     RESIDUALS,
+    AdamScalars,
     Lag,
     adam_scalars,
     device_vector,
@@ -64,6 +67,12 @@ def _restore(moments: dict[str, Tensor], saved: dict[str, Tensor] | None, skip: 
     if saved is not None:
         for key, t in moments.items():
             torch.where(skip, saved[key], t, out=t)
+
+
+def _scalars_by_age(lr, betas, eps, weight_decay, scale) -> Callable[[int], AdamScalars]:  # noqa: ANN001
+    """``adam_scalars`` of one call's hyperparameters by age, each age computed once (a call's matrices
+    usually share one)."""
+    return functools.lru_cache(maxsize=None)(partial(adam_scalars, lr, betas, eps, weight_decay, scale))
 
 
 def _lags(steps: Sequence[int], lags: Sequence[Tensor] | None, betas: tuple[float, float]) -> list[Lag | None]:
@@ -136,8 +145,9 @@ def subspace_adamw(
                             lags)  # fmt: skip
         return
     fixes = _lags(steps, lags, betas)
+    scalars = _scalars_by_age(lr, betas, eps, weight_decay, scale)
     for i, p in enumerate(params):
-        s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
+        s = scalars(steps[i])
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
         skip = None if skipped is None else skipped[i]
         saved = _snapshot(moments, skip)
@@ -159,8 +169,9 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
     per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
     fixes = _lags(steps, lags, betas)
     work, sums = [], ([], [], [])
+    scalars = _scalars_by_age(lr, betas, eps, weight_decay, scale)
     for i in range(len(params)):
-        s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
+        s = scalars(steps[i])
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
         skip = None if skipped is None else skipped[i]
         saved = _snapshot(moments, skip)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import checks, compat, distributed, engine, functional, metrics, options, quant, schedule
+from . import checks, compat, distributed, engine, functional, inner, metrics, options, quant, schedule
 from . import state as state_mod
 from .distributed import local
 from .layerwise import BackwardUpdate
@@ -34,8 +34,19 @@ PARAM_GROUPS_HINT = "subspace_optim.param_groups(model, target_modules='all-line
 Work = tuple[int, dict[str, Any], str, Tensor]
 # One call of a step: (function, args, kwargs), holding only tensors, lists and plain values.
 Call = tuple[Callable[..., None], tuple, dict[str, Any]]
+# Options that shape a step's structure (which parameters are projected, on which engine and side, with which
+# state and kernels): a step reuses the last step's checked structure (``_Plan``) only while these, the
+# parameters and their gradients' layouts are the same. The others (lr, betas, eps, weight_decay, scale,
+# update_gap, seed, ...) are read at every step.
+STRUCTURAL_OPTIONS = ("rank", "proj_type", "engine", "matmul_precision", "moments_dtype", "basis_dtype", "residual",
+                      "refresh", "nonfinite", "foreach", "refresh_owner")  # fmt: skip
 # Parameter-name parts of input embeddings and output heads (HF, GPT-2 and Meta LLaMA spellings).
 _VOCAB_NAMES = ("lm_head", "wte", "wpe")
+
+
+def _matrix(g: Tensor) -> Tensor:
+    """A (not sharded) gradient as its matrix: itself when 2-D (no dispatch), else ``local_matrix``'s view."""
+    return g if g.dim() == 2 else local_matrix(g)
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +119,20 @@ def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool
     for p, s in members:
         parts.setdefault("native" if state_mod.native(p, s) else quant.stored_kind(s, "exp_avg"), []).append((p, s))
     return [(kind == "native", part) for kind, part in sorted(parts.items(), key=lambda kv: kv[0] != "native")]
+
+
+class _Plan:
+    """What the per-parameter checks of a step decided, kept for the next steps while ``key`` holds (the
+    groups' parameters and structural options, every gradient's presence and layout, every parameter's dtype):
+    the checked work list and the fp32 limits of its non-finite test, and, once a masked step has built them,
+    the projected matrices, the plain parameters and the engine batches. A regular step then does no
+    per-parameter checking, engine choice or state lookup beyond its counters: the host work that would
+    otherwise grow by microseconds per parameter. Dropped whenever the state or the groups are replaced."""
+
+    def __init__(self, key: tuple, work: list[Work], limits: Tensor | None, shard_groups: list[Any]) -> None:
+        self.key, self.work, self.limits, self.shard_groups = key, work, limits, shard_groups
+        self.structure: tuple | None = None
+        self.state: Any = None  # the optimizer's ``state`` mapping the structure's state dicts belong to
 
 
 class _State(defaultdict):
@@ -288,6 +313,7 @@ class SubspaceAdamW(Optimizer):
         self._rank_given = False  # some group named a rank (None included): plain AdamW there is deliberate
         self._plain_checked = False  # the first step's "no group has a rank" check has run
         self._layouts: dict[int, dict[str, Any]] = {}  # id(group) -> SHAPE_OPTIONS its state was built with
+        self._plan: _Plan | None = None
         module = _source_module(params)
         params = list(params)
         super().__init__(params, given)
@@ -310,6 +336,7 @@ class SubspaceAdamW(Optimizer):
         self._rank_given = getattr(self, "_rank_given", True)  # a copy or a loaded optimizer: warned already
         self._plain_checked = getattr(self, "_plain_checked", True)
         self._layouts = {}
+        self._plan = None  # the state and the groups were replaced
         for i, group in enumerate(self.param_groups):
             for key in options.DEFAULTS:  # not torch's "differentiable", which __setstate__ put in defaults
                 group.setdefault(key, self.defaults[key])
@@ -338,6 +365,7 @@ class SubspaceAdamW(Optimizer):
         options.validate({**self.defaults, **group}, where)
         options.plain_numbers(group)
         super().add_param_group(compat.ParamGroup(group, self._known_params))
+        self._plan = None
         self._rank_given |= "rank" in group
         added = self.param_groups[-1]
         self._layouts[id(added)] = {k: added[k] for k in SHAPE_OPTIONS}
@@ -394,8 +422,37 @@ class SubspaceAdamW(Optimizer):
 
     def _checked_work(self, only: set[int] | None = None) -> tuple[list[Work], Tensor | None]:
         """Every parameter with a gradient (of ``only``, ids, when given), each checked (types, engine) before
-        anything moves, and their non-finite flags (``checks.nonfinite_flags``: on the device, not read)."""
+        anything moves, and their non-finite flags (``checks.nonfinite_flags``: on the device, not read). The
+        checks are those of the last step while ``_plan_key`` is the same (``_Plan``)."""
         self._refuse_reshaped_groups()
+        key = None if only is not None else self._plan_key()
+        plan = self._plan
+        if plan is None or key is None or plan.key != key:
+            work = self._check_work(only)
+            shard_groups = list({id(g): g for g in (distributed.row_shard(p, n).group for _, _, n, p in work
+                                                    if distributed.is_dtensor(p))}.values())  # fmt: skip
+            limits = [checks.grad_limit(p, schedule.projects(p, g)) for _, g, _, p in work]
+            device = local(work[0][3]).device if work else None
+            limits_t = inner.device_vector(limits, torch.float32, device) if work else None
+            plan = _Plan(key, work, limits_t, shard_groups)
+            self._plan = plan if key is not None else None
+        if not plan.work:
+            return plan.work, None
+        return plan.work, checks.nonfinite_flags([p.grad for *_, p in plan.work], plan.limits, plan.shard_groups)
+
+    def _plan_key(self) -> tuple:
+        """What the checks of a step depend on: per group its parameters and structural options, and per
+        parameter its dtype and its gradient's presence, dtype, shape, strides, layout and device."""
+        key: list[Any] = []
+        for group in self.param_groups:
+            params = group["params"]
+            key.append((id(group), tuple(map(id, params)), tuple(group[k] for k in STRUCTURAL_OPTIONS)))
+            for p in params:
+                g = p.grad
+                key.append(p.dtype if g is None else (p.dtype, g.dtype, g.shape, g.stride(), g.layout, g.device))
+        return tuple(key)
+
+    def _check_work(self, only: set[int] | None) -> list[Work]:
         work = []
         for index, group, name, p in self._named_params():
             if only is not None and id(p) not in only:
@@ -413,12 +470,7 @@ class SubspaceAdamW(Optimizer):
                     "(a checkpoint saved with other options, or changed groups); set the options it was saved with"
                 )
             work.append((index, group, name, p))
-        if not work:
-            return work, None
-        shard_groups = {id(g): g for g in (distributed.row_shard(p, n).group for _, _, n, p in work
-                                           if distributed.is_dtensor(p))}  # fmt: skip
-        limits = [checks.grad_limit(p, schedule.projects(p, g)) for _, g, _, p in work]
-        return work, checks.nonfinite_flags([p.grad for *_, p in work], limits, list(shard_groups.values()))
+        return work
 
     def _finite_only(self, work: list[Work], ok: list[bool]) -> list[Work]:
         """``work`` without its non-finite parameters, known on the host: raised (``nonfinite="raise"``, before
@@ -529,6 +581,39 @@ class SubspaceAdamW(Optimizer):
         for function, args, kwargs in self._plain_calls(finite):
             function(*args, **kwargs)
 
+    def _with_state(self, work: list[Work]) -> tuple[list[Matrix], dict[int, list[tuple[Tensor, dict[str, Any]]]]]:
+        """The step's projected matrices (with their engines) and plain parameters per group, each with its
+        state: created on a first step, converted where the group's storage options changed (``state.conform``).
+        The engines are resolved first, before any state changes: the kernels a Triton matrix can launch are
+        compiled then (``engine.resolve``)."""
+        schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self._state_of(p, peek=True)])
+        entries = [(p, g, n, schedule.side(p, g)) for _, g, n, p in work if schedule.projects(p, g)]
+        engines = dict(zip((id(p) for p, *_ in entries), engine.resolve(entries), strict=True))
+        projected: list[Matrix] = []
+        plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
+        for index, group, name, p in work:
+            state = self._state_of(p)
+            if state:
+                state_mod.conform(p, group, state)
+            else:
+                state.update(state_mod.initial(p, group, name))
+            if "refresh_count" in state:
+                projected.append(Matrix(index, group, name, p, state, schedule.side(p, group), engines[id(p)]))
+            else:
+                plain.setdefault(id(group), []).append((p, state))
+        return projected, plain
+
+    @staticmethod
+    def _batches(projected: list[Matrix]) -> dict[tuple[int, str, str, Any], list[Matrix]]:
+        """The projected matrices per core call: (group, engine, precision, shard group)."""
+        batches: dict[tuple[int, str, str, Any], list[Matrix]] = {}
+        for x in projected:
+            precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
+            # row-sharded matrices batch by their process group: a residual sums across exactly those ranks
+            shard = distributed.row_shard(x.p, x.name).group if distributed.is_dtensor(x.p) else None
+            batches.setdefault((id(x.group), x.engine, precision, shard), []).append(x)
+        return batches
+
     @torch._disable_dynamo
     def _prepare(self, only: set[int] | None = None) -> list[Call]:
         """Check, create state, refresh what is due, advance the counters, and return the core calls of this
@@ -539,8 +624,6 @@ class SubspaceAdamW(Optimizer):
 
         A masked step (flags left on the device) instead returns the ``subspace_adamw`` calls with their
         ``skipped`` flags (and ``lags``), the count of the skips, and last ``_plain_after_read``."""
-        plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
-        projected: list[Matrix] = []
         work, bad = self._checked_work(only)
         # With nonfinite="skip" and no refresh possibly due, the flags stay on the device: the projected updates
         # skip there and plain AdamW reads them after those are queued (``_plain_after_read``). Otherwise the
@@ -556,21 +639,17 @@ class SubspaceAdamW(Optimizer):
                     "projected). To project, give the weight matrices a group with rank=..., e.g. "
                     f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
                 )
-        schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self._state_of(p, peek=True)])
-        # Engines before any state changes: the kernels a Triton matrix can launch are compiled here first.
-        entries = [(p, g, n, schedule.side(p, g)) for _, g, n, p in work if schedule.projects(p, g)]
-        engines = dict(zip((id(p) for p, *_ in entries), engine.resolve(entries), strict=True))
-        for index, group, name, p in work:
-            state = self._state_of(p)
-            if state:
-                state_mod.conform(p, group, state)
-            else:
-                state.update(state_mod.initial(p, group, name))
-            if "refresh_count" in state:
-                side = schedule.side(p, group)
-                projected.append(Matrix(index, group, name, p, state, side, engines[id(p)]))
-            else:
-                plain.setdefault(id(group), []).append((p, state))
+        plan = self._plan if masked and only is None else None  # a masked step's work is every checked parameter
+        if plan is not None and plan.structure is not None and plan.state is not self.state:
+            plan.structure = None  # ``self.state`` was replaced wholesale: the kept state dicts are not its own
+        if plan is not None and plan.structure is not None:
+            projected, plain, batches, devices = plan.structure
+        else:
+            projected, plain = self._with_state(work)
+            batches = self._batches(projected)
+            devices = [local(p).device for *_, p in work]
+            if plan is not None:
+                plan.structure, plan.state = (projected, plain, batches, devices), self.state
         due = schedule.due(projected)
         if due and schedule.refresh(due, self._metrics):
             self.check_consistency()
@@ -581,22 +660,21 @@ class SubspaceAdamW(Optimizer):
         skip_of: dict[Tensor, Tensor] = {}
         counted: dict[Tensor, Tensor] = {}
         if masked:  # per parameter, on its device: a bool flag for the updates, an int32 one to count the skips
-            for dev in {local(p).device for *_, p in work}:
+            for dev in set(devices):
                 here = bad if dev == bad.device else bad.to(dev)
                 flags, ints = here.unbind(0), here.to(torch.int32).unbind(0)
                 for j, (*_, p) in enumerate(work):
-                    if local(p).device == dev:
+                    if devices[j] == dev:
                         skip_of[p], counted[p] = flags[j], ints[j]
-        batches: dict[tuple[int, str, str, Any], list[Matrix]] = {}
-        for x in projected:
-            precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
-            # row-sharded matrices batch by their process group: a residual sums across exactly those ranks
-            shard = distributed.row_shard(x.p, x.name).group if distributed.is_dtensor(x.p) else None
-            batches.setdefault((id(x.group), x.engine, precision, shard), []).append(x)
         for (_, which, precision, shard), xs in batches.items():
-            args = ([local(x.p) for x in xs], [local_matrix(x.p.grad) for x in xs],
-                    [local(x.state["basis"]) for x in xs], [local(x.state["exp_avg"]) for x in xs],
-                    [local(x.state["exp_avg_sq"]) for x in xs], [x.state["moment_age"] for x in xs])  # fmt: skip
+            if shard is None:  # plain tensors: no rank-local views to take
+                args = ([x.p for x in xs], [_matrix(x.p.grad) for x in xs], [x.state["basis"] for x in xs],
+                        [x.state["exp_avg"] for x in xs], [x.state["exp_avg_sq"] for x in xs],
+                        [x.state["moment_age"] for x in xs])  # fmt: skip
+            else:
+                args = ([local(x.p) for x in xs], [local_matrix(x.p.grad) for x in xs],
+                        [local(x.state["basis"]) for x in xs], [local(x.state["exp_avg"]) for x in xs],
+                        [local(x.state["exp_avg_sq"]) for x in xs], [x.state["moment_age"] for x in xs])  # fmt: skip
             kwargs = {**_hyper(xs[0].group), "scale": xs[0].group["scale"], "sides": [x.side for x in xs],
                       "engine": which, "matmul_precision": precision, **_absmaxes([x.state for x in xs])}  # fmt: skip
             if xs[0].group["residual"] != "none":
