@@ -57,6 +57,23 @@ def pointer_array(tensors: list[Tensor], device: torch.device) -> Tensor:
     return host_table([t.data_ptr() for t in tensors], torch.int64, device)
 
 
+def pointer_tables(rows: dict[str, Sequence[Tensor] | Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Pointer arrays for one batched launch (or two), built as ONE host table and copied at once (``host_table``):
+    each row is a list of tensors (one pointer per member) or a stacked buffer whose first-dim slices are the
+    members (their addresses computed, no ``unbind``). Returns each row by name, a view of the device table."""
+    names = list(rows)
+    values = []
+    for name in names:
+        ts = rows[name]
+        if isinstance(ts, Tensor):
+            step = ts.stride(0) * ts.element_size()
+            values.append([ts.data_ptr() + i * step for i in range(ts.shape[0])])
+        else:
+            values.append([t.data_ptr() for t in ts])
+    table = host_table(values, torch.int64, device)
+    return dict(zip(names, table.unbind(0), strict=True))
+
+
 # How a moment is stored, as the step kernel's M_KIND / V_KIND constants (``quant.stored_kind``).
 MOMENT_FP32, MOMENT_BF16, MOMENT_INT8 = 0, 1, 2
 

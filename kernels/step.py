@@ -43,7 +43,7 @@ from ._common import (
     device_guard,
     host_table,
     moment_kind,
-    pointer_array,
+    pointer_tables,
     tl_dtype,
 )
 from .gemm import dot_tile, tile_ids
@@ -409,7 +409,8 @@ def back_config(
 
 
 class _Launched(NamedTuple):
-    """What launch 1 leaves for launch 2: N (and with a residual R and ||G_j||^2) per batch member."""
+    """What launch 1 leaves for launch 2: N (and with a residual R and ||G_j||^2) per batch member, and the
+    pointer tables both launches read (weights, gradients, bases, N)."""
 
     ws: list[Tensor]
     gs: list[Tensor]
@@ -419,6 +420,7 @@ class _Launched(NamedTuple):
     nbuf: Tensor
     rbuf: Tensor | None
     sqbuf: Tensor | None
+    tables: dict[str, Tensor]
 
 
 def _project_launch(
@@ -434,6 +436,7 @@ def _project_launch(
     blocks: Blocks | None,
     precision: str,
     resid: bool,
+    same_layout: bool = False,
 ) -> _Launched:
     """Launch 1 for one batch of same-shape, same-layout, same-storage matrices, on their device: the
     moments updated in place, N in a fresh buffer (with ``resid``, also R and ||G_j||^2 per channel).
@@ -441,15 +444,21 @@ def _project_launch(
     Every operand is addressed through its own strides, so any non-overlapping layout works: column-major
     or sliced moments (as ``load_state_dict`` may restore them), a transposed basis, a strided gradient.
     ``mqs``/``vqs`` are the moments' absmaxes when they are stored as 8-bit codes, else None.
+    ``same_layout``: the caller grouped the batch by every tensor's shape, strides, dtype and device
+    (``subspace_adamw`` does), so the first member's layout is every member's and is not checked again.
+    Every pointer table of both launches is one host table, copied to the device at once (``pointer_tables``).
     """
     dev = gs[0].device
     m, n = gs[0].shape
     r = ps[0].shape[1]
-    gst = check_same_layout(gs, "gradients")
-    pst = check_same_layout(ps, "bases")
-    mst = check_same_layout(ms, "exp_avg")
-    vst = check_same_layout(vs, "exp_avg_sq")
-    check_same_layout(ws, "weights")
+    if same_layout:
+        gst, pst, mst, vst = gs[0].stride(), ps[0].stride(), ms[0].stride(), vs[0].stride()
+    else:
+        gst = check_same_layout(gs, "gradients")
+        pst = check_same_layout(ps, "bases")
+        mst = check_same_layout(ms, "exp_avg")
+        vst = check_same_layout(vs, "exp_avg_sq")
+        check_same_layout(ws, "weights")
     rshape = (r, n) if side == "left" else (m, r)
     if tuple(ms[0].shape) != rshape or tuple(vs[0].shape) != rshape or ps[0].shape[0] != (m if side == "left" else n):
         raise ValueError(f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms[0].shape)} do not fit G {(m, n)}")
@@ -459,66 +468,63 @@ def _project_launch(
     v_kind = moment_kind(vs[0], vqs[0] if vqs else None, "exp_avg_sq")
     for what, ts in (("weight", ws), ("exp_avg", ms), ("exp_avg_sq", vs)):
         check_writable(ts[0], what)  # same strides across the batch: one check covers it
-    mq_arr, mqst, m_table = pointer_array(ms, dev), (0, 0), hyper  # placeholders, never read unless int8
-    vq_arr, vqst, v_table = mq_arr, (0, 0), hyper
-    if m_kind == MOMENT_INT8:
-        mqst = check_same_layout(mqs, "exp_avg_absmax")
-        check_writable(mqs[0], "exp_avg_absmax")
-        mq_arr, m_table = pointer_array(mqs, dev), code_table(True, dev)
-    if v_kind == MOMENT_INT8:
-        vqst = check_same_layout(vqs, "exp_avg_sq_absmax")
-        check_writable(vqs[0], "exp_avg_sq_absmax")
-        vq_arr, v_table = pointer_array(vqs, dev), code_table(False, dev)
     batch = len(gs)
     nbuf = torch.empty((batch, *rshape), dtype=torch.float32, device=dev)
     nst = nbuf.stride()[1:]
-    g_arr, p_arr = pointer_array(gs, dev), pointer_array(ps, dev)
-    n_arr = pointer_array(list(nbuf.unbind(0)), dev)
-
-    g_dt, pp_dt = gs[0].dtype, ps[0].dtype
-    if side == "left":  # R = P^T G: A = P^T (r x m), B = G (m x n)
-        a_arr, sa, b_arr, sb, (rm, rn, rk) = p_arr, pst[::-1], g_arr, gst, (r, n, m)
-    else:  # R = G P: A = G (m x n), B = P (n x r)
-        a_arr, sa, b_arr, sb, (rm, rn, rk) = g_arr, gst, p_arr, pst, (m, r, n)
-    r_arr = sq_arr = n_arr  # placeholders, never read without a residual
+    rows: dict[str, list[Tensor] | Tensor] = {"w": ws, "g": gs, "p": ps, "m": ms, "v": vs, "n": nbuf}
+    mqst, vqst, m_table, v_table = (0, 0), (0, 0), hyper, hyper  # placeholders, never read unless int8
+    if m_kind == MOMENT_INT8:
+        mqst = mqs[0].stride() if same_layout else check_same_layout(mqs, "exp_avg_absmax")
+        check_writable(mqs[0], "exp_avg_absmax")
+        rows["mq"], m_table = mqs, code_table(True, dev)
+    if v_kind == MOMENT_INT8:
+        vqst = vqs[0].stride() if same_layout else check_same_layout(vqs, "exp_avg_sq_absmax")
+        check_writable(vqs[0], "exp_avg_sq_absmax")
+        rows["vq"], v_table = vqs, code_table(False, dev)
     rbuf = sqbuf = None
     if resid:
         channels = n if side == "left" else m
         rbuf = torch.empty_like(nbuf)
         sqbuf = torch.empty((batch, channels), dtype=torch.float32, device=dev)
-        r_arr = pointer_array(list(rbuf.unbind(0)), dev)
-        sq_arr = pointer_array(list(sqbuf.unbind(0)), dev)
+        rows.update(r=rbuf, sq=sqbuf)
+    tables = pointer_tables(rows, dev)
+    mq_arr, vq_arr = tables.get("mq", tables["m"]), tables.get("vq", tables["m"])  # placeholders unless int8
+    r_arr, sq_arr = tables.get("r", tables["n"]), tables.get("sq", tables["n"])  # never read without a residual
+
+    g_dt, pp_dt = gs[0].dtype, ps[0].dtype
+    if side == "left":  # R = P^T G: A = P^T (r x m), B = G (m x n)
+        a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["p"], pst[::-1], tables["g"], gst, (r, n, m)
+    else:  # R = G P: A = G (m x n), B = P (n x r)
+        a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["g"], gst, tables["p"], pst, (m, r, n)
     cfg = project_config(side, g_dt, pp_dt, m_kind, v_kind, resid, precision, rn, blocks)
     grid = (triton.cdiv(rm, cfg["BM"]) * triton.cdiv(rn, cfg["BN"]), batch)
     project_adam_kernel[grid](
-        a_arr, b_arr, pointer_array(ms, dev), pointer_array(vs, dev), n_arr, mq_arr, vq_arr, m_table, v_table,
+        a_arr, b_arr, tables["m"], tables["v"], tables["n"], mq_arr, vq_arr, m_table, v_table,
         hyper, rm, rn, rk, sa[0], sa[1], sb[0], sb[1], mst[0], mst[1], vst[0], vst[1], nst[0], nst[1],
         mqst[0], mqst[1], vqst[0], vqst[1], r_arr, sq_arr, **cfg,
     )  # fmt: skip
-    return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf)
+    return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf, tables)
 
 
 def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: str, coef: Tensor | None) -> None:
     """Launch 2: W <- W (1 - lr wd) - alpha (P N + coef o G) for the batch; with a residual, N already
     holds N - coef o R (``apollo``: no GEMM, U = coef o G); ``coef`` batch x channels, contiguous."""
-    ws, gs, ps, side = x.ws, x.gs, x.ps, x.side
-    dev = gs[0].device
+    ws, gs, ps, side, tables = x.ws, x.gs, x.ps, x.side, x.tables
     m, n = gs[0].shape
     r = ps[0].shape[1]
     gst, pst, wst = gs[0].stride(), ps[0].stride(), ws[0].stride()
     nst = x.nbuf.stride()[1:]
-    p_arr, n_arr, g_arr = pointer_array(ps, dev), pointer_array(list(x.nbuf.unbind(0)), dev), pointer_array(gs, dev)
     resid = residual != "none"
     if side == "left":  # U = P N: A = P (m x r), B = N (r x n)
-        a_arr, sa, b_arr, sb = p_arr, pst, n_arr, nst
+        a_arr, sa, b_arr, sb = tables["p"], pst, tables["n"], nst
     else:  # U = N P^T: A = N (m x r), B = P^T (r x n)
-        a_arr, sa, b_arr, sb = n_arr, nst, p_arr, pst[::-1]
+        a_arr, sa, b_arr, sb = tables["n"], nst, tables["p"], pst[::-1]
     coef = x.hyper if coef is None else coef  # placeholder without a residual
     cfg = back_config(side, ws[0].dtype, gs[0].dtype, ps[0].dtype, residual, precision, blocks)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), len(gs))
     back_update_kernel[grid](
-        a_arr, b_arr, pointer_array(ws, dev), x.hyper,
-        m, n, r, sa[0], sa[1], sb[0], sb[1], wst[0], wst[1], g_arr, gst[0], gst[1], coef,
+        a_arr, b_arr, tables["w"], x.hyper,
+        m, n, r, sa[0], sa[1], sb[0], sb[1], wst[0], wst[1], tables["g"], gst[0], gst[1], coef,
         coef.stride(0) if resid else 0, **cfg,
     )  # fmt: skip
 
@@ -569,8 +575,35 @@ def _residual_between(
     return out
 
 
+def layout_batches(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bases: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    sides: Sequence[str],
+    exp_avg_absmaxes: Sequence[Tensor | None] | None = None,
+    exp_avg_sq_absmaxes: Sequence[Tensor | None] | None = None,
+) -> list[list[int]]:
+    """The matrices of a ``subspace_adamw`` call grouped into launch batches: the same side and every tensor's
+    shape, strides, dtype and device (a batch shares one layout, ``_project_launch``'s ``same_layout``).
+    ``params[i]`` as the launch sees it, viewed as its gradient's shape."""
+    count = len(grads)
+    mqs = exp_avg_absmaxes if exp_avg_absmaxes is not None else [None] * count
+    vqs = exp_avg_sq_absmaxes if exp_avg_sq_absmaxes is not None else [None] * count
+    out: dict[tuple, list[int]] = {}
+    for i in range(count):
+        g, w = grads[i], params[i]
+        if sides[i] not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {sides[i]!r}")
+        key = (sides[i], g.shape, g.dtype, g.stride(), g.get_device(), w.shape, w.dtype, w.stride(), w.get_device(),
+               _layout(bases[i]), _layout(exp_avgs[i]), _layout(exp_avg_sqs[i]), _layout(mqs[i]), _layout(vqs[i]))
+        out.setdefault(key, []).append(i)
+    return list(out.values())
+
+
 def _layout(t: Tensor | None) -> tuple | None:
-    return None if t is None else (tuple(t.shape), t.stride(), t.dtype)
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
 
 
 def subspace_adamw(
@@ -596,6 +629,7 @@ def subspace_adamw(
     skipped: Sequence[Tensor] | None = None,
     lags: Sequence[Tensor] | None = None,
     blocks: Blocks | None = None,
+    batches: Sequence[Sequence[int]] | None = None,
 ) -> None:
     """The Triton twin of ``functional.subspace_adamw``: the same arguments, the same update, in place.
 
@@ -612,6 +646,10 @@ def subspace_adamw(
     flags are copied on the device into the scalar table's spare column, which both kernels read first (a
     flagged member's programs store nothing), and the lags' corrections (``inner.Lag``) are applied to the
     table's scalars on the device.
+
+    Engine-only arguments: ``blocks`` (the tiles; tests and benchmarks), and ``batches``, the grouping
+    ``layout_batches`` gives for these very tensors, which a caller that knows their layouts are unchanged
+    (the optimizer, while its plan holds) passes instead of having every tensor's layout read again.
     """
     count = len(grads)
     if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {count}:
@@ -620,20 +658,11 @@ def subspace_adamw(
     vqs = list(exp_avg_sq_absmaxes) if exp_avg_sq_absmaxes is not None else [None] * count
     if len(mqs) != count or len(vqs) != count:
         raise ValueError("subspace_adamw: the absmax lists need one entry per matrix")
-    batches: dict[tuple, list[int]] = {}
-    ws = []
-    for i in range(count):
-        g, w = grads[i], params[i]
-        if w.shape != g.shape:
-            w = w.view(g.shape)
-        ws.append(w)
-        if sides[i] not in ("left", "right"):
-            raise ValueError(f"side must be 'left' or 'right', got {sides[i]!r}")
-        key = (sides[i], g.device, tuple(g.shape), g.dtype, g.stride(), w.dtype, w.stride())
-        key += tuple(_layout(t) for t in (bases[i], exp_avgs[i], exp_avg_sqs[i], mqs[i], vqs[i]))
-        batches.setdefault(key, []).append(i)
+    ws = [w if w.shape == g.shape else w.view(g.shape) for w, g in zip(params, grads, strict=True)]
+    if batches is None:
+        batches = layout_batches(ws, grads, bases, exp_avgs, exp_avg_sqs, sides, mqs, vqs)
     resid = residual != "none"
-    launched, members, bias1 = [], list(batches.values()), [0.0] * count
+    launched, members, bias1 = [], [list(idx) for idx in batches], [0.0] * count
     fixes = None if lags is None else lag_factors(steps, lags, betas)  # an ``inner.Lag`` per matrix
     by_age: dict[int, tuple[list[float], float]] = {}  # a batch's matrices usually share one age
     for idx in members:
@@ -656,7 +685,7 @@ def subspace_adamw(
                 [ws[i] for i in idx], [grads[i] for i in idx], [bases[i] for i in idx], [exp_avgs[i] for i in idx],
                 [exp_avg_sqs[i] for i in idx], None if mqs[idx[0]] is None else [mqs[i] for i in idx],
                 None if vqs[idx[0]] is None else [vqs[i] for i in idx], hyper,
-                sides[idx[0]], blocks, matmul_precision, resid,
+                sides[idx[0]], blocks, matmul_precision, resid, same_layout=True,
             ))  # fmt: skip
     coefs = None
     if resid:

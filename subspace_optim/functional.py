@@ -103,6 +103,7 @@ def subspace_adamw(
     reduce: Callable[[Tensor], Tensor] | None = None,
     skipped: Sequence[Tensor] | None = None,
     lags: Sequence[Tensor] | None = None,
+    batches: Sequence[Sequence[int]] | None = None,
 ) -> None:
     r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
 
@@ -121,6 +122,10 @@ def subspace_adamw(
     moments and limiter state untouched bit for bit, decided on the device: no host sync. ``lags[i]`` (0-d
     int on the device) says how many of the steps counted in ``steps[i]`` were such skips, which the caller
     has not read back yet; the bias corrections are fixed on the device (``inner.lag_factors``).
+
+    ``batches`` (Triton engine only; the reference ignores it): the kernels' launch batches for these tensors
+    (``kernels.step.layout_batches``), passed by a caller that knows their layouts are unchanged since it
+    computed them.
     """
     if residual not in RESIDUALS:
         raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
@@ -134,7 +139,7 @@ def subspace_adamw(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
             exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
             matmul_precision=matmul_precision, residual=residual, update_norms=update_norms, reduce=reduce,
-            skipped=skipped, lags=lags,
+            skipped=skipped, lags=lags, batches=batches,
         )  # fmt: skip
         return
     if engine != "reference":
@@ -236,6 +241,14 @@ def adamw(
     )  # fmt: skip
     if isinstance(betas[0], Tensor) and foreach is None:
         foreach = False  # torch's foreach AdamW refuses tensor betas; it would pick foreach on CUDA
+    cpu = all(type(p) in _PLAIN_TENSORS and p.device.type == "cpu" for p in params)
+    if foreach is None and cpu and not isinstance(lr, Tensor) and not torch.compiler.is_compiling():
+        # torch's own default on the CPU is its per-tensor loop; its foreach path gives the same bits there
+        # (every _foreach_ op loops over the same kernels; tests/test_adamw_parity.py checks it against the
+        # default) with one dispatch per operation instead of one per operation and tensor. Not with a tensor
+        # lr (torch's foreach path refuses it) or under torch.compile (its fake tensors refuse the foreach
+        # path's CPU step counters).
+        foreach = True
     if exp_avg_absmaxes is None and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params, strict=True)):
         _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, **kwargs)
         return
@@ -254,6 +267,9 @@ def adamw(
             chunk = {k: quant.as_matrix(t)[rows] for k, t in moments.items()}
             _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs)
         step.add_(1)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)  # not DTensors or other subclasses
 
 
 def _chunk_adamw(target: Tensor, grad: Tensor, moments: dict[str, Tensor], count: Tensor, kwargs: dict) -> None:

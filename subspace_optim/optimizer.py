@@ -133,6 +133,20 @@ class _Plan:
         self.key, self.work, self.limits, self.shard_groups = key, work, limits, shard_groups
         self.structure: tuple | None = None
         self.state: Any = None  # the optimizer's ``state`` mapping the structure's state dicts belong to
+        self._launch_batches: dict[tuple[int, str], list[list[int]]] = {}
+
+    def launch_batches(self, group: int, precision: str, args: tuple, kwargs: dict[str, Any]) -> list[list[int]]:
+        """The Triton engine's launch batches of one core call (``kernels.step.layout_batches``), computed at the
+        first masked step of the plan: its tensors' layouts cannot change while the plan holds (the key covers
+        the weights' and gradients' layouts and the options that shape the state; state is replaced only by
+        ``load_state_dict``, which drops the plan)."""
+        key = (group, precision)
+        if key not in self._launch_batches:
+            from .kernels.step import layout_batches
+
+            absmaxes = {k: kwargs[k] for k in ("exp_avg_absmaxes", "exp_avg_sq_absmaxes") if k in kwargs}
+            self._launch_batches[key] = layout_batches(*args[:5], kwargs["sides"], **absmaxes)
+        return self._launch_batches[key]
 
 
 class _State(defaultdict):
@@ -306,8 +320,9 @@ class SubspaceAdamW(Optimizer):
         self._nonfinite_skips = 0
         # Per projected matrix: a 0-d int32 count, on its device, of its steps skipped there and not yet read by
         # the host, and how many of its steps were decided on the device since the host last read (``_read``).
-        self._skips: dict[Tensor, Tensor] = {}
-        self._unread: dict[Tensor, int] = {}
+        # Keyed by id(p); ``_skips`` holds p itself too, so no id is reused while its entry lives.
+        self._skips: dict[int, tuple[Tensor, Tensor]] = {}
+        self._unread: dict[int, int] = {}
         self._known_params: set[int] = set()
         self._backward_update: BackwardUpdate | None = None
         self._rank_given = False  # some group named a rank (None included): plain AdamW there is deliberate
@@ -442,14 +457,15 @@ class SubspaceAdamW(Optimizer):
 
     def _plan_key(self) -> tuple:
         """What the checks of a step depend on: per group its parameters and structural options, and per
-        parameter its dtype and its gradient's presence, dtype, shape, strides, layout and device."""
+        parameter its dtype, its strides and its gradient's presence, dtype, shape, strides, layout and device."""
         key: list[Any] = []
         for group in self.param_groups:
             params = group["params"]
             key.append((id(group), tuple(map(id, params)), tuple(group[k] for k in STRUCTURAL_OPTIONS)))
             for p in params:
                 g = p.grad
-                key.append(p.dtype if g is None else (p.dtype, g.dtype, g.shape, g.stride(), g.layout, g.device))
+                key.append(p.dtype if g is None else (p.dtype, p.stride(), g.dtype, g.shape, g.stride(), g.layout,
+                                                      g.device))  # fmt: skip
         return tuple(key)
 
     def _check_work(self, only: set[int] | None) -> list[Work]:
@@ -492,16 +508,17 @@ class SubspaceAdamW(Optimizer):
         t - k ... t, so a refresh may be due when a multiple of ``update_gap`` lies in [t - k, t]. The host
         count passes every multiple, so a due refresh is never missed, and without skips (the usual case)
         the host reads exactly on the refresh steps."""
+        unread = self._unread
         for _, group, _, p in work:
             if group["nonfinite"] == "raise":
                 return True
-            if not schedule.projects(p, group):
-                continue
             state = self._state_of(p, peek=True)
             if not state or "refresh_count" not in state:
-                return True
+                if schedule.projects(p, group):  # a projected matrix's first step refreshes
+                    return True
+                continue
             t, gap = state["step"], group["update_gap"]
-            if t // gap * gap >= t - self._unread.get(p, 0):
+            if t // gap * gap >= t - unread.get(id(p), 0):
                 return True
         return False
 
@@ -510,7 +527,7 @@ class SubspaceAdamW(Optimizer):
         and every projected matrix's count of steps skipped on the device since the last read. The counts
         are settled: taken off the matrices' ``step`` and ``moment_age`` (which ran ahead, as if those steps
         had been taken), added to the skip total, and zeroed. Returns the flags as "finite" booleans."""
-        owed = [(p, count) for p, count in self._skips.items() if self._unread.get(p, 0)]
+        owed = [(p, count) for key, (p, count) in self._skips.items() if self._unread.get(key, 0)]
         self._unread.clear()
         pieces = [] if flags is None else [flags.to(torch.int32)]
         if owed:
@@ -545,10 +562,10 @@ class SubspaceAdamW(Optimizer):
 
     def _skip_count(self, p: Tensor) -> Tensor:
         """``p``'s device count of skipped steps not read yet (``_read``), created at its first masked step."""
-        count = self._skips.get(p)
-        if count is None:
-            count = self._skips[p] = torch.zeros((), dtype=torch.int32, device=local(p).device)
-        return count
+        entry = self._skips.get(id(p))
+        if entry is None:
+            entry = self._skips[id(p)] = (p, torch.zeros((), dtype=torch.int32, device=local(p).device))
+        return entry[1]
 
     def _plain_calls(self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]]) -> list[Call]:
         """torch's AdamW per group and moment storage, for plain parameters known to have finite gradients."""
@@ -567,14 +584,14 @@ class SubspaceAdamW(Optimizer):
 
     @torch._disable_dynamo
     def _plain_after_read(
-        self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]], flags: dict[Tensor, Tensor]
+        self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]], flags: dict[int, Tensor]
     ) -> None:
         """The plain parameters of a step whose projected matrices were masked on the device. torch's AdamW keeps
         a plain parameter's step count on the host and computes its bias corrections there, so whether it skips
         must be known there: one read (which settles the matrices' skip counts too), queued after every
         projected update of the step, so the device has that work while the host waits."""
         members = [(p, s) for group_members in plain.values() for p, s in group_members]
-        ok = dict(zip((id(p) for p, _ in members), self._read(torch.stack([flags[p] for p, _ in members])),
+        ok = dict(zip((id(p) for p, _ in members), self._read(torch.stack([flags[id(p)] for p, _ in members])),
                       strict=True))  # fmt: skip
         self._nonfinite_skips += sum(not fine for fine in ok.values())
         finite = {key: [(p, s) for p, s in ms if ok[id(p)]] for key, ms in plain.items()}
@@ -657,15 +674,15 @@ class SubspaceAdamW(Optimizer):
             x.state["step"] += 1
             x.state["moment_age"] += 1
         calls = [] if masked else self._plain_calls(plain)
-        skip_of: dict[Tensor, Tensor] = {}
-        counted: dict[Tensor, Tensor] = {}
+        skip_of: dict[int, Tensor] = {}  # by id(p)
+        counted: dict[int, Tensor] = {}
         if masked:  # per parameter, on its device: a bool flag for the updates, an int32 one to count the skips
             for dev in set(devices):
                 here = bad if dev == bad.device else bad.to(dev)
                 flags, ints = here.unbind(0), here.to(torch.int32).unbind(0)
                 for j, (*_, p) in enumerate(work):
                     if devices[j] == dev:
-                        skip_of[p], counted[p] = flags[j], ints[j]
+                        skip_of[id(p)], counted[id(p)] = flags[j], ints[j]
         for (_, which, precision, shard), xs in batches.items():
             if shard is None:  # plain tensors: no rank-local views to take
                 args = ([x.p for x in xs], [_matrix(x.p.grad) for x in xs], [x.state["basis"] for x in xs],
@@ -681,17 +698,20 @@ class SubspaceAdamW(Optimizer):
                 kwargs.update(residual=xs[0].group["residual"], update_norms=[x.state["update_norm"] for x in xs])
                 if shard is not None:
                     kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
+            if plan is not None and which == "triton" and shard is None:  # layouts fixed while the plan holds
+                kwargs["batches"] = plan.launch_batches(id(xs[0].group), precision, args, kwargs)
             if masked:
-                kwargs["skipped"] = [skip_of[x.p] for x in xs]
-                if any(self._unread.get(x.p, 0) for x in xs):  # some count may run ahead of its matrix's age
+                kwargs["skipped"] = [skip_of[id(x.p)] for x in xs]
+                if any(self._unread.get(id(x.p), 0) for x in xs):  # some count may run ahead of its matrix's age
                     kwargs["lags"] = [self._skip_count(x.p) for x in xs]
             calls.append((functional.subspace_adamw, args, kwargs))
         if masked:
             if projected:  # after the updates, which read the counts as lags
                 counts = [self._skip_count(x.p) for x in projected]
-                calls.append((torch._foreach_add_, (counts, [counted[x.p] for x in projected]), {}))
+                calls.append((torch._foreach_add_, (counts, [counted[id(x.p)] for x in projected]), {}))
+                unread = self._unread
                 for x in projected:
-                    self._unread[x.p] = self._unread.get(x.p, 0) + 1
+                    unread[id(x.p)] = unread.get(id(x.p), 0) + 1
             if plain:
                 calls.append((self._plain_after_read, (plain, skip_of), {}))
         return calls

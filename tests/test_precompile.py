@@ -160,8 +160,9 @@ def test_engine_auto_falls_back_to_the_reference_for_the_matrices_that_need_a_fa
     for step in range(3):
         for ps in (params, ref_params):
             _grads(ps, step)
-        with _events(fresh) as events, pytest.warns(UserWarning, match="did not compile") if step == 0 else (
-            contextlib.nullcontext()
+        with (
+            _events(fresh) as events,
+            pytest.warns(UserWarning, match="did not compile") if step == 0 else (contextlib.nullcontext()),
         ):
             opt.step()
         ref.step()
