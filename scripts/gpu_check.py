@@ -162,67 +162,43 @@ def part_probe() -> dict[str, Any]:
     return {"passed": error is None, "error": error, "seconds": time.perf_counter() - start}
 
 
-def _freeze(cfg: dict[str, Any]) -> tuple:
-    """A launch configuration as a hashable, comparable value (Triton dtypes by name, as ``aot`` keeps them)."""
-    return tuple(sorted((k, str(v) if type(v).__name__ == "dtype" else v) for k, v in cfg.items()))
-
-
-def preset_requests() -> dict[tuple[str, tuple], str]:
-    """(kernel, frozen config) -> a label, for every launch the 1B and 7B presets make: each projected matrix
+def preset_requests() -> dict[Any, str]:
+    """``precompile.Variant`` -> a label, for every variant the 1B and 7B presets launch: each projected matrix
     shape of each preset, weights fp32 and bf16, the options of ``bench_host.VARIANTS`` over the library's
-    defaults, asked of the launchers' own configuration functions (``step.project_config``,
-    ``step.back_config``, ``refresh.gemm_config`` / ``gaussian_config``), as the GPU would run them."""
+    defaults, asked of ``precompile.variants_for`` (what the optimizer compiles before a step on a GPU; its
+    refresh on the kernels included)."""
     import torch
     from bench_host import VARIANTS, preset
 
     from subspace_optim import engine, options, subspace
-    from subspace_optim.kernels import refresh, step
+    from subspace_optim.kernels import precompile
 
-    kinds = {"float32": 0, "bfloat16": 1, "int8": 2}  # ``kernels._common.MOMENT_*``, as ``aot`` names them
-    wanted: dict[tuple[str, tuple], str] = {}
+    wanted: dict[Any, str] = {}
     for name in PRESETS:
         cfg = preset(name)
         hidden, inter, rank = cfg["hidden_size"], cfg["intermediate_size"], cfg["rank"]
         shapes = {(hidden, hidden), (inter, hidden), (hidden, inter)}
         for wname, (key, variant) in itertools.product(WEIGHT_DTYPES, VARIANTS.items()):
             o = {**options.DEFAULTS, **variant}
-            wd, pd = getattr(torch, wname), getattr(torch, o["basis_dtype"])
+            wd = getattr(torch, wname)
             precision = engine.matmul_precision(o["matmul_precision"], wd)
-            kind = kinds[o["moments_dtype"]]
-            resid = o["residual"] != "none"
-            label = f"{name} {wname} weights {key}"
             for m, n in shapes:
                 side = subspace.choose_side(o["proj_type"], m, n)
                 cols = n if side == "left" else rank  # the moments' columns
-                cfgs = {
-                    "project_adam_kernel": step.project_config(side, wd, pd, kind, kind, resid, precision, cols,
-                                                               interpreted=False),
-                    "back_update_kernel": step.back_config(side, wd, wd, pd, o["residual"], precision,
-                                                           interpreted=False),
-                }  # fmt: skip
-                for kernel, c in cfgs.items():
-                    wanted.setdefault((kernel, _freeze(c)), f"{label}, {side} {m}x{n}")
-            for a_dt in {wd, torch.float32}:
-                for b_dt in (None, torch.float32):
-                    c = refresh.gemm_config(a_dt, b_dt, False, "ieee", interpreted=False)
-                    wanted.setdefault(("batched_gemm_kernel", _freeze(c)), f"{label}, refresh GEMM")
-    gram = refresh.gemm_config(torch.float32, torch.float32, True, "ieee", interpreted=False)
-    wanted.setdefault(("batched_gemm_kernel", _freeze(gram)), "refresh fp64 Gram")
-    wanted.setdefault(("gaussian_kernel", _freeze(refresh.gaussian_config())), "refresh Gaussian")
+                for v in precompile.variants_for(side, wd, wd, o["basis_dtype"], o["moments_dtype"], o["residual"],
+                                                 precision, cols, True, False):  # fmt: skip
+                    wanted.setdefault(v, f"{name} {wname} weights {key}, {side} {m}x{n}")
     return wanted
 
 
 def aot_selection() -> tuple[Any, list[Any], list[str]]:
-    """The ``kernels.aot`` module, its variants the presets launch (both of its shape classes: the presets have
-    sizes that are multiples of 16 and sizes that are not), and the requests no ``aot`` variant covers.
-
-    Isolated and lazy: ``kernels/aot.py`` is another engineer's, written concurrently; a missing module or a
-    changed interface raises here and is reported by the caller, nothing else depends on it."""
+    """The ``kernels.aot`` module, its variants the presets launch, and the requests no ``aot`` variant covers
+    (there should be none: ``tests/test_aot.py`` checks that the sweep holds every variant a step can ask for)."""
     aot = importlib.import_module("subspace_optim.kernels.aot")
     wanted = preset_requests()
-    chosen = [v for v in aot.variants() if (v.kernel, _freeze(dict(v.config))) in wanted]
-    covered = {(v.kernel, _freeze(dict(v.config))) for v in chosen}
-    missing = [f"{kernel}: {label}" for (kernel, c), label in wanted.items() if (kernel, c) not in covered]
+    chosen = [v for v in aot.variants() if v.compiled in wanted]
+    covered = {v.compiled for v in chosen}
+    missing = [f"{v.kernel}: {label}" for v, label in wanted.items() if v not in covered]
     return aot, chosen, missing
 
 
@@ -240,8 +216,14 @@ def part_aot() -> dict[str, Any]:
     start = time.perf_counter()
     results = aot.sweep(chosen, [arch], jobs=os.cpu_count() or 1)
     failed = [r for r in results if r.error]
+    # What the optimizer does before a step here: compile through Triton's own launch path and load each
+    # variant on this device (a variant over the device's shared memory fails here, not in the sweep).
+    from subspace_optim.kernels import precompile
+
+    not_loaded = precompile.ensure(torch.device("cuda"), [v.compiled for v in chosen])
     return {
-        "status": "ok" if not failed and not missing else "failed",
+        "status": "ok" if not failed and not missing and not not_loaded else "failed",
+        "not_loaded": [f"{v.describe()}: {why}" for v, why in not_loaded.items()],
         "arch": arch,
         "variants": len(chosen),
         "requests_not_in_aot": missing,
