@@ -32,7 +32,7 @@ from .inner import (
     device_vector,
     first_ratios,
     lag_factors,
-    projected_adamw,
+    projected_adamw_batch,
     residual_factors,
     residual_moments,
     residual_update,
@@ -151,16 +151,49 @@ def subspace_adamw(
         return
     fixes = _lags(steps, lags, betas)
     scalars = _scalars_by_age(lr, betas, eps, weight_decay, scale)
-    for i, p in enumerate(params):
-        s = scalars(steps[i])
-        moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
-        skip = None if skipped is None else skipped[i]
-        saved = _snapshot(moments, skip)
-        m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
-        projected_adamw(p, grads[i], bases[i].float(), m, v, s, sides[i], fixes[i], skip)
-        quant.store(moments, "exp_avg", m)
-        quant.store(moments, "exp_avg_sq", v)
-        _restore(moments, saved, skip)
+    for chunk in _moment_chunks(exp_avgs):
+        skips = [None if skipped is None else skipped[i] for i in chunk]
+        moments, saved, ms, vs = _working_moments(chunk, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
+                                                  skips)  # fmt: skip
+        projected_adamw_batch(
+            [params[i] for i in chunk], [grads[i] for i in chunk], [bases[i].float() for i in chunk], ms, vs,
+            [scalars(steps[i]) for i in chunk], [sides[i] for i in chunk], [fixes[i] for i in chunk], skips,
+        )  # fmt: skip
+        _store_moments(moments, saved, ms, vs, skips)
+
+
+# Moment entries per reference chunk: the working copies (fp32 views of bf16 or 8-bit moments) and the per-matrix
+# temporaries (R, N, sqrt(V)) of one chunk's matrices exist at once, so their size is bounded, not the state's.
+_CHUNK_MOMENTS = 1 << 22
+
+
+def _moment_chunks(exp_avgs: Sequence[Tensor]) -> list[range]:
+    """Consecutive matrices in chunks of at most ``_CHUNK_MOMENTS`` moment entries (at least one matrix each)."""
+    out, start, total = [], 0, 0
+    for i, m in enumerate(exp_avgs):
+        if i > start and total + m.numel() > _CHUNK_MOMENTS:
+            out.append(range(start, i))
+            start, total = i, 0
+        total += m.numel()
+    out.append(range(start, len(exp_avgs)))
+    return out
+
+
+def _working_moments(chunk, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, skips) -> tuple:  # noqa: ANN001
+    """For the chunk's matrices: their stored moments, snapshots of the 8-bit ones that may be skipped
+    (``_snapshot``), and the fp32 working moments (``quant.load``: the stored tensors themselves when fp32)."""
+    moments = [_stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes) for i in chunk]
+    saved = [_snapshot(mo, skip) for mo, skip in zip(moments, skips, strict=True)]
+    ms, vs = [quant.load(mo, "exp_avg") for mo in moments], [quant.load(mo, "exp_avg_sq") for mo in moments]
+    return moments, saved, ms, vs
+
+
+def _store_moments(moments, saved, ms, vs, skips) -> None:  # noqa: ANN001
+    """Write the working moments back into their storage (``quant.store``) and restore the skipped 8-bit ones."""
+    for mo, sv, m, v, skip in zip(moments, saved, ms, vs, skips, strict=True):
+        quant.store(mo, "exp_avg", m)
+        quant.store(mo, "exp_avg_sq", v)
+        _restore(mo, sv, skip)
 
 
 def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
@@ -175,20 +208,20 @@ def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, 
     fixes = _lags(steps, lags, betas)
     work, sums = [], ([], [], [])
     scalars = _scalars_by_age(lr, betas, eps, weight_decay, scale)
-    for i in range(len(params)):
-        s = scalars(steps[i])
-        moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
-        skip = None if skipped is None else skipped[i]
-        saved = _snapshot(moments, skip)
-        m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
-        basis = bases[i].float()
-        r, direction, channel_sums = residual_moments(grads[i], basis, m, v, s, sides[i], per_channel, fixes[i], skip)
-        quant.store(moments, "exp_avg", m)
-        quant.store(moments, "exp_avg_sq", v)
-        _restore(moments, saved, skip)
-        work.append((s, basis, r, direction))
-        for into, t in zip(sums, channel_sums, strict=True):
-            into.append(t)
+    for chunk in _moment_chunks(exp_avgs):
+        skips = [None if skipped is None else skipped[i] for i in chunk]
+        moments, saved, ms, vs = _working_moments(chunk, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
+                                                  skips)  # fmt: skip
+        ss, chunk_bases = [scalars(steps[i]) for i in chunk], [bases[i].float() for i in chunk]
+        rs, directions, channel_sums = residual_moments(
+            [grads[i] for i in chunk], chunk_bases, ms, vs, ss, [sides[i] for i in chunk], per_channel,
+            [fixes[i] for i in chunk], skips,
+        )  # fmt: skip
+        _store_moments(moments, saved, ms, vs, skips)
+        work += list(zip(ss, chunk_bases, rs, directions, strict=True))
+        for matrix_sums in channel_sums:
+            for into, t in zip(sums, matrix_sums, strict=True):
+                into.append(t)
     dev = grads[0].device
     if per_channel:
         lengths = [t.shape[0] for t in sums[0]]

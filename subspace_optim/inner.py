@@ -104,38 +104,67 @@ def projected_adamw(
     p: Tensor, g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str,
     lag: Lag | None = None, skip: Tensor | None = None,
 ) -> None:  # fmt: skip
-    """One step of matrix ``p`` (viewed as ``g``'s shape) in the subspace of ``basis``, in place (reference).
-
-    ``skip`` (0-d bool on the device; True: the gradient is not finite) leaves ``p`` and the moments given
-    untouched bit for bit without the host knowing (``_moments_direction``, ``_apply_update``)."""
-    r = project(g.float(), basis, side)
-    direction = _moments_direction(r, exp_avg, exp_avg_sq, s, lag, skip)
-    if lag is not None:
-        direction.mul_(lag.c1)
-    _apply_update(p, project_back(direction, basis, side), s, skip)
+    """One step of matrix ``p`` (viewed as ``g``'s shape) in the subspace of ``basis``, in place (reference):
+    ``projected_adamw_batch`` of one matrix."""
+    projected_adamw_batch([p], [g], [basis], [exp_avg], [exp_avg_sq], [s], [side], [lag], [skip])
 
 
-def _moments_direction(
-    r: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, lag: Lag | None = None,
-    skip: Tensor | None = None,
-) -> Tensor:  # fmt: skip
-    """Update the moments with R in place; return N = M / (sqrt(V) / sqrt(1 - b2^t) + eps).
+def projected_adamw_batch(
+    ps: Sequence[Tensor], gs: Sequence[Tensor], bases: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor], ss: Sequence[AdamScalars], sides: Sequence[str], lags: Sequence[Lag | None],
+    skips: Sequence[Tensor | None],
+) -> None:  # fmt: skip
+    """One step of each matrix i in the subspace of ``bases[i]``, in place (reference). The projections and
+    updates are per matrix; the moments and N are one ``torch._foreach_*`` operation per step of the rule for
+    all of them (``moments_directions``): on a CPU each matrix then costs its GEMMs and a few dispatches instead
+    of a dozen, with the same kernels, so the same bits.
 
-    With ``skip`` the new moments are computed out of place by the same kernels (the same bits) and kept
-    only where ``skip`` is False, so a skipped matrix's NaN never lands in them (its N is garbage, unused)."""
-    if skip is None:
-        exp_avg.lerp_(r, s.w1)
-        exp_avg_sq.mul_(s.beta2).addcmul_(r, r, value=s.w2)
-        m, v = exp_avg, exp_avg_sq
-    else:
-        m = torch.lerp(exp_avg, r, s.w1)
-        v = exp_avg_sq.mul(s.beta2).addcmul_(r, r, value=s.w2)
-        torch.where(skip, exp_avg, m, out=exp_avg)
-        torch.where(skip, exp_avg_sq, v, out=exp_avg_sq)
-    root = v.sqrt()
-    if lag is not None:
-        root.mul_(lag.c2)
-    return m / (root / s.bias2_sqrt).add_(s.eps)
+    ``skips[i]`` (0-d bool on the device; True: the gradient is not finite) leaves ``ps[i]`` and its moments
+    untouched bit for bit without the host knowing (``moments_directions``, ``_apply_update``)."""
+    rs = [project(g.float(), basis, side) for g, basis, side in zip(gs, bases, sides, strict=True)]
+    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, ss, lags, skips)
+    for i, direction in enumerate(directions):
+        if lags[i] is not None:
+            direction.mul_(lags[i].c1)
+        _apply_update(ps[i], project_back(direction, bases[i], sides[i]), ss[i], skips[i])
+
+
+def moments_directions(
+    rs: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], ss: Sequence[AdamScalars],
+    lags: Sequence[Lag | None], skips: Sequence[Tensor | None],
+) -> list[Tensor]:  # fmt: skip
+    """Update each matrix's moments with its R in place; return each N = M / (sqrt(V) / sqrt(1 - b2^t) + eps).
+    The matrices share betas and eps (one call's hyperparameters); their ages may differ.
+
+    A matrix with ``skips[i]`` gets its new moments computed out of place by the same kernels (the same bits)
+    and kept only where the flag is False, so a skipped matrix's NaN never lands in them (its N is garbage,
+    unused). ``lags[i]`` (``Lag``) corrects sqrt(V) / sqrt(1 - b2^t) for steps the host counted but the device
+    skipped."""
+    w1, beta2, w2, eps = ss[0].w1, ss[0].beta2, ss[0].w2, ss[0].eps
+    ms, vs = list(exp_avgs), list(exp_avg_sqs)
+    kept = [i for i, skip in enumerate(skips) if skip is None]
+    masked = [i for i, skip in enumerate(skips) if skip is not None]
+    if kept:
+        m_in, v_in, r_in = [ms[i] for i in kept], [vs[i] for i in kept], [rs[i] for i in kept]
+        torch._foreach_lerp_(m_in, r_in, w1)
+        torch._foreach_mul_(v_in, beta2)
+        torch._foreach_addcmul_(v_in, r_in, r_in, value=w2)
+    if masked:
+        r_in = [rs[i] for i in masked]
+        m_new = torch._foreach_lerp([ms[i] for i in masked], r_in, w1)
+        v_new = torch._foreach_mul([vs[i] for i in masked], beta2)
+        torch._foreach_addcmul_(v_new, r_in, r_in, value=w2)
+        for i, m, v in zip(masked, m_new, v_new, strict=True):
+            torch.where(skips[i], ms[i], m, out=ms[i])
+            torch.where(skips[i], vs[i], v, out=vs[i])
+            ms[i], vs[i] = m, v  # N is computed from the new values (a kept matrix's are the stored ones)
+    roots = torch._foreach_sqrt(vs)
+    for root, lag in zip(roots, lags, strict=True):
+        if lag is not None:
+            root.mul_(lag.c2)
+    torch._foreach_div_(roots, [s.bias2_sqrt for s in ss])
+    torch._foreach_add_(roots, eps)
+    return list(torch._foreach_div(ms, roots))
 
 
 def _decay(p: Tensor, decay: float, skip: Tensor | None) -> None:
@@ -289,20 +318,26 @@ _SUMSQ_BAND = 1 << 22  # values of temporary per band in channel_sumsq (16 MiB i
 
 
 def residual_moments(
-    g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str, per_channel: bool,
-    lag: Lag | None = None, skip: Tensor | None = None,
-) -> tuple[Tensor, Tensor, list[Tensor]]:  # fmt: skip
-    """The first half of a residual step (reference): R, the moments updated in place, N, and (``per_channel``)
-    the per-channel sums of squares ||N_j||^2, ||R_j||^2, ||G_j||^2 (``residual_factors``' ``sumsq``
-    columns), or else the whole norms ||N||, ||R||, ||G|| (0-d; the caller squares a batch of them at once).
-    Taken here, right after the projection has read G, while G is still in cache."""
-    gf = g.float()
-    r = project(gf, basis, side)
-    direction = _moments_direction(r, exp_avg, exp_avg_sq, s, lag, skip)
-    dim = channel_dim(side)
-    if per_channel:
-        return r, direction, [channel_sumsq(t, dim) for t in (direction, r, gf)]
-    return r, direction, [torch.linalg.vector_norm(t) for t in (direction, r, gf)]
+    gs: Sequence[Tensor], bases: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[AdamScalars], sides: Sequence[str], per_channel: bool, lags: Sequence[Lag | None],
+    skips: Sequence[Tensor | None],
+) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:  # fmt: skip
+    """The first half of a residual step (reference), for each matrix i: R, the moments updated in place
+    (``moments_directions``), N, and (``per_channel``) the per-channel sums of squares ||N_j||^2, ||R_j||^2,
+    ||G_j||^2 (``residual_factors``' ``sumsq`` columns), or else the whole norms ||N||, ||R||, ||G|| (0-d; the
+    caller squares a batch of them at once)."""
+    def sums_of(t: Tensor, side: str) -> Tensor:
+        return channel_sumsq(t, channel_dim(side)) if per_channel else torch.linalg.vector_norm(t)
+
+    rs, g_sums = [], []
+    for g, basis, side in zip(gs, bases, sides, strict=True):  # G's sums while it is in cache; its fp32 copy
+        gf = g.float()  # (a bf16 G's) lives for one matrix only
+        rs.append(project(gf, basis, side))
+        g_sums.append(sums_of(gf, side))
+    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, ss, lags, skips)
+    sums = [[sums_of(direction, side), sums_of(r, side), gg]
+            for direction, r, gg, side in zip(directions, rs, g_sums, sides, strict=True)]  # fmt: skip
+    return rs, directions, sums
 
 
 def residual_update(
