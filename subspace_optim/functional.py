@@ -274,7 +274,7 @@ def adamw(
     )  # fmt: skip
     if isinstance(betas[0], Tensor) and foreach is None:
         foreach = False  # torch's foreach AdamW refuses tensor betas; it would pick foreach on CUDA
-    cpu = all(type(p) in _PLAIN_TENSORS and p.device.type == "cpu" for p in params)
+    cpu = all(type(p) in _PLAIN_TENSORS and p.device.type == "cpu" and p.dtype in _FOREACH_SAME for p in params)
     if foreach is None and cpu and not isinstance(lr, Tensor) and not torch.compiler.is_compiling():
         # torch's own default on the CPU is its per-tensor loop; its foreach path gives the same bits there
         # (every _foreach_ op loops over the same kernels; tests/test_adamw_parity.py checks it against the
@@ -303,6 +303,8 @@ def adamw(
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)  # not DTensors or other subclasses
+# Dtypes whose CPU foreach kernels round as the per-tensor ones (fp16's _foreach_mul_ by a scalar does not).
+_FOREACH_SAME = (torch.float32, torch.bfloat16, torch.float64)
 
 
 def _chunk_adamw(target: Tensor, grad: Tensor, moments: dict[str, Tensor], count: Tensor, kwargs: dict) -> None:

@@ -129,17 +129,25 @@ class _Plan:
     per-parameter checking, engine choice or state lookup beyond its counters: the host work that would
     otherwise grow by microseconds per parameter. Dropped whenever the state or the groups are replaced."""
 
-    def __init__(self, key: tuple, work: list[Work], limits: Tensor | None, shard_groups: list[Any]) -> None:
+    def __init__(
+        self, key: tuple, state: Any, work: list[Work], limits: Tensor | None, shard_groups: list[Any]
+    ) -> None:
         self.key, self.work, self.limits, self.shard_groups = key, work, limits, shard_groups
+        # The optimizer's ``state`` mapping and its version when this plan was made: replacing, adding or
+        # removing any entry (``load_state_dict``, ``opt.state[p] = ...``, a parameter's first state) drops it.
+        self.state, self.version = state, getattr(state, "version", None)
         self.structure: tuple | None = None
-        self.state: Any = None  # the optimizer's ``state`` mapping the structure's state dicts belong to
         self._launch_batches: dict[tuple[int, str], list[list[int]]] = {}
+
+    def holds(self, key: tuple, state: Any) -> bool:
+        """Whether the plan still describes a step with this key and this state."""
+        return self.key == key and self.state is state and self.version == getattr(state, "version", None)
 
     def launch_batches(self, group: int, precision: str, args: tuple, kwargs: dict[str, Any]) -> list[list[int]]:
         """The Triton engine's launch batches of one core call (``kernels.step.layout_batches``), computed at the
         first masked step of the plan: its tensors' layouts cannot change while the plan holds (the key covers
-        the weights' and gradients' layouts and the options that shape the state; state is replaced only by
-        ``load_state_dict``, which drops the plan)."""
+        the weights' and gradients' layouts and the options that shape the state, and any state entry replaced
+        drops the plan)."""
         key = (group, precision)
         if key not in self._launch_batches:
             from .kernels.step import layout_batches
@@ -157,8 +165,37 @@ class _State(defaultdict):
     ``peek``, which read nothing back. Copies and pickles are plain ``defaultdict``s (re-wrapped on load)."""
 
     def __init__(self, settle: Callable[[], None], entries: Any = ()) -> None:
+        self.version = 0  # bumped whenever an entry is added, replaced or removed (``_Plan`` compares it)
         super().__init__(dict, entries)
         self._settle = settle
+
+    def __setitem__(self, p: Tensor, value: dict[str, Any]) -> None:  # also entries ``__missing__`` creates
+        self.version += 1
+        super().__setitem__(p, value)
+
+    def __delitem__(self, p: Tensor) -> None:
+        self.version += 1
+        super().__delitem__(p)
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.version += 1
+        return super().popitem()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, p: Tensor, default: Any = None) -> Any:
+        self.version += 1
+        return super().setdefault(p, default)
 
     def raw(self, p: Tensor) -> dict[str, Any]:
         return super().__getitem__(p)
@@ -442,14 +479,14 @@ class SubspaceAdamW(Optimizer):
         self._refuse_reshaped_groups()
         key = None if only is not None else self._plan_key()
         plan = self._plan
-        if plan is None or key is None or plan.key != key:
+        if plan is None or key is None or not plan.holds(key, self.state):
             work = self._check_work(only)
             shard_groups = list({id(g): g for g in (distributed.row_shard(p, n).group for _, _, n, p in work
                                                     if distributed.is_dtensor(p))}.values())  # fmt: skip
             limits = [checks.grad_limit(p, schedule.projects(p, g)) for _, g, _, p in work]
             device = local(work[0][3]).device if work else None
             limits_t = inner.device_vector(limits, torch.float32, device) if work else None
-            plan = _Plan(key, work, limits_t, shard_groups)
+            plan = _Plan(key, self.state, work, limits_t, shard_groups)
             self._plan = plan if key is not None else None
         if not plan.work:
             return plan.work, None
@@ -657,16 +694,14 @@ class SubspaceAdamW(Optimizer):
                     f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
                 )
         plan = self._plan if masked and only is None else None  # a masked step's work is every checked parameter
-        if plan is not None and plan.structure is not None and plan.state is not self.state:
-            plan.structure = None  # ``self.state`` was replaced wholesale: the kept state dicts are not its own
         if plan is not None and plan.structure is not None:
             projected, plain, batches, devices = plan.structure
         else:
             projected, plain = self._with_state(work)
             batches = self._batches(projected)
             devices = [local(p).device for *_, p in work]
-            if plan is not None:
-                plan.structure, plan.state = (projected, plain, batches, devices), self.state
+            if plan is not None and plan.holds(plan.key, self.state):  # no state entry was created just now
+                plan.structure = (projected, plain, batches, devices)
         due = schedule.due(projected)
         if due and schedule.refresh(due, self._metrics):
             self.check_consistency()

@@ -36,7 +36,8 @@ BASIS_DTYPES = ("float32", "bfloat16")
 # (their min_8bit_size): norms and biases are too small for the saving to matter.
 MIN_QUANTIZED_NUMEL = 4096
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KIND_OF = {dtype: kind for kind, dtype in TORCH_DTYPES.items()}
+# The name of a stored float dtype; float64 only as torch AdamW's own state of an fp64 plain parameter.
+KIND_OF = {**{dtype: kind for kind, dtype in TORCH_DTYPES.items()}, torch.float64: "float64"}
 
 
 def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:

@@ -7,6 +7,8 @@ requires bit-identical weights and state after every step, and the same errors.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -158,3 +160,45 @@ def test_regular_steps_check_nothing_per_parameter(monkeypatch):
         _grads(params, step)
         opt.step()
     assert calls == {"check": 0, "resolve": 0}
+
+
+@pytest.mark.parametrize("how", ["clear", "del", "assign", "plain"])
+def test_replacing_state_entries_drops_the_plan(how):
+    """``opt.state.clear()``, ``del opt.state[p]`` or ``opt.state[p] = {...}`` (a matrix's or a plain parameter's)
+    between steps: the next step starts from the state the mapping now holds, as without a plan."""
+    pair = _pair()
+    _run(pair, [(None, {}), (None, {})])
+
+    def change(opt, params):
+        if how == "clear":
+            opt.state.clear()
+        elif how == "del":
+            del opt.state[params[0]]
+        elif how == "assign":
+            opt.state[params[1]] = {}
+        else:
+            opt.state[params[4]] = {}
+
+    _run(pair, [(change, {}), (None, {}), (None, {})])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_plain_parameters_step_as_torch_adamw_default_in_every_dtype(dtype):
+    """Plain parameters on the CPU take torch's foreach AdamW where it rounds as torch's default per-tensor loop
+    (not fp16, where its scalar multiply rounds otherwise): bit-identical to ``torch.optim.AdamW()``."""
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(4, 6, generator=gen).to(dtype), torch.randn(6, generator=gen).to(dtype)]
+    ours_p = [nn.Parameter(t.clone()) for t in base]
+    ref_p = [nn.Parameter(t.clone()) for t in base]
+    ours = SubspaceAdamW(ours_p, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=0.1)
+    for step in range(6):
+        for ps in (ours_p, ref_p):
+            g = torch.Generator().manual_seed(50 + step)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        with pytest.warns(UserWarning) if step == 0 else contextlib.nullcontext():
+            ours.step()
+        ref.step()
+    for a, b in zip(ours_p, ref_p, strict=True):
+        assert torch.equal(a, b)
