@@ -72,7 +72,8 @@ def _restore(moments: dict[str, Tensor], saved: dict[str, Tensor] | None, skip: 
 def _scalars_by_age(lr, betas, eps, weight_decay, scale) -> Callable[[int], AdamScalars]:  # noqa: ANN001
     """``adam_scalars`` of one call's hyperparameters by age, each age computed once (a call's matrices
     usually share one)."""
-    return functools.lru_cache(maxsize=None)(partial(adam_scalars, lr, betas, eps, weight_decay, scale))
+    scalars = partial(adam_scalars, lr, betas, eps, weight_decay, scale)
+    return scalars if torch.compiler.is_compiling() else functools.lru_cache(maxsize=None)(scalars)  # dynamo: no cache
 
 
 def _lags(steps: Sequence[int], lags: Sequence[Tensor] | None, betas: tuple[float, float]) -> list[Lag | None]:
