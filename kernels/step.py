@@ -22,6 +22,7 @@ launch 2 adds coef o G in its epilogue (``apollo``: U = coef o G, no GEMM). No e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from ..inner import adam_scalars, channel_dim, device_vector, first_ratios, lag_factors, residual_factors
 from ..quant import BLOCK
+from ..triton_runtime import interpreting
 from ._common import (
     FP_FUSION,
     MOMENT_INT8,
@@ -372,7 +374,14 @@ def project_config(
 ) -> dict[str, Any]:
     """``project_adam_kernel``'s constexprs and launch options for one batch (``cols``: the moments'
     columns). The one place they are chosen: ``_project_launch`` launches with them and ``aot`` compiles
-    every combination of its arguments, so the ahead-of-time sweep covers exactly what can launch."""
+    every combination of its arguments, so the ahead-of-time sweep covers exactly what can launch. Cached
+    (a step asks per batch); callers get a copy."""
+    here = interpreting() if interpreted is None else interpreted
+    return dict(_project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, cols, blocks, here))
+
+
+@functools.lru_cache(maxsize=1024)
+def _project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, cols, blocks, interpreted):  # noqa: ANN001, ANN202
     quantized = MOMENT_INT8 in (m_kind, v_kind)
     a_dt, b_dt = (p_dtype, g_dtype) if side == "left" else (g_dtype, p_dtype)  # left: P^T G; right: G P
     if blocks is None:
@@ -397,6 +406,12 @@ def back_config(
     interpreted: bool | None = None,
 ) -> dict[str, Any]:
     """``back_update_kernel``'s constexprs and launch options for one batch (see ``project_config``)."""
+    here = interpreting() if interpreted is None else interpreted
+    return dict(_back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, here))
+
+
+@functools.lru_cache(maxsize=1024)
+def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, interpreted):  # noqa: ANN001, ANN202
     a_dt, b_dt = (p_dtype, torch.float32) if side == "left" else (torch.float32, p_dtype)  # P N; N P^T
     if blocks is None:
         blocks = default_blocks(precision=precision, interpreted=interpreted)
