@@ -569,19 +569,23 @@ class SubspaceAdamW(Optimizer):
         pieces = [] if flags is None else [flags.to(torch.int32)]
         if owed:
             dev = pieces[0].device if pieces else owed[0][1].device
-            pieces.append(torch.stack([count.to(dev) for _, count in owed]))
+            counts = [count for _, count in owed]
+            same = all(count.device == dev for count in counts)  # usually: one device, no copies to queue
+            pieces.append(torch.stack(counts if same else [count.to(dev) for count in counts]))
         if not pieces:
             return []
         values = torch.cat(pieces).tolist()
         taken = 0 if flags is None else flags.numel()
-        for (p, _), skipped in zip(owed, values[taken:], strict=True):
+        nonzero = []
+        for (p, count), skipped in zip(owed, values[taken:], strict=True):
             if skipped:
                 state = self._state_of(p)
                 state["step"] -= skipped
                 state["moment_age"] -= skipped
                 self._nonfinite_skips += skipped
-        if owed:
-            torch._foreach_zero_([count for _, count in owed])
+                nonzero.append(count)
+        if nonzero:  # only counts that were read nonzero need zeroing (none, unless a step was skipped)
+            torch._foreach_zero_(nonzero)
         return [not bad for bad in values[:taken]]
 
     def _state_of(self, p: Tensor, peek: bool = False) -> dict[str, Any] | None:
@@ -712,12 +716,16 @@ class SubspaceAdamW(Optimizer):
         skip_of: dict[int, Tensor] = {}  # by id(p)
         counted: dict[int, Tensor] = {}
         if masked:  # per parameter, on its device: a bool flag for the updates, an int32 one to count the skips
+            ids = [id(p) for *_, p in work]
             for dev in set(devices):
                 here = bad if dev == bad.device else bad.to(dev)
                 flags, ints = here.unbind(0), here.to(torch.int32).unbind(0)
-                for j, (*_, p) in enumerate(work):
+                if len(set(devices)) == 1:  # the usual case: every parameter on one device
+                    skip_of, counted = dict(zip(ids, flags, strict=True)), dict(zip(ids, ints, strict=True))
+                    break
+                for j, key in enumerate(ids):
                     if devices[j] == dev:
-                        skip_of[id(p)], counted[id(p)] = flags[j], ints[j]
+                        skip_of[key], counted[key] = flags[j], ints[j]
         for (_, which, precision, shard), xs in batches.items():
             if shard is None:  # plain tensors: no rank-local views to take
                 args = ([x.p for x in xs], [_matrix(x.p.grad) for x in xs], [x.state["basis"] for x in xs],
