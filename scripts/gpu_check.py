@@ -7,6 +7,8 @@ failure in one part is recorded and the next part runs), all within ``--budget``
 
 1. ``versions``: torch, CUDA, Triton, ptxas, the driver, the GPU.
 2. ``probe``: ``subspace_optim.kernels.probe.probe(cuda)``, the engine's first-use self-check.
+2b. ``precompile``: optimizer steps with ``engine="triton"`` compile nothing at launch (``kernels.precompile``
+   compiled every variant first; Triton's post-compile hook counts).
 3. ``aot``: a compile, for this GPU's architecture, of every kernel variant the LLaMA-1B and -7B presets launch
    (weights fp32 and bf16; the options of ``bench_host.VARIANTS``) through ``subspace_optim.kernels.aot``
    (registers, spills, failures); "aot module missing" when that module is not there. CPU work: it runs
@@ -96,6 +98,8 @@ def plan(out: Path) -> list[Part]:
     return [
         Part("versions", "torch, CUDA, Triton, ptxas, driver and GPU versions", 30),
         Part("probe", "subspace_optim.kernels.probe.probe(cuda): the engine's self-check", 90),
+        Part("precompile", "optimizer steps with engine='triton' compile every variant before launching (Triton's "
+             "compile hook counts compiles at launch: 0 expected)", 90),
         Part("aot", "compile every kernel variant the 1B and 7B presets launch (kernels.aot), this GPU's arch; "
              "CPU work, beside the next two parts", 120, background=True),
         Part("kernel_tests", "pytest tests/test_kernels.py on CUDA", 120,
@@ -287,9 +291,56 @@ def part_memory(preset_name: str = "llama_1b", device: str = "cuda") -> dict[str
     return out
 
 
+def part_precompile() -> dict[str, Any]:
+    """A step compiles nothing at launch: Triton's post-compile hook counts every compile while optimizers with
+    ``engine="triton"`` take a first (refreshing) step and two regular ones, for fp32 and bf16 weights and the
+    options of ``bench_host.VARIANTS``, on a right and a left projection and a batch of two. After the probe
+    (which compiles its own variants as it launches them), every compile must be a warm-up from
+    ``kernels.precompile``: one at launch would be a variant ``variants_for`` missed (a step that could fail
+    half-applied)."""
+    import torch
+    import triton
+    from bench_host import VARIANTS
+
+    from subspace_optim import SubspaceAdamW, engine
+
+    device = torch.device("cuda")
+    engine._passes_probe(device, "triton")
+    compiles: list[tuple[str, bool]] = []
+
+    def hook(*, fn: Any, is_manual_warmup: bool, **_: Any) -> bool:
+        compiles.append((fn.name, bool(is_manual_warmup)))
+        return False  # compile as usual
+
+    saved = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = hook
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        for variant, wname in itertools.product(VARIANTS.values(), WEIGHT_DTYPES):
+            dtype = getattr(torch, wname)
+            params = [torch.nn.Parameter(torch.randn(*shape, generator=gen).to(device, dtype))
+                      for shape in ((96, 64), (64, 300), (96, 64), (64,))]  # fmt: skip
+            opt = SubspaceAdamW([{"params": params[:3], "rank": 8, "update_gap": 3}, {"params": params[3:]}],
+                                lr=1e-3, engine="triton", **variant)  # fmt: skip
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+                opt.step()
+        torch.cuda.synchronize()
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = saved
+    at_launch = sorted({name for name, warm in compiles if not warm})
+    return {
+        "status": "ok" if not at_launch else "failed",
+        "warm_ups": sum(warm for _, warm in compiles),
+        "compiled_at_launch": at_launch,
+    }
+
+
 PARTS: dict[str, Callable[[], dict[str, Any]]] = {
     "versions": part_versions,
     "probe": part_probe,
+    "precompile": part_precompile,
     "aot": part_aot,
     "memory": part_memory,
 }

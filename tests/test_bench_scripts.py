@@ -237,7 +237,8 @@ def test_gpu_check_dry_run(tmp_path):
 
     plan = _run("gpu_check.py", "--dry-run", "--out", str(tmp_path / "out"), tmp_path=tmp_path)
     parts = {p["name"]: p for p in plan["parts"]}
-    assert list(parts) == ["versions", "probe", "aot", "kernel_tests", "memory", "bench_step", "bench_refresh"]
+    assert list(parts) == ["versions", "probe", "precompile", "aot", "kernel_tests", "memory", "bench_step",
+                           "bench_refresh"]
     assert sum(p["budget_s"] for p in plan["parts"]) > 0 and plan["budget_s"] == 300
     assert "tests/test_kernels.py" in parts["kernel_tests"]["command"]
     for name in ("bench_step", "bench_refresh"):
