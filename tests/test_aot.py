@@ -167,3 +167,70 @@ def test_the_sweep_holds_every_variant_a_step_can_compile_on_a_gpu():
         precision = engine.matmul_precision(choice, w)
         wanted = precompile.variants_for(side, w, w, basis, moments, residual, precision, cols, refresh, False)
         assert set(wanted) <= swept, (side, w, basis, moments, residual, precision, cols)
+
+
+_SAME_BINDING = r"""
+import json, sys
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import MockTensor, create_function_from_signature
+from subspace_optim import quant
+from subspace_optim.kernels import precompile, step as ks
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+calls = {}
+for name in ("project_adam_kernel", "back_update_kernel"):
+    kernel = precompile.jitted(name)
+    kernel.run = lambda *a, grid, warmup, _n=name, _k=kernel, **kw: calls.setdefault(_n, (a, kw))
+
+def bind(kernel, *args, **kwargs):
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs.update(debug=False, instrumentation_mode="", fpsan_homomorphic_casts=False)
+    _, specialization, options = binder(*args, **kwargs)
+    return [str(s) for s in specialization], str(options)
+
+out = []
+side, moments, residual = sys.argv[1], sys.argv[2], sys.argv[3]
+m, n, r = (40, 300, 8) if side == "left" else (301, 40, 7)
+shape = (r, n) if side == "left" else (m, r)
+st = {**quant.zeros(shape, moments, "cpu", "exp_avg"), **quant.zeros(shape, moments, "cpu", "exp_avg_sq")}
+absmax = {}
+if moments == "int8":
+    absmax = {"exp_avg_absmaxes": [st["exp_avg_absmax"]], "exp_avg_sq_absmaxes": [st["exp_avg_sq_absmax"]]}
+w, g = torch.randn(m, n).to(torch.bfloat16), torch.randn(m, n).to(torch.bfloat16)
+basis = torch.randn((m if side == "left" else n) + 1, r)[1:]  # an offset view: its address may be unaligned
+ks.subspace_adamw([w], [g], [basis], [st["exp_avg"]], [st["exp_avg_sq"]], [1], lr=1e-3, betas=(0.9, 0.999),
+                  eps=1e-8, weight_decay=0.0, scale=1.0, sides=[side], matmul_precision="tf32", residual=residual,
+                  update_norms=[torch.zeros(())], **absmax)
+wanted = precompile.variants_for(side, w.dtype, g.dtype, "float32", moments, residual, "tf32", shape[1], False, False)
+for v in wanted:
+    kernel = precompile.jitted(v.kernel)
+    args, kwargs = calls[v.kernel]
+    launch = bind(kernel, *args, **kwargs)
+    warm = bind(kernel, **precompile.arguments(kernel, v, MockTensor))
+    out.append({"kernel": v.kernel, "same": launch == warm, "launch": launch, "warm": warm})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(("side", "moments", "residual"), [("left", "float32", "none"), ("right", "int8", "fira"),
+                                                           ("left", "int8", "apollo")])  # fmt: skip
+def test_a_warm_up_binds_exactly_what_a_launch_binds(side, moments, residual):
+    """``precompile._compile`` warms a variant up with mock pointers and sample ints; Triton's own binder (as a
+    GPU launch runs it, for sm_90, interpreter off) must give the warm-up and a real launch of that matrix the
+    same specialization and options, so the launch finds the warmed-up kernel and compiles nothing. The launch
+    uses ragged sizes, strides of 1 and odd addresses, which Triton would have specialized on."""
+    _ptxas_or_skip()
+    import json
+    import os
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", _SAME_BINDING, side, moments, residual], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in results} == {"project_adam_kernel", "back_update_kernel"}
+    for r in results:
+        assert r["same"], (r["kernel"], r["launch"], r["warm"])
