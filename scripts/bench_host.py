@@ -60,6 +60,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "fira": {"residual": "fira"},
     "int8_bf16": {"moments_dtype": "int8", "basis_dtype": "bfloat16"},
+    "fused": {"fused": True},  # the plain parameters on torch's fused AdamW: they skip on the device too
 }
 KERNEL_PACKAGE = "subspace_optim.kernels"
 REGULAR_GAP = 10**9  # no timed step refreshes (bench_step checks it after every timed step)

@@ -261,6 +261,7 @@ def adamw(
     foreach: bool | None,
     exp_avg_absmaxes: list[Tensor] | None = None,
     exp_avg_sq_absmaxes: list[Tensor] | None = None,
+    fused: bool | None = None,
 ) -> None:
     """Plain AdamW for the parameters that are not projected: torch's own ``adam`` with decoupled weight
     decay, so these parameters train exactly as ``torch.optim.AdamW`` would train them.
@@ -276,7 +277,7 @@ def adamw(
     if isinstance(betas[0], Tensor) and foreach is None:
         foreach = False  # torch's foreach AdamW refuses tensor betas; it would pick foreach on CUDA
     cpu = all(type(p) in _PLAIN_TENSORS and p.device.type == "cpu" and p.dtype in _FOREACH_SAME for p in params)
-    if foreach is None and cpu and not isinstance(lr, Tensor) and not torch.compiler.is_compiling():
+    if foreach is None and not fused and cpu and not isinstance(lr, Tensor) and not torch.compiler.is_compiling():
         # torch's own default on the CPU is its per-tensor loop; its foreach path gives the same bits there
         # (every _foreach_ op loops over the same kernels; tests/test_adamw_parity.py checks it against the
         # default) with one dispatch per operation instead of one per operation and tensor. Not with a tensor
@@ -284,7 +285,7 @@ def adamw(
         # path's CPU step counters).
         foreach = True
     if exp_avg_absmaxes is None and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params, strict=True)):
-        _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, **kwargs)
+        _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, fused=fused, **kwargs)
         return
     for i, p in enumerate(params):
         moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
@@ -306,6 +307,35 @@ def adamw(
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)  # not DTensors or other subclasses
 # Dtypes whose CPU foreach kernels round as the per-tensor ones (fp16's _foreach_mul_ by a scalar does not).
 _FOREACH_SAME = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def fused_adamw_skipping(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    found_infs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """``torch.optim.AdamW(fused=True)``'s step for each plain parameter, skipped on the device where its
+    ``found_infs[i]`` (0-d fp32 on its device; 1.0: not finite) is set, with no host read.
+
+    torch's fused kernel takes one ``found_inf`` per call (meant for a GradScaler's whole step), so each
+    parameter is its own call, with torch's own step bookkeeping around it (``torch.optim.adam._fused_adam``:
+    counts + 1, the kernel, counts - found_inf). A parameter whose flag is 0 steps exactly as in
+    ``torch.optim.AdamW(fused=True)``; one whose flag is 1 is left untouched, its count included. Moments in
+    the parameter's dtype only (torch AdamW's own state); the step counts live on the parameters' devices."""
+    beta1, beta2 = (float(b) for b in betas)  # torch's _to_scalar
+    torch._foreach_add_(steps, 1)
+    for p, g, m, v, step, bad in zip(params, grads, exp_avgs, exp_avg_sqs, steps, found_infs, strict=True):
+        torch._fused_adamw_([p], [g], [m], [v], [], [step], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=bad)
+    torch._foreach_sub_(steps, list(found_infs))
 
 
 def _chunk_adamw(target: Tensor, grad: Tensor, moments: dict[str, Tensor], count: Tensor, kwargs: dict) -> None:

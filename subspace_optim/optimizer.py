@@ -39,7 +39,7 @@ Call = tuple[Callable[..., None], tuple, dict[str, Any]]
 # parameters and their gradients' layouts are the same. The others (lr, betas, eps, weight_decay, scale,
 # update_gap, seed, ...) are read at every step.
 STRUCTURAL_OPTIONS = ("rank", "proj_type", "engine", "matmul_precision", "moments_dtype", "basis_dtype", "residual",
-                      "refresh", "nonfinite", "foreach", "refresh_owner")  # fmt: skip
+                      "refresh", "nonfinite", "foreach", "fused", "refresh_owner")  # fmt: skip
 # Parameter-name parts of input embeddings and output heads (HF, GPT-2 and Meta LLaMA spellings).
 _VOCAB_NAMES = ("lm_head", "wte", "wpe")
 
@@ -271,7 +271,13 @@ class SubspaceAdamW(Optimizer):
             self-check there, else the reference), ``"triton"`` (obeyed: every projected matrix takes the
             kernels, on CUDA or on CPU under ``TRITON_INTERPRET=1``; one they cannot take is an error before
             the step changes anything) or ``"reference"`` (PyTorch only). See ``subspace_optim.engine``.
-        foreach: passed to ``torch.optim.adam`` for the plain-AdamW parameters.
+        foreach: passed to ``torch.optim.adam`` for the plain-AdamW parameters (``None``: torch's default; on the
+            CPU its foreach path, which gives the same bits as its per-tensor default there, except in fp16).
+        fused: ``True``: the plain-AdamW parameters step as ``torch.optim.AdamW(fused=True)`` (torch's fused
+            kernel; its numbers differ from the default's in the last bits). Their step counts then live on the
+            device, so with ``nonfinite="skip"`` a regular step skips them there too (torch's ``found_inf``, one
+            flag per parameter) and reads nothing back. Not together with ``foreach=True``; 8-bit or
+            other-dtype plain moments keep the per-tensor path.
         refresh_owner: ``"all"`` (every data-parallel rank computes every basis; identical by seeding) or
             ``"round_robin"`` (matrix i is refreshed on rank i mod world and its basis broadcast).
         consistency_check_every: every this many refreshes of a matrix, compare basis fingerprints
@@ -317,6 +323,7 @@ class SubspaceAdamW(Optimizer):
         nonfinite: str = "skip",
         engine: str = "auto",
         foreach: bool | None = None,
+        fused: bool | None = None,
         refresh_owner: str = "all",
         consistency_check_every: int = 0,
         matmul_precision: str = "auto",
@@ -580,8 +587,9 @@ class SubspaceAdamW(Optimizer):
         for (p, count), skipped in zip(owed, values[taken:], strict=True):
             if skipped:
                 state = self._state_of(p)
-                state["step"] -= skipped
-                state["moment_age"] -= skipped
+                if "refresh_count" in state:  # a plain parameter's fused step already took its skips off its count
+                    state["step"] -= skipped
+                    state["moment_age"] -= skipped
                 self._nonfinite_skips += skipped
                 nonzero.append(count)
         if nonzero:  # only counts that were read nonzero need zeroing (none, unless a step was skipped)
@@ -619,9 +627,39 @@ class SubspaceAdamW(Optimizer):
                     for ts in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"]) for p, s in members], strict=True)
                 )
                 kwargs = {**_hyper(group), "lr": plain_lr(group), "foreach": group["foreach"],
+                          "fused": group["fused"] if native else None,
                           **_absmaxes([s for _, s in members])}  # fmt: skip
                 calls.append((functional.adamw, (*args, [s["step"] for _, s in members]), kwargs))
         return calls
+
+    def _plain_skipping_calls(
+        self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]], skip_of: dict[int, Tensor],
+        counted: dict[int, Tensor],
+    ) -> tuple[list[Call], dict[int, list[tuple[Tensor, dict[str, Any]]]]]:  # fmt: skip
+        """A masked step's plain parameters that skip on the device: those of ``fused`` groups in torch AdamW's
+        own storage (their step counts are on the device; ``functional.fused_adamw_skipping``, one found_inf
+        each), with their skips counted on the device like the matrices' (``_read`` settles them). Returns
+        those calls and the plain parameters left for ``_plain_after_read``."""
+        calls: list[Call] = []
+        rest: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
+        for group in self.param_groups:
+            members = plain.get(id(group), [])
+            skipping = [(p, s) for p, s in members if group["fused"] and state_mod.native(p, s)]
+            if len(skipping) < len(members):
+                taken = {id(p) for p, _ in skipping}
+                rest[id(group)] = [(p, s) for p, s in members if id(p) not in taken]
+            if not skipping:
+                continue
+            ps = [p for p, _ in skipping]
+            found_inf = [skip_of[id(p)].float() for p in ps]  # torch's found_inf: fp32, on the parameter's device
+            args = (ps, [p.grad for p in ps], [s["exp_avg"] for _, s in skipping],
+                    [s["exp_avg_sq"] for _, s in skipping], [s["step"] for _, s in skipping], found_inf)  # fmt: skip
+            calls.append((functional.fused_adamw_skipping, args, {**_hyper(group), "lr": plain_lr(group)}))
+            counts = [self._skip_count(p) for p in ps]
+            calls.append((torch._foreach_add_, (counts, [counted[id(p)] for p in ps]), {}))
+            for p in ps:
+                self._unread[id(p)] = self._unread.get(id(p), 0) + 1
+        return calls, rest
 
     @torch._disable_dynamo
     def _plain_after_read(
@@ -756,7 +794,10 @@ class SubspaceAdamW(Optimizer):
                 for x in projected:
                     unread[id(x.p)] = unread.get(id(x.p), 0) + 1
             if plain:
-                calls.append((self._plain_after_read, (plain, skip_of), {}))
+                skipping, plain = self._plain_skipping_calls(plain, skip_of, counted)
+                calls += skipping
+                if plain:  # the rest: torch's AdamW with its host step counts, after one read
+                    calls.append((self._plain_after_read, (plain, skip_of), {}))
         return calls
 
     @torch.no_grad()

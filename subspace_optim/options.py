@@ -87,6 +87,9 @@ OPTIONS: tuple[Option, ...] = (
            NONFINITE_POLICIES),
     Option("engine", "auto", "choice", "compute engine of the step and the refresh", ENGINES),
     Option("foreach", None, "bool_or_none", "torch's foreach AdamW for the unprojected parameters"),
+    Option("fused", None, "bool_or_none",
+           "torch's fused AdamW for the unprojected parameters (as torch.optim.AdamW(fused=True); their step counts "
+           "then live on the device, so a regular step skips them there too and reads nothing back)"),
     Option("refresh_owner", "all", "choice",
            "data parallel: every rank refreshes every basis, or each basis on one rank and broadcast",
            REFRESH_OWNERS),
@@ -124,7 +127,7 @@ GROUP_KEYS = frozenset(
 # (``SubspaceAdamW(adamw.param_groups)``) keeps them; any other value asks for a mode SubspaceAdamW lacks.
 TORCH_ADAMW_FLAGS: dict[str, tuple[Any, ...]] = {
     "amsgrad": (False,), "maximize": (False,), "capturable": (False,), "differentiable": (False,),
-    "fused": (None, False), "decoupled_weight_decay": (True,),
+    "decoupled_weight_decay": (True,),
 }  # fmt: skip
 
 
@@ -243,6 +246,8 @@ def validate(options: dict[str, Any], where: str) -> None:
             _check_real(option, value, where)
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
             _fail(option, value, where, f"{option.name} must be True, False or None", TypeError)
+    if options.get("fused") and options.get("foreach"):  # torch.optim.AdamW's rule, for the plain parameters
+        raise ValueError(f"`fused` and `foreach` cannot be `True` together {where}: set one of them")
     if options["engine"] == "triton" and not triton_runtime.available():
         _fail(BY_NAME["engine"], "triton", where, "engine='triton' needs the triton package (pip install triton)")
 

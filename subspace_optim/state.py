@@ -63,6 +63,7 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
         state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
         for key in MOMENTS:
             state.update(_moment(p, tuple(local(p).shape), kind, key, projected=False))
+        _place_step(p, group, state)
         return state
     # Counters are plain ints and the side is derived from (proj_type, shape), never stored: state is
     # tensors and numbers only, which is what torch.load(weights_only=True) and DCP accept.
@@ -102,14 +103,30 @@ def mismatched(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
     return quant.stored_kind(state, "exp_avg") != kind or wrong_basis
 
 
+def _place_step(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+    """A plain parameter's step count where torch's AdamW keeps it: on the parameter's device for the fused
+    kernel (``fused=True``, torch AdamW's own state), on the CPU otherwise (the per-tensor and foreach paths
+    read it on the host). Moved when the option changes or a checkpoint put it elsewhere."""
+    fused = bool(group.get("fused")) and native(p, state)
+    want = local(p).device if fused else torch.device("cpu")
+    if state["step"].device != want:
+        state["step"] = state["step"].to(want)
+
+
 def conform(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
     """Convert state saved with other ``moments_dtype`` / ``basis_dtype`` options to the group's, through
-    fp32 (a documented conversion; ``checks`` refuses it for FSDP2 shards before anything changes), and
-    give a projected matrix the residual's state when its group has turned a residual on."""
+    fp32 (a documented conversion; ``checks`` refuses it for FSDP2 shards before anything changes), give a
+    projected matrix the residual's state when its group has turned a residual on, and put a plain
+    parameter's step count where ``fused`` wants it (``_place_step``)."""
     if "refresh_count" in state:
         _residual_state(p, group, state)
-    if not mismatched(p, group, state):
-        return
+    if mismatched(p, group, state):
+        _convert(p, group, state)
+    if "refresh_count" not in state:
+        _place_step(p, group, state)
+
+
+def _convert(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
     kind, basis = _wanted(p, group, state)
     for key in MOMENTS:
         quant.convert(state, key, kind)

@@ -143,7 +143,9 @@ subspace_adamw_info = OptimizerInfo(
     SubspaceAdamW,
     optim_inputs_func=optim_inputs_func_subspace_adamw,
     optim_error_inputs_func=optim_error_inputs_func_subspace_adamw,
-    # foreach is an option (for the plain-AdamW parameters); fused and differentiable are not.
+    # foreach and fused are options for the plain-AdamW parameters; the suite's fused tests drive torch's
+    # GradScaler found_inf protocol (``_step_supports_amp_scaling``), which SubspaceAdamW does not take, so only
+    # foreach is declared (fused is held to torch.optim.AdamW(fused=True) in tests/test_fused_plain.py).
     supported_impls=("foreach",),
     # Documented unsupported: complex parameters and sparse gradients raise TypeError at step (tested below
     # instead of skipped), so no skips are declared.

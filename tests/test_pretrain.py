@@ -141,6 +141,7 @@ SUBSPACE_KEYWORD_FLAGS = {
     "nonfinite": (["--nonfinite", "raise"], "raise"),
     "engine": (["--engine", "reference"], "reference"),
     "foreach": (["--foreach", "true"], True),
+    "fused": (["--subspace-fused", "false"], False),  # not True beside foreach=True (torch's rule)
     "refresh_owner": (["--refresh-owner", "round_robin"], "round_robin"),
     "consistency_check_every": (["--consistency-check-every", "3"], 3),
     "matmul_precision": (["--matmul-precision", "ieee"], "ieee"),

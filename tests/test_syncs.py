@@ -250,6 +250,32 @@ def test_plain_parameters_read_once_after_the_projected_updates(monkeypatch):
     assert order == ["core"]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_plain_parameters_of_a_fused_group_skip_on_the_device_too(engine):
+    """``fused=True``: the plain parameters step as torch's fused AdamW, whose step counts live on the device,
+    so regular steps with plain parameters, one with a NaN in a plain gradient, read nothing back; the skipped
+    parameter (weight, moments, count) is untouched, and the skip is counted when the metrics ask."""
+    params, bias, gain = _matrices(), nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(7))
+    groups = [{"params": params, "rank": 3, "update_gap": 10, "engine": engine}, {"params": [bias, gain]}]
+    opt = SubspaceAdamW(groups, lr=1e-2, weight_decay=0.1, fused=True)
+    everything = [*params, bias, gain]
+    grads = _gradients(everything, 5)
+    grads[2][3][1] = float("nan")  # step 2: a NaN in the bias's gradient
+    _step(opt, everything, grads[0])
+    before = None
+    with _host_reads_raise():
+        for i, g in enumerate(grads[1:], start=1):
+            if i == 2:
+                before = (bias.detach().clone(), {k: v.clone() for k, v in opt.state.raw(bias).items()})
+            _step(opt, everything, g)
+            if i == 2:
+                assert torch.equal(bias, before[0])
+                assert all(torch.equal(v, before[1][k]) for k, v in opt.state.raw(bias).items())
+    assert opt.subspace_metrics()["overall"]["nonfinite_skips"] == 1
+    assert float(opt.state[bias]["step"]) == 4 and float(opt.state[gain]["step"]) == 5
+    assert all(torch.isfinite(p).all() for p in everything)
+
+
 def test_deepcopy_and_checkpoints_count_only_steps_taken():
     """A copy, a pickle or a checkpoint taken while skips are still on the device counts exactly the steps
     taken, and training resumed from it continues identically."""

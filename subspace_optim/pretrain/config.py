@@ -113,7 +113,7 @@ def _option(name: str, default: Any = _TABLE, scope: str = "subspace") -> Any:
 
 
 # The config field of each SubspaceAdamW option whose flag has another name.
-OPTION_FIELDS = {"seed": "subspace_seed"}
+OPTION_FIELDS = {"seed": "subspace_seed", "fused": "subspace_fused"}
 
 
 @dataclass
@@ -191,6 +191,7 @@ class PretrainConfig:
     nonfinite: str = _option("nonfinite")
     engine: str = _option("engine")
     foreach: bool | None = _option("foreach")
+    subspace_fused: bool | None = _option("fused")
     refresh_owner: str = _option("refresh_owner")
     consistency_check_every: int = _option("consistency_check_every")
     matmul_precision: str = _option("matmul_precision")

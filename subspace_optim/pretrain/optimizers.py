@@ -136,8 +136,9 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
             if key not in ("lr", "betas", "eps", "weight_decay")
         }
         opts["plain_lr"] = cfg.plain_lr_for(name)
-        # plain groups too: the engine, foreach, matmul precision, moment storage and their lr
-        everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "matmul_precision", "moments_dtype", "plain_lr")}
+        # plain groups too: the engine, foreach/fused, matmul precision, moment storage and their lr
+        everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "fused", "matmul_precision", "moments_dtype",
+                                               "plain_lr")}  # fmt: skip
         groups = param_groups(model, target_modules(cfg), weight_decay=cfg.weight_decay, **opts)
         return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, **everywhere)
     if name in ("galore", "galore8bit", "apollo"):
