@@ -40,14 +40,18 @@ INT_ARGUMENTS = {
     "back_update_kernel": ("M", "N", "K", "sa0", "sa1", "sb0", "sb1", "sw0", "sw1", "sg0", "sg1", "s_coef"),
     "batched_gemm_kernel": ("M", "N", "K", "sa0", "sa1", "sb0", "sb1", "sc0", "sc1"),
     "gaussian_kernel": ("seed", "rows", "cols"),
+    "nonfinite_kernel": (),
 }  # fmt: skip
 POINTER_DTYPES = {"hyper": torch.float32, "m_table": torch.float32, "v_table": torch.float32,
-                  "coef": torch.float32, "out": torch.float32}  # fmt: skip
+                  "coef": torch.float32, "out": torch.float32, "limits": torch.float32}  # fmt: skip
+# Per kernel, pointers of another element type than POINTER_DTYPES gives (the flags kernel's out is int32).
+KERNEL_POINTER_DTYPES = {"nonfinite_kernel": {"out": torch.int32}}
 KERNEL_MODULES = {
     "project_adam_kernel": "step",
     "back_update_kernel": "step",
     "batched_gemm_kernel": "gemm",
     "gaussian_kernel": "gemm",
+    "nonfinite_kernel": "flags",
 }
 # Sample values for the integer arguments of a compile: any value below 2**31 compiles the same variant
 # (an int32); a sketch seed is 63 bits (``linalg.sketch_seed``), so the Gaussian's seed is an int64.
@@ -134,6 +138,13 @@ def variants_for(
 _READY: dict[tuple[str, Variant], str | None] = {}
 
 
+def flags_variants(dtypes: Iterable[torch.dtype]) -> tuple[Variant, ...]:
+    """The finiteness kernel's variants for gradients of these dtypes (``kernels.flags``)."""
+    from . import flags
+
+    return tuple(dict.fromkeys(Variant.of("nonfinite_kernel", flags.flags_config(d)) for d in dtypes))
+
+
 def ensure(device: torch.device, variants: Iterable[Variant]) -> dict[Variant, str]:
     """Compile (and load) on ``device`` every variant not compiled there yet; return the failures
     ({variant: why}, empty when all are ready). A variant is tried once per process and device."""
@@ -172,7 +183,8 @@ def arguments(kernel: Any, v: Variant, pointer: Any) -> dict[str, Any]:
         elif p.name in ints:
             args[p.name] = _SAMPLE_INTS.get(p.name, 0)
         else:
-            args[p.name] = pointer(POINTER_DTYPES.get(p.name, torch.int64))
+            dtypes = {**POINTER_DTYPES, **KERNEL_POINTER_DTYPES.get(v.kernel, {})}
+            args[p.name] = pointer(dtypes.get(p.name, torch.int64))
     return {**args, **{k: val for k, val in cfg.items() if k not in args}}
 
 

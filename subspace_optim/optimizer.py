@@ -8,6 +8,7 @@ compatibility guards in ``compat``, metrics in ``metrics``; ``docs/architecture.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -138,6 +139,7 @@ class _Plan:
         self.state, self.version = state, getattr(state, "version", None)
         self.structure: tuple | None = None
         self._launch_batches: dict[tuple[int, str], list[list[int]]] = {}
+        self.kernel_flags = False  # the finiteness test runs as the Triton kernel (``_use_kernel_flags``)
 
     def holds(self, key: tuple, state: Any) -> bool:
         """Whether the plan still describes a step with this key and this state."""
@@ -497,7 +499,27 @@ class SubspaceAdamW(Optimizer):
             self._plan = plan if key is not None else None
         if not plan.work:
             return plan.work, None
-        return plan.work, checks.nonfinite_flags([p.grad for *_, p in plan.work], plan.limits, plan.shard_groups)
+        grads = [p.grad for *_, p in plan.work]
+        if plan.kernel_flags:
+            from .kernels.flags import nonfinite_flags
+
+            return plan.work, nonfinite_flags(grads, plan.limits)
+        return plan.work, checks.nonfinite_flags(grads, plan.limits, plan.shard_groups)
+
+    @staticmethod
+    def _use_kernel_flags(plan: _Plan, projected: list[Matrix], devices: list[torch.device]) -> bool:
+        """Whether the plan's steps take the finiteness test as one Triton launch per gradient dtype
+        (``kernels.flags``: the same flags as ``checks.nonfinite_flags``): when every projected matrix runs on the
+        kernels, nothing is sharded, every gradient is a contiguous fp32/bf16/fp16 tensor on one device, and its
+        variants compiled there (``kernels.precompile``)."""
+        if not projected or any(x.engine != "triton" for x in projected) or plan.shard_groups or len(set(devices)) != 1:
+            return False
+        grads = [p.grad for *_, p in plan.work]
+        if any(g.dtype not in engine.KERNEL_DTYPES or not g.is_contiguous() for g in grads):
+            return False
+        from .kernels import precompile
+
+        return not precompile.ensure(devices[0], precompile.flags_variants({g.dtype for g in grads}))
 
     def _plan_key(self) -> tuple:
         """What the checks of a step depend on: per group its parameters and structural options, and per
@@ -634,12 +656,13 @@ class SubspaceAdamW(Optimizer):
 
     def _plain_skipping_calls(
         self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]], skip_of: dict[int, Tensor],
-        counted: dict[int, Tensor],
+        counted: dict[int, Tensor], found: Callable[[], dict[int, Tensor]],
     ) -> tuple[list[Call], dict[int, list[tuple[Tensor, dict[str, Any]]]]]:  # fmt: skip
         """A masked step's plain parameters that skip on the device: those of ``fused`` groups in torch AdamW's
         own storage (their step counts are on the device; ``functional.fused_adamw_skipping``, one found_inf
         each), with their skips counted on the device like the matrices' (``_read`` settles them). Returns
-        those calls and the plain parameters left for ``_plain_after_read``."""
+        those calls and the plain parameters left for ``_plain_after_read``. ``found()``: every parameter's flag
+        as fp32 (torch's found_inf) by id when they share one device, else {} (then converted one by one)."""
         calls: list[Call] = []
         rest: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
         for group in self.param_groups:
@@ -651,7 +674,8 @@ class SubspaceAdamW(Optimizer):
             if not skipping:
                 continue
             ps = [p for p, _ in skipping]
-            found_inf = [skip_of[id(p)].float() for p in ps]  # torch's found_inf: fp32, on the parameter's device
+            floats = found()  # torch's found_inf: fp32, on the parameter's device
+            found_inf = [floats[id(p)] if floats else skip_of[id(p)].float() for p in ps]
             args = (ps, [p.grad for p in ps], [s["exp_avg"] for _, s in skipping],
                     [s["exp_avg_sq"] for _, s in skipping], [s["step"] for _, s in skipping], found_inf)  # fmt: skip
             calls.append((functional.fused_adamw_skipping, args, {**_hyper(group), "lr": plain_lr(group)}))
@@ -744,6 +768,7 @@ class SubspaceAdamW(Optimizer):
             devices = [local(p).device for *_, p in work]
             if plan is not None and plan.holds(plan.key, self.state):  # no state entry was created just now
                 plan.structure = (projected, plain, batches, devices)
+                plan.kernel_flags = self._use_kernel_flags(plan, projected, devices)
         due = schedule.due(projected)
         if due and schedule.refresh(due, self._metrics):
             self.check_consistency()
@@ -794,7 +819,9 @@ class SubspaceAdamW(Optimizer):
                 for x in projected:
                     unread[id(x.p)] = unread.get(id(x.p), 0) + 1
             if plain:
-                skipping, plain = self._plain_skipping_calls(plain, skip_of, counted)
+                single = len(set(devices)) == 1
+                found = functools.cache(lambda: dict(zip(ids, bad.float().unbind(0), strict=True)) if single else {})
+                skipping, plain = self._plain_skipping_calls(plain, skip_of, counted, found)
                 calls += skipping
                 if plain:  # the rest: torch's AdamW with its host step counts, after one read
                     calls.append((self._plain_after_read, (plain, skip_of), {}))

@@ -87,11 +87,12 @@ def _events(precompile):
 @pytest.mark.parametrize("options", OPTIONS, ids=["default", "fira-int8", "apollo-bf16-rsvd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_variant_a_step_launches_is_compiled_before_its_first_launch(fresh, options, dtype):
-    """A first step (which refreshes every basis on the kernels) and a regular one: the optimizer compiles
-    every variant before the first launch of the step, and launches nothing else."""
+    """A first step (which refreshes every basis on the kernels) and regular ones: the optimizer compiles every
+    variant before the first launch of the step, and launches nothing else. The first regular step may add the
+    finiteness kernel's variants (``kernels.flags``, used from the next step on); later steps compile nothing."""
     params = _model(dtype)
     opt = _optimizer(params, "triton", **options)
-    for step in range(2):
+    for step in range(3):
         _grads(params, step)
         with _events(fresh) as events:
             opt.step()
@@ -104,8 +105,11 @@ def test_every_variant_a_step_launches_is_compiled_before_its_first_launch(fresh
             assert {v.kernel for v in launched} >= {"project_adam_kernel", "back_update_kernel",
                                                      "batched_gemm_kernel"}  # fmt: skip
             assert launched <= {v for kind, v in events if kind == "compile"}
-        else:  # compiled once: the regular step asks for nothing new
+        elif step == 1:  # the finiteness kernel's variants at most
+            assert {v.kernel for kind, v in events if kind == "compile"} <= {"nonfinite_kernel"}
+        else:  # compiled once: a regular step asks for nothing new, and its flags come from the kernel
             assert "compile" not in kinds
+            assert "nonfinite_kernel" in {v.kernel for v in launched}
 
 
 def _fail(precompile, monkeypatch, when):

@@ -1,0 +1,77 @@
+"""The step's finiteness test as one launch per gradient dtype: which gradients hold a NaN, an Inf or an entry at
+or above their limit (``checks.grad_limit``).
+
+``checks.nonfinite_flags`` computes the same flags with ``torch._foreach_norm(grads, inf)``. On a GPU that is a
+multi-tensor launch too; this kernel exists so that a Triton step's host work is its own launches and tables
+(it reads a pointer table, like the step kernels) and so that the test asks exactly the question the skip
+needs: is every entry's magnitude below the limit, ``|x| < limit`` (False for NaN), compared in fp32 as
+``checks`` compares max |G| (an fp32 or wider value) with its fp32 limit. Each gradient is read once, by a few
+programs striding over it; a program that sees a bad entry stores 1 into the gradient's flag (several may: the
+same value).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import FP_FUSION, device_guard, host_table, tl_dtype
+from .precompile import jit
+
+BLOCK = 1024
+# Programs per gradient: enough that the largest gradient is read by many programs at once, capped so that a
+# step with thousands of small gradients does not launch millions of idle programs.
+_MAX_PROGRAMS = 512
+_ITERATIONS = 16  # blocks a program reads, at most, before another program is added (up to the cap)
+
+
+@jit
+def nonfinite_kernel(ptrs, numels, limits, out, X_DT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = 1 if gradient t (``numels[t]`` contiguous entries at ``ptrs[t]``) has an entry with
+    not (|x| < limits[t]); programs (i, t) for i < grid 0 read blocks i, i + P, i + 2P, ..."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1)
+    step = tl.num_programs(0)
+    x_ptr = tl.load(ptrs + t).to(tl.pointer_type(X_DT))
+    n = tl.load(numels + t)
+    limit = tl.load(limits + t)
+    bad = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(pid * BLOCK, n, step * BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        bad = tl.maximum(bad, tl.where(tl.abs(x) < limit, 0, 1))
+    found = tl.max(bad, axis=0)
+    tl.store(out + t, found, mask=found > 0)
+
+
+def flags_config(x_dtype: torch.dtype) -> dict[str, Any]:
+    """``nonfinite_kernel``'s constexprs and launch options for gradients of ``x_dtype`` (``aot`` and
+    ``precompile`` ask this too)."""
+    return dict(X_DT=tl_dtype(x_dtype), BLOCK=BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION)
+
+
+def nonfinite_flags(grads: list[Tensor], limits: Tensor) -> Tensor:
+    """Per gradient (contiguous, all on one device, fp32/bf16/fp16), True where an entry is NaN/Inf or not below
+    its limit (``limits``: fp32 on that device): ``checks.nonfinite_flags``'s answer, one launch per dtype."""
+    device = grads[0].device
+    out = torch.zeros(len(grads), dtype=torch.int32, device=device)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_dtype.setdefault(g.dtype, []).append(i)
+    with device_guard(device):
+        for dtype, idx in by_dtype.items():
+            members = [grads[i] for i in idx]
+            most = max(g.numel() for g in members)
+            programs = max(1, min(_MAX_PROGRAMS, triton.cdiv(most, BLOCK * _ITERATIONS)))
+            table = host_table([[g.data_ptr() for g in members], [g.numel() for g in members]], torch.int64, device)
+            whole = len(idx) == len(grads)
+            lim = limits if whole else limits[host_table(idx, torch.int64, device)]
+            flags = out if whole else torch.zeros(len(idx), dtype=torch.int32, device=device)
+            nonfinite_kernel[(programs, len(idx))](table[0], table[1], lim, flags, **flags_config(dtype))
+            if not whole:
+                out[host_table(idx, torch.int64, device)] = flags
+    return out.bool()
