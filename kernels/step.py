@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..inner import adam_scalars, channel_dim, device_vector, first_ratios, lag_factors, residual_factors
+from ..inner import adam_scalars, channel_dim, device_vector, first_ratios, lag_vectors, residual_factors
 from ..quant import BLOCK
 from ..triton_runtime import interpreting
 from ._common import (
@@ -678,7 +678,6 @@ def subspace_adamw(
         batches = layout_batches(ws, grads, bases, exp_avgs, exp_avg_sqs, sides, mqs, vqs)
     resid = residual != "none"
     launched, members, bias1 = [], [list(idx) for idx in batches], [0.0] * count
-    fixes = None if lags is None else lag_factors(steps, lags, betas)  # an ``inner.Lag`` per matrix
     by_age: dict[int, tuple[list[float], float]] = {}  # a batch's matrices usually share one age
     for idx in members:
         dev = grads[idx[0]].device
@@ -693,9 +692,10 @@ def subspace_adamw(
             hyper = host_table(rows, torch.float32, dev)
             if skipped is not None:
                 hyper[:, 7].copy_(torch.stack([skipped[i] for i in idx]))
-            if fixes is not None:  # alpha and sqrt(1 - b2^t) where the host count runs ahead (exact 1.0 otherwise)
-                hyper[:, 5].mul_(torch.stack([fixes[i].c1 for i in idx]))
-                hyper[:, 4].div_(torch.stack([fixes[i].c2 for i in idx]))
+            if lags is not None:  # alpha and sqrt(1 - b2^t) where the host count runs ahead (exact 1.0 otherwise)
+                fix = lag_vectors([steps[i] for i in idx], [lags[i] for i in idx], betas)  # ``inner.Lag`` vectors
+                hyper[:, 5].mul_(fix.c1)
+                hyper[:, 4].div_(fix.c2)
             launched.append(_project_launch(
                 [ws[i] for i in idx], [grads[i] for i in idx], [bases[i] for i in idx], [exp_avgs[i] for i in idx],
                 [exp_avg_sqs[i] for i in idx], None if mqs[idx[0]] is None else [mqs[i] for i in idx],
@@ -705,8 +705,8 @@ def subspace_adamw(
     coefs = None
     if resid:
         bias1_t = device_vector(bias1, torch.float64, grads[0].device)
-        if fixes is not None:
-            bias1_t = bias1_t / torch.stack([f.c1 for f in fixes])
+        if lags is not None:
+            bias1_t = bias1_t / lag_vectors(steps, lags, betas).c1
         coefs = _residual_between(launched, members, bases, residual, update_norms, bias1_t, scale, reduce, skipped)
     for b, x in enumerate(launched):
         with device_guard(x.gs[0].device):

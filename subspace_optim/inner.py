@@ -66,6 +66,17 @@ class Lag(NamedTuple):
     c2: Tensor
 
 
+def lag_vectors(steps: Sequence[int], lags: Sequence[Tensor], betas: tuple[float, float]) -> Lag:
+    """``lag_factors`` of matrices whose lags share one device, as one ``Lag`` of two fp64 vectors (c1, c2), one
+    entry per matrix: what a batched launch multiplies its scalar table's columns by."""
+    beta1, beta2 = (float(b) for b in betas)
+    t = device_vector(list(steps), torch.float64, lags[0].device)
+    a = t - torch.stack(list(lags)).double()
+    c1 = (1.0 - torch.pow(beta1, t)) / (1.0 - torch.pow(beta1, a))
+    c2 = (1.0 - torch.pow(beta2, t)).sqrt_() / (1.0 - torch.pow(beta2, a)).sqrt_()
+    return Lag(c1, c2)
+
+
 def lag_factors(steps: Sequence[int], lags: Sequence[Tensor], betas: tuple[float, float]) -> list[Lag]:
     """Per matrix its ``Lag`` (on its lag's device), from the host ages ``steps`` and the device counts ``lags``
     of skipped steps among them, without reading the lags on the host (a sync): a few vector operations
@@ -74,16 +85,12 @@ def lag_factors(steps: Sequence[int], lags: Sequence[Tensor], betas: tuple[float
     A skipped matrix does not age; the optimizer learns which were skipped only when it next reads its
     flags, so until then its host count runs ahead by the lag and the bias corrections are fixed here.
     Numerator and denominator are the same device expression, so a lag of 0 gives exactly 1.0."""
-    beta1, beta2 = (float(b) for b in betas)
     out: list[Lag | None] = [None] * len(lags)
     by_device: dict[torch.device, list[int]] = {}
     for i, lag in enumerate(lags):
         by_device.setdefault(lag.device, []).append(i)
-    for device, idx in by_device.items():
-        t = device_vector([steps[i] for i in idx], torch.float64, device)
-        a = t - torch.stack([lags[i] for i in idx]).double()
-        c1 = (1.0 - torch.pow(beta1, t)) / (1.0 - torch.pow(beta1, a))
-        c2 = (1.0 - torch.pow(beta2, t)).sqrt_() / (1.0 - torch.pow(beta2, a)).sqrt_()
+    for idx in by_device.values():
+        c1, c2 = lag_vectors([steps[i] for i in idx], [lags[i] for i in idx], betas)
         for i, x, y in zip(idx, c1.unbind(0), c2.unbind(0), strict=True):
             out[i] = Lag(x, y)
     return out  # type: ignore[return-value]

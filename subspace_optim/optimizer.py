@@ -140,6 +140,7 @@ class _Plan:
         self.structure: tuple | None = None
         self._launch_batches: dict[tuple[int, str], list[list[int]]] = {}
         self.kernel_flags = False  # the finiteness test runs as the Triton kernel (``_use_kernel_flags``)
+        self.raises = any(group["nonfinite"] == "raise" for _, group, _, _ in work)  # a structural option
 
     def holds(self, key: tuple, state: Any) -> bool:
         """Whether the plan still describes a step with this key and this state."""
@@ -567,7 +568,7 @@ class SubspaceAdamW(Optimizer):
         self._nonfinite_skips += len(bad)
         return [w for w, fine in zip(work, ok, strict=True) if fine]
 
-    def _must_read(self, work: list[Work]) -> bool:
+    def _must_read(self, work: list[Work], plan: _Plan | None = None) -> bool:
         """Whether the host needs this step's flags before anything moves: a ``nonfinite="raise"`` group (it
         raises first), a matrix without state (its first step refreshes), or a refresh that may be due. A
         matrix counted at step t with k steps decided on the device since the last read is truly at one of
@@ -575,6 +576,15 @@ class SubspaceAdamW(Optimizer):
         count passes every multiple, so a due refresh is never missed, and without skips (the usual case)
         the host reads exactly on the refresh steps."""
         unread = self._unread
+        if plan is not None and plan.structure is not None and plan.holds(plan.key, self.state):
+            # Every parameter has its state and the options are the plan's: only the counts can say "read".
+            if plan.raises:
+                return True
+            for x in plan.structure[0]:
+                t, gap = x.state["step"], x.group["update_gap"]
+                if t // gap * gap >= t - unread.get(id(x.p), 0):
+                    return True
+            return False
         for _, group, _, p in work:
             if group["nonfinite"] == "raise":
                 return True
@@ -748,7 +758,7 @@ class SubspaceAdamW(Optimizer):
         # With nonfinite="skip" and no refresh possibly due, the flags stay on the device: the projected updates
         # skip there and plain AdamW reads them after those are queued (``_plain_after_read``). Otherwise the
         # host reads them now, once, and the step runs on what it read.
-        masked = bad is not None and not self._must_read(work)
+        masked = bad is not None and not self._must_read(work, self._plan if only is None else None)
         if bad is not None and not masked:
             work = self._finite_only(work, self._read(bad))
         if not self._plain_checked:

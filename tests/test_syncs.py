@@ -206,7 +206,7 @@ def test_finite_steps_are_bit_identical_whether_or_not_the_flags_were_read(engin
     params, twins = _matrices(), _matrices()
     opt = _optimizer(params, engine, gap=3, residual="fira")
     twin = _optimizer(twins, engine, gap=3, residual="fira")
-    monkeypatch.setattr(twin, "_must_read", lambda work: True)
+    monkeypatch.setattr(twin, "_must_read", lambda work, plan=None: True)
     for g in _gradients(params, 7):
         _step(opt, params, g)
         _step(twin, twins, [t.clone() for t in g])
