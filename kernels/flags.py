@@ -12,7 +12,7 @@ same value).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -54,24 +54,39 @@ def flags_config(x_dtype: torch.dtype) -> dict[str, Any]:
     return dict(X_DT=tl_dtype(x_dtype), BLOCK=BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION)
 
 
-def nonfinite_flags(grads: list[Tensor], limits: Tensor) -> Tensor:
-    """Per gradient (contiguous, all on one device, fp32/bf16/fp16), True where an entry is NaN/Inf or not below
-    its limit (``limits``: fp32 on that device): ``checks.nonfinite_flags``'s answer, one launch per dtype."""
-    device = grads[0].device
-    out = torch.zeros(len(grads), dtype=torch.int32, device=device)
+class Layout(NamedTuple):
+    """What the launches of one set of gradients need besides their addresses: per dtype, the gradients'
+    positions, their entry counts and the programs per gradient (``layout``)."""
+
+    groups: tuple[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int], ...]
+
+
+def layout(grads: list[Tensor]) -> Layout:
+    """The ``Layout`` of these gradients (a caller that keeps their shapes and dtypes may keep it too)."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, g in enumerate(grads):
         by_dtype.setdefault(g.dtype, []).append(i)
+    groups = []
+    for dtype, idx in by_dtype.items():
+        numels = tuple(grads[i].numel() for i in idx)
+        programs = max(1, min(_MAX_PROGRAMS, triton.cdiv(max(numels), BLOCK * _ITERATIONS)))
+        groups.append((dtype, tuple(idx), numels, programs))
+    return Layout(tuple(groups))
+
+
+def nonfinite_flags(grads: list[Tensor], limits: Tensor, shape: Layout | None = None) -> Tensor:
+    """Per gradient (contiguous, all on one device, fp32/bf16/fp16), True where an entry is NaN/Inf or not below
+    its limit (``limits``: fp32 on that device): ``checks.nonfinite_flags``'s answer, one launch per dtype.
+    ``shape``: these gradients' ``layout`` when the caller kept it."""
+    device = grads[0].device
+    out = torch.zeros(len(grads), dtype=torch.int32, device=device)
     with device_guard(device):
-        for dtype, idx in by_dtype.items():
-            members = [grads[i] for i in idx]
-            most = max(g.numel() for g in members)
-            programs = max(1, min(_MAX_PROGRAMS, triton.cdiv(most, BLOCK * _ITERATIONS)))
-            table = host_table([[g.data_ptr() for g in members], [g.numel() for g in members]], torch.int64, device)
+        for dtype, idx, numels, programs in (shape or layout(grads)).groups:
+            table = host_table([[grads[i].data_ptr() for i in idx], list(numels)], torch.int64, device)
             whole = len(idx) == len(grads)
-            lim = limits if whole else limits[host_table(idx, torch.int64, device)]
+            lim = limits if whole else limits[host_table(list(idx), torch.int64, device)]
             flags = out if whole else torch.zeros(len(idx), dtype=torch.int32, device=device)
             nonfinite_kernel[(programs, len(idx))](table[0], table[1], lim, flags, **flags_config(dtype))
             if not whole:
-                out[host_table(idx, torch.int64, device)] = flags
+                out[host_table(list(idx), torch.int64, device)] = flags
     return out.bool()

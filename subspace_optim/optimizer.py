@@ -140,6 +140,7 @@ class _Plan:
         self.structure: tuple | None = None
         self._launch_batches: dict[tuple[int, str], list[list[int]]] = {}
         self.kernel_flags = False  # the finiteness test runs as the Triton kernel (``_use_kernel_flags``)
+        self.flags_layout: Any = None  # its launches' ``kernels.flags.Layout``, made at its first use
         self.raises = any(group["nonfinite"] == "raise" for _, group, _, _ in work)  # a structural option
 
     def holds(self, key: tuple, state: Any) -> bool:
@@ -502,9 +503,11 @@ class SubspaceAdamW(Optimizer):
             return plan.work, None
         grads = [p.grad for *_, p in plan.work]
         if plan.kernel_flags:
-            from .kernels.flags import nonfinite_flags
+            from .kernels.flags import layout, nonfinite_flags
 
-            return plan.work, nonfinite_flags(grads, plan.limits)
+            if plan.flags_layout is None:  # the gradients' shapes and dtypes are the plan's
+                plan.flags_layout = layout(grads)
+            return plan.work, nonfinite_flags(grads, plan.limits, plan.flags_layout)
         return plan.work, checks.nonfinite_flags(grads, plan.limits, plan.shard_groups)
 
     @staticmethod
