@@ -268,9 +268,10 @@ class SubspaceAdamW(Optimizer):
             (max|G| > 9.2e18 / sqrt(max(m, n))) counts as non-finite. With ``"skip"`` a regular step of the
             projected matrices decides this on the device, with no host sync (as torch's fused AdamW does
             with ``found_inf``); the host reads the flags once on a step that may refresh a basis, and once,
-            after the projected updates are queued, on a step with plain-AdamW parameters (torch's AdamW
-            keeps their step counts on the host). ``"raise"`` must raise before anything changes, so it
-            reads the flags on the host (one sync) at every step.
+            after the projected updates are queued, on a step with plain-AdamW parameters (torch's default
+            AdamW keeps their step counts on the host; with ``fused=True`` they skip on the device too and
+            nothing is read). ``"raise"`` must raise before anything changes, so it reads the flags on the
+            host (one sync) at every step.
         engine: ``"auto"`` (Triton kernels for plain contiguous CUDA matrices once they pass their
             self-check there, else the reference), ``"triton"`` (obeyed: every projected matrix takes the
             kernels, on CUDA or on CPU under ``TRITON_INTERPRET=1``; one they cannot take is an error before
