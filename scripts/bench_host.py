@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fused": {"fused": True},  # the plain parameters on torch's fused AdamW: they skip on the device too
 }
 KERNEL_PACKAGE = "subspace_optim.kernels"
+STEP_KERNELS = ("project_adam_kernel", "back_update_kernel")  # two per group of same-shape matrices
 REGULAR_GAP = 10**9  # no timed step refreshes (bench_step checks it after every timed step)
 
 
@@ -159,9 +160,10 @@ class Launches:
             cls.run = original  # type: ignore[method-assign]
 
     def since(self, start: int) -> dict[str, Any]:
-        """Launches after the first ``start``: total, per kernel, and the batch size (grid axis 1) of each."""
+        """Launches after the first ``start``: total, per kernel, and the batch size (grid axis 1: matrices) of
+        each launch of the step's two kernels (the finiteness test's axis 1 is every gradient of the step)."""
         made = self.launches[start:]
-        batches = sorted(g[1] if isinstance(g, tuple) and len(g) > 1 else 1 for _, g in made)
+        batches = sorted(g[1] if isinstance(g, tuple) and len(g) > 1 else 1 for n, g in made if n in STEP_KERNELS)
         return {"total": len(made), "by_kernel": dict(Counter(n for n, _ in made)), "batch_sizes": batches}
 
 
@@ -423,7 +425,7 @@ def main() -> None:
                **per_step.get(name, {})}  # fmt: skip
         if "launches" in row:  # the step's two kernels per group, and the rest (the finiteness test: one per dtype)
             by_kernel = row["launches"]["by_kernel"]
-            per_group = sum(by_kernel.get(k, 0) for k in ("project_adam_kernel", "back_update_kernel"))
+            per_group = sum(by_kernel.get(k, 0) for k in STEP_KERNELS)
             row["launches"]["per_group"] = per_group / groups
             row["launches"]["other"] = row["launches"]["total"] - per_group
         results[name] = row

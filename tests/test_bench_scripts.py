@@ -196,10 +196,12 @@ def test_bench_host_smoke(tmp_path):
     rows, params = result["results"], result["parameters"]
     # 2 layers x (q, k, v, o, gate, up, down) projected; 2 x 2 RMSNorms + the final one plain; 3 shapes.
     assert (params["projected"], params["plain"], params["groups"]) == (14, 5, 3)
-    expected = {"adamw_fused", "adamw_foreach", "reference", "reference_fira", "reference_int8_bf16"}
+    expected = {"adamw_fused", "adamw_foreach", "reference", "reference_fira", "reference_int8_bf16",
+                "reference_fused"}  # fmt: skip
     if importlib.util.find_spec("galore_torch") is not None:
         expected.add("galore")
-    triton_rows = {"triton", "triton_fira", "triton_int8_bf16"} if importlib.util.find_spec("triton") else set()
+    triton_rows = {"triton", "triton_fira", "triton_int8_bf16", "triton_fused"} if importlib.util.find_spec(
+        "triton") else set()  # fmt: skip
     assert expected | triton_rows <= set(rows)
     for name, row in rows.items():
         assert row["step_s"] > 0 and row["us_per_parameter"] > 0 and row["vs_adamw_fused"] > 0, name
@@ -212,6 +214,10 @@ def test_bench_host_smoke(tmp_path):
     for name in expected:
         assert rows[name]["launches"]["total"] == 0, name
         assert rows[name]["torch_ops"] > 0, name
+    # fused=True: the plain parameters skip on the device too, so a regular step reads nothing back.
+    for name in {"reference_fused"} | (triton_rows & {"triton_fused"}):
+        assert rows[name]["device_syncs"] == 0, (name, rows[name].get("host_read_sites"))
+    assert rows["reference"]["device_syncs"] == 1  # the default: one read, for the plain parameters
 
 
 def test_gpu_check_needs_a_gpu(tmp_path):
