@@ -27,6 +27,7 @@ BLOCK = 1024
 # step with thousands of small gradients does not launch millions of idle programs.
 _MAX_PROGRAMS = 512
 _ITERATIONS = 16  # blocks a program reads, at most, before another program is added (up to the cap)
+_MAX_GRADIENTS = 65535  # CUDA's limit on a grid's second axis
 
 
 @jit
@@ -55,22 +56,30 @@ def flags_config(x_dtype: torch.dtype) -> dict[str, Any]:
 
 
 class Layout(NamedTuple):
-    """What the launches of one set of gradients need besides their addresses: per dtype, the gradients'
-    positions, their entry counts and the programs per gradient (``layout``)."""
+    """What the launches of one set of gradients need besides their addresses: per launch, the gradients' dtype,
+    positions, entry counts and the programs per gradient (``layout``)."""
 
     groups: tuple[tuple[torch.dtype, tuple[int, ...], tuple[int, ...], int], ...]
 
 
+def _programs(numel: int) -> int:
+    """Programs for a gradient of ``numel`` entries: enough that none reads more than ``_ITERATIONS`` blocks, up
+    to ``_MAX_PROGRAMS``, rounded up to a power of two (a size class)."""
+    return min(_MAX_PROGRAMS, triton.next_power_of_2(max(1, triton.cdiv(numel, BLOCK * _ITERATIONS))))
+
+
 def layout(grads: list[Tensor]) -> Layout:
-    """The ``Layout`` of these gradients (a caller that keeps their shapes and dtypes may keep it too)."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
+    """The ``Layout`` of these gradients (a caller that keeps their shapes and dtypes may keep it too): one launch
+    per dtype and size class, so that a small gradient does not get a large one's idle programs, and at most
+    ``_MAX_GRADIENTS`` gradients per launch (the grid's second axis)."""
+    classes: dict[tuple[torch.dtype, int], list[int]] = {}
     for i, g in enumerate(grads):
-        by_dtype.setdefault(g.dtype, []).append(i)
+        classes.setdefault((g.dtype, _programs(g.numel())), []).append(i)
     groups = []
-    for dtype, idx in by_dtype.items():
-        numels = tuple(grads[i].numel() for i in idx)
-        programs = max(1, min(_MAX_PROGRAMS, triton.cdiv(max(numels), BLOCK * _ITERATIONS)))
-        groups.append((dtype, tuple(idx), numels, programs))
+    for (dtype, programs), idx in classes.items():
+        for start in range(0, len(idx), _MAX_GRADIENTS):
+            part = tuple(idx[start : start + _MAX_GRADIENTS])
+            groups.append((dtype, part, tuple(grads[i].numel() for i in part), programs))
     return Layout(tuple(groups))
 
 

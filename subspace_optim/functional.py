@@ -331,10 +331,18 @@ def fused_adamw_skipping(
     ``torch.optim.AdamW(fused=True)``; one whose flag is 1 is left untouched, its count included. Moments in
     the parameter's dtype only (torch AdamW's own state); the step counts live on the parameters' devices."""
     beta1, beta2 = (float(b) for b in betas)  # torch's _to_scalar
+    lrs: dict[torch.device, float | Tensor] = {}  # a CUDA tensor lr on each parameter's device, as torch moves it
+
+    def lr_on(device: torch.device) -> float | Tensor:
+        if not isinstance(lr, Tensor) or lr.device.type == "cpu" or lr.device == device:
+            return lr
+        return lrs.setdefault(device, lr.to(device, non_blocking=True))
+
     torch._foreach_add_(steps, 1)
     for p, g, m, v, step, bad in zip(params, grads, exp_avgs, exp_avg_sqs, steps, found_infs, strict=True):
-        torch._fused_adamw_([p], [g], [m], [v], [], [step], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=bad)
+        torch._fused_adamw_([p], [g], [m], [v], [], [step], amsgrad=False, lr=lr_on(p.device), beta1=beta1,
+                            beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None,
+                            found_inf=bad)  # fmt: skip
     torch._foreach_sub_(steps, list(found_infs))
 
 

@@ -201,6 +201,10 @@ class _State(defaultdict):
         self.version += 1
         return super().setdefault(p, default)
 
+    def __ior__(self, other: Any) -> _State:  # ``state |= {...}``: dict's C update, not ``update``
+        self.version += 1
+        return super().__ior__(other)
+
     def raw(self, p: Tensor) -> dict[str, Any]:
         return super().__getitem__(p)
 

@@ -52,3 +52,19 @@ def test_a_value_just_below_and_at_the_limit():
     grads = [torch.tensor(v, device=DEVICE) for v in ([2.9999998], [3.0], [-3.0])]
     assert nonfinite_flags(grads, limit).tolist() == checks.nonfinite_flags(grads, limit, []).tolist() == [
         False, True, True]  # fmt: skip
+
+
+def test_launches_split_by_size_class_and_grid_limit(monkeypatch):
+    """One launch per dtype and size class (a small gradient does not get a large one's programs), at most
+    ``_MAX_GRADIENTS`` gradients each (CUDA's grid limit, made 3 here): the same flags."""
+    from subspace_optim.kernels import flags
+
+    monkeypatch.setattr(flags, "_MAX_GRADIENTS", 3)
+    monkeypatch.setattr(flags, "_ITERATIONS", 1)  # size classes at every block
+    grads, limits = _case(5)
+    shape = flags.layout(grads)
+    assert all(len(idx) <= 3 for _, idx, _, _ in shape.groups)
+    assert len({programs for *_, programs in shape.groups}) > 1
+    assert sorted(i for _, idx, _, _ in shape.groups for i in idx) == list(range(len(grads)))
+    want = checks.nonfinite_flags(grads, limits, [])
+    assert torch.equal(flags.nonfinite_flags(grads, limits, shape).cpu(), want.cpu())

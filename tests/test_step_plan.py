@@ -162,9 +162,10 @@ def test_regular_steps_check_nothing_per_parameter(monkeypatch):
     assert calls == {"check": 0, "resolve": 0}
 
 
-@pytest.mark.parametrize("how", ["clear", "del", "assign", "plain"])
+@pytest.mark.parametrize("how", ["clear", "del", "assign", "plain", "ior"])
 def test_replacing_state_entries_drops_the_plan(how):
-    """``opt.state.clear()``, ``del opt.state[p]`` or ``opt.state[p] = {...}`` (a matrix's or a plain parameter's)
+    """``opt.state.clear()``, ``del opt.state[p]``, ``opt.state[p] = {...}`` (a matrix's or a plain parameter's) or
+    ``opt.state |= {...}``
     between steps: the next step starts from the state the mapping now holds, as without a plan."""
     pair = _pair()
     _run(pair, [(None, {}), (None, {})])
@@ -176,8 +177,10 @@ def test_replacing_state_entries_drops_the_plan(how):
             del opt.state[params[0]]
         elif how == "assign":
             opt.state[params[1]] = {}
-        else:
+        elif how == "plain":
             opt.state[params[4]] = {}
+        else:  # dict's in-place union: C code, not ``update``
+            opt.state |= {params[1]: {}}
 
     _run(pair, [(change, {}), (None, {}), (None, {})])
 
