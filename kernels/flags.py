@@ -1,5 +1,5 @@
-"""The step's finiteness test as one launch per gradient dtype: which gradients hold a NaN, an Inf or an entry at
-or above their limit (``checks.grad_limit``).
+"""The step's finiteness test as a few launches (per gradient dtype and size class): which gradients hold a NaN,
+an Inf or an entry at or above their limit (``checks.grad_limit``).
 
 ``checks.nonfinite_flags`` computes the same flags with ``torch._foreach_norm(grads, inf)``. On a GPU that is a
 multi-tensor launch too; this kernel exists so that a Triton step's host work is its own launches and tables
@@ -85,7 +85,7 @@ def layout(grads: list[Tensor]) -> Layout:
 
 def nonfinite_flags(grads: list[Tensor], limits: Tensor, shape: Layout | None = None) -> Tensor:
     """Per gradient (contiguous, all on one device, fp32/bf16/fp16), True where an entry is NaN/Inf or not below
-    its limit (``limits``: fp32 on that device): ``checks.nonfinite_flags``'s answer, one launch per dtype.
+    its limit (``limits``: fp32 on that device): ``checks.nonfinite_flags``'s answer, one launch per ``layout`` group.
     ``shape``: these gradients' ``layout`` when the caller kept it."""
     device = grads[0].device
     out = torch.zeros(len(grads), dtype=torch.int32, device=device)

@@ -517,7 +517,7 @@ class SubspaceAdamW(Optimizer):
 
     @staticmethod
     def _use_kernel_flags(plan: _Plan, projected: list[Matrix], devices: list[torch.device]) -> bool:
-        """Whether the plan's steps take the finiteness test as one Triton launch per gradient dtype
+        """Whether the plan's steps take the finiteness test as Triton launches, per gradient dtype and size class
         (``kernels.flags``: the same flags as ``checks.nonfinite_flags``): when every projected matrix runs on the
         kernels, nothing is sharded, every gradient is a contiguous fp32/bf16/fp16 tensor on one device, and its
         variants compiled there (``kernels.precompile``)."""
