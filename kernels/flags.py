@@ -31,22 +31,24 @@ _MAX_GRADIENTS = 65535  # CUDA's limit on a grid's second axis
 
 
 @jit
-def nonfinite_kernel(ptrs, numels, limits, out, X_DT: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = 1 if gradient t (``numels[t]`` contiguous entries at ``ptrs[t]``) has an entry with
-    not (|x| < limits[t]); programs (i, t) for i < grid 0 read blocks i, i + P, i + 2P, ..."""
+def nonfinite_kernel(ptrs, numels, positions, limits, out, X_DT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[k] = 1, with k = positions[t], if gradient t of this launch (``numels[t]`` contiguous entries at
+    ``ptrs[t]``) has an entry with not (|x| < limits[k]); programs (i, t) for i < grid 0 read blocks i, i + P,
+    i + 2P, ... (``positions``: where the launch's gradients stand among all of the step's)."""
     pid = tl.program_id(0)
     t = tl.program_id(1)
     step = tl.num_programs(0)
     x_ptr = tl.load(ptrs + t).to(tl.pointer_type(X_DT))
     n = tl.load(numels + t)
-    limit = tl.load(limits + t)
+    k = tl.load(positions + t)
+    limit = tl.load(limits + k)
     bad = tl.zeros((BLOCK,), dtype=tl.int32)
     for start in range(pid * BLOCK, n, step * BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
         x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
         bad = tl.maximum(bad, tl.where(tl.abs(x) < limit, 0, 1))
     found = tl.max(bad, axis=0)
-    tl.store(out + t, found, mask=found > 0)
+    tl.store(out + k, found, mask=found > 0)
 
 
 def flags_config(x_dtype: torch.dtype) -> dict[str, Any]:
@@ -91,11 +93,6 @@ def nonfinite_flags(grads: list[Tensor], limits: Tensor, shape: Layout | None = 
     out = torch.zeros(len(grads), dtype=torch.int32, device=device)
     with device_guard(device):
         for dtype, idx, numels, programs in (shape or layout(grads)).groups:
-            table = host_table([[grads[i].data_ptr() for i in idx], list(numels)], torch.int64, device)
-            whole = len(idx) == len(grads)
-            lim = limits if whole else limits[host_table(list(idx), torch.int64, device)]
-            flags = out if whole else torch.zeros(len(idx), dtype=torch.int32, device=device)
-            nonfinite_kernel[(programs, len(idx))](table[0], table[1], lim, flags, **flags_config(dtype))
-            if not whole:
-                out[host_table(list(idx), torch.int64, device)] = flags
+            table = host_table([[grads[i].data_ptr() for i in idx], list(numels), list(idx)], torch.int64, device)
+            nonfinite_kernel[(programs, len(idx))](table[0], table[1], table[2], limits, out, **flags_config(dtype))
     return out.bool()

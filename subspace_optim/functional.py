@@ -55,7 +55,7 @@ def _stored_moments(
 
 def _snapshot(moments: dict[str, Tensor], skip: Tensor | None) -> dict[str, Tensor] | None:
     """Copies of a matrix's 8-bit moments (codes and absmaxes) when it may be skipped (``_restore``). fp32 and
-    bf16 moments need none: the update keeps their old fp32 values itself (``inner._moments_direction``), and
+    bf16 moments need none: the update keeps their old fp32 values itself (``inner.moments_directions``), and
     a bf16 value goes back to bf16 exactly; requantizing dequantized codes is not guaranteed to."""
     if skip is None or "exp_avg_absmax" not in moments:
         return None

@@ -583,16 +583,9 @@ class SubspaceAdamW(Optimizer):
         t - k ... t, so a refresh may be due when a multiple of ``update_gap`` lies in [t - k, t]. The host
         count passes every multiple, so a due refresh is never missed, and without skips (the usual case)
         the host reads exactly on the refresh steps."""
-        unread = self._unread
         if plan is not None and plan.structure is not None and plan.holds(plan.key, self.state):
             # Every parameter has its state and the options are the plan's: only the counts can say "read".
-            if plan.raises:
-                return True
-            for x in plan.structure[0]:
-                t, gap = x.state["step"], x.group["update_gap"]
-                if t // gap * gap >= t - unread.get(id(x.p), 0):
-                    return True
-            return False
+            return plan.raises or any(self._may_refresh(x.p, x.group, x.state) for x in plan.structure[0])
         for _, group, _, p in work:
             if group["nonfinite"] == "raise":
                 return True
@@ -601,10 +594,15 @@ class SubspaceAdamW(Optimizer):
                 if schedule.projects(p, group):  # a projected matrix's first step refreshes
                     return True
                 continue
-            t, gap = state["step"], group["update_gap"]
-            if t // gap * gap >= t - unread.get(id(p), 0):
+            if self._may_refresh(p, group, state):
                 return True
         return False
+
+    def _may_refresh(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
+        """Whether a multiple of ``update_gap`` lies in [t - k, t] for a matrix counted at t with k steps decided
+        on the device since the last read (``_must_read``)."""
+        t, gap = state["step"], group["update_gap"]
+        return t // gap * gap >= t - self._unread.get(id(p), 0)
 
     def _read(self, flags: Tensor | None = None) -> list[bool]:
         """The host's one read of device values (a sync on a GPU): this step's non-finite ``flags`` when given,
@@ -697,11 +695,17 @@ class SubspaceAdamW(Optimizer):
             args = (ps, [p.grad for p in ps], [s["exp_avg"] for _, s in skipping],
                     [s["exp_avg_sq"] for _, s in skipping], [s["step"] for _, s in skipping], found_inf)  # fmt: skip
             calls.append((functional.fused_adamw_skipping, args, {**_hyper(group), "lr": plain_lr(group)}))
-            counts = [self._skip_count(p) for p in ps]
-            calls.append((torch._foreach_add_, (counts, [counted[id(p)] for p in ps]), {}))
-            for p in ps:
-                self._unread[id(p)] = self._unread.get(id(p), 0) + 1
+            calls.append(self._count_device_skips(ps, counted))
         return calls, rest
+
+    def _count_device_skips(self, params: list[Tensor], counted: dict[int, Tensor]) -> Call:
+        """The call that adds this step's device flags (``counted``: int32, by id) to the parameters' skip counts
+        (``_skip_count``), and the host's note that one more of their steps was decided on the device (``_read``
+        settles both). Queued after the updates, which read the counts as lags."""
+        for p in params:
+            self._unread[id(p)] = self._unread.get(id(p), 0) + 1
+        counts = [self._skip_count(p) for p in params]
+        return torch._foreach_add_, (counts, [counted[id(p)] for p in params]), {}
 
     @torch._disable_dynamo
     def _plain_after_read(
@@ -798,10 +802,11 @@ class SubspaceAdamW(Optimizer):
         counted: dict[int, Tensor] = {}
         if masked:  # per parameter, on its device: a bool flag for the updates, an int32 one to count the skips
             ids = [id(p) for *_, p in work]
+            single = len(set(devices)) == 1  # the usual case: every parameter on one device
             for dev in set(devices):
                 here = bad if dev == bad.device else bad.to(dev)
                 flags, ints = here.unbind(0), here.to(torch.int32).unbind(0)
-                if len(set(devices)) == 1:  # the usual case: every parameter on one device
+                if single:
                     skip_of, counted = dict(zip(ids, flags, strict=True)), dict(zip(ids, ints, strict=True))
                     break
                 for j, key in enumerate(ids):
@@ -831,13 +836,8 @@ class SubspaceAdamW(Optimizer):
             calls.append((functional.subspace_adamw, args, kwargs))
         if masked:
             if projected:  # after the updates, which read the counts as lags
-                counts = [self._skip_count(x.p) for x in projected]
-                calls.append((torch._foreach_add_, (counts, [counted[id(x.p)] for x in projected]), {}))
-                unread = self._unread
-                for x in projected:
-                    unread[id(x.p)] = unread.get(id(x.p), 0) + 1
+                calls.append(self._count_device_skips([x.p for x in projected], counted))
             if plain:
-                single = len(set(devices)) == 1
                 found = functools.cache(lambda: dict(zip(ids, bad.float().unbind(0), strict=True)) if single else {})
                 skipping, plain = self._plain_skipping_calls(plain, skip_of, counted, found)
                 calls += skipping
