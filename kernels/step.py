@@ -31,8 +31,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..inner import adam_scalars, channel_dim, device_vector, first_ratios, lag_vectors, residual_factors
-from ..quant import BLOCK
+from ..inner import (
+    AdamScalars,
+    channel_dim,
+    corrected_bias1,
+    lag_vectors,
+    residual_coefficients,
+    scalars_by_age,
+)
+from ..quant import BLOCK, Moment, as_moment
 from ..triton_runtime import interpreting
 from ._common import (
     FP_FUSION,
@@ -51,9 +58,16 @@ from ._common import (
 from .gemm import dot_tile, tile_ids
 from .precompile import jit
 
-# The per-member table holds ``inner.AdamScalars`` in field order (w1, b2, w2, eps, sqrt(1 - b2^t), alpha,
-# decay), then a skip flag (nonzero: leave the member untouched; set on the device): one fp32 row of 8 per
-# matrix of a batch.
+# The scalar table both kernels read: one fp32 row per matrix of a batch, its columns named once, here: the
+# ``inner.AdamScalars`` fields the epilogues use, then a skip flag (nonzero: leave the member untouched; set on
+# the device). The host fills rows by these names (``_scalar_row``) and the kernels read them at the constexpr
+# offsets derived below, so the two cannot disagree on the layout.
+SCALAR_COLUMNS = ("w1", "beta2", "w2", "eps", "bias2_sqrt", "alpha", "decay", "skip")
+assert set(SCALAR_COLUMNS) - {"skip"} <= set(AdamScalars._fields), "a scalar column that AdamScalars does not hold"
+COLUMN = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
+ROW = tl.constexpr(len(SCALAR_COLUMNS))
+W1, BETA2, W2, EPS = (tl.constexpr(COLUMN[name]) for name in ("w1", "beta2", "w2", "eps"))
+BIAS2_SQRT, ALPHA, DECAY, SKIP = (tl.constexpr(COLUMN[name]) for name in ("bias2_sqrt", "alpha", "decay", "skip"))
 
 
 @triton.jit
@@ -158,73 +172,66 @@ def dot_tile_sumsq(
     return acc, sq
 
 
+@triton.jit
+def channel_sums_store(sq_ptrs, bid, sq, rm, rn, pid_m, pid_n, M, N, SQ_OF_B: tl.constexpr):
+    """Store ||G_j||^2 per channel from the grid's first row of tiles (SQ_OF_B: G is B, a left basis; the
+    channels are columns) or first column (G is A; the channels are rows): each tile of it saw whole channels."""
+    sqp = tl.load(sq_ptrs + bid).to(tl.pointer_type(tl.float32))
+    if SQ_OF_B:
+        if pid_m == 0:
+            tl.store(sqp + rn, sq, mask=rn < N)
+    else:
+        if pid_n == 0:
+            tl.store(sqp + rm, sq, mask=rm < M)
+
+
+@triton.jit
+def adam_epilogue(
+    r, h, bid, rm, rn, pid_n, M, mask,
+    m_ptrs, mq_ptrs, m_table, sm0, sm1, smq0, smq1,
+    v_ptrs, vq_ptrs, v_table, sv0, sv1, svq0, svq1,
+    M_KIND: tl.constexpr, V_KIND: tl.constexpr,
+):  # fmt: skip
+    """Adam's moments for one tile of R, in fp32 whatever their storage (``load_moment``), stored back in place;
+    returns N from the fp32 new values, before they are rounded (as the reference does). ``h``: the member's
+    row of the scalar table. Both divisions are IEEE round-to-nearest (``div_rn``): a plain ``/`` compiles to
+    an approximate division on NVIDIA GPUs; the lerp is torch's (exact for both halves of the weight)."""
+    w1 = tl.load(h + W1)
+    m_old = load_moment(m_ptrs, mq_ptrs, m_table, bid, rm, rn, pid_n, M, sm0, sm1, smq0, smq1, mask, M_KIND)
+    v_old = load_moment(v_ptrs, vq_ptrs, v_table, bid, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)
+    m_new = tl.where(w1 < 0.5, m_old + w1 * (r - m_old), r - (r - m_old) * (1.0 - w1))
+    v_new = v_old * tl.load(h + BETA2) + tl.load(h + W2) * (r * r)
+    n = tl.div_rn(m_new, tl.div_rn(tl.sqrt_rn(v_new), tl.load(h + BIAS2_SQRT)) + tl.load(h + EPS))
+    store_moment(m_ptrs, mq_ptrs, m_table, bid, m_new, rm, rn, pid_n, M, sm0, sm1, smq0, smq1, mask, M_KIND)
+    store_moment(v_ptrs, vq_ptrs, v_table, bid, v_new, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)
+    return n
+
+
 @jit
 def project_adam_kernel(
-    a_ptrs,
-    b_ptrs,
-    m_ptrs,
-    v_ptrs,
-    n_ptrs,
-    mq_ptrs,
-    vq_ptrs,
-    m_table,
-    v_table,
-    hyper,
-    M,
-    N,
-    K,
-    sa0,
-    sa1,
-    sb0,
-    sb1,
-    sm0,
-    sm1,
-    sv0,
-    sv1,
-    sn0,
-    sn1,
-    smq0,
-    smq1,
-    svq0,
-    svq1,
-    r_ptrs,
-    sq_ptrs,
-    A_DT: tl.constexpr,
-    B_DT: tl.constexpr,
-    M_KIND: tl.constexpr,
-    V_KIND: tl.constexpr,
-    RESID: tl.constexpr,
-    SQ_OF_B: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
+    a_ptrs, b_ptrs, m_ptrs, v_ptrs, n_ptrs, mq_ptrs, vq_ptrs, m_table, v_table, hyper,
+    M, N, K,
+    sa0, sa1, sb0, sb1, sm0, sm1, sv0, sv1, sn0, sn1, smq0, smq1, svq0, svq1,
+    r_ptrs, sq_ptrs,
+    A_DT: tl.constexpr, B_DT: tl.constexpr, M_KIND: tl.constexpr, V_KIND: tl.constexpr, RESID: tl.constexpr,
+    SQ_OF_B: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP_M: tl.constexpr,
-):
-    """R = A @ B (A = P^T, B = G for a left basis; A = G, B = P for a right one), then in the epilogue
+):  # fmt: skip
+    """R = A @ B (A = P^T, B = G for a left basis; A = G, B = P for a right one), then Adam's epilogue on it
+    (``adam_epilogue``): the moments updated in place in their storage (M_KIND / V_KIND, ``load_moment``;
+    for int8 the host makes each tile's columns exactly one quantization block, ``mq_ptrs``/``vq_ptrs`` are
+    the absmax arrays and ``m_table``/``v_table`` the code tables of ``_common.code_table``) and N written in
+    fp32 for the back-projection launch. Arguments, one line per role: per-member pointer arrays and tables;
+    R's sizes; strides (M, V, N and the absmaxes each have their own: a checkpoint may restore column-major or
+    sliced moments); the residual's buffers; constexprs.
 
-        M <- M + (1 - b1) (R - M)                   (torch's lerp; = b1 M + (1 - b1) R)
-        V <- b2 V + (1 - b2) R o R
-        N  = M / (sqrt(V) / sqrt(1 - b2^t) + eps)
-
-    in fp32, whatever the moments' storage (M_KIND / V_KIND, see ``load_moment``): they are loaded into
-    registers as fp32, N is computed from the fp32 new values, and only then are the moments stored back
-    in place (rounded to bf16, or requantized with a new absmax; for int8 the host makes each tile's
-    columns exactly one quantization block, ``mq_ptrs``/``vq_ptrs`` are the absmax arrays and
-    ``m_table``/``v_table`` the code tables of ``_common.code_table``). N is written in fp32 for the
-    back-projection launch. M, V, N and the absmaxes each have their own strides (a checkpoint may
-    restore column-major or sliced moments; N is a fresh buffer). Both divisions are IEEE
-    round-to-nearest (``div_rn``): a plain ``/`` compiles to an approximate division on NVIDIA GPUs.
-
-    With RESID (a ``residual`` other than "none") the epilogue also stores R (fp32, N's layout, at
-    ``r_ptrs``), and the tiles of the first row (SQ_OF_B: G is B) or column (G is A) of the grid store
-    ||G_j||^2 per channel (``sq_ptrs``), summed while G's tiles pass through the GEMM.
-
-    A member whose ``hyper`` row has a nonzero skip flag (column 7: a non-finite gradient, decided on the
-    device) returns at once, storing nothing: its moments keep their bits; its N (and R, sums) stay unset.
-    """
+    With RESID (a ``residual`` other than "none") the epilogue also stores R (fp32, N's layout, at ``r_ptrs``)
+    and ||G_j||^2 per channel (``channel_sums_store``), summed while G's tiles pass through the GEMM.
+    A member whose scalar row has a nonzero skip flag (decided on the device) returns at once, storing
+    nothing: its moments keep their bits; its N (and R, sums) stay unset."""
     bid = tl.program_id(1)
-    if tl.load(hyper + bid * 8 + 7) != 0.0:
+    h = hyper + bid * ROW
+    if tl.load(h + SKIP) != 0.0:
         return
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
     a = tl.load(a_ptrs + bid).to(tl.pointer_type(A_DT))
@@ -233,87 +240,61 @@ def project_adam_kernel(
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     if RESID:
         r, sq = dot_tile_sumsq(a, b, rm, rn, M, N, K, sa0, sa1, sb0, sb1, SQ_OF_B, PRECISION, BM, BN, BK)
-        sqp = tl.load(sq_ptrs + bid).to(tl.pointer_type(tl.float32))
-        if SQ_OF_B:
-            if pid_m == 0:
-                tl.store(sqp + rn, sq, mask=rn < N)
-        else:
-            if pid_n == 0:
-                tl.store(sqp + rm, sq, mask=rm < M)
+        channel_sums_store(sq_ptrs, bid, sq, rm, rn, pid_m, pid_n, M, N, SQ_OF_B)
     else:
         r = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
-
-    h = hyper + bid * 8
-    w1 = tl.load(h + 0)
-    b2 = tl.load(h + 1)
-    w2 = tl.load(h + 2)
-    eps = tl.load(h + 3)
-    bc2 = tl.load(h + 4)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    m_old = load_moment(m_ptrs, mq_ptrs, m_table, bid, rm, rn, pid_n, M, sm0, sm1, smq0, smq1, mask, M_KIND)
-    v_old = load_moment(v_ptrs, vq_ptrs, v_table, bid, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)
-    m_new = tl.where(w1 < 0.5, m_old + w1 * (r - m_old), r - (r - m_old) * (1.0 - w1))
-    v_new = v_old * b2 + w2 * (r * r)
-    n = tl.div_rn(m_new, tl.div_rn(tl.sqrt_rn(v_new), bc2) + eps)
-    store_moment(m_ptrs, mq_ptrs, m_table, bid, m_new, rm, rn, pid_n, M, sm0, sm1, smq0, smq1, mask, M_KIND)
-    store_moment(v_ptrs, vq_ptrs, v_table, bid, v_new, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)
-    np_ = tl.load(n_ptrs + bid).to(tl.pointer_type(tl.float32))
-    tl.store(np_ + rm[:, None] * sn0 + rn[None, :] * sn1, n, mask=mask)
+    n = adam_epilogue(
+        r, h, bid, rm, rn, pid_n, M, mask,
+        m_ptrs, mq_ptrs, m_table, sm0, sm1, smq0, smq1,
+        v_ptrs, vq_ptrs, v_table, sv0, sv1, svq0, svq1,
+        M_KIND, V_KIND,
+    )  # fmt: skip
+    n_out = tl.load(n_ptrs + bid).to(tl.pointer_type(tl.float32))
+    tl.store(n_out + rm[:, None] * sn0 + rn[None, :] * sn1, n, mask=mask)
     if RESID:
-        rp = tl.load(r_ptrs + bid).to(tl.pointer_type(tl.float32))
-        tl.store(rp + rm[:, None] * sn0 + rn[None, :] * sn1, r, mask=mask)
+        r_out = tl.load(r_ptrs + bid).to(tl.pointer_type(tl.float32))
+        tl.store(r_out + rm[:, None] * sn0 + rn[None, :] * sn1, r, mask=mask)
+
+
+@triton.jit
+def residual_add(u, g_ptrs, coef, bid, s_coef, rm, rn, M, N, sg0, sg1, mask, G_DT: tl.constexpr,
+                 COEF_OF_COLS: tl.constexpr):  # fmt: skip
+    """U + coef o G for one tile: coef_j per column (COEF_OF_COLS, a left basis) or per row (a right one), from
+    the member's row of ``coef`` (``s_coef`` elements apart), G's tile read beside W's."""
+    gp = tl.load(g_ptrs + bid).to(tl.pointer_type(G_DT))
+    g = tl.load(gp + rm[:, None] * sg0 + rn[None, :] * sg1, mask=mask, other=0.0).to(tl.float32)
+    if COEF_OF_COLS:
+        k = tl.load(coef + bid * s_coef + rn, mask=rn < N, other=0.0)
+        return u + g * k[None, :]
+    else:
+        k = tl.load(coef + bid * s_coef + rm, mask=rm < M, other=0.0)
+        return u + g * k[:, None]
 
 
 @jit
 def back_update_kernel(
-    a_ptrs,
-    b_ptrs,
-    w_ptrs,
-    hyper,
-    M,
-    N,
-    K,
-    sa0,
-    sa1,
-    sb0,
-    sb1,
-    sw0,
-    sw1,
-    g_ptrs,
-    sg0,
-    sg1,
-    coef,
-    s_coef,
-    A_DT: tl.constexpr,
-    B_DT: tl.constexpr,
-    W_DT: tl.constexpr,
-    G_DT: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    RESID: tl.constexpr,
-    LOW_RANK: tl.constexpr,
-    COEF_OF_COLS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    a_ptrs, b_ptrs, w_ptrs, hyper,
+    M, N, K,
+    sa0, sa1, sb0, sb1, sw0, sw1,
+    g_ptrs, sg0, sg1, coef, s_coef,
+    A_DT: tl.constexpr, B_DT: tl.constexpr, W_DT: tl.constexpr, G_DT: tl.constexpr, ROUND_BF16: tl.constexpr,
+    RESID: tl.constexpr, LOW_RANK: tl.constexpr, COEF_OF_COLS: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """U = A @ B (A = P, B = N for a left basis; A = N, B = P^T for a right one), then in the epilogue
 
         W <- W (1 - lr wd) - alpha U,   alpha = lr scale / (1 - b1^t)
 
-    computed in fp32 and rounded once (to nearest even) to W's dtype, in place.
-
-    With RESID, N has become N - coef o R on the host, and the epilogue adds coef o G (coef_j per
-    column, COEF_OF_COLS, for a left basis; per row for a right one; ``coef`` is one fp32 row of
-    ``s_coef`` elements per member), reading G's tile beside W's: U = P (N - coef o R) + coef o G
-    = P N + coef o (G - P P^T G). Without LOW_RANK (``apollo``) there is no GEMM: U = coef o G.
-
-    A member flagged to skip (``hyper`` column 7, as in ``project_adam_kernel``) returns at once: its
-    weight keeps its bits.
-    """
+    computed in fp32 and rounded once (to nearest even) to W's dtype, in place. Arguments, one line per role:
+    per-member pointer arrays and the scalar table; U's sizes; strides; the residual's G and coefficients;
+    constexprs. With RESID, N has become N - coef o R on the host, and the epilogue adds coef o G
+    (``residual_add``): U = P (N - coef o R) + coef o G = P N + coef o (G - P P^T G). Without LOW_RANK
+    (``apollo``) there is no GEMM: U = coef o G. A member flagged to skip returns at once: its weight keeps
+    its bits."""
     bid = tl.program_id(1)
-    if tl.load(hyper + bid * 8 + 7) != 0.0:
+    h = hyper + bid * ROW
+    if tl.load(h + SKIP) != 0.0:
         return
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
@@ -326,22 +307,11 @@ def back_update_kernel(
     else:
         u = tl.zeros((BM, BN), dtype=tl.float32)
     if RESID:
-        gp = tl.load(g_ptrs + bid).to(tl.pointer_type(G_DT))
-        g = tl.load(gp + rm[:, None] * sg0 + rn[None, :] * sg1, mask=mask, other=0.0).to(tl.float32)
-        if COEF_OF_COLS:
-            k = tl.load(coef + bid * s_coef + rn, mask=rn < N, other=0.0)
-            u = u + g * k[None, :]
-        else:
-            k = tl.load(coef + bid * s_coef + rm, mask=rm < M, other=0.0)
-            u = u + g * k[:, None]
-
-    h = hyper + bid * 8
-    alpha = tl.load(h + 5)
-    decay = tl.load(h + 6)
+        u = residual_add(u, g_ptrs, coef, bid, s_coef, rm, rn, M, N, sg0, sg1, mask, G_DT, COEF_OF_COLS)
     wp = tl.load(w_ptrs + bid).to(tl.pointer_type(W_DT))
     off = rm[:, None] * sw0 + rn[None, :] * sw1
     w = tl.load(wp + off, mask=mask, other=0.0).to(tl.float32)
-    w = w * decay - alpha * u
+    w = w * tl.load(h + DECAY) - tl.load(h + ALPHA) * u
     if ROUND_BF16:
         w = round_bf16(w)  # to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
     tl.store(wp + off, w.to(W_DT), mask=mask)
@@ -438,14 +408,68 @@ class _Launched(NamedTuple):
     tables: dict[str, Tensor]
 
 
+class _Layout(NamedTuple):
+    """One batch's shapes and strides, as launch 1 reads them (``_project_layout``)."""
+
+    m: int
+    n: int
+    r: int
+    rshape: tuple[int, int]  # the moments' (and N's) shape
+    g: tuple[int, int]  # strides of G, P, M's values, V's values
+    p: tuple[int, int]
+    m_values: tuple[int, int]
+    v_values: tuple[int, int]
+
+
+def _project_layout(
+    ws: list[Tensor], gs: list[Tensor], ps: list[Tensor], ms: list[Moment], vs: list[Moment], side: str,
+    same_layout: bool,
+) -> _Layout:  # fmt: skip
+    """The batch's common layout, checked: one shape, dtype and stride per operand (unless ``same_layout``: the
+    caller grouped the batch by them), moments and basis that fit G, fp32 or bf16 bases, writable outputs."""
+    m, n = gs[0].shape
+    r = ps[0].shape[1]
+    if same_layout:
+        strides = [gs[0].stride(), ps[0].stride(), ms[0].values.stride(), vs[0].values.stride()]
+    else:
+        strides = [check_same_layout(gs, "gradients"), check_same_layout(ps, "bases"),
+                   check_same_layout([x.values for x in ms], "exp_avg"),
+                   check_same_layout([x.values for x in vs], "exp_avg_sq")]  # fmt: skip
+        check_same_layout(ws, "weights")
+    rshape = (r, n) if side == "left" else (m, r)
+    fits = tuple(ms[0].values.shape) == rshape and tuple(vs[0].values.shape) == rshape
+    if not fits or ps[0].shape[0] != (m if side == "left" else n):
+        shapes = f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms[0].values.shape)}"
+        raise ValueError(f"{shapes} do not fit G {(m, n)}")
+    if ps[0].dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"bases must be fp32 or bf16, got {ps[0].dtype}")
+    for what, t in (("weight", ws[0]), ("exp_avg", ms[0].values), ("exp_avg_sq", vs[0].values)):
+        check_writable(t, what)  # same strides across the batch: one check covers it
+    return _Layout(m, n, r, rshape, *strides)
+
+
+def _absmax_rows(
+    moments: list[Moment], key: str, signed: bool, same_layout: bool, rows: dict[str, Any], dev: torch.device
+) -> tuple[int, tuple[int, int], Tensor | None]:
+    """One moment's storage kind, and for 8-bit codes its absmaxes' strides and code table, their pointer row
+    added to ``rows`` (under ``key``); for other storage, placeholder strides and no table."""
+    kind = moment_kind(moments[0].values, moments[0].absmax, "exp_avg" if signed else "exp_avg_sq")
+    if kind != MOMENT_INT8:
+        return kind, (0, 0), None
+    absmaxes = [x.absmax for x in moments]
+    what = "exp_avg_absmax" if signed else "exp_avg_sq_absmax"
+    strides = absmaxes[0].stride() if same_layout else check_same_layout(absmaxes, what)
+    check_writable(absmaxes[0], what)
+    rows[key] = absmaxes
+    return kind, strides, code_table(signed, dev)
+
+
 def _project_launch(
     ws: list[Tensor],
     gs: list[Tensor],
     ps: list[Tensor],
-    ms: list[Tensor],
-    vs: list[Tensor],
-    mqs: list[Tensor] | None,
-    vqs: list[Tensor] | None,
+    ms: list[Moment],
+    vs: list[Moment],
     hyper: Tensor,
     side: str,
     blocks: Blocks | None,
@@ -458,65 +482,36 @@ def _project_launch(
 
     Every operand is addressed through its own strides, so any non-overlapping layout works: column-major
     or sliced moments (as ``load_state_dict`` may restore them), a transposed basis, a strided gradient.
-    ``mqs``/``vqs`` are the moments' absmaxes when they are stored as 8-bit codes, else None.
     ``same_layout``: the caller grouped the batch by every tensor's shape, strides, dtype and device
     (``subspace_adamw`` does), so the first member's layout is every member's and is not checked again.
     Every pointer table of both launches is one host table, copied to the device at once (``pointer_tables``).
     """
     dev = gs[0].device
-    m, n = gs[0].shape
-    r = ps[0].shape[1]
-    if same_layout:
-        gst, pst, mst, vst = gs[0].stride(), ps[0].stride(), ms[0].stride(), vs[0].stride()
-    else:
-        gst = check_same_layout(gs, "gradients")
-        pst = check_same_layout(ps, "bases")
-        mst = check_same_layout(ms, "exp_avg")
-        vst = check_same_layout(vs, "exp_avg_sq")
-        check_same_layout(ws, "weights")
-    rshape = (r, n) if side == "left" else (m, r)
-    if tuple(ms[0].shape) != rshape or tuple(vs[0].shape) != rshape or ps[0].shape[0] != (m if side == "left" else n):
-        raise ValueError(f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms[0].shape)} do not fit G {(m, n)}")
-    if ps[0].dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"bases must be fp32 or bf16, got {ps[0].dtype}")
-    m_kind = moment_kind(ms[0], mqs[0] if mqs else None, "exp_avg")
-    v_kind = moment_kind(vs[0], vqs[0] if vqs else None, "exp_avg_sq")
-    for what, ts in (("weight", ws), ("exp_avg", ms), ("exp_avg_sq", vs)):
-        check_writable(ts[0], what)  # same strides across the batch: one check covers it
-    batch = len(gs)
-    nbuf = torch.empty((batch, *rshape), dtype=torch.float32, device=dev)
-    nst = nbuf.stride()[1:]
-    rows: dict[str, list[Tensor] | Tensor] = {"w": ws, "g": gs, "p": ps, "m": ms, "v": vs, "n": nbuf}
-    mqst, vqst, m_table, v_table = (0, 0), (0, 0), hyper, hyper  # placeholders, never read unless int8
-    if m_kind == MOMENT_INT8:
-        mqst = mqs[0].stride() if same_layout else check_same_layout(mqs, "exp_avg_absmax")
-        check_writable(mqs[0], "exp_avg_absmax")
-        rows["mq"], m_table = mqs, code_table(True, dev)
-    if v_kind == MOMENT_INT8:
-        vqst = vqs[0].stride() if same_layout else check_same_layout(vqs, "exp_avg_sq_absmax")
-        check_writable(vqs[0], "exp_avg_sq_absmax")
-        rows["vq"], v_table = vqs, code_table(False, dev)
+    lay = _project_layout(ws, gs, ps, ms, vs, side, same_layout)
+    nbuf = torch.empty((len(gs), *lay.rshape), dtype=torch.float32, device=dev)
+    rows: dict[str, Any] = {"w": ws, "g": gs, "p": ps, "m": [x.values for x in ms], "v": [x.values for x in vs],
+                            "n": nbuf}  # fmt: skip
+    m_kind, mq_strides, m_table = _absmax_rows(ms, "mq", True, same_layout, rows, dev)
+    v_kind, vq_strides, v_table = _absmax_rows(vs, "vq", False, same_layout, rows, dev)
     rbuf = sqbuf = None
     if resid:
-        channels = n if side == "left" else m
         rbuf = torch.empty_like(nbuf)
-        sqbuf = torch.empty((batch, channels), dtype=torch.float32, device=dev)
+        sqbuf = torch.empty((len(gs), lay.n if side == "left" else lay.m), dtype=torch.float32, device=dev)
         rows.update(r=rbuf, sq=sqbuf)
     tables = pointer_tables(rows, dev)
-    mq_arr, vq_arr = tables.get("mq", tables["m"]), tables.get("vq", tables["m"])  # placeholders unless int8
-    r_arr, sq_arr = tables.get("r", tables["n"]), tables.get("sq", tables["n"])  # never read without a residual
-
-    g_dt, pp_dt = gs[0].dtype, ps[0].dtype
     if side == "left":  # R = P^T G: A = P^T (r x m), B = G (m x n)
-        a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["p"], pst[::-1], tables["g"], gst, (r, n, m)
+        a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["p"], lay.p[::-1], tables["g"], lay.g, (lay.r, lay.n, lay.m)
     else:  # R = G P: A = G (m x n), B = P (n x r)
-        a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["g"], gst, tables["p"], pst, (m, r, n)
-    cfg = project_config(side, g_dt, pp_dt, m_kind, v_kind, resid, precision, rn, blocks)
-    grid = (triton.cdiv(rm, cfg["BM"]) * triton.cdiv(rn, cfg["BN"]), batch)
+        a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["g"], lay.g, tables["p"], lay.p, (lay.m, lay.r, lay.n)
+    cfg = project_config(side, gs[0].dtype, ps[0].dtype, m_kind, v_kind, resid, precision, rn, blocks)
+    grid = (triton.cdiv(rm, cfg["BM"]) * triton.cdiv(rn, cfg["BN"]), len(gs))
+    placeholder = tables["n"]  # stands for the arrays a variant never reads (no int8 moment, no residual)
+    n_strides = nbuf.stride()[1:]
     project_adam_kernel[grid](
-        a_arr, b_arr, tables["m"], tables["v"], tables["n"], mq_arr, vq_arr, m_table, v_table,
-        hyper, rm, rn, rk, sa[0], sa[1], sb[0], sb[1], mst[0], mst[1], vst[0], vst[1], nst[0], nst[1],
-        mqst[0], mqst[1], vqst[0], vqst[1], r_arr, sq_arr, **cfg,
+        a_arr, b_arr, tables["m"], tables["v"], tables["n"], tables.get("mq", placeholder),
+        tables.get("vq", placeholder), hyper if m_table is None else m_table, hyper if v_table is None else v_table,
+        hyper, rm, rn, rk, *sa, *sb, *lay.m_values, *lay.v_values, *n_strides, *mq_strides, *vq_strides,
+        tables.get("r", placeholder), tables.get("sq", placeholder), **cfg,
     )  # fmt: skip
     return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf, tables)
 
@@ -527,19 +522,19 @@ def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: 
     ws, gs, ps, side, tables = x.ws, x.gs, x.ps, x.side, x.tables
     m, n = gs[0].shape
     r = ps[0].shape[1]
-    gst, pst, wst = gs[0].stride(), ps[0].stride(), ws[0].stride()
-    nst = x.nbuf.stride()[1:]
+    g_strides, p_strides, w_strides = gs[0].stride(), ps[0].stride(), ws[0].stride()
+    n_strides = x.nbuf.stride()[1:]
     resid = residual != "none"
     if side == "left":  # U = P N: A = P (m x r), B = N (r x n)
-        a_arr, sa, b_arr, sb = tables["p"], pst, tables["n"], nst
+        a_arr, sa, b_arr, sb = tables["p"], p_strides, tables["n"], n_strides
     else:  # U = N P^T: A = N (m x r), B = P^T (r x n)
-        a_arr, sa, b_arr, sb = tables["n"], nst, tables["p"], pst[::-1]
+        a_arr, sa, b_arr, sb = tables["n"], n_strides, tables["p"], p_strides[::-1]
     coef = x.hyper if coef is None else coef  # placeholder without a residual
     cfg = back_config(side, ws[0].dtype, gs[0].dtype, ps[0].dtype, residual, precision, blocks)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), len(gs))
     back_update_kernel[grid](
         a_arr, b_arr, tables["w"], x.hyper,
-        m, n, r, sa[0], sa[1], sb[0], sb[1], wst[0], wst[1], tables["g"], gst[0], gst[1], coef,
+        m, n, r, *sa, *sb, *w_strides, tables["g"], *g_strides, coef,
         coef.stride(0) if resid else 0, **cfg,
     )  # fmt: skip
 
@@ -557,10 +552,10 @@ def _residual_between(
 ) -> list[Tensor]:
     """Between the launches, for every batch at once: the residual's coefficients from launch 1's low-rank
     buffers (never G), in matrix order (so row-sharded ranks, whose batches may group differently, make
-    the same ``reduce`` call), the limiter state updated in place, and each batch's N turned into
-    N - coef o R. Returns each batch's coef (batch x channels, contiguous). ``bias1``: 1 - b1^t per matrix
-    (fp64, on the device). A ``skipped`` matrix's buffers were never written: its garbage stays in its own
-    rows, and its limiter state keeps its value."""
+    the same ``reduce`` call) through ``inner.residual_coefficients`` (the reference's own), which also
+    updates the limiter state; then each batch's N turned into N - coef o R. Returns each batch's coef
+    (batch x channels, contiguous). ``bias1``: 1 - b1^t per matrix (fp64, on the device). A ``skipped``
+    matrix's buffers were never written: its garbage stays in its own rows."""
     per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
     pieces: list[Tensor | None] = [None] * len(bases)
     for x, idx in zip(launched, members, strict=True):
@@ -568,17 +563,10 @@ def _residual_between(
         sumsq = torch.stack((x.nbuf.square().sum(dim), x.rbuf.square().sum(dim), x.sqbuf), dim=-1)  # b x ch x 3
         for j, i in enumerate(idx):
             pieces[i] = sumsq[j] if per_channel else sumsq[j].sum(0, keepdim=True)
-    dev = pieces[0].device
-    lengths = [t.shape[0] for t in pieces]
-    previous = torch.stack(list(update_norms))
-    coef, norms = residual_factors(
-        torch.cat(pieces), device_vector(lengths, torch.int64, dev) if per_channel else None, previous,
-        bias1, residual, first_ratios(list(bases), dev), scale, reduce,
-    )  # fmt: skip
-    if skipped is not None:
-        norms = torch.where(torch.stack(list(skipped)), previous, norms)
-    torch._foreach_copy_(list(update_norms), list(norms.unbind(0)))
-    coefs = coef.split(lengths)
+    coefs = residual_coefficients(
+        torch.cat(pieces), [t.shape[0] for t in pieces], bases=bases, update_norms=update_norms, bias1=bias1,
+        mode=residual, scale=scale, reduce=reduce, skipped=skipped,
+    )
     out = []
     for x, idx in zip(launched, members, strict=True):
         channels = x.sqbuf.shape[1]
@@ -594,25 +582,19 @@ def layout_batches(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     bases: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor | Moment],
+    exp_avg_sqs: Sequence[Tensor | Moment],
     sides: Sequence[str],
-    exp_avg_absmaxes: Sequence[Tensor | None] | None = None,
-    exp_avg_sq_absmaxes: Sequence[Tensor | None] | None = None,
 ) -> list[list[int]]:
     """The matrices of a ``subspace_adamw`` call grouped into launch batches: the same side and every tensor's
     shape, strides, dtype and device (a batch shares one layout, ``_project_launch``'s ``same_layout``).
     ``params[i]`` as the launch sees it, viewed as its gradient's shape."""
-    count = len(grads)
-    mqs = exp_avg_absmaxes if exp_avg_absmaxes is not None else [None] * count
-    vqs = exp_avg_sq_absmaxes if exp_avg_sq_absmaxes is not None else [None] * count
     out: dict[tuple, list[int]] = {}
-    for i in range(count):
-        g, w = grads[i], params[i]
+    for i, (g, w) in enumerate(zip(grads, params, strict=True)):
         if sides[i] not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {sides[i]!r}")
-        key = (sides[i], g.shape, g.dtype, g.stride(), g.get_device(), w.shape, w.dtype, w.stride(), w.get_device(),
-               _layout(bases[i]), _layout(exp_avgs[i]), _layout(exp_avg_sqs[i]), _layout(mqs[i]), _layout(vqs[i]))
+        m, v = as_moment(exp_avgs[i]), as_moment(exp_avg_sqs[i])
+        key = (sides[i], _layout(g), _layout(w), _layout(bases[i]), *map(_layout, m), *map(_layout, v))
         out.setdefault(key, []).append(i)
     return list(out.values())
 
@@ -621,12 +603,34 @@ def _layout(t: Tensor | None) -> tuple | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
 
 
+def _scalar_table(
+    steps: list[int], scalars: Callable[[int], AdamScalars], skipped: list[Tensor] | None,
+    lags: list[Tensor] | None, betas: tuple[float, float], dev: torch.device,
+) -> Tensor:  # fmt: skip
+    """One batch's scalar table on its device (``SCALAR_COLUMNS``): each member's ``AdamScalars`` by age, its
+    skip flag copied on the device, and alpha and sqrt(1 - b2^t) corrected by the lags (``inner.Lag``; exact
+    1.0 where the host count does not run ahead). Call under ``device_guard(dev)``."""
+    hyper = host_table([_scalar_row(scalars(t)) for t in steps], torch.float32, dev)
+    if skipped is not None:
+        hyper[:, COLUMN["skip"]].copy_(torch.stack(skipped))
+    if lags is not None:
+        fix = lag_vectors(steps, lags, betas)
+        hyper[:, COLUMN["alpha"]].mul_(fix.c1)
+        hyper[:, COLUMN["bias2_sqrt"]].div_(fix.c2)
+    return hyper
+
+
+def _scalar_row(s: AdamScalars) -> list[float]:
+    """A member's row of the scalar table: its scalars in ``SCALAR_COLUMNS`` order, and no skip flag."""
+    return [0.0 if name == "skip" else getattr(s, name) for name in SCALAR_COLUMNS]
+
+
 def subspace_adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     bases: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor | Moment],
+    exp_avg_sqs: Sequence[Tensor | Moment],
     steps: Sequence[int],
     *,
     lr: float,
@@ -635,79 +639,46 @@ def subspace_adamw(
     weight_decay: float,
     scale: float,
     sides: Sequence[str],
-    exp_avg_absmaxes: Sequence[Tensor | None] | None = None,
-    exp_avg_sq_absmaxes: Sequence[Tensor | None] | None = None,
     matmul_precision: str = "ieee",
     residual: str = "none",
     update_norms: Sequence[Tensor] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     skipped: Sequence[Tensor] | None = None,
     lags: Sequence[Tensor] | None = None,
-    blocks: Blocks | None = None,
     batches: Sequence[Sequence[int]] | None = None,
+    blocks: Blocks | None = None,
 ) -> None:
-    """The Triton twin of ``functional.subspace_adamw``: the same arguments, the same update, in place.
-
-    ``grads[i]`` is matrix i's gradient viewed as G (m x n); ``params[i]`` its weight, of any shape that
-    views as (m, n) without a copy. Bases are fp32 or bf16. Moments are fp32, bf16, or 8-bit codes (uint8)
-    when ``exp_avg_absmaxes[i]`` / ``exp_avg_sq_absmaxes[i]`` is given (``quant``'s blockwise format); the
-    math is fp32 whatever the storage, and the state is converted inside the kernel. Matrices sharing
-    side, shapes, dtypes, strides and storage form one batch: two kernel launches per batch, whatever its
-    size. ``matmul_precision="ieee"`` keeps fp32 GEMM semantics (the reference's); ``"tf32"`` trades that
-    for tensor-core speed. ``residual`` / ``update_norms`` as the reference's (``functional._residual_reference``):
-    the residual adds no GEMM (``fira``: P (N - coef o R) replaces P N; ``apollo`` drops the
-    back-projection GEMM) and no pass over G (its channel norms are summed inside the projection GEMM,
-    its entries read in the weight epilogue beside W's). ``skipped`` / ``lags`` as the reference's: the
-    flags are copied on the device into the scalar table's spare column, which both kernels read first (a
-    flagged member's programs store nothing), and the lags' corrections (``inner.Lag``) are applied to the
-    table's scalars on the device.
-
-    Engine-only arguments: ``blocks`` (the tiles; tests and benchmarks), and ``batches``, the grouping
-    ``layout_batches`` gives for these very tensors, which a caller that knows their layouts are unchanged
-    (the optimizer, while its plan holds) passes instead of having every tensor's layout read again.
-    """
+    """The Triton twin of ``functional.subspace_adamw``: the same arguments (``functional.TWIN_ONLY``: also
+    ``blocks``, the tiles), the same update, in place. Matrices sharing side, shapes, dtypes, strides and
+    storage form one batch: two kernel launches per batch, whatever its size; moments are converted inside the
+    kernel. ``matmul_precision="tf32"`` trades the reference's fp32 GEMM semantics for tensor-core speed. The
+    residual adds no GEMM and no pass over G (module docstring). ``skipped`` flags are copied on the device
+    into the scalar table, which both kernels read first; the lags correct the table there."""
     count = len(grads)
     if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {count}:
         raise ValueError("subspace_adamw: every argument list needs one entry per matrix")
-    mqs = list(exp_avg_absmaxes) if exp_avg_absmaxes is not None else [None] * count
-    vqs = list(exp_avg_sq_absmaxes) if exp_avg_sq_absmaxes is not None else [None] * count
-    if len(mqs) != count or len(vqs) != count:
-        raise ValueError("subspace_adamw: the absmax lists need one entry per matrix")
+    ms, vs = [as_moment(x) for x in exp_avgs], [as_moment(x) for x in exp_avg_sqs]
     ws = [w if w.shape == g.shape else w.view(g.shape) for w, g in zip(params, grads, strict=True)]
     if batches is None:
-        batches = layout_batches(ws, grads, bases, exp_avgs, exp_avg_sqs, sides, mqs, vqs)
-    resid = residual != "none"
-    launched, members, bias1 = [], [list(idx) for idx in batches], [0.0] * count
-    by_age: dict[int, tuple[list[float], float]] = {}  # a batch's matrices usually share one age
+        batches = layout_batches(ws, grads, bases, ms, vs, sides)
+    members = [list(idx) for idx in batches]
+    scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
+    launched = []
     for idx in members:
         dev = grads[idx[0]].device
-        rows = []
-        for i in idx:
-            if steps[i] not in by_age:
-                s = adam_scalars(lr, betas, eps, weight_decay, scale, steps[i])
-                by_age[steps[i]] = ([s.w1, s.beta2, s.w2, s.eps, s.bias2_sqrt, s.alpha, s.decay, 0.0], s.bias1)
-            row, bias1[i] = by_age[steps[i]]
-            rows.append(row)
         with device_guard(dev):
-            hyper = host_table(rows, torch.float32, dev)
-            if skipped is not None:
-                hyper[:, 7].copy_(torch.stack([skipped[i] for i in idx]))
-            if lags is not None:  # alpha and sqrt(1 - b2^t) where the host count runs ahead (exact 1.0 otherwise)
-                fix = lag_vectors([steps[i] for i in idx], [lags[i] for i in idx], betas)  # ``inner.Lag`` vectors
-                hyper[:, 5].mul_(fix.c1)
-                hyper[:, 4].div_(fix.c2)
+            flags = None if skipped is None else [skipped[i] for i in idx]
+            lag = None if lags is None else [lags[i] for i in idx]
+            hyper = _scalar_table([steps[i] for i in idx], scalars, flags, lag, betas, dev)
             launched.append(_project_launch(
-                [ws[i] for i in idx], [grads[i] for i in idx], [bases[i] for i in idx], [exp_avgs[i] for i in idx],
-                [exp_avg_sqs[i] for i in idx], None if mqs[idx[0]] is None else [mqs[i] for i in idx],
-                None if vqs[idx[0]] is None else [vqs[i] for i in idx], hyper,
-                sides[idx[0]], blocks, matmul_precision, resid, same_layout=True,
+                [ws[i] for i in idx], [grads[i] for i in idx], [bases[i] for i in idx], [ms[i] for i in idx],
+                [vs[i] for i in idx], hyper, sides[idx[0]], blocks, matmul_precision, residual != "none",
+                same_layout=True,
             ))  # fmt: skip
     coefs = None
-    if resid:
-        bias1_t = device_vector(bias1, torch.float64, grads[0].device)
-        if lags is not None:
-            bias1_t = bias1_t / lag_vectors(steps, lags, betas).c1
-        coefs = _residual_between(launched, members, bases, residual, update_norms, bias1_t, scale, reduce, skipped)
+    if residual != "none":
+        bias1 = corrected_bias1([scalars(t).bias1 for t in steps], steps, lags, betas, grads[0].device)
+        coefs = _residual_between(launched, members, bases, residual, update_norms, bias1, scale, reduce, skipped)
     for b, x in enumerate(launched):
         with device_guard(x.gs[0].device):
             _back_launch(x, blocks, matmul_precision, residual, None if coefs is None else coefs[b])

@@ -15,65 +15,80 @@ for the device to say which gradients were bad.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from functools import partial
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
-from . import linalg, quant, subspace
+from . import linalg, subspace
 from .inner import (
     RESIDUALS,
     AdamScalars,
     Lag,
-    adam_scalars,
-    device_vector,
-    first_ratios,
+    corrected_bias1,
     lag_factors,
     projected_adamw_batch,
-    residual_factors,
+    residual_coefficients,
     residual_moments,
     residual_update,
+    scalars_by_age,
 )
+from .quant import Moment, as_matrix, as_moment, load_moment, store_moment
+
+# The twin contract. Each function below and its Triton twin (``kernels.step.subspace_adamw``,
+# ``kernels.refresh.refresh_bases``) take the same parameters, with the same kinds, defaults and annotations,
+# except these (``tests/test_twins.py`` checks it):
+REFERENCE_ONLY = {
+    "subspace_adamw": ("engine",),  # the dispatch itself
+    # the twin runs the warm/rsvd range finder only (``previous[i]`` None: cold), on unsharded gradients
+    "refresh_bases": ("policy", "slabs", "engine"),
+}
+TWIN_ONLY = {
+    "subspace_adamw": ("blocks",),  # the kernels' tiles (tests and benchmarks)
+    "refresh_bases": (),
+}
+
+# A matrix's two stored moments (first, second), as records.
+Moments = tuple[Moment, Moment]
 
 
-def _stored_moments(
-    i: int,
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    exp_avg_absmaxes: Sequence[Tensor] | None,
-    exp_avg_sq_absmaxes: Sequence[Tensor] | None,
-) -> dict[str, Tensor]:
-    """Member i's moments as the state-like dict ``quant.load`` / ``quant.store`` read and write."""
-    moments = {"exp_avg": exp_avgs[i], "exp_avg_sq": exp_avg_sqs[i]}
-    if exp_avg_absmaxes is not None:
-        moments.update(exp_avg_absmax=exp_avg_absmaxes[i], exp_avg_sq_absmax=exp_avg_sq_absmaxes[i])
-    return moments
+def _stored(i: int, exp_avgs: Sequence[Tensor | Moment], exp_avg_sqs: Sequence[Tensor | Moment]) -> Moments:
+    """Member i's stored moments as records (a bare tensor is a moment without an absmax)."""
+    return as_moment(exp_avgs[i]), as_moment(exp_avg_sqs[i])
 
 
-def _snapshot(moments: dict[str, Tensor], skip: Tensor | None) -> dict[str, Tensor] | None:
+def _tensors(moments: Moments) -> list[Tensor]:
+    """Every tensor a matrix's stored moments are made of (values, and absmaxes of 8-bit codes)."""
+    return [t for mo in moments for t in mo if t is not None]
+
+
+def _snapshot(moments: Moments, skip: Tensor | None) -> list[Tensor] | None:
     """Copies of a matrix's 8-bit moments (codes and absmaxes) when it may be skipped (``_restore``). fp32 and
     bf16 moments need none: the update keeps their old fp32 values itself (``inner.moments_directions``), and
     a bf16 value goes back to bf16 exactly; requantizing dequantized codes is not guaranteed to."""
-    if skip is None or "exp_avg_absmax" not in moments:
+    if skip is None or all(mo.absmax is None for mo in moments):
         return None
-    return {k: t.clone() for k, t in moments.items()}
+    return [t.clone() for t in _tensors(moments)]
 
 
-def _restore(moments: dict[str, Tensor], saved: dict[str, Tensor] | None, skip: Tensor | None) -> None:
+def _restore(moments: Moments, saved: list[Tensor] | None, skip: Tensor | None) -> None:
     """Put the saved 8-bit moments back where ``skip`` is set (the moments are low rank: cheap)."""
     if saved is not None:
-        for key, t in moments.items():
-            torch.where(skip, saved[key], t, out=t)
+        for t, old in zip(_tensors(moments), saved, strict=True):
+            torch.where(skip, old, t, out=t)
 
 
-def _scalars_by_age(lr, betas, eps, weight_decay, scale) -> Callable[[int], AdamScalars]:  # noqa: ANN001
-    """``adam_scalars`` of one call's hyperparameters by age, each age computed once (a call's matrices
-    usually share one)."""
-    scalars = partial(adam_scalars, lr, betas, eps, weight_decay, scale)
-    return scalars if torch.compiler.is_compiling() else functools.lru_cache(maxsize=None)(scalars)  # dynamo: no cache
+def _load(moments: Moments) -> tuple[Tensor, Tensor]:
+    """fp32 working copies of a matrix's (first, second) moments (``quant.load_moment``)."""
+    return load_moment(moments[0], True), load_moment(moments[1], False)
+
+
+def _store(moments: Moments, m: Tensor, v: Tensor) -> None:
+    """Write fp32 working moments back into their storage (``quant.store_moment``)."""
+    store_moment(moments[0], True, m)
+    store_moment(moments[1], False, v)
 
 
 def _lags(steps: Sequence[int], lags: Sequence[Tensor] | None, betas: tuple[float, float]) -> list[Lag | None]:
@@ -85,8 +100,8 @@ def subspace_adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     bases: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor | Moment],
+    exp_avg_sqs: Sequence[Tensor | Moment],
     steps: Sequence[int],
     *,
     lr: float,
@@ -95,8 +110,6 @@ def subspace_adamw(
     weight_decay: float,
     scale: float,
     sides: Sequence[str],
-    exp_avg_absmaxes: Sequence[Tensor] | None = None,
-    exp_avg_sq_absmaxes: Sequence[Tensor] | None = None,
     engine: str = "reference",
     matmul_precision: str = "ieee",
     residual: str = "none",
@@ -108,54 +121,65 @@ def subspace_adamw(
 ) -> None:
     r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
 
-    ``grads[i]`` is G_i (m x n); ``params[i]`` the weight, any shape that views as (m, n); ``bases[i]``
-    P_i (d x r, orthonormal columns, d = m for ``sides[i] == "left"``, n for ``"right"``), fp32 or bf16;
-    the moments have the projected shape (r x n or m x r), stored in fp32, bf16, or as 8-bit codes (uint8)
-    with ``exp_avg_absmaxes`` / ``exp_avg_sq_absmaxes`` (``quant``); the math is fp32 whatever the storage.
-    ``steps[i]`` is the moments' age t, already counting this step. ``matmul_precision`` applies to the
-    Triton engine ("ieee" or "tf32"). ``residual`` (``inner.RESIDUALS``) adds what the subspace discards
-    (``inner.residual_factors``); it then needs ``update_norms[i]``, matrix i's 0-d fp32 limiter state,
-    updated in place. ``reduce``: for a residual on row shards (FSDP2; right projections), sums the
-    per-matrix partial sums over the ranks holding the other rows (``inner.residual_factors``); every rank
-    calls this function with the same matrices in the same order.
+    ``grads[i]`` is G_i (m x n); ``params[i]`` the weight, any shape that views as (m, n); ``bases[i]`` P_i
+    (d x r, orthonormal columns, d = m for ``sides[i] == "left"``, n for ``"right"``), fp32 or bf16; the
+    moments have the projected shape (r x n or m x r), fp32 or bf16 tensors, or ``quant.Moment`` records (8-bit
+    codes with their absmax); the math is fp32 whatever the storage. ``steps[i]`` is the moments' age t,
+    counting this step. ``residual`` (``inner.RESIDUALS``) adds what the subspace discards; it then needs
+    ``update_norms[i]``, matrix i's 0-d fp32 limiter state, updated in place, and on FSDP2 row shards
+    ``reduce``, a sum over the ranks holding the other rows (every rank calls this with the same matrices).
 
     ``skipped[i]`` (0-d bool on matrix i's device; True: its gradient is not finite) leaves matrix i's weight,
     moments and limiter state untouched bit for bit, decided on the device: no host sync. ``lags[i]`` (0-d
-    int on the device) says how many of the steps counted in ``steps[i]`` were such skips, which the caller
-    has not read back yet; the bias corrections are fixed on the device (``inner.lag_factors``).
-
-    ``batches`` (Triton engine only; the reference ignores it): the kernels' launch batches for these tensors
-    (``kernels.step.layout_batches``), passed by a caller that knows their layouts are unchanged since it
-    computed them.
+    int on the device) counts such skips among ``steps[i]`` that the caller has not read back yet; the bias
+    corrections are fixed on the device (``inner.lag_factors``). ``matmul_precision`` and ``batches`` (the
+    launch batches, ``kernels.step.layout_batches``, from a caller that knows the layouts are unchanged) are
+    the Triton engine's; the reference ignores them.
     """
     if residual not in RESIDUALS:
         raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
     if residual != "none" and (update_norms is None or len(update_norms) != len(params)):
         raise ValueError(f"subspace_adamw: residual={residual!r} needs update_norms, one 0-d tensor per matrix")
+    if engine not in ("reference", "triton"):
+        raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
+    tensors = (params, grads, bases, exp_avgs, exp_avg_sqs, steps)
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides)
+    masking = dict(skipped=skipped, lags=lags)
     if engine == "triton":
         from .kernels.step import subspace_adamw as triton_subspace_adamw  # imports Triton: only on use
 
-        triton_subspace_adamw(
-            params, grads, bases, exp_avgs, exp_avg_sqs, steps,
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides,
-            exp_avg_absmaxes=exp_avg_absmaxes, exp_avg_sq_absmaxes=exp_avg_sq_absmaxes,
-            matmul_precision=matmul_precision, residual=residual, update_norms=update_norms, reduce=reduce,
-            skipped=skipped, lags=lags, batches=batches,
-        )  # fmt: skip
-        return
-    if engine != "reference":
-        raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
-    if residual != "none":
-        _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
-                            sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms, reduce, skipped,
-                            lags)  # fmt: skip
-        return
+        triton_subspace_adamw(*tensors, **hyper, **masking, matmul_precision=matmul_precision, residual=residual,
+                              update_norms=update_norms, reduce=reduce, batches=batches)  # fmt: skip
+    elif residual != "none":
+        _residual_reference(*tensors, **hyper, **masking, residual=residual, update_norms=update_norms, reduce=reduce)
+    else:
+        _projected_reference(*tensors, **hyper, **masking)
+
+
+def _projected_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bases: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor | Moment],
+    exp_avg_sqs: Sequence[Tensor | Moment],
+    steps: Sequence[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    sides: Sequence[str],
+    skipped: Sequence[Tensor] | None,
+    lags: Sequence[Tensor] | None,
+) -> None:
+    """The reference step without a residual: chunk by chunk (``_moment_chunks``), the moments' fp32 working
+    copies through ``inner.projected_adamw_batch``, then stored back (8-bit ones restored where skipped)."""
     fixes = _lags(steps, lags, betas)
-    scalars = _scalars_by_age(lr, betas, eps, weight_decay, scale)
+    scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
     for chunk in _moment_chunks(exp_avgs):
         skips = [None if skipped is None else skipped[i] for i in chunk]
-        moments, saved, ms, vs = _working_moments(chunk, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
-                                                  skips)  # fmt: skip
+        moments, saved, ms, vs = _working_moments(chunk, exp_avgs, exp_avg_sqs, skips)
         projected_adamw_batch(
             [params[i] for i in chunk], [grads[i] for i in chunk], [bases[i].float() for i in chunk], ms, vs,
             [scalars(steps[i]) for i in chunk], [sides[i] for i in chunk], [fixes[i] for i in chunk], skips,
@@ -168,90 +192,137 @@ def subspace_adamw(
 _CHUNK_MOMENTS = 1 << 22
 
 
-def _moment_chunks(exp_avgs: Sequence[Tensor]) -> list[range]:
+def _moment_chunks(exp_avgs: Sequence[Tensor | Moment]) -> list[range]:
     """Consecutive matrices in chunks of at most ``_CHUNK_MOMENTS`` moment entries (at least one matrix each)."""
     out, start, total = [], 0, 0
     for i, m in enumerate(exp_avgs):
-        if i > start and total + m.numel() > _CHUNK_MOMENTS:
+        entries = as_moment(m).values.numel()
+        if i > start and total + entries > _CHUNK_MOMENTS:
             out.append(range(start, i))
             start, total = i, 0
-        total += m.numel()
+        total += entries
     out.append(range(start, len(exp_avgs)))
     return out
 
 
-def _working_moments(chunk, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes, skips) -> tuple:  # noqa: ANN001
+def _working_moments(
+    chunk: range,
+    exp_avgs: Sequence[Tensor | Moment],
+    exp_avg_sqs: Sequence[Tensor | Moment],
+    skips: Sequence[Tensor | None],
+) -> tuple[list[Moments], list[list[Tensor] | None], list[Tensor], list[Tensor]]:
     """For the chunk's matrices: their stored moments, snapshots of the 8-bit ones that may be skipped
-    (``_snapshot``), and the fp32 working moments (``quant.load``: the stored tensors themselves when fp32)."""
-    moments = [_stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes) for i in chunk]
+    (``_snapshot``), and the fp32 working moments (the stored tensors themselves when fp32)."""
+    moments = [_stored(i, exp_avgs, exp_avg_sqs) for i in chunk]
     saved = [_snapshot(mo, skip) for mo, skip in zip(moments, skips, strict=True)]
-    ms, vs = [quant.load(mo, "exp_avg") for mo in moments], [quant.load(mo, "exp_avg_sq") for mo in moments]
-    return moments, saved, ms, vs
+    loaded = [_load(mo) for mo in moments]
+    return moments, saved, [m for m, _ in loaded], [v for _, v in loaded]
 
 
-def _store_moments(moments, saved, ms, vs, skips) -> None:  # noqa: ANN001
-    """Write the working moments back into their storage (``quant.store``) and restore the skipped 8-bit ones."""
-    for mo, sv, m, v, skip in zip(moments, saved, ms, vs, skips, strict=True):
-        quant.store(mo, "exp_avg", m)
-        quant.store(mo, "exp_avg_sq", v)
-        _restore(mo, sv, skip)
+def _store_moments(
+    moments: list[Moments],
+    saved: list[list[Tensor] | None],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    skips: Sequence[Tensor | None],
+) -> None:
+    """Write the working moments back into their storage and restore the skipped 8-bit ones."""
+    for mo, kept, m, v, skip in zip(moments, saved, ms, vs, skips, strict=True):
+        _store(mo, m, v)
+        _restore(mo, kept, skip)
 
 
-def _residual_reference(params, grads, bases, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, weight_decay, scale,
-                        sides, exp_avg_absmaxes, exp_avg_sq_absmaxes, residual, update_norms, reduce, skipped,
-                        lags) -> None:  # fmt: skip
-    """The reference residual step in three passes: R, moments, N and channel sums per matrix; the
-    coefficients of every matrix in one ``residual_factors`` call (every matrix's channels in one flat
-    tensor: a few operations per step instead of per matrix; on CPU each costs a dispatch); then each
-    update. ``fira_tensor`` takes whole-matrix norms (one row per matrix). A skipped matrix's NaN stays in
-    its own rows of the flat tensors; its limiter state keeps its old value."""
-    per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+class _ResidualWork(NamedTuple):
+    """What the first half of a reference residual step leaves for the second, per matrix."""
+
+    scalars: AdamScalars
+    basis: Tensor  # fp32
+    r: Tensor  # R, the projected gradient
+    direction: Tensor  # N, the normalized moment (overwritten by the update)
+
+
+def _residual_reference(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    bases: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor | Moment],
+    exp_avg_sqs: Sequence[Tensor | Moment],
+    steps: Sequence[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    sides: Sequence[str],
+    residual: str,
+    update_norms: Sequence[Tensor],
+    reduce: Callable[[Tensor], Tensor] | None,
+    skipped: Sequence[Tensor] | None,
+    lags: Sequence[Tensor] | None,
+) -> None:
+    """The reference residual step in three passes: R, moments, N and channel sums per matrix
+    (``_residual_moments``); the coefficients of every matrix in one call (``inner.residual_coefficients``,
+    shared with the kernels: every matrix's channels in one flat tensor, a few operations per step instead of
+    per matrix); then each update. ``fira_tensor`` takes whole-matrix norms (one row per matrix). A skipped
+    matrix's NaN stays in its own rows of the flat tensors; its limiter state keeps its old value."""
     fixes = _lags(steps, lags, betas)
-    work, sums = [], ([], [], [])
-    scalars = _scalars_by_age(lr, betas, eps, weight_decay, scale)
+    scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
+    work, sumsq, lengths = _residual_moments(grads, bases, exp_avgs, exp_avg_sqs, steps, sides, residual, scalars,
+                                             fixes, skipped)  # fmt: skip
+    bias1 = corrected_bias1([w.scalars.bias1 for w in work], steps, lags, betas, grads[0].device)
+    coefs = residual_coefficients(
+        sumsq, lengths, bases=bases, update_norms=update_norms, bias1=bias1, mode=residual, scale=scale,
+        reduce=reduce, skipped=skipped,
+    )
+    for i in reversed(range(len(work))):  # the last projected first: its G is the likeliest still in cache
+        w = work[i]
+        residual_update(params[i], grads[i], w.basis, w.r, w.direction, coefs[i], w.scalars, sides[i], residual,
+                        fixes[i], None if skipped is None else skipped[i])  # fmt: skip
+
+
+def _residual_moments(
+    grads: Sequence[Tensor],
+    bases: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor | Moment],
+    exp_avg_sqs: Sequence[Tensor | Moment],
+    steps: Sequence[int],
+    sides: Sequence[str],
+    residual: str,
+    scalars: Callable[[int], AdamScalars],
+    fixes: Sequence[Lag | None],
+    skipped: Sequence[Tensor] | None,
+) -> tuple[list[_ResidualWork], Tensor, list[int]]:
+    """The first half of the reference residual step, chunk by chunk (``_moment_chunks``): the moments
+    updated (``inner.residual_moments``) and stored, each matrix's work, and the flat per-channel sums of
+    squares with each matrix's channel count (``inner.residual_factors``' ``sumsq``)."""
+    per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+    work: list[_ResidualWork] = []
+    sums: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     for chunk in _moment_chunks(exp_avgs):
         skips = [None if skipped is None else skipped[i] for i in chunk]
-        moments, saved, ms, vs = _working_moments(chunk, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes,
-                                                  skips)  # fmt: skip
-        ss, chunk_bases = [scalars(steps[i]) for i in chunk], [bases[i].float() for i in chunk]
+        moments, saved, ms, vs = _working_moments(chunk, exp_avgs, exp_avg_sqs, skips)
+        ages, chunk_bases = [scalars(steps[i]) for i in chunk], [bases[i].float() for i in chunk]
         rs, directions, channel_sums = residual_moments(
-            [grads[i] for i in chunk], chunk_bases, ms, vs, ss, [sides[i] for i in chunk], per_channel,
+            [grads[i] for i in chunk], chunk_bases, ms, vs, ages, [sides[i] for i in chunk], per_channel,
             [fixes[i] for i in chunk], skips,
         )  # fmt: skip
         _store_moments(moments, saved, ms, vs, skips)
-        work += list(zip(ss, chunk_bases, rs, directions, strict=True))
+        work += [_ResidualWork(*item) for item in zip(ages, chunk_bases, rs, directions, strict=True)]
         for matrix_sums in channel_sums:
             for into, t in zip(sums, matrix_sums, strict=True):
                 into.append(t)
-    dev = grads[0].device
     if per_channel:
-        lengths = [t.shape[0] for t in sums[0]]
-        sumsq = torch.stack([torch.cat(ts) for ts in sums], dim=1)
-    else:  # whole-matrix norms
-        lengths = [1] * len(work)
-        sumsq = torch.stack([torch.stack(ts) for ts in sums], dim=1).square_()
-    bias1 = device_vector([w[0].bias1 for w in work], torch.float64, dev)
-    if lags is not None:  # the true 1 - b1^a of a matrix whose count runs ahead (exact: c1 is 1.0 without a lag)
-        bias1 = bias1 / torch.stack([f.c1 for f in fixes])
-    first = first_ratios(list(bases), dev)
-    lengths_t = device_vector(lengths, torch.int64, dev) if per_channel else None
-    previous = torch.stack(list(update_norms))
-    coef, limiter = residual_factors(sumsq, lengths_t, previous, bias1, residual, first, scale, reduce)
-    if skipped is not None:
-        limiter = torch.where(torch.stack(list(skipped)), previous, limiter)
-    torch._foreach_copy_(list(update_norms), list(limiter.unbind(0)))
-    coefs = coef.split(lengths)
-    for i in reversed(range(len(work))):  # the last projected first: its G is the likeliest still in cache
-        s, basis, r, direction = work[i]
-        residual_update(params[i], grads[i], basis, r, direction, coefs[i], s, sides[i], residual, fixes[i],
-                        None if skipped is None else skipped[i])  # fmt: skip
+        return work, torch.stack([torch.cat(ts) for ts in sums], dim=1), [t.shape[0] for t in sums[0]]
+    # whole-matrix norms, squared at once
+    return work, torch.stack([torch.stack(ts) for ts in sums], dim=1).square_(), [1] * len(work)
 
 
 def adamw(
     params: list[Tensor],
     grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
+    exp_avgs: list[Tensor | Moment],
+    exp_avg_sqs: list[Tensor | Moment],
     steps: list[Tensor],
     *,
     lr: float | Tensor,
@@ -259,16 +330,14 @@ def adamw(
     eps: float,
     weight_decay: float,
     foreach: bool | None,
-    exp_avg_absmaxes: list[Tensor] | None = None,
-    exp_avg_sq_absmaxes: list[Tensor] | None = None,
     fused: bool | None = None,
 ) -> None:
     """Plain AdamW for the parameters that are not projected: torch's own ``adam`` with decoupled weight
     decay, so these parameters train exactly as ``torch.optim.AdamW`` would train them.
 
-    Moments stored in low precision (bf16 for a wider parameter, or 8-bit codes with ``*_absmaxes``) are
-    updated one parameter at a time through fp32 working copies (``quant.load``/``quant.store``), with the
-    same ``adam`` call.
+    Moments stored in low precision (bf16 for a wider parameter, or 8-bit codes: ``quant.Moment`` records) are
+    updated one parameter at a time through fp32 working copies (``quant.load_moment``/``store_moment``), with
+    the same ``adam`` call.
     """
     kwargs = dict(
         decoupled_weight_decay=True, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
@@ -284,22 +353,24 @@ def adamw(
         # lr (torch's foreach path refuses it) or under torch.compile (its fake tensors refuse the foreach
         # path's CPU step counters).
         foreach = True
-    if exp_avg_absmaxes is None and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params, strict=True)):
-        _torch_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=foreach, fused=fused, **kwargs)
+    stored = [_stored(i, exp_avgs, exp_avg_sqs) for i in range(len(params))]
+    if all(mo.values.dtype == p.dtype and mo.absmax is None for (mo, _), p in zip(stored, params, strict=True)):
+        ms, vs = [m.values for m, _ in stored], [v.values for _, v in stored]
+        _torch_adam(params, grads, ms, vs, [], steps, foreach=foreach, fused=fused, **kwargs)
         return
     for i, p in enumerate(params):
-        moments = _stored_moments(i, exp_avgs, exp_avg_sqs, exp_avg_absmaxes, exp_avg_sq_absmaxes)
+        moments = stored[i]
         step = steps[i]
         if not p.is_contiguous():  # no row view to write through: one chunk, the whole tensor
             _chunk_adamw(p, grads[i], moments, step.clone(), kwargs)
             step.add_(1)
             continue
-        matrix, grad = quant.as_matrix(p), quant.as_matrix(grads[i])
+        matrix, grad = as_matrix(p), as_matrix(grads[i])
         # Row chunks bound the fp32 working copies (a 32000 x 4096 embedding would otherwise hold about 2.5
         # GB of them at once); rows never split an 8-bit block, and every operation is elementwise, so the
         # result is the same bit for bit. Each chunk steps from the same count; the count advances once.
         for rows in _row_chunks(matrix.shape[0], matrix.shape[1]):
-            chunk = {k: quant.as_matrix(t)[rows] for k, t in moments.items()}
+            chunk = tuple(mo.local(lambda t, rows=rows: as_matrix(t)[rows]) for mo in moments)
             _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs)
         step.add_(1)
 
@@ -346,15 +417,14 @@ def fused_adamw_skipping(
     torch._foreach_sub_(steps, list(found_infs))
 
 
-def _chunk_adamw(target: Tensor, grad: Tensor, moments: dict[str, Tensor], count: Tensor, kwargs: dict) -> None:
+def _chunk_adamw(target: Tensor, grad: Tensor, moments: Moments, count: Tensor, kwargs: dict) -> None:
     """torch's AdamW on fp32 working copies of one chunk, written back into its stored moments and weight."""
-    m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
+    m, v = _load(moments)
     work = target if target.dtype == torch.float32 else target.float()  # fp32 math, rounded once into bf16
     _torch_adam([work], [grad.float()], [m], [v], [], [count], foreach=False, **kwargs)
     if work is not target:
         target.copy_(work)
-    quant.store(moments, "exp_avg", m)
-    quant.store(moments, "exp_avg_sq", v)
+    _store(moments, m, v)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # 16 MiB per fp32 working copy

@@ -14,6 +14,7 @@ reference below and the Triton epilogues (``kernels.step``) read the same ``Adam
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -54,6 +55,15 @@ def adam_scalars(
         decay=1.0 - lr * float(weight_decay),
         bias1=1.0 - beta1**age,
     )
+
+
+def scalars_by_age(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float, scale: float
+) -> Callable[[int], AdamScalars]:
+    """``adam_scalars`` of one call's hyperparameters by age, each age computed once (a call's matrices usually
+    share one; both engines take their scalars from here)."""
+    scalars = functools.partial(adam_scalars, lr, betas, eps, weight_decay, scale)
+    return scalars if torch.compiler.is_compiling() else functools.lru_cache(maxsize=None)(scalars)  # dynamo: no cache
 
 
 class Lag(NamedTuple):
@@ -239,42 +249,25 @@ def residual_factors(
 ) -> tuple[Tensor, Tensor]:
     r"""The residual's per-channel coefficients for a batch of matrices, from per-channel sums of squares.
 
-    ``sumsq`` (channels, 3): rows nn, rr, gg = ||N_j||^2, ||R_j||^2, ||G_j||^2 for every channel j of every
-    matrix, matrix after matrix, ``lengths[i]`` channels for matrix i (fp32 or fp64; one flat layout for
-    matrices of any shapes, so the whole step needs one call); ``previous``: each matrix's last limited norm
-    (0: none yet); ``bias1``: 1 - b1^t; ``scale``: the group's GaLore scale. With phi_j = ||N_j|| / ||R_j||
-    (0 where R_j = 0), the step's full-space update, before lr scale / (1 - b1^t), is
+    ``sumsq`` (channels, 3): ||N_j||^2, ||R_j||^2, ||G_j||^2 for every channel j of every matrix, matrix after
+    matrix, ``lengths[i]`` channels for matrix i (``fira_tensor``: ``lengths`` None, one row per matrix, its
+    whole sums); ``previous``: each matrix's last limited norm (0: none yet); ``bias1``: 1 - b1^t; ``scale``:
+    GaLore's scale. With phi_j = ||N_j|| / ||R_j|| (0 where R_j = 0), the update before lr scale / (1 - b1^t) is
 
         fira, fira_tensor:  U = P N + S,  S = (c / scale) phi o (G - P R)   (phi o: channel j scaled by phi_j)
         apollo:             U = c phi o G                                   (the whole gradient, channel-scaled)
 
-    ``fira`` is Fira's rule as its authors' code applies it: the residual S is not multiplied by GaLore's
-    scale (hence 1 / scale here, since the whole U is), and the norm-growth limiter c acts on S alone, so
-    the low-rank Adam step P N is never limited. At llama_9m and llama_20m this measured ahead of limiting
-    the whole update with S scaled like P N (docs/benchmarks.md, "The residual rule: ablations"). ``apollo``'s
-    update is all residual, so the limiter acts on all of it. ``fira_tensor`` is ``fira`` with one channel
-    per matrix, the whole matrix (``lengths`` None: one row of ``sumsq`` per matrix, its whole sums).
-
-    ``reduce`` (row-sharded matrices, FSDP2): sums a tensor of per-matrix partial sums over the ranks that
-    hold the matrices' rows, in place, and returns it. Every channel of a right projection is a row, so
-    phi_j is rank-local and only the per-matrix sums travel: one all-reduce of matrices x 2 (or x 3 for
-    whole-matrix channels) fp64 numbers per step, the same on every rank.
-
-    ``G - P R`` is orthogonal to the subspace channel by channel, so ||S||^2 = sum_j (phi_j / scale)^2
-    (||G_j||^2 - ||R_j||^2) (fira) and ||U||^2 = sum_j phi_j^2 ||G_j||^2 (apollo): no pass over G is needed
-    for the norm the limiter measures, T = ||S|| / bias1 or ||U|| / bias1 (units of the bias-corrected
-    step, so lr warmup never triggers it). The limiter (Fira's) is c = min(1, GROWTH_LIMIT * previous / T).
-    On the first step (``previous`` 0) the bound is ``first_ratio`` ||N|| / bias1 instead (fira: times
-    1 / scale, as S), with first_ratio = sqrt(d / r) (d the projected side): the norm of a full-space
-    update whose entries have the RMS of N. A usual first step (the basis captures more than r/d of G's
-    energy) stays below it, so it is unlimited as in Fira; a channel whose projection is nearly zero while
-    N is not cannot make the first step arbitrarily large.
+    ``fira`` is Fira's rule as its authors' code applies it: S is not multiplied by GaLore's scale (hence the
+    1 / scale, since the whole U is) and the norm-growth limiter c acts on S alone; ``apollo``'s update is all
+    residual, so c acts on all of it. Since G - P R is orthogonal to the subspace channel by channel, the norm
+    the limiter measures needs no pass over G (``_limited_norms``). ``reduce`` (FSDP2 row shards) sums
+    per-matrix partial sums over the ranks holding the matrices' rows: a channel of a right projection is a
+    row, so phi_j is rank-local and only matrices x 2 (x 3 for whole matrices) fp64 numbers travel.
 
     Returns (coef per channel, flat as ``sumsq``: c phi_j / scale (fira) or c phi_j (apollo); the new
-    ``previous`` = c T per matrix, but at least ``_LIMIT_FLOOR`` ||N|| / bias1 (fira: over scale)): the
-    update is ``P (N - coef o R) + coef o G`` (fira: P R never formed on its own) or ``coef o G`` (apollo).
-    The factors are computed in fp64 and ``coef`` is capped so that ``coef * |G_ij|`` stays finite: no NaN
-    or Inf reaches a weight, whatever the (finite) gradient.
+    ``previous`` per matrix): the update is ``P (N - coef o R) + coef o G`` (fira) or ``coef o G`` (apollo).
+    The factors are computed in fp64 and ``coef`` is capped so that ``coef * |G_ij|`` stays finite: no NaN or
+    Inf reaches a weight, whatever the (finite) gradient.
     """
     # Few operations on one flat tensor: on CPU each costs a dispatch, whatever its size.
     stats = sumsq.double()
@@ -288,16 +281,73 @@ def residual_factors(
         sums = torch.segment_reduce(sums, "sum", lengths=lengths, axis=0)
         if reduce is not None:
             sums = reduce(sums)
-    sum_n, total = sums.unbind(1)
     weight = 1.0 if mode == "apollo" else 1.0 / float(scale)  # the residual's weight inside U
-    norm = total.sqrt().mul_(weight / bias1)
-    limit = torch.where(previous > 0, GROWTH_LIMIT * previous.double(), sum_n.sqrt() * (weight * first_ratio / bias1))
-    c = (limit / norm).clamp_(max=1.0).nan_to_num_(0.0)  # 0 / 0 (nothing outside the subspace): 0
+    c, limited = _limited_norms(*sums.unbind(1), previous, bias1, weight, first_ratio)
     per_channel = c if lengths is None else c.repeat_interleave(lengths, output_size=stats.shape[0])
     coef = phi2.sqrt_().mul_(per_channel * weight)
     coef = torch.minimum(coef, gg.rsqrt().mul_(_COEF_PRODUCT_CAP))  # ||G_j|| = 0: rsqrt inf, no cap
+    return coef.float(), limited.float()
+
+
+def _limited_norms(
+    sum_n: Tensor, total: Tensor, previous: Tensor, bias1: Tensor, weight: float, first_ratio: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """Fira's norm-growth limiter per matrix: (c, the new limiter state).
+
+    The residual's norm, in units of the bias-corrected step (so lr warmup never triggers the limiter), is
+    T = weight sqrt(total) / bias1, with ``total`` = sum_j phi_j^2 ||outside_j||^2 (||S||^2 or ||U||^2 without
+    forming either). c = min(1, GROWTH_LIMIT previous / T). On a first step (``previous`` 0) the bound is
+    weight first_ratio ||N|| / bias1 instead, first_ratio = sqrt(d / r): the norm of a full-space update whose
+    entries have N's RMS, so a usual first step is unlimited (as in Fira) while a channel whose projection is
+    nearly zero cannot make it arbitrarily large. The new state is c T, but at least ``_LIMIT_FLOOR`` weight
+    ||N|| / bias1 (see the floor's comment)."""
+    norm = total.sqrt().mul_(weight / bias1)
+    limit = torch.where(previous > 0, GROWTH_LIMIT * previous.double(), sum_n.sqrt() * (weight * first_ratio / bias1))
+    c = (limit / norm).clamp_(max=1.0).nan_to_num_(0.0)  # 0 / 0 (nothing outside the subspace): 0
     floor = sum_n.sqrt().mul_(weight * _LIMIT_FLOOR / bias1)
-    return coef.float(), torch.maximum(c * norm, floor).float()
+    return c, torch.maximum(c * norm, floor)
+
+
+def corrected_bias1(
+    bias1: Sequence[float],
+    steps: Sequence[int],
+    lags: Sequence[Tensor] | None,
+    betas: tuple[float, float],
+    device: torch.device,
+) -> Tensor:
+    """1 - b1^a per matrix, fp64 on ``device``: ``bias1`` (the host ages' 1 - b1^t), divided by the lag
+    correction c1 (``lag_vectors``) where the host count runs ahead; exact without a lag."""
+    out = device_vector(list(bias1), torch.float64, device)
+    return out if lags is None else out / lag_vectors(steps, lags, betas).c1
+
+
+def residual_coefficients(
+    sumsq: Tensor,
+    lengths: list[int],
+    *,
+    bases: Sequence[Tensor],
+    update_norms: Sequence[Tensor],
+    bias1: Tensor,
+    mode: str,
+    scale: float,
+    reduce: Callable[[Tensor], Tensor] | None,
+    skipped: Sequence[Tensor] | None,
+) -> tuple[Tensor, ...]:
+    """The part of a residual step both engines share: ``residual_factors`` of every matrix of the call at once
+    (``sumsq``: each matrix's channel sums, ``lengths[i]`` rows for matrix i; ``fira_tensor``: one row each),
+    the limiter state ``update_norms`` updated in place (a ``skipped`` matrix keeps its value), and each
+    matrix's coefficients (its ``lengths[i]`` channels) returned."""
+    device = sumsq.device
+    per_channel = mode != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+    channel_counts = device_vector(lengths, torch.int64, device) if per_channel else None
+    previous = torch.stack(list(update_norms))
+    coef, limiter = residual_factors(
+        sumsq, channel_counts, previous, bias1, mode, first_ratios(list(bases), device), scale, reduce
+    )
+    if skipped is not None:
+        limiter = torch.where(torch.stack(list(skipped)), previous, limiter)
+    torch._foreach_copy_(list(update_norms), list(limiter.unbind(0)))
+    return coef.split(lengths)
 
 
 def first_ratios(bases: list[Tensor], device: torch.device) -> Tensor:

@@ -12,7 +12,7 @@ import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from . import state as state_mod
 from .distributed import local
 from .layerwise import BackwardUpdate
 from .metrics import state_bytes
+from .quant import Moment
 from .schedule import Matrix, local_matrix
 from .subspace import basis_dim
 
@@ -33,6 +34,8 @@ SHAPE_OPTIONS = ("rank", "proj_type")
 PARAM_GROUPS_HINT = "subspace_optim.param_groups(model, target_modules='all-linear', rank=128)"
 # One parameter a step works on: (flat index, its group, its name, the parameter).
 Work = tuple[int, dict[str, Any], str, Tensor]
+# A step's plain (not projected) parameters with their state, per group (by id).
+Plain = dict[int, list[tuple[Tensor, dict[str, Any]]]]
 # One call of a step: (function, args, kwargs), holding only tensors, lists and plain values.
 Call = tuple[Callable[..., None], tuple, dict[str, Any]]
 # Options that shape a step's structure (which parameters are projected, on which engine and side, with which
@@ -72,11 +75,50 @@ def plain_lr(group: dict[str, Any]) -> float | Tensor:
     return value * (group["lr"] / initial)
 
 
-def _absmaxes(states: list[dict[str, Any]]) -> dict[str, list[Tensor]]:
-    """The 8-bit moments' absmax lists for a core call (nothing when the moments are not 8-bit)."""
-    if "exp_avg_absmax" not in states[0]:
-        return {}
-    return {f"{k}_absmaxes": [local(s[f"{k}_absmax"]) for s in states] for k in ("exp_avg", "exp_avg_sq")}
+def _moments(states: list[dict[str, Any]], view: Callable[[Tensor], Tensor]) -> tuple[list[Moment], list[Moment]]:
+    """The (first, second) moments of a core call's states as ``quant.Moment`` records, each tensor through
+    ``view`` (a DTensor's rank-local shard, or nothing)."""
+    firsts = [Moment(view(s["exp_avg"]), _view(view, s.get("exp_avg_absmax"))) for s in states]
+    seconds = [Moment(view(s["exp_avg_sq"]), _view(view, s.get("exp_avg_sq_absmax"))) for s in states]
+    return firsts, seconds
+
+
+def _view(view: Callable[[Tensor], Tensor], t: Tensor | None) -> Tensor | None:
+    return None if t is None else view(t)
+
+
+def _same(t: Tensor) -> Tensor:
+    """A tensor as a core call takes it when it is not sharded: itself."""
+    return t
+
+
+class _DeviceFlags(NamedTuple):
+    """A masked step's non-finite flags, per parameter (by id) on its device: a bool for the updates, an int32
+    to count the skips, and (``found()``) every flag as torch's fp32 ``found_inf`` when all parameters share
+    one device, else {} (then converted one by one)."""
+
+    skip: dict[int, Tensor]
+    counted: dict[int, Tensor]
+    found: Callable[[], dict[int, Tensor]]
+
+
+def _device_flags(work: list[Work], bad: Tensor, devices: list[torch.device]) -> _DeviceFlags:
+    """Split the step's flags (one per parameter of ``work``, on ``bad``'s device) onto each parameter's device."""
+    ids = [id(p) for *_, p in work]
+    single = len(set(devices)) == 1  # the usual case: every parameter on one device
+    skip_of: dict[int, Tensor] = {}
+    counted: dict[int, Tensor] = {}
+    for dev in set(devices):
+        here = bad if dev == bad.device else bad.to(dev)
+        flags, ints = here.unbind(0), here.to(torch.int32).unbind(0)
+        if single:
+            skip_of, counted = dict(zip(ids, flags, strict=True)), dict(zip(ids, ints, strict=True))
+            break
+        for j, key in enumerate(ids):
+            if devices[j] == dev:
+                skip_of[key], counted[key] = flags[j], ints[j]
+    found = functools.cache(lambda: dict(zip(ids, bad.float().unbind(0), strict=True)) if single else {})
+    return _DeviceFlags(skip_of, counted, found)
 
 
 def _source_module(params: Any) -> nn.Module | None:
@@ -122,6 +164,41 @@ def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool
     return [(kind == "native", part) for kind, part in sorted(parts.items(), key=lambda kv: kv[0] != "native")]
 
 
+def _constructor_options(given: dict[str, Any], unexpected: dict[str, Any]) -> dict[str, Any]:
+    """The constructor's options, validated (``options``): galore-torch's ``update_proj_gap`` spelling accepted,
+    any other unknown keyword refused with the likely option named, dtypes and numbers normalized."""
+    if "update_proj_gap" in unexpected:  # galore-torch's spelling, accepted here as in param groups
+        gap, update_gap = unexpected.pop("update_proj_gap"), given["update_gap"]
+        if update_gap not in (options.DEFAULTS["update_gap"], gap):
+            raise ValueError(f"SubspaceAdamW got update_gap={update_gap!r} and update_proj_gap={gap!r}; keep one")
+        given["update_gap"] = gap
+    if unexpected:
+        names = sorted(unexpected)
+        hint = options.suggest(names[0], [*options.DEFAULTS, *options.ALIASES])
+        raise TypeError(compat.unexpected_keywords(names) + hint)
+    if isinstance(given["betas"], list):
+        given["betas"] = tuple(given["betas"])
+    options.normalize_dtypes(given)
+    options.validate(given, "in SubspaceAdamW(...)")
+    options.plain_numbers(given)
+    return given
+
+
+def _refuse_model_or_tensor(params: Any) -> None:
+    """A model or a bare tensor where parameters belong: a TypeError that says what to pass."""
+    if isinstance(params, nn.Module):  # iterating a model fails, or (nn.Sequential) yields its layers
+        raise TypeError(
+            f"SubspaceAdamW got a model ({type(params).__name__}), not its parameters: pass model.parameters() "
+            f"(every parameter gets the same options), or param groups such as {PARAM_GROUPS_HINT}, which "
+            "projects the linear layers and leaves embeddings, the output head, norms and biases in plain AdamW"
+        )
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, "
+            f"but got {torch.typename(params)}"
+        )
+
+
 class _Plan:
     """What the per-parameter checks of a step decided, kept for the next steps while ``key`` holds (the
     groups' parameters and structural options, every gradient's presence and layout, every parameter's dtype):
@@ -156,8 +233,7 @@ class _Plan:
         if key not in self._launch_batches:
             from .kernels.step import layout_batches
 
-            absmaxes = {k: kwargs[k] for k in ("exp_avg_absmaxes", "exp_avg_sq_absmaxes") if k in kwargs}
-            self._launch_batches[key] = layout_batches(*args[:5], kwargs["sides"], **absmaxes)
+            self._launch_batches[key] = layout_batches(*args[:5], kwargs["sides"])
         return self._launch_batches[key]
 
 
@@ -342,33 +418,9 @@ class SubspaceAdamW(Optimizer):
         plain_lr: float | None = None,
         **unexpected: Any,
     ) -> None:
-        given = dict(locals())
-        given = {name: given[name] for name in options.DEFAULTS}
-        if "update_proj_gap" in unexpected:  # galore-torch's spelling, accepted here as in param groups
-            gap = unexpected.pop("update_proj_gap")
-            if update_gap not in (options.DEFAULTS["update_gap"], gap):
-                raise ValueError(f"SubspaceAdamW got update_gap={update_gap!r} and update_proj_gap={gap!r}; keep one")
-            given["update_gap"] = gap
-        if unexpected:
-            names = sorted(unexpected)
-            hint = options.suggest(names[0], [*options.DEFAULTS, *options.ALIASES])
-            raise TypeError(compat.unexpected_keywords(names) + hint)
-        if isinstance(given["betas"], list):
-            given["betas"] = tuple(given["betas"])
-        options.normalize_dtypes(given)
-        options.validate(given, "in SubspaceAdamW(...)")
-        options.plain_numbers(given)
-        if isinstance(params, nn.Module):  # iterating a model fails, or (nn.Sequential) yields its layers
-            raise TypeError(
-                f"SubspaceAdamW got a model ({type(params).__name__}), not its parameters: pass model.parameters() "
-                f"(every parameter gets the same options), or param groups such as {PARAM_GROUPS_HINT}, which "
-                "projects the linear layers and leaves embeddings, the output head, norms and biases in plain AdamW"
-            )
-        if isinstance(params, Tensor):
-            raise TypeError(
-                "params argument given to the optimizer should be an iterable of Tensors or dicts, "
-                f"but got {torch.typename(params)}"
-            )
+        local_names = dict(locals())
+        given = _constructor_options({name: local_names[name] for name in options.DEFAULTS}, unexpected)
+        _refuse_model_or_tensor(params)
         self._metrics: dict[int, dict[str, Any]] = {}
         self._nonfinite_skips = 0
         # Per projected matrix: a 0-d int32 count, on its device, of its steps skipped there and not yet read by
@@ -654,33 +706,31 @@ class SubspaceAdamW(Optimizer):
             entry = self._skips[id(p)] = (p, torch.zeros((), dtype=torch.int32, device=local(p).device))
         return entry[1]
 
-    def _plain_calls(self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]]) -> list[Call]:
+    def _plain_calls(self, plain: Plain) -> list[Call]:
         """torch's AdamW per group and moment storage, for plain parameters known to have finite gradients."""
         calls: list[Call] = []
         for group in self.param_groups:
             for native, members in _by_storage(plain.get(id(group), [])):
-                view = (lambda t: t) if native else local  # low-precision storage is updated rank-locally
-                args = tuple(
-                    [view(t) for t in ts]
-                    for ts in zip(*[(p, p.grad, s["exp_avg"], s["exp_avg_sq"]) for p, s in members], strict=True)
-                )
+                view = _same if native else local  # low-precision storage is updated rank-locally
+                states = [s for _, s in members]
+                args = ([view(p) for p, _ in members], [view(p.grad) for p, _ in members], *_moments(states, view),
+                        [s["step"] for s in states])  # fmt: skip
                 kwargs = {**_hyper(group), "lr": plain_lr(group), "foreach": group["foreach"],
-                          "fused": group["fused"] if native else None,
-                          **_absmaxes([s for _, s in members])}  # fmt: skip
-                calls.append((functional.adamw, (*args, [s["step"] for _, s in members]), kwargs))
+                          "fused": group["fused"] if native else None}  # fmt: skip
+                calls.append((functional.adamw, args, kwargs))
         return calls
 
     def _plain_skipping_calls(
-        self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]], skip_of: dict[int, Tensor],
+        self, plain: Plain, skip_of: dict[int, Tensor],
         counted: dict[int, Tensor], found: Callable[[], dict[int, Tensor]],
-    ) -> tuple[list[Call], dict[int, list[tuple[Tensor, dict[str, Any]]]]]:  # fmt: skip
+    ) -> tuple[list[Call], Plain]:  # fmt: skip
         """A masked step's plain parameters that skip on the device: those of ``fused`` groups in torch AdamW's
         own storage (their step counts are on the device; ``functional.fused_adamw_skipping``, one found_inf
         each), with their skips counted on the device like the matrices' (``_read`` settles them). Returns
         those calls and the plain parameters left for ``_plain_after_read``. ``found()``: every parameter's flag
         as fp32 (torch's found_inf) by id when they share one device, else {} (then converted one by one)."""
         calls: list[Call] = []
-        rest: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
+        rest: Plain = {}
         for group in self.param_groups:
             members = plain.get(id(group), [])
             skipping = [(p, s) for p, s in members if group["fused"] and state_mod.native(p, s)]
@@ -709,7 +759,7 @@ class SubspaceAdamW(Optimizer):
 
     @torch._disable_dynamo
     def _plain_after_read(
-        self, plain: dict[int, list[tuple[Tensor, dict[str, Any]]]], flags: dict[int, Tensor]
+        self, plain: Plain, flags: dict[int, Tensor]
     ) -> None:
         """The plain parameters of a step whose projected matrices were masked on the device. torch's AdamW keeps
         a plain parameter's step count on the host and computes its bias corrections there, so whether it skips
@@ -723,7 +773,7 @@ class SubspaceAdamW(Optimizer):
         for function, args, kwargs in self._plain_calls(finite):
             function(*args, **kwargs)
 
-    def _with_state(self, work: list[Work]) -> tuple[list[Matrix], dict[int, list[tuple[Tensor, dict[str, Any]]]]]:
+    def _with_state(self, work: list[Work]) -> tuple[list[Matrix], Plain]:
         """The step's projected matrices (with their engines) and plain parameters per group, each with its
         state: created on a first step, converted where the group's storage options changed (``state.conform``).
         The engines are resolved first, before any state changes: the kernels a Triton matrix can launch are
@@ -732,7 +782,7 @@ class SubspaceAdamW(Optimizer):
         entries = [(p, g, n, schedule.side(p, g)) for _, g, n, p in work if schedule.projects(p, g)]
         engines = dict(zip((id(p) for p, *_ in entries), engine.resolve(entries), strict=True))
         projected: list[Matrix] = []
-        plain: dict[int, list[tuple[Tensor, dict[str, Any]]]] = {}
+        plain: Plain = {}
         for index, group, name, p in work:
             state = self._state_of(p)
             if state:
@@ -764,85 +814,96 @@ class SubspaceAdamW(Optimizer):
         collectives, param-group objects) is kept out of ``torch.compile``'s tracing; the calls are not.
         ``only`` (parameter ids) restricts the step to those parameters: the layer-wise mode's updates.
 
-        A masked step (flags left on the device) instead returns the ``subspace_adamw`` calls with their
-        ``skipped`` flags (and ``lags``), the count of the skips, and last ``_plain_after_read``."""
+        With ``nonfinite="skip"`` and no refresh possibly due, the step is masked: the flags stay on the device,
+        and the calls are the ``subspace_adamw`` calls with their ``skipped`` flags (and ``lags``), the count of
+        the skips, and the plain parameters' (``_masked_plain_calls``). Otherwise the host reads the flags now,
+        once, and the step runs on what it read."""
         work, bad = self._checked_work(only)
-        # With nonfinite="skip" and no refresh possibly due, the flags stay on the device: the projected updates
-        # skip there and plain AdamW reads them after those are queued (``_plain_after_read``). Otherwise the
-        # host reads them now, once, and the step runs on what it read.
         masked = bad is not None and not self._must_read(work, self._plan if only is None else None)
         if bad is not None and not masked:
             work = self._finite_only(work, self._read(bad))
-        if not self._plain_checked:
-            self._plain_checked = True
-            if not self._rank_given and all(g["rank"] is None for g in self.param_groups):
-                compat.warn_user(
-                    "SubspaceAdamW: no param group has a rank, so every parameter trains as plain AdamW (nothing is "
-                    "projected). To project, give the weight matrices a group with rank=..., e.g. "
-                    f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
-                )
+        self._warn_if_nothing_projected()
         plan = self._plan if masked and only is None else None  # a masked step's work is every checked parameter
+        projected, plain, batches, devices = self._structure(work, plan)
+        self._advance(projected)
+        if not masked:
+            return self._plain_calls(plain) + [self._projected_call(key, xs, plan, None) for key, xs in batches.items()]
+        flags = _device_flags(work, bad, devices)
+        calls = [self._projected_call(key, xs, plan, flags) for key, xs in batches.items()]
+        if projected:  # after the updates, which read the counts as lags
+            calls.append(self._count_device_skips([x.p for x in projected], flags.counted))
+        return calls + self._masked_plain_calls(plain, flags)
+
+    def _warn_if_nothing_projected(self) -> None:
+        """At the first step: warn when no group has a rank, unless some group said ``rank=None`` on purpose."""
+        if self._plain_checked:
+            return
+        self._plain_checked = True
+        if not self._rank_given and all(g["rank"] is None for g in self.param_groups):
+            compat.warn_user(
+                "SubspaceAdamW: no param group has a rank, so every parameter trains as plain AdamW (nothing is "
+                "projected). To project, give the weight matrices a group with rank=..., e.g. "
+                f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
+            )
+
+    def _structure(self, work: list[Work], plan: _Plan | None) -> tuple[list[Matrix], Plain, dict, list[torch.device]]:
+        """The step's projected matrices, plain parameters per group, core-call batches and devices: the plan's
+        while it holds (a masked step with every state created), else built (``_with_state``) and kept."""
         if plan is not None and plan.structure is not None:
-            projected, plain, batches, devices = plan.structure
-        else:
-            projected, plain = self._with_state(work)
-            batches = self._batches(projected)
-            devices = [local(p).device for *_, p in work]
-            if plan is not None and plan.holds(plan.key, self.state):  # no state entry was created just now
-                plan.structure = (projected, plain, batches, devices)
-                plan.kernel_flags = self._use_kernel_flags(plan, projected, devices)
+            return plan.structure
+        projected, plain = self._with_state(work)
+        batches = self._batches(projected)
+        devices = [local(p).device for *_, p in work]
+        if plan is not None and plan.holds(plan.key, self.state):  # no state entry was created just now
+            plan.structure = (projected, plain, batches, devices)
+            plan.kernel_flags = self._use_kernel_flags(plan, projected, devices)
+        return projected, plain, batches, devices
+
+    def _advance(self, projected: list[Matrix]) -> None:
+        """Refresh the bases that are due (``schedule``), then count this step in every projected matrix's state;
+        on a masked step the counts run ahead by the steps skipped on the device until the next read."""
         due = schedule.due(projected)
         if due and schedule.refresh(due, self._metrics):
             self.check_consistency()
-        for x in projected:  # when masked, ahead by the steps skipped on the device until the next read
+        for x in projected:
             x.state["step"] += 1
             x.state["moment_age"] += 1
-        calls = [] if masked else self._plain_calls(plain)
-        skip_of: dict[int, Tensor] = {}  # by id(p)
-        counted: dict[int, Tensor] = {}
-        if masked:  # per parameter, on its device: a bool flag for the updates, an int32 one to count the skips
-            ids = [id(p) for *_, p in work]
-            single = len(set(devices)) == 1  # the usual case: every parameter on one device
-            for dev in set(devices):
-                here = bad if dev == bad.device else bad.to(dev)
-                flags, ints = here.unbind(0), here.to(torch.int32).unbind(0)
-                if single:
-                    skip_of, counted = dict(zip(ids, flags, strict=True)), dict(zip(ids, ints, strict=True))
-                    break
-                for j, key in enumerate(ids):
-                    if devices[j] == dev:
-                        skip_of[key], counted[key] = flags[j], ints[j]
-        for (_, which, precision, shard), xs in batches.items():
-            if shard is None:  # plain tensors: no rank-local views to take
-                args = ([x.p for x in xs], [_matrix(x.p.grad) for x in xs], [x.state["basis"] for x in xs],
-                        [x.state["exp_avg"] for x in xs], [x.state["exp_avg_sq"] for x in xs],
-                        [x.state["moment_age"] for x in xs])  # fmt: skip
-            else:
-                args = ([local(x.p) for x in xs], [local_matrix(x.p.grad) for x in xs],
-                        [local(x.state["basis"]) for x in xs], [local(x.state["exp_avg"]) for x in xs],
-                        [local(x.state["exp_avg_sq"]) for x in xs], [x.state["moment_age"] for x in xs])  # fmt: skip
-            kwargs = {**_hyper(xs[0].group), "scale": xs[0].group["scale"], "sides": [x.side for x in xs],
-                      "engine": which, "matmul_precision": precision, **_absmaxes([x.state for x in xs])}  # fmt: skip
-            if xs[0].group["residual"] != "none":
-                kwargs.update(residual=xs[0].group["residual"], update_norms=[x.state["update_norm"] for x in xs])
-                if shard is not None:
-                    kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
-            if plan is not None and which == "triton" and shard is None:  # layouts fixed while the plan holds
-                kwargs["batches"] = plan.launch_batches(id(xs[0].group), precision, args, kwargs)
-            if masked:
-                kwargs["skipped"] = [skip_of[id(x.p)] for x in xs]
-                if any(self._unread.get(id(x.p), 0) for x in xs):  # some count may run ahead of its matrix's age
-                    kwargs["lags"] = [self._skip_count(x.p) for x in xs]
-            calls.append((functional.subspace_adamw, args, kwargs))
-        if masked:
-            if projected:  # after the updates, which read the counts as lags
-                calls.append(self._count_device_skips([x.p for x in projected], counted))
-            if plain:
-                found = functools.cache(lambda: dict(zip(ids, bad.float().unbind(0), strict=True)) if single else {})
-                skipping, plain = self._plain_skipping_calls(plain, skip_of, counted, found)
-                calls += skipping
-                if plain:  # the rest: torch's AdamW with its host step counts, after one read
-                    calls.append((self._plain_after_read, (plain, skip_of), {}))
+
+    def _projected_call(
+        self, key: tuple[int, str, str, Any], xs: list[Matrix], plan: _Plan | None, flags: _DeviceFlags | None
+    ) -> Call:
+        """The ``subspace_adamw`` call of one batch of projected matrices (``_batches``' key): rank-local views of
+        sharded tensors, the residual's state and reduction, the plan's launch batches, and on a masked step
+        the device flags and lags."""
+        _, which, precision, shard = key
+        view = _same if shard is None else local  # plain tensors: no rank-local views to take
+        grads = [_matrix(x.p.grad) for x in xs] if shard is None else [local_matrix(x.p.grad) for x in xs]
+        states = [x.state for x in xs]
+        args = ([view(x.p) for x in xs], grads, [view(s["basis"]) for s in states], *_moments(states, view),
+                [s["moment_age"] for s in states])  # fmt: skip
+        group = xs[0].group
+        kwargs = {**_hyper(group), "scale": group["scale"], "sides": [x.side for x in xs], "engine": which,
+                  "matmul_precision": precision}  # fmt: skip
+        if group["residual"] != "none":
+            kwargs.update(residual=group["residual"], update_norms=[s["update_norm"] for s in states])
+            if shard is not None:
+                kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
+        if plan is not None and which == "triton" and shard is None:  # layouts fixed while the plan holds
+            kwargs["batches"] = plan.launch_batches(id(group), precision, args, kwargs)
+        if flags is not None:
+            kwargs["skipped"] = [flags.skip[id(x.p)] for x in xs]
+            if any(self._unread.get(id(x.p), 0) for x in xs):  # some count may run ahead of its matrix's age
+                kwargs["lags"] = [self._skip_count(x.p) for x in xs]
+        return functional.subspace_adamw, args, kwargs
+
+    def _masked_plain_calls(self, plain: Plain, flags: _DeviceFlags) -> list[Call]:
+        """A masked step's plain parameters: those that skip on the device (``_plain_skipping_calls``), then
+        torch's AdamW with its host step counts for the rest, after one read (``_plain_after_read``)."""
+        if not plain:
+            return []
+        calls, rest = self._plain_skipping_calls(plain, flags.skip, flags.counted, flags.found)
+        if rest:
+            calls.append((self._plain_after_read, (rest, flags.skip), {}))
         return calls
 
     @torch.no_grad()

@@ -15,16 +15,18 @@ size 256, or cols); keeping blocks inside rows is what lets a row-sharded (FSDP2
 sharded alike, each rank quantizing its own rows.
 
 In the optimizer state, a moment stored as ``int8`` is two entries: ``key`` (uint8 codes, the moment's
-shape) and ``key + "_absmax"`` (fp32). ``load`` gives a working fp32 copy of any stored moment and
-``store`` writes one back (rounding to bf16, or requantizing), so every engine and the moment transport
-read and write state through the same two functions.
+shape) and ``key + "_absmax"`` (fp32). Outside the state a moment travels as one ``Moment`` record (values,
+and the absmax of 8-bit codes), so no signature carries absmax lists beside the moments. ``load_moment``
+gives a working fp32 copy of any stored moment and ``store_moment`` writes one back (rounding to bf16, or
+requantizing): every engine and the moment transport read and write state through these two functions,
+which work on values, never on (values, absmax) pairs.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -136,32 +138,68 @@ def zeros(shape: tuple[int, ...], kind: str, device: torch.device, key: str) -> 
     }
 
 
+class Moment(NamedTuple):
+    """One stored moment on its way to an engine: ``values`` (fp32 or bf16; uint8 codes for 8-bit storage) and,
+    for codes only, their fp32 ``absmax`` per block. Which map the codes index is the moment's role, not part
+    of the record: Adam's first moment (``exp_avg``) uses the signed map, the second the unsigned one."""
+
+    values: Tensor
+    absmax: Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        """How the moment is stored: "int8", or its float dtype's name (``KIND_OF``)."""
+        return "int8" if self.absmax is not None else KIND_OF[self.values.dtype]
+
+    def local(self, view: Any) -> Moment:
+        """The record with ``view`` applied to each tensor (e.g. a DTensor's rank-local shard)."""
+        return Moment(view(self.values), None if self.absmax is None else view(self.absmax))
+
+
+def as_moment(moment: Tensor | Moment) -> Moment:
+    """A moment given as a record, or as a bare float tensor (a moment without an absmax)."""
+    return moment if isinstance(moment, Moment) else Moment(moment)
+
+
+def moment(state: dict[str, Any], key: str) -> Moment:
+    """Moment ``key`` of an optimizer state as a record (its ``key + "_absmax"`` entry, if any, included)."""
+    return Moment(state[key], state.get(key + "_absmax"))
+
+
 def stored_kind(state: dict[str, Any], key: str) -> str:
     """How moment ``key`` is stored in ``state``: "int8", or its float dtype's name ("float32", "bfloat16",
     "float16": the last only as torch AdamW's own state of an fp16 weight)."""
-    if key + "_absmax" in state:
-        return "int8"
-    return KIND_OF[state[key].dtype]
+    return moment(state, key).kind
+
+
+def load_moment(moment: Moment, signed: bool) -> Tensor:
+    """A working fp32 copy of a stored moment (the stored tensor itself when it is fp32). ``signed``: the
+    first moment's map (8-bit codes only)."""
+    values = moment.values
+    if moment.absmax is not None:
+        return dequantize(as_matrix(values), moment.absmax, signed).reshape(values.shape)
+    return values if values.dtype == torch.float32 else values.float()
+
+
+def store_moment(moment: Moment, signed: bool, value: Tensor) -> None:
+    """Write an fp32 working copy back into a stored moment (nothing to do when it is the stored tensor)."""
+    target = moment.values
+    if value is target:
+        return
+    if moment.absmax is not None:
+        quantize(as_matrix(value), signed, as_matrix(target), moment.absmax)
+    else:
+        target.copy_(value)
 
 
 def load(state: dict[str, Any], key: str) -> Tensor:
-    """A working fp32 copy of moment ``key`` (the stored tensor itself when it is fp32)."""
-    value = state[key]
-    kind = stored_kind(state, key)
-    if kind == "int8":
-        return dequantize(as_matrix(value), state[key + "_absmax"], key == "exp_avg").reshape(value.shape)
-    return value if kind == "float32" else value.float()
+    """``load_moment`` of moment ``key`` of an optimizer state."""
+    return load_moment(moment(state, key), key == "exp_avg")
 
 
 def store(state: dict[str, Any], key: str, value: Tensor) -> None:
-    """Write an fp32 working copy back into moment ``key`` (nothing to do when it is the stored tensor)."""
-    target = state[key]
-    if value is target:
-        return
-    if stored_kind(state, key) == "int8":
-        quantize(as_matrix(value), key == "exp_avg", as_matrix(target), state[key + "_absmax"])
-    else:
-        target.copy_(value)
+    """``store_moment`` into moment ``key`` of an optimizer state."""
+    store_moment(moment(state, key), key == "exp_avg", value)
 
 
 def convert(state: dict[str, Any], key: str, kind: str) -> None:

@@ -114,13 +114,10 @@ def test_step_launches_are_the_variants_precompile_names(monkeypatch, side, mome
     w, g = torch.randn(m, n), torch.randn(m, n)
     p = torch.randn(m if side == "left" else n, r).to(torch.bfloat16)
     st = {**quant.zeros(shape, moments, "cpu", "exp_avg"), **quant.zeros(shape, moments, "cpu", "exp_avg_sq")}
-    absmax = {}
-    if moments == "int8":
-        absmax = {"exp_avg_absmaxes": [st["exp_avg_absmax"]], "exp_avg_sq_absmaxes": [st["exp_avg_sq_absmax"]]}
     ks.subspace_adamw(
-        [w], [g], [p], [st["exp_avg"]], [st["exp_avg_sq"]], [1], lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-        weight_decay=0.0, scale=1.0, sides=[side], matmul_precision="ieee", residual=residual,
-        update_norms=[torch.zeros(())], **absmax,
+        [w], [g], [p], [quant.moment(st, "exp_avg")], [quant.moment(st, "exp_avg_sq")], [1], lr=1e-3,
+        betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, scale=1.0, sides=[side], matmul_precision="ieee",
+        residual=residual, update_norms=[torch.zeros(())],
     )  # fmt: skip
     assert len(projected) == 1 and len(back) == 1
     wanted = precompile.variants_for(side, w.dtype, g.dtype, "bfloat16", moments, residual, "ieee", shape[1], False,
@@ -195,14 +192,11 @@ side, moments, residual = sys.argv[1], sys.argv[2], sys.argv[3]
 m, n, r = (40, 300, 8) if side == "left" else (301, 40, 7)
 shape = (r, n) if side == "left" else (m, r)
 st = {**quant.zeros(shape, moments, "cpu", "exp_avg"), **quant.zeros(shape, moments, "cpu", "exp_avg_sq")}
-absmax = {}
-if moments == "int8":
-    absmax = {"exp_avg_absmaxes": [st["exp_avg_absmax"]], "exp_avg_sq_absmaxes": [st["exp_avg_sq_absmax"]]}
 w, g = torch.randn(m, n).to(torch.bfloat16), torch.randn(m, n).to(torch.bfloat16)
 basis = torch.randn((m if side == "left" else n) + 1, r)[1:]  # an offset view: its address may be unaligned
-ks.subspace_adamw([w], [g], [basis], [st["exp_avg"]], [st["exp_avg_sq"]], [1], lr=1e-3, betas=(0.9, 0.999),
-                  eps=1e-8, weight_decay=0.0, scale=1.0, sides=[side], matmul_precision="tf32", residual=residual,
-                  update_norms=[torch.zeros(())], **absmax)
+ks.subspace_adamw([w], [g], [basis], [quant.moment(st, "exp_avg")], [quant.moment(st, "exp_avg_sq")], [1], lr=1e-3,
+                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, scale=1.0, sides=[side], matmul_precision="tf32",
+                  residual=residual, update_norms=[torch.zeros(())])
 wanted = precompile.variants_for(side, w.dtype, g.dtype, "float32", moments, residual, "tf32", shape[1], False, False)
 for v in wanted:
     kernel = precompile.jitted(v.kernel)

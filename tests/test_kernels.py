@@ -899,15 +899,10 @@ def _state_problem(m, n, rank, side, kind, bdtype, wdtype, seed):
 def _twin(engine_name, problems, age=3):
     """One ``functional.subspace_adamw`` call over copies of ``problems``; returns the copies."""
     out = [dict(pr, w=pr["w"].clone(), state={k: v.clone() for k, v in pr["state"].items()}) for pr in problems]
-    absmax = {
-        key: [pr["state"].get(key + "_absmax") for pr in out] if "exp_avg_absmax" in out[0]["state"] else None
-        for key in ("exp_avg", "exp_avg_sq")
-    }
     functional.subspace_adamw(
         [pr["w"] for pr in out], [pr["g"] for pr in out], [pr["p"] for pr in out],
-        [pr["state"]["exp_avg"] for pr in out], [pr["state"]["exp_avg_sq"] for pr in out], [age] * len(out),
-        **GROUP, sides=[pr["side"] for pr in out], exp_avg_absmaxes=absmax["exp_avg"],
-        exp_avg_sq_absmaxes=absmax["exp_avg_sq"], engine=engine_name,
+        [quant.moment(pr["state"], "exp_avg") for pr in out], [quant.moment(pr["state"], "exp_avg_sq") for pr in out],
+        [age] * len(out), **GROUP, sides=[pr["side"] for pr in out], engine=engine_name,
     )  # fmt: skip
     return out
 
@@ -1038,9 +1033,8 @@ def test_fused_step_batches_by_storage(monkeypatch):
             o["state"][key] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
     ks.subspace_adamw(
         [o["w"] for o in out], [o["g"] for o in out], [o["p"] for o in out],
-        [o["state"]["exp_avg"] for o in out], [o["state"]["exp_avg_sq"] for o in out], [3] * len(out), **GROUP,
-        sides=["left"] * len(out), exp_avg_absmaxes=[o["state"].get("exp_avg_absmax") for o in out],
-        exp_avg_sq_absmaxes=[o["state"].get("exp_avg_sq_absmax") for o in out],
+        [quant.moment(o["state"], "exp_avg") for o in out], [quant.moment(o["state"], "exp_avg_sq") for o in out],
+        [3] * len(out), **GROUP, sides=["left"] * len(out),
     )  # fmt: skip
     assert sorted(batches) == [1, 1, 1, 2, 2]
     assert out[-1]["state"]["exp_avg"].stride() == (1, 5) and out[-1]["state"]["exp_avg_absmax"].stride() == (1, 5)
@@ -1067,8 +1061,8 @@ def test_fused_step_int8_ties_go_to_the_smaller_code():
         out = dict(pr, w=pr["w"].clone(), state={k: v.clone() for k, v in pr["state"].items()})
         st = out["state"]
         functional.subspace_adamw(
-            [out["w"]], [out["g"]], [out["p"]], [st["exp_avg"]], [st["exp_avg_sq"]], [1], **group, sides=["left"],
-            exp_avg_absmaxes=[st["exp_avg_absmax"]], exp_avg_sq_absmaxes=[st["exp_avg_sq_absmax"]], engine=which,
+            [out["w"]], [out["g"]], [out["p"]], [quant.moment(st, "exp_avg")], [quant.moment(st, "exp_avg_sq")], [1],
+            **group, sides=["left"], engine=which,
         )  # fmt: skip
         outs[which] = out
     ref, tri = outs["reference"]["state"], outs["triton"]["state"]
@@ -1088,9 +1082,8 @@ def test_fused_step_refuses_state_it_cannot_read():
     with pytest.raises(TypeError, match="moments must be fp32, bf16, or uint8 codes"):
         ks.subspace_adamw(*args, **kw)
     with pytest.raises(TypeError, match=r"absmax of shape \(3, 2\)"):
-        ks.subspace_adamw(
-            *args, **kw, exp_avg_absmaxes=[st["exp_avg_absmax"][:, :1]], exp_avg_sq_absmaxes=[st["exp_avg_sq_absmax"]]
-        )
+        moments = [quant.Moment(st["exp_avg"], st["exp_avg_absmax"][:, :1])], [quant.moment(st, "exp_avg_sq")]
+        ks.subspace_adamw(*args[:3], *moments, *args[5:], **kw)
     fp16 = _state_problem(7, 30, 3, "left", "float32", torch.float32, torch.float32, seed=9)
     with pytest.raises(TypeError, match="bases must be fp32 or bf16"):
         ks.subspace_adamw(
