@@ -9,7 +9,7 @@ The variants are not a hand list. The launch configuration lives in three functi
 ``step.project_config``, ``step.back_config`` and ``refresh.gemm_config`` (plus ``refresh.gaussian_config``),
 which the launchers call to get the constexprs and launch options they pass. This module calls the same
 functions over the domain of their arguments, which comes from the option tables (``engine.KERNEL_DTYPES``,
-``quant.BASIS_DTYPES``, ``quant.MOMENT_DTYPES``, ``inner.RESIDUALS``, ``options.MATMUL_PRECISIONS`` resolved
+``quant.BASIS_DTYPES``, ``quant.MOMENT_DTYPES``, ``residual_rule.RESIDUALS``, ``options.MATMUL_PRECISIONS`` resolved
 by ``engine.matmul_precision``), and keeps each distinct result. Nothing else enters a compile: the kernels
 leave their runtime arguments (sizes, strides, pointer tables) unspecialized (``precompile``), so a config is
 one compiled variant whatever the shapes, and the same variants are what a step compiles before it launches
@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .. import engine, inner, options, quant
+from .. import engine, options, quant, residual_rule
 from . import precompile
 
 # Nothing here imports Triton at module level: a compile worker imports this module first and must turn
@@ -142,7 +142,7 @@ def step_variants() -> list[Variant]:
                 label = f"{side}, {dts}, {mname} moments{tile}, {what}, {prec}"
                 klass = f"project {int8_classes if block else classes} {mname}{block} {what} {prec}"
                 out.append(_variant("project_adam_kernel", label, klass, default, cfg))
-        for residual in inner.RESIDUALS:
+        for residual in residual_rule.RESIDUALS:
             cfg = step.back_config(side, wd, wd, pd, residual, prec, interpreted=False)
             mode = residual if residual in ("none", "apollo") else "fira"  # fira_tensor: fira's compile
             label = f"{side}, {dts}, residual {residual}, {prec}"

@@ -9,7 +9,7 @@ failure into an error instead.
 The probe covers what the optimizer launches: the fused step (both sides, fp32 and bf16 weights, a batch
 of two; and low-precision state: bf16 moments with a bf16 basis, 8-bit moments) and a cold and a warm
 batched refresh, each on small random matrices whose shapes are not
-multiples of the tile sizes. Results are compared with ``inner.projected_adamw`` and the
+multiples of the tile sizes. Results are compared with ``adam_rule.projected_adamw`` and the
 range-finder's captured energy, with the tolerances of the kernel tests.
 """
 
@@ -21,7 +21,7 @@ import torch
 def _step_error(
     device: torch.device, wdtype: torch.dtype, precision: str, side: str, gen: torch.Generator
 ) -> str | None:
-    from subspace_optim import inner, linalg, subspace
+    from subspace_optim import adam_rule, linalg, subspace
 
     from .step import subspace_adamw
 
@@ -40,7 +40,7 @@ def _step_error(
     for p, g, b, mm, vv in zip(params, grads, bases, ms, vs, strict=True):
         # The reference in fp32 on an fp32 copy of W: the kernel must match it up to W's own rounding.
         p_ref, m_ref, v_ref = p.float(), mm.clone(), vv.clone()
-        inner.projected_adamw(p_ref, g, b, m_ref, v_ref, inner.adam_scalars(**group, age=3), side)
+        adam_rule.projected_adamw(p_ref, g, b, m_ref, v_ref, adam_rule.adam_scalars(**group, age=3), side)
         expected.append((p_ref, m_ref, v_ref))
     subspace_adamw(params, grads, bases, ms, vs, [3, 3], **group, sides=[side, side], matmul_precision=precision)
     tol = 1e-5 if wdtype == torch.float32 else 8e-3  # half a bf16 ulp at |W| ~ 3

@@ -15,7 +15,7 @@ row, then the nearest map value by a binary search over the map's midpoints). N 
 fp32 new moments, before they are rounded, as the reference does. Bases may be fp32 or bf16 (widened to
 fp32 on load).
 
-With a ``residual`` (``inner.residual_factors``), launch 1 also keeps R and sums ||G_j||^2 per channel
+With a ``residual`` (``residual_rule.residual_factors``), launch 1 also keeps R and sums ||G_j||^2 per channel
 inside its GEMM loop; torch folds the coefficients into N between the launches (N <- N - coef o R);
 launch 2 adds coef o G in its epilogue (``apollo``: U = coef o G, no GEMM). No extra GEMM or pass over G.
 """
@@ -31,15 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..inner import (
-    AdamScalars,
-    channel_dim,
-    corrected_bias1,
-    lag_vectors,
-    residual_coefficients,
-    scalars_by_age,
-)
+from ..adam_rule import AdamScalars, lag_vectors, scalars_by_age
 from ..quant import BLOCK, Moment, as_moment
+from ..residual_rule import channel_dim, corrected_bias1, residual_coefficients
 from ..triton_runtime import interpreting
 from ._common import (
     FP_FUSION,
@@ -59,7 +53,7 @@ from .gemm import dot_tile, tile_ids
 from .precompile import jit
 
 # The scalar table both kernels read: one fp32 row per matrix of a batch, its columns named once, here: the
-# ``inner.AdamScalars`` fields the epilogues use, then a skip flag (nonzero: leave the member untouched; set on
+# ``adam_rule.AdamScalars`` fields the epilogues use, then a skip flag (nonzero: leave the member untouched; set on
 # the device). The host fills rows by these names (``_scalar_row``) and the kernels read them at the constexpr
 # offsets derived below, so the two cannot disagree on the layout.
 SCALAR_COLUMNS = ("w1", "beta2", "w2", "eps", "bias2_sqrt", "alpha", "decay", "skip")
@@ -552,7 +546,7 @@ def _residual_between(
 ) -> list[Tensor]:
     """Between the launches, for every batch at once: the residual's coefficients from launch 1's low-rank
     buffers (never G), in matrix order (so row-sharded ranks, whose batches may group differently, make
-    the same ``reduce`` call) through ``inner.residual_coefficients`` (the reference's own), which also
+    the same ``reduce`` call) through ``residual_rule.residual_coefficients`` (the reference's own), which also
     updates the limiter state; then each batch's N turned into N - coef o R. Returns each batch's coef
     (batch x channels, contiguous). ``bias1``: 1 - b1^t per matrix (fp64, on the device). A ``skipped``
     matrix's buffers were never written: its garbage stays in its own rows."""
@@ -608,7 +602,7 @@ def _scalar_table(
     lags: list[Tensor] | None, betas: tuple[float, float], dev: torch.device,
 ) -> Tensor:  # fmt: skip
     """One batch's scalar table on its device (``SCALAR_COLUMNS``): each member's ``AdamScalars`` by age, its
-    skip flag copied on the device, and alpha and sqrt(1 - b2^t) corrected by the lags (``inner.Lag``; exact
+    skip flag copied on the device, and alpha and sqrt(1 - b2^t) corrected by the lags (``adam_rule.Lag``; exact
     1.0 where the host count does not run ahead). Call under ``device_guard(dev)``."""
     hyper = host_table([_scalar_row(scalars(t)) for t in steps], torch.float32, dev)
     if skipped is not None:

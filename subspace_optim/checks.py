@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .compat import FLATTENED
+from .adam_rule import device_vector
 from .distributed import local
-from .inner import device_vector
+from .guards import FLATTENED
 
 _SQRT_FP32_MAX = math.sqrt(torch.finfo(torch.float32).max)
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import compat, triton_runtime
+from . import guards, triton_runtime
 from .distributed import is_dtensor, local
-from .schedule import matrix_shape
+from .refreshing import matrix_shape
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Device types where engine="auto" considers the kernels (the CPU runs them only interpreted: slow).
@@ -34,7 +34,7 @@ def _passes_probe(device: torch.device, engine: str) -> bool:
 
         _PROBED[key] = probe(device)
         if _PROBED[key] is not None and engine == "auto":
-            compat.warn_user(
+            guards.warn_user(
                 f"SubspaceAdamW: the Triton kernels failed their self-check on {key} ({_PROBED[key]}); "
                 "using the PyTorch reference engine there (set engine='reference' to silence this)"
             )
@@ -117,7 +117,7 @@ def resolve(entries: list[tuple[Tensor, dict[str, Any], str, str]]) -> list[str]
                     "path for these matrices) or engine='reference'"
                 )
             if _warn_once(device, v):
-                compat.warn_user(
+                guards.warn_user(
                     f"SubspaceAdamW: the Triton kernel {v.describe()} did not compile on {device} ({why}); "
                     f"{len(hit)} matrices that need it (e.g. {entries[hit[0]][2]}) use the PyTorch reference engine"
                 )

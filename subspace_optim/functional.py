@@ -23,19 +23,11 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
 from . import linalg, subspace
-from .inner import (
-    RESIDUALS,
-    AdamScalars,
-    Lag,
-    corrected_bias1,
-    lag_factors,
-    projected_adamw_batch,
-    residual_coefficients,
-    residual_moments,
-    residual_update,
-    scalars_by_age,
-)
+from .adam_rule import AdamScalars, Lag, lag_factors, projected_adamw_batch, scalars_by_age
 from .quant import Moment, as_matrix, as_moment, load_moment, store_moment
+from .residual_rule import RESIDUALS, corrected_bias1, residual_coefficients, residual_moments, residual_update
+
+__all__ = ["Moment", "adamw", "refresh_bases", "subspace_adamw"]
 
 # The twin contract. Each function below and its Triton twin (``kernels.step.subspace_adamw``,
 # ``kernels.refresh.refresh_bases``) take the same parameters, with the same kinds, defaults and annotations,
@@ -66,7 +58,7 @@ def _tensors(moments: Moments) -> list[Tensor]:
 
 def _snapshot(moments: Moments, skip: Tensor | None) -> list[Tensor] | None:
     """Copies of a matrix's 8-bit moments (codes and absmaxes) when it may be skipped (``_restore``). fp32 and
-    bf16 moments need none: the update keeps their old fp32 values itself (``inner.moments_directions``), and
+    bf16 moments need none: the update keeps their old fp32 values itself (``adam_rule.moments_directions``), and
     a bf16 value goes back to bf16 exactly; requantizing dequantized codes is not guaranteed to."""
     if skip is None or all(mo.absmax is None for mo in moments):
         return None
@@ -92,7 +84,7 @@ def _store(moments: Moments, m: Tensor, v: Tensor) -> None:
 
 
 def _lags(steps: Sequence[int], lags: Sequence[Tensor] | None, betas: tuple[float, float]) -> list[Lag | None]:
-    """Each matrix's ``inner.Lag`` (None for all when no lag is given)."""
+    """Each matrix's ``adam_rule.Lag`` (None for all when no lag is given)."""
     return [None] * len(steps) if lags is None else list(lag_factors(steps, lags, betas))
 
 
@@ -119,20 +111,20 @@ def subspace_adamw(
     lags: Sequence[Tensor] | None = None,
     batches: Sequence[Sequence[int]] | None = None,
 ) -> None:
-    r"""One projected AdamW step for each matrix i (``inner`` has the math), in place.
+    r"""One projected AdamW step for each matrix i (``adam_rule`` has the math), in place.
 
     ``grads[i]`` is G_i (m x n); ``params[i]`` the weight, any shape that views as (m, n); ``bases[i]`` P_i
     (d x r, orthonormal columns, d = m for ``sides[i] == "left"``, n for ``"right"``), fp32 or bf16; the
     moments have the projected shape (r x n or m x r), fp32 or bf16 tensors, or ``quant.Moment`` records (8-bit
     codes with their absmax); the math is fp32 whatever the storage. ``steps[i]`` is the moments' age t,
-    counting this step. ``residual`` (``inner.RESIDUALS``) adds what the subspace discards; it then needs
+    counting this step. ``residual`` (``residual_rule.RESIDUALS``) adds what the subspace discards; it then needs
     ``update_norms[i]``, matrix i's 0-d fp32 limiter state, updated in place, and on FSDP2 row shards
     ``reduce``, a sum over the ranks holding the other rows (every rank calls this with the same matrices).
 
     ``skipped[i]`` (0-d bool on matrix i's device; True: its gradient is not finite) leaves matrix i's weight,
     moments and limiter state untouched bit for bit, decided on the device: no host sync. ``lags[i]`` (0-d
     int on the device) counts such skips among ``steps[i]`` that the caller has not read back yet; the bias
-    corrections are fixed on the device (``inner.lag_factors``). ``matmul_precision`` and ``batches`` (the
+    corrections are fixed on the device (``adam_rule.lag_factors``). ``matmul_precision`` and ``batches`` (the
     launch batches, ``kernels.step.layout_batches``, from a caller that knows the layouts are unchanged) are
     the Triton engine's; the reference ignores them.
     """
@@ -174,7 +166,7 @@ def _projected_reference(
     lags: Sequence[Tensor] | None,
 ) -> None:
     """The reference step without a residual: chunk by chunk (``_moment_chunks``), the moments' fp32 working
-    copies through ``inner.projected_adamw_batch``, then stored back (8-bit ones restored where skipped)."""
+    copies through ``adam_rule.projected_adamw_batch``, then stored back (8-bit ones restored where skipped)."""
     fixes = _lags(steps, lags, betas)
     scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
     for chunk in _moment_chunks(exp_avgs):
@@ -262,7 +254,7 @@ def _residual_reference(
     lags: Sequence[Tensor] | None,
 ) -> None:
     """The reference residual step in three passes: R, moments, N and channel sums per matrix
-    (``_residual_moments``); the coefficients of every matrix in one call (``inner.residual_coefficients``,
+    (``_residual_moments``); the coefficients of every matrix in one call (``residual_rule.residual_coefficients``,
     shared with the kernels: every matrix's channels in one flat tensor, a few operations per step instead of
     per matrix); then each update. ``fira_tensor`` takes whole-matrix norms (one row per matrix). A skipped
     matrix's NaN stays in its own rows of the flat tensors; its limiter state keeps its old value."""
@@ -294,8 +286,8 @@ def _residual_moments(
     skipped: Sequence[Tensor] | None,
 ) -> tuple[list[_ResidualWork], Tensor, list[int]]:
     """The first half of the reference residual step, chunk by chunk (``_moment_chunks``): the moments
-    updated (``inner.residual_moments``) and stored, each matrix's work, and the flat per-channel sums of
-    squares with each matrix's channel count (``inner.residual_factors``' ``sumsq``)."""
+    updated (``residual_rule.residual_moments``) and stored, each matrix's work, and the flat per-channel sums of
+    squares with each matrix's channel count (``residual_rule.residual_factors``' ``sumsq``)."""
     per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
     work: list[_ResidualWork] = []
     sums: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])

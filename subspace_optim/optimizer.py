@@ -2,8 +2,8 @@
 
 The class holds groups and lazy state, and its ``step`` gathers lists and calls the functional core
 (``functional.subspace_adamw``, torch's ``adam`` for plain parameters) after ``checks`` has passed every
-gradient. Refresh scheduling lives in ``schedule``, engine choice in ``engine``, options in ``options``,
-compatibility guards in ``compat``, metrics in ``metrics``; ``docs/architecture.md`` maps them.
+gradient. Refresh scheduling lives in ``refreshing``, engine choice in ``engine``, options in ``options``,
+compatibility guards in ``guards``, metrics in ``metrics``; ``docs/architecture.md`` maps them.
 """
 
 from __future__ import annotations
@@ -18,16 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import checks, compat, distributed, engine, functional, inner, metrics, options, quant, schedule
+from . import adam_rule, checks, distributed, engine, functional, guards, metrics, options, quant, refreshing
 from . import state as state_mod
 from .distributed import local
 from .layerwise import BackwardUpdate
-from .metrics import state_bytes
 from .quant import Moment
-from .schedule import Matrix, local_matrix
-from .subspace import basis_dim
+from .refreshing import Matrix, local_matrix
 
-DEFAULT_MOMENTS = options.DEFAULTS["moments"]
 # Options that decide the shape of a parameter's state (projected or not, side, rank): changing one on a live
 # group would make the next step fail part-way, so ``step`` refuses it while it would reshape existing state.
 SHAPE_OPTIONS = ("rank", "proj_type")
@@ -152,7 +149,7 @@ def _vocab_weights(module: nn.Module | None, named: dict[int, str]) -> set[int]:
 
 def _layout(p: Tensor, group: dict[str, Any]) -> tuple[str, int | None]:
     """The shape of the state ``group``'s options give ``p``: ("plain", None) or (side, rank)."""
-    return (schedule.side(p, group), group["rank"]) if schedule.projects(p, group) else ("plain", None)
+    return (refreshing.side(p, group), group["rank"]) if refreshing.projects(p, group) else ("plain", None)
 
 
 def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool, list]]:
@@ -175,7 +172,7 @@ def _constructor_options(given: dict[str, Any], unexpected: dict[str, Any]) -> d
     if unexpected:
         names = sorted(unexpected)
         hint = options.suggest(names[0], [*options.DEFAULTS, *options.ALIASES])
-        raise TypeError(compat.unexpected_keywords(names) + hint)
+        raise TypeError(guards.unexpected_keywords(names) + hint)
     if isinstance(given["betas"], list):
         given["betas"] = tuple(given["betas"])
     options.normalize_dtypes(given)
@@ -376,7 +373,7 @@ class SubspaceAdamW(Optimizer):
             blockwise 8-bit, see ``quant``) and of the bases (``"float32"``, ``"bfloat16"``); math is fp32. The
             torch dtypes of those choices are accepted and stored as the strings; changed on a live group, the
             state is converted at the next step.
-        residual: what a projected step does with the gradient its subspace discards (``inner.residual_factors``):
+        residual: what a projected step does with the gradient its subspace discards (``residual_rule``):
             ``"none"`` (GaLore's step), ``"fira"`` (adds phi_j (G - P P^T G) / scale with phi_j = ||N_j|| /
             ||R_j|| per channel j, Fira's rule), ``"fira_tensor"`` (one phi per matrix), ``"apollo"`` (steps
             along the whole gradient scaled per channel by phi_j, instead of P N). Each limits the growth of
@@ -400,7 +397,7 @@ class SubspaceAdamW(Optimizer):
         update_gap: int = 200,
         scale: float = 0.25,
         refresh: str = "warm",
-        moments: str = DEFAULT_MOMENTS,
+        moments: str = options.DEFAULTS["moments"],
         proj_type: str = "std",
         oversample: int = 32,
         power_iters: int = 1,
@@ -446,7 +443,7 @@ class SubspaceAdamW(Optimizer):
         """After unpickling, deepcopy or ``load_state_dict``: upgrade older formats, re-register the
         parameters (they are new objects), give old groups the options added since. Metrics restart."""
         super().__setstate__(state)
-        compat.upgrade_state(self.state, self.param_groups)
+        guards.upgrade_state(self.state, self.param_groups)
         self._backward_update = getattr(self, "_backward_update", None)  # hooks belong to the live object only
         self._metrics = {}
         self._nonfinite_skips = 0
@@ -460,7 +457,7 @@ class SubspaceAdamW(Optimizer):
         for i, group in enumerate(self.param_groups):
             for key in options.DEFAULTS:  # not torch's "differentiable", which __setstate__ put in defaults
                 group.setdefault(key, self.defaults[key])
-            self.param_groups[i] = compat.ParamGroup(dict(group), self._known_params)
+            self.param_groups[i] = guards.ParamGroup(dict(group), self._known_params)
             # Loaded state was built with the loaded groups' options (torch's loader keeps the saved ones).
             self._layouts[id(self.param_groups[i])] = {k: group[k] for k in SHAPE_OPTIONS}
 
@@ -477,14 +474,14 @@ class SubspaceAdamW(Optimizer):
         where = f"in {label}"
         group = options.translate_aliases(param_group, label)
         if "params" in group:
-            group["params"] = compat.param_list(group["params"])
+            group["params"] = guards.param_list(group["params"])
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
         options.check_group_keys(group, label)
         options.normalize_dtypes(group)
         options.validate({**self.defaults, **group}, where)
         options.plain_numbers(group)
-        super().add_param_group(compat.ParamGroup(group, self._known_params))
+        super().add_param_group(guards.ParamGroup(group, self._known_params))
         self._plan = None
         self._rank_given |= "rank" in group
         added = self.param_groups[-1]
@@ -498,9 +495,9 @@ class SubspaceAdamW(Optimizer):
             named.update({id(p): n for n, p in module.named_parameters()})
         vocab = _vocab_weights(module, named)
         hit = [named.get(id(p), f"params[{i}]") for i, p in enumerate(self.param_groups[0]["params"])
-               if id(p) in vocab and schedule.projects(p, self.param_groups[0])]  # fmt: skip
+               if id(p) in vocab and refreshing.projects(p, self.param_groups[0])]  # fmt: skip
         if hit:
-            compat.warn_user(
+            guards.warn_user(
                 f"rank={rank} was given for a flat list of parameters, so every matrix is projected, including the "
                 f"input embedding / output head weights {hit[:4]}: projecting the vocabulary matrices usually hurts "
                 f"quality (GaLore projects only attention and MLP weights). Build the groups with "
@@ -551,9 +548,9 @@ class SubspaceAdamW(Optimizer):
             work = self._check_work(only)
             shard_groups = list({id(g): g for g in (distributed.row_shard(p, n).group for _, _, n, p in work
                                                     if distributed.is_dtensor(p))}.values())  # fmt: skip
-            limits = [checks.grad_limit(p, schedule.projects(p, g)) for _, g, _, p in work]
+            limits = [checks.grad_limit(p, refreshing.projects(p, g)) for _, g, _, p in work]
             device = local(work[0][3]).device if work else None
-            limits_t = inner.device_vector(limits, torch.float32, device) if work else None
+            limits_t = adam_rule.device_vector(limits, torch.float32, device) if work else None
             plan = _Plan(key, self.state, work, limits_t, shard_groups)
             self._plan = plan if key is not None else None
         if not plan.work:
@@ -604,7 +601,7 @@ class SubspaceAdamW(Optimizer):
             if p.grad is None:
                 continue
             checks.refuse_bad_gradient(p, name)
-            if schedule.projects(p, group):
+            if refreshing.projects(p, group):
                 engine.check(group["engine"], p, name)
             state = self._state_of(p, peek=True)  # creates no entry: a refused step leaves none behind
             if state and distributed.is_dtensor(p) and state_mod.mismatched(p, group, state):
@@ -643,7 +640,7 @@ class SubspaceAdamW(Optimizer):
                 return True
             state = self._state_of(p, peek=True)
             if not state or "refresh_count" not in state:
-                if schedule.projects(p, group):  # a projected matrix's first step refreshes
+                if refreshing.projects(p, group):  # a projected matrix's first step refreshes
                     return True
                 continue
             if self._may_refresh(p, group, state):
@@ -778,8 +775,8 @@ class SubspaceAdamW(Optimizer):
         state: created on a first step, converted where the group's storage options changed (``state.conform``).
         The engines are resolved first, before any state changes: the kernels a Triton matrix can launch are
         compiled then (``engine.resolve``)."""
-        schedule.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self._state_of(p, peek=True)])
-        entries = [(p, g, n, schedule.side(p, g)) for _, g, n, p in work if schedule.projects(p, g)]
+        refreshing.rank_fallbacks([(p, g, n) for _, g, n, p in work if not self._state_of(p, peek=True)])
+        entries = [(p, g, n, refreshing.side(p, g)) for _, g, n, p in work if refreshing.projects(p, g)]
         engines = dict(zip((id(p) for p, *_ in entries), engine.resolve(entries), strict=True))
         projected: list[Matrix] = []
         plain: Plain = {}
@@ -790,7 +787,7 @@ class SubspaceAdamW(Optimizer):
             else:
                 state.update(state_mod.initial(p, group, name))
             if "refresh_count" in state:
-                projected.append(Matrix(index, group, name, p, state, schedule.side(p, group), engines[id(p)]))
+                projected.append(Matrix(index, group, name, p, state, refreshing.side(p, group), engines[id(p)]))
             else:
                 plain.setdefault(id(group), []).append((p, state))
         return projected, plain
@@ -840,7 +837,7 @@ class SubspaceAdamW(Optimizer):
             return
         self._plain_checked = True
         if not self._rank_given and all(g["rank"] is None for g in self.param_groups):
-            compat.warn_user(
+            guards.warn_user(
                 "SubspaceAdamW: no param group has a rank, so every parameter trains as plain AdamW (nothing is "
                 "projected). To project, give the weight matrices a group with rank=..., e.g. "
                 f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
@@ -860,10 +857,10 @@ class SubspaceAdamW(Optimizer):
         return projected, plain, batches, devices
 
     def _advance(self, projected: list[Matrix]) -> None:
-        """Refresh the bases that are due (``schedule``), then count this step in every projected matrix's state;
+        """Refresh the bases that are due (``refreshing``), then count this step in every projected matrix's state;
         on a masked step the counts run ahead by the steps skipped on the device until the next read."""
-        due = schedule.due(projected)
-        if due and schedule.refresh(due, self._metrics):
+        due = refreshing.due(projected)
+        if due and refreshing.refresh(due, self._metrics):
             self.check_consistency()
         for x in projected:
             x.state["step"] += 1
@@ -994,9 +991,9 @@ class SubspaceAdamW(Optimizer):
     # ------------------------------------------------------------------ metrics
     def check_consistency(self) -> None:
         """Raise if data-parallel ranks hold different bases (a collective: call it on every rank); see
-        ``schedule.check_consistency``."""
+        ``refreshing.check_consistency``."""
         entries = [(n, self.state[p]["basis"]) for _, _, n, p in self._named_params() if "basis" in self.state[p]]
-        schedule.check_consistency(entries)
+        refreshing.check_consistency(entries)
 
     def subspace_metrics(self) -> dict[str, Any]:
         """Per projected parameter and overall: last refresh time, captured energy, overlap, state bytes.
@@ -1011,11 +1008,11 @@ class SubspaceAdamW(Optimizer):
         """
         self._settle()
         entries = (
-            (i, n, self.state[p], schedule.side(p, g) if "refresh_count" in self.state[p] else None)
+            (i, n, self.state[p], refreshing.side(p, g) if "refresh_count" in self.state[p] else None)
             for i, g, n, p in self._named_params()
             if self.state.get(p)
         )
         return metrics.collect(entries, self._metrics, self._nonfinite_skips)
 
 
-__all__ = ["SubspaceAdamW", "DEFAULT_MOMENTS", "state_bytes", "basis_dim"]
+__all__ = ["SubspaceAdamW"]

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from . import triton_runtime
-from .inner import RESIDUALS
 from .quant import BASIS_DTYPES, MOMENT_DTYPES
+from .residual_rule import RESIDUALS
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
 
 NONFINITE_POLICIES = ("skip", "raise")

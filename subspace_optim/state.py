@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed, quant, schedule
+from . import distributed, quant, refreshing
 from .distributed import local
 
 # State keys that keep the dtype they were saved with (their options chose it), whatever the parameter's.
@@ -58,7 +58,7 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
     """A parameter's state before its first step, built whole before the optimizer keeps any of it."""
     if distributed.is_dtensor(p):
         distributed.row_shard(p, name)  # a clear error for layouts other than FSDP2's dim-0 sharding
-    if not schedule.projects(p, group):
+    if not refreshing.projects(p, group):
         kind = plain_kind(p, group)
         state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
         for key in MOMENTS:
@@ -69,11 +69,11 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
     # tensors and numbers only, which is what torch.load(weights_only=True) and DCP accept.
     state = {"step": 0, "moment_age": 0, "refresh_count": 0}
     rank = group["rank"]
-    m, n = schedule.matrix_shape(p)
+    m, n = refreshing.matrix_shape(p)
     if distributed.is_dtensor(p):  # right projection: m x r moments, sharded on rows like the weight
         shape = (distributed.row_shard(p, name).rows, rank)
     else:
-        shape = (rank, n) if schedule.side(p, group) == "left" else (m, rank)
+        shape = (rank, n) if refreshing.side(p, group) == "left" else (m, rank)
     for key in MOMENTS:
         state.update(_moment(p, shape, group["moments_dtype"], key, projected=True))
     _residual_state(p, group, state)

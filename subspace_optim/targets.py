@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import compat
+from . import guards
 
 ALL_LINEAR = "all-linear"
 
@@ -108,7 +108,7 @@ def param_groups(
     groups = [{"params": projected, "rank": rank, "weight_decay": weight_decay, **options}] if projected else []
     if not projected:
         frozen = [n for n, p in model.named_parameters() if id(p) in target_weights and not p.requires_grad]
-        compat.warn_user(
+        guards.warn_user(
             f"target_modules={target_modules!r} matched only frozen weights ({len(frozen)}, e.g. {frozen[:3]}): "
             "no matrix is projected and every trainable parameter gets plain AdamW. With PEFT adapters, target "
             "the adapter layers (e.g. 'lora_') or build the optimizer from the wrapped model."

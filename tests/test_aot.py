@@ -154,11 +154,11 @@ def test_the_sweep_holds_every_variant_a_step_can_compile_on_a_gpu():
     (``precompile.variants_for``, GPU tiles) are all in the full sweep: the sweep's statistics cover them."""
     import itertools
 
-    from subspace_optim import engine, inner, options
+    from subspace_optim import engine, options, residual_rule
 
     swept = {v.compiled for v in aot.variants()}
     for side, w, basis, moments, residual, choice, cols, refresh in itertools.product(
-        ("left", "right"), engine.KERNEL_DTYPES, quant.BASIS_DTYPES, quant.MOMENT_DTYPES, inner.RESIDUALS,
+        ("left", "right"), engine.KERNEL_DTYPES, quant.BASIS_DTYPES, quant.MOMENT_DTYPES, residual_rule.RESIDUALS,
         options.MATMUL_PRECISIONS, (5, 40, 256, 300, 4096), (False, True),
     ):  # fmt: skip
         precision = engine.matmul_precision(choice, w)

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 from conftest import gradient_like, orthonormality_error, subspace_distance  # noqa: E402
 
-from subspace_optim import engine, inner, linalg, schedule, subspace  # noqa: E402
+from subspace_optim import adam_rule, engine, linalg, refreshing, subspace  # noqa: E402
 from subspace_optim.kernels import probe as kprobe  # noqa: E402
 from subspace_optim.kernels import refresh as kr  # noqa: E402
 from subspace_optim.kernels import step as ks  # noqa: E402
@@ -33,13 +33,13 @@ GROUP = {"betas": (0.9, 0.999), "lr": 1e-2, "eps": 1e-8, "weight_decay": 0.1, "s
 
 @pytest.fixture
 def float64_reference(monkeypatch):
-    """``inner.projected_adamw`` promotes G with ``.float()``; make its projection follow the basis
+    """``adam_rule.projected_adamw`` promotes G with ``.float()``; make its projection follow the basis
     dtype so that a float64 basis gives a float64 oracle (G itself is fp32/bf16, so nothing is lost)."""
     original = subspace.project
-    monkeypatch.setattr(inner, "project", lambda g, p, side: original(g.to(p.dtype), p, side))
+    monkeypatch.setattr(adam_rule, "project", lambda g, p, side: original(g.to(p.dtype), p, side))
 
     def oracle(w, g, p, exp_avg, exp_avg_sq, age, group, side):
-        inner.projected_adamw(w, g, p, exp_avg, exp_avg_sq, inner.adam_scalars(**group, age=age), side)
+        adam_rule.projected_adamw(w, g, p, exp_avg, exp_avg_sq, adam_rule.adam_scalars(**group, age=age), side)
 
     return oracle
 
@@ -515,7 +515,7 @@ def test_optimizer_warm_refresh_loop_under_interpreter_matches_reference(probed,
         assert ref_state["refresh_count"] == tri_state["refresh_count"] == 3
         assert subspace_distance(tri_state["basis"], ref_state["basis"]) < 1e-4
         # the last warm refresh followed the subspace to the third window's
-        target = linalg.svd_basis(grads[6][i], 3, schedule.side(b, tri_opt.param_groups[0])).basis
+        target = linalg.svd_basis(grads[6][i], 3, refreshing.side(b, tri_opt.param_groups[0])).basis
         assert subspace_distance(tri_state["basis"], target) < 1e-2
         start = torch.randn(shapes[i], generator=torch.Generator().manual_seed(i))
         assert float((b.detach() - start).abs().max()) > 1e-2  # the weights did move

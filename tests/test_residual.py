@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import subspace_optim as so
-from subspace_optim import functional, inner, triton_runtime
+from subspace_optim import adam_rule, functional, residual_rule, triton_runtime
 
-MODES = [m for m in inner.RESIDUALS if m != "none"]
+MODES = [m for m in residual_rule.RESIDUALS if m != "none"]
 ENGINES = ["reference"] + (["triton"] if triton_runtime.available() else [])
 HYPER = {"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "scale": 0.25}
 
@@ -102,7 +102,7 @@ def test_fp32_update_without_u_matches_the_formed_update(side, mode, monkeypatch
     weights, compiled graphs) is the same math: both agree to fp32 rounding, and both match the oracle."""
     x = _problem(29, 45, 6, side, seed=17)
     fused = _run_core(x, side, mode, 4, 0.0, "reference")
-    monkeypatch.setattr(inner.torch.compiler, "is_compiling", lambda: True)  # takes the U path
+    monkeypatch.setattr(adam_rule.torch.compiler, "is_compiling", lambda: True)  # takes the U path
     formed = _run_core(x, side, mode, 4, 0.0, "reference")
     torch.testing.assert_close(fused[0], formed[0], rtol=1e-6, atol=1e-6)
     assert not torch.equal(fused[0], x["w"])
@@ -118,8 +118,8 @@ def test_channel_sumsq_in_bands_matches_float64(dim, monkeypatch):
     t = torch.randn(103, 37, generator=torch.Generator().manual_seed(2))
     want = t.double().square().sum(dim)
     for band in (1 << 22, 37 * 10, 37 * 7 + 3, 1):
-        monkeypatch.setattr(inner, "_SUMSQ_BAND", band)
-        torch.testing.assert_close(inner.channel_sumsq(t, dim).double(), want, rtol=1e-6, atol=0)
+        monkeypatch.setattr(residual_rule, "_SUMSQ_BAND", band)
+        torch.testing.assert_close(residual_rule.channel_sumsq(t, dim).double(), want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.skipif("triton" not in ENGINES, reason="triton not installed")
@@ -151,7 +151,7 @@ def test_residual_none_is_the_plain_step_bit_for_bit():
     """``residual="none"`` is today's step: no state added, the same numbers bit for bit."""
     x = _problem(19, 11, 3, "right", seed=1)
     a = [x["w"].clone(), x["m"].clone(), x["v"].clone()]
-    inner.projected_adamw(a[0], x["g"], x["p"], a[1], a[2], inner.adam_scalars(**HYPER, age=2), "right")
+    adam_rule.projected_adamw(a[0], x["g"], x["p"], a[1], a[2], adam_rule.adam_scalars(**HYPER, age=2), "right")
     b = _run_core(x, "right", "none", 2, 0.7, "reference")
     for u, v in zip(a, b, strict=False):
         assert torch.equal(u, v)
@@ -209,7 +209,7 @@ def test_limiter_state_of_a_vanishing_residual_does_not_depend_on_rounding(mode)
         sumsq = torch.stack((nn_, rr, gg), 1)
         if lengths is None:
             sumsq = sumsq.sum(0, keepdim=True)
-        return inner.residual_factors(sumsq, lengths, previous, bias1, mode, first, 0.25)
+        return residual_rule.residual_factors(sumsq, lengths, previous, bias1, mode, first, 0.25)
 
     states = [factors(rr * (1 + noise), torch.full((1,), 7.0))[1] for noise in (0.0, 3e-7)]
     assert float(states[0]) > 0 and torch.equal(states[0], states[1])

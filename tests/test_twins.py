@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from subspace_optim import functional, inner
+from subspace_optim import adam_rule, functional
 from subspace_optim.kernels import refresh as kernel_refresh
 from subspace_optim.kernels import step as kernel_step
 
@@ -42,7 +42,7 @@ def test_documented_differences_exist(name):
 def test_scalar_table_rows_follow_the_named_columns():
     """A host row holds each ``AdamScalars`` field at its named column and a clear skip flag; the kernels' row
     length and offsets are the constexprs derived from the same names."""
-    scalars = inner.adam_scalars(3e-3, (0.85, 0.97), 1e-7, 0.1, 0.5, age=7)
+    scalars = adam_rule.adam_scalars(3e-3, (0.85, 0.97), 1e-7, 0.1, 0.5, age=7)
     row = kernel_step._scalar_row(scalars)
     assert len(row) == len(kernel_step.SCALAR_COLUMNS) == kernel_step.ROW.value
     for name, column in kernel_step.COLUMN.items():
@@ -62,14 +62,14 @@ def test_kernels_read_the_scalar_table_through_named_offsets():
 def test_scalar_table_applies_flags_and_lags_by_name():
     """``_scalar_table`` writes the skip flag into the skip column and scales alpha and sqrt(1 - b2^t) by the
     lag corrections, leaving every other column as the host row has it."""
-    scalars = inner.scalars_by_age(1e-3, (0.9, 0.999), 1e-8, 0.0, 1.0)
+    scalars = adam_rule.scalars_by_age(1e-3, (0.9, 0.999), 1e-8, 0.0, 1.0)
     flags = [torch.tensor(True), torch.tensor(False)]
     lags = [torch.tensor(2, dtype=torch.int32), torch.tensor(0, dtype=torch.int32)]
     table = kernel_step._scalar_table([5, 9], scalars, flags, lags, (0.9, 0.999), torch.device("cpu"))
     plain = kernel_step._scalar_table([5, 9], scalars, None, None, (0.9, 0.999), torch.device("cpu"))
     col = kernel_step.COLUMN
     assert table[:, col["skip"]].tolist() == [1.0, 0.0]
-    fix = inner.lag_vectors([5, 9], lags, (0.9, 0.999))
+    fix = adam_rule.lag_vectors([5, 9], lags, (0.9, 0.999))
     assert table[0, col["alpha"]] == (plain[0, col["alpha"]] * fix.c1[0]).float()
     assert table[0, col["alpha"]] != plain[0, col["alpha"]]  # a lag of 2 changes alpha
     assert table[1, col["alpha"]] == plain[1, col["alpha"]]  # a lag of 0 is exactly 1.0

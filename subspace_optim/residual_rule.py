@@ -1,221 +1,24 @@
-"""The inner rule: AdamW on projected coordinates, with its scalars folded once for every engine.
+"""The ``residual`` option: what a projected step does with the part of the gradient its subspace discards.
 
-With R the projected gradient (``subspace.project``), t the moments' age (counting this step), all math in
-fp32:
-
-    M <- b1 M + (1 - b1) R;     V <- b2 V + (1 - b2) R o R
-    N = M / (sqrt(V) / sqrt(1 - b2^t) + eps)
-    W <- W (1 - lr wd) - (lr scale / (1 - b1^t)) back(N)        (decoupled weight decay, in full space)
-
-which is ``torch.optim.AdamW``'s update applied in the subspace coordinates. ``adam_scalars`` is the one
-place where lr, betas, bias corrections, scale and decay become the numbers both engines consume: the
-reference below and the Triton epilogues (``kernels.step``) read the same ``AdamScalars``.
+Fira's rule (``fira``, ``fira_tensor``) adds the discarded part G - P R scaled per channel by phi_j = ||N_j|| /
+||R_j||; APOLLO's (``apollo``) steps along the whole gradient scaled the same way; Fira's norm-growth limiter
+bounds the residual's norm. ``residual_factors`` has the math. Both engines compute their per-channel sums
+their own way (the reference per matrix, the kernels inside the projection GEMM) and share everything after
+that: ``residual_coefficients`` (the factors, the limiter state) and ``corrected_bias1``. The reference's two
+halves of a step are ``residual_moments`` and ``residual_update``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .adam_rule import AdamScalars, Lag, apply_update, device_vector, lag_vectors, moments_directions
 from .subspace import project, project_back
 
-
-class AdamScalars(NamedTuple):
-    """One matrix's step constants: lerp weight 1 - b1, b2, 1 - b2, eps, sqrt(1 - b2^t), the update's
-    multiplier alpha = lr scale / (1 - b1^t), the decay factor 1 - lr wd, and 1 - b1^t (the residual's
-    limiter measures updates in units of the bias-corrected Adam step)."""
-
-    w1: float
-    beta2: float
-    w2: float
-    eps: float
-    bias2_sqrt: float
-    alpha: float
-    decay: float
-    bias1: float = 1.0
-
-
-def adam_scalars(
-    lr: float, betas: tuple[float, float], eps: float, weight_decay: float, scale: float, age: int
-) -> AdamScalars:
-    beta1, beta2 = (float(b) for b in betas)
-    lr = float(lr)
-    return AdamScalars(
-        w1=1.0 - beta1,
-        beta2=beta2,
-        w2=1.0 - beta2,
-        eps=float(eps),
-        bias2_sqrt=math.sqrt(1.0 - beta2**age),
-        alpha=lr * float(scale) / (1.0 - beta1**age),
-        decay=1.0 - lr * float(weight_decay),
-        bias1=1.0 - beta1**age,
-    )
-
-
-def scalars_by_age(
-    lr: float, betas: tuple[float, float], eps: float, weight_decay: float, scale: float
-) -> Callable[[int], AdamScalars]:
-    """``adam_scalars`` of one call's hyperparameters by age, each age computed once (a call's matrices usually
-    share one; both engines take their scalars from here)."""
-    scalars = functools.partial(adam_scalars, lr, betas, eps, weight_decay, scale)
-    return scalars if torch.compiler.is_compiling() else functools.lru_cache(maxsize=None)(scalars)  # dynamo: no cache
-
-
-class Lag(NamedTuple):
-    """One matrix's correction for steps skipped on the device that its host-side count ``t`` still includes
-    (``lag_factors``): with a = t - lag its true age, ``c1`` = (1 - b1^t) / (1 - b1^a) multiplies alpha
-    and ``c2`` = sqrt(1 - b2^t) / sqrt(1 - b2^a) multiplies sqrt(V) / sqrt(1 - b2^t); both 0-d fp64 on the
-    device, exactly 1.0 where the lag is 0, so a matrix that skipped nothing steps bit for bit as without."""
-
-    c1: Tensor
-    c2: Tensor
-
-
-def lag_vectors(steps: Sequence[int], lags: Sequence[Tensor], betas: tuple[float, float]) -> Lag:
-    """``lag_factors`` of matrices whose lags share one device, as one ``Lag`` of two fp64 vectors (c1, c2), one
-    entry per matrix: what a batched launch multiplies its scalar table's columns by."""
-    beta1, beta2 = (float(b) for b in betas)
-    t = device_vector(list(steps), torch.float64, lags[0].device)
-    a = t - torch.stack(list(lags)).double()
-    c1 = (1.0 - torch.pow(beta1, t)) / (1.0 - torch.pow(beta1, a))
-    c2 = (1.0 - torch.pow(beta2, t)).sqrt_() / (1.0 - torch.pow(beta2, a)).sqrt_()
-    return Lag(c1, c2)
-
-
-def lag_factors(steps: Sequence[int], lags: Sequence[Tensor], betas: tuple[float, float]) -> list[Lag]:
-    """Per matrix its ``Lag`` (on its lag's device), from the host ages ``steps`` and the device counts ``lags``
-    of skipped steps among them, without reading the lags on the host (a sync): a few vector operations
-    per device.
-
-    A skipped matrix does not age; the optimizer learns which were skipped only when it next reads its
-    flags, so until then its host count runs ahead by the lag and the bias corrections are fixed here.
-    Numerator and denominator are the same device expression, so a lag of 0 gives exactly 1.0."""
-    out: list[Lag | None] = [None] * len(lags)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, lag in enumerate(lags):
-        by_device.setdefault(lag.device, []).append(i)
-    for idx in by_device.values():
-        c1, c2 = lag_vectors([steps[i] for i in idx], [lags[i] for i in idx], betas)
-        for i, x, y in zip(idx, c1.unbind(0), c2.unbind(0), strict=True):
-            out[i] = Lag(x, y)
-    return out  # type: ignore[return-value]
-
-
-def device_vector(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.tensor(values, dtype=dtype, device=device)`` without a host sync. A copy from pageable host memory
-    to a GPU waits for the stream (everything queued before it); a pinned buffer copied with ``non_blocking``
-    is queued instead (``kernels._common.host_table`` does the same for the kernels, which this module cannot
-    import: it is Triton's)."""
-    table = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return table.to(device)
-    return table.pin_memory().to(device, non_blocking=True)
-
-
-def projected_adamw(
-    p: Tensor, g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str,
-    lag: Lag | None = None, skip: Tensor | None = None,
-) -> None:  # fmt: skip
-    """One step of matrix ``p`` (viewed as ``g``'s shape) in the subspace of ``basis``, in place (reference):
-    ``projected_adamw_batch`` of one matrix."""
-    projected_adamw_batch([p], [g], [basis], [exp_avg], [exp_avg_sq], [s], [side], [lag], [skip])
-
-
-def projected_adamw_batch(
-    ps: Sequence[Tensor], gs: Sequence[Tensor], bases: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor], ss: Sequence[AdamScalars], sides: Sequence[str], lags: Sequence[Lag | None],
-    skips: Sequence[Tensor | None],
-) -> None:  # fmt: skip
-    """One step of each matrix i in the subspace of ``bases[i]``, in place (reference). The projections and
-    updates are per matrix; the moments and N are one ``torch._foreach_*`` operation per step of the rule for
-    all of them (``moments_directions``): on a CPU each matrix then costs its GEMMs and a few dispatches instead
-    of a dozen, with the same kernels, so the same bits.
-
-    ``skips[i]`` (0-d bool on the device; True: the gradient is not finite) leaves ``ps[i]`` and its moments
-    untouched bit for bit without the host knowing (``moments_directions``, ``_apply_update``)."""
-    rs = [project(g.float(), basis, side) for g, basis, side in zip(gs, bases, sides, strict=True)]
-    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, ss, lags, skips)
-    for i, direction in enumerate(directions):
-        if lags[i] is not None:
-            direction.mul_(lags[i].c1)
-        _apply_update(ps[i], project_back(direction, bases[i], sides[i]), ss[i], skips[i])
-
-
-def moments_directions(
-    rs: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], ss: Sequence[AdamScalars],
-    lags: Sequence[Lag | None], skips: Sequence[Tensor | None],
-) -> list[Tensor]:  # fmt: skip
-    """Update each matrix's moments with its R in place; return each N = M / (sqrt(V) / sqrt(1 - b2^t) + eps).
-    The matrices share betas and eps (one call's hyperparameters); their ages may differ.
-
-    A matrix with ``skips[i]`` gets its new moments computed out of place by the same kernels (the same bits)
-    and kept only where the flag is False, so a skipped matrix's NaN never lands in them (its N is garbage,
-    unused). ``lags[i]`` (``Lag``) corrects sqrt(V) / sqrt(1 - b2^t) for steps the host counted but the device
-    skipped."""
-    w1, beta2, w2, eps = ss[0].w1, ss[0].beta2, ss[0].w2, ss[0].eps
-    ms, vs = list(exp_avgs), list(exp_avg_sqs)
-    kept = [i for i, skip in enumerate(skips) if skip is None]
-    masked = [i for i, skip in enumerate(skips) if skip is not None]
-    if kept:
-        m_in, v_in, r_in = [ms[i] for i in kept], [vs[i] for i in kept], [rs[i] for i in kept]
-        torch._foreach_lerp_(m_in, r_in, w1)
-        torch._foreach_mul_(v_in, beta2)
-        torch._foreach_addcmul_(v_in, r_in, r_in, value=w2)
-    if masked:
-        r_in = [rs[i] for i in masked]
-        m_new = torch._foreach_lerp([ms[i] for i in masked], r_in, w1)
-        v_new = torch._foreach_mul([vs[i] for i in masked], beta2)
-        torch._foreach_addcmul_(v_new, r_in, r_in, value=w2)
-        for i, m, v in zip(masked, m_new, v_new, strict=True):
-            torch.where(skips[i], ms[i], m, out=ms[i])
-            torch.where(skips[i], vs[i], v, out=vs[i])
-            ms[i], vs[i] = m, v  # N is computed from the new values (a kept matrix's are the stored ones)
-    roots = torch._foreach_sqrt(vs)
-    for root, lag in zip(roots, lags, strict=True):
-        if lag is not None:
-            root.mul_(lag.c2)
-    torch._foreach_div_(roots, [s.bias2_sqrt for s in ss])
-    torch._foreach_add_(roots, eps)
-    return list(torch._foreach_div(ms, roots))
-
-
-def _decay(p: Tensor, decay: float, skip: Tensor | None) -> None:
-    """W <- W (1 - lr wd) in place; a ``skip``ped matrix is multiplied by exactly 1. The factor becomes a 0-d
-    fp32 tensor only where that rounds like the number (fp32 weights; any dtype on the CPU, where a 0-d
-    operand is read at fp32); a low-precision GPU weight would round the tensor factor to its own dtype
-    first, so it takes a ``where`` over a decayed copy instead."""
-    if decay == 1.0:
-        return
-    if skip is None:
-        p.mul_(decay)
-    elif p.dtype == torch.float32 or p.device.type == "cpu":
-        p.mul_(torch.where(skip, 1.0, decay))
-    else:
-        torch.where(skip, p, p * decay, out=p)
-
-
-def _apply_update(p: Tensor, update: Tensor, s: AdamScalars, skip: Tensor | None = None) -> None:
-    """W <- W (1 - lr wd) - alpha U, in place, U (fp32, ``p``'s element count) rounded once into ``p``'s dtype.
-
-    With ``skip`` set, U (this step's temporary) is zeroed first: W + (-alpha) * (+0) is W for every W,
-    signed zeros included, so the skipped matrix's weight keeps its bits and its NaN never reaches it."""
-    if skip is not None:
-        update.masked_fill_(skip, 0.0)
-    _decay(p, s.decay, skip)
-    if torch.compiler.is_compiling():
-        # Inductor (torch 2.13, CPU) compiles p.add_(a @ b, alpha=c) as if alpha were 1: scale explicitly.
-        p.add_((update * -s.alpha).view(p.shape).to(p.dtype))
-    else:
-        p.add_(update.view(p.shape).to(p.dtype), alpha=-s.alpha)
-
-
-# --------------------------------------------------------------------------------------------- residual
-# What a projected step does with the part of the gradient its subspace discards (the ``residual`` option).
 RESIDUALS = ("none", "fira", "fira_tensor", "apollo")
 # Fira's norm-growth limiter: the residual's norm may grow by at most this factor from one step to the next.
 GROWTH_LIMIT = 1.01
@@ -409,10 +212,10 @@ def residual_update(
     beta, then coef o G is added in place. That saves writing and re-reading an m x n temporary and a pass
     for the decay (on CPU the residual then costs little more than the plain step) at the price of two fp32
     roundings into W instead of one. Other dtypes (a bf16 W must be rounded once) and compiled graphs
-    (inductor drops addmm's alpha, as in ``_apply_update``) form U.
+    (inductor drops addmm's alpha, as in ``apply_update``) form U.
 
     ``lag`` scales X = N - coef o R and coef by c1 (alpha's correction, ``Lag``); ``skip`` leaves ``p``
-    untouched: U is zeroed (``_apply_update``), or the fp32 path runs on a copy of W that only a matrix not
+    untouched: U is zeroed (``apply_update``), or the fp32 path runs on a copy of W that only a matrix not
     skipped takes (a ``where``), since addmm's beta and G's entries would otherwise touch it."""
     gf = g.float()
     coef_b = coef.unsqueeze(channel_dim(side))  # broadcast along the channel's entries
@@ -423,7 +226,7 @@ def residual_update(
             x.mul_(lag.c1)
     if p.dtype != torch.float32 or p.shape != gf.shape or torch.compiler.is_compiling():
         update = gf * coef_b if x is None else project_back(x, basis, side).addcmul_(gf, coef_b)
-        _apply_update(p, update, s, skip)
+        apply_update(p, update, s, skip)
         return
     target = p if skip is None else p.clone()
     if x is None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import compat, distributed, functional, linalg, quant
+from . import distributed, functional, guards, linalg, quant
 from .distributed import is_dtensor, local
 from .subspace import basis_dim, choose_side, transport_moments
 
@@ -59,14 +59,14 @@ def rank_fallbacks(new: list[tuple[Tensor, dict[str, Any], str]]) -> None:
     for rank, found in by_rank.items():
         if len(found) == 1:
             ((name, shape),) = found
-            compat.warn_user(
+            guards.warn_user(
                 f"rank={rank} exceeds min{shape} of parameter {name}: it is trained with plain AdamW "
                 f"(set rank <= {min(shape)} or leave this parameter out of the rank group)"
             )
             continue
         shown = ", ".join(f"{name} {shape}" for name, shape in found[:4])
         more = f" and {len(found) - 4} more" if len(found) > 4 else ""
-        compat.warn_user(
+        guards.warn_user(
             f"rank={rank} exceeds the smaller dimension of {len(found)} parameters ({shown}{more}): they are "
             "trained with plain AdamW (lower the rank, or leave them out of the rank group)"
         )
