@@ -176,8 +176,12 @@ def flags_variants() -> list[Variant]:
     """The finiteness kernel for every gradient dtype (``kernels.flags``)."""
     from . import flags
 
-    return [_variant("nonfinite_kernel", f"{_dtype_name(d)} gradients", f"flags {_dtype_class(d)}", True,
-                     flags.flags_config(d)) for d in engine.KERNEL_DTYPES]  # fmt: skip
+    return [
+        _variant(
+            "nonfinite_kernel", f"{_dtype_name(d)} gradients", f"flags {_dtype_class(d)}", True, flags.flags_config(d)
+        )
+        for d in engine.KERNEL_DTYPES
+    ]
 
 
 def variants(representatives: bool = False) -> list[Variant]:
@@ -361,9 +365,23 @@ def summary(results: Sequence[Result]) -> list[dict[str, Any]]:
     rows: dict[tuple, dict[str, Any]] = {}
     for r in results:
         key = (r.variant.kernel, r.arch, r.variant.default)
-        row = rows.setdefault(key, {"kernel": key[0], "arch": key[1], "default": key[2], "variants": 0,
-                                    "failures": 0, "min_regs": None, "max_regs": 0, "max_spill_stores": 0,
-                                    "spilling": 0, "over_limit": 0, "at_32_regs": 0, "max_shared": 0})  # fmt: skip
+        row = rows.setdefault(
+            key,
+            {
+                "kernel": key[0],
+                "arch": key[1],
+                "default": key[2],
+                "variants": 0,
+                "failures": 0,
+                "min_regs": None,
+                "max_regs": 0,
+                "max_spill_stores": 0,
+                "spilling": 0,
+                "over_limit": 0,
+                "at_32_regs": 0,
+                "max_shared": 0,
+            },
+        )
         row["variants"] += 1
         if r.error:
             row["failures"] += 1
@@ -401,8 +419,11 @@ def markdown(results: Sequence[Result], command: str, seconds: float) -> str:
     bad = [r for r in results if r.violations]
     if bad:
         lines += ["", "Violations:", ""]
-        lines += [f"- sm_{r.arch} {r.variant.kernel} ({r.variant.label}): {'; '.join(r.violations)}"
-                  + (f" - {r.error}" if r.error else "") for r in bad]  # fmt: skip
+        lines += [
+            f"- sm_{r.arch} {r.variant.kernel} ({r.variant.label}): {'; '.join(r.violations)}"
+            + (f" - {r.error}" if r.error else "")
+            for r in bad
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -35,15 +35,38 @@ from ..triton_runtime import interpreting
 # Each kernel's runtime integer arguments (``do_not_specialize`` there); every other non-constexpr argument
 # is a pointer, to an int64 table of per-matrix addresses unless ``POINTER_DTYPES`` says otherwise.
 INT_ARGUMENTS = {
-    "project_adam_kernel": ("M", "N", "K", "sa0", "sa1", "sb0", "sb1", "sm0", "sm1", "sv0", "sv1", "sn0", "sn1",
-                            "smq0", "smq1", "svq0", "svq1"),
+    "project_adam_kernel": (
+        "M",
+        "N",
+        "K",
+        "sa0",
+        "sa1",
+        "sb0",
+        "sb1",
+        "sm0",
+        "sm1",
+        "sv0",
+        "sv1",
+        "sn0",
+        "sn1",
+        "smq0",
+        "smq1",
+        "svq0",
+        "svq1",
+    ),
     "back_update_kernel": ("M", "N", "K", "sa0", "sa1", "sb0", "sb1", "sw0", "sw1", "sg0", "sg1", "s_coef"),
     "batched_gemm_kernel": ("M", "N", "K", "sa0", "sa1", "sb0", "sb1", "sc0", "sc1"),
     "gaussian_kernel": ("seed", "rows", "cols"),
     "nonfinite_kernel": (),
-}  # fmt: skip
-POINTER_DTYPES = {"hyper": torch.float32, "m_table": torch.float32, "v_table": torch.float32,
-                  "coef": torch.float32, "out": torch.float32, "limits": torch.float32}  # fmt: skip
+}
+POINTER_DTYPES = {
+    "hyper": torch.float32,
+    "m_table": torch.float32,
+    "v_table": torch.float32,
+    "coef": torch.float32,
+    "out": torch.float32,
+    "limits": torch.float32,
+}
 # Per kernel, pointers of another element type than POINTER_DTYPES gives (the flags kernel's out is int32).
 KERNEL_POINTER_DTYPES = {"nonfinite_kernel": {"out": torch.int32}}
 KERNEL_MODULES = {
@@ -120,14 +143,24 @@ def variants_for(
     basis = getattr(torch, basis_dtype)
     kind = MOMENT_KINDS[moments_dtype]
     out = [
-        Variant.of("project_adam_kernel", ks.project_config(
-            side, g_dtype, basis, kind, kind, residual != "none", precision, cols, interpreted=interpreted)),
-        Variant.of("back_update_kernel", ks.back_config(
-            side, w_dtype, g_dtype, basis, residual, precision, interpreted=interpreted)),
-    ]  # fmt: skip
+        Variant.of(
+            "project_adam_kernel",
+            ks.project_config(
+                side, g_dtype, basis, kind, kind, residual != "none", precision, cols, interpreted=interpreted
+            ),
+        ),
+        Variant.of(
+            "back_update_kernel",
+            ks.back_config(side, w_dtype, g_dtype, basis, residual, precision, interpreted=interpreted),
+        ),
+    ]
     if refresh:
-        products = [(g_dtype, None, False), (g_dtype, torch.float32, False), (torch.float32, torch.float32, False),
-                    (torch.float32, torch.float32, True)]  # fmt: skip
+        products = [
+            (g_dtype, None, False),
+            (g_dtype, torch.float32, False),
+            (torch.float32, torch.float32, False),
+            (torch.float32, torch.float32, True),
+        ]
         for a, b, fp64 in products:
             out.append(Variant.of("batched_gemm_kernel", kr.gemm_config(a, b, fp64, "ieee", interpreted=interpreted)))
         out.append(Variant.of("gaussian_kernel", kr.gaussian_config()))

@@ -75,11 +75,20 @@ def gemm_config(
     if blocks is None:
         blocks = default_blocks(fp64, precision=precision, interpreted=interpreted)
     return dict(
-        A_DT=tl_dtype(a_dtype), B_DT=tl_dtype(a_dtype if b_dtype is None else b_dtype),
-        C_DT=tl.float64 if fp64 else tl.float32, GAUSS=b_dtype is None, FP64=fp64, PRECISION=precision,
-        BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8, num_warps=blocks.warps, num_stages=blocks.stages,
+        A_DT=tl_dtype(a_dtype),
+        B_DT=tl_dtype(a_dtype if b_dtype is None else b_dtype),
+        C_DT=tl.float64 if fp64 else tl.float32,
+        GAUSS=b_dtype is None,
+        FP64=fp64,
+        PRECISION=precision,
+        BM=blocks.m,
+        BN=blocks.n,
+        BK=blocks.k,
+        GROUP_M=8,
+        num_warps=blocks.warps,
+        num_stages=blocks.stages,
         enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    )
 
 
 def gaussian_config() -> dict[str, Any]:
@@ -120,7 +129,8 @@ def bmm(
             seeds = torch.zeros(batch, dtype=torch.int64, device=out.device)
         batched_gemm_kernel[grid](
             a.ptrs, b.ptrs, pointer_array(list(out.unbind(0)), out.device), seeds,
-            m, n, a.cols, a.s0, a.s1, b.s0, b.s1, out.stride(1), out.stride(2), **cfg,
+            m, n, a.cols, a.s0, a.s1, b.s0, b.s1, out.stride(1), out.stride(2),
+            **cfg,
         )  # fmt: skip
     return out
 

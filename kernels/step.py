@@ -352,10 +352,21 @@ def _project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, co
         blocks = default_blocks(precision=precision, interpreted=interpreted)
     pb = projection_blocks(blocks, cols, quantized)
     return dict(
-        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), M_KIND=m_kind, V_KIND=v_kind, RESID=resid,
-        SQ_OF_B=side == "left", PRECISION=precision, BM=pb.m, BN=pb.n, BK=pb.k, GROUP_M=8,
-        num_warps=pb.warps, num_stages=pb.stages, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+        A_DT=tl_dtype(a_dt),
+        B_DT=tl_dtype(b_dt),
+        M_KIND=m_kind,
+        V_KIND=v_kind,
+        RESID=resid,
+        SQ_OF_B=side == "left",
+        PRECISION=precision,
+        BM=pb.m,
+        BN=pb.n,
+        BK=pb.k,
+        GROUP_M=8,
+        num_warps=pb.warps,
+        num_stages=pb.stages,
+        enable_fp_fusion=FP_FUSION,
+    )
 
 
 def back_config(
@@ -380,11 +391,23 @@ def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, i
     if blocks is None:
         blocks = default_blocks(precision=precision, interpreted=interpreted)
     return dict(
-        A_DT=tl_dtype(a_dt), B_DT=tl_dtype(b_dt), W_DT=tl_dtype(w_dtype), G_DT=tl_dtype(g_dtype),
-        ROUND_BF16=w_dtype == torch.bfloat16, RESID=residual != "none", LOW_RANK=residual != "apollo",
-        COEF_OF_COLS=side == "left", PRECISION=precision, BM=blocks.m, BN=blocks.n, BK=blocks.k, GROUP_M=8,
-        num_warps=blocks.warps, num_stages=blocks.stages, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+        A_DT=tl_dtype(a_dt),
+        B_DT=tl_dtype(b_dt),
+        W_DT=tl_dtype(w_dtype),
+        G_DT=tl_dtype(g_dtype),
+        ROUND_BF16=w_dtype == torch.bfloat16,
+        RESID=residual != "none",
+        LOW_RANK=residual != "apollo",
+        COEF_OF_COLS=side == "left",
+        PRECISION=precision,
+        BM=blocks.m,
+        BN=blocks.n,
+        BK=blocks.k,
+        GROUP_M=8,
+        num_warps=blocks.warps,
+        num_stages=blocks.stages,
+        enable_fp_fusion=FP_FUSION,
+    )
 
 
 class _Launched(NamedTuple):
@@ -416,9 +439,14 @@ class _Layout(NamedTuple):
 
 
 def _project_layout(
-    ws: list[Tensor], gs: list[Tensor], ps: list[Tensor], ms: list[Moment], vs: list[Moment], side: str,
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ps: list[Tensor],
+    ms: list[Moment],
+    vs: list[Moment],
+    side: str,
     same_layout: bool,
-) -> _Layout:  # fmt: skip
+) -> _Layout:
     """The batch's common layout, checked: one shape, dtype and stride per operand (unless ``same_layout``: the
     caller grouped the batch by them), moments and basis that fit G, fp32 or bf16 bases, writable outputs."""
     m, n = gs[0].shape
@@ -426,9 +454,12 @@ def _project_layout(
     if same_layout:
         strides = [gs[0].stride(), ps[0].stride(), ms[0].values.stride(), vs[0].values.stride()]
     else:
-        strides = [check_same_layout(gs, "gradients"), check_same_layout(ps, "bases"),
-                   check_same_layout([x.values for x in ms], "exp_avg"),
-                   check_same_layout([x.values for x in vs], "exp_avg_sq")]  # fmt: skip
+        strides = [
+            check_same_layout(gs, "gradients"),
+            check_same_layout(ps, "bases"),
+            check_same_layout([x.values for x in ms], "exp_avg"),
+            check_same_layout([x.values for x in vs], "exp_avg_sq"),
+        ]
         check_same_layout(ws, "weights")
     rshape = (r, n) if side == "left" else (m, r)
     fits = tuple(ms[0].values.shape) == rshape and tuple(vs[0].values.shape) == rshape
@@ -483,8 +514,14 @@ def _project_launch(
     dev = gs[0].device
     lay = _project_layout(ws, gs, ps, ms, vs, side, same_layout)
     nbuf = torch.empty((len(gs), *lay.rshape), dtype=torch.float32, device=dev)
-    rows: dict[str, Any] = {"w": ws, "g": gs, "p": ps, "m": [x.values for x in ms], "v": [x.values for x in vs],
-                            "n": nbuf}  # fmt: skip
+    rows: dict[str, Any] = {
+        "w": ws,
+        "g": gs,
+        "p": ps,
+        "m": [x.values for x in ms],
+        "v": [x.values for x in vs],
+        "n": nbuf,
+    }
     m_kind, mq_strides, m_table = _absmax_rows(ms, "mq", True, same_layout, rows, dev)
     v_kind, vq_strides, v_table = _absmax_rows(vs, "vq", False, same_layout, rows, dev)
     rbuf = sqbuf = None
@@ -504,8 +541,11 @@ def _project_launch(
     project_adam_kernel[grid](
         a_arr, b_arr, tables["m"], tables["v"], tables["n"], tables.get("mq", placeholder),
         tables.get("vq", placeholder), hyper if m_table is None else m_table, hyper if v_table is None else v_table,
-        hyper, rm, rn, rk, *sa, *sb, *lay.m_values, *lay.v_values, *n_strides, *mq_strides, *vq_strides,
-        tables.get("r", placeholder), tables.get("sq", placeholder), **cfg,
+        hyper,
+        rm, rn, rk,
+        *sa, *sb, *lay.m_values, *lay.v_values, *n_strides, *mq_strides, *vq_strides,
+        tables.get("r", placeholder), tables.get("sq", placeholder),
+        **cfg,
     )  # fmt: skip
     return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf, tables)
 
@@ -528,8 +568,10 @@ def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: 
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), len(gs))
     back_update_kernel[grid](
         a_arr, b_arr, tables["w"], x.hyper,
-        m, n, r, *sa, *sb, *w_strides, tables["g"], *g_strides, coef,
-        coef.stride(0) if resid else 0, **cfg,
+        m, n, r,
+        *sa, *sb, *w_strides,
+        tables["g"], *g_strides, coef, coef.stride(0) if resid else 0,
+        **cfg,
     )  # fmt: skip
 
 
@@ -558,8 +600,15 @@ def _residual_between(
         for j, i in enumerate(idx):
             pieces[i] = sumsq[j] if per_channel else sumsq[j].sum(0, keepdim=True)
     coefs = residual_coefficients(
-        torch.cat(pieces), [t.shape[0] for t in pieces], bases=bases, update_norms=update_norms, bias1=bias1,
-        mode=residual, scale=scale, reduce=reduce, skipped=skipped,
+        torch.cat(pieces),
+        [t.shape[0] for t in pieces],
+        bases=bases,
+        update_norms=update_norms,
+        bias1=bias1,
+        mode=residual,
+        scale=scale,
+        reduce=reduce,
+        skipped=skipped,
     )
     out = []
     for x, idx in zip(launched, members, strict=True):
@@ -598,9 +647,13 @@ def _layout(t: Tensor | None) -> tuple | None:
 
 
 def _scalar_table(
-    steps: list[int], scalars: Callable[[int], AdamScalars], skipped: list[Tensor] | None,
-    lags: list[Tensor] | None, betas: tuple[float, float], dev: torch.device,
-) -> Tensor:  # fmt: skip
+    steps: list[int],
+    scalars: Callable[[int], AdamScalars],
+    skipped: list[Tensor] | None,
+    lags: list[Tensor] | None,
+    betas: tuple[float, float],
+    dev: torch.device,
+) -> Tensor:
     """One batch's scalar table on its device (``SCALAR_COLUMNS``): each member's ``AdamScalars`` by age, its
     skip flag copied on the device, and alpha and sqrt(1 - b2^t) corrected by the lags (``adam_rule.Lag``; exact
     1.0 where the host count does not run ahead). Call under ``device_guard(dev)``."""
@@ -664,11 +717,9 @@ def subspace_adamw(
             flags = None if skipped is None else [skipped[i] for i in idx]
             lag = None if lags is None else [lags[i] for i in idx]
             hyper = _scalar_table([steps[i] for i in idx], scalars, flags, lag, betas, dev)
-            launched.append(_project_launch(
-                [ws[i] for i in idx], [grads[i] for i in idx], [bases[i] for i in idx], [ms[i] for i in idx],
-                [vs[i] for i in idx], hyper, sides[idx[0]], blocks, matmul_precision, residual != "none",
-                same_layout=True,
-            ))  # fmt: skip
+            batch = [[t[i] for i in idx] for t in (ws, grads, bases, ms, vs)]
+            resid = residual != "none"
+            launched.append(_project_launch(*batch, hyper, sides[idx[0]], blocks, matmul_precision, resid, True))
     coefs = None
     if residual != "none":
         bias1 = corrected_bias1([scalars(t).bias1 for t in steps], steps, lags, betas, grads[0].device)

@@ -118,19 +118,32 @@ def device_vector(values: Sequence[float], dtype: torch.dtype, device: torch.dev
 
 
 def projected_adamw(
-    p: Tensor, g: Tensor, basis: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, s: AdamScalars, side: str,
-    lag: Lag | None = None, skip: Tensor | None = None,
-) -> None:  # fmt: skip
+    p: Tensor,
+    g: Tensor,
+    basis: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    s: AdamScalars,
+    side: str,
+    lag: Lag | None = None,
+    skip: Tensor | None = None,
+) -> None:
     """One step of matrix ``p`` (viewed as ``g``'s shape) in the subspace of ``basis``, in place (reference):
     ``projected_adamw_batch`` of one matrix."""
     projected_adamw_batch([p], [g], [basis], [exp_avg], [exp_avg_sq], [s], [side], [lag], [skip])
 
 
 def projected_adamw_batch(
-    ps: Sequence[Tensor], gs: Sequence[Tensor], bases: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor], ss: Sequence[AdamScalars], sides: Sequence[str], lags: Sequence[Lag | None],
+    ps: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    bases: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[AdamScalars],
+    sides: Sequence[str],
+    lags: Sequence[Lag | None],
     skips: Sequence[Tensor | None],
-) -> None:  # fmt: skip
+) -> None:
     """One step of each matrix i in the subspace of ``bases[i]``, in place (reference). The projections and
     updates are per matrix; the moments and N are one ``torch._foreach_*`` operation per step of the rule for
     all of them (``moments_directions``): on a CPU each matrix then costs its GEMMs and a few dispatches instead
@@ -147,9 +160,13 @@ def projected_adamw_batch(
 
 
 def moments_directions(
-    rs: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], ss: Sequence[AdamScalars],
-    lags: Sequence[Lag | None], skips: Sequence[Tensor | None],
-) -> list[Tensor]:  # fmt: skip
+    rs: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[AdamScalars],
+    lags: Sequence[Lag | None],
+    skips: Sequence[Tensor | None],
+) -> list[Tensor]:
     """Update each matrix's moments with its R in place; return each N = M / (sqrt(V) / sqrt(1 - b2^t) + eps).
     The matrices share betas and eps (one call's hyperparameters); their ages may differ.
 

@@ -78,8 +78,11 @@ def nonfinite_flags(grads: list[Tensor], limits: Tensor | list[float], shard_gro
             by_device.setdefault(g.device, []).append(i)
     for idx in by_device.values():
         norms = torch._foreach_norm([locals_[i] for i in idx], math.inf)
-        found = torch.stack(norms).float() if len({t.dtype for t in norms}) == 1 else torch.stack(
-            [t.float() for t in norms])  # fmt: skip
+        found = (
+            torch.stack(norms).float()
+            if len({t.dtype for t in norms}) == 1
+            else torch.stack([t.float() for t in norms])
+        )
         if len(idx) == len(grads):
             peaks = found.to(device)
         else:

@@ -143,6 +143,14 @@ def _variants(p: Tensor, group: dict[str, Any], side: str) -> tuple:
     cols = matrix_shape(p)[1] if side == "left" else group["rank"]  # the moments: r x n (left), m x r (right)
     refresh = group["refresh"] in ("warm", "rsvd") and not is_dtensor(p)
     return precompile.variants_for(
-        side, p.dtype, p.grad.dtype, group["basis_dtype"], group["moments_dtype"], group["residual"],
-        matmul_precision(group["matmul_precision"], p.dtype), cols, refresh, triton_runtime.interpreting(),
-    )  # fmt: skip
+        side,
+        p.dtype,
+        p.grad.dtype,
+        group["basis_dtype"],
+        group["moments_dtype"],
+        group["residual"],
+        matmul_precision(group["matmul_precision"], p.dtype),
+        cols,
+        refresh,
+        triton_runtime.interpreting(),
+    )

@@ -137,13 +137,15 @@ def subspace_adamw(
     tensors = (params, grads, bases, exp_avgs, exp_avg_sqs, steps)
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides)
     masking = dict(skipped=skipped, lags=lags)
+    residual_args = dict(residual=residual, update_norms=update_norms, reduce=reduce)
     if engine == "triton":
         from .kernels.step import subspace_adamw as triton_subspace_adamw  # imports Triton: only on use
 
-        triton_subspace_adamw(*tensors, **hyper, **masking, matmul_precision=matmul_precision, residual=residual,
-                              update_norms=update_norms, reduce=reduce, batches=batches)  # fmt: skip
+        triton_subspace_adamw(
+            *tensors, **hyper, **masking, **residual_args, matmul_precision=matmul_precision, batches=batches
+        )
     elif residual != "none":
-        _residual_reference(*tensors, **hyper, **masking, residual=residual, update_norms=update_norms, reduce=reduce)
+        _residual_reference(*tensors, **hyper, **masking, **residual_args)
     else:
         _projected_reference(*tensors, **hyper, **masking)
 
@@ -173,9 +175,16 @@ def _projected_reference(
         skips = [None if skipped is None else skipped[i] for i in chunk]
         moments, saved, ms, vs = _working_moments(chunk, exp_avgs, exp_avg_sqs, skips)
         projected_adamw_batch(
-            [params[i] for i in chunk], [grads[i] for i in chunk], [bases[i].float() for i in chunk], ms, vs,
-            [scalars(steps[i]) for i in chunk], [sides[i] for i in chunk], [fixes[i] for i in chunk], skips,
-        )  # fmt: skip
+            [params[i] for i in chunk],
+            [grads[i] for i in chunk],
+            [bases[i].float() for i in chunk],
+            ms,
+            vs,
+            [scalars(steps[i]) for i in chunk],
+            [sides[i] for i in chunk],
+            [fixes[i] for i in chunk],
+            skips,
+        )
         _store_moments(moments, saved, ms, vs, skips)
 
 
@@ -260,17 +269,36 @@ def _residual_reference(
     matrix's NaN stays in its own rows of the flat tensors; its limiter state keeps its old value."""
     fixes = _lags(steps, lags, betas)
     scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
-    work, sumsq, lengths = _residual_moments(grads, bases, exp_avgs, exp_avg_sqs, steps, sides, residual, scalars,
-                                             fixes, skipped)  # fmt: skip
+    work, sumsq, lengths = _residual_moments(
+        grads, bases, exp_avgs, exp_avg_sqs, steps, sides, residual, scalars, fixes, skipped
+    )
     bias1 = corrected_bias1([w.scalars.bias1 for w in work], steps, lags, betas, grads[0].device)
     coefs = residual_coefficients(
-        sumsq, lengths, bases=bases, update_norms=update_norms, bias1=bias1, mode=residual, scale=scale,
-        reduce=reduce, skipped=skipped,
+        sumsq,
+        lengths,
+        bases=bases,
+        update_norms=update_norms,
+        bias1=bias1,
+        mode=residual,
+        scale=scale,
+        reduce=reduce,
+        skipped=skipped,
     )
     for i in reversed(range(len(work))):  # the last projected first: its G is the likeliest still in cache
         w = work[i]
-        residual_update(params[i], grads[i], w.basis, w.r, w.direction, coefs[i], w.scalars, sides[i], residual,
-                        fixes[i], None if skipped is None else skipped[i])  # fmt: skip
+        residual_update(
+            params[i],
+            grads[i],
+            w.basis,
+            w.r,
+            w.direction,
+            coefs[i],
+            w.scalars,
+            sides[i],
+            residual,
+            fixes[i],
+            None if skipped is None else skipped[i],
+        )
 
 
 def _residual_moments(
@@ -296,9 +324,16 @@ def _residual_moments(
         moments, saved, ms, vs = _working_moments(chunk, exp_avgs, exp_avg_sqs, skips)
         ages, chunk_bases = [scalars(steps[i]) for i in chunk], [bases[i].float() for i in chunk]
         rs, directions, channel_sums = residual_moments(
-            [grads[i] for i in chunk], chunk_bases, ms, vs, ages, [sides[i] for i in chunk], per_channel,
-            [fixes[i] for i in chunk], skips,
-        )  # fmt: skip
+            [grads[i] for i in chunk],
+            chunk_bases,
+            ms,
+            vs,
+            ages,
+            [sides[i] for i in chunk],
+            per_channel,
+            [fixes[i] for i in chunk],
+            skips,
+        )
         _store_moments(moments, saved, ms, vs, skips)
         work += [_ResidualWork(*item) for item in zip(ages, chunk_bases, rs, directions, strict=True)]
         for matrix_sums in channel_sums:
@@ -331,12 +366,24 @@ def adamw(
     updated one parameter at a time through fp32 working copies (``quant.load_moment``/``store_moment``), with
     the same ``adam`` call.
     """
-    kwargs = dict(
-        decoupled_weight_decay=True, amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr,
-        weight_decay=weight_decay, eps=eps, maximize=False,
-    )  # fmt: skip
+    kwargs = dict(decoupled_weight_decay=True, amsgrad=False, maximize=False, lr=lr, weight_decay=weight_decay, eps=eps)
+    kwargs.update(beta1=betas[0], beta2=betas[1])
+    foreach = _foreach_choice(params, lr, betas, foreach, fused)
+    stored = [_stored(i, exp_avgs, exp_avg_sqs) for i in range(len(params))]
+    if all(mo.values.dtype == p.dtype and mo.absmax is None for (mo, _), p in zip(stored, params, strict=True)):
+        ms, vs = [m.values for m, _ in stored], [v.values for _, v in stored]
+        _torch_adam(params, grads, ms, vs, [], steps, foreach=foreach, fused=fused, **kwargs)
+        return
+    for p, g, moments, step in zip(params, grads, stored, steps, strict=True):
+        _stored_adamw(p, g, moments, step, kwargs)
+
+
+def _foreach_choice(
+    params: list[Tensor], lr: float | Tensor, betas: tuple[float, float], foreach: bool | None, fused: bool | None
+) -> bool | None:
+    """The ``foreach`` passed to torch's ``adam``: the caller's, except where torch would pick wrongly."""
     if isinstance(betas[0], Tensor) and foreach is None:
-        foreach = False  # torch's foreach AdamW refuses tensor betas; it would pick foreach on CUDA
+        return False  # torch's foreach AdamW refuses tensor betas; it would pick foreach on CUDA
     cpu = all(type(p) in _PLAIN_TENSORS and p.device.type == "cpu" and p.dtype in _FOREACH_SAME for p in params)
     if foreach is None and not fused and cpu and not isinstance(lr, Tensor) and not torch.compiler.is_compiling():
         # torch's own default on the CPU is its per-tensor loop; its foreach path gives the same bits there
@@ -344,27 +391,25 @@ def adamw(
         # default) with one dispatch per operation instead of one per operation and tensor. Not with a tensor
         # lr (torch's foreach path refuses it) or under torch.compile (its fake tensors refuse the foreach
         # path's CPU step counters).
-        foreach = True
-    stored = [_stored(i, exp_avgs, exp_avg_sqs) for i in range(len(params))]
-    if all(mo.values.dtype == p.dtype and mo.absmax is None for (mo, _), p in zip(stored, params, strict=True)):
-        ms, vs = [m.values for m, _ in stored], [v.values for _, v in stored]
-        _torch_adam(params, grads, ms, vs, [], steps, foreach=foreach, fused=fused, **kwargs)
-        return
-    for i, p in enumerate(params):
-        moments = stored[i]
-        step = steps[i]
-        if not p.is_contiguous():  # no row view to write through: one chunk, the whole tensor
-            _chunk_adamw(p, grads[i], moments, step.clone(), kwargs)
-            step.add_(1)
-            continue
-        matrix, grad = as_matrix(p), as_matrix(grads[i])
-        # Row chunks bound the fp32 working copies (a 32000 x 4096 embedding would otherwise hold about 2.5
-        # GB of them at once); rows never split an 8-bit block, and every operation is elementwise, so the
-        # result is the same bit for bit. Each chunk steps from the same count; the count advances once.
-        for rows in _row_chunks(matrix.shape[0], matrix.shape[1]):
-            chunk = tuple(mo.local(lambda t, rows=rows: as_matrix(t)[rows]) for mo in moments)
-            _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs)
+        return True
+    return foreach
+
+
+def _stored_adamw(p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwargs: dict) -> None:
+    """torch's AdamW for one parameter whose moments are stored otherwise than in its dtype, through fp32
+    working copies of row chunks."""
+    if not p.is_contiguous():  # no row view to write through: one chunk, the whole tensor
+        _chunk_adamw(p, grad, moments, step.clone(), kwargs)
         step.add_(1)
+        return
+    matrix, grad = as_matrix(p), as_matrix(grad)
+    # Row chunks bound the fp32 working copies (a 32000 x 4096 embedding would otherwise hold about 2.5 GB of
+    # them at once); rows never split an 8-bit block, and every operation is elementwise, so the result is the
+    # same bit for bit. Each chunk steps from the same count; the count advances once.
+    for rows in _row_chunks(matrix.shape[0], matrix.shape[1]):
+        chunk = tuple(mo.local(lambda t, rows=rows: as_matrix(t)[rows]) for mo in moments)
+        _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs)
+    step.add_(1)
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)  # not DTensors or other subclasses
@@ -403,9 +448,23 @@ def fused_adamw_skipping(
 
     torch._foreach_add_(steps, 1)
     for p, g, m, v, step, bad in zip(params, grads, exp_avgs, exp_avg_sqs, steps, found_infs, strict=True):
-        torch._fused_adamw_([p], [g], [m], [v], [], [step], amsgrad=False, lr=lr_on(p.device), beta1=beta1,
-                            beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None,
-                            found_inf=bad)  # fmt: skip
+        torch._fused_adamw_(
+            [p],
+            [g],
+            [m],
+            [v],
+            [],
+            [step],
+            amsgrad=False,
+            lr=lr_on(p.device),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=bad,
+        )
     torch._foreach_sub_(steps, list(found_infs))
 
 
@@ -458,9 +517,8 @@ def refresh_bases(
         raise ValueError("refresh_bases: every argument list needs one entry per gradient")
     out: list[linalg.Basis | None] = [None] * count
     fast = [
-        i for i in range(count)
-        if engine == "triton" and policy in ("warm", "rsvd") and slabs[i] is linalg.UNSHARDED
-    ]  # fmt: skip
+        i for i in range(count) if engine == "triton" and policy in ("warm", "rsvd") and slabs[i] is linalg.UNSHARDED
+    ]
     if fast:
         from .kernels.refresh import refresh_bases as triton_refresh_bases  # imports Triton: only on use
 
@@ -481,8 +539,9 @@ def refresh_bases(
             pass  # a factorization refused one member's numbers: the reference redoes the batch below
     for i in range(count):
         if out[i] is None:
-            out[i] = _reference_basis(grads[i], previous[i], seeds[i], sides[i], rank, policy, oversample,
-                                      power_iters, slabs[i])  # fmt: skip
+            out[i] = _reference_basis(
+                grads[i], previous[i], seeds[i], sides[i], rank, policy, oversample, power_iters, slabs[i]
+            )
         elif not bool(torch.isfinite(out[i].basis).all()):
             d = out[i].basis.shape[0]
             out[i] = kept_basis(previous[i], d, rank, seeds[i], grads[i].device, out[i].total)
@@ -502,9 +561,16 @@ def _reference_basis(
 ) -> linalg.Basis:
     try:
         new = subspace.refresh_basis(
-            g, side, rank, policy=policy, previous=previous, oversample=oversample,
-            power_iters=power_iters, seed=seed, slab=slab,
-        )  # fmt: skip
+            g,
+            side,
+            rank,
+            policy=policy,
+            previous=previous,
+            oversample=oversample,
+            power_iters=power_iters,
+            seed=seed,
+            slab=slab,
+        )
     except torch.linalg.LinAlgError:
         # eigh/svd refuse non-finite input. Every rank of a sharded refresh holds the same reduced
         # matrices, so they all take this branch together and no collective is left waiting.

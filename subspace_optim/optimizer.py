@@ -39,8 +39,20 @@ Call = tuple[Callable[..., None], tuple, dict[str, Any]]
 # state and kernels): a step reuses the last step's checked structure (``_Plan``) only while these, the
 # parameters and their gradients' layouts are the same. The others (lr, betas, eps, weight_decay, scale,
 # update_gap, seed, ...) are read at every step.
-STRUCTURAL_OPTIONS = ("rank", "proj_type", "engine", "matmul_precision", "moments_dtype", "basis_dtype", "residual",
-                      "refresh", "nonfinite", "foreach", "fused", "refresh_owner")  # fmt: skip
+STRUCTURAL_OPTIONS = (
+    "rank",
+    "proj_type",
+    "engine",
+    "matmul_precision",
+    "moments_dtype",
+    "basis_dtype",
+    "residual",
+    "refresh",
+    "nonfinite",
+    "foreach",
+    "fused",
+    "refresh_owner",
+)
 # Parameter-name parts of input embeddings and output heads (HF, GPT-2 and Meta LLaMA spellings).
 _VOCAB_NAMES = ("lm_head", "wte", "wpe")
 
@@ -494,8 +506,11 @@ class SubspaceAdamW(Optimizer):
         if module is not None:
             named.update({id(p): n for n, p in module.named_parameters()})
         vocab = _vocab_weights(module, named)
-        hit = [named.get(id(p), f"params[{i}]") for i, p in enumerate(self.param_groups[0]["params"])
-               if id(p) in vocab and refreshing.projects(p, self.param_groups[0])]  # fmt: skip
+        hit = [
+            named.get(id(p), f"params[{i}]")
+            for i, p in enumerate(self.param_groups[0]["params"])
+            if id(p) in vocab and refreshing.projects(p, self.param_groups[0])
+        ]
         if hit:
             guards.warn_user(
                 f"rank={rank} was given for a flat list of parameters, so every matrix is projected, including the "
@@ -546,8 +561,12 @@ class SubspaceAdamW(Optimizer):
         plan = self._plan
         if plan is None or key is None or not plan.holds(key, self.state):
             work = self._check_work(only)
-            shard_groups = list({id(g): g for g in (distributed.row_shard(p, n).group for _, _, n, p in work
-                                                    if distributed.is_dtensor(p))}.values())  # fmt: skip
+            shard_groups = list(
+                {
+                    id(g): g
+                    for g in (distributed.row_shard(p, n).group for _, _, n, p in work if distributed.is_dtensor(p))
+                }.values()
+            )
             limits = [checks.grad_limit(p, refreshing.projects(p, g)) for _, g, _, p in work]
             device = local(work[0][3]).device if work else None
             limits_t = adam_rule.device_vector(limits, torch.float32, device) if work else None
@@ -588,8 +607,9 @@ class SubspaceAdamW(Optimizer):
             key.append((id(group), tuple(map(id, params)), tuple(group[k] for k in STRUCTURAL_OPTIONS)))
             for p in params:
                 g = p.grad
-                key.append(p.dtype if g is None else (p.dtype, p.stride(), g.dtype, g.shape, g.stride(), g.layout,
-                                                      g.device))  # fmt: skip
+                key.append(
+                    p.dtype if g is None else (p.dtype, p.stride(), g.dtype, g.shape, g.stride(), g.layout, g.device)
+                )
         return tuple(key)
 
     def _check_work(self, only: set[int] | None) -> list[Work]:
@@ -710,17 +730,28 @@ class SubspaceAdamW(Optimizer):
             for native, members in _by_storage(plain.get(id(group), [])):
                 view = _same if native else local  # low-precision storage is updated rank-locally
                 states = [s for _, s in members]
-                args = ([view(p) for p, _ in members], [view(p.grad) for p, _ in members], *_moments(states, view),
-                        [s["step"] for s in states])  # fmt: skip
-                kwargs = {**_hyper(group), "lr": plain_lr(group), "foreach": group["foreach"],
-                          "fused": group["fused"] if native else None}  # fmt: skip
+                args = (
+                    [view(p) for p, _ in members],
+                    [view(p.grad) for p, _ in members],
+                    *_moments(states, view),
+                    [s["step"] for s in states],
+                )
+                kwargs = {
+                    **_hyper(group),
+                    "lr": plain_lr(group),
+                    "foreach": group["foreach"],
+                    "fused": group["fused"] if native else None,
+                }
                 calls.append((functional.adamw, args, kwargs))
         return calls
 
     def _plain_skipping_calls(
-        self, plain: Plain, skip_of: dict[int, Tensor],
-        counted: dict[int, Tensor], found: Callable[[], dict[int, Tensor]],
-    ) -> tuple[list[Call], Plain]:  # fmt: skip
+        self,
+        plain: Plain,
+        skip_of: dict[int, Tensor],
+        counted: dict[int, Tensor],
+        found: Callable[[], dict[int, Tensor]],
+    ) -> tuple[list[Call], Plain]:
         """A masked step's plain parameters that skip on the device: those of ``fused`` groups in torch AdamW's
         own storage (their step counts are on the device; ``functional.fused_adamw_skipping``, one found_inf
         each), with their skips counted on the device like the matrices' (``_read`` settles them). Returns
@@ -739,8 +770,14 @@ class SubspaceAdamW(Optimizer):
             ps = [p for p, _ in skipping]
             floats = found()  # torch's found_inf: fp32, on the parameter's device
             found_inf = [floats[id(p)] if floats else skip_of[id(p)].float() for p in ps]
-            args = (ps, [p.grad for p in ps], [s["exp_avg"] for _, s in skipping],
-                    [s["exp_avg_sq"] for _, s in skipping], [s["step"] for _, s in skipping], found_inf)  # fmt: skip
+            args = (
+                ps,
+                [p.grad for p in ps],
+                [s["exp_avg"] for _, s in skipping],
+                [s["exp_avg_sq"] for _, s in skipping],
+                [s["step"] for _, s in skipping],
+                found_inf,
+            )
             calls.append((functional.fused_adamw_skipping, args, {**_hyper(group), "lr": plain_lr(group)}))
             calls.append(self._count_device_skips(ps, counted))
         return calls, rest
@@ -755,16 +792,15 @@ class SubspaceAdamW(Optimizer):
         return torch._foreach_add_, (counts, [counted[id(p)] for p in params]), {}
 
     @torch._disable_dynamo
-    def _plain_after_read(
-        self, plain: Plain, flags: dict[int, Tensor]
-    ) -> None:
+    def _plain_after_read(self, plain: Plain, flags: dict[int, Tensor]) -> None:
         """The plain parameters of a step whose projected matrices were masked on the device. torch's AdamW keeps
         a plain parameter's step count on the host and computes its bias corrections there, so whether it skips
         must be known there: one read (which settles the matrices' skip counts too), queued after every
         projected update of the step, so the device has that work while the host waits."""
         members = [(p, s) for group_members in plain.values() for p, s in group_members]
-        ok = dict(zip((id(p) for p, _ in members), self._read(torch.stack([flags[id(p)] for p, _ in members])),
-                      strict=True))  # fmt: skip
+        ok = dict(
+            zip((id(p) for p, _ in members), self._read(torch.stack([flags[id(p)] for p, _ in members])), strict=True)
+        )
         self._nonfinite_skips += sum(not fine for fine in ok.values())
         finite = {key: [(p, s) for p, s in ms if ok[id(p)]] for key, ms in plain.items()}
         for function, args, kwargs in self._plain_calls(finite):
@@ -876,11 +912,21 @@ class SubspaceAdamW(Optimizer):
         view = _same if shard is None else local  # plain tensors: no rank-local views to take
         grads = [_matrix(x.p.grad) for x in xs] if shard is None else [local_matrix(x.p.grad) for x in xs]
         states = [x.state for x in xs]
-        args = ([view(x.p) for x in xs], grads, [view(s["basis"]) for s in states], *_moments(states, view),
-                [s["moment_age"] for s in states])  # fmt: skip
+        args = (
+            [view(x.p) for x in xs],
+            grads,
+            [view(s["basis"]) for s in states],
+            *_moments(states, view),
+            [s["moment_age"] for s in states],
+        )
         group = xs[0].group
-        kwargs = {**_hyper(group), "scale": group["scale"], "sides": [x.side for x in xs], "engine": which,
-                  "matmul_precision": precision}  # fmt: skip
+        kwargs = {
+            **_hyper(group),
+            "scale": group["scale"],
+            "sides": [x.side for x in xs],
+            "engine": which,
+            "matmul_precision": precision,
+        }
         if group["residual"] != "none":
             kwargs.update(residual=group["residual"], update_norms=[s["update_norm"] for s in states])
             if shard is not None:

@@ -120,15 +120,28 @@ ALIASES: dict[str, str] = {o.alias: o.name for o in OPTIONS if o.alias}
 # max_momentum, base_momentum (OneCycleLR), swa_lr (SWALR); name (a label Lightning's LearningRateMonitor and
 # others read); lr_scale (timm's schedulers multiply lr by it). A copied group carries them; none changes a step.
 GROUP_KEYS = frozenset(
-    {"params", "param_names", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr", "name",
-     "lr_scale"}
-)  # fmt: skip
+    {
+        "params",
+        "param_names",
+        "initial_lr",
+        "max_lr",
+        "min_lr",
+        "max_momentum",
+        "base_momentum",
+        "swa_lr",
+        "name",
+        "lr_scale",
+    }
+)
 # torch.optim.AdamW's own group flags, at the values that describe this optimizer: a group copied from an AdamW
 # (``SubspaceAdamW(adamw.param_groups)``) keeps them; any other value asks for a mode SubspaceAdamW lacks.
 TORCH_ADAMW_FLAGS: dict[str, tuple[Any, ...]] = {
-    "amsgrad": (False,), "maximize": (False,), "capturable": (False,), "differentiable": (False,),
+    "amsgrad": (False,),
+    "maximize": (False,),
+    "capturable": (False,),
+    "differentiable": (False,),
     "decoupled_weight_decay": (True,),
-}  # fmt: skip
+}
 
 
 def suggest(key: str, choices: Iterable[str]) -> str:

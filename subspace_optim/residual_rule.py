@@ -178,14 +178,21 @@ _SUMSQ_BAND = 1 << 22  # values of temporary per band in channel_sumsq (16 MiB i
 
 
 def residual_moments(
-    gs: Sequence[Tensor], bases: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[AdamScalars], sides: Sequence[str], per_channel: bool, lags: Sequence[Lag | None],
+    gs: Sequence[Tensor],
+    bases: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    ss: Sequence[AdamScalars],
+    sides: Sequence[str],
+    per_channel: bool,
+    lags: Sequence[Lag | None],
     skips: Sequence[Tensor | None],
-) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:  # fmt: skip
+) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
     """The first half of a residual step (reference), for each matrix i: R, the moments updated in place
     (``moments_directions``), N, and (``per_channel``) the per-channel sums of squares ||N_j||^2, ||R_j||^2,
     ||G_j||^2 (``residual_factors``' ``sumsq`` columns), or else the whole norms ||N||, ||R||, ||G|| (0-d; the
     caller squares a batch of them at once)."""
+
     def sums_of(t: Tensor, side: str) -> Tensor:
         return channel_sumsq(t, channel_dim(side)) if per_channel else torch.linalg.vector_norm(t)
 
@@ -195,15 +202,26 @@ def residual_moments(
         rs.append(project(gf, basis, side))
         g_sums.append(sums_of(gf, side))
     directions = moments_directions(rs, exp_avgs, exp_avg_sqs, ss, lags, skips)
-    sums = [[sums_of(direction, side), sums_of(r, side), gg]
-            for direction, r, gg, side in zip(directions, rs, g_sums, sides, strict=True)]  # fmt: skip
+    sums = [
+        [sums_of(direction, side), sums_of(r, side), gg]
+        for direction, r, gg, side in zip(directions, rs, g_sums, sides, strict=True)
+    ]
     return rs, directions, sums
 
 
 def residual_update(
-    p: Tensor, g: Tensor, basis: Tensor, r: Tensor, direction: Tensor, coef: Tensor, s: AdamScalars, side: str,
-    mode: str, lag: Lag | None = None, skip: Tensor | None = None,
-) -> None:  # fmt: skip
+    p: Tensor,
+    g: Tensor,
+    basis: Tensor,
+    r: Tensor,
+    direction: Tensor,
+    coef: Tensor,
+    s: AdamScalars,
+    side: str,
+    mode: str,
+    lag: Lag | None = None,
+    skip: Tensor | None = None,
+) -> None:
     """The second half (reference): W <- W (1 - lr wd) - alpha U, with U = P (N - coef o R) + coef o G
     (fira, fira_tensor) or coef o G (apollo); ``coef`` from ``residual_factors``. ``direction`` (N, this
     step's temporary) is overwritten.

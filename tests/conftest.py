@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 
 import torch
@@ -61,3 +62,26 @@ def assert_unchanged(opt, params, snap):
     for pid, entry in sd["state"].items():
         for k, v in entry.items():
             assert torch.equal(now[pid][k], v) if isinstance(v, torch.Tensor) else now[pid][k] == v, (pid, k)
+
+
+def roundtrip(obj):
+    """``obj`` saved with ``torch.save`` and loaded back with ``weights_only=True``, as a Trainer resume loads it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def assert_same_state(expected: dict, got: dict) -> None:
+    """Two optimizer state dicts hold the same entries, equal bit for bit and dtype for dtype, and their groups the
+    same lr (a resumed run against an uninterrupted one)."""
+    assert expected["state"].keys() == got["state"].keys()
+    for pid, entry in expected["state"].items():
+        for key, value in entry.items():
+            other = got["state"][pid][key]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(value, other), f"state {pid}.{key} differs"
+            else:
+                assert value == other, f"state {pid}.{key}: {value} != {other}"
+    for group, other_group in zip(expected["param_groups"], got["param_groups"], strict=True):
+        assert group["lr"] == other_group["lr"]

@@ -83,7 +83,7 @@ def ddp_detects_divergence(rank: int, world: int) -> dict:
 
 # ----------------------------------------------------------------------------- FSDP2
 def _llama(seed: int = 0):
-    from subspace_optim.pretrain.lm import tiny_llama
+    from tiny_lm import tiny_llama
 
     # intermediate 33: gate/up weights are 33 x 32, sharded 17 / 16 rows over two ranks.
     return tiny_llama(hidden=32, intermediate=33, layers=2, heads=2, vocab=64, seed=seed)

@@ -115,13 +115,26 @@ def test_step_launches_are_the_variants_precompile_names(monkeypatch, side, mome
     p = torch.randn(m if side == "left" else n, r).to(torch.bfloat16)
     st = {**quant.zeros(shape, moments, "cpu", "exp_avg"), **quant.zeros(shape, moments, "cpu", "exp_avg_sq")}
     ks.subspace_adamw(
-        [w], [g], [p], [quant.moment(st, "exp_avg")], [quant.moment(st, "exp_avg_sq")], [1], lr=1e-3,
-        betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, scale=1.0, sides=[side], matmul_precision="ieee",
-        residual=residual, update_norms=[torch.zeros(())],
-    )  # fmt: skip
+        [w],
+        [g],
+        [p],
+        [quant.moment(st, "exp_avg")],
+        [quant.moment(st, "exp_avg_sq")],
+        [1],
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        scale=1.0,
+        sides=[side],
+        matmul_precision="ieee",
+        residual=residual,
+        update_norms=[torch.zeros(())],
+    )
     assert len(projected) == 1 and len(back) == 1
-    wanted = precompile.variants_for(side, w.dtype, g.dtype, "bfloat16", moments, residual, "ieee", shape[1], False,
-                                     True)  # fmt: skip
+    wanted = precompile.variants_for(
+        side, w.dtype, g.dtype, "bfloat16", moments, residual, "ieee", shape[1], False, True
+    )
     kind = precompile.MOMENT_KINDS[moments]
     cfg = ks.project_config(side, w.dtype, p.dtype, kind, kind, residual != "none", "ieee", shape[1])
     _check_against(projected[0], "project_adam_kernel", cfg, wanted)
@@ -158,9 +171,15 @@ def test_the_sweep_holds_every_variant_a_step_can_compile_on_a_gpu():
 
     swept = {v.compiled for v in aot.variants()}
     for side, w, basis, moments, residual, choice, cols, refresh in itertools.product(
-        ("left", "right"), engine.KERNEL_DTYPES, quant.BASIS_DTYPES, quant.MOMENT_DTYPES, residual_rule.RESIDUALS,
-        options.MATMUL_PRECISIONS, (5, 40, 256, 300, 4096), (False, True),
-    ):  # fmt: skip
+        ("left", "right"),
+        engine.KERNEL_DTYPES,
+        quant.BASIS_DTYPES,
+        quant.MOMENT_DTYPES,
+        residual_rule.RESIDUALS,
+        options.MATMUL_PRECISIONS,
+        (5, 40, 256, 300, 4096),
+        (False, True),
+    ):
         precision = engine.matmul_precision(choice, w)
         wanted = precompile.variants_for(side, w, w, basis, moments, residual, precision, cols, refresh, False)
         assert set(wanted) <= swept, (side, w, basis, moments, residual, precision, cols)
@@ -208,8 +227,10 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize(("side", "moments", "residual"), [("left", "float32", "none"), ("right", "int8", "fira"),
-                                                           ("left", "int8", "apollo")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("side", "moments", "residual"),
+    [("left", "float32", "none"), ("right", "int8", "fira"), ("left", "int8", "apollo")],
+)
 def test_a_warm_up_binds_exactly_what_a_launch_binds(side, moments, residual):
     """``precompile._compile`` warms a variant up with mock pointers and sample ints; Triton's own binder (as a
     GPU launch runs it, for sm_90, interpreter off) must give the warm-up and a real launch of that matrix the
@@ -221,8 +242,13 @@ def test_a_warm_up_binds_exactly_what_a_launch_binds(side, moments, residual):
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", _SAME_BINDING, side, moments, residual], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _SAME_BINDING, side, moments, residual],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert {r["kernel"] for r in results} == {"project_adam_kernel", "back_update_kernel"}

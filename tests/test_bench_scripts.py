@@ -1,36 +1,61 @@
-"""Every benchmark script runs end to end in its CPU smoke configuration and writes sane JSON.
+"""Every benchmark (``python -m scripts.bench.<name>``) runs end to end in its CPU smoke configuration and writes
+sane JSON; the harness they share (``scripts/bench/common.py``, ``render.py``) does what it says.
 
-The scripts are not unit tests (no timed assertions here); this only keeps them from rotting between
+The benchmarks are not unit tests (no timed assertions here); this only keeps them from rotting between
 GPU sessions, which is when their full runs happen.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+# The benchmarks run as modules of the repository root (``python -m scripts.bench.step``), from anywhere.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-def _run(script: str, *args: str, tmp_path: Path) -> dict:
+def _module(name: str) -> list[str]:
+    return [sys.executable, "-m", f"scripts.bench.{name}"]
+
+
+def _run(module: str, *args: str, tmp_path: Path) -> dict:
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / script), *args, "--json", str(out)],
+        [*_module(module), *args, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=tmp_path,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
+def _render(result: Path, tmp_path: Path) -> str:
+    """The markdown ``python -m scripts.bench.render`` makes of a result file."""
+    proc = subprocess.run([*_module("render"), str(result)], capture_output=True, text=True, cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Imports ``scripts.bench.<name>`` modules in this process (the repository root on sys.path)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    return lambda name: importlib.import_module(f"scripts.bench.{name}")
+
+
 def test_bench_energy_smoke(tmp_path):
-    result = _run("bench_energy.py", "--smoke", tmp_path=tmp_path)
+    result = _run("energy", "--smoke", tmp_path=tmp_path)
     runs = {run["method"]: run for run in result["runs"]}
     assert len(runs) == 5
     for run in runs.values():
@@ -44,7 +69,7 @@ def test_bench_energy_smoke(tmp_path):
 
 
 def test_bench_step_smoke(tmp_path):
-    results = _run("bench_step.py", "--smoke", "--dtype", "float32", tmp_path=tmp_path)["results"]
+    results = _run("step", "--smoke", "--dtype", "float32", tmp_path=tmp_path)["results"]
     assert {"adamw", "galore", "subspace_reference"} <= set(results)
     for row in results.values():
         assert row["step_s"] > 0 and row["state_bytes"] > 0
@@ -59,7 +84,7 @@ def test_bench_step_smoke(tmp_path):
 
 
 def test_bench_refresh_smoke(tmp_path):
-    results = _run("bench_refresh.py", "--smoke", tmp_path=tmp_path)["results"]
+    results = _run("refresh", "--smoke", tmp_path=tmp_path)["results"]
     assert {"galore_svd", "reference_rsvd", "reference_warm"} <= set(results)
     for name, row in results.items():
         assert row["refresh_s"] > 0, name
@@ -68,32 +93,29 @@ def test_bench_refresh_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_bench_moments_short(tmp_path):
-    result = _run("bench_moments.py", "--steps", "20", "--seeds", "0", "--policies", "rotate", tmp_path=tmp_path)
+    result = _run("moments", "--steps", "20", "--seeds", "0", "--policies", "rotate", tmp_path=tmp_path)
     assert {row["name"] for row in result["rows"]} >= {"adamw"}
 
 
-def _script_modules():
-    """bench_memory and its helper memory_step, imported from scripts/ (neither imports torch at import)."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import bench_memory
-        import memory_step
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return bench_memory, memory_step
-
-
-def test_bench_memory_smoke(tmp_path):
+def test_bench_memory_smoke(tmp_path, bench):
     """Tiny LLaMA: every row with a real instance is checked byte for byte against its formula (the script
     fails on a mismatch), and the table and targets come out. The training-step part: the accounting's
     gradient peaks, and two fresh measuring processes (torch AdamW and our layer-wise mode) whose results
     parse and say which gradients were alive after backward."""
-    md, step_md = tmp_path / "memory.md", tmp_path / "step.md"
     result = _run(
-        "bench_memory.py", "--smoke", "--markdown", str(md), "--step-markdown", str(step_md),
-        "--rss", "smoke", "--repeats", "1", "--rss-configs", "adamw,ours_layerwise", "--rss-steps", "2",
+        "memory",
+        "--smoke",
+        "--rss",
+        "smoke",
+        "--repeats",
+        "1",
+        "--rss-configs",
+        "adamw,ours_layerwise",
+        "--rss-steps",
+        "2",
         tmp_path=tmp_path,
-    )  # fmt: skip
+    )
+    rendered = _render(tmp_path / "result.json", tmp_path)
     assert {"adamw", "ours_float32_float32"} <= set(result["checked"])
     assert {r["weights"] for r in result["checked"]["adamw"]} == {"bfloat16", "float32"}
     smoke = result["models"]["smoke"]
@@ -109,13 +131,12 @@ def test_bench_memory_smoke(tmp_path):
     if "ours_int8_bfloat16" in result["rows"]:
         target = result["targets"]["smoke"]
         assert 0 < target["vs_ours_fp32"] < 1 and 0 < target["vs_ours_fp32_projected"] < 1
-    text = md.read_text()
+    text = rendered
     assert "### Optimizer state memory" in text and "| torch AdamW |" in text
-    _check_step_smoke(result, step_md.read_text())
+    _check_step_smoke(result, rendered, bench("memory"), bench("memory_step"))
 
 
-def _check_step_smoke(result: dict, text: str) -> None:
-    bench_memory, memory_step = _script_modules()
+def _check_step_smoke(result: dict, text: str, bench_memory, memory_step) -> None:
     specs = bench_memory.llama(*bench_memory.SMOKE["smoke"][:4])
     largest = max(s.numel for s in specs)
     for wname, w in (("bfloat16", 2), ("float32", 4)):
@@ -140,12 +161,12 @@ def _check_step_smoke(result: dict, text: str) -> None:
     assert "### Memory of a training step" in text and "| SubspaceAdamW layer-wise, fp32 state |" in text
 
 
-def test_bench_memory_step_accounting_7b():
+def test_bench_memory_step_accounting_7b(bench):
     """LLaMA-7B, bf16 weights, rank 1024, from the script's own formulas: the layer-wise gradient peak is the
     largest weight's (embedding or head, 32000 x 4096), galore-torch's per-layer mode has the same, rows
-    whose state is missing are left out, the totals order as the memory saved, and issue 11's target
+    whose state is missing are left out, the totals order as the memory saved, and the memory target
     (weights + gradients + state <= 20 GB for ours layer-wise with int8 moments and bf16 bases) holds."""
-    bench_memory, memory_step = _script_modules()
+    bench_memory, memory_step = bench("memory"), bench("memory_step")
     hidden, inter, layers, vocab, rank = bench_memory.MODELS["7b"]
     specs = bench_memory.llama(hidden, inter, layers, vocab)
     formulas = {
@@ -159,8 +180,15 @@ def test_bench_memory_step_accounting_7b():
     assert step["gradients"]["layerwise"] == vocab * hidden * 2 == max(s.numel for s in specs) * 2
     assert step["gradients"]["largest"]["name"] == "embed_tokens"
     rows = step["rows"]
-    assert set(rows) == {"adamw", "galore", "galore_per_layer", "ours", "ours_layerwise", "ours_int8",
-                         "ours_int8_layerwise"}  # fmt: skip
+    assert set(rows) == {
+        "adamw",
+        "galore",
+        "galore_per_layer",
+        "ours",
+        "ours_layerwise",
+        "ours_int8",
+        "ours_int8_layerwise",
+    }
     assert rows["galore_per_layer"]["gradients"] == rows["ours_layerwise"]["gradients"]
     assert rows["ours"]["gradients"] == rows["adamw"]["gradients"] == sum(s.numel for s in specs) * 2
     totals = [rows[k]["total"] for k in ("ours_int8_layerwise", "ours_layerwise", "ours", "adamw")]
@@ -170,38 +198,48 @@ def test_bench_memory_step_accounting_7b():
     assert target["total_gib"] * 2**30 == pytest.approx(target["total_gb"] * 1e9) == target["total_bytes"]
 
 
-
 def test_bench_quality_smoke(tmp_path):
     """Three tiny pretrain runs in parallel (AdamW, ours without and with a residual), read back into the
     table, and the step timing of every residual mode."""
-    md = tmp_path / "quality.md"
-    result = _run("bench_quality.py", "--smoke", "--no-galore", "--no-apollo", "--residuals", "none", "fira",
-                  "--jobs", "3", "--out", str(tmp_path / "runs"), "--step-time", "--markdown", str(md),
-                  tmp_path=tmp_path)  # fmt: skip
+    result = _run(
+        "quality",
+        "--smoke",
+        "--no-galore",
+        "--no-apollo",
+        "--residuals",
+        "none",
+        "fira",
+        "--jobs",
+        "3",
+        "--out",
+        str(tmp_path / "runs"),
+        "--step-time",
+        tmp_path=tmp_path,
+    )
     names = [r["name"] for r in result["rows"]]
     assert names == ["adamw_lr0.003", "subspace_none_lr0.01", "subspace_fira_lr0.01"]
     assert all(r["steps"] == 4 and 0 < r["eval_loss"] < 20 for r in result["rows"])
     assert set(result["step_time"]["ratio_vs_none"]) == {"none", "fira", "fira_tensor", "apollo"}
-    assert "| subspace_fira_lr0.01 | subspace | 0.01 |" in md.read_text()
+    assert "| subspace_fira_lr0.01 | subspace | 0.01 |" in _render(tmp_path / "result.json", tmp_path)
 
 
 def test_bench_host_smoke(tmp_path):
     """Host time of a regular step (2 layers of LLaMA-7B's roles, tiny widths): every optimizer row exists
     and is positive; the Triton engine's stubbed launches were counted (the script itself fails if a timed
     step launched otherwise than its counted step, or a non-triton row launched anything): each same-shape
-    group is launched whole, at most 2 launches per group plus a constant (issue 21's target)."""
+    group is launched whole, at most 2 launches per group plus a constant."""
     import importlib.util
 
-    result = _run("bench_host.py", "--smoke", tmp_path=tmp_path)
+    result = _run("host", "--smoke", tmp_path=tmp_path)
     rows, params = result["results"], result["parameters"]
     # 2 layers x (q, k, v, o, gate, up, down) projected; 2 x 2 RMSNorms + the final one plain; 3 shapes.
     assert (params["projected"], params["plain"], params["groups"]) == (14, 5, 3)
-    expected = {"adamw_fused", "adamw_foreach", "reference", "reference_fira", "reference_int8_bf16",
-                "reference_fused"}  # fmt: skip
+    expected = {"adamw_fused", "adamw_foreach", "reference", "reference_fira", "reference_int8_bf16", "reference_fused"}
     if importlib.util.find_spec("galore_torch") is not None:
         expected.add("galore")
-    triton_rows = {"triton", "triton_fira", "triton_int8_bf16", "triton_fused"} if importlib.util.find_spec(
-        "triton") else set()  # fmt: skip
+    triton_rows = (
+        {"triton", "triton_fira", "triton_int8_bf16", "triton_fused"} if importlib.util.find_spec("triton") else set()
+    )
     assert expected | triton_rows <= set(rows)
     for name, row in rows.items():
         assert row["step_s"] > 0 and row["us_per_parameter"] > 0 and row["vs_adamw_fused"] > 0, name
@@ -225,12 +263,11 @@ def test_gpu_check_needs_a_gpu(tmp_path):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a CUDA machine: gpu_check.py would run")
+        pytest.skip("a CUDA machine: gpu_check would run")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "gpu_check.py"), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [*_module("gpu_check"), "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "needs a CUDA GPU" in proc.stderr and "--dry-run" in proc.stderr
     assert not out.exists()
@@ -241,14 +278,22 @@ def test_gpu_check_dry_run(tmp_path):
     selection (the preset launches' configurations matched against kernels.aot's variants) is made."""
     import re
 
-    plan = _run("gpu_check.py", "--dry-run", "--out", str(tmp_path / "out"), tmp_path=tmp_path)
+    plan = _run("gpu_check", "--dry-run", "--out", str(tmp_path / "out"), tmp_path=tmp_path)
     parts = {p["name"]: p for p in plan["parts"]}
-    assert list(parts) == ["versions", "probe", "precompile", "aot", "kernel_tests", "memory", "bench_step",
-                           "bench_refresh"]
+    assert list(parts) == [
+        "versions",
+        "probe",
+        "precompile",
+        "aot",
+        "kernel_tests",
+        "memory",
+        "bench_step",
+        "bench_refresh",
+    ]
     assert sum(p["budget_s"] for p in plan["parts"]) > 0 and plan["budget_s"] == 300
     assert "tests/test_kernels.py" in parts["kernel_tests"]["command"]
     for name in ("bench_step", "bench_refresh"):
-        assert f"{name}.py --model 1b" in parts[name]["command"], parts[name]
+        assert f"scripts.bench.{name.removeprefix('bench_')} --model 1b" in parts[name]["command"], parts[name]
     assert "--model 7b-layer" in parts["bench_refresh"]["fallbacks"][0]
     if (SCRIPTS.parent / "kernels" / "aot.py").exists():
         assert re.match(r"[1-9]\d* aot variants selected", plan["aot"]), plan["aot"]
@@ -257,23 +302,27 @@ def test_gpu_check_dry_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gpu_check_records_without_a_gpu(tmp_path):
+def test_gpu_check_records_without_a_gpu(tmp_path, bench):
     """The GPU-only bookkeeping, on CPU: a part that overruns its budget is killed with its children and
     recorded as a timeout; a failing part is recorded and the summary still renders every part."""
     import os
 
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    sleeper = [sys.executable, "-c", "import subprocess, sys, time; "
-               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"]  # fmt: skip
+    gpu_check = bench("gpu_check")
+    sleeper = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)",
+    ]
     code, _, seconds = gpu_check.run_command(sleeper, 2, dict(os.environ))
     assert code is None and seconds < 30
     slow = gpu_check.Part("kernel_tests", "a part that hangs", 2, sleeper)
-    failing = gpu_check.Part("bench_step", "a part that fails", 60, [sys.executable, "-c", "raise SystemExit(3)",
-                                                                      "--json", str(tmp_path / "x.json")])  # fmt: skip
+    failing = gpu_check.Part(
+        "bench_step",
+        "a part that fails",
+        60,
+        [sys.executable, "-c", "raise SystemExit(3)", "--json", str(tmp_path / "x.json")],
+    )
     short = gpu_check.Part("bench_refresh", "a part that needs more time than is left", 60, ["true"], needs_s=100)
     records = [gpu_check.run_part(p, 50, tmp_path, dict(os.environ)) for p in (slow, failing, short)]
     assert [r.status for r in records] == ["timeout", "failed", "skipped"]
@@ -289,9 +338,13 @@ def test_gpu_check_loop_on_cpu(tmp_path):
     recorded); one JSON and one markdown summary come out, in the plan's order, exit status 1."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "gpu_check.py"), "--without-gpu", "--only", "aot,versions", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
+        [*_module("gpu_check"), "--without-gpu", "--only", "aot,versions", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=ENV,
+    )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     parts = {p["name"]: p for p in result["parts"]}
@@ -300,3 +353,161 @@ def test_gpu_check_loop_on_cpu(tmp_path):
     assert parts["aot"]["status"] == "failed" and parts["aot"]["returncode"] not in (0, None)
     text = (out / "gpu_check.md").read_text()
     assert "| versions | ok |" in text and "| aot | failed |" in text and "### aot: failed" in text
+
+
+# ------------------------------------------------------------------------------------ the shared harness
+def test_environment_record(bench):
+    """One record for every result: device, CPU/GPU names, versions of what is installed, threads, the checkout's
+    commit, the date and the command line."""
+    import torch
+
+    env = bench("common").environment("cpu")
+    assert {
+        "device",
+        "device_name",
+        "cpu",
+        "cpu_cores",
+        "gpu",
+        "threads",
+        "versions",
+        "commit",
+        "date",
+        "command",
+    } <= set(env)
+    assert env["device"] == "cpu" and env["threads"] == torch.get_num_threads() > 0
+    assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"] == torch.__version__
+    assert env["gpu"] is None or isinstance(env["gpu"], str)
+    assert env["commit"] is None or len(env["commit"].split("+")[0]) >= 7
+    assert env["date"][:2] == "20" and env["command"].startswith("python")
+
+
+def test_interleaved_rounds_medians_and_ratios(bench, monkeypatch):
+    """Each round runs every variant once, in order (after ``before_round``); medians and per-round ratios against
+    the baseline come from those rounds. A fake clock makes each variant's durations exact."""
+    common = bench("common")
+    clock, calls = [0.0], []
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    durations = {"base": [1.0, 2.0, 4.0], "half": [0.5, 1.0, 2.0], "odd": [3.0, 1.0, 2.0]}
+
+    def step(name: str):
+        def run() -> None:
+            calls.append(name)
+            clock[0] += durations[name][calls.count(name) - 1]
+
+        return run
+
+    timings = common.interleaved({n: step(n) for n in durations}, 3, before_round=lambda k: calls.append(f"round {k}"))
+    assert calls == [
+        "round 0",
+        "base",
+        "half",
+        "odd",
+        "round 1",
+        "base",
+        "half",
+        "odd",
+        "round 2",
+        "base",
+        "half",
+        "odd",
+    ]
+    assert timings.runs == durations
+    assert timings.ratios("odd", "base") == [3.0, 0.5, 0.5]
+    summary = timings.summary("base")
+    assert [summary[name]["median_s"] for name in durations] == [2.0, 1.0, 2.0]
+    assert summary["half"]["vs_base"] == 0.5 and summary["odd"]["vs_base"] == 0.5 and summary["base"]["vs_base"] == 1.0
+
+
+def test_render_table_from_result_file(bench, tmp_path):
+    """The renderer turns a small result file into its markdown table, notes and environment lines."""
+    result = {
+        "benchmark": "demo",
+        "tables": [
+            {
+                "title": "Demo",
+                "columns": ["optimizer", "ms"],
+                "rows": [["adamw", "1.0"], ["ours", "2.5"]],
+                "notes": ["a note"],
+            }
+        ],
+        "notes": ["run note"],
+        "environment": {
+            "device": "cpu",
+            "device_name": "Some CPU",
+            "threads": 1,
+            "cpu_cores": 2,
+            "date": "2026-01-01",
+            "commit": "abcdef0",
+            "versions": {"torch": "2.9"},
+            "command": "python -m scripts.bench.demo",
+        },
+    }
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(result))
+    text = _render(path, tmp_path)
+    assert text.splitlines()[:8] == [
+        "### Demo",
+        "",
+        "- a note",
+        "",
+        "| optimizer | ms |",
+        "| --- | --- |",
+        "| adamw | 1.0 |",
+        "| ours | 2.5 |",
+    ]
+    assert "- note: run note" in text and "commit abcdef0" in text and "`python -m scripts.bench.demo`" in text
+    assert bench("render").render(result, tables=[2]).startswith("- note: run note")
+
+
+def test_shapes_read_from_configs(bench):
+    """Every LLaMA size the benchmarks use is the configs/ yaml's, and the library defaults are the option table's."""
+    import yaml
+
+    from subspace_optim import options
+    from subspace_optim.pretrain.config import configs_dir
+
+    common = bench("common")
+    for path in sorted(configs_dir().glob("llama_*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        shape = common.llama_shape(path.stem.removeprefix("llama_"))
+        assert (shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.vocab, shape.rank) == (
+            cfg["hidden_size"],
+            cfg["intermediate_size"],
+            cfg["num_hidden_layers"],
+            cfg["num_attention_heads"],
+            cfg["tokenizer_vocab"],
+            cfg["rank"],
+        ), path
+        assert len(shape.projected()) == 7 * cfg["num_hidden_layers"]
+    one = common.llama_shape("7b-layer")
+    assert one.layers == 1 and one.projected()[4] == (11008, 4096)
+    assert bench("memory").MODELS["1b"] == (2048, 5461, 24, 32000, 512)
+    for name in ("refresh", "step"):
+        args = bench(name).parse_args(["--smoke"])
+        assert (args.oversample, args.power_iters) == (options.DEFAULTS["oversample"], options.DEFAULTS["power_iters"])
+
+
+def test_docs_tables_are_generated_from_their_result_files(bench):
+    """Every generated block of docs/benchmarks.md is exactly what its committed result file renders (a table
+    edited by hand, or a result file rerun without ``render --docs``, fails here)."""
+    render = bench("render")
+    doc = ROOT / "docs" / "benchmarks.md"
+    assert render.GENERATED.search(doc.read_text()), "docs/benchmarks.md has no generated block"
+    assert render.regenerate(doc, check=True) == []
+
+
+def test_docs_regenerate_finds_and_rewrites_a_stale_block(bench, tmp_path):
+    """A block whose text differs from its result file is reported, and rewritten without ``check``; the text
+    around it stays."""
+    render = bench("render")
+    result = {"tables": [{"title": "T", "columns": ["a"], "rows": [["1"]]}]}
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- generated: r.json --level 4 -->\n| a |\n| edited |\n<!-- end generated -->\nafter\n")
+    assert render.regenerate(doc, check=True) == ["r.json --level 4"]
+    assert "edited" in doc.read_text()  # check leaves the file alone
+    assert render.regenerate(doc) == ["r.json --level 4"]
+    assert doc.read_text() == (
+        "before\n<!-- generated: r.json --level 4 -->\n#### T\n\n| a |\n| --- |\n| 1 |\n<!-- end generated -->\nafter\n"
+    )
+    assert render.regenerate(doc, check=True) == []

@@ -1,16 +1,17 @@
 """Tier 5: a tiny LLaMA trained on real text (the Python standard library's source) for 200 steps.
 
 SubspaceAdamW with rank = hidden / 4 must end within 5% of AdamW's held-out loss. The per-policy
-comparison that picked the default lives in scripts/bench_moments.py and docs/benchmarks.md.
+comparison that picked the default lives in scripts/bench/moments.py and docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import pytest
+import tiny_lm
 import torch
 
 import subspace_optim as so
-from subspace_optim.pretrain import corpus, lm
+from subspace_optim.pretrain import corpus
 
 HIDDEN = 64
 
@@ -18,14 +19,14 @@ HIDDEN = 64
 @pytest.fixture(scope="module")
 def data():
     return (
-        lm.byte_tokens(corpus.stdlib_text(1_000_000)),
-        lm.byte_tokens(corpus.stdlib_text(100_000, split="heldout")),
+        tiny_lm.byte_tokens(corpus.stdlib_text(1_000_000)),
+        tiny_lm.byte_tokens(corpus.stdlib_text(100_000, split="heldout")),
     )
 
 
 def _train(data, make_optimizer, steps=200, seed=0):
-    model = lm.tiny_llama(hidden=HIDDEN, intermediate=172, layers=2, seed=seed)
-    return lm.train(model, make_optimizer(model), *data, steps=steps, batch=8, seq=64, seed=seed)
+    model = tiny_lm.tiny_llama(hidden=HIDDEN, intermediate=172, layers=2, seed=seed)
+    return tiny_lm.train(model, make_optimizer(model), *data, steps=steps, batch=8, seq=64, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_low_precision_state_trains_like_fp32_state(data, adamw_result, fp32_sta
 @pytest.mark.parametrize("residual", ["fira", "fira_tensor", "apollo"])
 def test_every_residual_mode_trains_like_adamw(data, adamw_result, fp32_state_result, residual):
     """Each residual mode (the discarded gradient recovered, norm-growth limited) learns: within 5% of AdamW
-    and of the same run without a residual. Which mode is best is measured by scripts/bench_quality.py."""
+    and of the same run without a residual. Which mode is best is measured by scripts/bench/quality.py."""
     result = _train(data, _subspace(residual=residual))
     assert result.eval_loss <= 1.05 * adamw_result.eval_loss, (result.eval_loss, adamw_result.eval_loss)
     assert result.eval_loss <= 1.05 * fp32_state_result.eval_loss, (result.eval_loss, fp32_state_result.eval_loss)

@@ -147,7 +147,7 @@ def test_ddp_ranks_stay_bitwise_identical_with_a_residual(tmp_path):
 
 
 def _residual_tolerances(stats: dict[str, list[dict]], reference: dict[str, torch.Tensor]) -> dict[str, float]:
-    """A first-order bound on |W_fsdp - W_single| per projected matrix (issue 20): two fp32 runs of the same
+    """A first-order bound on |W_fsdp - W_single| per projected matrix: two fp32 runs of the same
     math that differ only in summation order (row shards and their all-reduce, Triton's tiles, the batch
     split). Every sum has <= L = 64 terms (a weight gradient's 4 x 16 tokens; rows of 32, channels of 33):
     relative error <= gamma = L u / (1 - L u), u = 2^-24. Per step, channel j a row of G (m x n), R = G P:
@@ -163,7 +163,7 @@ def _residual_tolerances(stats: dict[str, list[dict]], reference: dict[str, torc
     steps, plus W's roundings (<= 2 per step and run: the reference engine's two, Triton's one), bounds the
     difference, step by step: how an earlier step's difference moves later gradients is not followed.
     At Adam's default eps = 1e-8 this trajectory has |R_jk| = 1.7e-8 (up_proj, step 0): rho ~ 4e4 and no
-    useful bound exists (issue 20: 1.2e-5 on gate_proj; 1.7e-5 between the engines in one process), so the
+    useful bound exists (measured: 1.2e-5 on gate_proj; 1.7e-5 between the engines in one process), so the
     test runs at eps = 1e-12, where rho stays below kappa."""
     gamma = 64 * 2.0**-24 / (1 - 64 * 2.0**-24)
     out = {}
@@ -181,9 +181,13 @@ def _residual_tolerances(stats: dict[str, list[dict]], reference: dict[str, torc
 
 @pytest.mark.parametrize(
     "residual,engine",
-    [("fira", "reference"), ("fira_tensor", "reference"), pytest.param("apollo", "reference", marks=pytest.mark.slow),
-     pytest.param("fira", "triton", marks=pytest.mark.skipif(not triton_runtime.available(), reason="no triton"))],
-)  # fmt: skip
+    [
+        ("fira", "reference"),
+        ("fira_tensor", "reference"),
+        pytest.param("apollo", "reference", marks=pytest.mark.slow),
+        pytest.param("fira", "triton", marks=pytest.mark.skipif(not triton_runtime.available(), reason="no triton")),
+    ],
+)
 def test_fsdp2_residual_matches_single_process(tmp_path, residual, engine):
     """On row shards (uneven: 17 / 16 rows) each rank computes its rows' channel factors and only the
     per-matrix sums are all-reduced: training equals one process on the whole batch, the limiter state

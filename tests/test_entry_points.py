@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 pytest.importorskip("transformers")
+from tiny_lm import tiny_llama  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from subspace_optim import SubspaceAdamW, param_groups  # noqa: E402
 from subspace_optim.integrations.transformers import build_optimizer, create_optimizer  # noqa: E402
-from subspace_optim.pretrain.lm import tiny_llama  # noqa: E402
 
 
 def _model():
@@ -28,8 +28,14 @@ def _tied_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=128, tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config)
 
 

@@ -14,11 +14,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import assert_same_state
 
 pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
-from transformers import Trainer, TrainerCallback  # noqa: E402
+from trainer_callbacks import StopAt  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 from subspace_optim import SubspaceAdamW  # noqa: E402
 from subspace_optim.integrations.transformers import create_optimizer, unwrap_optimizer  # noqa: E402
@@ -53,17 +55,6 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def optimizer_param_ids(opt: SubspaceAdamW) -> set[int]:
     return {id(p) for group in opt.param_groups for p in group["params"]}
-
-
-class StopAt(TrainerCallback):
-    """Ends training after global step ``step`` (after that step's checkpoint is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 # --------------------------------------------------------------------------- (a) SFTTrainer + LoRA via the factory
@@ -138,16 +129,8 @@ def test_recipe_resume_is_exact(tmp_path, recipe, mode):
 
     opt_a, opt_b = unwrap_optimizer(straight.optimizer), unwrap_optimizer(resumed.optimizer)
     sa, sb = opt_a.state_dict(), opt_b.state_dict()
-    assert sa["state"].keys() == sb["state"].keys() and len(sa["state"]) == len(trainable)
-    for pid, entry in sa["state"].items():
-        for key, value in entry.items():
-            other = sb["state"][pid][key]
-            if isinstance(value, torch.Tensor):
-                assert value.dtype == other.dtype and torch.equal(value, other), f"state {pid}.{key} differs"
-            else:
-                assert value == other, f"state {pid}.{key}: {value} != {other}"
-    for ga, gb in zip(sa["param_groups"], sb["param_groups"], strict=True):
-        assert ga["lr"] == gb["lr"]
+    assert len(sa["state"]) == len(trainable)
+    assert_same_state(sa, sb)
     projected = [s for s in opt_b.state.values() if "basis" in s]
     assert projected and all(s["step"] == 6 and s["refresh_count"] == 3 for s in projected)
 
@@ -212,13 +195,11 @@ def test_prebuilt_optimizer_with_peft_is_refused(tmp_path, recipe, trainer_kind)
     """``optimizers=(create_optimizer(model, args), None)`` built before PEFT wraps the model holds only the base
     weights, which PEFT then freezes: nothing would train. The first training step must raise a ValueError that
     points to SubspaceAdamWFactory and says the trainable parameters are missing, with nothing updated.
-
-    (Needs the detection in subspace_optim/ that issue 14 adds; fails until it lands.)
     """
     args = recipe["parse_args"](argv(tmp_path, "--trainer", trainer_kind, "--lora-r", "8", "--max-steps", "2"))
     train_docs, _ = recipe["load_documents"](args.data, args.max_bytes)
     tok = recipe["load_tokenizer"](args, train_docs)
-    model = recipe["build_model"](args, tok)
+    model = recipe["build_model"](args, len(tok), tok)
     targs = recipe["training_arguments"](args)
     opt = create_optimizer(model, targs)  # every weight of the bare model: requires_grad is still True here
     if trainer_kind == "sft":
@@ -236,7 +217,7 @@ def test_prebuilt_optimizer_with_peft_is_refused(tmp_path, recipe, trainer_kind)
         trainer = Trainer(
             model=peft.get_peft_model(model, recipe["lora_config"](args)),
             args=targs,
-            train_dataset=recipe["Windows"](train_docs, tok, args.seq),
+            train_dataset=recipe["Windows"](recipe["document_tokens"](train_docs, tok), args.seq),
             optimizers=(opt, None),
         )
     assert isinstance(trainer.model, peft.PeftModel)

@@ -50,8 +50,11 @@ def test_a_value_just_below_and_at_the_limit():
 
     limit = torch.tensor([3.0, 3.0, 3.0], device=DEVICE)
     grads = [torch.tensor(v, device=DEVICE) for v in ([2.9999998], [3.0], [-3.0])]
-    assert nonfinite_flags(grads, limit).tolist() == checks.nonfinite_flags(grads, limit, []).tolist() == [
-        False, True, True]  # fmt: skip
+    assert (
+        nonfinite_flags(grads, limit).tolist()
+        == checks.nonfinite_flags(grads, limit, []).tolist()
+        == [False, True, True]
+    )
 
 
 def test_launches_split_by_size_class_and_grid_limit(monkeypatch):

@@ -1,4 +1,4 @@
-"""Drop-in footguns a new user hit (issue 20, item 5): each one is now a clear error, or a warning that says
+"""Drop-in footguns a new user hits: each one is now a clear error, or a warning that says
 what happens and how to get what was meant, or documented behaviour."""
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def test_subspace_metrics_reach_through_accelerates_wrapper():
 
 # ------------------------------------------------------------------------------ 7. the Trainer factory's lr
 def _llama():
-    from subspace_optim.pretrain.lm import tiny_llama
+    from tiny_lm import tiny_llama
 
     return tiny_llama(hidden=32, intermediate=64, layers=1, heads=2, vocab=256, seed=0)
 
@@ -291,9 +291,15 @@ def test_trainer_factory_without_lr_takes_the_training_arguments():
     from subspace_optim.integrations.transformers import SubspaceAdamWFactory, unwrap_optimizer
 
     args = transformers.TrainingArguments(
-        output_dir="unused", learning_rate=3e-2, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-7,
-        weight_decay=0.01, report_to=[], use_cpu=True,
-    )  # fmt: skip
+        output_dir="unused",
+        learning_rate=3e-2,
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-7,
+        weight_decay=0.01,
+        report_to=[],
+        use_cpu=True,
+    )
     kwargs = {"target_modules": ["self_attn", "mlp"], "rank": 4}
     trainer = transformers.Trainer(model=_llama(), args=args, optimizer_cls_and_kwargs=(SubspaceAdamWFactory, kwargs))
     opt = unwrap_optimizer(trainer.create_optimizer())
@@ -326,9 +332,13 @@ def test_optim_args_take_the_storage_residual_plain_lr_and_layerwise_options():
 
     text = "rank=4, moments_dtype=int8, basis_dtype=bfloat16, residual=fira, plain_lr=3e-3, layerwise=true"
     assert parse_optim_args(text) == {
-        "rank": 4, "moments_dtype": "int8", "basis_dtype": "bfloat16", "residual": "fira", "plain_lr": 3e-3,
+        "rank": 4,
+        "moments_dtype": "int8",
+        "basis_dtype": "bfloat16",
+        "residual": "fira",
+        "plain_lr": 3e-3,
         "layerwise": True,
-    }  # fmt: skip
+    }
     # Options whose value may be None take the word none (any case).
     assert parse_optim_args("plain_lr=none, foreach=None") == {"plain_lr": None, "foreach": None}
     args = transformers.TrainingArguments(output_dir="unused", optim_args=text, report_to=[], use_cpu=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+from tiny_lm import tiny_llama  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from subspace_optim import SubspaceAdamW  # noqa: E402
@@ -17,7 +18,6 @@ from subspace_optim.integrations.transformers import (  # noqa: E402
     optimizer_cls_and_kwargs,
     unwrap_optimizer,
 )
-from subspace_optim.pretrain.lm import tiny_llama  # noqa: E402
 
 TARGETS = [r".*attn.*", r".*mlp.*"]  # the regex list transformers' GaLore tests use
 
@@ -36,9 +36,20 @@ def _model():
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), learning_rate=1e-2, max_steps=4, per_device_train_batch_size=4,
-                optim="galore_adamw", optim_target_modules=TARGETS, optim_args="rank=4", report_to=[], use_cpu=True,
-                save_strategy="no", disable_tqdm=True, logging_steps=1)  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path),
+        learning_rate=1e-2,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        optim="galore_adamw",
+        optim_target_modules=TARGETS,
+        optim_args="rank=4",
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 

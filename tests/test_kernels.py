@@ -491,12 +491,21 @@ def test_optimizer_warm_refresh_loop_under_interpreter_matches_reference(probed,
         return refresh_fn(*args, **kwargs)
 
     def run(choice: str):
-        params = [torch.nn.Parameter(torch.randn(m, n, generator=torch.Generator().manual_seed(i))) for i, (m, n) in
-                  enumerate(shapes)]  # fmt: skip
+        params = [
+            torch.nn.Parameter(torch.randn(m, n, generator=torch.Generator().manual_seed(i)))
+            for i, (m, n) in enumerate(shapes)
+        ]
         opt = SubspaceAdamW(
-            params, lr=1e-2, weight_decay=0.01, rank=3, update_gap=3, refresh="warm", oversample=2, power_iters=1,
+            params,
+            lr=1e-2,
+            weight_decay=0.01,
+            rank=3,
+            update_gap=3,
+            refresh="warm",
+            oversample=2,
+            power_iters=1,
             engine=choice,
-        )  # fmt: skip
+        )
         with monkeypatch.context() as patch:
             if choice != "reference":
                 patch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
@@ -650,9 +659,7 @@ def test_optimizer_resumes_column_major_moments_under_interpreter(probed, monkey
     calls = []
     step_fn = ks.subspace_adamw
     monkeypatch.setattr(engine, "AUTO_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(
-        ks, "subspace_adamw", lambda *a, **kw: calls.append(1) or step_fn(*a, **kw), raising=False
-    )
+    monkeypatch.setattr(ks, "subspace_adamw", lambda *a, **kw: calls.append(1) or step_fn(*a, **kw), raising=False)
     for g in grads[2:]:
         for q, o in ((p_ref, opt_ref), (p_tri, opt_tri)):
             q.grad = g.clone()
@@ -832,12 +839,20 @@ def test_functional_core_engines_are_twins():
         functional.subspace_adamw(ws, gs, ps, ms, vs, [3, 3], **GROUP, sides=["left", "right"], engine=which)
         spectral = [gradient_like(33, 17, 4, decay=0.5, seed=s).to(DEVICE) for s in (1, 2)]  # a gap after rank 4
         bases = functional.refresh_bases(
-            spectral, ps, [1, 2], sides=["left", "right"], rank=4, policy="warm", oversample=2, power_iters=1,
+            spectral,
+            ps,
+            [1, 2],
+            sides=["left", "right"],
+            rank=4,
+            policy="warm",
+            oversample=2,
+            power_iters=1,
             engine=which,
-        )  # fmt: skip
+        )
         results[which] = (ws, ms, vs, bases)
-    for a, b in zip(results["reference"][0] + results["reference"][1], results["triton"][0] + results["triton"][1],
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        results["reference"][0] + results["reference"][1], results["triton"][0] + results["triton"][1], strict=True
+    ):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)
     for ref, tri in zip(results["reference"][3], results["triton"][3], strict=True):
         assert orthonormality_error(tri.basis.cpu()) < 1e-5
@@ -872,7 +887,7 @@ def test_explicit_triton_engine_is_obeyed_on_cpu_and_refuses_what_it_cannot_take
     assert torch.equal(w64.detach(), before) and not opt.state
 
 
-# Low-precision state (issue 12): the kernels convert bf16 / 8-bit moments and bf16 bases in their epilogues
+# Low-precision state: the kernels convert bf16 / 8-bit moments and bf16 bases in their epilogues
 # and must match functional.subspace_adamw(engine="reference"), which goes through quant.load / quant.store.
 
 from subspace_optim import functional, quant  # noqa: E402
@@ -900,10 +915,16 @@ def _twin(engine_name, problems, age=3):
     """One ``functional.subspace_adamw`` call over copies of ``problems``; returns the copies."""
     out = [dict(pr, w=pr["w"].clone(), state={k: v.clone() for k, v in pr["state"].items()}) for pr in problems]
     functional.subspace_adamw(
-        [pr["w"] for pr in out], [pr["g"] for pr in out], [pr["p"] for pr in out],
-        [quant.moment(pr["state"], "exp_avg") for pr in out], [quant.moment(pr["state"], "exp_avg_sq") for pr in out],
-        [age] * len(out), **GROUP, sides=[pr["side"] for pr in out], engine=engine_name,
-    )  # fmt: skip
+        [pr["w"] for pr in out],
+        [pr["g"] for pr in out],
+        [pr["p"] for pr in out],
+        [quant.moment(pr["state"], "exp_avg") for pr in out],
+        [quant.moment(pr["state"], "exp_avg_sq") for pr in out],
+        [age] * len(out),
+        **GROUP,
+        sides=[pr["side"] for pr in out],
+        engine=engine_name,
+    )
     return out
 
 
@@ -1032,10 +1053,15 @@ def test_fused_step_batches_by_storage(monkeypatch):
         for key, t in pr["state"].items():
             o["state"][key] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
     ks.subspace_adamw(
-        [o["w"] for o in out], [o["g"] for o in out], [o["p"] for o in out],
-        [quant.moment(o["state"], "exp_avg") for o in out], [quant.moment(o["state"], "exp_avg_sq") for o in out],
-        [3] * len(out), **GROUP, sides=["left"] * len(out),
-    )  # fmt: skip
+        [o["w"] for o in out],
+        [o["g"] for o in out],
+        [o["p"] for o in out],
+        [quant.moment(o["state"], "exp_avg") for o in out],
+        [quant.moment(o["state"], "exp_avg_sq") for o in out],
+        [3] * len(out),
+        **GROUP,
+        sides=["left"] * len(out),
+    )
     assert sorted(batches) == [1, 1, 1, 2, 2]
     assert out[-1]["state"]["exp_avg"].stride() == (1, 5) and out[-1]["state"]["exp_avg_absmax"].stride() == (1, 5)
     for pr, a, b in zip(problems, ref, out, strict=True):
@@ -1061,9 +1087,16 @@ def test_fused_step_int8_ties_go_to_the_smaller_code():
         out = dict(pr, w=pr["w"].clone(), state={k: v.clone() for k, v in pr["state"].items()})
         st = out["state"]
         functional.subspace_adamw(
-            [out["w"]], [out["g"]], [out["p"]], [quant.moment(st, "exp_avg")], [quant.moment(st, "exp_avg_sq")], [1],
-            **group, sides=["left"], engine=which,
-        )  # fmt: skip
+            [out["w"]],
+            [out["g"]],
+            [out["p"]],
+            [quant.moment(st, "exp_avg")],
+            [quant.moment(st, "exp_avg_sq")],
+            [1],
+            **group,
+            sides=["left"],
+            engine=which,
+        )
         outs[which] = out
     ref, tri = outs["reference"]["state"], outs["triton"]["state"]
     assert torch.equal(ref["exp_avg_absmax"][0].cpu(), torch.tensor([1.0, 2.0]))
@@ -1087,7 +1120,12 @@ def test_fused_step_refuses_state_it_cannot_read():
     fp16 = _state_problem(7, 30, 3, "left", "float32", torch.float32, torch.float32, seed=9)
     with pytest.raises(TypeError, match="bases must be fp32 or bf16"):
         ks.subspace_adamw(
-            [fp16["w"]], [fp16["g"]], [fp16["p"].half()], [fp16["state"]["exp_avg"]], [fp16["state"]["exp_avg_sq"]],
-            [2], **kw,
-        )  # fmt: skip
+            [fp16["w"]],
+            [fp16["g"]],
+            [fp16["p"].half()],
+            [fp16["state"]["exp_avg"]],
+            [fp16["state"]["exp_avg_sq"]],
+            [2],
+            **kw,
+        )
     assert torch.equal(pr["w"], before)

@@ -28,8 +28,16 @@ def _micro(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 12, generator=gen), torch.randn(8, 4, generator=gen)
 
 
-def _train(layerwise: bool, *, accum: int = 1, steps: int = 6, clip: float | None = None, schedule=None,
-           seed: int = 1, **options) -> tuple[nn.Module, SubspaceAdamW]:  # fmt: skip
+def _train(
+    layerwise: bool,
+    *,
+    accum: int = 1,
+    steps: int = 6,
+    clip: float | None = None,
+    schedule=None,
+    seed: int = 1,
+    **options,
+) -> tuple[nn.Module, SubspaceAdamW]:
     """``steps`` optimizer steps of ``accum`` micro-batches each, regular or layer-wise; regular clipping
     reproduces the layer-wise rule (previous step's global norm, bounded below by the tensor's own)."""
     model = _mlp()
@@ -79,8 +87,14 @@ def test_layerwise_equals_regular_stepping(accum, refresh):
     _assert_same(regular, layerwise)
 
 
-@pytest.mark.parametrize("options", [{"moments": "keep", "proj_type": "right"}, {"moments_dtype": "int8"},
-                                     {"basis_dtype": "bfloat16", "moments_dtype": "bfloat16"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"moments": "keep", "proj_type": "right"},
+        {"moments_dtype": "int8"},
+        {"basis_dtype": "bfloat16", "moments_dtype": "bfloat16"},
+    ],
+)
 def test_layerwise_equals_regular_with_other_state(options):
     regular, _ = _train(False, accum=2, **dict(options))
     layerwise, _ = _train(True, accum=2, **dict(options))
@@ -281,18 +295,20 @@ def test_model_must_hold_the_optimizers_parameters_and_attach_once():
         opt.update_in_backward(model)
 
 
-def test_bench_layerwise_smoke_times_equal_trajectories():
-    """scripts/bench_layerwise.py checks, as it times, that layer-wise and regular steps agree."""
-    import argparse
-    import runpy
+def test_bench_layerwise_smoke_times_equal_trajectories(monkeypatch):
+    """scripts/bench/layerwise.py checks, as it times, that layer-wise and regular steps agree."""
+    import importlib
     from pathlib import Path
 
-    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "bench_layerwise.py"))
-    args = argparse.Namespace(model="smoke", accum=2, steps=1, batch=1, seq=16, engine="reference")
-    rows = script["run_rows"](args)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    layerwise = importlib.import_module("scripts.bench.layerwise")
+    render = importlib.import_module("scripts.bench.render").render
+    args = layerwise.parse_args(["--smoke", "--accum", "2", "--steps", "1", "--batch", "1", "--seq", "16"])
+    args.steps, args.seq = 1, 16
+    rows = layerwise.run_rows(args)
     assert [r["steps"] for r in rows] == ["regular steps", "refresh steps"]
     assert all(r["regular_s"] > 0 and r["layerwise_s"] > 0 for r in rows)
-    assert "| refresh steps | 2 |" in script["markdown"](rows, argparse.Namespace(threads=1, **vars(args)), {})
+    assert "| refresh steps | 2 |" in render({"tables": [layerwise.rows_table(rows, args)]})
 
 
 def test_add_param_group_while_attached_is_refused():

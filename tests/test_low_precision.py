@@ -3,10 +3,9 @@ path (step, refresh transport, plain AdamW, checkpoints) goes through the same f
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
+from conftest import roundtrip
 from torch import nn
 
 from subspace_optim import SubspaceAdamW, param_groups, quant, state_bytes
@@ -30,13 +29,6 @@ def _step(net, opt, i):
     opt.zero_grad()
     net(x).float().square().mean().backward()
     opt.step()
-
-
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("moments_dtype,basis_dtype", COMBOS)
@@ -80,7 +72,7 @@ def test_resume_is_bit_identical(moments_dtype, basis_dtype, wdtype):
         _step(net_a, opt_a, i)
     for i in range(4):
         _step(net_b, opt_b, i)
-    saved_net, saved_opt = _roundtrip(net_b.state_dict()), _roundtrip(opt_b.state_dict())
+    saved_net, saved_opt = roundtrip(net_b.state_dict()), roundtrip(opt_b.state_dict())
     net_c = _net(wdtype)
     net_c.load_state_dict(saved_net)
     opt_c = _opt(net_c, **kw)
@@ -144,7 +136,7 @@ def test_checkpoint_keeps_its_dtypes_and_converts_when_the_groups_are_changed():
     opt = _opt(net)
     for i in range(4):
         _step(net, opt, i)
-    saved = _roundtrip(opt.state_dict())
+    saved = roundtrip(opt.state_dict())
     low = _opt(net, moments_dtype="int8", basis_dtype="bfloat16")
     low.load_state_dict(saved)
     assert {g["moments_dtype"] for g in low.param_groups} == {"float32"}
@@ -155,7 +147,7 @@ def test_checkpoint_keeps_its_dtypes_and_converts_when_the_groups_are_changed():
     assert state["exp_avg"].dtype == torch.uint8 and state["basis"].dtype == torch.bfloat16
     assert float((quant.load(state, "exp_avg") - m_before).abs().max()) < 0.5 * float(m_before.abs().max())
     back = _opt(net)
-    back.load_state_dict(_roundtrip(low.state_dict()))
+    back.load_state_dict(roundtrip(low.state_dict()))
     _set_dtypes(back, moments_dtype="float32", basis_dtype="float32")
     _step(net, back, 5)
     assert back.state[net[1].weight]["exp_avg"].dtype == torch.float32
@@ -233,8 +225,9 @@ def test_explicit_triton_engine_refuses_a_weight_it_cannot_view_before_anything_
     assert torch.equal(conv.weight.detach(), before) and not opt.state
 
 
-@pytest.mark.parametrize("moments_dtype,dtype", [("int8", torch.bfloat16), ("int8", torch.float32),
-                                                 ("bfloat16", torch.float32)])  # fmt: skip
+@pytest.mark.parametrize(
+    "moments_dtype,dtype", [("int8", torch.bfloat16), ("int8", torch.float32), ("bfloat16", torch.float32)]
+)
 def test_plain_low_precision_update_in_row_chunks_is_bit_identical(monkeypatch, moments_dtype, dtype):
     """Plain tensors with low-precision moments are updated in row chunks (bounded fp32 working copies):
     the same weights and state, bit for bit, as one chunk, and the step count advances once."""

@@ -31,9 +31,15 @@ def test_every_option_reaches_optim_args_and_pretrain_flags():
 
 
 BAD = {
-    "real": float("inf"), "int": -5, "rank": 0, "choice": "nope", "bool_or_none": "yes", "lr": -1.0,
-    "betas": (2.0, 0.5), "lr_or_none": -1.0,
-}  # fmt: skip
+    "real": float("inf"),
+    "int": -5,
+    "rank": 0,
+    "choice": "nope",
+    "bool_or_none": "yes",
+    "lr": -1.0,
+    "betas": (2.0, 0.5),
+    "lr_or_none": -1.0,
+}
 
 
 @pytest.mark.parametrize("option", options.OPTIONS, ids=lambda o: o.name)

@@ -25,9 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run_at_root(code: str) -> str:
     """Run ``code`` in a fresh interpreter whose cwd and ``PYTHONPATH`` are the repository root."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout}\n{out.stderr}"
     return out.stdout.strip()
 

@@ -1,5 +1,5 @@
 """All or nothing on a GPU too: every kernel variant a step can launch is compiled before the step changes
-anything (issue 21, item 2).
+anything.
 
 On the CPU the kernels run under Triton's interpreter, which compiles nothing, so a compile failure is forced
 through ``precompile._compile`` (what the optimizer calls, through ``engine.resolve``, to compile a variant on a
@@ -102,8 +102,7 @@ def test_every_variant_a_step_launches_is_compiled_before_its_first_launch(fresh
         assert "compile" not in kinds[kinds.index("launch") :]  # no compile after the first launch
         assert all(fresh.ready(torch.device("cpu"), v) for v in launched)
         if step == 0:  # the refresh's products ran on the kernels too, and were compiled first
-            assert {v.kernel for v in launched} >= {"project_adam_kernel", "back_update_kernel",
-                                                     "batched_gemm_kernel"}  # fmt: skip
+            assert {v.kernel for v in launched} >= {"project_adam_kernel", "back_update_kernel", "batched_gemm_kernel"}
             assert launched <= {v for kind, v in events if kind == "compile"}
         elif step == 1:  # the finiteness kernel's variants at most
             assert {v.kernel for kind, v in events if kind == "compile"} <= {"nonfinite_kernel"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -46,15 +47,41 @@ def workdir(tmp_path_factory) -> Path:
 def tiny(workdir: Path, out: Path, *extra: str) -> list[str]:
     """Flags for a seconds-long run: tiny model, short sequences, every refresh-related path exercised."""
     return [
-        "--dataset", str(workdir / "text.txt"),
-        "--cache-dir", str(workdir / "cache"),
-        "--output-dir", str(out),
-        "--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2",
-        "--num-attention-heads", "2", "--tokenizer-vocab", "320", "--tokenizer-train-bytes", "60000",
-        "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--update-gap", "2",
-        "--eval-every", "0", "--eval-windows", "4", "--save-every", "0", "--no-progress",
+        "--dataset",
+        str(workdir / "text.txt"),
+        "--cache-dir",
+        str(workdir / "cache"),
+        "--output-dir",
+        str(out),
+        "--hidden-size",
+        "32",
+        "--intermediate-size",
+        "64",
+        "--num-hidden-layers",
+        "2",
+        "--num-attention-heads",
+        "2",
+        "--tokenizer-vocab",
+        "320",
+        "--tokenizer-train-bytes",
+        "60000",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--update-gap",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-windows",
+        "4",
+        "--save-every",
+        "0",
+        "--no-progress",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -89,14 +116,24 @@ def test_yaml_then_flags_precedence(tmp_path):
     assert default.model == "llama_9m" and default.optimizer == ["adamw", "subspace"]
     paper = load_config(["--model", "llama_60m", "--steps", "3"])
     assert (paper.hidden_size, paper.intermediate_size, paper.num_hidden_layers, paper.num_attention_heads) == (
-        512, 1376, 8, 8,
-    )  # fmt: skip
+        512,
+        1376,
+        8,
+        8,
+    )
     assert (paper.seq_len, paper.global_batch_size, paper.steps) == (256, 512, 3)
 
 
 def test_every_model_size_builds_on_meta():
-    sizes = {"llama_9m": 128, "llama_20m": 256, "llama_60m": 512, "llama_130m": 768, "llama_350m": 1024,
-             "llama_1b": 2048, "llama_7b": 4096}  # fmt: skip
+    sizes = {
+        "llama_9m": 128,
+        "llama_20m": 256,
+        "llama_60m": 512,
+        "llama_130m": 768,
+        "llama_350m": 1024,
+        "llama_1b": 2048,
+        "llama_7b": 4096,
+    }
     assert set(sizes) <= set(config_mod.model_names())
     for name, hidden in sizes.items():
         cfg = load_config(["--model", name])
@@ -162,8 +199,9 @@ def test_every_subspace_adamw_option_is_a_flag_that_reaches_the_optimizer():
     params = inspect.signature(SubspaceAdamW.__init__).parameters
     keywords = {n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_KEYWORD}
     assert keywords == set(SUBSPACE_KEYWORD_FLAGS), "give each new SubspaceAdamW option a pretrain flag"
-    argv = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "1",
-            "--num-attention-heads", "2", "--optimizer", "subspace"]  # fmt: skip
+    argv = shlex.split(
+        "--hidden-size 32 --intermediate-size 64 --num-hidden-layers 1 --num-attention-heads 2 --optimizer subspace"
+    )
     for flags, _ in SUBSPACE_KEYWORD_FLAGS.values():
         argv += flags
     cfg = load_config(argv)
@@ -308,9 +346,18 @@ def test_local_dataset_directory_and_bad_field(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "spec", ["my_corpus/", "data/corpus/", "./corpus", "~/corpus", "/nonexistent/corpus", "corpus.txt",
-             "data/corpus.csv", "a/b/c"],
-)  # fmt: skip
+    "spec",
+    [
+        "my_corpus/",
+        "data/corpus/",
+        "./corpus",
+        "~/corpus",
+        "/nonexistent/corpus",
+        "corpus.txt",
+        "data/corpus.csv",
+        "a/b/c",
+    ],
+)
 def test_local_looking_dataset_that_is_missing_never_reaches_the_hub(spec, monkeypatch, tmp_path):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"{spec!r} was sent to the hub"))
@@ -361,8 +408,9 @@ def test_hub_dataset_streams_through_datasets(monkeypatch):
         return iter([{"text": f"{split} document {i} " * 40} for i in range(200)])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    got = data.load_corpus(load_config(["--dataset", "someone/corpus", "--dataset-config", "en",
-                                        "--max-train-bytes", "20000"]))  # fmt: skip
+    got = data.load_corpus(
+        load_config(["--dataset", "someone/corpus", "--dataset-config", "en", "--max-train-bytes", "20000"])
+    )
     assert ("someone/corpus", "en", "train", True) in calls
     assert all("validation document" in d for d in got.heldout) and all("train document" in d for d in got.train)
     got = data.load_corpus(load_config(["--dataset", "someone/no-validation", "--max-train-bytes", "20000"]))
@@ -370,8 +418,9 @@ def test_hub_dataset_streams_through_datasets(monkeypatch):
 
 
 def test_batches_depend_only_on_seed_and_step():
-    tokens = data.TokenData(torch.arange(10_000, dtype=torch.int32), torch.arange(500, dtype=torch.int32),
-                            tokenizer=None, description="")  # fmt: skip
+    tokens = data.TokenData(
+        torch.arange(10_000, dtype=torch.int32), torch.arange(500, dtype=torch.int32), tokenizer=None, description=""
+    )
     a = tokens.batch(5, seed=0, rows=8, seq_len=16)
     assert a.shape == (8, 17) and a.dtype == torch.long
     assert torch.equal(a, tokens.batch(5, seed=0, rows=8, seq_len=16))
@@ -454,8 +503,22 @@ def test_resume_refuses_another_schedule(workdir, tmp_path, capsys):
     assert log(out / "adamw")["state"]["step"] == 2  # nothing was trained by the refused resumes
     # The same effective settings spelled differently resume: another optimizer's lr and the default
     # warmup (10% of 6 steps -> 1) written out.
-    run(load_config(tiny(workdir, out, *base[:-2], "--lr", "adamw=3e-3,subspace=5e-2", "--warmup-steps", "1",
-                         "--resume", "--stop-at", "3")))  # fmt: skip
+    run(
+        load_config(
+            tiny(
+                workdir,
+                out,
+                *base[:-2],
+                "--lr",
+                "adamw=3e-3,subspace=5e-2",
+                "--warmup-steps",
+                "1",
+                "--resume",
+                "--stop-at",
+                "3",
+            )
+        )
+    )
     resumed = log(out / "adamw")
     assert resumed["state"]["step"] == 3 and resumed["lr"] == 3e-3
     assert resumed["state"]["history"][-1]["lr"] == pytest.approx(3e-3 * loop.lr_multiplier(2, 1, 6, 0.1))
@@ -509,8 +572,21 @@ def test_loop_clips_gradients_and_follows_the_schedule(workdir, tmp_path):
 
     handle = register_optimizer_step_pre_hook(observe)
     try:
-        flags = ("--optimizer", "adamw", "--lr", "3e-3", "--steps", "5", "--warmup-steps", "2",
-                 "--min-lr-ratio", "0.1", "--max-grad-norm", "1e-3", "--no-report")  # fmt: skip
+        flags = (
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "3e-3",
+            "--steps",
+            "5",
+            "--warmup-steps",
+            "2",
+            "--min-lr-ratio",
+            "0.1",
+            "--max-grad-norm",
+            "1e-3",
+            "--no-report",
+        )
         run(load_config(tiny(workdir, tmp_path, *flags)))
     finally:
         handle.remove()
@@ -557,10 +633,16 @@ def test_cli_entry_point_runs(workdir, tmp_path):
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "pretrain.py"), *tiny(workdir, out, "--optimizer", "adamw",
-                                                                     "--steps", "2")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "pretrain.py"),
+            *tiny(workdir, out, "--optimizer", "adamw", "--steps", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"Report: {out / 'report.md'}" in proc.stdout
     from subspace_optim import cli
@@ -587,9 +669,20 @@ def _ddp(workdir: Path, out: Path, launcher: list[str], *extra: str) -> dict:
 def test_ddp_two_processes_end_bitwise_identical(workdir, tmp_path):
     """2 gloo processes, different global seeds, 4 refreshes, gradient accumulation: both ranks end with
     the same weights, and the run follows the single-process run with the same global batch."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "subspace_optim.cli",
-                "pretrain"]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "subspace_optim.cli",
+        "pretrain",
+    ]
     batch = ("--global-batch-size", "8")  # 2 processes x batch 2 x accumulation 2
     result = _ddp(workdir, tmp_path / "ddp", torchrun, *batch, "--consistency-check-every", "1")
     summary = result["summary"]
@@ -603,18 +696,28 @@ def test_ddp_two_processes_end_bitwise_identical(workdir, tmp_path):
     single = log(tmp_path / "one" / "subspace")
     assert single["world_size"] == 1 and single["grad_accum"] == 4
     torch.testing.assert_close(
-        [h["loss"] for h in result["state"]["history"]], [h["loss"] for h in single["state"]["history"]],
-        rtol=1e-4, atol=1e-5,
-    )  # fmt: skip
+        [h["loss"] for h in result["state"]["history"]],
+        [h["loss"] for h in single["state"]["history"]],
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_accelerate_launch_config_starts_two_processes(workdir, tmp_path):
     pytest.importorskip("accelerate.commands.launch")
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(REPO / "configs" / "accelerate_cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
-                str(REPO / "scripts" / "pretrain.py"), "--cpu"]  # fmt: skip
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate_cpu_2proc.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        str(REPO / "scripts" / "pretrain.py"),
+        "--cpu",
+    ]
     result = _ddp(workdir, tmp_path / "acc", launcher, "--refresh-owner", "round_robin")
     digests = result["summary"]["weight_digests"]
     assert result["world_size"] == 2 and digests[0] == digests[1]
@@ -623,8 +726,19 @@ def test_accelerate_launch_config_starts_two_processes(workdir, tmp_path):
 def test_layerwise_equals_regular_stepping_and_resumes_exactly(workdir, tmp_path):
     """--layerwise with --grad-accum 2: the same weights as regular stepping when clipping is off (where the two
     must agree); 2 steps, stop, resume, 2 more == 4 straight; a resume with --layerwise flipped is refused."""
-    common = ("--optimizer", "subspace", "--lr", "1e-2", "--steps", "4", "--grad-accum", "2", "--no-report",
-              "--max-grad-norm", "0")  # fmt: skip
+    common = (
+        "--optimizer",
+        "subspace",
+        "--lr",
+        "1e-2",
+        "--steps",
+        "4",
+        "--grad-accum",
+        "2",
+        "--no-report",
+        "--max-grad-norm",
+        "0",
+    )
     run(load_config(tiny(workdir, tmp_path / "regular", *common)))
     run(load_config(tiny(workdir, tmp_path / "layerwise", *common, "--layerwise")))
     straight = final_weights(tmp_path / "layerwise" / "subspace")
@@ -653,9 +767,20 @@ def test_layerwise_clips_by_its_rule(workdir, tmp_path):
 def test_layerwise_ddp_two_processes_follow_one_process(workdir, tmp_path):
     """--layerwise under torchrun (DDP, accumulation 2, no_sync on the first micro-batch): ranks end bitwise
     identical and the losses follow one process with the same global batch."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "subspace_optim.cli",
-                "pretrain"]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "subspace_optim.cli",
+        "pretrain",
+    ]
     batch = ("--global-batch-size", "8", "--max-grad-norm", "0")
     result = _ddp(workdir, tmp_path / "ddp", torchrun, *batch, "--layerwise")
     assert result["world_size"] == 2 and result["grad_accum"] == 2 and result["config"]["layerwise"]
@@ -664,6 +789,8 @@ def test_layerwise_ddp_two_processes_follow_one_process(workdir, tmp_path):
     run(load_config(tiny(workdir, tmp_path / "one", "--optimizer", "subspace", "--steps", "8", *batch)))
     single = log(tmp_path / "one" / "subspace")
     torch.testing.assert_close(
-        [h["loss"] for h in result["state"]["history"]], [h["loss"] for h in single["state"]["history"]],
-        rtol=1e-4, atol=1e-5,
-    )  # fmt: skip
+        [h["loss"] for h in result["state"]["history"]],
+        [h["loss"] for h in single["state"]["history"]],
+        rtol=1e-4,
+        atol=1e-5,
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import shlex
 
 import pytest
 import torch
@@ -69,9 +70,19 @@ def _run_core(x, side, mode, age, previous, engine, **kwargs):
     w, m, v = x["w"].clone(), x["m"].clone(), x["v"].clone()
     norm = torch.tensor(previous, dtype=torch.float32)
     functional.subspace_adamw(
-        [w], [x["g"]], [x["p"]], [m], [v], [age], **HYPER, sides=[side], engine=engine, residual=mode,
-        update_norms=[norm], **kwargs,
-    )  # fmt: skip
+        [w],
+        [x["g"]],
+        [x["p"]],
+        [m],
+        [v],
+        [age],
+        **HYPER,
+        sides=[side],
+        engine=engine,
+        residual=mode,
+        update_norms=[norm],
+        **kwargs,
+    )
     return w, m, v, norm
 
 
@@ -133,10 +144,13 @@ def test_engines_agree_with_low_precision_moments(moments_dtype, mode):
         torch.manual_seed(3)
         model = nn.Sequential(nn.Linear(40, 24, bias=False), nn.Linear(24, 40, bias=False))
         opt = so.SubspaceAdamW(
-            [{"params": list(model.parameters()), "rank": 4, "update_gap": 3, "refresh": "svd"}], lr=1e-2,
+            [{"params": list(model.parameters()), "rank": 4, "update_gap": 3, "refresh": "svd"}],
+            lr=1e-2,
             engine=engine,
-            residual=mode, moments_dtype=moments_dtype, basis_dtype="bfloat16",
-        )  # fmt: skip
+            residual=mode,
+            moments_dtype=moments_dtype,
+            basis_dtype="bfloat16",
+        )
         gen = torch.Generator().manual_seed(5)
         for _ in range(4):
             for p in model.parameters():
@@ -370,9 +384,10 @@ def test_plain_lr_through_trainer_optim_args_and_pretrain_flags():
     from subspace_optim.pretrain.config import load_config
 
     assert parse_optim_args("rank=8, plain_lr=3e-3, residual=fira") == {"rank": 8, "plain_lr": 3e-3, "residual": "fira"}
-    argv = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "1",
-            "--num-attention-heads", "2", "--plain-lr", "adamw=1e-3,subspace=2e-3",
-            "--lr", "adamw=3e-3,subspace=1e-2"]  # fmt: skip
+    argv = shlex.split(
+        "--hidden-size 32 --intermediate-size 64 --num-hidden-layers 1 --num-attention-heads 2 --plain-lr "
+        "adamw=1e-3,subspace=2e-3 --lr adamw=3e-3,subspace=1e-2"
+    )
     cfg = load_config(argv)
     model = loop.build_model(cfg, 64)
     adamw = optimizers.build("adamw", model, cfg)

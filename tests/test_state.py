@@ -3,43 +3,50 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import numbers
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import roundtrip
 from torch import nn
 
-from subspace_optim import SubspaceAdamW, param_groups
+from subspace_optim import SubspaceAdamW
+
+DATA = Path(__file__).parent / "data"
 
 
-def _net(dtype=torch.float32):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 12), nn.Tanh(), nn.Linear(12, 5))
-    return net.to(dtype)
+def _release_module():
+    """tests/data/make_release_checkpoint.py, which froze the release checkpoint: its network, optimizer settings
+    and training step are the ones every test here uses, so the release cases and the round trips below train
+    the same problem."""
+    spec = importlib.util.spec_from_file_location("make_release_checkpoint", DATA / "make_release_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _optimizer(net, **overrides):
-    options = dict(rank=4, update_gap=3, refresh="warm", moments="rotate", scale=0.5)
-    options.update(overrides)
-    return SubspaceAdamW(param_groups(net, "all-linear", weight_decay=0.01, **options), lr=5e-3)
+_RELEASE = _release_module()
+_FROZEN = torch.load(DATA / "release_checkpoint.pt", weights_only=True)
+_net = _RELEASE.net  # the seeded 16 -> 24 -> 12 -> 5 MLP, in a weight dtype
+_step = _RELEASE.step  # one regression step on batch ``i`` of a seeded stream
 
 
-def _step(net, opt, step):
-    gen = torch.Generator().manual_seed(step)
-    dtype = next(net.parameters()).dtype
-    x = torch.randn(32, 16, generator=gen).to(dtype)
-    y = torch.randn(32, 5, generator=gen).to(dtype)
-    opt.zero_grad()
-    (net(x) - y).float().square().mean().backward()
-    opt.step()
+def _optimizer(net: nn.Module, **overrides) -> SubspaceAdamW:
+    """Rank 4, a refresh every 3 steps, scale 0.5, weight decay 0.01: the warm refresh with rotated moments
+    unless ``overrides`` say otherwise."""
+    return _RELEASE.optimizer(net, {"refresh": "warm", "moments": "rotate", **overrides})
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+def _trained(steps: int, dtype: torch.dtype = torch.float32, **overrides) -> tuple[nn.Module, SubspaceAdamW]:
+    """A fresh network and optimizer after ``steps`` steps."""
+    net = _net(dtype)
+    opt = _optimizer(net, **overrides)
+    for step in range(steps):
+        _step(net, opt, step)
+    return net, opt
 
 
 @pytest.mark.parametrize("refresh", ["warm", "rsvd", "svd", "random"])
@@ -47,19 +54,13 @@ def _roundtrip(obj):
 @pytest.mark.parametrize("split", [4, 6])  # mid-phase (step 4 of gap 3) and on a refresh boundary
 def test_resume_is_bit_identical(refresh, moments, split):
     total = 11
-    net_a = _net()
-    opt_a = _optimizer(net_a, refresh=refresh, moments=moments)
-    for step in range(total):
-        _step(net_a, opt_a, step)
+    net_a, opt_a = _trained(total, refresh=refresh, moments=moments)
 
-    net_b = _net()
-    opt_b = _optimizer(net_b, refresh=refresh, moments=moments)
-    for step in range(split):
-        _step(net_b, opt_b, step)
-    saved_model = _roundtrip(net_b.state_dict())
-    saved_opt = _roundtrip(opt_b.state_dict())
+    net_b, opt_b = _trained(split, refresh=refresh, moments=moments)
+    saved_model = roundtrip(net_b.state_dict())
+    saved_opt = roundtrip(opt_b.state_dict())
 
-    net_c = _net()
+    net_c = _net(torch.float32)
     net_c.load_state_dict(saved_model)
     opt_c = _optimizer(net_c, refresh=refresh, moments=moments)
     opt_c.load_state_dict(saved_opt)
@@ -80,10 +81,7 @@ def test_resume_is_bit_identical(refresh, moments, split):
 
 
 def test_state_holds_only_tensors_and_numbers():
-    net = _net()
-    opt = _optimizer(net)
-    for step in range(4):
-        _step(net, opt, step)
+    _, opt = _trained(4)
     sd = opt.state_dict()
     projected = 0
     for entry in sd["state"].values():
@@ -92,23 +90,19 @@ def test_state_holds_only_tensors_and_numbers():
             assert isinstance(value, (torch.Tensor, numbers.Number)), (key, type(value))
     assert projected == 3
     # Groups hold plain data only (what weights_only=True unpickles).
-    _roundtrip(sd)
+    roundtrip(sd)
 
 
 def test_state_is_lazy():
-    net = _net()
-    opt = _optimizer(net)
+    net, opt = _trained(0)
     assert len(opt.state) == 0
     _step(net, opt, 0)
     assert len(opt.state) == len(list(net.parameters()))
 
 
 def test_bf16_params_keep_fp32_basis_and_moments_after_load():
-    net = _net(torch.bfloat16)
-    opt = _optimizer(net)
-    for step in range(4):
-        _step(net, opt, step)
-    saved = _roundtrip(opt.state_dict())
+    net, opt = _trained(4, torch.bfloat16)
+    saved = roundtrip(opt.state_dict())
     fresh = _optimizer(net)
     fresh.load_state_dict(saved)
     checked = 0
@@ -128,10 +122,7 @@ def test_bf16_params_keep_fp32_basis_and_moments_after_load():
 
 
 def test_load_keeps_loaded_tensors_independent_of_the_source_dict():
-    net = _net()
-    opt = _optimizer(net)
-    for step in range(2):
-        _step(net, opt, step)
+    net, opt = _trained(2)
     sd = opt.state_dict()
     fresh = _optimizer(net)
     fresh.load_state_dict(sd)
@@ -145,9 +136,7 @@ def test_optimizer_deepcopies_and_pickles():
     import copy
     import pickle
 
-    net = _net()
-    opt = _optimizer(net)
-    _step(net, opt, 0)
+    _, opt = _trained(1)
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert [g["rank"] for g in clone.param_groups] == [g["rank"] for g in opt.param_groups]
         assert len(clone.state) == len(opt.state)
@@ -161,9 +150,7 @@ def test_optimizer_deepcopies_and_pickles():
 def test_checkpoint_from_before_an_option_existed_loads_with_its_default():
     """Groups saved by an older version lack options added since (matmul_precision, refresh_owner, ...):
     loading gives them the defaults, and the optimizer steps on."""
-    net = _net()
-    opt = _optimizer(net)
-    _step(net, opt, 0)
+    net, opt = _trained(1)
     sd = opt.state_dict()
     for group in sd["param_groups"]:
         group.pop("matmul_precision")
@@ -173,24 +160,6 @@ def test_checkpoint_from_before_an_option_existed_loads_with_its_default():
     for group in fresh.param_groups:
         assert group["matmul_precision"] == "auto" and group["refresh_owner"] == "all"
     _step(net, fresh, 1)
-
-
-def _release_module():
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "data", "make_release_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("make_release_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_RELEASE = _release_module()
-_FROZEN = torch.load(
-    __import__("os").path.join(__import__("os").path.dirname(__file__), "data", "release_checkpoint.pt"),
-    weights_only=True,
-)
 
 
 @contextlib.contextmanager
@@ -226,7 +195,7 @@ def _resume_release_case(case: int) -> None:
     for key, value in frozen["final_model"].items():
         assert torch.equal(model.state_dict()[key], value), key
     expected = torch.load(io.BytesIO(frozen["final_optimizer"]), weights_only=True)
-    got = _roundtrip(opt.state_dict())
+    got = roundtrip(opt.state_dict())
     from subspace_optim import options
 
     # Options added since the release appear at their defaults; every saved key is unchanged.

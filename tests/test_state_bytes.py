@@ -215,7 +215,7 @@ def test_bitsandbytes_adamw8bit_cpu():
 
 
 def test_meta_device_state():
-    """Optimizers that build on the meta device are counted without memory (scripts/bench_memory.py)."""
+    """Optimizers that build on the meta device are counted without memory (scripts/bench/memory.py)."""
     with torch.device("meta"):
         params = [nn.Parameter(torch.empty(4096, 1024)) for _ in range(3)]
         for p in params:

@@ -27,8 +27,9 @@ def _pair():
     out = []
     for planned in (True, False):
         params = _params()
-        opt = SubspaceAdamW([{"params": params[:4], "rank": 2, "update_gap": 4}, {"params": params[4:]}], lr=1e-2,
-                            weight_decay=0.1)  # fmt: skip
+        opt = SubspaceAdamW(
+            [{"params": params[:4], "rank": 2, "update_gap": 4}, {"params": params[4:]}], lr=1e-2, weight_decay=0.1
+        )
         if not planned:
             opt._plan_key = lambda: None  # type: ignore[method-assign]
         out.append((opt, params))

@@ -1,4 +1,4 @@
-"""A regular step with ``nonfinite="skip"`` reads nothing back from the device (issue 21, item 5).
+"""A regular step with ``nonfinite="skip"`` reads nothing back from the device.
 
 On a GPU every read of a device value on the host (``Tensor.item``, ``tolist``, ``bool``/``float``/``int`` of a
 tensor, a Python ``if`` on one) waits for everything queued before it: the pipeline stalls. These tests run on
@@ -227,10 +227,12 @@ def test_plain_parameters_read_once_after_the_projected_updates(monkeypatch):
     opt = _optimizer(params, "reference", gap=3, plain=[bias])
     order = []
     original_read, original_core = SubspaceAdamW._read, functional.subspace_adamw
-    monkeypatch.setattr(SubspaceAdamW, "_read", lambda self, flags=None: order.append("read") or original_read(
-        self, flags))  # fmt: skip
-    monkeypatch.setattr("subspace_optim.functional.subspace_adamw", lambda *a, **k: order.append("core") or
-                        original_core(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        SubspaceAdamW, "_read", lambda self, flags=None: order.append("read") or original_read(self, flags)
+    )
+    monkeypatch.setattr(
+        "subspace_optim.functional.subspace_adamw", lambda *a, **k: order.append("core") or original_core(*a, **k)
+    )
     gen = torch.Generator().manual_seed(3)
     expected = [["read", "core"], ["core", "read"], ["core", "read"], ["read", "core"]]  # step 3 refreshes
     for i, want in enumerate(expected):
@@ -303,9 +305,14 @@ def test_cuda_regular_step_never_synchronizes(engine, options, request):
     """On a GPU: ``torch.cuda.set_sync_debug_mode("error")`` raises at any synchronizing CUDA call (a blocking
     copy, ``item``, ``nonzero``, ...) during the regular steps."""
     if engine == "reference" and options.get("moments_dtype") == "int8":
-        request.applymarker(pytest.mark.xfail(reason="quant.dequantize copies the 8-bit code map to the GPU at every "
-                                              "call (a blocking host-to-device copy); cache it per device as "
-                                              "quant._midpoints does", strict=False))  # fmt: skip
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="quant.dequantize copies the 8-bit code map to the GPU at every "
+                "call (a blocking host-to-device copy); cache it per device as "
+                "quant._midpoints does",
+                strict=False,
+            )
+        )
     params = [nn.Parameter(p.detach().cuda()) for p in _matrices()]
     opt = _optimizer(params, engine, **options)
     grads = [[t.cuda() for t in g] for g in _gradients(params, 4, nan={2: 0})]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_lm import tiny_llama
 from torch import nn
 
 from subspace_optim import SubspaceAdamW, param_groups, select_target_modules
-from subspace_optim.pretrain.lm import tiny_llama
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

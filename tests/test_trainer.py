@@ -12,8 +12,11 @@ import runpy
 
 import pytest
 import torch
+from conftest import assert_same_state
 
 transformers = pytest.importorskip("transformers")
+from tiny_lm import byte_tokens, tiny_llama  # noqa: E402
+from trainer_callbacks import StopAt  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from subspace_optim import SubspaceAdamW, state_bytes  # noqa: E402
@@ -27,7 +30,6 @@ from subspace_optim.integrations.transformers import (  # noqa: E402
     unwrap_optimizer,
 )
 from subspace_optim.pretrain.corpus import stdlib_text  # noqa: E402
-from subspace_optim.pretrain.lm import byte_tokens, tiny_llama  # noqa: E402
 from subspace_optim.subspace import project  # noqa: E402
 
 SEQ = 32
@@ -108,17 +110,6 @@ def projected_states(opt: SubspaceAdamW) -> list[dict]:
     return [s for s in opt.state.values() if "refresh_count" in s]
 
 
-class StopAt(TrainerCallback):
-    """Ends training after global step ``step`` (after that step's checkpoint is written)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 # --------------------------------------------------------------------------- resume
 
 
@@ -162,17 +153,7 @@ def test_resume_is_exact(tmp_path, dataset, way, dtype, bf16):
 
     opt_a, opt_b = unwrap_optimizer(straight.optimizer), unwrap_optimizer(resumed.optimizer)
     assert isinstance(opt_a, SubspaceAdamW) and isinstance(opt_b, SubspaceAdamW)
-    sa, sb = opt_a.state_dict(), opt_b.state_dict()
-    assert sa["state"].keys() == sb["state"].keys()
-    for pid, entry in sa["state"].items():
-        for key, value in entry.items():
-            other = sb["state"][pid][key]
-            if isinstance(value, torch.Tensor):
-                assert value.dtype == other.dtype and torch.equal(value, other), f"state {pid}.{key} differs"
-            else:
-                assert value == other, f"state {pid}.{key}: {value} != {other}"
-    for ga, gb in zip(sa["param_groups"], sb["param_groups"], strict=True):
-        assert ga["lr"] == gb["lr"]
+    assert_same_state(opt_a.state_dict(), opt_b.state_dict())
     states = projected_states(opt_b)
     assert len(states) == 14  # q, k, v, o, gate, up, down in 2 layers
     for s in states:
@@ -469,14 +450,14 @@ def test_parse_optim_args_types():
 
 
 def test_script_runs(tmp_path):
-    """scripts/finetune_trainer.py end to end, tiny: trains, checkpoints, resumes from the checkpoint."""
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "finetune_trainer.py")
+    """scripts/finetune.py --mode basic end to end, tiny: trains, checkpoints, resumes from the checkpoint."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "finetune.py")
     main = runpy.run_path(script)["main"]
     text = tmp_path / "corpus.txt"
     text.write_text(stdlib_text(12_000))
     out = tmp_path / "out"
-    argv = ["--text-file", str(text), "--output-dir", str(out), "--hidden", "32", "--layers", "1", "--seq", "32"]
-    argv += ["--batch", "2", "--save-steps", "2", "--optim-args", "rank=4, update_proj_gap=2"]
+    argv = ["--mode", "basic", "--text-file", str(text), "--output-dir", str(out), "--hidden", "32", "--layers", "1"]
+    argv += ["--seq", "32", "--batch", "2", "--save-steps", "2", "--optim-args", "rank=4, update_proj_gap=2"]
     first = main([*argv, "--max-steps", "4"])
     assert first["steps"] == 4 and (out / "checkpoint-4" / "optimizer.pt").exists()
     assert first["eval_loss_after"] < first["eval_loss_before"]
@@ -504,8 +485,9 @@ def test_optim_args_select_low_precision_state():
         "basis_dtype": "bfloat16",
     }
     model = tiny_llama(hidden=32, intermediate=64, layers=1, heads=2, vocab=256, seed=0)
-    args = TrainingArguments(output_dir="unused", optim_args="rank=8, moments_dtype=int8, basis_dtype=bfloat16",
-                             report_to=[])  # fmt: skip
+    args = TrainingArguments(
+        output_dir="unused", optim_args="rank=8, moments_dtype=int8, basis_dtype=bfloat16", report_to=[]
+    )
     opt = create_optimizer(model, args)
     assert {g["moments_dtype"] for g in opt.param_groups} == {"int8"}
     assert {g["basis_dtype"] for g in opt.param_groups} == {"bfloat16"}
@@ -563,6 +545,11 @@ def test_layerwise_options_need_layerwise(tmp_path):
         build_optimizer(model, rank=4, accumulation_steps=2)
     with pytest.raises(ValueError, match="set TrainingArguments\\(gradient_accumulation_steps=...\\)"):
         parse_optim_args("accumulation_steps=2")
-    args = TrainingArguments(output_dir=str(tmp_path), optim="galore_adamw_layerwise", optim_args="rank=4",
-                             gradient_accumulation_steps=3, report_to=[])  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        optim="galore_adamw_layerwise",
+        optim_args="rank=4",
+        gradient_accumulation_steps=3,
+        report_to=[],
+    )
     assert create_optimizer(model, args)._backward_update.accumulation_steps == 3

@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .. import compat, metrics, options
+from .. import guards, metrics, options
 from ..optimizer import SubspaceAdamW
 from ..targets import ALL_LINEAR, param_groups
 
@@ -52,8 +52,13 @@ _ARGS_FIELDS = {
 _APOLLO_ONLY = {"proj": "random or svd projection", "scale_type": "channel or tensor scaling"}
 
 _KINDS: dict[str, type] = {
-    "int": int, "rank": int, "real": float, "choice": str, "bool_or_none": bool, "lr_or_none": float
-}  # fmt: skip
+    "int": int,
+    "rank": int,
+    "real": float,
+    "choice": str,
+    "bool_or_none": bool,
+    "lr_or_none": float,
+}
 
 
 def _optim_args_table() -> dict[str, tuple[type, str]]:
@@ -74,7 +79,7 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
 
 _OPTIM_ARGS = _optim_args_table()
 # Keys whose option may be None: optim_args spells that "none" (any case).
-_NULLABLE = frozenset(o.name for o in options.OPTIONS if o.kind in ("bool_or_none", "lr_or_none"))
+_NULLABLE = frozenset(option.name for option in options.OPTIONS if option.kind in ("bool_or_none", "lr_or_none"))
 _OPTIMIZER_OPTIONS = frozenset(options.DEFAULTS)
 _LAYERWISE_OPTIONS = {"accumulation_steps", "max_grad_norm"}  # update_in_backward's, with layerwise=True only
 _BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap", "layerwise"}
@@ -175,17 +180,17 @@ def _project_output_head(model: nn.Module, groups: list[dict[str, Any]]) -> list
         raise ValueError("project_output_head=True, but the model has no output head (get_output_embeddings())")
     inputs = getattr(model, "get_input_embeddings", None)
     if callable(inputs) and getattr(inputs(), "weight", None) is head:
-        compat.warn_user(
+        guards.warn_user(
             "project_output_head=True, but the output head is tied to the input embedding: it stays in plain "
             "AdamW (projecting it would project the embedding too). Untie the embeddings to project the head."
         )
         return groups
     for group in groups[1:]:
-        for i, (name, p) in enumerate(group["params"]):
-            if p is head:
-                groups[0]["params"].append((name, p))
-                del group["params"][i]
-                return [g for g in groups if g["params"]]
+        for index, (name, param) in enumerate(group["params"]):
+            if param is head:
+                groups[0]["params"].append((name, param))
+                del group["params"][index]
+                return [kept for kept in groups if kept["params"]]
     return groups  # already projected, or frozen
 
 
@@ -218,7 +223,7 @@ def build_optimizer(
         if "update_gap" in options and options["update_gap"] != gap:
             raise ValueError(f"update_proj_gap={gap!r} and update_gap={options['update_gap']!r} disagree; keep one")
         options["update_gap"] = gap
-    in_backward = {k: options.pop(k) for k in _LAYERWISE_OPTIONS & set(options)}
+    in_backward = {key: options.pop(key) for key in _LAYERWISE_OPTIONS & set(options)}
     if in_backward and not layerwise:
         raise ValueError(
             f"{sorted(in_backward)} configure layer-wise updates: pass layerwise=True (optim_args 'layerwise=true') "
@@ -250,9 +255,9 @@ def _check_at_first_step(optimizer: SubspaceAdamW, model: nn.Module) -> None:
         current = ref()
         if passed or current is None:
             return
-        held = {id(p) for group in opt.param_groups for p in group["params"]}
-        missing = [n for n, p in current.named_parameters() if p.requires_grad and id(p) not in held]
-        trains = any(p.requires_grad for group in opt.param_groups for p in group["params"])
+        held = {id(param) for group in opt.param_groups for param in group["params"]}
+        missing = [name for name, param in current.named_parameters() if param.requires_grad and id(param) not in held]
+        trains = any(param.requires_grad for group in opt.param_groups for param in group["params"])
         if trains and not missing:
             passed = True
             return
@@ -341,7 +346,7 @@ class SubspaceAdamWFactory:
             kwargs = {**_adamw_hyperparameters(trainer.args), **kwargs}
         optimizer = build_optimizer(model, **kwargs)
         if trainer is None and "lr" not in kwargs:
-            compat.warn_user(
+            guards.warn_user(
                 f"SubspaceAdamWFactory got no lr and was not called by a Trainer: lr={options.DEFAULTS['lr']} "
                 "(SubspaceAdamW's default) is used, not TrainingArguments.learning_rate. Pass lr=args.learning_rate, "
                 "or build the kwargs with optimizer_cls_and_kwargs(args)"
@@ -402,27 +407,27 @@ class SubspaceMetricsCallback(TrainerCallback):
 
     def metrics(self, optimizer: SubspaceAdamW) -> dict[str, float]:
         """The log entries for ``optimizer`` now; values not known yet (before a refresh) are left out."""
-        m = optimizer.subspace_metrics()
-        overall = m["overall"]
+        metrics = optimizer.subspace_metrics()
+        overall = metrics["overall"]
         out: dict[str, float] = {
             "state_bytes": overall["state_bytes"],
-            "refresh_count": max((p["refresh_count"] for p in m["params"].values()), default=0),
+            "refresh_count": max((entry["refresh_count"] for entry in metrics["params"].values()), default=0),
             "nonfinite_skips": overall["nonfinite_skips"],
         }
         handle = optimizer._backward_update
         if handle is not None and handle.last_grad_norm is not None:  # layer-wise: the Trainer's grad_norm is 0
             out["grad_norm"] = handle.last_grad_norm
         # Refresh time and energy live in memory only: after a resume they are unknown until the next refresh.
-        if any(p["refresh_time_s"] is not None for p in m["params"].values()):
+        if any(entry["refresh_time_s"] is not None for entry in metrics["params"].values()):
             out["refresh_time_s"] = overall["last_refresh_time_s"]
         if overall["captured_energy"] is not None:
             out["captured_energy"] = overall["captured_energy"]
         if self.per_param:
-            for name, entry in m["params"].items():
+            for name, entry in metrics["params"].items():
                 for key in ("captured_energy", "overlap"):
                     if entry[key] is not None:
                         out[f"{name}/{key}"] = entry[key]
-        return {self.prefix + k: v for k, v in out.items()}
+        return {self.prefix + key: value for key, value in out.items()}
 
     def on_log(
         self,
@@ -452,7 +457,7 @@ def add_metrics_callback(trainer: Trainer, callback: SubspaceMetricsCallback | N
     """
     callback = callback if callback is not None else SubspaceMetricsCallback()
     callbacks = trainer.callback_handler.callbacks
-    callbacks[:] = [c for c in callbacks if not isinstance(c, SubspaceMetricsCallback)]
+    callbacks[:] = [existing for existing in callbacks if not isinstance(existing, SubspaceMetricsCallback)]
     callbacks.insert(0, callback)
     return callback
 

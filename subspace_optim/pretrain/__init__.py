@@ -100,11 +100,12 @@ def run(cfg: PretrainConfig, command: str | None = None) -> Path | None:
     results = [loop.train_run(name, cfg, tokens, out, precision, cpu) for name in cfg.optimizer]
     if not main:
         return None
-    for r in results:
-        s = r.get("summary") or {}
-        line = f"{r['optimizer']}: step {r['state']['step']}/{cfg.steps}, eval loss {report.eval_span(r['state'])}"
-        if s.get("tokens_per_s"):
-            line += f", {s['train_seconds']:.0f} s training, {s['tokens_per_s']:.0f} tokens/s"
+    for result in results:
+        summary = result.get("summary") or {}
+        state = result["state"]
+        line = f"{result['optimizer']}: step {state['step']}/{cfg.steps}, eval loss {report.eval_span(state)}"
+        if summary.get("tokens_per_s"):
+            line += f", {summary['train_seconds']:.0f} s training, {summary['tokens_per_s']:.0f} tokens/s"
         print(line, flush=True)
     if not cfg.report:
         return None

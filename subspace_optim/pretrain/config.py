@@ -48,8 +48,9 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
 
 def _names(text: str | Sequence[str]) -> list[str]:
     """A comma-separated list (CLI) or a YAML list of optimizer names, validated."""
-    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else [str(t).strip() for t in text]
-    items = [t for t in items if t]
+    raw = text.split(",") if isinstance(text, str) else text
+    items = [str(item).strip() for item in raw]
+    items = [item for item in items if item]
     if not items:
         raise ValueError("expected at least one optimizer name")
     for name in items:
@@ -67,7 +68,7 @@ def _names(text: str | Sequence[str]) -> list[str]:
 def _lr(value: Any) -> float | dict[str, float]:
     """One learning rate for every optimizer (``3e-3``) or one per optimizer (``adamw=3e-3,subspace=1e-2``)."""
     if isinstance(value, dict):
-        return {str(k): float(v) for k, v in value.items()}
+        return {str(name): float(rate) for name, rate in value.items()}
     if isinstance(value, (int, float)):
         return float(value)
     text = str(value).strip()
@@ -405,14 +406,14 @@ class PretrainConfig:
         }
         if optimizer != "subspace":
             skip.add("layerwise")  # only SubspaceAdamW updates inside backward
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        fields = {name: value for name, value in dataclasses.asdict(self).items() if name not in skip}
         fields["lr"] = self.lr_for(optimizer)
         fields["plain_lr"] = self.plain_lr_for(optimizer)
         fields["warmup"] = self.warmup
         return fields
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+FIELDS = {spec.name: spec for spec in dataclasses.fields(PretrainConfig)}
 
 
 def _flag(name: str) -> str:
@@ -437,7 +438,7 @@ def configs_dir() -> Path:
     for candidate in candidates:
         if candidate.is_dir() and any(candidate.glob("llama_*.yaml")):
             return candidate
-    tried = ", ".join(str(c) for c in candidates)
+    tried = ", ".join(str(candidate) for candidate in candidates)
     raise FileNotFoundError(
         f"no model configs found (looked in {tried}). Run from a clone of the repository (pip install -e .), "
         f"or set {CONFIGS_ENV} to a directory holding llama_*.yaml, or pass --model path/to/model.yaml"
@@ -451,7 +452,7 @@ def _size_key(name: str) -> tuple[float, str]:
 
 def model_names() -> list[str]:
     """Model sizes in configs/, smallest first."""
-    return sorted((p.stem for p in configs_dir().glob("llama_*.yaml")), key=_size_key)
+    return sorted((path.stem for path in configs_dir().glob("llama_*.yaml")), key=_size_key)
 
 
 def model_file(model: str) -> Path:
@@ -526,14 +527,14 @@ def build_parser(prog: str = "subspace-optim pretrain") -> argparse.ArgumentPars
         "output": parser.add_argument_group("evaluation, output and checkpoints"),
     }
     defaults = PretrainConfig()
-    for name, f in FIELDS.items():
-        parse = f.metadata["parse"]
+    for name, spec in FIELDS.items():
+        parse = spec.metadata["parse"]
         default = getattr(defaults, name)
         shown = ",".join(default) if isinstance(default, list) else default
         if isinstance(default, dict):
-            shown = ",".join(f"{k}={v:g}" for k, v in default.items())
-        help_text = f.metadata["help"] + ("" if default is None else f" (default: {shown})")
-        target = groups[f.metadata["group"]]
+            shown = ",".join(f"{key}={value:g}" for key, value in default.items())
+        help_text = spec.metadata["help"] + ("" if default is None else f" (default: {shown})")
+        target = groups[spec.metadata["group"]]
         flag = f"--{_flag(name)}"
         if parse is _bool:
             target.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)

@@ -115,12 +115,13 @@ def local_files(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+        found = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix.lower() in LOCAL_SUFFIXES)
         if not found:
             raise FileNotFoundError(f"--dataset {spec}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files")
         return found
     if glob.has_magic(spec):
-        found = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        matches = glob.glob(os.path.expanduser(spec), recursive=True)
+        found = sorted(Path(match) for match in matches if Path(match).is_file())
         if not found:
             raise FileNotFoundError(f"--dataset {spec}: the pattern matches no files")
         return found
@@ -179,7 +180,7 @@ def _documents(path: Path, text_field: str) -> Iterator[str]:
                 f"{path}: no {text_field!r} column (has {table.schema_arrow.names}); choose it with --text-field"
             )
         for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-            yield from (str(v) for v in batch.column(0).to_pylist() if v is not None)
+            yield from (str(text) for text in batch.column(0).to_pylist() if text is not None)
     elif suffix in (".jsonl", ".json"):
         with open(path, encoding="utf-8") as f:
             first = f.read(1)
@@ -325,6 +326,6 @@ class TokenData:
 
     def eval_windows(self, seq_len: int, max_windows: int) -> Tensor:
         """Consecutive, non-overlapping held-out windows of ``seq_len + 1`` tokens (the same every time)."""
-        n = min(max_windows, (self.heldout.numel() - 1) // seq_len)
-        index = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)
+        count = min(max_windows, (self.heldout.numel() - 1) // seq_len)
+        index = torch.arange(count)[:, None] * seq_len + torch.arange(seq_len + 1)
         return self.heldout[index].long()

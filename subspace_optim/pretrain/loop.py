@@ -127,8 +127,9 @@ class Checkpoints:
     def complete(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-        return sorted((p for p in found if (p / STATE_FILE).is_file()), key=lambda p: int(p.name[5:]))
+        found = [entry for entry in self.dir.iterdir() if entry.is_dir() and _STEP_DIR.match(entry.name)]
+        complete = [checkpoint for checkpoint in found if (checkpoint / STATE_FILE).is_file()]
+        return sorted(complete, key=lambda checkpoint: int(checkpoint.name[5:]))
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names, or else the newest complete one (a kill between the rename and
@@ -335,10 +336,10 @@ def _set_up(
     accum, rows = _batch_layout(cfg, accelerator.num_processes)
 
     model = build_model(cfg, data.tokenizer.vocab_size)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(param.numel() for param in model.parameters())
     optimizer = optimizers.build(name, model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        optimizer, lambda step: lr_multiplier(step, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     )
     # The scheduler is registered, not prepared: a prepared one steps once per process per call.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -579,7 +580,7 @@ def _summary(
     digests: list[str] | None,
     seeds: list[int],
 ) -> dict[str, Any]:
-    losses = [h["loss"] for h in state.history]
+    losses = [record["loss"] for record in state.history]
     tail = losses[-10:]
     steady = state.step - 1
     step_time = (

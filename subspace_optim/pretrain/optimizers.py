@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from .. import options as subspace_options
 from ..optimizer import SubspaceAdamW
@@ -60,7 +61,9 @@ def require(name: str, device: torch.device | str = "cpu") -> None:
 
 def target_modules(cfg: PretrainConfig) -> str | list[str]:
     spec = cfg.target_modules
-    return spec if spec == ALL_LINEAR or "," not in spec else [s.strip() for s in spec.split(",") if s.strip()]
+    if spec == ALL_LINEAR or "," not in spec:
+        return spec
+    return [name.strip() for name in spec.split(",") if name.strip()]
 
 
 def check_rank(model: nn.Module, cfg: PretrainConfig) -> None:
@@ -82,10 +85,10 @@ def check_rank(model: nn.Module, cfg: PretrainConfig) -> None:
 
 def _split(model: nn.Module, cfg: PretrainConfig) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """(projected weights, other matrices, 1-D parameters), by the rule ``param_groups`` applies."""
-    projected = [p for _, p in param_groups(model, target_modules(cfg), rank=cfg.rank)[0]["params"]]
-    chosen = {id(p) for p in projected}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    return projected, [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
+    projected = [param for _, param in param_groups(model, target_modules(cfg), rank=cfg.rank)[0]["params"]]
+    chosen = {id(param) for param in projected}
+    rest = [param for param in model.parameters() if param.requires_grad and id(param) not in chosen]
+    return projected, [param for param in rest if param.dim() >= 2], [param for param in rest if param.dim() < 2]
 
 
 def _plain_groups(model: nn.Module, weight_decay: float, cfg: PretrainConfig, name: str) -> list[dict[str, Any]]:
@@ -94,8 +97,9 @@ def _plain_groups(model: nn.Module, weight_decay: float, cfg: PretrainConfig, na
     their own groups, so AdamW can be tuned with a separate embedding lr on the same terms."""
     separate = cfg.plain_lr_for(name)
     if separate is None:
-        matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        vectors = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        trainable = [param for param in model.parameters() if param.requires_grad]
+        matrices = [param for param in trainable if param.dim() >= 2]
+        vectors = [param for param in trainable if param.dim() < 2]
         return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
     projected, matrices, vectors = _split(model, cfg)
     groups = [
@@ -103,7 +107,7 @@ def _plain_groups(model: nn.Module, weight_decay: float, cfg: PretrainConfig, na
         {"params": matrices, "weight_decay": weight_decay, "lr": separate},
         {"params": vectors, "weight_decay": 0.0, "lr": separate},
     ]
-    return [g for g in groups if g["params"]]
+    return [group for group in groups if group["params"]]
 
 
 def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
@@ -115,60 +119,72 @@ def build(name: str, model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
         _import(name)
     if name == "galore8bit":
         _require_cuda_galore8bit(next(model.parameters()).device)
-    lr = cfg.lr_for(name)
-    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    adam_args = {"lr": cfg.lr_for(name), "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
     if name == "adamw":
-        device = next(model.parameters()).device
-        fused = cfg.fused
-        if fused is None:
-            from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-            fused = device.type in _get_fused_kernels_supported_devices()
-        return torch.optim.AdamW(
-            _plain_groups(model, cfg.weight_decay, cfg, name), lr=lr, betas=betas, eps=cfg.adam_eps, fused=fused
-        )
+        return _adamw(model, cfg, adam_args)
     if name == "subspace":
-        check_rank(model, cfg)
-        # Every option of the table that the config holds (lr, betas, eps and weight decay are set above).
-        opts = {
-            key: getattr(cfg, OPTION_FIELDS.get(key, key))
-            for key in subspace_options.DEFAULTS
-            if key not in ("lr", "betas", "eps", "weight_decay")
-        }
-        opts["plain_lr"] = cfg.plain_lr_for(name)
-        # plain groups too: the engine, foreach/fused, matmul precision, moment storage and their lr
-        everywhere = {k: opts.pop(k) for k in ("engine", "foreach", "fused", "matmul_precision", "moments_dtype",
-                                               "plain_lr")}  # fmt: skip
-        groups = param_groups(model, target_modules(cfg), weight_decay=cfg.weight_decay, **opts)
-        return SubspaceAdamW(groups, lr=lr, betas=betas, eps=cfg.adam_eps, **everywhere)
+        return _subspace_adamw(model, cfg, adam_args)
     if name in ("galore", "galore8bit", "apollo"):
-        module = _import(name)
-        check_rank(model, cfg)
-        projected, matrices, vectors = _split(model, cfg)
-        low_rank: dict[str, Any] = {"rank": cfg.rank, "update_proj_gap": cfg.update_gap, "proj_type": cfg.proj_type}
-        if name in ("galore", "galore8bit"):
-            low_rank["scale"] = cfg.scale
-            cls = module.GaLoreAdamW8bit if name == "galore8bit" else module.GaLoreAdamW
-        else:
-            low_rank.update(scale=cfg.apollo_scale, proj=cfg.apollo_proj, scale_type=cfg.apollo_scale_type)
-            cls = module.APOLLOAdamW
-        separate = cfg.plain_lr_for(name)  # the parameters galore/apollo do not project, as for adamw
-        plain = {} if separate is None else {"lr": separate}
-        groups = [
-            {"params": matrices, "weight_decay": cfg.weight_decay, **plain},
-            {"params": vectors, "weight_decay": 0.0, **plain},
-            {"params": projected, "weight_decay": cfg.weight_decay, **low_rank},
-        ]
-        kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": cfg.adam_eps}
-        if "no_deprecation_warning" in inspect.signature(cls).parameters:
-            kwargs["no_deprecation_warning"] = True
-        opt = cls([g for g in groups if g["params"]], **kwargs)
-        return fix_galore8bit_args(opt) if name == "galore8bit" else opt
+        return _low_rank_peer(name, model, cfg, adam_args)
     if name == "adamw8bit":
-        bnb = _import(name)
-        groups = _plain_groups(model, cfg.weight_decay, cfg, name)
-        return bnb.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=cfg.adam_eps)
+        bitsandbytes = _import(name)
+        return bitsandbytes.optim.AdamW8bit(_plain_groups(model, cfg.weight_decay, cfg, name), **adam_args)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _adamw(model: nn.Module, cfg: PretrainConfig, adam_args: dict[str, Any]) -> torch.optim.AdamW:
+    """torch's AdamW, fused wherever torch has the fused kernel for the model's device (unless the config sets
+    ``fused``)."""
+    fused = cfg.fused
+    if fused is None:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused = next(model.parameters()).device.type in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(_plain_groups(model, cfg.weight_decay, cfg, "adamw"), **adam_args, fused=fused)
+
+
+def _subspace_adamw(model: nn.Module, cfg: PretrainConfig, adam_args: dict[str, Any]) -> SubspaceAdamW:
+    """SubspaceAdamW with every option of the table that the config holds (lr, betas, eps and weight decay come
+    from ``adam_args`` and the config)."""
+    check_rank(model, cfg)
+    settings = {
+        key: getattr(cfg, OPTION_FIELDS.get(key, key))
+        for key in subspace_options.DEFAULTS
+        if key not in ("lr", "betas", "eps", "weight_decay")
+    }
+    settings["plain_lr"] = cfg.plain_lr_for("subspace")
+    # plain groups too: the engine, foreach/fused, matmul precision, moment storage and their lr
+    everywhere_keys = ("engine", "foreach", "fused", "matmul_precision", "moments_dtype", "plain_lr")
+    everywhere = {key: settings.pop(key) for key in everywhere_keys}
+    groups = param_groups(model, target_modules(cfg), weight_decay=cfg.weight_decay, **settings)
+    return SubspaceAdamW(groups, **adam_args, **everywhere)
+
+
+def _low_rank_peer(name: str, model: nn.Module, cfg: PretrainConfig, adam_args: dict[str, Any]) -> Optimizer:
+    """galore-torch's GaLoreAdamW / GaLoreAdamW8bit or apollo-torch's APOLLOAdamW, on the same split of parameters
+    as SubspaceAdamW: the projected weights in a low-rank group, the rest plain (with ``--plain-lr`` if set)."""
+    module = _import(name)
+    check_rank(model, cfg)
+    projected, matrices, vectors = _split(model, cfg)
+    low_rank: dict[str, Any] = {"rank": cfg.rank, "update_proj_gap": cfg.update_gap, "proj_type": cfg.proj_type}
+    if name in ("galore", "galore8bit"):
+        low_rank["scale"] = cfg.scale
+        optimizer_class = module.GaLoreAdamW8bit if name == "galore8bit" else module.GaLoreAdamW
+    else:
+        low_rank.update(scale=cfg.apollo_scale, proj=cfg.apollo_proj, scale_type=cfg.apollo_scale_type)
+        optimizer_class = module.APOLLOAdamW
+    separate = cfg.plain_lr_for(name)  # the parameters galore/apollo do not project, as for adamw
+    plain = {} if separate is None else {"lr": separate}
+    groups = [
+        {"params": matrices, "weight_decay": cfg.weight_decay, **plain},
+        {"params": vectors, "weight_decay": 0.0, **plain},
+        {"params": projected, "weight_decay": cfg.weight_decay, **low_rank},
+    ]
+    kwargs: dict[str, Any] = dict(adam_args)
+    if "no_deprecation_warning" in inspect.signature(optimizer_class).parameters:
+        kwargs["no_deprecation_warning"] = True
+    optimizer = optimizer_class([group for group in groups if group["params"]], **kwargs)
+    return fix_galore8bit_args(optimizer) if name == "galore8bit" else optimizer
 
 
 def _probe_8bit(bnb, device: torch.device, name: str = "adamw8bit") -> None:
@@ -220,4 +236,4 @@ def refresh_count(optimizer: torch.optim.Optimizer) -> int | None:
     """Total basis refreshes so far (SubspaceAdamW), or None for optimizers that do not report them."""
     if not isinstance(optimizer, SubspaceAdamW):
         return None
-    return sum(s.get("refresh_count", 0) for s in optimizer.state.values())
+    return sum(state.get("refresh_count", 0) for state in optimizer.state.values())

@@ -20,14 +20,14 @@ LABELS = {
 }
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
+def human_bytes(size: float | None) -> str:
+    if size is None:
         return "n/a"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} TiB"  # pragma: no cover
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -39,9 +39,9 @@ def _fmt(value: float | None, spec: str) -> str:
 def smooth(values: list[float], alpha: float = 0.1) -> list[float]:
     """Exponential moving average with bias correction (a readable curve from noisy per-step losses)."""
     out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = (1 - alpha) * avg + alpha * v
-        out.append(avg / (1 - (1 - alpha) ** i))
+    for count, value in enumerate(values, 1):
+        avg = (1 - alpha) * avg + alpha * value
+        out.append(avg / (1 - (1 - alpha) ** count))
     return out
 
 
@@ -71,23 +71,23 @@ def table(runs: list[dict[str, Any]]) -> str:
     )
     rows = [header]
     for run in runs:
-        s = run.get("summary") or {}
+        summary = run.get("summary") or {}
         state = run["state"]
         evals = state["evals"]
         refresh = "n/a"
-        if s.get("refreshes") is not None:
-            refresh = f"{s['refreshes']} ({s['refresh_seconds_total']:.2f} s)"
+        if summary.get("refreshes") is not None:
+            refresh = f"{summary['refreshes']} ({summary['refresh_seconds_total']:.2f} s)"
         status = "" if run.get("status") == "finished" else f" ({run.get('status')})"
         first_loss = state["history"][0]["loss"] if state["history"] else None
         last_step = f" (step {evals[-1]['step']})" if evals else ""
         rows.append(
             f"| {LABELS.get(run['optimizer'], run['optimizer'])}{status} | {run['lr']:g} | {state['step']} | "
-            f"{_fmt(first_loss, '.3f')} → {_fmt(s.get('final_train_loss'), '.3f')} | "
+            f"{_fmt(first_loss, '.3f')} → {_fmt(summary.get('final_train_loss'), '.3f')} | "
             f"{_fmt(evals[0]['loss'] if evals else None, '.3f')} → {_fmt(evals[-1]['loss'] if evals else None, '.4f')}"
             f"{last_step}"
-            f" | {_fmt(evals[-1]['ppl'] if evals else None, '.2f')} | {human_bytes(s.get('state_bytes'))} | "
-            f"{human_bytes(s.get('peak_memory_bytes'))} | {_fmt(s.get('step_time_s'), '.3f')} s | "
-            f"{_fmt(s.get('tokens_per_s'), ',.0f')} | {refresh} |"
+            f" | {_fmt(evals[-1]['ppl'] if evals else None, '.2f')} | {human_bytes(summary.get('state_bytes'))} | "
+            f"{human_bytes(summary.get('peak_memory_bytes'))} | {_fmt(summary.get('step_time_s'), '.3f')} s | "
+            f"{_fmt(summary.get('tokens_per_s'), ',.0f')} | {refresh} |"
         )
     return "\n".join(rows)
 
@@ -108,16 +108,16 @@ def plot(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             name = LABELS.get(run["optimizer"], run["optimizer"])
             if history:
                 ax.plot(
-                    [h[key] for h in history],
-                    smooth([h["loss"] for h in history]),
+                    [record[key] for record in history],
+                    smooth([record["loss"] for record in history]),
                     color=color,
                     label=f"{name} train (EMA)",
                 )
             evals = run["state"]["evals"]
             if evals:
                 ax.plot(
-                    [e[key] for e in evals],
-                    [e["loss"] for e in evals],
+                    [point[key] for point in evals],
+                    [point["loss"] for point in evals],
                     "o--",
                     color=color,
                     markersize=4,
@@ -179,7 +179,7 @@ def write(runs: list[dict[str, Any]], out_dir: Path, command: str) -> Path:
         f"Peak memory: {peak_kind} of process 0 during training. Step time: mean wall time per optimizer step after "
         f"the first. Refreshes: subspace basis refresh events and their total wall time (SubspaceAdamW only).",
         "",
-        *(f"![{p.stem}]({p.name})" for p in plots),
+        *(f"![{plot.stem}]({plot.name})" for plot in plots),
         "",
     ]
     path = out_dir / "report.md"
@@ -189,7 +189,7 @@ def write(runs: list[dict[str, Any]], out_dir: Path, command: str) -> Path:
         {
             "command": command,
             "runs": [
-                {k: run[k] for k in ("optimizer", "lr", "status", "summary", "run_dir") if k in run}
+                {key: run[key] for key in ("optimizer", "lr", "status", "summary", "run_dir") if key in run}
                 | {"evals": run["state"]["evals"]}
                 for run in runs
             ],

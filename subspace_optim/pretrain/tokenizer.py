@@ -63,7 +63,7 @@ def _from_tokenizers(tok, name: str, path: Path | None = None, trained_now: bool
     serialized = tok.to_str()
 
     def encode_batch(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        return [encoding.ids for encoding in tok.encode_batch(texts, add_special_tokens=False)]
 
     return TextTokenizer(
         name=name,

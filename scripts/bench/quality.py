@@ -13,9 +13,11 @@ sweep goes in stages, each choosing from the finished rows before it:
    of the best residual, then the best of those with a separate plain lr.
 
 With ``--step-time`` it also times SubspaceAdamW's ``step()`` alone, every residual against ``none`` in one
-process, steps interleaved round by round, on the model's projected shapes (no refresh in the timed steps).
+process, steps interleaved round by round (``common.interleaved``), on the model's projected shapes (no refresh in
+the timed steps).
 
-    python scripts/bench_quality.py --model llama_9m --out runs/quality --step-time --markdown docs/benchmarks.md
+    python -m scripts.bench.quality --model llama_9m --out runs/quality --step-time --json quality.json
+    python -m scripts.bench.render quality.json
 
 Runs already in ``--out`` are read, not rerun, so an interrupted sweep resumes. ``--smoke`` runs a few steps
 of a tiny model (what the tests run).
@@ -27,17 +29,21 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import random
-import statistics
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from subspace_optim import SubspaceAdamW, param_groups
+from subspace_optim.pretrain import loop
+from subspace_optim.pretrain.config import load_config
+
+from . import common
+
 RESIDUALS = ("none", "fira", "fira_tensor", "apollo")
 
 
@@ -46,9 +52,21 @@ def _flag_value(value: float) -> str:
 
 
 def _command(args: argparse.Namespace, out: Path, optimizer: str, lr: float, extra: dict) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", args.model, "--optimizer", optimizer,
-           "--lr", f"{optimizer}={_flag_value(lr)}", "--output-dir", str(out), "--no-progress",
-           "--save-every", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(common.ROOT / "scripts" / "pretrain.py"),
+        "--model",
+        args.model,
+        "--optimizer",
+        optimizer,
+        "--lr",
+        f"{optimizer}={_flag_value(lr)}",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--save-every",
+        "0",
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.steps:
@@ -66,7 +84,7 @@ def run_many(args: argparse.Namespace, specs: list[tuple[str, str, float, dict]]
     """Run the pretrain jobs ``specs`` = (name, optimizer, lr, extra flags), ``--jobs`` at a time (runs
     whose report.json exists are read, not rerun); returns their rows in ``specs`` order."""
     # this checkout's package first, whatever an editable install elsewhere points at
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(common.ROOT), os.environ.get("PYTHONPATH", "")])}
     todo = [s for s in specs if not (args.out / s[0] / "report.json").exists()]
     # a run directory without a report is a run in progress elsewhere (an earlier, interrupted sweep's
     # child): wait for its report instead of starting it twice (delete the directory to rerun it)
@@ -81,8 +99,13 @@ def run_many(args: argparse.Namespace, specs: list[tuple[str, str, float, dict]]
             (args.out / name).mkdir(parents=True, exist_ok=True)
             log = (args.out / name / "stdout.log").open("w")
             print("$", " ".join(cmd), flush=True)
-            running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), name,
-                            time.perf_counter()))  # fmt: skip
+            running.append(
+                (
+                    subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                    name,
+                    time.perf_counter(),
+                )
+            )
         time.sleep(2)
         for job in list(running):
             proc, name, started = job
@@ -136,39 +159,60 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     separate plain lrs, ours (best residual) at other lrs and with separate plain lrs."""
     f = _flag_value
     adamw = [(f"adamw_lr{f(lr)}", "adamw", lr, {}) for lr in args.adamw_lrs]
-    galore = [] if args.no_galore else [
-        (f"galore_lr0.01_gap{gap}", "galore", 1e-2, {"update_gap": gap, "scale": 0.25})
-        for gap in dict.fromkeys([200, args.update_gap])
-    ]  # fmt: skip
+    galore = (
+        []
+        if args.no_galore
+        else [
+            (f"galore_lr0.01_gap{gap}", "galore", 1e-2, {"update_gap": gap, "scale": 0.25})
+            for gap in dict.fromkeys([200, args.update_gap])
+        ]
+    )
     # apollo-torch at its paper's LLaMA settings (lr 1e-2, rank as ours, random projection, channel-wise
     # scaling, scale 1, update gap 200) and at our update gap; skipped when it is not installed
-    apollo = [] if args.no_apollo or importlib.util.find_spec("apollo_torch") is None else [
-        (f"apollo_lr0.01_gap{gap}", "apollo", 1e-2,
-         {"update_gap": gap, "apollo_scale": 1, "apollo_proj": "random", "apollo_scale_type": "channel"})
-        for gap in dict.fromkeys([200, args.update_gap])
-    ]  # fmt: skip
+    apollo = (
+        []
+        if args.no_apollo or importlib.util.find_spec("apollo_torch") is None
+        else [
+            (
+                f"apollo_lr0.01_gap{gap}",
+                "apollo",
+                1e-2,
+                {"update_gap": gap, "apollo_scale": 1, "apollo_proj": "random", "apollo_scale_type": "channel"},
+            )
+            for gap in dict.fromkeys([200, args.update_gap])
+        ]
+    )
     ours = [(f"subspace_{mode}_lr0.01", "subspace", 1e-2, {"residual": mode}) for mode in args.residuals]
     first = run_many(args, adamw + galore + apollo + ours)
     adamw_rows = first[: len(adamw)]
     ours_rows = first[len(adamw) + len(galore) + len(apollo) :]
     best = _best(adamw_rows)
     top = _best(ours_rows)
-    second = [(f"adamw_lr{f(best['lr'])}_plain{f(best['lr'] * k)}", "adamw", best["lr"], {"plain_lr": best["lr"] * k})
-              for k in args.plain_factors]  # fmt: skip
-    second += [(f"subspace_{top['residual']}_lr{f(lr)}", "subspace", lr, {"residual": top["residual"]})
-               for lr in args.subspace_lrs if lr != 1e-2]  # fmt: skip
-    second += [(f"subspace_{top['residual']}_lr0.01_plain{f(plain)}", "subspace", 1e-2,
-                {"residual": top["residual"], "plain_lr": plain}) for plain in args.subspace_plain_lrs]  # fmt: skip
+    second = [
+        (f"adamw_lr{f(best['lr'])}_plain{f(best['lr'] * k)}", "adamw", best["lr"], {"plain_lr": best["lr"] * k})
+        for k in args.plain_factors
+    ]
+    second += [
+        (f"subspace_{top['residual']}_lr{f(lr)}", "subspace", lr, {"residual": top["residual"]})
+        for lr in args.subspace_lrs
+        if lr != 1e-2
+    ]
+    second += [
+        (
+            f"subspace_{top['residual']}_lr0.01_plain{f(plain)}",
+            "subspace",
+            1e-2,
+            {"residual": top["residual"], "plain_lr": plain},
+        )
+        for plain in args.subspace_plain_lrs
+    ]
     return first + run_many(args, second)
 
 
-def step_times(args: argparse.Namespace) -> dict:
-    """Median seconds of SubspaceAdamW.step() per residual mode, interleaved, on the model's shapes."""
-    sys.path.insert(0, str(ROOT))  # this checkout's package, as the pretrain runs get through PYTHONPATH
-    from subspace_optim import SubspaceAdamW, param_groups
-    from subspace_optim.pretrain import loop
-    from subspace_optim.pretrain.config import load_config
-
+def step_times(args: argparse.Namespace) -> dict[str, Any]:
+    """Median seconds of SubspaceAdamW.step() per residual mode, interleaved, on the model's shapes; then a whole
+    training step (forward, backward, step) per mode on one batch of the config's shape: what the residual adds
+    to a run's wall time. Ratios are medians of per-round ratios against ``none``."""
     torch.manual_seed(0)
     cfg = load_config(["--model", args.model])
     model = loop.build_model(cfg, cfg.tokenizer_vocab)
@@ -178,102 +222,116 @@ def step_times(args: argparse.Namespace) -> dict:
     for mode in RESIDUALS:
         groups = param_groups(model, "all-linear", rank=cfg.rank, update_gap=10**9)
         opts[mode] = SubspaceAdamW(groups, lr=1e-6, residual=mode)  # tiny lr: the weights barely move
-    projected = [p for p in opts["none"].param_groups[0]["params"]]
+    projected = list(opts["none"].param_groups[0]["params"])
     grads = {id(p): torch.randn_like(p) * 1e-2 for p in model.parameters()}
-    times: dict[str, list[float]] = {m: [] for m in RESIDUALS}
-    for p in model.parameters():
-        p.grad = grads[id(p)]
-    order = random.Random(0)
-    for rnd in range(args.timed_steps + 2):
-        modes = list(opts)
-        order.shuffle(modes)  # no mode always runs first (or right after another) in a round
-        for mode in modes:
-            for p in projected:  # only the projected matrices: the plain AdamW part is the same for every mode
-                p.grad = grads[id(p)]
-            started = time.perf_counter()
-            opts[mode].step()
-            if rnd >= 2:  # the first (refresh) step and one warm-up step are not timed
-                times[mode].append(time.perf_counter() - started)
-    # A whole training step (forward, backward, step) per mode on one batch of the config's shape: what the
-    # residual adds to a run's wall time. Same rounds, shuffled order and per-round ratios.
+    for param in model.parameters():
+        param.grad = grads[id(param)]
+
+    def restore_grads(_: int) -> None:  # only the projected matrices: the plain part is the same for every mode
+        for param in projected:
+            param.grad = grads[id(param)]
+
+    steps = {mode: opt.step for mode, opt in opts.items()}
+    common.interleaved(steps, 2, before_round=restore_grads)  # the first (refresh) step and one warm-up
+    times = common.interleaved(steps, args.timed_steps, before_round=restore_grads)
     ids = torch.randint(0, cfg.tokenizer_vocab, (cfg.batch_size, cfg.seq_len + 1), generator=torch.Generator())
-    train: dict[str, list[float]] = {m: [] for m in RESIDUALS}
-    for rnd in range(min(args.timed_steps // 2, 10) + 1):
-        modes = list(opts)
-        order.shuffle(modes)
-        for mode in modes:
-            started = time.perf_counter()
-            opts[mode].zero_grad()
-            logits = model(input_ids=ids[:, :-1]).logits
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-            opts[mode].step()
-            if rnd >= 1:
-                train[mode].append(time.perf_counter() - started)
 
-    # the ratio of each round's steps, then the median over rounds: a load that changes between rounds
-    # (other processes on the machine) cancels in each round's ratio
-    def ratios(t: dict[str, list[float]]) -> dict[str, float]:
-        return {m: statistics.median(a / b for a, b in zip(t[m], t["none"], strict=True)) for m in RESIDUALS}
+    def train_step(opt: torch.optim.Optimizer) -> None:
+        opt.zero_grad()
+        common.next_token_loss(model, ids).backward()
+        opt.step()
 
-    return {"model": args.model, "rank": cfg.rank, "threads": torch.get_num_threads(), "steps": args.timed_steps,
-            "median_s": {m: statistics.median(t) for m, t in times.items()}, "ratio_vs_none": ratios(times),
-            "train_median_s": {m: statistics.median(t) for m, t in train.items()},
-            "train_ratio_vs_none": ratios(train)}  # fmt: skip
+    train = {mode: (lambda o=opt: train_step(o)) for mode, opt in opts.items()}
+    common.interleaved(train, 1)
+    trained = common.interleaved(train, min(args.timed_steps // 2, 10))
+    step_summary, train_summary = times.summary("none"), trained.summary("none")
+    return {
+        "model": args.model,
+        "rank": cfg.rank,
+        "threads": torch.get_num_threads(),
+        "steps": args.timed_steps,
+        "median_s": {m: s["median_s"] for m, s in step_summary.items()},
+        "ratio_vs_none": {m: s["vs_none"] for m, s in step_summary.items()},
+        "train_median_s": {m: s["median_s"] for m, s in train_summary.items()},
+        "train_ratio_vs_none": {m: s["vs_none"] for m, s in train_summary.items()},
+    }
 
 
-def markdown(args: argparse.Namespace, rows: list[dict], timing: dict | None, command: str) -> str:
-    adamw = [r for r in rows if r["optimizer"] == "adamw"]
-    galore = [r for r in rows if r["optimizer"] == "galore"]
-    best_adamw = _best(adamw)["eval_loss"] if adamw else None
-    best_galore = _best(galore)["eval_loss"] if galore else None
+QUALITY_COLUMNS = [
+    "run",
+    "optimizer",
+    "lr",
+    "plain lr",
+    "residual",
+    "update gap",
+    "held-out loss",
+    "vs best AdamW",
+    "vs best galore",
+    "train s",
+    "optimizer state",
+]
 
-    def rel(x: float, ref: float | None) -> str:
-        return "" if ref is None else f"{100 * (x - ref) / ref:+.2f}%"
 
-    lines = [
-        f"Command: `{command}`; {platform.machine()} CPU, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.",
+def quality_table(args: argparse.Namespace, rows: list[dict]) -> dict[str, Any]:
+    best = {
+        name: _best(found)["eval_loss"] if (found := [r for r in rows if r["optimizer"] == name]) else None
+        for name in ("adamw", "galore")
+    }
+
+    def rel(loss: float, ref: float | None) -> str:
+        return "" if ref is None else f"{100 * (loss - ref) / ref:+.2f}%"
+
+    cells = [
+        [
+            r["name"],
+            r["optimizer"],
+            f"{r['lr']:g}",
+            "" if r["plain_lr"] is None else format(r["plain_lr"], "g"),
+            r["residual"] or "",
+            str(r["update_gap"] or ""),
+            f"{r['eval_loss']:.4f}",
+            rel(r["eval_loss"], best["adamw"]),
+            rel(r["eval_loss"], best["galore"]),
+            f"{r['train_seconds']:.0f}",
+            f"{r['state_bytes'] / 2**20:.2f} MiB",
+        ]
+        for r in rows
     ]
-    if rows:
-        lines[:0] = [
-            f"### Quality sweep: {args.model}, {rows[0]['steps']} steps, equal rank and data "
-            "(`scripts/bench_quality.py`)",
-            "",
-        ]
-        lines += [
-            "Held-out loss at the last step; seconds are training wall time on shared cores (indicative only).",
-            "",
-            "| run | optimizer | lr | plain lr | residual | update gap | held-out loss | vs best AdamW | "
-            "vs best galore | train s | optimizer state |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-    for r in rows:
-        plain = "" if r["plain_lr"] is None else format(r["plain_lr"], "g")
-        loss = r["eval_loss"]
-        lines.append(
-            f"| {r['name']} | {r['optimizer']} | {r['lr']:g} | {plain} | {r['residual'] or ''}"
-            f" | {r['update_gap'] or ''} | {loss:.4f} | {rel(loss, best_adamw)} | {rel(loss, best_galore)}"
-            f" | {r['train_seconds']:.0f}"
-            f" | {r['state_bytes'] / 2**20:.2f} MiB |"
-        )
-    if timing:
-        lines += ["", f"Step time of `SubspaceAdamW.step()` alone ({timing['model']} shapes, rank {timing['rank']}, "
-                  f"{timing['threads']} threads, median of {timing['steps']} interleaved steps, no refresh):", "",
-                  "| residual | median step | ratio vs none |", "| --- | --- | --- |"]  # fmt: skip
-        for mode, t in timing["median_s"].items():
-            lines.append(f"| {mode} | {1e3 * t:.1f} ms | {timing['ratio_vs_none'][mode]:.3f} |")
-        lines += ["", "A whole training step (forward, backward and step on one batch of the config's shape):", "",
-                  "| residual | median training step | ratio vs none |", "| --- | --- | --- |"]  # fmt: skip
-        for mode, t in timing["train_median_s"].items():
-            lines.append(f"| {mode} | {1e3 * t:.0f} ms | {timing['train_ratio_vs_none'][mode]:.3f} |")
-    return "\n".join(lines) + "\n"
+    title = f"Quality sweep: {args.model}, {rows[0]['steps']} steps, equal rank and data (`scripts.bench.quality`)"
+    note = "Held-out loss at the last step; seconds are training wall time on shared cores (indicative only)"
+    return common.table(title, QUALITY_COLUMNS, cells, [note])
 
 
-def main(argv: list[str] | None = None) -> dict:
+def timing_tables(timing: dict[str, Any]) -> list[dict[str, Any]]:
+    step = [
+        [mode, f"{1e3 * t:.1f} ms", f"{timing['ratio_vs_none'][mode]:.3f}"] for mode, t in timing["median_s"].items()
+    ]
+    train = [
+        [mode, f"{1e3 * t:.0f} ms", f"{timing['train_ratio_vs_none'][mode]:.3f}"]
+        for mode, t in timing["train_median_s"].items()
+    ]
+    setup = (
+        f"{timing['model']} shapes, rank {timing['rank']}, {timing['threads']} threads, median of "
+        f"{timing['steps']} interleaved steps, no refresh; ratio: median of per-round ratios"
+    )
+    return [
+        common.table(
+            "Step time of `SubspaceAdamW.step()` alone", ["residual", "median step", "ratio vs none"], step, [setup]
+        ),
+        common.table(
+            "A whole training step (forward, backward and step on one batch of the config's shape)",
+            ["residual", "median training step", "ratio vs none"],
+            train,
+        ),
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama_9m")
     ap.add_argument("--steps", type=int, default=None, help="default: the model config's")
     ap.add_argument("--update-gap", type=int, default=50, help="our (and the second galore row's) update gap")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--out", type=Path, default=common.ROOT / "runs" / "quality", help="the runs' folder")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=1, help="pretrain runs at a time")
     ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
@@ -287,35 +345,35 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--step-time", action="store_true", help="also time step() per residual mode")
     ap.add_argument("--step-time-only", action="store_true", help="time the steps; no pretrain runs")
     ap.add_argument("--timed-steps", type=int, default=20)
-    ap.add_argument("--extra-flags", nargs=argparse.REMAINDER, default=[], help="passed to every pretrain run")
-    ap.add_argument("--markdown", type=Path, default=None, help="append the table to this file")
-    ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (the tests)")
-    args = ap.parse_args(argv)
+    common.add_output_args(ap)
+    ap.add_argument("--extra-flags", nargs=argparse.REMAINDER, default=[], help="passed to every pretrain run")
+    return ap.parse_args(argv)
+
+
+SMOKE_FLAGS = shlex.split(
+    "--hidden-size 32 --intermediate-size 64 --num-hidden-layers 1 --num-attention-heads 2 --rank 4 "
+    "--eval-every 2 --eval-windows 2 --max-train-bytes 200000 --tokenizer-vocab 300 --seq-len 32 "
+    "--batch-size 2 --update-gap 2"
+)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     if args.smoke:
         args.steps = args.steps or 4
-        args.extra_flags = ["--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "1",
-                            "--num-attention-heads", "2", "--rank", "4", "--eval-every", "2", "--eval-windows", "2",
-                            "--max-train-bytes", "200000", "--tokenizer-vocab", "300", "--seq-len", "32",
-                            "--batch-size", "2", "--update-gap", "2", *args.extra_flags]  # fmt: skip
+        args.extra_flags = [*SMOKE_FLAGS, *args.extra_flags]
         args.adamw_lrs, args.plain_factors, args.subspace_lrs, args.subspace_plain_lrs = [3e-3], [], [], []
         args.timed_steps = 2
     else:
         args.extra_flags = ["--update-gap", str(args.update_gap), *args.extra_flags]
-    command = "python scripts/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = [] if args.step_time_only else sweep(args)
     seen = {r["name"] for r in rows}
     rows += [recorded_row(args, name) for name in args.also if name not in seen]
     timing = step_times(args) if args.step_time or args.step_time_only else None
-    result = {"rows": rows, "step_time": timing, "command": command}
-    text = markdown(args, rows, timing, command)
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    if args.markdown:
-        with args.markdown.open("a") as f:
-            f.write("\n" + text)
-    return result
+    tables = ([quality_table(args, rows)] if rows else []) + (timing_tables(timing) if timing else [])
+    result = {"benchmark": "quality", "rows": rows, "step_time": timing, "tables": tables}
+    return common.write_result(result, args)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,20 @@ failure in one part is recorded and the next part runs), all within ``--budget``
 2b. ``precompile``: optimizer steps with ``engine="triton"`` compile nothing at launch (``kernels.precompile``
    compiled every variant first; Triton's post-compile hook counts).
 3. ``aot``: a compile, for this GPU's architecture, of every kernel variant the LLaMA-1B and -7B presets launch
-   (weights fp32 and bf16; the options of ``bench_host.VARIANTS``) through ``subspace_optim.kernels.aot``
+   (weights fp32 and bf16; the options of ``common.VARIANTS``) through ``subspace_optim.kernels.aot``
    (registers, spills, failures); "aot module missing" when that module is not there. CPU work: it runs
    beside parts 4 and 5; the timed parts (6, 7) start when it is done.
 4. ``kernel_tests``: ``pytest tests/test_kernels.py`` on CUDA (``TRITON_INTERPRET`` unset).
 5. ``memory``: peak ``torch.cuda.max_memory_allocated`` of LLaMA-1B training steps (``configs/llama_1b.yaml``,
    random weights, bf16, the preset's batch): SubspaceAdamW at the preset's options, then fused AdamW.
-6. ``bench_step``: ``scripts/bench_step.py --model 1b`` (regular and refresh steps against torch fused AdamW
+6. ``bench_step``: ``python -m scripts.bench.step --model 1b`` (regular and refresh steps against torch fused AdamW
    and galore-torch; few steps: galore-torch's full-SVD refresh takes ~40 s per pass at 1B).
-7. ``bench_refresh``: ``scripts/bench_refresh.py --model 1b`` when the budget left allows it (it runs three
+7. ``bench_refresh``: ``python -m scripts.bench.refresh --model 1b`` when the budget left allows it (it runs three
    full SVD passes, ~2 min), else at ``--model 7b-layer``; the JSON says which.
 
-    python scripts/gpu_check.py --out $OUT                 # on the GPU machine: $OUT/gpu_check.{json,md}
-    python scripts/gpu_check.py --dry-run                  # anywhere: what it would run
-    python scripts/gpu_check.py --budget 540 --out $OUT    # enough for bench_refresh at 1B too
+    python -m scripts.bench.gpu_check --out $OUT                 # on the GPU machine: $OUT/gpu_check.{json,md}
+    python -m scripts.bench.gpu_check --dry-run                  # anywhere: what it would run
+    python -m scripts.bench.gpu_check --budget 540 --out $OUT    # enough for bench_refresh at 1B too
 
 The budgets are estimates made without a GPU (from the H100 numbers in ../shared/DESIGN.md: galore-torch's
 SVD refresh of the 1B matrices takes ~40 s, and bench_step needs three of them, bench_refresh three more
@@ -52,8 +52,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-ROOT = SCRIPTS.parent
+from .common import ROOT, VARIANTS, model_config
+from .render import render
+
+MODULE = "scripts.bench.gpu_check"
 NEEDS_GPU = 2
 PRESETS = ("llama_1b", "llama_7b")
 WEIGHT_DTYPES = ("float32", "bfloat16")
@@ -92,28 +94,58 @@ def plan(out: Path) -> list[Part]:
     py = sys.executable
     step_out, refresh_out = out / "bench_step", out / "bench_refresh"
 
-    def bench(script: str, dest: Path, *flags: str) -> list[str]:
-        return [py, str(SCRIPTS / script), *flags, "--json", f"{dest}.json", "--markdown", f"{dest}.md"]
+    def bench(module: str, dest: Path, *flags: str) -> list[str]:
+        return [py, "-m", f"scripts.bench.{module}", *flags, "--json", f"{dest}.json"]
 
     return [
         Part("versions", "torch, CUDA, Triton, ptxas, driver and GPU versions", 30),
         Part("probe", "subspace_optim.kernels.probe.probe(cuda): the engine's self-check", 90),
-        Part("precompile", "optimizer steps with engine='triton' compile every variant before launching (Triton's "
-             "compile hook counts compiles at launch: 0 expected)", 90),
-        Part("aot", "compile every kernel variant the 1B and 7B presets launch (kernels.aot), this GPU's arch; "
-             "CPU work, beside the next two parts", 120, background=True),
-        Part("kernel_tests", "pytest tests/test_kernels.py on CUDA", 120,
-             [py, "-m", "pytest", str(ROOT / "tests" / "test_kernels.py"), "-q", "-p", "no:cacheprovider"]),
-        Part("memory", "peak CUDA memory of LLaMA-1B bf16 training steps (ours at the preset's options, fused AdamW)",
-             90),
-        Part("bench_step", "scripts/bench_step.py --model 1b vs fused AdamW and galore-torch", 200,
-             bench("bench_step.py", step_out, "--model", "1b", "--steps", "5", "--refresh-steps", "1"), needs_s=140,
-             timed=True),
-        Part("bench_refresh", "scripts/bench_refresh.py --model 1b vs galore-torch (7b-layer if time is short)", 200,
-             bench("bench_refresh.py", refresh_out, "--model", "1b", "--repeats", "1"), needs_s=150, timed=True,
-             fallbacks=[(bench("bench_refresh.py", refresh_out, "--model", "7b-layer", "--repeats", "3"), 45,
-                         "ran at --model 7b-layer: the budget left was too short for 1b (three full-SVD passes)")]),
-    ]  # fmt: skip
+        Part(
+            "precompile",
+            "optimizer steps with engine='triton' compile every variant before launching (Triton's "
+            "compile hook counts compiles at launch: 0 expected)",
+            90,
+        ),
+        Part(
+            "aot",
+            "compile every kernel variant the 1B and 7B presets launch (kernels.aot), this GPU's arch; "
+            "CPU work, beside the next two parts",
+            120,
+            background=True,
+        ),
+        Part(
+            "kernel_tests",
+            "pytest tests/test_kernels.py on CUDA",
+            120,
+            [py, "-m", "pytest", str(ROOT / "tests" / "test_kernels.py"), "-q", "-p", "no:cacheprovider"],
+        ),
+        Part(
+            "memory", "peak CUDA memory of LLaMA-1B bf16 training steps (ours at the preset's options, fused AdamW)", 90
+        ),
+        Part(
+            "bench_step",
+            "scripts.bench.step --model 1b vs fused AdamW and galore-torch",
+            200,
+            bench("step", step_out, "--model", "1b", "--steps", "5", "--refresh-steps", "1"),
+            needs_s=140,
+            timed=True,
+        ),
+        Part(
+            "bench_refresh",
+            "scripts.bench.refresh --model 1b vs galore-torch (7b-layer if time is short)",
+            200,
+            bench("refresh", refresh_out, "--model", "1b", "--repeats", "1"),
+            needs_s=150,
+            timed=True,
+            fallbacks=[
+                (
+                    bench("refresh", refresh_out, "--model", "7b-layer", "--repeats", "3"),
+                    45,
+                    "ran at --model 7b-layer: the budget left was too short for 1b (three full-SVD passes)",
+                )
+            ],
+        ),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ the parts
@@ -121,10 +153,15 @@ def part_versions() -> dict[str, Any]:
     """Versions that decide what a GPU number means."""
     import torch
     import triton
-    from bench_step import versions
 
-    out: dict[str, Any] = {**versions(), "triton": triton.__version__, "torch": torch.__version__,
-                           "cuda_runtime": torch.version.cuda}  # fmt: skip
+    from .common import versions
+
+    out: dict[str, Any] = {
+        **versions(),
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+    }
     with contextlib.suppress(Exception):  # a version that cannot be read is left out
         import transformers
 
@@ -135,8 +172,12 @@ def part_versions() -> dict[str, Any]:
     smi = shutil.which("nvidia-smi")
     if smi:
         with contextlib.suppress(Exception):  # a version that cannot be read is left out
-            text = subprocess.run([smi, "--query-gpu=driver_version,name", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=20).stdout  # fmt: skip
+            text = subprocess.run(
+                [smi, "--query-gpu=driver_version,name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout
             out["driver"] = text.strip().splitlines()[0].split(",")[0].strip()
     if "driver" not in out:
         with contextlib.suppress(Exception):  # a version that cannot be read is left out
@@ -168,18 +209,17 @@ def part_probe() -> dict[str, Any]:
 
 def preset_requests() -> dict[Any, str]:
     """``precompile.Variant`` -> a label, for every variant the 1B and 7B presets launch: each projected matrix
-    shape of each preset, weights fp32 and bf16, the options of ``bench_host.VARIANTS`` over the library's
+    shape of each preset, weights fp32 and bf16, the options of ``common.VARIANTS`` over the library's
     defaults, asked of ``precompile.variants_for`` (what the optimizer compiles before a step on a GPU; its
     refresh on the kernels included)."""
     import torch
-    from bench_host import VARIANTS, preset
 
     from subspace_optim import engine, options, subspace
     from subspace_optim.kernels import precompile
 
     wanted: dict[Any, str] = {}
     for name in PRESETS:
-        cfg = preset(name)
+        cfg = model_config(name)
         hidden, inter, rank = cfg["hidden_size"], cfg["intermediate_size"], cfg["rank"]
         shapes = {(hidden, hidden), (inter, hidden), (hidden, inter)}
         for wname, (key, variant) in itertools.product(WEIGHT_DTYPES, VARIANTS.items()):
@@ -189,8 +229,9 @@ def preset_requests() -> dict[Any, str]:
             for m, n in shapes:
                 side = subspace.choose_side(o["proj_type"], m, n)
                 cols = n if side == "left" else rank  # the moments' columns
-                for v in precompile.variants_for(side, wd, wd, o["basis_dtype"], o["moments_dtype"], o["residual"],
-                                                 precision, cols, True, False):  # fmt: skip
+                for v in precompile.variants_for(
+                    side, wd, wd, o["basis_dtype"], o["moments_dtype"], o["residual"], precision, cols, True, False
+                ):
                     wanted.setdefault(v, f"{name} {wname} weights {key}, {side} {m}x{n}")
     return wanted
 
@@ -236,7 +277,7 @@ def part_aot() -> dict[str, Any]:
             f"{r.variant.kernel} ({r.variant.label}): {'; '.join(r.violations)}"
             for r in results
             if r.violations and not r.error
-        ],  # fmt: skip
+        ],
         "summary": aot.summary(results),
         "seconds": time.perf_counter() - start,
     }
@@ -257,8 +298,12 @@ def part_memory(preset_name: str = "llama_1b", device: str = "cuda") -> dict[str
     cfg = load_config(["--model", preset_name])
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    out: dict[str, Any] = {"model": preset_name, "batch": [cfg.batch_size, cfg.seq_len], "dtype": "bfloat16",
-                           "rank": cfg.rank}  # fmt: skip
+    out: dict[str, Any] = {
+        "model": preset_name,
+        "batch": [cfg.batch_size, cfg.seq_len],
+        "dtype": "bfloat16",
+        "rank": cfg.rank,
+    }
     for name in ("subspace", "adamw"):
         if cuda:
             torch.cuda.empty_cache()
@@ -294,13 +339,12 @@ def part_memory(preset_name: str = "llama_1b", device: str = "cuda") -> dict[str
 def part_precompile() -> dict[str, Any]:
     """A step compiles nothing at launch: Triton's post-compile hook counts every compile while optimizers with
     ``engine="triton"`` take a first (refreshing) step and two regular ones, for fp32 and bf16 weights and the
-    options of ``bench_host.VARIANTS``, on a right and a left projection and a batch of two. After the probe
+    options of ``common.VARIANTS``, on a right and a left projection and a batch of two. After the probe
     (which compiles its own variants as it launches them), every compile must be a warm-up from
     ``kernels.precompile``: one at launch would be a variant ``variants_for`` missed (a step that could fail
     half-applied)."""
     import torch
     import triton
-    from bench_host import VARIANTS
 
     from subspace_optim import SubspaceAdamW, engine
 
@@ -318,10 +362,16 @@ def part_precompile() -> dict[str, Any]:
         gen = torch.Generator(device="cpu").manual_seed(0)
         for variant, wname in itertools.product(VARIANTS.values(), WEIGHT_DTYPES):
             dtype = getattr(torch, wname)
-            params = [torch.nn.Parameter(torch.randn(*shape, generator=gen).to(device, dtype))
-                      for shape in ((96, 64), (64, 300), (96, 64), (64,))]  # fmt: skip
-            opt = SubspaceAdamW([{"params": params[:3], "rank": 8, "update_gap": 3}, {"params": params[3:]}],
-                                lr=1e-3, engine="triton", **variant)  # fmt: skip
+            params = [
+                torch.nn.Parameter(torch.randn(*shape, generator=gen).to(device, dtype))
+                for shape in ((96, 64), (64, 300), (96, 64), (64,))
+            ]
+            opt = SubspaceAdamW(
+                [{"params": params[:3], "rank": 8, "update_gap": 3}, {"params": params[3:]}],
+                lr=1e-3,
+                engine="triton",
+                **variant,
+            )
             for _ in range(3):
                 for p in params:
                     p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
@@ -363,8 +413,9 @@ class Pending:
 def start_command(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     """The command in its own process group (pytest and the compile sweep start children of their own, which
     a timeout must kill too), output captured."""
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=ROOT, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True
+    )
 
 
 def wait_command(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str]:
@@ -398,7 +449,7 @@ def start_part(part: Part, left: float, out: Path, env: dict[str, str]) -> Pendi
             return Record(part.name, "skipped", budget_s=left, note=f"needs ~{part.needs_s} s, {left:.0f} s were left")
     result_file = out / f"part_{part.name}.json"
     if command is None:
-        command = [sys.executable, str(Path(__file__).resolve()), "--part", part.name, "--part-out", str(result_file)]
+        command = [sys.executable, "-m", MODULE, "--part", part.name, "--part-out", str(result_file)]
     budget = min(part.budget_s, left)
     return Pending(part, start_command(command, env), command, note, budget, time.perf_counter(), result_file)
 
@@ -407,8 +458,9 @@ def finish_part(p: Pending) -> Record:
     """Wait for a started part (until its deadline) and record what happened."""
     code, tail = wait_command(p.proc, p.start + p.budget - time.perf_counter())
     status = "ok" if code == 0 else ("timeout" if code is None else "failed")
-    record = Record(p.part.name, status, time.perf_counter() - p.start, p.budget, " ".join(p.command), code, None,
-                    tail, p.note)  # fmt: skip
+    record = Record(
+        p.part.name, status, time.perf_counter() - p.start, p.budget, " ".join(p.command), code, None, tail, p.note
+    )
     name, command = p.part.name, p.command
     if name == "kernel_tests":
         record.result = pytest_summary(tail)
@@ -416,8 +468,7 @@ def finish_part(p: Pending) -> Record:
         dest = Path(command[command.index("--json") + 1])
         if dest.exists():
             record.result = json.loads(dest.read_text())
-            md = Path(command[command.index("--markdown") + 1])
-            record.result["markdown"] = md.read_text() if md.exists() else None
+            record.result["markdown"] = render(record.result)
     elif p.result_file.exists():
         record.result = json.loads(p.result_file.read_text())
     res = record.result if isinstance(record.result, dict) else {}
@@ -459,14 +510,18 @@ def headline(r: Record) -> str:
     if r.name == "aot":
         if res.get("status") == "aot module missing":
             return "aot module missing"
-        return (f"sm_{res.get('arch')}: {res.get('variants')} variants, {len(res.get('failures', []))} failures, "
-                f"{len(res.get('violations', []))} over the spill/register rules, "
-                f"{len(res.get('requests_not_in_aot', []))} requests not enumerated by aot")  # fmt: skip
+        return (
+            f"sm_{res.get('arch')}: {res.get('variants')} variants, {len(res.get('failures', []))} failures, "
+            f"{len(res.get('violations', []))} over the spill/register rules, "
+            f"{len(res.get('requests_not_in_aot', []))} requests not enumerated by aot"
+        )
     if r.name == "kernel_tests":
         return res.get("summary") or str(res.get("counts"))
     if r.name == "memory" and "subspace" in res:
-        return (f"ours {res['subspace']['peak_gib']:.2f} GiB, fused AdamW {res['adamw']['peak_gib']:.2f} GiB "
-                f"({res['peak_vs_adamw']:.3f}x)")  # fmt: skip
+        return (
+            f"ours {res['subspace']['peak_gib']:.2f} GiB, fused AdamW {res['adamw']['peak_gib']:.2f} GiB "
+            f"({res['peak_vs_adamw']:.3f}x)"
+        )
     if r.name == "bench_step" and res.get("results"):
         rows = res["results"]
         return ", ".join(f"{k} {v['step_s'] * 1e3:.1f} ms" for k, v in rows.items()) + (f"; {r.note}" if r.note else "")
@@ -481,14 +536,17 @@ def markdown(records: list[Record], total: float, budget: float) -> str:
     """The summary: one row per part, then the benchmark scripts' own tables and any failure's output."""
     versions = next((r.result for r in records if r.name == "versions" and isinstance(r.result, dict)), {})
     lines = [
-        "## GPU check", "",
+        "## GPU check",
+        "",
         f"- GPU: {versions.get('gpu', '?')}; driver {versions.get('driver', '?')}; torch {versions.get('torch', '?')} "
         f"(CUDA {versions.get('cuda_runtime', '?')}); triton {versions.get('triton', '?')}; "
         f"ptxas {versions.get('ptxas_sm_90', '?')}",
         f"- command: `{' '.join([sys.executable, *sys.argv])}`; {total:.0f} s of a {budget:.0f} s budget; "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}", "",
-        "| part | status | seconds (budget) | result |", "|---|---|---|---|",
-    ]  # fmt: skip
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+        "| part | status | seconds (budget) | result |",
+        "|---|---|---|---|",
+    ]
     for r in records:
         lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} ({r.budget_s:.0f}) | {headline(r)} |")
     for r in records:
@@ -496,9 +554,13 @@ def markdown(records: list[Record], total: float, budget: float) -> str:
         if res.get("markdown"):
             lines += ["", res["markdown"].strip()]
         if r.name == "aot" and res.get("summary"):
-            lines += ["", f"### AOT compile of the presets' variants (sm_{res.get('arch')})", "",
-                      "| kernel | variants | failures | registers | max spill stores (B) | max shared (B) |",
-                      "|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                "",
+                f"### AOT compile of the presets' variants (sm_{res.get('arch')})",
+                "",
+                "| kernel | variants | failures | registers | max spill stores (B) | max shared (B) |",
+                "|---|---|---|---|---|---|",
+            ]
             for row in res["summary"]:
                 lines.append(
                     f"| {row['kernel']} | {row['variants']} | {row['failures']} | "
@@ -538,13 +600,36 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available() and not args.without_gpu:
-        print("gpu_check.py needs a CUDA GPU: torch.cuda.is_available() is False here (torch "
-              f"{torch.__version__}). Run it on the GPU machine; `--dry-run` lists what it would run.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "gpu_check needs a CUDA GPU: torch.cuda.is_available() is False here (torch "
+            f"{torch.__version__}). Run it on the GPU machine; `--dry-run` lists what it would run.",
+            file=sys.stderr,
+        )
         return NEEDS_GPU
     out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records = run_parts(parts, out, args.budget)
+    records = {p.name: records[p.name] for p in parts}  # in the plan's order
+    total = time.perf_counter() - start
+    result = {
+        "benchmark": "gpu_check",
+        "seconds": total,
+        "budget_s": args.budget,
+        "command": " ".join([sys.executable, *sys.argv]),
+        "parts": [asdict(r) for r in records.values()],
+    }
+    json_path = Path(args.json or out / "gpu_check.json")
+    md_path = Path(args.markdown or out / "gpu_check.md")
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    md_path.write_text(markdown(list(records.values()), total, args.budget))
+    print(md_path.read_text())
+    return 0 if all(r.status == "ok" for r in records.values()) else 1
+
+
+def run_parts(parts: list[Part], out: Path, budget: float) -> dict[str, Record]:
+    """Every part in turn within ``budget`` seconds (background parts beside the next ones; timed parts alone)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the kernels compile for the GPU
-    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     start = time.perf_counter()
     records: dict[str, Record] = {}
     background: list[Pending] = []
@@ -558,7 +643,7 @@ def main() -> int:
     for part in parts:
         if part.timed:  # timings share the machine with nothing: background work ends first
             settle(background)
-        left = args.budget - (time.perf_counter() - start)
+        left = budget - (time.perf_counter() - start)
         if left < 5:
             records[part.name] = Record(part.name, "skipped", note="the budget was spent")
             continue
@@ -571,17 +656,7 @@ def main() -> int:
         else:
             settle([started])
     settle(background)
-    records = {p.name: records[p.name] for p in parts}  # in the plan's order
-    total = time.perf_counter() - start
-    result = {"benchmark": "gpu_check", "seconds": total, "budget_s": args.budget,
-              "command": " ".join([sys.executable, *sys.argv]),
-              "parts": [asdict(r) for r in records.values()]}  # fmt: skip
-    json_path = Path(args.json or out / "gpu_check.json")
-    md_path = Path(args.markdown or out / "gpu_check.md")
-    json_path.write_text(json.dumps(result, indent=1, default=str))
-    md_path.write_text(markdown(list(records.values()), total, args.budget))
-    print(md_path.read_text())
-    return 0 if all(r.status == "ok" for r in records.values()) else 1
+    return records
 
 
 def dry_run(parts: list[Part], args: Any) -> int:
@@ -596,9 +671,16 @@ def dry_run(parts: list[Part], args: Any) -> int:
         aot_line = f"aot selection failed: {type(err).__name__}: {err}"
     rows = []
     for p in parts:
-        command = " ".join(p.command) if p.command else f"{Path(__file__).name} --part {p.name} (in a subprocess)"
-        rows.append({"name": p.name, "what": p.what, "budget_s": p.budget_s, "command": command,
-                     "fallbacks": [" ".join(c) for c, _, _ in p.fallbacks]})  # fmt: skip
+        command = " ".join(p.command) if p.command else f"python -m {MODULE} --part {p.name} (in a subprocess)"
+        rows.append(
+            {
+                "name": p.name,
+                "what": p.what,
+                "budget_s": p.budget_s,
+                "command": command,
+                "fallbacks": [" ".join(c) for c, _, _ in p.fallbacks],
+            }
+        )
     print(f"gpu_check plan (budget {args.budget:.0f} s; each part in its own subprocess):")
     for row in rows:
         print(f"- {row['name']} (up to {row['budget_s']} s): {row['what']}\n    {row['command']}")
@@ -606,8 +688,12 @@ def dry_run(parts: list[Part], args: Any) -> int:
             print(f"    if time is short: {alt}")
     print(f"- aot: {aot_line}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"benchmark": "gpu_check", "dry_run": True, "budget_s": args.budget,
-                                               "parts": rows, "aot": aot_line}, indent=1))  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps(
+                {"benchmark": "gpu_check", "dry_run": True, "budget_s": args.budget, "parts": rows, "aot": aot_line},
+                indent=1,
+            )
+        )
     return 0
 
 

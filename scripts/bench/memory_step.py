@@ -1,8 +1,8 @@
-"""Memory of a training step (issue 11): weights, peak live gradients and optimizer state, with regular
-stepping and with layer-wise updates inside backward. Used by ``bench_memory.py``; this file is also the
-entry point of the measuring child processes (``python scripts/memory_step.py --child JSON``).
+"""Memory of a training step: weights, peak live gradients and optimizer state, with regular
+stepping and with layer-wise updates inside backward. Used by ``scripts.bench.memory``; this module is
+also the entry point of the measuring child processes (``python -m scripts.bench.memory_step --child JSON``).
 
-Counted: from ``bench_memory``'s exact state bytes (retained: every storage the state keeps alive) plus
+Counted: from ``scripts.bench.memory``'s exact state bytes (retained: every storage the state keeps alive) plus
 weights (every parameter in the weight dtype) plus the peak of live gradients:
 
 - regular stepping: every trainable gradient at once, in the weight dtype (all of them exist when
@@ -29,30 +29,33 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from .common import ROOT, SMOKE, table
 
 GB = 1e9
 GIB = 2**30
 MIB = 2**-20
 RESULT = "MEMORY_STEP_RESULT "
-TARGET = ("7b", "bfloat16", "ours_int8_layerwise", 20 * GB)  # issue 11: weights + gradients + state <= 20 GB
+TARGET = ("7b", "bfloat16", "ours_int8_layerwise", 20 * GB)  # the target: weights + gradients + state <= 20 GB
 
-# key -> (label, bench_memory state row, gradients: "regular" | "layerwise")
+# key -> (label, scripts.bench.memory state row, gradients: "regular" | "layerwise")
 STEP_ROWS = {
     "adamw": ("torch AdamW", "adamw", "regular"),
     "galore": ("galore-torch GaLoreAdamW", "galore", "regular"),
     "galore_per_layer": ("galore-torch GaLoreAdamW, its per-layer mode", "galore", "layerwise"),
-    "galore8bit_per_layer": ("galore-torch GaLoreAdamW8bit, per-layer (the paper's 7B setting)", "galore8bit",
-                             "layerwise"),
+    "galore8bit_per_layer": (
+        "galore-torch GaLoreAdamW8bit, per-layer (the paper's 7B setting)",
+        "galore8bit",
+        "layerwise",
+    ),
     "apollo": ("apollo-torch APOLLOAdamW 1.0", "apollo", "regular"),
     "adamw8bit": ("bitsandbytes AdamW8bit", "adamw8bit", "regular"),
     "ours": ("SubspaceAdamW, fp32 state", "ours_float32_float32", "regular"),
     "ours_layerwise": ("SubspaceAdamW layer-wise, fp32 state", "ours_float32_float32", "layerwise"),
     "ours_int8": ("SubspaceAdamW, int8 moments + bf16 bases", "ours_int8_bfloat16", "regular"),
-    "ours_int8_layerwise": ("SubspaceAdamW layer-wise, int8 moments + bf16 bases", "ours_int8_bfloat16",
-                            "layerwise"),
-}  # fmt: skip
+    "ours_int8_layerwise": ("SubspaceAdamW layer-wise, int8 moments + bf16 bases", "ours_int8_bfloat16", "layerwise"),
+}
 
 
 # ------------------------------------------------------------------------------------------- accounting
@@ -68,7 +71,7 @@ def gradients(specs: list[Any], w: int) -> dict[str, Any]:
 
 def step_accounting(specs: list[Any], w: int, state: dict[str, Any]) -> dict[str, Any]:
     """Weights + peak live gradients + optimizer state (retained bytes) per ``STEP_ROWS`` row; rows whose
-    state row is missing from ``state`` (``bench_memory``'s per-dtype results) are left out."""
+    state row is missing from ``state`` (``scripts.bench.memory``'s per-dtype results) are left out."""
     grads = gradients(specs, w)
     weights = sum(s.numel for s in specs) * w
     rows = {}
@@ -87,69 +90,77 @@ def target(step: dict[str, Any]) -> dict[str, Any] | None:
     if row is None:
         return None
     return {
-        "model": model, "weights_dtype": wname, "row": key, "total_bytes": row["total"],
-        "total_gb": row["total"] / GB, "total_gib": row["total"] / GIB, "limit_gb": limit / GB,
-        "met": row["total"] <= limit, **{f"{k}_gb": row[k] / GB for k in ("weights", "gradients", "state")},
-    }  # fmt: skip
+        "model": model,
+        "weights_dtype": wname,
+        "row": key,
+        "total_bytes": row["total"],
+        "total_gb": row["total"] / GB,
+        "total_gib": row["total"] / GIB,
+        "limit_gb": limit / GB,
+        "met": row["total"] <= limit,
+        **{f"{k}_gb": row[k] / GB for k in ("weights", "gradients", "state")},
+    }
 
 
-def accounting_markdown(step: dict[str, Any], ranks: dict[str, int]) -> list[str]:
+ACCOUNTING_NOTE = (
+    "GB = 10^9 bytes. State: retained bytes (every storage the state keeps alive; galore-torch's fp32 basis keeps its "
+    "SVD factor). Gradients: regular = every trainable gradient, in the weight dtype; layer-wise = the largest single "
+    "weight's gradient, which is what `update_in_backward` (and galore-torch's per-layer mode, single GPU, one "
+    "optimizer per parameter) leaves alive, plus allocator slack and the update's temporaries, not counted. "
+    "Activations are not counted. Cells: **total** (of which optimizer state). Rows named per-layer or layer-wise "
+    "update inside backward; the others step regularly"
+)
+
+
+def accounting_tables(step: dict[str, Any], ranks: dict[str, int]) -> list[dict[str, Any]]:
+    """Per weight dtype: weights, peak live gradients and every row's total (state), per size."""
     names = list(step)
-    head = " | ".join(f"{m.upper()} r{ranks[m]}" for m in names)
-    lines = [
-        "",
-        "GB = 10^9 bytes. State: retained bytes (every storage the state keeps alive; galore-torch's fp32 "
-        "basis keeps its SVD factor). Gradients: regular = every trainable gradient, in the weight dtype; "
-        "layer-wise = the largest single weight's gradient, which is what `update_in_backward` (and "
-        "galore-torch's per-layer mode, single GPU, one optimizer per parameter) leaves alive, plus allocator "
-        "slack and the update's temporaries, not counted. Activations are not counted.",
-    ]
+    columns = ["", *(f"{m.upper()} r{ranks[m]}" for m in names)]
+    tables = []
     for wname in next(iter(step.values())):
-        lines += ["", f"**{wname} weights: weights + peak live gradients + optimizer state (GB)**", ""]
-        lines += [f"| | {head} |", "|---|" + "---|" * len(names)]
         first = step[names[0]][wname]
-        lines.append("| weights | " + " | ".join(f"{step[m][wname]['weights'] / GB:.3f}" for m in names) + " |")
-        for mode in ("regular", "layerwise"):
-            cells = " | ".join(f"{step[m][wname]['gradients'][mode] / GB:.3f}" for m in names)
-            lines.append(f"| gradients, {mode} | {cells} |")
-        big = first["gradients"]["largest"]
-        lines[-1] = lines[-1].replace("layerwise |", f"layer-wise (largest: {big['name']}) |", 1)
+        largest = first["gradients"]["largest"]["name"]
+        rows = [["weights", *(f"{step[m][wname]['weights'] / GB:.3f}" for m in names)]]
+        for mode, label in (("regular", "regular"), ("layerwise", f"layer-wise (largest: {largest})")):
+            rows.append([f"gradients, {label}", *(f"{step[m][wname]['gradients'][mode] / GB:.3f}" for m in names)])
         for key in first["rows"]:
-            cells = " | ".join(_cell(step[m][wname]["rows"][key]) for m in names)
-            lines.append(f"| {STEP_ROWS[key][0]} | {cells} |")
-    lines += [
-        "",
-        "Cells: **total** (of which optimizer state). Rows named per-layer or layer-wise update inside "
-        "backward; the others step regularly.",
-    ]
-    return lines
+            rows.append([STEP_ROWS[key][0], *(_cell(step[m][wname]["rows"][key]) for m in names)])
+        title = f"Memory of a training step, {wname} weights: weights + peak live gradients + optimizer state (GB)"
+        tables.append(table(title, columns, rows, [ACCOUNTING_NOTE] if not tables else []))
+    return tables
 
 
 def _cell(row: dict[str, int]) -> str:
     return f"**{row['total'] / GB:.3f}** ({row['state'] / GB:.3f})"
 
 
-def target_markdown(t: dict[str, Any] | None) -> list[str]:
+def target_note(t: dict[str, Any] | None) -> str:
     if t is None:
-        return ["", "- target (LLaMA-7B, bf16 weights): not computed (7b or the int8 + bf16 state row not in this run)"]
+        return "target (LLaMA-7B, bf16 weights): not computed (7b or the int8 + bf16 state row not in this run)"
     verdict = "met" if t["met"] else "NOT met"
-    return [
-        "",
-        f"- **target: {verdict}.** LLaMA-7B, bf16 weights, rank 1024, {STEP_ROWS[t['row']][0]}: weights "
+    return (
+        f"**target: {verdict}.** LLaMA-7B, bf16 weights, rank 1024, {STEP_ROWS[t['row']][0]}: weights "
         f"{t['weights_gb']:.3f} GB + peak live gradients {t['gradients_gb']:.3f} GB + state {t['state_gb']:.3f} GB "
-        f"= **{t['total_gb']:.3f} GB ({t['total_gib']:.3f} GiB)**, limit {t['limit_gb']:.0f} GB (before "
-        "activations).",
-    ]
+        f"= **{t['total_gb']:.3f} GB ({t['total_gib']:.3f} GiB)**, limit {t['limit_gb']:.0f} GB (before activations)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ measured: child
 # size -> (config in configs/, overrides): the pretrain job's LLaMA; "smoke" is a tiny one for the tests.
 RSS_MODELS = {
-    "smoke": ("llama_9m", {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
-                           "tokenizer_vocab": 320, "rank": 16}),
+    "smoke": (
+        "llama_9m",
+        {
+            "hidden_size": SMOKE.hidden,
+            "intermediate_size": SMOKE.intermediate,
+            "num_hidden_layers": SMOKE.layers,
+            "tokenizer_vocab": SMOKE.vocab,
+            "rank": SMOKE.rank,
+        },
+    ),
     "60m": ("llama_60m", {}),
     "130m": ("llama_130m", {}),
-}  # fmt: skip
+}
 # config -> (label, accounting row it is compared with)
 RSS_CONFIGS = {
     "adamw": ("torch AdamW, foreach=False (what the default resolves to on CPU)", "adamw"),
@@ -243,11 +254,17 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {
-        "baseline": baseline, "baseline_peak": baseline_peak, "peak": _memory_peak(device),
-        "params": sum(p.numel() for p in model.parameters()), "grads_alive_after_backward": alive,
-        "losses": losses, "weights_moved": not torch.equal(before, probe.detach()),
-        "seconds": time.perf_counter() - start, "vocab": cfg.tokenizer_vocab, "rank": cfg.rank,
-    }  # fmt: skip
+        "baseline": baseline,
+        "baseline_peak": baseline_peak,
+        "peak": _memory_peak(device),
+        "params": sum(p.numel() for p in model.parameters()),
+        "grads_alive_after_backward": alive,
+        "losses": losses,
+        "weights_moved": not torch.equal(before, probe.detach()),
+        "seconds": time.perf_counter() - start,
+        "vocab": cfg.tokenizer_vocab,
+        "rank": cfg.rank,
+    }
 
 
 # ------------------------------------------------------------------------- measured: one update's temporaries
@@ -315,23 +332,34 @@ def transient_child(job: dict[str, Any]) -> dict[str, Any]:
         for _ in range(3):
             opt.step()
     return {
-        "weight_bytes": p.numel() * p.element_size(), "state_bytes": state,
-        "first_step": first.peak - base - state, "update": later.peak - steady,
+        "weight_bytes": p.numel() * p.element_size(),
+        "state_bytes": state,
+        "first_step": first.peak - base - state,
+        "update": later.peak - steady,
         "seconds": time.perf_counter() - start,
-    }  # fmt: skip
+    }
 
 
 def measure_transient(dtype: str, rank: int, threads: int, log: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for weight, (shape, projected) in TRANSIENT_WEIGHTS.items():
         for optimizer in TRANSIENT_OPTIMIZERS:
-            job = {"kind": "transient", "optimizer": optimizer, "shape": list(shape), "projected": projected,
-                   "rank": rank, "dtype": dtype, "threads": threads}  # fmt: skip
+            job = {
+                "kind": "transient",
+                "optimizer": optimizer,
+                "shape": list(shape),
+                "projected": projected,
+                "rank": rank,
+                "dtype": dtype,
+                "threads": threads,
+            }
             got = run_child(job, timeout=1800)
             out.setdefault(weight, {})[optimizer] = {**got, "shape": list(shape), "projected": projected}
             if log:
-                log(f"transient {weight} {optimizer}: update +{got['update'] * MIB:.1f} MiB, "
-                    f"first step +{got['first_step'] * MIB:.1f} MiB, {got['seconds']:.1f} s")  # fmt: skip
+                log(
+                    f"transient {weight} {optimizer}: update +{got['update'] * MIB:.1f} MiB, "
+                    f"first step +{got['first_step'] * MIB:.1f} MiB, {got['seconds']:.1f} s"
+                )
     return out
 
 
@@ -346,31 +374,36 @@ def with_transient(t: dict[str, Any] | None, transient: dict[str, Any], largest_
     return {"total_bytes": total, "total_gb": total / GB, "total_gib": total / GIB, "met": total <= t["limit_gb"] * GB}
 
 
-def transient_markdown(transient: dict[str, Any], plus: dict[str, Any] | None, dtype: str, rank: int) -> list[str]:
-    lines = [
-        "",
-        f"**One update's temporaries, LLaMA-7B's largest weights, {dtype}, rank {rank} (projected), CPU reference "
-        "path, RSS sampled every 0.5 ms, MiB**",
-        "",
-        "| weight | optimizer | weight | state | first step (basis found, state made) | later steps |",
-        "|---|---|---|---|---|---|",
-    ]
+TRANSIENT_COLUMNS = ["weight", "optimizer", "weight", "state", "first step (basis found, state made)", "later steps"]
+
+
+def transient_table(transient: dict[str, Any], plus: dict[str, Any] | None, dtype: str, rank: int) -> dict[str, Any]:
+    rows = []
     for weight, per in transient.items():
         for key, row in per.items():
-            w = row["weight_bytes"]
-            lines.append(
-                f"| {weight} {row['shape'][0]}x{row['shape'][1]} | {TRANSIENT_OPTIMIZERS[key]} | {w * MIB:,.1f} | "
-                f"{row['state_bytes'] * MIB:,.1f} | {row['first_step'] * MIB:,.1f} ({row['first_step'] / w:.2f}x) | "
-                f"{row['update'] * MIB:,.1f} ({row['update'] / w:.2f}x) |"
+            size = row["weight_bytes"]
+            rows.append(
+                [
+                    f"{weight} {row['shape'][0]}x{row['shape'][1]}",
+                    TRANSIENT_OPTIMIZERS[key],
+                    f"{size * MIB:,.1f}",
+                    f"{row['state_bytes'] * MIB:,.1f}",
+                    f"{row['first_step'] * MIB:,.1f} ({row['first_step'] / size:.2f}x)",
+                    f"{row['update'] * MIB:,.1f} ({row['update'] / size:.2f}x)",
+                ]
             )
+    notes = []
     if plus is not None:
         verdict = "met" if plus["met"] else "NOT met"
-        lines += [
-            "",
-            f"- target with these temporaries in the layer-wise peak (if the GPU path allocated like the CPU "
-            f"reference path): **{plus['total_gb']:.3f} GB ({plus['total_gib']:.3f} GiB), {verdict}**",
-        ]
-    return lines
+        notes.append(
+            f"target with these temporaries in the layer-wise peak (if the GPU path allocated like the CPU "
+            f"reference path): **{plus['total_gb']:.3f} GB ({plus['total_gib']:.3f} GiB), {verdict}**"
+        )
+    title = (
+        f"One update's temporaries, LLaMA-7B's largest weights, {dtype}, rank {rank} (projected), CPU reference "
+        "path, RSS sampled every 0.5 ms, MiB"
+    )
+    return table(title, TRANSIENT_COLUMNS, rows, notes)
 
 
 # ----------------------------------------------------------------------------------------- measured: parent
@@ -378,49 +411,51 @@ def child_env(threads: int) -> dict[str, str]:
     """glibc: allocations >= 64 KiB are mmapped (so freeing them returns the pages), the heap is trimmed
     above 128 KiB of free top; one OpenMP pool of ``threads``."""
     return {
-        **os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
-        "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-    }  # fmt: skip
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "131072",
+        "OMP_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One configuration in a fresh ``sys.executable`` process; its last ``RESULT`` line, parsed."""
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)],
-        capture_output=True, text=True, env=child_env(job["threads"]), timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, "-m", __spec__.name if __spec__ else "scripts.bench.memory_step", "--child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=child_env(job["threads"]),
+        timeout=timeout,
+        cwd=ROOT,
+    )
     found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode != 0 or not found:
         raise RuntimeError(f"child {job} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(found[-1][len(RESULT) :])
 
 
+CHILD_KEYS = ("steps", "batch", "seq", "threads", "device")
+
+
 def measure_rss(
-    sizes: list[str],
-    configs: list[str],
-    *,
-    repeats: int,
-    steps: int,
-    batch: int,
-    seq: int,
-    threads: int,
-    device: str,
-    timeout: float = 1800,
-    log: Any = None,
+    sizes: list[str], configs: list[str], job: dict[str, Any], timeout: float = 1800, log: Any = None
 ) -> dict[str, Any]:
-    """Every (size, config), ``repeats`` times, interleaved (repeat r runs every config before r + 1, so a
-    change in the machine's load spreads over all of them); medians per (size, config)."""  # fmt: skip
+    """Every (size, config), ``job['repeats']`` times, interleaved (repeat r runs every config before r + 1, so a
+    change in the machine's load spreads over all of them); medians per (size, config). ``job``: steps, batch,
+    seq, threads and device of each child."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {c: [] for c in configs} for s in sizes}
     for size in sizes:
-        for r in range(repeats):
+        for r in range(job["repeats"]):
             for config in configs:
-                job = {"size": size, "config": config, "steps": steps, "batch": batch, "seq": seq,
-                       "threads": threads, "device": device}  # fmt: skip
-                got = run_child(job, timeout)
+                child_job = {"size": size, "config": config, **{k: job[k] for k in CHILD_KEYS}}
+                got = run_child(child_job, timeout)
                 runs[size][config].append(got)
                 if log:
-                    log(f"rss {size} {config} run {r}: peak {got['peak'] * MIB:.1f} MiB, "
-                        f"+{(got['peak'] - got['baseline']) * MIB:.1f} MiB, {got['seconds']:.1f} s")  # fmt: skip
+                    log(
+                        f"rss {size} {config} run {r}: peak {got['peak'] * MIB:.1f} MiB, "
+                        f"+{(got['peak'] - got['baseline']) * MIB:.1f} MiB, {got['seconds']:.1f} s"
+                    )
     return {size: {c: summarize(runs[size][c]) for c in configs} for size in sizes}
 
 
@@ -431,13 +466,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "baseline": statistics.median(r["baseline"] for r in runs),
         "baseline_peak": statistics.median(r["baseline_peak"] for r in runs),
         "increment": statistics.median(increments),
-        "increment_min": min(increments), "increment_max": max(increments),
+        "increment_min": min(increments),
+        "increment_max": max(increments),
         "grads_alive_after_backward": runs[0]["grads_alive_after_backward"],
         "weights_moved": all(r["weights_moved"] for r in runs),
         "finite": all(all(x == x and abs(x) != float("inf") for x in r["losses"]) for r in runs),
-        "params": runs[0]["params"], "rank": runs[0]["rank"], "seconds": statistics.median(r["seconds"] for r in runs),
+        "params": runs[0]["params"],
+        "rank": runs[0]["rank"],
+        "seconds": statistics.median(r["seconds"] for r in runs),
         "runs": runs,
-    }  # fmt: skip
+    }
 
 
 def ratios(measured: dict[str, Any]) -> None:
@@ -451,31 +489,47 @@ def ratios(measured: dict[str, Any]) -> None:
                     row[f"peak_vs_{ref}"] = row["peak"] / per[ref]["peak"]
 
 
-def rss_markdown(measured: dict[str, Any], predicted: dict[str, Any], job: dict[str, Any]) -> list[str]:
+RSS_COLUMNS = [
+    "configuration",
+    "peak",
+    "after build",
+    "increment (min-max)",
+    "x AdamW",
+    "x galore-torch",
+    "counted gradients + state",
+    "gradients alive after backward",
+]
+
+
+def rss_tables(measured: dict[str, Any], predicted: dict[str, Any], job: dict[str, Any]) -> list[dict[str, Any]]:
     """One table per size; ``predicted``: size -> accounting rows (fp32) for the comparison column."""
     what = "CUDA max allocated" if job["device"] == "cuda" else "peak RSS"
-    lines = []
+    tables = []
     for size, per in measured.items():
         first = next(iter(per.values()))
-        lines += [
-            "",
-            f"**LLaMA-{size.upper()} (fp32 weights, rank {first['rank']}, {first['params']:,} parameters): {what}, "
-            f"median of {len(first['runs'])} fresh processes, MiB**",
-            "",
-            "| configuration | peak | after build | increment (min-max) | x AdamW | x galore-torch | "
-            "counted gradients + state | gradients alive after backward |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        rows = []
         for config, row in per.items():
             acc = predicted.get(size, {}).get(RSS_CONFIGS[config][1])
             counted = "-" if acc is None else f"{(acc['gradients'] + acc['state']) * MIB:,.1f}"
-            lines.append(
-                f"| {RSS_CONFIGS[config][0]} | {row['peak'] * MIB:,.1f} | {row['baseline'] * MIB:,.1f} | "
-                f"{row['increment'] * MIB:,.1f} ({row['increment_min'] * MIB:,.1f}-{row['increment_max'] * MIB:,.1f})"
-                f" | {_ratio(row, 'adamw')} | {_ratio(row, 'galore')} | {counted} | "
-                f"{max(row['grads_alive_after_backward'])} |"
+            spread = f"{row['increment_min'] * MIB:,.1f}-{row['increment_max'] * MIB:,.1f}"
+            rows.append(
+                [
+                    RSS_CONFIGS[config][0],
+                    f"{row['peak'] * MIB:,.1f}",
+                    f"{row['baseline'] * MIB:,.1f}",
+                    f"{row['increment'] * MIB:,.1f} ({spread})",
+                    _ratio(row, "adamw"),
+                    _ratio(row, "galore"),
+                    counted,
+                    str(max(row["grads_alive_after_backward"])),
+                ]
             )
-    return lines
+        title = (
+            f"LLaMA-{size.upper()} (fp32 weights, rank {first['rank']}, {first['params']:,} parameters): {what}, "
+            f"median of {len(first['runs'])} fresh processes, MiB"
+        )
+        tables.append(table(title, RSS_COLUMNS, rows))
+    return tables
 
 
 def _ratio(row: dict[str, Any], ref: str) -> str:

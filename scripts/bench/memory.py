@@ -1,9 +1,8 @@
 """Optimizer state memory on the GaLore paper's LLaMA shapes, counted exactly, for every peer and for our
 low-precision state options.
 
-Sizes (hidden / intermediate / layers / vocab, rank): 60M 512/1376/8/32000 r128, 130M 768/2048/12/32000
-r256, 350M 1024/2736/24/32000 r256, 1B 2048/5461/24/32000 r512, 7B 4096/11008/32/32000 r1024. The
-projected weights are every attention and MLP matrix (q, k, v, o, gate, up, down); embeddings, the output
+Sizes: 60M, 130M, 350M, 1B and 7B as ``configs/`` gives them. The projected weights are every attention and
+MLP matrix (q, k, v, o, gate, up, down); embeddings, the output
 head and the norms get plain AdamW state in every optimizer (the pretrain comparison's split).
 
 How each row is counted (``subspace_optim.metrics.state_footprint``: logical bytes of every state tensor,
@@ -32,17 +31,20 @@ right (m >= n) and (r, n) on the left. Plain parameters: AdamW's two moments in 
 least 4096 elements. bitsandbytes: uint8 codes for tensors of >= 4096 elements, fp32 absmax per 256
 (flattened), the two shared 256-entry maps, fp32 moments below 4096.
 
-    python scripts/bench_memory.py --markdown docs/benchmarks.md   # CPU, about a minute
-    python scripts/bench_memory.py --smoke                          # tiny, seconds
+    python -m scripts.bench.memory --json memory.json   # CPU, about a minute
+    python -m scripts.bench.render memory.json          # the tables
+    python -m scripts.bench.memory --smoke              # tiny, seconds
 
-Memory of a training step (issue 11; ``scripts/memory_step.py``): every run also counts weights + peak live
-gradients + state, regular and layer-wise, and the LLaMA-7B bf16 <= 20 GB target (``--step-markdown FILE``
-appends those tables). ``--rss 60m,130m`` measures the peak of a few training steps in fresh processes
+Memory of a training step (``scripts.bench.memory_step``): every run also counts weights + peak live
+gradients + state, regular and layer-wise, and the LLaMA-7B bf16 <= 20 GB target (tables after the state
+tables). ``--rss 60m,130m`` measures the peak of a few training steps in fresh processes
 (median of ``--repeats``; ``--rss-device cuda`` for ``torch.cuda.max_memory_allocated``), ``--transient`` what
 one update of LLaMA-7B's largest weights allocates:
 
-    python scripts/bench_memory.py --rss 60m,130m --repeats 3 --step-markdown step.md  # CPU, ~30 min on 2 cores
-    python scripts/bench_memory.py --sizes 7b --transient                               # CPU, minutes
+    python -m scripts.bench.memory --rss 60m,130m --repeats 3 --json step.json  # CPU, ~30 min on 2 cores
+    python -m scripts.bench.memory --sizes 7b --transient                       # CPU, minutes
+
+Sizes come from ``configs/llama_<size>.yaml`` (hidden, intermediate, layers, vocabulary, rank).
 """
 
 from __future__ import annotations
@@ -50,44 +52,45 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 import os
-import platform
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from memory_step import (
+import torch
+
+from . import common
+from .memory_step import (
     DEFAULT_RSS_CONFIGS,
     RSS_CONFIGS,
     RSS_MODELS,
-    accounting_markdown,
+    accounting_tables,
     child_env,
     measure_rss,
     measure_transient,
     ratios,
-    rss_markdown,
+    rss_tables,
     step_accounting,
-    target_markdown,
-    transient_markdown,
+    target_note,
+    transient_table,
     with_transient,
 )
-from memory_step import target as step_target
+from .memory_step import target as step_target
 
-# name -> (hidden, intermediate, layers, vocab, rank): the GaLore paper's LLaMA configurations.
-MODELS = {
-    "60m": (512, 1376, 8, 32000, 128),
-    "130m": (768, 2048, 12, 32000, 256),
-    "350m": (1024, 2736, 24, 32000, 256),
-    "1b": (2048, 5461, 24, 32000, 512),
-    "7b": (4096, 11008, 32, 32000, 1024),
-}
-SMOKE = {"smoke": (64, 172, 2, 320, 16)}
+
+def size(name: str) -> tuple[int, int, int, int, int]:
+    """(hidden, intermediate, layers, vocab, rank) of ``configs/llama_<name>.yaml``."""
+    shape = common.llama_shape(name)
+    return shape.hidden, shape.intermediate, shape.layers, shape.vocab, shape.rank
+
+
+# name -> (hidden, intermediate, layers, vocab, rank): the GaLore paper's LLaMA configurations, from configs/.
+MODELS = {name: size(name) for name in ("60m", "130m", "350m", "1b", "7b")}
+SMOKE = {"smoke": size("smoke")}
 WEIGHT_DTYPES = ("bfloat16", "float32")
 SIZES = {"float32": 4, "bfloat16": 2, "int8": 1}
 BLOCK = 256  # our 8-bit blocks (within a row) and bitsandbytes' (flattened)
@@ -266,7 +269,7 @@ def ours(moments_dtype: str, basis_dtype: str) -> Callable[[list[Spec], int, int
 
 
 # ------------------------------------------------------------------------------------ real instances
-def _params(torch: Any, specs: list[Spec], dtype: Any, device: str, seed: int = 0) -> list[Any]:
+def _params(specs: list[Spec], dtype: torch.dtype, device: str, seed: int = 0) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed) if device == "cpu" else None
     out = []
     for s in specs:
@@ -287,7 +290,7 @@ def _split(specs: list[Spec], params: list[Any], rank: int) -> tuple[list[Any], 
 
 
 @contextlib.contextmanager
-def _no_cuda_sync(torch: Any) -> Iterator[None]:
+def _no_cuda_sync() -> Iterator[None]:
     """GaLoreAdamW8bit calls ``torch.cuda.synchronize()`` after each parameter whatever the device; on a
     CPU-only machine that raises. Stubbed out for the check only."""
     original = torch.cuda.synchronize
@@ -298,11 +301,11 @@ def _no_cuda_sync(torch: Any) -> Iterator[None]:
         torch.cuda.synchronize = original
 
 
-def build_adamw(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+def build_adamw(specs: list[Spec], params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def build_galore(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+def build_galore(specs: list[Spec], params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
     from galore_torch import GaLoreAdamW
 
     projected, plain = _split(specs, params, rank)
@@ -312,7 +315,7 @@ def build_galore(torch: Any, specs: list[Spec], params: list[Any], rank: int) ->
     return GaLoreAdamW(groups, lr=1e-3, no_deprecation_warning=True)
 
 
-def build_galore8bit(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+def build_galore8bit(specs: list[Spec], params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
     from galore_torch import GaLoreAdamW8bit
 
     from subspace_optim.pretrain.optimizers import fix_galore8bit_args
@@ -324,14 +327,14 @@ def build_galore8bit(torch: Any, specs: list[Spec], params: list[Any], rank: int
     return fix_galore8bit_args(GaLoreAdamW8bit(groups, lr=1e-3))
 
 
-def build_bnb(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+def build_bnb(specs: list[Spec], params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
     import bitsandbytes as bnb
 
     return bnb.optim.AdamW8bit(params, lr=1e-3)
 
 
 def build_ours(moments_dtype: str, basis_dtype: str) -> Callable[..., Any]:
-    def build(torch: Any, specs: list[Spec], params: list[Any], rank: int) -> Any:
+    def build(specs: list[Spec], params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
         from subspace_optim import SubspaceAdamW
 
         projected, plain = _split(specs, params, rank)
@@ -350,12 +353,12 @@ def build_ours(moments_dtype: str, basis_dtype: str) -> Callable[..., Any]:
     return build
 
 
-def measure(torch: Any, build: Callable[..., Any], specs: list[Spec], rank: int, dtype: Any, device: str) -> Bytes:
+def measure(build: Callable[..., Any], specs: list[Spec], rank: int, dtype: torch.dtype, device: str) -> Bytes:
     """Build on ``device``, take one step, count the state (logical, retained)."""
     from subspace_optim.metrics import state_footprint
 
-    params = _params(torch, specs, dtype, device)
-    opt = build(torch, specs, params, rank)
+    params = _params(specs, dtype, device)
+    opt = build(specs, params, rank)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt.step()
@@ -400,7 +403,7 @@ def our_combos() -> tuple[list[tuple[str, str]], list[str]]:
     return [(m, b) for m in moments for b in bases], notes
 
 
-def rows(torch: Any) -> tuple[list[Row], list[str]]:
+def rows() -> tuple[list[Row], list[str]]:
     notes: list[str] = []
     out = [Row("adamw", "torch AdamW", adamw, build_adamw, "meta build (= formula)", meta=True)]
     have_galore = importlib.util.find_spec("galore_torch") is not None
@@ -411,9 +414,15 @@ def rows(torch: Any) -> tuple[list[Row], list[str]]:
         out.append(Row("galore", "galore-torch GaLoreAdamW", galore, None, "formula (galore-torch not installed)"))
     if have_galore and have_bnb:
         out.append(
-            Row("galore8bit", "galore-torch GaLoreAdamW8bit", galore_adamw8bit, build_galore8bit,
-                "formula, checked on CPU", cpu_sync_stub=True)
-        )  # fmt: skip
+            Row(
+                "galore8bit",
+                "galore-torch GaLoreAdamW8bit",
+                galore_adamw8bit,
+                build_galore8bit,
+                "formula, checked on CPU",
+                cpu_sync_stub=True,
+            )
+        )
     else:
         out.append(Row("galore8bit", "galore-torch GaLoreAdamW8bit", galore_adamw8bit, None, "formula (not installed)"))
     if importlib.util.find_spec("apollo_torch") is not None:
@@ -430,14 +439,19 @@ def rows(torch: Any) -> tuple[list[Row], list[str]]:
     notes += combo_notes
     for m, b in combos:
         out.append(
-            Row(f"ours_{m}_{b}", f"SubspaceAdamW moments {m}, basis {b}", ours(m, b), build_ours(m, b),
-                "formula, checked on CPU")
-        )  # fmt: skip
+            Row(
+                f"ours_{m}_{b}",
+                f"SubspaceAdamW moments {m}, basis {b}",
+                ours(m, b),
+                build_ours(m, b),
+                "formula, checked on CPU",
+            )
+        )
     return out, notes
 
 
 # --------------------------------------------------------------------------------------------- checks
-def verify(torch: Any, table: list[Row], full: bool) -> tuple[dict[str, Any], list[str]]:
+def verify(table: list[Row], full: bool) -> tuple[dict[str, Any], list[str]]:
     """Every row with a real instance: formula == measured (logical and retained) on the verification
     sets, per weight dtype; a mismatch is an error. Where the optimizer does not build or step with one
     weight dtype, that dtype's numbers stay formula-only (said in the table and the notes); where it runs
@@ -453,8 +467,8 @@ def verify(torch: Any, table: list[Row], full: bool) -> tuple[dict[str, Any], li
             dtype, w = getattr(torch, wname), SIZES[wname]
             for specs, rank in sets:
                 try:
-                    with _no_cuda_sync(torch) if row.cpu_sync_stub else contextlib.nullcontext():
-                        got = measure(torch, row.build, specs, rank, dtype, "cpu")
+                    with _no_cuda_sync() if row.cpu_sync_stub else contextlib.nullcontext():
+                        got = measure(row.build, specs, rank, dtype, "cpu")
                 except Exception as err:  # the optimizer does not build or step here
                     row.unchecked[wname] = f"{type(err).__name__}: {str(err)[:200]}"
                     break
@@ -474,8 +488,8 @@ def verify(torch: Any, table: list[Row], full: bool) -> tuple[dict[str, Any], li
     return checked, notes
 
 
-def meta_counts(torch: Any, row: Row, specs: list[Spec], rank: int, wname: str) -> Bytes:
-    got = measure(torch, row.build, specs, rank, getattr(torch, wname), "meta")
+def meta_counts(row: Row, specs: list[Spec], rank: int, wname: str) -> Bytes:
+    got = measure(row.build, specs, rank, getattr(torch, wname), "meta")
     want = row.formula(specs, rank, SIZES[wname])
     if got != want:
         raise AssertionError(f"{row.label} on meta, {wname} weights, rank {rank}: built {got}, formula {want}")
@@ -483,36 +497,16 @@ def meta_counts(torch: Any, row: Row, specs: list[Spec], rank: int, wname: str) 
 
 
 # ----------------------------------------------------------------------------------------------- main
-def environment(torch: Any) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "galore-torch", "bitsandbytes", "apollo-torch"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return {
-        "versions": versions,
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
-    }
-
-
 def mib(x: int | None) -> str:
     return "-" if x is None else f"{x * MIB:,.1f}"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="the tiny LLaMA only, seconds (CI)")
     parser.add_argument("--sizes", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--json", help="write the JSON result here too")
-    parser.add_argument("--markdown", help="append a markdown section to this file")
-    step = parser.add_argument_group("memory of a training step (issue 11; see scripts/memory_step.py)")
-    step.add_argument("--step-markdown", help="append the training-step tables (accounting, target, RSS) here")
+    common.add_output_args(parser)
+    step = parser.add_argument_group("memory of a training step (see scripts.bench.memory_step)")
     step.add_argument(
         "--rss",
         default="",
@@ -530,15 +524,20 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="measure one update's temporaries on LLaMA-7B's largest weights (bf16, rank 1024; CPU, minutes)",
     )
-    args = parser.parse_args()
-    for flag, value, known in (("--rss", args.rss, RSS_MODELS), ("--rss-configs", args.rss_configs, RSS_CONFIGS)):
+    args = parser.parse_args(argv)
+    checks = (
+        ("--sizes", args.sizes, MODELS),
+        ("--rss", args.rss, RSS_MODELS),
+        ("--rss-configs", args.rss_configs, RSS_CONFIGS),
+    )
+    for flag, value, known in checks:
         unknown = {v for v in value.split(",") if v} - set(known)
         if unknown:
             parser.error(f"{flag}: unknown {sorted(unknown)}, choose from {', '.join(known)}")
     return args
 
 
-def state_results(torch: Any, models: dict[str, Any], table: list[Row]) -> dict[str, Any]:
+def state_results(models: dict[str, Any], table: list[Row]) -> dict[str, Any]:
     """Per size and weight dtype: weight bytes and every row's state (logical, retained, projected only)."""
     results: dict[str, Any] = {}
     for model, (hidden, inter, layers, vocab, rank) in models.items():
@@ -553,7 +552,7 @@ def state_results(torch: Any, models: dict[str, Any], table: list[Row]) -> dict[
             w = SIZES[wname]
             per: dict[str, Any] = {"weights_bytes": entry["params"] * w}
             for row in table:
-                total = meta_counts(torch, row, specs, rank, wname) if row.meta else row.formula(specs, rank, w)
+                total = meta_counts(row, specs, rank, wname) if row.meta else row.formula(specs, rank, w)
                 proj = row.formula(projected, rank, w)
                 per[row.key] = {"logical": total[0], "retained": total[1], "projected_logical": proj[0]}
             entry[wname] = per
@@ -577,13 +576,17 @@ def rss(args: argparse.Namespace, step: dict[str, Any]) -> dict[str, Any] | None
     sizes = [s for s in args.rss.split(",") if s]
     if not sizes:
         return None
-    job = {"steps": args.rss_steps, "batch": args.rss_batch, "seq": args.rss_seq, "threads": args.rss_threads,
-           "device": args.rss_device, "repeats": args.repeats, "env": {k: v for k, v in child_env(1).items()
-                                                                      if k.startswith("MALLOC_")}}  # fmt: skip
+    job = {
+        "steps": args.rss_steps,
+        "batch": args.rss_batch,
+        "seq": args.rss_seq,
+        "threads": args.rss_threads,
+        "device": args.rss_device,
+        "repeats": args.repeats,
+        "env": {k: v for k, v in child_env(1).items() if k.startswith("MALLOC_")},
+    }
     configs = [c for c in args.rss_configs.split(",") if c]
-    measured = measure_rss(sizes, configs, repeats=args.repeats, steps=args.rss_steps, batch=args.rss_batch,
-                           seq=args.rss_seq, threads=args.rss_threads, device=args.rss_device,
-                           log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    measured = measure_rss(sizes, configs, job, log=lambda m: print(m, file=sys.stderr, flush=True))
     ratios(measured)
     predicted = {s: step[s]["float32"]["rows"] for s in sizes if s in step}
     return {"job": job, "measured": measured, "predicted_float32": predicted}
@@ -599,25 +602,19 @@ def transient(args: argparse.Namespace, step: dict[str, Any]) -> dict[str, Any] 
     return {"measured": measured, "target_with_transient": with_transient(step_target(step), measured, largest)}
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with contextlib.redirect_stderr(open(os.devnull, "w")):  # bitsandbytes' CPU kernel-loading chatter
-        import torch
-
-        if importlib.util.find_spec("bitsandbytes") is not None:
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        with contextlib.redirect_stderr(open(os.devnull, "w")):  # bitsandbytes' CPU kernel-loading chatter
             import bitsandbytes  # noqa: F401
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     models = SMOKE if args.smoke else {name: MODELS[name] for name in args.sizes.split(",") if name}
-    unknown = set(models) - set(MODELS) - set(SMOKE)
-    if unknown:
-        sys.exit(f"unknown sizes {sorted(unknown)}: choose from {', '.join(MODELS)}")
-
-    table, notes = rows(torch)
-    checked, verify_notes = verify(torch, table, full=not args.smoke)
+    table, notes = rows()
+    checked, verify_notes = verify(table, full=not args.smoke)
     notes += verify_notes
     table = [row for row in table if row.counted != "dropped"]
-    results = state_results(torch, models, table)
+    results = state_results(models, table)
     step = training_step(results, models)
     result = {
         "benchmark": "memory",
@@ -631,49 +628,33 @@ def main() -> None:
         "step_target": step_target(step),
         "rss": rss(args, step),
         "transient": transient(args, step),
-        "environment": environment(torch),
         "notes": notes,
     }
-    lines = markdown(result, table, models)
-    step_lines = step_markdown(result, models)
-    print("\n".join(lines + step_lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    for path, text in ((args.markdown, lines), (args.step_markdown, step_lines)):
-        if path:
-            with open(path, "a") as f:
-                f.write("\n".join(text) + "\n")
+    result["tables"] = state_tables(result, table, models) + step_tables(result, models)
+    return common.write_result(result, args)
 
 
-def step_markdown(result: dict[str, Any], models: dict[str, Any]) -> list[str]:
-    """The training-step section: environment, accounting per weight dtype, the 7B target, measured peaks."""
-    env = result["environment"]
-    lines = [
-        "\n### Memory of a training step: weights + peak live gradients + optimizer state\n",
-        f"- versions: {env['versions']}; date: {env['date']}; machine: {env['machine']}",
-        f"- command: `{env['command']}`",
-    ]
-    lines += accounting_markdown(result["step"], {m: models[m][4] for m in result["step"]})
-    lines += target_markdown(result["step_target"])
+def step_tables(result: dict[str, Any], models: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training-step tables: accounting per weight dtype (the 7B target under them), measured peaks."""
+    tables = accounting_tables(result["step"], {m: models[m][4] for m in result["step"]})
+    tables[-1]["notes"].append(target_note(result["step_target"]))
     measured = result["rss"]
     if measured is not None:
         job = measured["job"]
-        lines += [
-            "",
-            f"#### Measured: {job['steps']} training steps, batch {job['batch']} x {job['seq']} random token ids, "
+        found = rss_tables(measured["measured"], measured["predicted_float32"], job)
+        found[0]["notes"] += [
+            f"measured: {job['steps']} training steps, batch {job['batch']} x {job['seq']} random token ids, "
             f"{job['device']}, {job['threads']} torch thread(s) per process, children's env {job['env']}",
-            "",
-            "Increment = peak - memory after the model and token ids were built (weights, interpreter, libraries): "
+            "increment = peak - memory after the model and token ids were built (weights, interpreter, libraries): "
             "gradients + state + activations + temporaries. Ratios are increments against torch AdamW "
             "(foreach=False) and galore-torch measured in the same run. Counted: the accounting above, fp32 "
-            "weights (no activations, no temporaries).",
+            "weights (no activations, no temporaries)",
         ]
-        lines += rss_markdown(measured["measured"], measured["predicted_float32"], job)
+        tables += found
     if result["transient"] is not None:
-        t = result["transient"]
-        lines += transient_markdown(t["measured"], t["target_with_transient"], "bfloat16", MODELS["7b"][4])
-    return lines
+        found = result["transient"]
+        tables.append(transient_table(found["measured"], found["target_with_transient"], "bfloat16", MODELS["7b"][4]))
+    return tables
 
 
 def compute_targets(results: dict[str, Any]) -> dict[str, Any]:
@@ -698,56 +679,70 @@ def compute_targets(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def markdown(result: dict[str, Any], table: list[Row], models: dict[str, Any]) -> list[str]:
-    env = result["environment"]
+STATE_NOTE = (
+    "MiB of optimizer state (logical: every state tensor once; in parentheses the retained bytes where they differ: "
+    "storages kept alive, e.g. galore-torch's fp32 basis is a slice of its SVD factor); projected: attention and MLP "
+    "matrices; embeddings, head and norms plain AdamW state in every row"
+)
+
+
+def state_cell(counted: dict[str, int]) -> str:
+    text = mib(counted["logical"])
+    return text if counted["retained"] == counted["logical"] else f"{text} ({mib(counted['retained'])})"
+
+
+def state_tables(result: dict[str, Any], table: list[Row], models: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per weight dtype, every row's state per size; then the int8 + bf16 targets."""
     names = list(models)
-    head = [f"{m.upper()} r{models[m][4]}" for m in names]
-    lines = [
-        "\n### Optimizer state memory, LLaMA shapes (GaLore paper)\n",
-        f"- versions: {env['versions']}; date: {env['date']}",
-        f"- command: `{env['command']}`",
-        "- MiB of optimizer state (logical: every state tensor once; in parentheses the retained bytes where "
-        "they differ: storages kept alive, e.g. galore-torch's fp32 basis is a slice of its SVD factor); "
-        "projected: attention and MLP matrices; embeddings, head and norms plain AdamW state in every row",
-    ]
-    lines += [f"- note: {n}" for n in result["notes"]]
-    for wname in WEIGHT_DTYPES:
-        lines += ["", f"**{wname} weights**", ""]
-        lines += ["| optimizer | counted by | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(names)]
-        weights = [mib(result["models"][m][wname]["weights_bytes"]) for m in names]
-        lines.append("| (weights) | parameters | " + " | ".join(weights) + " |")
-        for row in table:
-            cells = []
-            for m in names:
-                c = result["models"][m][wname][row.key]
-                cell = mib(c["logical"])
-                if c["retained"] != c["logical"]:
-                    cell += f" ({mib(c['retained'])})"
-                cells.append(cell)
-            lines.append(f"| {row.label} | {row.counted_for(wname)} | " + " | ".join(cells) + " |")
-    if result["targets"]:
-        lines += [
-            "",
-            "**Targets (bf16 weights): SubspaceAdamW with int8 moments and a bf16 basis**",
-            "",
-            "| model | state MiB | x ours fp32 state | (projected only) | galore-torch bf16 MiB | x galore-torch "
-            "| (projected only) |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for m, t in result["targets"].items():
-            g = t["galore_bf16_mib"]
-            lines.append(
-                f"| {m.upper()} r{models[m][4]} | {t['ours_int8_bf16_mib']:,.1f} | {t['vs_ours_fp32']:.3f} | "
-                f"{t['vs_ours_fp32_projected']:.3f} | {'-' if g is None else f'{g:,.1f}'} | "
-                f"{'-' if g is None else format(t['vs_galore_bf16'], '.3f')} | "
-                f"{'-' if g is None else format(t['vs_galore_bf16_projected'], '.3f')} |"
-            )
+    columns = ["optimizer", "counted by", *(f"{m.upper()} r{models[m][4]}" for m in names)]
     checked = "; ".join(
         f"{result['rows'][k]['label']} ({', '.join(sorted({r['weights'] for r in v}))} weights)"
         for k, v in result["checked"].items()
     )
-    lines += ["", f"- formulas checked byte for byte against real CPU instances: {checked}"]
-    return lines
+    tables = []
+    for wname in WEIGHT_DTYPES:
+        per = [result["models"][m][wname] for m in names]
+        cells = [["(weights)", "parameters", *(mib(p["weights_bytes"]) for p in per)]]
+        cells += [[row.label, row.counted_for(wname), *(state_cell(p[row.key]) for p in per)] for row in table]
+        notes = (
+            [STATE_NOTE, f"formulas checked byte for byte against real CPU instances: {checked}"] if not tables else []
+        )
+        tables.append(
+            common.table(f"Optimizer state memory, LLaMA shapes (GaLore paper): {wname} weights", columns, cells, notes)
+        )
+    if result["targets"]:
+        tables.append(targets_table(result["targets"], models))
+    return tables
+
+
+TARGET_COLUMNS = [
+    "model",
+    "state MiB",
+    "x ours fp32 state",
+    "(projected only)",
+    "galore-torch bf16 MiB",
+    "x galore-torch",
+    "(projected only)",
+]
+
+
+def targets_table(targets: dict[str, Any], models: dict[str, Any]) -> dict[str, Any]:
+    cells = []
+    for model, found in targets.items():
+        galore = found["galore_bf16_mib"]
+        cells.append(
+            [
+                f"{model.upper()} r{models[model][4]}",
+                f"{found['ours_int8_bf16_mib']:,.1f}",
+                f"{found['vs_ours_fp32']:.3f}",
+                f"{found['vs_ours_fp32_projected']:.3f}",
+                common.cell(galore, ",.1f"),
+                common.cell(found["vs_galore_bf16"], ".3f"),
+                common.cell(found["vs_galore_bf16_projected"], ".3f"),
+            ]
+        )
+    title = "Targets (bf16 weights): SubspaceAdamW with int8 moments and a bf16 basis"
+    return common.table(title, TARGET_COLUMNS, cells)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ of LLaMA-shaped matrices, and measures, for the optimizer alone (not DDP's or FS
 traffic): bytes it sends per regular step and per refresh step, and the wall time of a regular step and
 of a refresh step (max over ranks).
 
-    python scripts/bench_distributed.py --world-sizes 1 2 --markdown docs/benchmarks.md
+    python -m scripts.bench.distributed --world-sizes 1 2 --json distributed.json
+
+The matrices are ``--layers`` blocks of ``--model``'s shapes (``configs/llama_<model>.yaml``, its rank unless
+``--rank``).
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from subspace_optim import SubspaceAdamW
+
+from . import common
 
 _SENT = {"bytes": 0}
 _ORIGINAL: dict = {}
@@ -37,7 +41,7 @@ def _count_optimizer_traffic() -> None:
         fn = getattr(dist, name)
         _ORIGINAL[name] = fn
 
-        def counted(tensor, *args, _fn=fn, **kwargs):
+        def counted(tensor: torch.Tensor, *args: Any, _fn: Any = fn, **kwargs: Any) -> Any:
             _SENT["bytes"] += tensor.numel() * tensor.element_size()
             return _fn(tensor, *args, **kwargs)
 
@@ -47,19 +51,19 @@ def _count_optimizer_traffic() -> None:
 class Block(nn.Module):
     """One LLaMA block's projected matrices (q, k, v, o, gate, up, down); the optimizer only sees shapes."""
 
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, shape: common.LlamaShape):
         super().__init__()
-        shapes = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
-        self.linears = nn.ModuleList(nn.Linear(i, o, bias=False) for o, i in shapes)
+        one_layer = shape.projected()[:7]
+        self.linears = nn.ModuleList(nn.Linear(cols, rows, bias=False) for rows, cols in one_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # fully_shard wants a forward; never called
         return x
 
 
 class Blocks(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, layers: int):
+    def __init__(self, shape: common.LlamaShape, layers: int):
         super().__init__()
-        self.layers = nn.ModuleList(Block(hidden, intermediate) for _ in range(layers))
+        self.layers = nn.ModuleList(Block(shape) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -75,7 +79,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, mode: st
         torch.cuda.set_device(device)
     dist.init_process_group(args.backend, rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = Blocks(args.hidden, args.intermediate, args.layers).to(device)
+    model = Blocks(common.llama_shape(args.model), args.layers).to(device)
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -142,55 +146,55 @@ def measure(args: argparse.Namespace, mode: str, world: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--modes", nargs="+", default=["ddp", "ddp-round-robin", "fsdp2"])
-    ap.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--intermediate", type=int, default=1376)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=128)
-    ap.add_argument("--refresh", default="warm")
-    ap.add_argument("--update-gap", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads shared by all ranks")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--markdown", type=Path, help="append the table to this file")
-    args = ap.parse_args(argv)
+COLUMNS = ["mode", "world", "refresh step (s)", "regular step (s)", "sent per rank: refresh", "sent per rank: regular"]
 
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--modes", nargs="+", default=["ddp", "ddp-round-robin", "fsdp2"])
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    parser.add_argument("--model", default="60m", help="a size from configs/: its matrices' shapes and rank")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rank", type=int, help="default: the model config's")
+    parser.add_argument("--refresh", default=common.library_default("refresh"))
+    parser.add_argument("--update-gap", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads shared by all ranks")
+    common.add_output_args(parser)
+    args = parser.parse_args(argv)
+    args.rank = args.rank or common.llama_shape(args.model).rank
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     rows = []
     for mode in args.modes:
         for world in args.world_sizes:
             if world == 1 and mode != "ddp":
                 continue
-            row = measure(args, mode, world)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-    lines = [
-        "| mode | world | refresh step (s) | regular step (s) | sent per rank: refresh | sent per rank: regular |",
-        "| --- | --- | --- | --- | --- | --- |",
+            rows.append(measure(args, mode, world))
+            print(json.dumps(rows[-1]), flush=True)
+    cells = [
+        [
+            r["mode"],
+            str(r["world"]),
+            f"{r['refresh_seconds']:.3f}",
+            f"{r['step_seconds']:.4f}",
+            f"{r['refresh_bytes_per_rank'] / 2**20:.2f} MiB",
+            f"{r['step_bytes_per_rank']} B",
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['mode']} | {r['world']} | {r['refresh_seconds']:.3f} | {r['step_seconds']:.4f} | "
-            f"{r['refresh_bytes_per_rank'] / 2**20:.2f} MiB | {r['step_bytes_per_rank']} B |"
-        )
-    table = "\n".join(lines)
-    print(table)
-    if args.markdown:
-        device = torch.cuda.get_device_name() if args.backend == "nccl" else f"CPU ({platform.machine()})"
-        header = (
-            f"\n### distributed: {args.layers} LLaMA blocks of hidden {args.hidden} / intermediate "
-            f"{args.intermediate}, rank {args.rank}, refresh {args.refresh}\n\n"
-            f"{device}, {args.backend}, torch {torch.__version__}, {args.threads} threads shared by all ranks.\n"
-            f"Command: `python scripts/bench_distributed.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-        )
-        with args.markdown.open("a") as fh:
-            fh.write(header + table + "\n")
-    return rows
+    shape = common.llama_shape(args.model)
+    title = (
+        f"distributed: {args.layers} LLaMA blocks of hidden {shape.hidden} / intermediate {shape.intermediate}, "
+        f"rank {args.rank}, refresh {args.refresh}"
+    )
+    note = f"{args.backend}, {args.threads} threads shared by all ranks"
+    result = {"benchmark": "distributed", "rows": rows, "tables": [common.table(title, COLUMNS, cells, [note])]}
+    return common.write_result(result, args, "cuda" if args.backend == "nccl" else "cpu")
 
 
 if __name__ == "__main__":

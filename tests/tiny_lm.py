@@ -1,6 +1,8 @@
-"""Small LLaMA models and a byte-level training loop, for convergence tests and quick comparisons.
+"""Test helpers: small LLaMA models built from a config, byte-level tokens, and a plain training loop.
 
-Needs ``transformers`` (an optional dependency). Models are built from a config, never downloaded.
+The tests that train a real model (convergence, the Trainer integration, entry points, FSDP2 workers) share
+these. They need ``transformers``; nothing is downloaded. Test files import this module as ``tiny_lm`` (pytest
+puts tests/ on ``sys.path``; spawned workers inherit it).
 """
 
 from __future__ import annotations
