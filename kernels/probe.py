@@ -82,12 +82,12 @@ def _low_precision_error(device: torch.device, gen: torch.Generator) -> str | No
             states.append(st)
         results = {}
         for which in ("reference", "triton"):
-            w2, s2 = [w.clone() for w in ws], [{k: v.clone() for k, v in st.items()} for st in states]
-            ms, vs = [quant.moment(st, "exp_avg") for st in s2], [quant.moment(st, "exp_avg_sq") for st in s2]
+            weights, copies = [w.clone() for w in ws], [{k: v.clone() for k, v in st.items()} for st in states]
+            ms, vs = [quant.moment(st, "exp_avg") for st in copies], [quant.moment(st, "exp_avg_sq") for st in copies]
             # The kernels through .step, as above: never through the package attribute a caller may wrap.
             run = functional.subspace_adamw if which == "reference" else subspace_adamw
-            run(w2, gs, ps, ms, vs, [3, 3], **group, sides=[side, side])
-            results[which] = (w2, s2)
+            run(weights, gs, ps, ms, vs, [3, 3], **group, sides=[side, side])
+            results[which] = (weights, copies)
         worst = 0.0
         (w_ref, s_ref), (w_tri, s_tri) = results["reference"], results["triton"]
         for i in range(2):

@@ -56,11 +56,13 @@ from .precompile import jit
 # ``adam_rule.AdamScalars`` fields the epilogues use, then a skip flag (nonzero: leave the member untouched; set on
 # the device). The host fills rows by these names (``_scalar_row``) and the kernels read them at the constexpr
 # offsets derived below, so the two cannot disagree on the layout.
-SCALAR_COLUMNS = ("w1", "beta2", "w2", "eps", "bias2_sqrt", "alpha", "decay", "skip")
+SCALAR_COLUMNS = ("one_minus_beta1", "beta2", "one_minus_beta2", "eps", "bias2_sqrt", "alpha", "decay", "skip")
 assert set(SCALAR_COLUMNS) - {"skip"} <= set(AdamScalars._fields), "a scalar column that AdamScalars does not hold"
 COLUMN = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
 ROW = tl.constexpr(len(SCALAR_COLUMNS))
-W1, BETA2, W2, EPS = (tl.constexpr(COLUMN[name]) for name in ("w1", "beta2", "w2", "eps"))
+ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS = (
+    tl.constexpr(COLUMN[name]) for name in ("one_minus_beta1", "beta2", "one_minus_beta2", "eps")
+)
 BIAS2_SQRT, ALPHA, DECAY, SKIP = (tl.constexpr(COLUMN[name]) for name in ("bias2_sqrt", "alpha", "decay", "skip"))
 
 
@@ -190,11 +192,11 @@ def adam_epilogue(
     returns N from the fp32 new values, before they are rounded (as the reference does). ``h``: the member's
     row of the scalar table. Both divisions are IEEE round-to-nearest (``div_rn``): a plain ``/`` compiles to
     an approximate division on NVIDIA GPUs; the lerp is torch's (exact for both halves of the weight)."""
-    w1 = tl.load(h + W1)
+    weight = tl.load(h + ONE_MINUS_BETA1)  # torch's lerp weight
     m_old = load_moment(m_ptrs, mq_ptrs, m_table, bid, rm, rn, pid_n, M, sm0, sm1, smq0, smq1, mask, M_KIND)
     v_old = load_moment(v_ptrs, vq_ptrs, v_table, bid, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)
-    m_new = tl.where(w1 < 0.5, m_old + w1 * (r - m_old), r - (r - m_old) * (1.0 - w1))
-    v_new = v_old * tl.load(h + BETA2) + tl.load(h + W2) * (r * r)
+    m_new = tl.where(weight < 0.5, m_old + weight * (r - m_old), r - (r - m_old) * (1.0 - weight))
+    v_new = v_old * tl.load(h + BETA2) + tl.load(h + ONE_MINUS_BETA2) * (r * r)
     n = tl.div_rn(m_new, tl.div_rn(tl.sqrt_rn(v_new), tl.load(h + BIAS2_SQRT)) + tl.load(h + EPS))
     store_moment(m_ptrs, mq_ptrs, m_table, bid, m_new, rm, rn, pid_n, M, sm0, sm1, smq0, smq1, mask, M_KIND)
     store_moment(v_ptrs, vq_ptrs, v_table, bid, v_new, rm, rn, pid_n, M, sv0, sv1, svq0, svq1, mask, V_KIND)

@@ -30,9 +30,9 @@ class AdamScalars(NamedTuple):
     multiplier alpha = lr scale / (1 - b1^t), the decay factor 1 - lr wd, and 1 - b1^t (the residual's
     limiter measures updates in units of the bias-corrected Adam step)."""
 
-    w1: float
+    one_minus_beta1: float
     beta2: float
-    w2: float
+    one_minus_beta2: float
     eps: float
     bias2_sqrt: float
     alpha: float
@@ -46,9 +46,9 @@ def adam_scalars(
     beta1, beta2 = (float(b) for b in betas)
     lr = float(lr)
     return AdamScalars(
-        w1=1.0 - beta1,
+        one_minus_beta1=1.0 - beta1,
         beta2=beta2,
-        w2=1.0 - beta2,
+        one_minus_beta2=1.0 - beta2,
         eps=float(eps),
         bias2_sqrt=math.sqrt(1.0 - beta2**age),
         alpha=lr * float(scale) / (1.0 - beta1**age),
@@ -123,14 +123,14 @@ def projected_adamw(
     basis: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    s: AdamScalars,
+    scalars: AdamScalars,
     side: str,
     lag: Lag | None = None,
     skip: Tensor | None = None,
 ) -> None:
     """One step of matrix ``p`` (viewed as ``g``'s shape) in the subspace of ``basis``, in place (reference):
     ``projected_adamw_batch`` of one matrix."""
-    projected_adamw_batch([p], [g], [basis], [exp_avg], [exp_avg_sq], [s], [side], [lag], [skip])
+    projected_adamw_batch([p], [g], [basis], [exp_avg], [exp_avg_sq], [scalars], [side], [lag], [skip])
 
 
 def projected_adamw_batch(
@@ -139,7 +139,7 @@ def projected_adamw_batch(
     bases: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[AdamScalars],
+    scalars: Sequence[AdamScalars],
     sides: Sequence[str],
     lags: Sequence[Lag | None],
     skips: Sequence[Tensor | None],
@@ -152,18 +152,18 @@ def projected_adamw_batch(
     ``skips[i]`` (0-d bool on the device; True: the gradient is not finite) leaves ``ps[i]`` and its moments
     untouched bit for bit without the host knowing (``moments_directions``, ``apply_update``)."""
     rs = [project(g.float(), basis, side) for g, basis, side in zip(gs, bases, sides, strict=True)]
-    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, ss, lags, skips)
+    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, scalars, lags, skips)
     for i, direction in enumerate(directions):
         if lags[i] is not None:
             direction.mul_(lags[i].c1)
-        apply_update(ps[i], project_back(direction, bases[i], sides[i]), ss[i], skips[i])
+        apply_update(ps[i], project_back(direction, bases[i], sides[i]), scalars[i], skips[i])
 
 
 def moments_directions(
     rs: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[AdamScalars],
+    scalars: Sequence[AdamScalars],
     lags: Sequence[Lag | None],
     skips: Sequence[Tensor | None],
 ) -> list[Tensor]:
@@ -174,20 +174,21 @@ def moments_directions(
     and kept only where the flag is False, so a skipped matrix's NaN never lands in them (its N is garbage,
     unused). ``lags[i]`` (``Lag``) corrects sqrt(V) / sqrt(1 - b2^t) for steps the host counted but the device
     skipped."""
-    w1, beta2, w2, eps = ss[0].w1, ss[0].beta2, ss[0].w2, ss[0].eps
+    first = scalars[0]  # the call's betas and eps (its matrices' ages may differ)
+    lerp_weight, beta2, square_weight, eps = first.one_minus_beta1, first.beta2, first.one_minus_beta2, first.eps
     ms, vs = list(exp_avgs), list(exp_avg_sqs)
     kept = [i for i, skip in enumerate(skips) if skip is None]
     masked = [i for i, skip in enumerate(skips) if skip is not None]
     if kept:
         m_in, v_in, r_in = [ms[i] for i in kept], [vs[i] for i in kept], [rs[i] for i in kept]
-        torch._foreach_lerp_(m_in, r_in, w1)
+        torch._foreach_lerp_(m_in, r_in, lerp_weight)
         torch._foreach_mul_(v_in, beta2)
-        torch._foreach_addcmul_(v_in, r_in, r_in, value=w2)
+        torch._foreach_addcmul_(v_in, r_in, r_in, value=square_weight)
     if masked:
         r_in = [rs[i] for i in masked]
-        m_new = torch._foreach_lerp([ms[i] for i in masked], r_in, w1)
+        m_new = torch._foreach_lerp([ms[i] for i in masked], r_in, lerp_weight)
         v_new = torch._foreach_mul([vs[i] for i in masked], beta2)
-        torch._foreach_addcmul_(v_new, r_in, r_in, value=w2)
+        torch._foreach_addcmul_(v_new, r_in, r_in, value=square_weight)
         for i, m, v in zip(masked, m_new, v_new, strict=True):
             torch.where(skips[i], ms[i], m, out=ms[i])
             torch.where(skips[i], vs[i], v, out=vs[i])
@@ -196,7 +197,7 @@ def moments_directions(
     for root, lag in zip(roots, lags, strict=True):
         if lag is not None:
             root.mul_(lag.c2)
-    torch._foreach_div_(roots, [s.bias2_sqrt for s in ss])
+    torch._foreach_div_(roots, [x.bias2_sqrt for x in scalars])
     torch._foreach_add_(roots, eps)
     return list(torch._foreach_div(ms, roots))
 
@@ -216,16 +217,16 @@ def _decay(p: Tensor, decay: float, skip: Tensor | None) -> None:
         torch.where(skip, p, p * decay, out=p)
 
 
-def apply_update(p: Tensor, update: Tensor, s: AdamScalars, skip: Tensor | None = None) -> None:
+def apply_update(p: Tensor, update: Tensor, scalars: AdamScalars, skip: Tensor | None = None) -> None:
     """W <- W (1 - lr wd) - alpha U, in place, U (fp32, ``p``'s element count) rounded once into ``p``'s dtype.
 
     With ``skip`` set, U (this step's temporary) is zeroed first: W + (-alpha) * (+0) is W for every W,
     signed zeros included, so the skipped matrix's weight keeps its bits and its NaN never reaches it."""
     if skip is not None:
         update.masked_fill_(skip, 0.0)
-    _decay(p, s.decay, skip)
+    _decay(p, scalars.decay, skip)
     if torch.compiler.is_compiling():
         # Inductor (torch 2.13, CPU) compiles p.add_(a @ b, alpha=c) as if alpha were 1: scale explicitly.
-        p.add_((update * -s.alpha).view(p.shape).to(p.dtype))
+        p.add_((update * -scalars.alpha).view(p.shape).to(p.dtype))
     else:
-        p.add_(update.view(p.shape).to(p.dtype), alpha=-s.alpha)
+        p.add_(update.view(p.shape).to(p.dtype), alpha=-scalars.alpha)

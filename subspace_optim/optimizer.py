@@ -589,7 +589,12 @@ class SubspaceAdamW(Optimizer):
         (``kernels.flags``: the same flags as ``checks.nonfinite_flags``): when every projected matrix runs on the
         kernels, nothing is sharded, every gradient is a contiguous fp32/bf16/fp16 tensor on one device, and its
         variants compiled there (``kernels.precompile``)."""
-        if not projected or any(x.engine != "triton" for x in projected) or plan.shard_groups or len(set(devices)) != 1:
+        if (
+            not projected
+            or any(matrix.engine != "triton" for matrix in projected)
+            or plan.shard_groups
+            or len(set(devices)) != 1
+        ):
             return False
         grads = [p.grad for *_, p in plan.work]
         if any(g.dtype not in engine.KERNEL_DTYPES or not g.is_contiguous() for g in grads):
@@ -654,7 +659,9 @@ class SubspaceAdamW(Optimizer):
         the host reads exactly on the refresh steps."""
         if plan is not None and plan.structure is not None and plan.holds(plan.key, self.state):
             # Every parameter has its state and the options are the plan's: only the counts can say "read".
-            return plan.raises or any(self._may_refresh(x.p, x.group, x.state) for x in plan.structure[0])
+            return plan.raises or any(
+                self._may_refresh(matrix.p, matrix.group, matrix.state) for matrix in plan.structure[0]
+            )
         for _, group, _, p in work:
             if group["nonfinite"] == "raise":
                 return True
@@ -832,11 +839,11 @@ class SubspaceAdamW(Optimizer):
     def _batches(projected: list[Matrix]) -> dict[tuple[int, str, str, Any], list[Matrix]]:
         """The projected matrices per core call: (group, engine, precision, shard group)."""
         batches: dict[tuple[int, str, str, Any], list[Matrix]] = {}
-        for x in projected:
-            precision = engine.matmul_precision(x.group["matmul_precision"], x.p.dtype)
+        for matrix in projected:
+            precision = engine.matmul_precision(matrix.group["matmul_precision"], matrix.p.dtype)
             # row-sharded matrices batch by their process group: a residual sums across exactly those ranks
-            shard = distributed.row_shard(x.p, x.name).group if distributed.is_dtensor(x.p) else None
-            batches.setdefault((id(x.group), x.engine, precision, shard), []).append(x)
+            shard = distributed.row_shard(matrix.p, matrix.name).group if distributed.is_dtensor(matrix.p) else None
+            batches.setdefault((id(matrix.group), matrix.engine, precision, shard), []).append(matrix)
         return batches
 
     @torch._disable_dynamo
@@ -860,11 +867,13 @@ class SubspaceAdamW(Optimizer):
         projected, plain, batches, devices = self._structure(work, plan)
         self._advance(projected)
         if not masked:
-            return self._plain_calls(plain) + [self._projected_call(key, xs, plan, None) for key, xs in batches.items()]
+            return self._plain_calls(plain) + [
+                self._projected_call(key, matrices, plan, None) for key, matrices in batches.items()
+            ]
         flags = _device_flags(work, bad, devices)
-        calls = [self._projected_call(key, xs, plan, flags) for key, xs in batches.items()]
+        calls = [self._projected_call(key, matrices, plan, flags) for key, matrices in batches.items()]
         if projected:  # after the updates, which read the counts as lags
-            calls.append(self._count_device_skips([x.p for x in projected], flags.counted))
+            calls.append(self._count_device_skips([matrix.p for matrix in projected], flags.counted))
         return calls + self._masked_plain_calls(plain, flags)
 
     def _warn_if_nothing_projected(self) -> None:
@@ -898,32 +907,36 @@ class SubspaceAdamW(Optimizer):
         due = refreshing.due(projected)
         if due and refreshing.refresh(due, self._metrics):
             self.check_consistency()
-        for x in projected:
-            x.state["step"] += 1
-            x.state["moment_age"] += 1
+        for matrix in projected:
+            matrix.state["step"] += 1
+            matrix.state["moment_age"] += 1
 
     def _projected_call(
-        self, key: tuple[int, str, str, Any], xs: list[Matrix], plan: _Plan | None, flags: _DeviceFlags | None
+        self, key: tuple[int, str, str, Any], matrices: list[Matrix], plan: _Plan | None, flags: _DeviceFlags | None
     ) -> Call:
         """The ``subspace_adamw`` call of one batch of projected matrices (``_batches``' key): rank-local views of
         sharded tensors, the residual's state and reduction, the plan's launch batches, and on a masked step
         the device flags and lags."""
         _, which, precision, shard = key
         view = _same if shard is None else local  # plain tensors: no rank-local views to take
-        grads = [_matrix(x.p.grad) for x in xs] if shard is None else [local_matrix(x.p.grad) for x in xs]
-        states = [x.state for x in xs]
+        grads = (
+            [_matrix(matrix.p.grad) for matrix in matrices]
+            if shard is None
+            else [local_matrix(matrix.p.grad) for matrix in matrices]
+        )
+        states = [matrix.state for matrix in matrices]
         args = (
-            [view(x.p) for x in xs],
+            [view(matrix.p) for matrix in matrices],
             grads,
             [view(s["basis"]) for s in states],
             *_moments(states, view),
             [s["moment_age"] for s in states],
         )
-        group = xs[0].group
+        group = matrices[0].group
         kwargs = {
             **_hyper(group),
             "scale": group["scale"],
-            "sides": [x.side for x in xs],
+            "sides": [matrix.side for matrix in matrices],
             "engine": which,
             "matmul_precision": precision,
         }
@@ -934,9 +947,11 @@ class SubspaceAdamW(Optimizer):
         if plan is not None and which == "triton" and shard is None:  # layouts fixed while the plan holds
             kwargs["batches"] = plan.launch_batches(id(group), precision, args, kwargs)
         if flags is not None:
-            kwargs["skipped"] = [flags.skip[id(x.p)] for x in xs]
-            if any(self._unread.get(id(x.p), 0) for x in xs):  # some count may run ahead of its matrix's age
-                kwargs["lags"] = [self._skip_count(x.p) for x in xs]
+            kwargs["skipped"] = [flags.skip[id(matrix.p)] for matrix in matrices]
+            if any(
+                self._unread.get(id(matrix.p), 0) for matrix in matrices
+            ):  # some count may run ahead of its matrix's age
+                kwargs["lags"] = [self._skip_count(matrix.p) for matrix in matrices]
         return functional.subspace_adamw, args, kwargs
 
     def _masked_plain_calls(self, plain: Plain, flags: _DeviceFlags) -> list[Call]:

@@ -79,39 +79,39 @@ def side(p: Tensor, group: dict[str, Any]) -> str:
 
 
 def due(matrices: list[Matrix]) -> list[Matrix]:
-    return [x for x in matrices if x.state["step"] % x.group["update_gap"] == 0]
+    return [matrix for matrix in matrices if matrix.state["step"] % matrix.group["update_gap"] == 0]
 
 
-def _round_robin(x: Matrix, world: int) -> bool:
-    return world > 1 and x.group["refresh_owner"] == "round_robin" and not is_dtensor(x.p)
+def _round_robin(matrix: Matrix, world: int) -> bool:
+    return world > 1 and matrix.group["refresh_owner"] == "round_robin" and not is_dtensor(matrix.p)
 
 
-def _refresh_input(x: Matrix) -> tuple[Tensor, linalg.Slab]:
-    """The gradient a refresh of ``x`` reads here: the whole matrix, or this rank's rows and their slab."""
-    if not is_dtensor(x.p):
-        return local_matrix(x.p.grad), linalg.UNSHARDED
-    if x.group["refresh"] == "svd":  # the exact SVD needs the whole matrix (the slow reproduction mode)
-        full = x.p.grad.full_tensor()
+def _refresh_input(matrix: Matrix) -> tuple[Tensor, linalg.Slab]:
+    """The gradient a refresh of ``matrix`` reads here: the whole matrix, or this rank's rows and their slab."""
+    if not is_dtensor(matrix.p):
+        return local_matrix(matrix.p.grad), linalg.UNSHARDED
+    if matrix.group["refresh"] == "svd":  # the exact SVD needs the whole matrix (the slow reproduction mode)
+        full = matrix.p.grad.full_tensor()
         return full.reshape(full.shape[0], -1), linalg.UNSHARDED
-    return local_matrix(x.p.grad), distributed.row_shard(x.p, x.name).slab()
+    return local_matrix(matrix.p.grad), distributed.row_shard(matrix.p, matrix.name).slab()
 
 
-def _compute(xs: list[Matrix]) -> dict[int, tuple[linalg.Basis, float]]:
-    """New bases for ``xs``, one ``functional.refresh_bases`` call per (group, engine); each matrix is
+def _compute(matrices: list[Matrix]) -> dict[int, tuple[linalg.Basis, float]]:
+    """New bases for ``matrices``, one ``functional.refresh_bases`` call per (group, engine); each matrix is
     charged an equal share of its call's wall time."""
     calls: dict[tuple[int, str], list[Matrix]] = {}
-    for x in xs:
-        calls.setdefault((id(x.group), x.engine), []).append(x)
+    for matrix in matrices:
+        calls.setdefault((id(matrix.group), matrix.engine), []).append(matrix)
     out = {}
     for (_, which), members in calls.items():
         group = members[0].group
-        inputs = [_refresh_input(x) for x in members]
+        inputs = [_refresh_input(matrix) for matrix in members]
         start = time.perf_counter()
         bases = functional.refresh_bases(
             [g for g, _ in inputs],
-            [local(x.state["basis"]) if "basis" in x.state else None for x in members],
-            [linalg.sketch_seed(group["seed"], x.index, x.state["refresh_count"]) for x in members],
-            sides=[x.side for x in members],
+            [local(matrix.state["basis"]) if "basis" in matrix.state else None for matrix in members],
+            [linalg.sketch_seed(group["seed"], matrix.index, matrix.state["refresh_count"]) for matrix in members],
+            sides=[matrix.side for matrix in members],
             rank=group["rank"],
             policy=group["refresh"],
             oversample=group["oversample"],
@@ -123,22 +123,22 @@ def _compute(xs: list[Matrix]) -> dict[int, tuple[linalg.Basis, float]]:
         if bases and bases[0].basis.device.type == "cuda":
             torch.cuda.synchronize(bases[0].basis.device)
         seconds = (time.perf_counter() - start) / len(members)
-        out.update({x.index: (b, seconds) for x, b in zip(members, bases, strict=True)})
+        out.update({matrix.index: (b, seconds) for matrix, b in zip(members, bases, strict=True)})
     return out
 
 
-def _broadcast(x: Matrix, owner: int, basis: linalg.Basis | None) -> linalg.Basis:
+def _broadcast(matrix: Matrix, owner: int, basis: linalg.Basis | None) -> linalg.Basis:
     """Round robin: the owner sends its d x r basis and its two energies (metrics) in one fp32 message."""
     if basis is not None:
         energies = torch.stack([basis.captured, basis.total]).float()
         buf = torch.cat([basis.basis.flatten().float(), energies])
     else:
-        d = basis_dim(x.side, *matrix_shape(x.p))
-        buf = torch.empty(d * x.group["rank"] + 2, dtype=torch.float32, device=x.p.device)
+        d = basis_dim(matrix.side, *matrix_shape(matrix.p))
+        buf = torch.empty(d * matrix.group["rank"] + 2, dtype=torch.float32, device=matrix.p.device)
     dist.broadcast(buf, src=owner)
     if basis is not None:
         return basis
-    return linalg.Basis(buf[:-2].view(-1, x.group["rank"]), buf[-2].double(), buf[-1].double())
+    return linalg.Basis(buf[:-2].view(-1, matrix.group["rank"]), buf[-2].double(), buf[-1].double())
 
 
 def refresh(due_list: list[Matrix], metrics: dict[int, dict[str, Any]]) -> bool:
@@ -150,30 +150,32 @@ def refresh(due_list: list[Matrix], metrics: dict[int, dict[str, Any]]) -> bool:
     check is due (``consistency_check_every``).
     """
     rank, world = distributed.world()
-    computed = _compute([x for x in due_list if not _round_robin(x, world) or x.index % world == rank])
+    computed = _compute(
+        [matrix for matrix in due_list if not _round_robin(matrix, world) or matrix.index % world == rank]
+    )
     check = False
-    for x in due_list:
-        here = x.index in computed
-        basis, seconds = computed[x.index] if here else (None, 0.0)
-        if _round_robin(x, world):
+    for matrix in due_list:
+        here = matrix.index in computed
+        basis, seconds = computed[matrix.index] if here else (None, 0.0)
+        if _round_robin(matrix, world):
             start = time.perf_counter()
-            basis = _broadcast(x, x.index % world, basis)
+            basis = _broadcast(matrix, matrix.index % world, basis)
             seconds = seconds if here else time.perf_counter() - start
-        install(x, basis, seconds, here, metrics)
-        every = x.group["consistency_check_every"]
-        check |= bool(every) and x.state["refresh_count"] % every == 0
+        install(matrix, basis, seconds, here, metrics)
+        every = matrix.group["consistency_check_every"]
+        check |= bool(every) and matrix.state["refresh_count"] % every == 0
     return check
 
 
 def install(
-    x: Matrix, new: linalg.Basis, seconds: float, computed_here: bool, metrics: dict[int, dict[str, Any]]
+    matrix: Matrix, new: linalg.Basis, seconds: float, computed_here: bool, metrics: dict[int, dict[str, Any]]
 ) -> None:
-    """Make ``new`` the basis of ``x``: rotate/keep/reset the moments into it and record the metrics."""
-    state = x.state
+    """Make ``new`` the basis of ``matrix``: rotate/keep/reset the moments into it and record the metrics."""
+    state = matrix.state
     overlap = None
     if "basis" not in state:
-        basis = new.basis.to(quant.TORCH_DTYPES[x.group["basis_dtype"]]).contiguous()
-        state["basis"] = distributed.replicated_like(x.p, basis) if is_dtensor(x.p) else basis
+        basis = new.basis.to(quant.TORCH_DTYPES[matrix.group["basis_dtype"]]).contiguous()
+        state["basis"] = distributed.replicated_like(matrix.p, basis) if is_dtensor(matrix.p) else basis
     elif not bool(new.total.float() > 0):  # fp32: the value round-robin receivers get broadcast
         # An all-zero gradient (e.g. DCP's lr=0 state-initializing step) spans nothing: keep the basis
         # and the moments as they are instead of rotating them into an arbitrary one.
@@ -183,16 +185,16 @@ def install(
         # The moments as fp32 working copies (the stored tensors themselves when they are fp32).
         moments = {k: local(v) for k, v in state.items() if k.startswith("exp_avg")}
         m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
-        c = transport_moments(m, v, previous.float(), new.basis.float(), x.side, x.group["moments"])
-        if x.group["moments"] != "keep":
+        c = transport_moments(m, v, previous.float(), new.basis.float(), matrix.side, matrix.group["moments"])
+        if matrix.group["moments"] != "keep":
             quant.store(moments, "exp_avg", m)
             quant.store(moments, "exp_avg_sq", v)
-        overlap = c.double().square().sum() / x.group["rank"]
+        overlap = c.double().square().sum() / matrix.group["rank"]
         previous.copy_(new.basis)
-        if x.group["moments"] == "reset":
+        if matrix.group["moments"] == "reset":
             state["moment_age"] = 0
     state["refresh_count"] += 1
-    metrics[x.index] = {
+    metrics[matrix.index] = {
         "refresh_time_s": seconds,
         "captured": new.captured,
         "total": new.total,

@@ -182,7 +182,7 @@ def residual_moments(
     bases: Sequence[Tensor],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
-    ss: Sequence[AdamScalars],
+    scalars: Sequence[AdamScalars],
     sides: Sequence[str],
     per_channel: bool,
     lags: Sequence[Lag | None],
@@ -201,7 +201,7 @@ def residual_moments(
         gf = g.float()  # (a bf16 G's) lives for one matrix only
         rs.append(project(gf, basis, side))
         g_sums.append(sums_of(gf, side))
-    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, ss, lags, skips)
+    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, scalars, lags, skips)
     sums = [
         [sums_of(direction, side), sums_of(r, side), gg]
         for direction, r, gg, side in zip(directions, rs, g_sums, sides, strict=True)
@@ -216,7 +216,7 @@ def residual_update(
     r: Tensor,
     direction: Tensor,
     coef: Tensor,
-    s: AdamScalars,
+    scalars: AdamScalars,
     side: str,
     mode: str,
     lag: Lag | None = None,
@@ -244,15 +244,15 @@ def residual_update(
             x.mul_(lag.c1)
     if p.dtype != torch.float32 or p.shape != gf.shape or torch.compiler.is_compiling():
         update = gf * coef_b if x is None else project_back(x, basis, side).addcmul_(gf, coef_b)
-        apply_update(p, update, s, skip)
+        apply_update(p, update, scalars, skip)
         return
     target = p if skip is None else p.clone()
     if x is None:
-        if s.decay != 1.0:
-            target.mul_(s.decay)
+        if scalars.decay != 1.0:
+            target.mul_(scalars.decay)
     else:
         a, b = (basis, x) if side == "left" else (x, basis.mT)  # project_back's product, added into W
-        target.addmm_(a, b, beta=s.decay, alpha=-s.alpha)
-    target.addcmul_(gf, coef_b, value=-s.alpha)
+        target.addmm_(a, b, beta=scalars.decay, alpha=-scalars.alpha)
+    target.addcmul_(gf, coef_b, value=-scalars.alpha)
     if skip is not None:
         torch.where(skip, p, target, out=p)
