@@ -8,11 +8,9 @@ compatibility guards in ``guards``, metrics in ``metrics``; ``docs/architecture.
 
 from __future__ import annotations
 
-import functools
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,19 +22,18 @@ from .distributed import local
 from .layerwise import BackwardUpdate
 from .quant import Moment
 from .refreshing import Matrix, local_matrix
+from .step_plan import DeviceFlags, SettlingState, StepPlan, Work, device_flags
 
 # Options that decide the shape of a parameter's state (projected or not, side, rank): changing one on a live
 # group would make the next step fail part-way, so ``step`` refuses it while it would reshape existing state.
 SHAPE_OPTIONS = ("rank", "proj_type")
 PARAM_GROUPS_HINT = "subspace_optim.param_groups(model, target_modules='all-linear', rank=128)"
-# One parameter a step works on: (flat index, its group, its name, the parameter).
-Work = tuple[int, dict[str, Any], str, Tensor]
 # A step's plain (not projected) parameters with their state, per group (by id).
 Plain = dict[int, list[tuple[Tensor, dict[str, Any]]]]
 # One call of a step: (function, args, kwargs), holding only tensors, lists and plain values.
 Call = tuple[Callable[..., None], tuple, dict[str, Any]]
 # Options that shape a step's structure (which parameters are projected, on which engine and side, with which
-# state and kernels): a step reuses the last step's checked structure (``_Plan``) only while these, the
+# state and kernels): a step reuses the last step's checked structure (``StepPlan``) only while these, the
 # parameters and their gradients' layouts are the same. The others (lr, betas, eps, weight_decay, scale,
 # update_gap, seed, ...) are read at every step.
 STRUCTURAL_OPTIONS = (
@@ -99,35 +96,6 @@ def _view(view: Callable[[Tensor], Tensor], t: Tensor | None) -> Tensor | None:
 def _same(t: Tensor) -> Tensor:
     """A tensor as a core call takes it when it is not sharded: itself."""
     return t
-
-
-class _DeviceFlags(NamedTuple):
-    """A masked step's non-finite flags, per parameter (by id) on its device: a bool for the updates, an int32
-    to count the skips, and (``found()``) every flag as torch's fp32 ``found_inf`` when all parameters share
-    one device, else {} (then converted one by one)."""
-
-    skip: dict[int, Tensor]
-    counted: dict[int, Tensor]
-    found: Callable[[], dict[int, Tensor]]
-
-
-def _device_flags(work: list[Work], bad: Tensor, devices: list[torch.device]) -> _DeviceFlags:
-    """Split the step's flags (one per parameter of ``work``, on ``bad``'s device) onto each parameter's device."""
-    ids = [id(p) for *_, p in work]
-    single = len(set(devices)) == 1  # the usual case: every parameter on one device
-    skip_of: dict[int, Tensor] = {}
-    counted: dict[int, Tensor] = {}
-    for dev in set(devices):
-        here = bad if dev == bad.device else bad.to(dev)
-        flags, ints = here.unbind(0), here.to(torch.int32).unbind(0)
-        if single:
-            skip_of, counted = dict(zip(ids, flags, strict=True)), dict(zip(ids, ints, strict=True))
-            break
-        for j, key in enumerate(ids):
-            if devices[j] == dev:
-                skip_of[key], counted[key] = flags[j], ints[j]
-    found = functools.cache(lambda: dict(zip(ids, bad.float().unbind(0), strict=True)) if single else {})
-    return _DeviceFlags(skip_of, counted, found)
 
 
 def _source_module(params: Any) -> nn.Module | None:
@@ -206,114 +174,6 @@ def _refuse_model_or_tensor(params: Any) -> None:
             "params argument given to the optimizer should be an iterable of Tensors or dicts, "
             f"but got {torch.typename(params)}"
         )
-
-
-class _Plan:
-    """What the per-parameter checks of a step decided, kept for the next steps while ``key`` holds (the
-    groups' parameters and structural options, every gradient's presence and layout, every parameter's dtype):
-    the checked work list and the fp32 limits of its non-finite test, and, once a masked step has built them,
-    the projected matrices, the plain parameters and the engine batches. A regular step then does no
-    per-parameter checking, engine choice or state lookup beyond its counters: the host work that would
-    otherwise grow by microseconds per parameter. Dropped whenever the state or the groups are replaced."""
-
-    def __init__(
-        self, key: tuple, state: Any, work: list[Work], limits: Tensor | None, shard_groups: list[Any]
-    ) -> None:
-        self.key, self.work, self.limits, self.shard_groups = key, work, limits, shard_groups
-        # The optimizer's ``state`` mapping and its version when this plan was made: replacing, adding or
-        # removing any entry (``load_state_dict``, ``opt.state[p] = ...``, a parameter's first state) drops it.
-        self.state, self.version = state, getattr(state, "version", None)
-        self.structure: tuple | None = None
-        self._launch_batches: dict[tuple[int, str], list[list[int]]] = {}
-        self.kernel_flags = False  # the finiteness test runs as the Triton kernel (``_use_kernel_flags``)
-        self.flags_layout: Any = None  # its launches' ``kernels.flags.Layout``, made at its first use
-        self.raises = any(group["nonfinite"] == "raise" for _, group, _, _ in work)  # a structural option
-
-    def holds(self, key: tuple, state: Any) -> bool:
-        """Whether the plan still describes a step with this key and this state."""
-        return self.key == key and self.state is state and self.version == getattr(state, "version", None)
-
-    def launch_batches(self, group: int, precision: str, args: tuple, kwargs: dict[str, Any]) -> list[list[int]]:
-        """The Triton engine's launch batches of one core call (``kernels.step.layout_batches``), computed at the
-        first masked step of the plan: its tensors' layouts cannot change while the plan holds (the key covers
-        the weights' and gradients' layouts and the options that shape the state, and any state entry replaced
-        drops the plan)."""
-        key = (group, precision)
-        if key not in self._launch_batches:
-            from .kernels.step import layout_batches
-
-            self._launch_batches[key] = layout_batches(*args[:5], kwargs["sides"])
-        return self._launch_batches[key]
-
-
-class _State(defaultdict):
-    """``optimizer.state``, whose readers see settled step counts: with ``nonfinite="skip"`` a matrix's counts
-    run ahead of the steps it took by its skips the device decided and the host has not read yet
-    (``SubspaceAdamW._read``); reading an entry (``[p]``, ``get``, ``items``, ``values``) reads those first,
-    once (a host sync only while some are owed). The optimizer's own bookkeeping reads through ``raw`` and
-    ``peek``, which read nothing back. Copies and pickles are plain ``defaultdict``s (re-wrapped on load)."""
-
-    def __init__(self, settle: Callable[[], None], entries: Any = ()) -> None:
-        self.version = 0  # bumped whenever an entry is added, replaced or removed (``_Plan`` compares it)
-        super().__init__(dict, entries)
-        self._settle = settle
-
-    def __setitem__(self, p: Tensor, value: dict[str, Any]) -> None:  # also entries ``__missing__`` creates
-        self.version += 1
-        super().__setitem__(p, value)
-
-    def __delitem__(self, p: Tensor) -> None:
-        self.version += 1
-        super().__delitem__(p)
-
-    def clear(self) -> None:
-        self.version += 1
-        super().clear()
-
-    def pop(self, *args: Any) -> Any:
-        self.version += 1
-        return super().pop(*args)
-
-    def popitem(self) -> Any:
-        self.version += 1
-        return super().popitem()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self.version += 1
-        super().update(*args, **kwargs)
-
-    def setdefault(self, p: Tensor, default: Any = None) -> Any:
-        self.version += 1
-        return super().setdefault(p, default)
-
-    def __ior__(self, other: Any) -> _State:  # ``state |= {...}``: dict's C update, not ``update``
-        self.version += 1
-        return super().__ior__(other)
-
-    def raw(self, p: Tensor) -> dict[str, Any]:
-        return super().__getitem__(p)
-
-    def peek(self, p: Tensor) -> dict[str, Any] | None:
-        return super().get(p)
-
-    def __getitem__(self, p: Tensor) -> dict[str, Any]:
-        self._settle()
-        return super().__getitem__(p)
-
-    def get(self, p: Tensor, default: Any = None) -> Any:
-        self._settle()
-        return super().get(p, default)
-
-    def items(self) -> Any:
-        self._settle()
-        return super().items()
-
-    def values(self) -> Any:
-        self._settle()
-        return super().values()
-
-    def __reduce__(self) -> tuple:
-        return (defaultdict, (dict,), None, None, iter(super().items()))
 
 
 class SubspaceAdamW(Optimizer):
@@ -442,11 +302,11 @@ class SubspaceAdamW(Optimizer):
         self._rank_given = False  # some group named a rank (None included): plain AdamW there is deliberate
         self._plain_checked = False  # the first step's "no group has a rank" check has run
         self._layouts: dict[int, dict[str, Any]] = {}  # id(group) -> SHAPE_OPTIONS its state was built with
-        self._plan: _Plan | None = None
+        self._plan: StepPlan | None = None
         module = _source_module(params)
         params = list(params)
         super().__init__(params, given)
-        self.state = _State(self._settle, self.state)
+        self.state = SettlingState(self._settle, self.state)
         if rank is not None and params and not isinstance(params[0], dict):
             self._warn_projected_vocab(params, module, rank)
 
@@ -460,7 +320,7 @@ class SubspaceAdamW(Optimizer):
         self._metrics = {}
         self._nonfinite_skips = 0
         self._skips, self._unread = {}, {}  # the state they counted for was replaced
-        self.state = _State(self._settle, self.state)
+        self.state = SettlingState(self._settle, self.state)
         self._known_params = set()
         self._rank_given = getattr(self, "_rank_given", True)  # a copy or a loaded optimizer: warned already
         self._plain_checked = getattr(self, "_plain_checked", True)
@@ -555,7 +415,7 @@ class SubspaceAdamW(Optimizer):
     def _checked_work(self, only: set[int] | None = None) -> tuple[list[Work], Tensor | None]:
         """Every parameter with a gradient (of ``only``, ids, when given), each checked (types, engine) before
         anything moves, and their non-finite flags (``checks.nonfinite_flags``: on the device, not read). The
-        checks are those of the last step while ``_plan_key`` is the same (``_Plan``)."""
+        checks are those of the last step while ``_plan_key`` is the same (``StepPlan``)."""
         self._refuse_reshaped_groups()
         key = None if only is not None else self._plan_key()
         plan = self._plan
@@ -570,7 +430,7 @@ class SubspaceAdamW(Optimizer):
             limits = [checks.grad_limit(p, refreshing.projects(p, g)) for _, g, _, p in work]
             device = local(work[0][3]).device if work else None
             limits_t = adam_rule.device_vector(limits, torch.float32, device) if work else None
-            plan = _Plan(key, self.state, work, limits_t, shard_groups)
+            plan = StepPlan(key, self.state, work, limits_t, shard_groups)
             self._plan = plan if key is not None else None
         if not plan.work:
             return plan.work, None
@@ -584,7 +444,7 @@ class SubspaceAdamW(Optimizer):
         return plan.work, checks.nonfinite_flags(grads, plan.limits, plan.shard_groups)
 
     @staticmethod
-    def _use_kernel_flags(plan: _Plan, projected: list[Matrix], devices: list[torch.device]) -> bool:
+    def _use_kernel_flags(plan: StepPlan, projected: list[Matrix], devices: list[torch.device]) -> bool:
         """Whether the plan's steps take the finiteness test as Triton launches, per gradient dtype and size class
         (``kernels.flags``: the same flags as ``checks.nonfinite_flags``): when every projected matrix runs on the
         kernels, nothing is sharded, every gradient is a contiguous fp32/bf16/fp16 tensor on one device, and its
@@ -650,7 +510,7 @@ class SubspaceAdamW(Optimizer):
         self._nonfinite_skips += len(bad)
         return [w for w, fine in zip(work, ok, strict=True) if fine]
 
-    def _must_read(self, work: list[Work], plan: _Plan | None = None) -> bool:
+    def _must_read(self, work: list[Work], plan: StepPlan | None = None) -> bool:
         """Whether the host needs this step's flags before anything moves: a ``nonfinite="raise"`` group (it
         raises first), a matrix without state (its first step refreshes), or a refresh that may be due. A
         matrix counted at step t with k steps decided on the device since the last read is truly at one of
@@ -711,15 +571,15 @@ class SubspaceAdamW(Optimizer):
         return [not bad for bad in values[:taken]]
 
     def _state_of(self, p: Tensor, peek: bool = False) -> dict[str, Any] | None:
-        """``p``'s state as the optimizer itself reads it: without settling (``_State``); ``peek``: None when it
+        """``p``'s state as the optimizer itself reads it: without settling (``SettlingState``); ``peek``: None when it
         has none (nothing is created). Also works if something replaced ``self.state`` by a plain dict."""
         state = self.state
-        if isinstance(state, _State):
+        if isinstance(state, SettlingState):
             return state.peek(p) if peek else state.raw(p)
         return state.get(p) if peek else state[p]
 
     def _settle(self) -> None:
-        """Read back the skip counts the device still holds, if any (``_read``; ``_State`` calls this)."""
+        """Read back the skip counts the device still holds, if any (``_read``; ``SettlingState`` calls this)."""
         if any(self._unread.values()):
             self._read()
 
@@ -870,7 +730,7 @@ class SubspaceAdamW(Optimizer):
             return self._plain_calls(plain) + [
                 self._projected_call(key, matrices, plan, None) for key, matrices in batches.items()
             ]
-        flags = _device_flags(work, bad, devices)
+        flags = device_flags(work, bad, devices)
         calls = [self._projected_call(key, matrices, plan, flags) for key, matrices in batches.items()]
         if projected:  # after the updates, which read the counts as lags
             calls.append(self._count_device_skips([matrix.p for matrix in projected], flags.counted))
@@ -888,7 +748,9 @@ class SubspaceAdamW(Optimizer):
                 f"SubspaceAdamW({PARAM_GROUPS_HINT}); to mean plain AdamW, set 'rank': None in the group"
             )
 
-    def _structure(self, work: list[Work], plan: _Plan | None) -> tuple[list[Matrix], Plain, dict, list[torch.device]]:
+    def _structure(
+        self, work: list[Work], plan: StepPlan | None
+    ) -> tuple[list[Matrix], Plain, dict, list[torch.device]]:
         """The step's projected matrices, plain parameters per group, core-call batches and devices: the plan's
         while it holds (a masked step with every state created), else built (``_with_state``) and kept."""
         if plan is not None and plan.structure is not None:
@@ -912,7 +774,7 @@ class SubspaceAdamW(Optimizer):
             matrix.state["moment_age"] += 1
 
     def _projected_call(
-        self, key: tuple[int, str, str, Any], matrices: list[Matrix], plan: _Plan | None, flags: _DeviceFlags | None
+        self, key: tuple[int, str, str, Any], matrices: list[Matrix], plan: StepPlan | None, flags: DeviceFlags | None
     ) -> Call:
         """The ``subspace_adamw`` call of one batch of projected matrices (``_batches``' key): rank-local views of
         sharded tensors, the residual's state and reduction, the plan's launch batches, and on a masked step
@@ -954,7 +816,7 @@ class SubspaceAdamW(Optimizer):
                 kwargs["lags"] = [self._skip_count(matrix.p) for matrix in matrices]
         return functional.subspace_adamw, args, kwargs
 
-    def _masked_plain_calls(self, plain: Plain, flags: _DeviceFlags) -> list[Call]:
+    def _masked_plain_calls(self, plain: Plain, flags: DeviceFlags) -> list[Call]:
         """A masked step's plain parameters: those that skip on the device (``_plain_skipping_calls``), then
         torch's AdamW with its host step counts for the rest, after one read (``_plain_after_read``)."""
         if not plain:

@@ -1,4 +1,4 @@
-"""A regular step reuses the last step's per-parameter checks and engine choices (``SubspaceAdamW._Plan``)
+"""A regular step reuses the last step's per-parameter checks and engine choices (``step_plan.StepPlan``)
 only while nothing they depend on changed: the plan is invisible in the numbers.
 
 Each test runs the same script of steps and changes on two optimizers, one with the plan disabled, and
