@@ -210,3 +210,20 @@ def _resume_release_case(case: int) -> None:
                 assert torch.equal(value, other) and value.dtype == other.dtype, (pid, key)
             else:
                 assert value == other, (pid, key)
+
+
+def test_optimizer_pickled_before_the_guards_rename_loads():
+    """A whole optimizer pickled when its param groups' class lived in ``subspace_optim.compat`` (renamed
+    ``guards``) still loads, with the same groups and state."""
+    import pickle
+
+    w = torch.nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(0)))
+    opt = SubspaceAdamW([{"params": [w], "rank": 2}], lr=1e-2)
+    w.grad = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    data = pickle.dumps(opt, protocol=0)  # protocol 0 names classes as plain text lines
+    assert b"subspace_optim.guards\nParamGroup" in data
+    loaded = pickle.loads(data.replace(b"subspace_optim.guards\nParamGroup", b"subspace_optim.compat\nParamGroup"))
+    assert loaded.param_groups[0]["rank"] == 2
+    (p,) = loaded.param_groups[0]["params"]
+    assert torch.equal(loaded.state[p]["basis"], opt.state[w]["basis"])

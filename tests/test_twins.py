@@ -75,3 +75,36 @@ def test_scalar_table_applies_flags_and_lags_by_name():
     assert table[1, col["alpha"]] == plain[1, col["alpha"]]  # a lag of 0 is exactly 1.0
     others = [c for name, c in col.items() if name not in ("skip", "alpha", "bias2_sqrt")]
     assert torch.equal(table[:, others], plain[:, others])
+
+
+def test_codes_without_their_absmax_are_refused_by_both_engines():
+    """uint8 codes passed as a bare tensor (the old ``exp_avg_absmaxes=`` call without its lists): both engines
+    raise the same TypeError before anything changes, instead of reading the codes as numbers."""
+    from subspace_optim import quant
+
+    gen = torch.Generator().manual_seed(3)
+    w, g = torch.randn(6, 300, generator=gen), torch.randn(6, 300, generator=gen)
+    basis = torch.linalg.qr(torch.randn(6, 2, generator=gen))[0]
+    state = {**quant.zeros((2, 300), "int8", torch.device("cpu"), "exp_avg")}
+    state.update(quant.zeros((2, 300), "int8", torch.device("cpu"), "exp_avg_sq"))
+    codes = state["exp_avg"].clone()
+    before = w.clone()
+    hyper = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, scale=1.0, sides=["left"])
+    for run in (functional.subspace_adamw, kernel_step.subspace_adamw):
+        with pytest.raises(TypeError, match="uint8 codes with an absmax"):
+            run([w], [g], [basis], [state["exp_avg"]], [quant.moment(state, "exp_avg_sq")], [1], **hyper)
+        assert torch.equal(w, before) and torch.equal(state["exp_avg"], codes)
+    plain = torch.randn(300, generator=gen)
+    with pytest.raises(TypeError, match="uint8 codes with an absmax"):
+        functional.adamw(
+            [plain],
+            [g[0]],
+            [state["exp_avg"][0]],
+            [state["exp_avg_sq"][0]],
+            [torch.tensor(0.0)],
+            lr=1e-3,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=0.0,
+            foreach=None,
+        )
