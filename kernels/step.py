@@ -427,6 +427,24 @@ class _Launched(NamedTuple):
     tables: dict[str, Tensor]
 
 
+class _BatchMoments(NamedTuple):
+    """One moment of every member of a batch: the stored values and, for 8-bit codes, their absmaxes (a batch
+    shares one storage, ``layout_batches``)."""
+
+    values: list[Tensor]
+    absmaxes: list[Tensor] | None
+
+
+def _batch_moments(moments: list[Tensor | Moment]) -> _BatchMoments:
+    """A batch's moments given as tensors or ``quant.Moment`` records, split without a record per member when
+    they are bare tensors (the usual float storage: the regular step's host path stays allocation-free)."""
+    if not any(type(m) is Moment for m in moments):
+        return _BatchMoments(moments, None)
+    records = moments if all(type(m) is Moment for m in moments) else [as_moment(m) for m in moments]
+    values, absmaxes = [m.values for m in records], [m.absmax for m in records]
+    return _BatchMoments(values, None if absmaxes[0] is None else absmaxes)
+
+
 class _Layout(NamedTuple):
     """One batch's shapes and strides, as launch 1 reads them (``_project_layout``)."""
 
@@ -444,8 +462,8 @@ def _project_layout(
     ws: list[Tensor],
     gs: list[Tensor],
     ps: list[Tensor],
-    ms: list[Moment],
-    vs: list[Moment],
+    ms: _BatchMoments,
+    vs: _BatchMoments,
     side: str,
     same_layout: bool,
 ) -> _Layout:
@@ -454,36 +472,38 @@ def _project_layout(
     m, n = gs[0].shape
     r = ps[0].shape[1]
     if same_layout:
-        strides = [gs[0].stride(), ps[0].stride(), ms[0].values.stride(), vs[0].values.stride()]
+        strides = [gs[0].stride(), ps[0].stride(), ms.values[0].stride(), vs.values[0].stride()]
     else:
         strides = [
             check_same_layout(gs, "gradients"),
             check_same_layout(ps, "bases"),
-            check_same_layout([x.values for x in ms], "exp_avg"),
-            check_same_layout([x.values for x in vs], "exp_avg_sq"),
+            check_same_layout(ms.values, "exp_avg"),
+            check_same_layout(vs.values, "exp_avg_sq"),
         ]
         check_same_layout(ws, "weights")
     rshape = (r, n) if side == "left" else (m, r)
-    fits = tuple(ms[0].values.shape) == rshape and tuple(vs[0].values.shape) == rshape
+    fits = tuple(ms.values[0].shape) == rshape and tuple(vs.values[0].shape) == rshape
     if not fits or ps[0].shape[0] != (m if side == "left" else n):
-        shapes = f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms[0].values.shape)}"
+        shapes = f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms.values[0].shape)}"
         raise ValueError(f"{shapes} do not fit G {(m, n)}")
     if ps[0].dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"bases must be fp32 or bf16, got {ps[0].dtype}")
-    for what, t in (("weight", ws[0]), ("exp_avg", ms[0].values), ("exp_avg_sq", vs[0].values)):
+    for what, t in (("weight", ws[0]), ("exp_avg", ms.values[0]), ("exp_avg_sq", vs.values[0])):
         check_writable(t, what)  # same strides across the batch: one check covers it
     return _Layout(m, n, r, rshape, *strides)
 
 
 def _absmax_rows(
-    moments: list[Moment], key: str, signed: bool, same_layout: bool, rows: dict[str, Any], dev: torch.device
+    moments: _BatchMoments, key: str, signed: bool, same_layout: bool, rows: dict[str, Any], dev: torch.device
 ) -> tuple[int, tuple[int, int], Tensor | None]:
     """One moment's storage kind, and for 8-bit codes its absmaxes' strides and code table, their pointer row
     added to ``rows`` (under ``key``); for other storage, placeholder strides and no table."""
-    kind = moment_kind(moments[0].values, moments[0].absmax, "exp_avg" if signed else "exp_avg_sq")
+    absmaxes = moments.absmaxes
+    kind = moment_kind(
+        moments.values[0], None if absmaxes is None else absmaxes[0], "exp_avg" if signed else "exp_avg_sq"
+    )
     if kind != MOMENT_INT8:
         return kind, (0, 0), None
-    absmaxes = [x.absmax for x in moments]
     what = "exp_avg_absmax" if signed else "exp_avg_sq_absmax"
     strides = absmaxes[0].stride() if same_layout else check_same_layout(absmaxes, what)
     check_writable(absmaxes[0], what)
@@ -495,8 +515,8 @@ def _project_launch(
     ws: list[Tensor],
     gs: list[Tensor],
     ps: list[Tensor],
-    ms: list[Moment],
-    vs: list[Moment],
+    ms: list[Tensor | Moment],
+    vs: list[Tensor | Moment],
     hyper: Tensor,
     side: str,
     blocks: Blocks | None,
@@ -514,14 +534,15 @@ def _project_launch(
     Every pointer table of both launches is one host table, copied to the device at once (``pointer_tables``).
     """
     dev = gs[0].device
+    ms, vs = _batch_moments(ms), _batch_moments(vs)
     lay = _project_layout(ws, gs, ps, ms, vs, side, same_layout)
     nbuf = torch.empty((len(gs), *lay.rshape), dtype=torch.float32, device=dev)
     rows: dict[str, Any] = {
         "w": ws,
         "g": gs,
         "p": ps,
-        "m": [x.values for x in ms],
-        "v": [x.values for x in vs],
+        "m": ms.values,
+        "v": vs.values,
         "n": nbuf,
     }
     m_kind, mq_strides, m_table = _absmax_rows(ms, "mq", True, same_layout, rows, dev)
@@ -659,7 +680,9 @@ def _scalar_table(
     """One batch's scalar table on its device (``SCALAR_COLUMNS``): each member's ``AdamScalars`` by age, its
     skip flag copied on the device, and alpha and sqrt(1 - b2^t) corrected by the lags (``adam_rule.Lag``; exact
     1.0 where the host count does not run ahead). Call under ``device_guard(dev)``."""
-    hyper = host_table([_scalar_row(scalars(t)) for t in steps], torch.float32, dev)
+    by_age: dict[int, list[float]] = {}  # a batch's members usually share one age: one row, reused
+    rows = [by_age[t] if t in by_age else by_age.setdefault(t, _scalar_row(scalars(t))) for t in steps]
+    hyper = host_table(rows, torch.float32, dev)
     if skipped is not None:
         hyper[:, COLUMN["skip"]].copy_(torch.stack(skipped))
     if lags is not None:
@@ -706,10 +729,9 @@ def subspace_adamw(
     count = len(grads)
     if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {count}:
         raise ValueError("subspace_adamw: every argument list needs one entry per matrix")
-    ms, vs = [as_moment(x) for x in exp_avgs], [as_moment(x) for x in exp_avg_sqs]
     ws = [w if w.shape == g.shape else w.view(g.shape) for w, g in zip(params, grads, strict=True)]
     if batches is None:
-        batches = layout_batches(ws, grads, bases, ms, vs, sides)
+        batches = layout_batches(ws, grads, bases, exp_avgs, exp_avg_sqs, sides)
     members = [list(idx) for idx in batches]
     scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
     launched = []
@@ -719,7 +741,7 @@ def subspace_adamw(
             flags = None if skipped is None else [skipped[i] for i in idx]
             lag = None if lags is None else [lags[i] for i in idx]
             hyper = _scalar_table([steps[i] for i in idx], scalars, flags, lag, betas, dev)
-            batch = [[t[i] for i in idx] for t in (ws, grads, bases, ms, vs)]
+            batch = [[t[i] for i in idx] for t in (ws, grads, bases, exp_avgs, exp_avg_sqs)]
             resid = residual != "none"
             launched.append(_project_launch(*batch, hyper, sides[idx[0]], blocks, matmul_precision, resid, True))
     coefs = None

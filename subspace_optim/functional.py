@@ -42,25 +42,30 @@ TWIN_ONLY = {
     "refresh_bases": (),
 }
 
-# A matrix's two stored moments (first, second), as records.
-Moments = tuple[Moment, Moment]
+# A matrix's two stored moments (first, second): bare float tensors or ``quant.Moment`` records.
+Moments = tuple[Tensor | Moment, Tensor | Moment]
 
 
 def _stored(i: int, exp_avgs: Sequence[Tensor | Moment], exp_avg_sqs: Sequence[Tensor | Moment]) -> Moments:
-    """Member i's stored moments as records (a bare tensor is a moment without an absmax)."""
-    return as_moment(exp_avgs[i]), as_moment(exp_avg_sqs[i])
+    """Member i's stored moments, as given (no record is made for a bare tensor: this runs per matrix and step)."""
+    return exp_avgs[i], exp_avg_sqs[i]
+
+
+def _codes(moment: Tensor | Moment) -> bool:
+    """Whether a stored moment is 8-bit codes (a record with an absmax)."""
+    return type(moment) is Moment and moment.absmax is not None
 
 
 def _tensors(moments: Moments) -> list[Tensor]:
     """Every tensor a matrix's stored moments are made of (values, and absmaxes of 8-bit codes)."""
-    return [t for mo in moments for t in mo if t is not None]
+    return [t for mo in moments for t in (mo if type(mo) is Moment else (mo,)) if t is not None]
 
 
 def _snapshot(moments: Moments, skip: Tensor | None) -> list[Tensor] | None:
     """Copies of a matrix's 8-bit moments (codes and absmaxes) when it may be skipped (``_restore``). fp32 and
     bf16 moments need none: the update keeps their old fp32 values itself (``adam_rule.moments_directions``), and
     a bf16 value goes back to bf16 exactly; requantizing dequantized codes is not guaranteed to."""
-    if skip is None or all(mo.absmax is None for mo in moments):
+    if skip is None or not any(_codes(mo) for mo in moments):
         return None
     return [t.clone() for t in _tensors(moments)]
 
@@ -197,7 +202,7 @@ def _moment_chunks(exp_avgs: Sequence[Tensor | Moment]) -> list[range]:
     """Consecutive matrices in chunks of at most ``_CHUNK_MOMENTS`` moment entries (at least one matrix each)."""
     out, start, total = [], 0, 0
     for i, m in enumerate(exp_avgs):
-        entries = as_moment(m).values.numel()
+        entries = (m.values if type(m) is Moment else m).numel()
         if i > start and total + entries > _CHUNK_MOMENTS:
             out.append(range(start, i))
             start, total = i, 0
@@ -369,13 +374,16 @@ def adamw(
     kwargs = dict(decoupled_weight_decay=True, amsgrad=False, maximize=False, lr=lr, weight_decay=weight_decay, eps=eps)
     kwargs.update(beta1=betas[0], beta2=betas[1])
     foreach = _foreach_choice(params, lr, betas, foreach, fused)
-    stored = [_stored(i, exp_avgs, exp_avg_sqs) for i in range(len(params))]
-    if all(mo.values.dtype == p.dtype and mo.absmax is None for (mo, _), p in zip(stored, params, strict=True)):
-        ms, vs = [m.values for m, _ in stored], [v.values for _, v in stored]
+    ms, vs = list(exp_avgs), list(exp_avg_sqs)
+    if any(type(m) is Moment for m in (*ms, *vs)):  # records: bare values where they hold no codes
+        ms, vs = [as_moment(m) for m in ms], [as_moment(v) for v in vs]
+        if all(m.absmax is None for m in ms):
+            ms, vs = [m.values for m in ms], [v.values for v in vs]
+    if all(type(m) is not Moment and m.dtype == p.dtype for m, p in zip(ms, params, strict=True)):
         _torch_adam(params, grads, ms, vs, [], steps, foreach=foreach, fused=fused, **kwargs)
         return
-    for p, g, moments, step in zip(params, grads, stored, steps, strict=True):
-        _stored_adamw(p, g, moments, step, kwargs)
+    for p, g, m, v, step in zip(params, grads, ms, vs, steps, strict=True):
+        _stored_adamw(p, g, (m, v), step, kwargs)
 
 
 def _foreach_choice(
@@ -407,7 +415,7 @@ def _stored_adamw(p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwarg
     # them at once); rows never split an 8-bit block, and every operation is elementwise, so the result is the
     # same bit for bit. Each chunk steps from the same count; the count advances once.
     for rows in _row_chunks(matrix.shape[0], matrix.shape[1]):
-        chunk = tuple(mo.local(lambda t, rows=rows: as_matrix(t)[rows]) for mo in moments)
+        chunk = tuple(as_moment(mo).local(lambda t, rows=rows: as_matrix(t)[rows]) for mo in moments)
         _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs)
     step.add_(1)
 

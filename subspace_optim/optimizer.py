@@ -81,16 +81,22 @@ def plain_lr(group: dict[str, Any]) -> float | Tensor:
     return value * (group["lr"] / initial)
 
 
-def _moments(states: list[dict[str, Any]], view: Callable[[Tensor], Tensor]) -> tuple[list[Moment], list[Moment]]:
-    """The (first, second) moments of a core call's states as ``quant.Moment`` records, each tensor through
-    ``view`` (a DTensor's rank-local shard, or nothing)."""
-    firsts = [Moment(view(s["exp_avg"]), _view(view, s.get("exp_avg_absmax"))) for s in states]
-    seconds = [Moment(view(s["exp_avg_sq"]), _view(view, s.get("exp_avg_sq_absmax"))) for s in states]
-    return firsts, seconds
+def _moments(
+    states: list[dict[str, Any]], view: Callable[[Tensor], Tensor] | None
+) -> tuple[list[Tensor | Moment], list[Tensor | Moment]]:
+    """The (first, second) moments of a core call's states, each tensor through ``view`` when given (a DTensor's
+    rank-local shard): the tensors themselves for float storage, ``quant.Moment`` records for 8-bit codes."""
+    if all("exp_avg_absmax" not in s for s in states):  # float storage: no record per matrix and step
+        if view is None:
+            return [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        return [view(s["exp_avg"]) for s in states], [view(s["exp_avg_sq"]) for s in states]
+    return [_record(s, "exp_avg", view) for s in states], [_record(s, "exp_avg_sq", view) for s in states]
 
 
-def _view(view: Callable[[Tensor], Tensor], t: Tensor | None) -> Tensor | None:
-    return None if t is None else view(t)
+def _record(state: dict[str, Any], key: str, view: Callable[[Tensor], Tensor] | None) -> Moment:
+    """Moment ``key`` of ``state`` as a ``quant.Moment`` record, through ``view`` when given."""
+    moment = quant.moment(state, key)
+    return moment if view is None else moment.local(view)
 
 
 def _same(t: Tensor) -> Tensor:
@@ -780,20 +786,14 @@ class SubspaceAdamW(Optimizer):
         sharded tensors, the residual's state and reduction, the plan's launch batches, and on a masked step
         the device flags and lags."""
         _, which, precision, shard = key
-        view = _same if shard is None else local  # plain tensors: no rank-local views to take
-        grads = (
-            [_matrix(matrix.p.grad) for matrix in matrices]
-            if shard is None
-            else [local_matrix(matrix.p.grad) for matrix in matrices]
-        )
         states = [matrix.state for matrix in matrices]
-        args = (
-            [view(matrix.p) for matrix in matrices],
-            grads,
-            [view(s["basis"]) for s in states],
-            *_moments(states, view),
-            [s["moment_age"] for s in states],
-        )
+        ages = [s["moment_age"] for s in states]
+        if shard is None:  # plain tensors: no rank-local views to take
+            params, grads = [matrix.p for matrix in matrices], [_matrix(matrix.p.grad) for matrix in matrices]
+            args = (params, grads, [s["basis"] for s in states], *_moments(states, None), ages)
+        else:
+            params, grads = [local(matrix.p) for matrix in matrices], [local_matrix(m.p.grad) for m in matrices]
+            args = (params, grads, [local(s["basis"]) for s in states], *_moments(states, local), ages)
         group = matrices[0].group
         kwargs = {
             **_hyper(group),

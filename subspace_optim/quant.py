@@ -172,36 +172,36 @@ def stored_kind(state: dict[str, Any], key: str) -> str:
     return moment(state, key).kind
 
 
-def _refuse_codes_without_absmax(moment: Moment) -> None:
+def _refuse_codes_without_absmax(values: Tensor) -> None:
     """8-bit codes (or any dtype that is not a float storage) given without their absmax: a TypeError, as the
     kernels raise (``kernels._common.moment_kind``), instead of reading the codes as numbers."""
-    if moment.absmax is None and moment.values.dtype not in KIND_OF:
+    if values.dtype not in KIND_OF:
         raise TypeError(
             "moments must be fp32, bf16, or uint8 codes with an absmax (a quant.Moment(codes, absmax)); got "
-            f"{moment.values.dtype} without an absmax"
+            f"{values.dtype} without an absmax"
         )
 
 
-def load_moment(moment: Moment, signed: bool) -> Tensor:
-    """A working fp32 copy of a stored moment (the stored tensor itself when it is fp32). ``signed``: the
-    first moment's map (8-bit codes only)."""
-    _refuse_codes_without_absmax(moment)
-    values = moment.values
-    if moment.absmax is not None:
-        return dequantize(as_matrix(values), moment.absmax, signed).reshape(values.shape)
+def load_moment(moment: Tensor | Moment, signed: bool) -> Tensor:
+    """A working fp32 copy of a stored moment, a record or a bare float tensor (the stored tensor itself when it
+    is fp32). ``signed``: the first moment's map (8-bit codes only)."""
+    values, absmax = moment if type(moment) is Moment else (moment, None)
+    if absmax is not None:
+        return dequantize(as_matrix(values), absmax, signed).reshape(values.shape)
+    _refuse_codes_without_absmax(values)
     return values if values.dtype == torch.float32 else values.float()
 
 
-def store_moment(moment: Moment, signed: bool, value: Tensor) -> None:
+def store_moment(moment: Tensor | Moment, signed: bool, value: Tensor) -> None:
     """Write an fp32 working copy back into a stored moment (nothing to do when it is the stored tensor)."""
-    target = moment.values
+    target, absmax = moment if type(moment) is Moment else (moment, None)
     if value is target:
         return
-    _refuse_codes_without_absmax(moment)
-    if moment.absmax is not None:
-        quantize(as_matrix(value), signed, as_matrix(target), moment.absmax)
-    else:
-        target.copy_(value)
+    if absmax is not None:
+        quantize(as_matrix(value), signed, as_matrix(target), absmax)
+        return
+    _refuse_codes_without_absmax(target)
+    target.copy_(value)
 
 
 def load(state: dict[str, Any], key: str) -> Tensor:
