@@ -29,25 +29,12 @@ def tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit
 def dot_tile(
-    a,
-    b,
-    seed,
-    rm,
-    rn,
-    M,
-    N,
-    K,
-    sa0,
-    sa1,
-    sb0,
-    sb1,
-    GAUSS: tl.constexpr,
-    FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+    a, b, seed, rm, rn,
+    M, N, K,
+    sa0, sa1, sb0, sb1,
+    GAUSS: tl.constexpr, FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
     """acc = A[rm, :] @ B[:, rn] over K, in fp32 (or fp64 when FP64); masked for ragged edges.
 
     With GAUSS, B (K x N) is not loaded but generated: B[k, j] = randn(seed, k * N + j), a counter-based
@@ -79,30 +66,12 @@ def dot_tile(
 
 @jit
 def batched_gemm_kernel(
-    a_ptrs,
-    b_ptrs,
-    c_ptrs,
-    seeds,
-    M,
-    N,
-    K,
-    sa0,
-    sa1,
-    sb0,
-    sb1,
-    sc0,
-    sc1,
-    A_DT: tl.constexpr,
-    B_DT: tl.constexpr,
-    C_DT: tl.constexpr,
-    GAUSS: tl.constexpr,
-    FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    a_ptrs, b_ptrs, c_ptrs, seeds,
+    M, N, K,
+    sa0, sa1, sb0, sb1, sc0, sc1,
+    A_DT: tl.constexpr, B_DT: tl.constexpr, C_DT: tl.constexpr, GAUSS: tl.constexpr, FP64: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """C_b = A_b @ B_b for every member b of the batch (grid axis 1); B may carry in-kernel Gaussian
     columns (see ``dot_tile``). With FP64 the fp32 inputs are widened before the dot, so C = Y^T Y is
     the exact-product fp64 Gram matrix that CholeskyQR needs."""
@@ -114,26 +83,7 @@ def batched_gemm_kernel(
     seed = tl.load(seeds + bid)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
-    acc = dot_tile(
-        a,
-        b,
-        seed,
-        rm,
-        rn,
-        M,
-        N,
-        K,
-        sa0,
-        sa1,
-        sb0,
-        sb1,
-        GAUSS,
-        FP64,
-        PRECISION,
-        BM,
-        BN,
-        BK,
-    )
+    acc = dot_tile(a, b, seed, rm, rn, M, N, K, sa0, sa1, sb0, sb1, GAUSS, FP64, PRECISION, BM, BN, BK)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(c + rm[:, None] * sc0 + rn[None, :] * sc1, acc.to(C_DT), mask=mask)
 

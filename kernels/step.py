@@ -122,23 +122,11 @@ def store_moment(ptrs, absmax_ptrs, table, bid, x, rm, rn, pid_n, M, s0, s1, sq0
 
 @triton.jit
 def dot_tile_sumsq(
-    a,
-    b,
-    rm,
-    rn,
-    M,
-    N,
-    K,
-    sa0,
-    sa1,
-    sb0,
-    sb1,
-    SQ_OF_B: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+    a, b, rm, rn,
+    M, N, K,
+    sa0, sa1, sb0, sb1,
+    SQ_OF_B: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
     """``gemm.dot_tile`` (fp32, loaded operands) that also sums the squares of the gradient operand's
     entries along K while its tiles pass through registers: the columns of B (SQ_OF_B: G is B, a left
     basis) or the rows of A (G is A, a right basis). That gives ||G_j||^2 per channel without another
