@@ -11,6 +11,7 @@ import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton.language as tl
@@ -153,6 +154,20 @@ class Blocks:
 # contracts: with fusion off a GPU rounds every product and sum as the interpreter does, the Gaussian a
 # sketch generates stays the one ``refresh.gaussian`` materializes, and no result depends on Triton's default.
 FP_FUSION = False
+
+
+def tile_options(blocks: Blocks) -> dict[str, Any]:
+    """The part every GEMM launch's config shares: its tiles as constexprs (``BM``, ``BN``, ``BK``, grouped
+    ``GROUP_M`` = 8 tile rows), its warps and stages, and ``enable_fp_fusion`` (``FP_FUSION``)."""
+    return dict(
+        BM=blocks.m,
+        BN=blocks.n,
+        BK=blocks.k,
+        GROUP_M=8,
+        num_warps=blocks.warps,
+        num_stages=blocks.stages,
+        enable_fp_fusion=FP_FUSION,
+    )
 
 
 def default_blocks(fp64: bool = False, *, precision: str = "ieee", interpreted: bool | None = None) -> Blocks:

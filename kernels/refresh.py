@@ -31,6 +31,7 @@ from ._common import (
     device_guard,
     host_table,
     pointer_array,
+    tile_options,
     tl_dtype,
 )
 from .gemm import batched_gemm_kernel, gaussian_kernel
@@ -81,13 +82,7 @@ def gemm_config(
         GAUSS=b_dtype is None,
         FP64=fp64,
         PRECISION=precision,
-        BM=blocks.m,
-        BN=blocks.n,
-        BK=blocks.k,
-        GROUP_M=8,
-        num_warps=blocks.warps,
-        num_stages=blocks.stages,
-        enable_fp_fusion=FP_FUSION,
+        **tile_options(blocks),
     )
 
 

@@ -36,7 +36,6 @@ from ..quant import BLOCK, Moment, as_moment
 from ..residual_rule import channel_dim, corrected_bias1, residual_coefficients
 from ..triton_runtime import interpreting
 from ._common import (
-    FP_FUSION,
     MOMENT_INT8,
     Blocks,
     check_same_layout,
@@ -47,6 +46,7 @@ from ._common import (
     host_table,
     moment_kind,
     pointer_tables,
+    tile_options,
     tl_dtype,
 )
 from .gemm import dot_tile, tile_ids
@@ -349,13 +349,7 @@ def _project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, co
         RESID=resid,
         SQ_OF_B=side == "left",
         PRECISION=precision,
-        BM=pb.m,
-        BN=pb.n,
-        BK=pb.k,
-        GROUP_M=8,
-        num_warps=pb.warps,
-        num_stages=pb.stages,
-        enable_fp_fusion=FP_FUSION,
+        **tile_options(pb),
     )
 
 
@@ -390,13 +384,7 @@ def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, i
         LOW_RANK=residual != "apollo",
         COEF_OF_COLS=side == "left",
         PRECISION=precision,
-        BM=blocks.m,
-        BN=blocks.n,
-        BK=blocks.k,
-        GROUP_M=8,
-        num_warps=blocks.warps,
-        num_stages=blocks.stages,
-        enable_fp_fusion=FP_FUSION,
+        **tile_options(blocks),
     )
 
 

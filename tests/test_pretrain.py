@@ -651,6 +651,12 @@ def test_cli_entry_point_runs(workdir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- distributed
+def _torchrun_two_processes() -> list[str]:
+    """The command that launches ``subspace-optim pretrain`` in 2 local processes (a fresh port each time)."""
+    launch = shlex.split("-m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port")
+    return [sys.executable, *launch, str(_free_port()), *shlex.split("-m subspace_optim.cli pretrain")]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -669,20 +675,7 @@ def _ddp(workdir: Path, out: Path, launcher: list[str], *extra: str) -> dict:
 def test_ddp_two_processes_end_bitwise_identical(workdir, tmp_path):
     """2 gloo processes, different global seeds, 4 refreshes, gradient accumulation: both ranks end with
     the same weights, and the run follows the single-process run with the same global batch."""
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "subspace_optim.cli",
-        "pretrain",
-    ]
+    torchrun = _torchrun_two_processes()
     batch = ("--global-batch-size", "8")  # 2 processes x batch 2 x accumulation 2
     result = _ddp(workdir, tmp_path / "ddp", torchrun, *batch, "--consistency-check-every", "1")
     summary = result["summary"]
@@ -767,20 +760,7 @@ def test_layerwise_clips_by_its_rule(workdir, tmp_path):
 def test_layerwise_ddp_two_processes_follow_one_process(workdir, tmp_path):
     """--layerwise under torchrun (DDP, accumulation 2, no_sync on the first micro-batch): ranks end bitwise
     identical and the losses follow one process with the same global batch."""
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "subspace_optim.cli",
-        "pretrain",
-    ]
+    torchrun = _torchrun_two_processes()
     batch = ("--global-batch-size", "8", "--max-grad-norm", "0")
     result = _ddp(workdir, tmp_path / "ddp", torchrun, *batch, "--layerwise")
     assert result["world_size"] == 2 and result["grad_accum"] == 2 and result["config"]["layerwise"]
