@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..adam_rule import AdamScalars, lag_vectors, scalars_by_age
-from ..quant import BLOCK, Moment, as_moment
+from ..quant import BLOCK, Moment, as_moment, parts
 from ..residual_rule import channel_dim, corrected_bias1, residual_coefficients
 from ..triton_runtime import interpreting
 from ._common import (
@@ -416,8 +416,7 @@ def _batch_moments(moments: list[Tensor | Moment]) -> _BatchMoments:
     they are bare tensors (the usual float storage: the regular step's host path stays allocation-free)."""
     if not any(type(m) is Moment for m in moments):
         return _BatchMoments(moments, None)
-    records = moments if all(type(m) is Moment for m in moments) else [as_moment(m) for m in moments]
-    values, absmaxes = [m.values for m in records], [m.absmax for m in records]
+    values, absmaxes = (list(side) for side in zip(*map(parts, moments), strict=True))
     return _BatchMoments(values, None if absmaxes[0] is None else absmaxes)
 
 

@@ -24,7 +24,7 @@ from torch.optim.adam import adam as _torch_adam
 
 from . import linalg, subspace
 from .adam_rule import AdamScalars, Lag, lag_factors, projected_adamw_batch, scalars_by_age
-from .quant import Moment, as_matrix, as_moment, load_moment, store_moment
+from .quant import Moment, as_matrix, as_moment, load_moment, parts, store_moment
 from .residual_rule import RESIDUALS, corrected_bias1, residual_coefficients, residual_moments, residual_update
 
 __all__ = ["Moment", "adamw", "refresh_bases", "subspace_adamw"]
@@ -53,12 +53,12 @@ def _stored(i: int, exp_avgs: Sequence[Tensor | Moment], exp_avg_sqs: Sequence[T
 
 def _codes(moment: Tensor | Moment) -> bool:
     """Whether a stored moment is 8-bit codes (a record with an absmax)."""
-    return type(moment) is Moment and moment.absmax is not None
+    return parts(moment)[1] is not None
 
 
 def _tensors(moments: Moments) -> list[Tensor]:
     """Every tensor a matrix's stored moments are made of (values, and absmaxes of 8-bit codes)."""
-    return [t for mo in moments for t in (mo if type(mo) is Moment else (mo,)) if t is not None]
+    return [t for mo in moments for t in parts(mo) if t is not None]
 
 
 def _snapshot(moments: Moments, skip: Tensor | None) -> list[Tensor] | None:
@@ -202,7 +202,7 @@ def _moment_chunks(exp_avgs: Sequence[Tensor | Moment]) -> list[range]:
     """Consecutive matrices in chunks of at most ``_CHUNK_MOMENTS`` moment entries (at least one matrix each)."""
     out, start, total = [], 0, 0
     for i, m in enumerate(exp_avgs):
-        entries = (m.values if type(m) is Moment else m).numel()
+        entries = parts(m)[0].numel()
         if i > start and total + entries > _CHUNK_MOMENTS:
             out.append(range(start, i))
             start, total = i, 0

@@ -156,6 +156,11 @@ class Moment(NamedTuple):
         return Moment(view(self.values), None if self.absmax is None else view(self.absmax))
 
 
+def parts(moment: Tensor | Moment) -> tuple[Tensor, Tensor | None]:
+    """(values, absmax) of a moment given as a record or as a bare float tensor (no absmax), with no record made."""
+    return moment if type(moment) is Moment else (moment, None)
+
+
 def as_moment(moment: Tensor | Moment) -> Moment:
     """A moment given as a record, or as a bare float tensor (a moment without an absmax)."""
     return moment if isinstance(moment, Moment) else Moment(moment)
@@ -185,7 +190,7 @@ def _refuse_codes_without_absmax(values: Tensor) -> None:
 def load_moment(moment: Tensor | Moment, signed: bool) -> Tensor:
     """A working fp32 copy of a stored moment, a record or a bare float tensor (the stored tensor itself when it
     is fp32). ``signed``: the first moment's map (8-bit codes only)."""
-    values, absmax = moment if type(moment) is Moment else (moment, None)
+    values, absmax = parts(moment)
     if absmax is not None:
         return dequantize(as_matrix(values), absmax, signed).reshape(values.shape)
     _refuse_codes_without_absmax(values)
@@ -194,7 +199,7 @@ def load_moment(moment: Tensor | Moment, signed: bool) -> Tensor:
 
 def store_moment(moment: Tensor | Moment, signed: bool, value: Tensor) -> None:
     """Write an fp32 working copy back into a stored moment (nothing to do when it is the stored tensor)."""
-    target, absmax = moment if type(moment) is Moment else (moment, None)
+    target, absmax = parts(moment)
     if value is target:
         return
     if absmax is not None:
