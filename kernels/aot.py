@@ -144,7 +144,7 @@ def step_variants() -> list[Variant]:
                 out.append(_variant("project_adam_kernel", label, klass, default, cfg))
         for residual in residual_rule.RESIDUALS:
             cfg = step.back_config(side, wd, wd, pd, residual, prec, interpreted=False)
-            mode = residual if residual in ("none", "apollo") else "fira"  # fira_tensor: fira's compile
+            mode = "apollo" if residual in residual_rule.WHOLE_GRADIENT else residual if residual == "none" else "fira"
             label = f"{side}, {dts}, residual {residual}, {prec}"
             out.append(_variant("back_update_kernel", label, f"back {classes} {mode} {prec}", default, cfg))
     return _dedup(out)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..adam_rule import AdamScalars, lag_vectors, scalars_by_age
 from ..quant import BLOCK, Moment, as_moment, parts
-from ..residual_rule import channel_dim, corrected_bias1, residual_coefficients
+from ..residual_rule import PER_MATRIX, WHOLE_GRADIENT, channel_dim, limiter_units, residual_coefficients
 from ..triton_runtime import interpreting
 from ._common import (
     MOMENT_INT8,
@@ -381,7 +381,7 @@ def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, i
         G_DT=tl_dtype(g_dtype),
         ROUND_BF16=w_dtype == torch.bfloat16,
         RESID=residual != "none",
-        LOW_RANK=residual != "apollo",
+        LOW_RANK=residual not in WHOLE_GRADIENT,
         COEF_OF_COLS=side == "left",
         PRECISION=precision,
         **tile_options(blocks),
@@ -579,18 +579,19 @@ def _residual_between(
     bases: Sequence[Tensor],
     residual: str,
     update_norms: Sequence[Tensor],
-    bias1: Tensor,
+    units: Tensor,
     scale: float,
     reduce: Callable[[Tensor], Tensor] | None,
     skipped: Sequence[Tensor] | None = None,
+    limiter: str = "corrected",
 ) -> list[Tensor]:
     """Between the launches, for every batch at once: the residual's coefficients from launch 1's low-rank
     buffers (never G), in matrix order (so row-sharded ranks, whose batches may group differently, make
     the same ``reduce`` call) through ``residual_rule.residual_coefficients`` (the reference's own), which also
     updates the limiter state; then each batch's N turned into N - coef o R. Returns each batch's coef
-    (batch x channels, contiguous). ``bias1``: 1 - b1^t per matrix (fp64, on the device). A ``skipped``
+    (batch x channels, contiguous). ``units``: ``residual_rule.limiter_units`` per matrix (fp64, on the device). A ``skipped``
     matrix's buffers were never written: its garbage stays in its own rows."""
-    per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+    per_channel = residual not in PER_MATRIX  # one channel per matrix, the whole matrix
     pieces: list[Tensor | None] = [None] * len(bases)
     for x, idx in zip(launched, members, strict=True):
         dim = channel_dim(x.side) + 1  # the batch axis comes first
@@ -602,18 +603,19 @@ def _residual_between(
         [t.shape[0] for t in pieces],
         bases=bases,
         update_norms=update_norms,
-        bias1=bias1,
+        units=units,
         mode=residual,
         scale=scale,
         reduce=reduce,
         skipped=skipped,
+        limiter=limiter,
     )
     out = []
     for x, idx in zip(launched, members, strict=True):
         channels = x.sqbuf.shape[1]
         dim = channel_dim(x.side) + 1
         batch_coef = torch.stack([coefs[i].expand(channels) for i in idx])
-        if residual != "apollo":  # B of launch 2 becomes N - coef o R (in place: N is this step's temporary)
+        if residual not in WHOLE_GRADIENT:  # B of launch 2 becomes N - coef o R (in place: N is this step's temporary)
             x.nbuf.sub_(x.rbuf.mul_(batch_coef.unsqueeze(dim)))
         out.append(batch_coef.contiguous())
     return out
@@ -690,6 +692,7 @@ def subspace_adamw(
     residual: str = "none",
     update_norms: Sequence[Tensor] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    limiter: str = "corrected",
     skipped: Sequence[Tensor] | None = None,
     lags: Sequence[Tensor] | None = None,
     batches: Sequence[Sequence[int]] | None = None,
@@ -721,8 +724,10 @@ def subspace_adamw(
             launched.append(_project_launch(*batch, hyper, sides[idx[0]], blocks, matmul_precision, resid, True))
     coefs = None
     if residual != "none":
-        bias1 = corrected_bias1([scalars(t).bias1 for t in steps], steps, lags, betas, grads[0].device)
-        coefs = _residual_between(launched, members, bases, residual, update_norms, bias1, scale, reduce, skipped)
+        units = limiter_units(limiter, [scalars(t) for t in steps], steps, lags, betas, grads[0].device)
+        coefs = _residual_between(
+            launched, members, bases, residual, update_norms, units, scale, reduce, skipped, limiter
+        )
     for b, x in enumerate(launched):
         with device_guard(x.gs[0].device):
             _back_launch(x, blocks, matmul_precision, residual, None if coefs is None else coefs[b])

@@ -25,7 +25,15 @@ from torch.optim.adam import adam as _torch_adam
 from . import linalg, subspace
 from .adam_rule import AdamScalars, Lag, lag_factors, projected_adamw_batch, scalars_by_age
 from .quant import Moment, as_matrix, as_moment, load_moment, parts, store_moment
-from .residual_rule import RESIDUALS, corrected_bias1, residual_coefficients, residual_moments, residual_update
+from .residual_rule import (
+    LIMITERS,
+    PER_MATRIX,
+    RESIDUALS,
+    limiter_units,
+    residual_coefficients,
+    residual_moments,
+    residual_update,
+)
 
 __all__ = ["Moment", "adamw", "refresh_bases", "subspace_adamw"]
 
@@ -112,6 +120,7 @@ def subspace_adamw(
     residual: str = "none",
     update_norms: Sequence[Tensor] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    limiter: str = "corrected",
     skipped: Sequence[Tensor] | None = None,
     lags: Sequence[Tensor] | None = None,
     batches: Sequence[Sequence[int]] | None = None,
@@ -124,7 +133,8 @@ def subspace_adamw(
     codes with their absmax); the math is fp32 whatever the storage. ``steps[i]`` is the moments' age t,
     counting this step. ``residual`` (``residual_rule.RESIDUALS``) adds what the subspace discards; it then needs
     ``update_norms[i]``, matrix i's 0-d fp32 limiter state, updated in place, and on FSDP2 row shards
-    ``reduce``, a sum over the ranks holding the other rows (every rank calls this with the same matrices).
+    ``reduce``, a sum over the ranks holding the other rows (every rank calls this with the same matrices);
+    ``limiter`` (``residual_rule.LIMITERS``) is the units of its norm-growth limiter.
 
     ``skipped[i]`` (0-d bool on matrix i's device; True: its gradient is not finite) leaves matrix i's weight,
     moments and limiter state untouched bit for bit, decided on the device: no host sync. ``lags[i]`` (0-d
@@ -137,12 +147,14 @@ def subspace_adamw(
         raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
     if residual != "none" and (update_norms is None or len(update_norms) != len(params)):
         raise ValueError(f"subspace_adamw: residual={residual!r} needs update_norms, one 0-d tensor per matrix")
+    if limiter not in LIMITERS:
+        raise ValueError(f"subspace_adamw: limiter must be one of {LIMITERS}, got {limiter!r}")
     if engine not in ("reference", "triton"):
         raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
     tensors = (params, grads, bases, exp_avgs, exp_avg_sqs, steps)
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides)
     masking = dict(skipped=skipped, lags=lags)
-    residual_args = dict(residual=residual, update_norms=update_norms, reduce=reduce)
+    residual_args = dict(residual=residual, update_norms=update_norms, reduce=reduce, limiter=limiter)
     if engine == "triton":
         from .kernels.step import subspace_adamw as triton_subspace_adamw  # imports Triton: only on use
 
@@ -264,30 +276,32 @@ def _residual_reference(
     residual: str,
     update_norms: Sequence[Tensor],
     reduce: Callable[[Tensor], Tensor] | None,
+    limiter: str,
     skipped: Sequence[Tensor] | None,
     lags: Sequence[Tensor] | None,
 ) -> None:
     """The reference residual step in three passes: R, moments, N and channel sums per matrix
     (``_residual_moments``); the coefficients of every matrix in one call (``residual_rule.residual_coefficients``,
     shared with the kernels: every matrix's channels in one flat tensor, a few operations per step instead of
-    per matrix); then each update. ``fira_tensor`` takes whole-matrix norms (one row per matrix). A skipped
+    per matrix); then each update. ``PER_MATRIX`` modes take whole-matrix norms (one row per matrix). A skipped
     matrix's NaN stays in its own rows of the flat tensors; its limiter state keeps its old value."""
     fixes = _lags(steps, lags, betas)
     scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
     work, sumsq, lengths = _residual_moments(
         grads, bases, exp_avgs, exp_avg_sqs, steps, sides, residual, scalars, fixes, skipped
     )
-    bias1 = corrected_bias1([w.scalars.bias1 for w in work], steps, lags, betas, grads[0].device)
+    units = limiter_units(limiter, [w.scalars for w in work], steps, lags, betas, grads[0].device)
     coefs = residual_coefficients(
         sumsq,
         lengths,
         bases=bases,
         update_norms=update_norms,
-        bias1=bias1,
+        units=units,
         mode=residual,
         scale=scale,
         reduce=reduce,
         skipped=skipped,
+        limiter=limiter,
     )
     for i in reversed(range(len(work))):  # the last projected first: its G is the likeliest still in cache
         w = work[i]
@@ -321,7 +335,7 @@ def _residual_moments(
     """The first half of the reference residual step, chunk by chunk (``_moment_chunks``): the moments
     updated (``residual_rule.residual_moments``) and stored, each matrix's work, and the flat per-channel sums of
     squares with each matrix's channel count (``residual_rule.residual_factors``' ``sumsq``)."""
-    per_channel = residual != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+    per_channel = residual not in PER_MATRIX  # one channel per matrix, the whole matrix
     work: list[_ResidualWork] = []
     sums: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     for chunk in _moment_chunks(exp_avgs):

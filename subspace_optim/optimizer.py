@@ -211,12 +211,17 @@ class SubspaceAdamW(Optimizer):
             change where no state would be reshaped; otherwise the next step raises, changing nothing.
         update_gap: refresh the basis every this many optimizer steps of the parameter.
         scale: multiplier alpha on the projected-back update (GaLore's ``scale``).
-        refresh: ``"warm"`` | ``"rsvd"`` | ``"svd"`` | ``"random"`` (see ``subspace.refresh_basis``).
+        refresh: ``"warm"`` | ``"rsvd"`` | ``"svd"`` | ``"random"`` (see ``subspace.refresh_basis``), or a basis
+            that is never stored (``projections``): ``"seeded"`` (APOLLO's Gaussian projection regenerated from
+            a seed; only with ``residual="apollo"``/``"apollo_tensor"`` and ``moments="keep"``/``"reset"``) or
+            ``"dct"`` (the ``rank`` DCT-II columns most aligned with the gradient, kept as their indices).
         moments: ``"rotate"`` | ``"keep"`` | ``"reset"`` (see ``subspace.transport_moments``).
         proj_type: ``"std"`` | ``"reverse_std"`` | ``"left"`` | ``"right"`` (see ``subspace.choose_side``).
         oversample: extra sketch columns for ``rsvd``/``warm``.
         power_iters: power (subspace) iterations for ``rsvd``/``warm``.
         seed: sketches are seeded from (seed, parameter index, refresh count), never the global RNG.
+        seed_stream: ``refresh="seeded"``'s generator seeds: ``"counter"`` (from seed, parameter index and
+            refresh count, as sketches) or ``"apollo"`` (apollo-torch 1.0.3's: exact APOLLO trajectories).
         nonfinite: ``"skip"`` (a parameter whose gradient has a NaN/Inf is left untouched this step:
             weights, moments, basis and step count) or ``"raise"`` (FloatingPointError, nothing changed).
             A projected matrix's gradient so large that its projection's square would overflow fp32
@@ -254,10 +259,13 @@ class SubspaceAdamW(Optimizer):
         residual: what a projected step does with the gradient its subspace discards (``residual_rule``):
             ``"none"`` (GaLore's step), ``"fira"`` (adds phi_j (G - P P^T G) / scale with phi_j = ||N_j|| /
             ||R_j|| per channel j, Fira's rule), ``"fira_tensor"`` (one phi per matrix), ``"apollo"`` (steps
-            along the whole gradient scaled per channel by phi_j, instead of P N). Each limits the growth of
-            the residual's norm (apollo: the update's) to 1% a step and keeps one 0-d tensor of state per
-            matrix (``update_norm``). On FSDP2 row shards the
+            along the whole gradient scaled per channel by phi_j, instead of P N), ``"apollo_tensor"`` (one phi
+            per matrix: APOLLO-Mini). Each limits the growth of the residual's norm (apollo: the update's) to
+            1% a step and keeps one 0-d tensor of state per matrix (``update_norm``). On FSDP2 row shards the
             channels are rows, so only per-matrix sums are all-reduced: one small collective per step.
+        limiter: the units that limiter measures in: ``"corrected"`` (the bias-corrected step; the first step
+            bounded by sqrt(d / r) ||N||) or ``"raw"`` (before bias corrections, first step unbounded: Fira's
+            and APOLLO's own code, so apollo-torch's trajectory is reproduced).
         plain_lr: learning rate of the parameters that are not projected (embeddings, the output head,
             norms, biases); ``None``: the group's ``lr``. lr schedulers scale it by lr / initial_lr
             (``plain_lr``).
@@ -280,6 +288,7 @@ class SubspaceAdamW(Optimizer):
         oversample: int = 32,
         power_iters: int = 1,
         seed: int = 0,
+        seed_stream: str = "counter",
         nonfinite: str = "skip",
         engine: str = "auto",
         foreach: bool | None = None,
@@ -290,6 +299,7 @@ class SubspaceAdamW(Optimizer):
         moments_dtype: str = "float32",
         basis_dtype: str = "float32",
         residual: str = "none",
+        limiter: str = "corrected",
         plain_lr: float | None = None,
         **unexpected: Any,
     ) -> None:

@@ -20,12 +20,13 @@ from torch import Tensor
 
 from . import triton_runtime
 from .quant import BASIS_DTYPES, MOMENT_DTYPES
-from .residual_rule import RESIDUALS
+from .residual_rule import LIMITERS, RESIDUALS, WHOLE_GRADIENT
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
 
 NONFINITE_POLICIES = ("skip", "raise")
 ENGINES = ("auto", "reference", "triton")
 REFRESH_OWNERS = ("all", "round_robin")
+SEED_STREAMS = ("counter", "apollo")
 MATMUL_PRECISIONS = ("auto", "ieee", "tf32")
 
 
@@ -76,13 +77,21 @@ OPTIONS: tuple[Option, ...] = (
         "scale", 0.25, "real", "multiplier alpha on the projected-back update (GaLore's scale)", low=0.0, open=True,
         fix="scale must be a finite number > 0 (GaLore uses 0.25)",
     ),
-    Option("refresh", "warm", "choice", "how a basis is refreshed", REFRESH_POLICIES),
+    Option("refresh", "warm", "choice",
+           "how a basis is refreshed: warm, rsvd, svd (galore-torch's), random (a stored orthonormal Gaussian); "
+           "seeded (APOLLO's Gaussian projection, regenerated from a seed, never stored: with residual='apollo' "
+           "or 'apollo_tensor'), dct (the r columns of the DCT-II basis most aligned with the gradient, stored as "
+           "r indices)", REFRESH_POLICIES),
     Option("moments", "rotate", "choice", "what Adam's moments do when the basis changes", MOMENT_POLICIES),
     Option("proj_type", "std", "choice", "which side carries the basis", PROJ_TYPES),
     Option("oversample", 32, "int", "extra sketch columns for warm/rsvd refreshes", low=0),
     Option("power_iters", 1, "int", "power (subspace) iterations for warm/rsvd refreshes", low=0),
     Option("seed", 0, "int", "sketch seed: sketches depend on (seed, parameter index, refresh count) only",
            type_error=True),
+    Option("seed_stream", "counter", "choice",
+           "refresh='seeded': each projection's generator seed. counter: mixed from (seed, parameter index, refresh "
+           "count), as sketches; apollo: apollo-torch 1.0.3's (the parameter's position from 1, then its next_seed "
+           "chain), so a run reproduces apollo-torch's trajectory", SEED_STREAMS),
     Option("nonfinite", "skip", "choice", "a NaN/Inf gradient skips that parameter's step, or raises",
            NONFINITE_POLICIES),
     Option("engine", "auto", "choice", "compute engine of the step and the refresh", ENGINES),
@@ -104,8 +113,12 @@ OPTIONS: tuple[Option, ...] = (
            "what the projected step does with the gradient outside the subspace: none (GaLore), fira (add it, "
            "rescaled per channel by Adam's norm ratio), fira_tensor (one ratio per matrix), apollo (the whole "
            "gradient, channel-scaled, instead of the low-rank update); all but none limit the growth of the "
-           "residual's norm",
+           "residual's norm; apollo_tensor (APOLLO-Mini's tensor-wise scaling: one ratio per matrix)",
            RESIDUALS),
+    Option("limiter", "corrected", "choice",
+           "units of the residual's norm-growth limiter: corrected (the bias-corrected step: lr warmup and Adam's "
+           "early bias never trigger it; the first step is bounded) or raw (before bias corrections, first step "
+           "unbounded: Fira's and APOLLO's code, for apollo-torch parity)", LIMITERS),
     Option("plain_lr", None, "lr_or_none",
            "learning rate of the parameters that are not projected (embeddings, head, norms); None: the group's "
            "lr. An lr scheduler scales it by lr / initial_lr", low=0.0,
@@ -259,10 +272,30 @@ def validate(options: dict[str, Any], where: str) -> None:
             _check_real(option, value, where)
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
             _fail(option, value, where, f"{option.name} must be True, False or None", TypeError)
+    _check_combinations(options, where)
     if options.get("fused") and options.get("foreach"):  # torch.optim.AdamW's rule, for the plain parameters
         raise ValueError(f"`fused` and `foreach` cannot be `True` together {where}: set one of them")
     if options["engine"] == "triton" and not triton_runtime.available():
         _fail(BY_NAME["engine"], "triton", where, "engine='triton' needs the triton package (pip install triton)")
+
+
+def _check_combinations(options: dict[str, Any], where: str) -> None:
+    """Refuse option pairs that cannot mean anything, naming the fix."""
+    if options["refresh"] != "seeded":
+        return
+    if options["residual"] not in WHOLE_GRADIENT:
+        raise ValueError(
+            f"refresh='seeded' with residual={options['residual']!r} {where}: a seeded projection is APOLLO's "
+            "random Gaussian sketch, not orthonormal, so it can size the update's channels but cannot carry a "
+            "low-rank update back. Set residual='apollo' (or 'apollo_tensor'), or use refresh='random' for a "
+            "stored orthonormal random basis"
+        )
+    if options["moments"] == "rotate":
+        raise ValueError(
+            f"refresh='seeded' with moments='rotate' {where}: successive seeded projections are independent "
+            "draws, so there is no rotation between them to carry Adam's moments along. Set moments='keep' "
+            "(APOLLO's behaviour) or moments='reset'"
+        )
 
 
 def plain_numbers(options: dict[str, Any]) -> None:

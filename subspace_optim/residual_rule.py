@@ -4,7 +4,7 @@ Fira's rule (``fira``, ``fira_tensor``) adds the discarded part G - P R scaled p
 ||R_j||; APOLLO's (``apollo``) steps along the whole gradient scaled the same way; Fira's norm-growth limiter
 bounds the residual's norm. ``residual_factors`` has the math. Both engines compute their per-channel sums
 their own way (the reference per matrix, the kernels inside the projection GEMM) and share everything after
-that: ``residual_coefficients`` (the factors, the limiter state) and ``corrected_bias1``. The reference's two
+that: ``residual_coefficients`` (the factors, the limiter state) and ``limiter_units``. The reference's two
 halves of a step are ``residual_moments`` and ``residual_update``.
 """
 
@@ -19,7 +19,11 @@ from torch import Tensor
 from .adam_rule import AdamScalars, Lag, apply_update, device_vector, lag_vectors, moments_directions
 from .subspace import project, project_back
 
-RESIDUALS = ("none", "fira", "fira_tensor", "apollo")
+RESIDUALS = ("none", "fira", "fira_tensor", "apollo", "apollo_tensor")
+# Modes with one channel per matrix (its whole norms), and modes whose update is the whole scaled gradient.
+PER_MATRIX = ("fira_tensor", "apollo_tensor")
+WHOLE_GRADIENT = ("apollo", "apollo_tensor")
+LIMITERS = ("corrected", "raw")
 # Fira's norm-growth limiter: the residual's norm may grow by at most this factor from one step to the next.
 GROWTH_LIMIT = 1.01
 # The limiter's state never falls below this fraction of the low-rank step's norm (times the residual's weight).
@@ -44,21 +48,24 @@ def residual_factors(
     sumsq: Tensor,
     lengths: Tensor | None,
     previous: Tensor,
-    bias1: Tensor,
+    units: Tensor,
     mode: str,
     first_ratio: Tensor | float,
     scale: float,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    limiter: str = "corrected",
 ) -> tuple[Tensor, Tensor]:
     r"""The residual's per-channel coefficients for a batch of matrices, from per-channel sums of squares.
 
     ``sumsq`` (channels, 3): ||N_j||^2, ||R_j||^2, ||G_j||^2 for every channel j of every matrix, matrix after
-    matrix, ``lengths[i]`` channels for matrix i (``fira_tensor``: ``lengths`` None, one row per matrix, its
-    whole sums); ``previous``: each matrix's last limited norm (0: none yet); ``bias1``: 1 - b1^t; ``scale``:
-    GaLore's scale. With phi_j = ||N_j|| / ||R_j|| (0 where R_j = 0), the update before lr scale / (1 - b1^t) is
+    matrix, ``lengths[i]`` channels for matrix i (``PER_MATRIX`` modes: ``lengths`` None, one row per matrix, its
+    whole sums); ``previous``: each matrix's last limited norm (0: none yet); ``units``: what the limiter divides
+    norms by (``limiter_units``: 1 - b1^t, or sqrt(1 - b2^t) with ``limiter="raw"``); ``scale``: GaLore's scale. With phi_j = ||N_j|| / ||R_j|| (0 where R_j = 0), the update before lr scale / (1 - b1^t) is
 
-        fira, fira_tensor:  U = P N + S,  S = (c / scale) phi o (G - P R)   (phi o: channel j scaled by phi_j)
-        apollo:             U = c phi o G                                   (the whole gradient, channel-scaled)
+        fira, fira_tensor:       U = P N + S,  S = (c / scale) phi o (G - P R)   (phi o: channel j scaled by phi_j)
+        apollo, apollo_tensor:   U = c phi o G                                   (the whole gradient, channel-scaled)
+
+    The ``_tensor`` modes take one phi per matrix (whole-matrix norms: APOLLO-Mini's tensor-wise scaling).
 
     ``fira`` is Fira's rule as its authors' code applies it: S is not multiplied by GaLore's scale (hence the
     1 / scale, since the whole U is) and the norm-growth limiter c acts on S alone; ``apollo``'s update is all
@@ -78,14 +85,15 @@ def residual_factors(
         stats = reduce(stats.clone() if stats is sumsq else stats)
     nn, rr, gg = stats.unbind(1)
     phi2 = torch.where(rr > 0, nn / rr, 0.0)  # phi_j^2
-    outside = gg if mode == "apollo" else (gg - rr).clamp_min_(0.0)  # ||G_j||^2, or ||G_j - P R_j||^2
+    outside = gg if mode in WHOLE_GRADIENT else (gg - rr).clamp_min_(0.0)  # ||G_j||^2, or ||G_j - P R_j||^2
     sums = torch.stack((nn, phi2 * outside), 1)
     if lengths is not None:  # per matrix: ||N||^2 and sum_j phi_j^2 outside_j
         sums = torch.segment_reduce(sums, "sum", lengths=lengths, axis=0)
         if reduce is not None:
             sums = reduce(sums)
-    weight = 1.0 if mode == "apollo" else 1.0 / float(scale)  # the residual's weight inside U
-    c, limited = _limited_norms(*sums.unbind(1), previous, bias1, weight, first_ratio)
+    weight = 1.0 if mode in WHOLE_GRADIENT else 1.0 / float(scale)  # the residual's weight inside U
+    limit = _raw_limited_norms if limiter == "raw" else _limited_norms
+    c, limited = limit(*sums.unbind(1), previous, units, weight, first_ratio)
     per_channel = c if lengths is None else c.repeat_interleave(lengths, output_size=stats.shape[0])
     coef = phi2.sqrt_().mul_(per_channel * weight)
     coef = torch.minimum(coef, gg.rsqrt().mul_(_COEF_PRODUCT_CAP))  # ||G_j|| = 0: rsqrt inf, no cap
@@ -111,17 +119,37 @@ def _limited_norms(
     return c, torch.maximum(c * norm, floor)
 
 
-def corrected_bias1(
-    bias1: Sequence[float],
+def _raw_limited_norms(
+    sum_n: Tensor, total: Tensor, previous: Tensor, units: Tensor, weight: float, first_ratio: Tensor | float
+) -> tuple[Tensor, Tensor]:
+    """The limiter as Fira's and APOLLO's own code apply it (``limiter="raw"``): the residual's norm is measured
+    before Adam's bias corrections, T = weight sqrt(total) / sqrt(1 - b2^t) (``units``; our N carries that
+    sqrt, their m / (sqrt(v) + eps) does not), the first step (``previous`` 0) is not bounded, and the state is
+    c T with no floor. Early in training T grows by (1 - b1^t) / sqrt(1 - b2^t) a step, so this limiter acts on
+    the first steps where the corrected one does not: that is apollo-torch's trajectory."""
+    del sum_n, first_ratio  # the raw limiter has no first-step bound and no floor
+    norm = total.sqrt().mul_(weight / units)
+    c = torch.where(previous > 0, GROWTH_LIMIT * previous.double() / norm, 1.0).clamp_(max=1.0).nan_to_num_(0.0)
+    return c, c * norm
+
+
+def limiter_units(
+    limiter: str,
+    scalars: Sequence[AdamScalars],
     steps: Sequence[int],
     lags: Sequence[Tensor] | None,
     betas: tuple[float, float],
     device: torch.device,
 ) -> Tensor:
-    """1 - b1^a per matrix, fp64 on ``device``: ``bias1`` (the host ages' 1 - b1^t), divided by the lag
-    correction c1 (``lag_vectors``) where the host count runs ahead; exact without a lag."""
-    out = device_vector(list(bias1), torch.float64, device)
-    return out if lags is None else out / lag_vectors(steps, lags, betas).c1
+    """What the limiter divides a matrix's residual norm by, fp64 on ``device``: 1 - b1^a (``corrected``: the
+    bias-corrected step's units) or sqrt(1 - b2^a) (``raw``), a the true age. The host ages' values are divided
+    by the lag correction (``lag_vectors``: c1, c2) where the host count runs ahead; exact without a lag."""
+    raw = limiter == "raw"
+    out = device_vector([s.bias2_sqrt if raw else s.bias1 for s in scalars], torch.float64, device)
+    if lags is None:
+        return out
+    fix = lag_vectors(steps, lags, betas)
+    return out / (fix.c2 if raw else fix.c1)
 
 
 def residual_coefficients(
@@ -130,22 +158,23 @@ def residual_coefficients(
     *,
     bases: Sequence[Tensor],
     update_norms: Sequence[Tensor],
-    bias1: Tensor,
+    units: Tensor,
     mode: str,
     scale: float,
     reduce: Callable[[Tensor], Tensor] | None,
     skipped: Sequence[Tensor] | None,
+    limiter: str = "corrected",
 ) -> tuple[Tensor, ...]:
     """The part of a residual step both engines share: ``residual_factors`` of every matrix of the call at once
-    (``sumsq``: each matrix's channel sums, ``lengths[i]`` rows for matrix i; ``fira_tensor``: one row each),
+    (``sumsq``: each matrix's channel sums, ``lengths[i]`` rows for matrix i; ``PER_MATRIX`` modes: one row each),
     the limiter state ``update_norms`` updated in place (a ``skipped`` matrix keeps its value), and each
     matrix's coefficients (its ``lengths[i]`` channels) returned."""
     device = sumsq.device
-    per_channel = mode != "fira_tensor"  # fira_tensor: one channel per matrix, the whole matrix
+    per_channel = mode not in PER_MATRIX  # one channel per matrix, the whole matrix
     channel_counts = device_vector(lengths, torch.int64, device) if per_channel else None
     previous = torch.stack(list(update_norms))
     coef, limiter = residual_factors(
-        sumsq, channel_counts, previous, bias1, mode, first_ratios(list(bases), device), scale, reduce
+        sumsq, channel_counts, previous, units, mode, first_ratios(list(bases), device), scale, reduce, limiter
     )
     if skipped is not None:
         limiter = torch.where(torch.stack(list(skipped)), previous, limiter)
@@ -237,7 +266,7 @@ def residual_update(
     skipped takes (a ``where``), since addmm's beta and G's entries would otherwise touch it."""
     gf = g.float()
     coef_b = coef.unsqueeze(channel_dim(side))  # broadcast along the channel's entries
-    x = None if mode == "apollo" else direction.addcmul_(r, coef_b, value=-1.0)
+    x = None if mode in WHOLE_GRADIENT else direction.addcmul_(r, coef_b, value=-1.0)
     if lag is not None:
         coef_b = coef_b * lag.c1
         if x is not None:

@@ -17,7 +17,9 @@ from torch import Tensor
 from . import linalg
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-REFRESH_POLICIES = ("warm", "rsvd", "svd", "random")
+REFRESH_POLICIES = ("warm", "rsvd", "svd", "random", "seeded", "dct")
+# Policies whose basis is never stored: regenerated from a few numbers kept in the state (``projections``).
+REGENERATED = ("seeded", "dct")
 MOMENT_POLICIES = ("rotate", "keep", "reset")
 
 

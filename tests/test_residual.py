@@ -38,32 +38,44 @@ def _problem(m, n, r, side, seed):
     }
 
 
-def _oracle(x, side, mode, age, previous):
+def _oracle(x, side, mode, age, previous, limiter="corrected"):
     """The documented update, written out in float64 without the engines' folding: with D the bias-corrected
     Adam direction and phi_j = ||D_j|| / ||R_j||, fira: U = P D + c S, S = phi o (G - P P^T G) / scale (Fira's
     rule: the residual is not scaled by GaLore's scale, and only it is limited); apollo: U = c phi o G. The
-    limiter c bounds ||S|| (apollo: ||phi o G||) by 1.01 ``previous`` (first step: sqrt(d/r) ||D||, divided
-    by scale for fira)."""
+    ``_tensor`` modes take one phi for the whole matrix. The limiter c bounds ||S|| (apollo: ||phi o G||) by
+    1.01 ``previous`` (first step: sqrt(d/r) ||D||, divided by scale for fira). ``limiter="raw"`` measures the
+    same part as apollo-torch does, with the uncorrected direction m / (sqrt(v) + eps) in phi, and leaves the
+    first step unbounded."""
     b1, b2 = HYPER["betas"]
     g, p = x["g"].double(), x["p"].double()
     r = p.T @ g if side == "left" else g @ p
     m = b1 * x["m"].double() + (1 - b1) * r
     v = b2 * x["v"].double() + (1 - b2) * r * r
     d = (m / (1 - b1**age)) / ((v / (1 - b2**age)).sqrt() + HYPER["eps"])
+    d_raw = m / (v.sqrt() + HYPER["eps"])
     axis = 0 if side == "left" else 1
-    if mode == "fira_tensor":
-        phi = (d.norm() / r.norm()) * torch.ones(r.shape[1 - axis], dtype=torch.float64)
-    else:
-        phi = d.norm(dim=axis) / r.norm(dim=axis)
-    phi = phi.unsqueeze(axis)
+    whole = mode in ("apollo", "apollo_tensor")
+
+    def phi_of(direction):
+        if mode in ("fira_tensor", "apollo_tensor"):
+            return ((direction.norm() / r.norm()) * torch.ones(r.shape[1 - axis], dtype=torch.float64)).unsqueeze(axis)
+        return (direction.norm(dim=axis) / r.norm(dim=axis)).unsqueeze(axis)
+
+    phi = phi_of(d)
     back = (lambda t: p @ t) if side == "left" else (lambda t: t @ p.T)
-    weight = 1.0 if mode == "apollo" else 1.0 / HYPER["scale"]
-    limited = weight * phi * (g if mode == "apollo" else g - back(r))  # the part the limiter bounds
-    limit = 1.01 * previous if previous > 0 else weight * math.sqrt(p.shape[0] / p.shape[1]) * float(d.norm())
-    c = min(1.0, limit / float(limited.norm()))
-    u = c * limited if mode == "apollo" else back(d) + c * limited
+    weight = 1.0 if whole else 1.0 / HYPER["scale"]
+    outside = g if whole else g - back(r)
+    limited = weight * phi * outside  # the part the limiter bounds
+    if limiter == "raw":
+        measured = float((weight * phi_of(d_raw) * outside).norm())
+        c = min(1.0, 1.01 * previous / measured) if previous > 0 else 1.0
+    else:
+        measured = float(limited.norm())
+        limit = 1.01 * previous if previous > 0 else weight * math.sqrt(p.shape[0] / p.shape[1]) * float(d.norm())
+        c = min(1.0, limit / measured)
+    u = c * limited if whole else back(d) + c * limited
     w = x["w"].double() * (1 - HYPER["lr"] * HYPER["weight_decay"]) - HYPER["lr"] * HYPER["scale"] * u
-    return w, m, v, c * float(limited.norm()), c
+    return w, m, v, c * measured, c
 
 
 def _run_core(x, side, mode, age, previous, engine, **kwargs):
@@ -90,16 +102,17 @@ def _run_core(x, side, mode, age, previous, engine, **kwargs):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("previous", ["first", "bound", "free"])
-def test_residual_matches_float64_formula(engine, side, mode, previous):
+@pytest.mark.parametrize("limiter", ["corrected", "raw"])
+def test_residual_matches_float64_formula(engine, side, mode, previous, limiter):
     x = _problem(37, 21, 5, side, seed=hash((side, mode, previous)) % 1000)
-    free = _oracle(x, side, mode, age=3, previous=1e9)[3]  # the unlimited update's norm
+    free = _oracle(x, side, mode, age=3, previous=1e9, limiter=limiter)[3]  # the unlimited update's norm
     prev = {"first": 0.0, "bound": 0.5 * free, "free": 10.0 * free}[previous]
-    w0, m0, v0, norm0, c = _oracle(x, side, mode, age=3, previous=prev)
+    w0, m0, v0, norm0, c = _oracle(x, side, mode, age=3, previous=prev, limiter=limiter)
     if previous == "bound":
         assert c < 0.6  # the limiter acts: the limited part is scaled to 1.01 x the previous norm
-    if previous == "free":
+    if previous == "free" or (previous == "first" and limiter == "raw"):
         assert c == 1.0
-    w, m, v, norm = _run_core(x, side, mode, 3, prev, engine)
+    w, m, v, norm = _run_core(x, side, mode, 3, prev, engine, limiter=limiter)
     torch.testing.assert_close(m.double(), m0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(v.double(), v0, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w.double(), w0, rtol=0, atol=5e-6)
@@ -195,7 +208,7 @@ def test_limiter_bounds_update_norm_growth(engine, mode):
         before = w.detach().clone()
         opt.step()
         delta = (w.detach() - before).double()
-        if mode != "apollo":  # P N lies inside the subspace; the limited residual is what lies outside it
+        if mode not in residual_rule.WHOLE_GRADIENT:  # P N lies inside the subspace; the limited residual is what lies outside it
             p = opt.state[w]["basis"].double()
             delta = delta - (p @ (p.T @ delta) if p.shape[0] == delta.shape[0] else (delta @ p) @ p.T)
         norms.append(float(delta.norm()) / (lr * scale))  # in units of the bias-corrected step

@@ -189,6 +189,7 @@ class PretrainConfig:
     oversample: int = _option("oversample")
     power_iters: int = _option("power_iters")
     subspace_seed: int = _option("seed")
+    seed_stream: str = _option("seed_stream")
     nonfinite: str = _option("nonfinite")
     engine: str = _option("engine")
     foreach: bool | None = _option("foreach")
@@ -199,6 +200,7 @@ class PretrainConfig:
     moments_dtype: str = _option("moments_dtype")
     basis_dtype: str = _option("basis_dtype")
     residual: str = _option("residual")
+    limiter: str = _option("limiter")
     plain_lr: Any = _opt(
         None,
         "peak lr of the parameters that are not projected (embeddings, output head, norms), one number or per "
