@@ -589,8 +589,8 @@ def _residual_between(
     buffers (never G), in matrix order (so row-sharded ranks, whose batches may group differently, make
     the same ``reduce`` call) through ``residual_rule.residual_coefficients`` (the reference's own), which also
     updates the limiter state; then each batch's N turned into N - coef o R. Returns each batch's coef
-    (batch x channels, contiguous). ``units``: ``residual_rule.limiter_units`` per matrix (fp64, on the device). A ``skipped``
-    matrix's buffers were never written: its garbage stays in its own rows."""
+    (batch x channels, contiguous). ``units``: ``residual_rule.limiter_units`` per matrix (fp64, on the device).
+    A ``skipped`` matrix's buffers were never written: its garbage stays in its own rows."""
     per_channel = residual not in PER_MATRIX  # one channel per matrix, the whole matrix
     pieces: list[Tensor | None] = [None] * len(bases)
     for x, idx in zip(launched, members, strict=True):

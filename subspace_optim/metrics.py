@@ -108,8 +108,9 @@ def _entry(state: dict[str, Any], side: str, nbytes: int, info: dict[str, Any]) 
         "computed_here": info.get("computed_here"),
     }
     if info:
-        t, c = float(info["total"]), float(info["captured"])
-        entry["captured_energy"] = c / t if t > 0 else None
+        if info["captured"] is not None:  # a seeded projection is a sketch, not a subspace: it captures no energy
+            t, c = float(info["total"]), float(info["captured"])
+            entry["captured_energy"] = c / t if t > 0 else None
         entry["overlap"] = None if info["overlap"] is None else float(info["overlap"])
     return entry
 
@@ -163,8 +164,9 @@ def collect(
         per_param[name] = _entry(state, side, nbytes, info)
         if info:
             total_time += info["refresh_time_s"]
-            captured += float(info["captured"])
-            total += float(info["total"])
+            if info["captured"] is not None:
+                captured += float(info["captured"])
+                total += float(info["total"])
     return {
         "params": per_param,
         "overall": {

@@ -16,13 +16,26 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import adam_rule, checks, distributed, engine, functional, guards, metrics, options, quant, refreshing
+from . import (
+    adam_rule,
+    checks,
+    distributed,
+    engine,
+    functional,
+    guards,
+    metrics,
+    options,
+    projections,
+    quant,
+    refreshing,
+)
 from . import state as state_mod
 from .distributed import local
 from .layerwise import BackwardUpdate
 from .quant import Moment
-from .refreshing import Matrix, local_matrix
+from .refreshing import Matrix, local_matrix, matrix_shape
 from .step_plan import DeviceFlags, SettlingState, StepPlan, Work, device_flags
+from .subspace import basis_dim
 
 # Options that decide the shape of a parameter's state (projected or not, side, rank): changing one on a live
 # group would make the next step fail part-way, so ``step`` refuses it while it would reshape existing state.
@@ -57,6 +70,35 @@ _VOCAB_NAMES = ("lm_head", "wte", "wpe")
 def _matrix(g: Tensor) -> Tensor:
     """A (not sharded) gradient as its matrix: itself when 2-D (no dispatch), else ``local_matrix``'s view."""
     return g if g.dim() == 2 else local_matrix(g)
+
+
+def _regenerated_step(
+    matrices: list[Matrix],
+    params: list[Tensor],
+    grads: list[Tensor],
+    bases: list[Tensor],
+    exp_avgs: list[Tensor | Moment],
+    exp_avg_sqs: list[Tensor | Moment],
+    steps: list[int],
+    **kwargs: Any,
+) -> None:
+    """``functional.subspace_adamw`` for matrices whose projections are regenerated (``projections``), in chunks of
+    at most ``projections.CHUNK_BYTES`` of fp32 projections, each chunk's drawn just before its step: their
+    transient never approaches what stored bases would take. Every rank chunks alike (same matrices, same sizes),
+    so a row-sharded call's reductions still line up."""
+    del bases  # none stored
+    group = matrices[0].group
+    dims = [basis_dim(m.side, *matrix_shape(m.p)) for m in matrices]
+    count = len(matrices)
+    for chunk in projections.regenerated_chunks(dims, group["rank"]):
+        drawn = [
+            projections.projection(matrices[i].state, group, matrices[i].side, dims[i], grads[i].device) for i in chunk
+        ]
+        if kwargs.get("engine") == "triton":  # the kernels take row-major bases
+            drawn = [b.contiguous() for b in drawn]
+        pick = [[t[i] for i in chunk] for t in (params, grads, exp_avgs, exp_avg_sqs, steps)]
+        sliced = {k: [v[i] for i in chunk] if isinstance(v, list) and len(v) == count else v for k, v in kwargs.items()}
+        functional.subspace_adamw(pick[0], pick[1], drawn, *pick[2:], **sliced)
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -798,13 +840,14 @@ class SubspaceAdamW(Optimizer):
         _, which, precision, shard = key
         states = [matrix.state for matrix in matrices]
         ages = [s["moment_age"] for s in states]
+        group = matrices[0].group
+        bases = [] if projections.regenerated(group) else [s["basis"] for s in states]
         if shard is None:  # plain tensors: no rank-local views to take
             params, grads = [matrix.p for matrix in matrices], [_matrix(matrix.p.grad) for matrix in matrices]
-            args = (params, grads, [s["basis"] for s in states], *_moments(states, None), ages)
+            args = (params, grads, bases, *_moments(states, None), ages)
         else:
             params, grads = [local(matrix.p) for matrix in matrices], [local_matrix(m.p.grad) for m in matrices]
-            args = (params, grads, [local(s["basis"]) for s in states], *_moments(states, local), ages)
-        group = matrices[0].group
+            args = (params, grads, [local(b) for b in bases], *_moments(states, local), ages)
         kwargs = {
             **_hyper(group),
             "scale": group["scale"],
@@ -813,10 +856,13 @@ class SubspaceAdamW(Optimizer):
             "matmul_precision": precision,
         }
         if group["residual"] != "none":
-            kwargs.update(residual=group["residual"], update_norms=[s["update_norm"] for s in states])
+            kwargs.update(
+                residual=group["residual"], update_norms=[s["update_norm"] for s in states], limiter=group["limiter"]
+            )
             if shard is not None:
                 kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
-        if plan is not None and which == "triton" and shard is None:  # layouts fixed while the plan holds
+        regenerate = projections.regenerated(group)
+        if plan is not None and which == "triton" and shard is None and not regenerate:  # layouts fixed meanwhile
             kwargs["batches"] = plan.launch_batches(id(group), precision, args, kwargs)
         if flags is not None:
             kwargs["skipped"] = [flags.skip[id(matrix.p)] for matrix in matrices]
@@ -824,6 +870,8 @@ class SubspaceAdamW(Optimizer):
                 self._unread.get(id(matrix.p), 0) for matrix in matrices
             ):  # some count may run ahead of its matrix's age
                 kwargs["lags"] = [self._skip_count(matrix.p) for matrix in matrices]
+        if regenerate:
+            return _regenerated_step, (matrices, *args), kwargs
         return functional.subspace_adamw, args, kwargs
 
     def _masked_plain_calls(self, plain: Plain, flags: DeviceFlags) -> list[Call]:
@@ -925,7 +973,12 @@ class SubspaceAdamW(Optimizer):
     def check_consistency(self) -> None:
         """Raise if data-parallel ranks hold different bases (a collective: call it on every rank); see
         ``refreshing.check_consistency``."""
-        entries = [(n, self.state[p]["basis"]) for _, _, n, p in self._named_params() if "basis" in self.state[p]]
+        entries = [
+            (n, self.state[p][key])
+            for _, _, n, p in self._named_params()
+            for key in ("basis", "basis_index")
+            if key in self.state[p]
+        ]
         refreshing.check_consistency(entries)
 
     def subspace_metrics(self) -> dict[str, Any]:

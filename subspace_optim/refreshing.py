@@ -8,15 +8,16 @@ range finder's all-reduces, round-robin broadcasts, consistency checks) line up 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import distributed, functional, guards, linalg, quant
+from . import dct, distributed, functional, guards, linalg, projections, quant
 from .distributed import is_dtensor, local
-from .subspace import basis_dim, choose_side, transport_moments
+from .subspace import basis_dim, choose_side, oriented, transport_moments, transport_with_overlap
 
 
 class Matrix(NamedTuple):
@@ -150,11 +151,15 @@ def refresh(due_list: list[Matrix], metrics: dict[int, dict[str, Any]]) -> bool:
     check is due (``consistency_check_every``).
     """
     rank, world = distributed.world()
+    stored = [matrix for matrix in due_list if not projections.regenerated(matrix.group)]
     computed = _compute(
-        [matrix for matrix in due_list if not _round_robin(matrix, world) or matrix.index % world == rank]
+        [matrix for matrix in stored if not _round_robin(matrix, world) or matrix.index % world == rank]
     )
     check = False
     for matrix in due_list:
+        if projections.regenerated(matrix.group):
+            _refresh_regenerated(matrix, metrics)
+            continue
         here = matrix.index in computed
         basis, seconds = computed[matrix.index] if here else (None, 0.0)
         if _round_robin(matrix, world):
@@ -182,17 +187,10 @@ def install(
         overlap = torch.ones((), dtype=torch.float64)
     else:
         previous = local(state["basis"])
-        # The moments as fp32 working copies (the stored tensors themselves when they are fp32).
-        moments = {k: local(v) for k, v in state.items() if k.startswith("exp_avg")}
-        m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
-        c = transport_moments(m, v, previous.float(), new.basis.float(), matrix.side, matrix.group["moments"])
-        if matrix.group["moments"] != "keep":
-            quant.store(moments, "exp_avg", m)
-            quant.store(moments, "exp_avg_sq", v)
+        how = (matrix.side, matrix.group["moments"])
+        c = _carry_moments(matrix, lambda m, v: transport_moments(m, v, previous.float(), new.basis.float(), *how))
         overlap = c.double().square().sum() / matrix.group["rank"]
         previous.copy_(new.basis)
-        if matrix.group["moments"] == "reset":
-            state["moment_age"] = 0
     state["refresh_count"] += 1
     metrics[matrix.index] = {
         "refresh_time_s": seconds,
@@ -200,6 +198,56 @@ def install(
         "total": new.total,
         "overlap": overlap,
         "computed_here": computed_here,
+    }
+
+
+def _carry_moments(matrix: Matrix, transport: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Run ``transport`` (in place on fp32 working copies of the moments: the stored tensors themselves when they
+    are fp32), store the result back and restart the moments' age on a reset; returns what ``transport`` does."""
+    moments = {k: local(v) for k, v in matrix.state.items() if k.startswith("exp_avg")}
+    m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
+    out = transport(m, v)
+    if matrix.group["moments"] != "keep":
+        quant.store(moments, "exp_avg", m)
+        quant.store(moments, "exp_avg_sq", v)
+    if matrix.group["moments"] == "reset":
+        matrix.state["moment_age"] = 0
+    return out
+
+
+def _refresh_regenerated(matrix: Matrix, metrics: dict[int, dict[str, Any]]) -> None:
+    """A new projection for a matrix that stores none (``projections``), computed on every rank (a seed, or one
+    GEMM's alignments): ``seeded`` draws the next seed; ``dct`` selects the best-aligned DCT columns, and its
+    moments follow them exactly (C = P_new^T P_old is a 0/1 selection: kept columns carry their moments, new
+    ones start at zero, with ``moments="rotate"``). A first refresh only installs."""
+    state, group = matrix.state, matrix.group
+    start = time.perf_counter()
+    captured = total = overlap = None
+    if group["refresh"] == "seeded":
+        first = "projection_seed" not in state
+        state["projection_seed"] = projections.next_projection_seed(group, matrix.index, state)
+        if not first:
+            _carry_moments(matrix, lambda m, v: transport_with_overlap(m, v, None, matrix.side, group["moments"]))
+    else:
+        g, slab = _refresh_input(matrix)
+        chosen = dct.select(oriented(g.float(), matrix.side), group["rank"], slab)
+        captured, total = chosen.captured, chosen.total
+        if "basis_index" not in state:
+            index = chosen.indices
+            state["basis_index"] = distributed.replicated_like(matrix.p, index) if is_dtensor(matrix.p) else index
+        elif bool(total > 0):  # an all-zero gradient spans nothing: keep the columns and the moments (as ``install``)
+            old = local(state["basis_index"])
+            c = dct.overlap(chosen.indices, old)
+            _carry_moments(matrix, lambda m, v: transport_with_overlap(m, v, c, matrix.side, group["moments"]))
+            overlap = c.double().sum() / group["rank"]
+            old.copy_(chosen.indices)
+    state["refresh_count"] += 1
+    metrics[matrix.index] = {
+        "refresh_time_s": time.perf_counter() - start,
+        "captured": captured,
+        "total": total,
+        "overlap": overlap,
+        "computed_here": True,
     }
 
 

@@ -60,7 +60,8 @@ def residual_factors(
     ``sumsq`` (channels, 3): ||N_j||^2, ||R_j||^2, ||G_j||^2 for every channel j of every matrix, matrix after
     matrix, ``lengths[i]`` channels for matrix i (``PER_MATRIX`` modes: ``lengths`` None, one row per matrix, its
     whole sums); ``previous``: each matrix's last limited norm (0: none yet); ``units``: what the limiter divides
-    norms by (``limiter_units``: 1 - b1^t, or sqrt(1 - b2^t) with ``limiter="raw"``); ``scale``: GaLore's scale. With phi_j = ||N_j|| / ||R_j|| (0 where R_j = 0), the update before lr scale / (1 - b1^t) is
+    norms by (``limiter_units``: 1 - b1^t, or sqrt(1 - b2^t) with ``limiter="raw"``); ``scale``: GaLore's scale.
+    With phi_j = ||N_j|| / ||R_j|| (0 where R_j = 0), the update before lr scale / (1 - b1^t) is
 
         fira, fira_tensor:       U = P N + S,  S = (c / scale) phi o (G - P R)   (phi o: channel j scaled by phi_j)
         apollo, apollo_tensor:   U = c phi o G                                   (the whole gradient, channel-scaled)

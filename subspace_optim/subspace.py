@@ -120,7 +120,16 @@ def transport_moments(
     right: M <- M C^T, V <- V (C o C)^T.
     """
     overlap = p_new.mT @ p_old
+    transport_with_overlap(exp_avg, exp_avg_sq, overlap, side, policy)
+    return overlap
+
+
+def transport_with_overlap(exp_avg: Tensor, exp_avg_sq: Tensor, overlap: Tensor | None, side: str, policy: str) -> None:
+    """``transport_moments`` given the overlap C = P_new^T P_old itself (a DCT selection's exact 0/1 matrix;
+    None where only ``keep`` and ``reset`` are allowed, as between independent seeded projections)."""
     if policy == "rotate":
+        if overlap is None:
+            raise ValueError("moments='rotate' needs the overlap of the old and new bases")
         c2 = overlap.square()
         if side == "left":
             exp_avg.copy_(overlap @ exp_avg)
@@ -133,4 +142,3 @@ def transport_moments(
         exp_avg_sq.zero_()
     elif policy != "keep":
         raise ValueError(f"Invalid moments policy: {policy!r} - use one of {MOMENT_POLICIES}")
-    return overlap

@@ -208,7 +208,9 @@ def test_limiter_bounds_update_norm_growth(engine, mode):
         before = w.detach().clone()
         opt.step()
         delta = (w.detach() - before).double()
-        if mode not in residual_rule.WHOLE_GRADIENT:  # P N lies inside the subspace; the limited residual is what lies outside it
+        if (
+            mode not in residual_rule.WHOLE_GRADIENT
+        ):  # P N lies inside the subspace; the limited residual is what lies outside it
             p = opt.state[w]["basis"].double()
             delta = delta - (p @ (p.T @ delta) if p.shape[0] == delta.shape[0] else (delta @ p) @ p.T)
         norms.append(float(delta.norm()) / (lr * scale))  # in units of the bias-corrected step
