@@ -92,7 +92,8 @@ def _regenerated_step(
     count = len(matrices)
     for chunk in projections.regenerated_chunks(dims, group["rank"]):
         drawn = [
-            projections.projection(matrices[i].state, group, matrices[i].side, dims[i], grads[i].device) for i in chunk
+            local(projections.projection(matrices[i].state, matrices[i].side, dims[i], group["rank"], grads[i].device))
+            for i in chunk
         ]
         if kwargs.get("engine") == "triton":  # the kernels take row-major bases
             drawn = [b.contiguous() for b in drawn]
@@ -475,6 +476,8 @@ class SubspaceAdamW(Optimizer):
         anything moves, and their non-finite flags (``checks.nonfinite_flags``: on the device, not read). The
         checks are those of the last step while ``_plan_key`` is the same (``StepPlan``)."""
         self._refuse_reshaped_groups()
+        for i, group in enumerate(self.param_groups):
+            options.check_combinations(group, f"in param group {i}")
         key = None if only is not None else self._plan_key()
         plan = self._plan
         if plan is None or key is None or not plan.holds(key, self.state):
@@ -841,7 +844,8 @@ class SubspaceAdamW(Optimizer):
         states = [matrix.state for matrix in matrices]
         ages = [s["moment_age"] for s in states]
         group = matrices[0].group
-        bases = [] if projections.regenerated(group) else [s["basis"] for s in states]
+        regenerate = any(projections.stores_none(s) for s in states)
+        bases = [] if regenerate else [s["basis"] for s in states]
         if shard is None:  # plain tensors: no rank-local views to take
             params, grads = [matrix.p for matrix in matrices], [_matrix(matrix.p.grad) for matrix in matrices]
             args = (params, grads, bases, *_moments(states, None), ages)
@@ -861,7 +865,6 @@ class SubspaceAdamW(Optimizer):
             )
             if shard is not None:
                 kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
-        regenerate = projections.regenerated(group)
         if plan is not None and which == "triton" and shard is None and not regenerate:  # layouts fixed meanwhile
             kwargs["batches"] = plan.launch_batches(id(group), precision, args, kwargs)
         if flags is not None:

@@ -272,15 +272,16 @@ def validate(options: dict[str, Any], where: str) -> None:
             _check_real(option, value, where)
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
             _fail(option, value, where, f"{option.name} must be True, False or None", TypeError)
-    _check_combinations(options, where)
+    check_combinations(options, where)
     if options.get("fused") and options.get("foreach"):  # torch.optim.AdamW's rule, for the plain parameters
         raise ValueError(f"`fused` and `foreach` cannot be `True` together {where}: set one of them")
     if options["engine"] == "triton" and not triton_runtime.available():
         _fail(BY_NAME["engine"], "triton", where, "engine='triton' needs the triton package (pip install triton)")
 
 
-def _check_combinations(options: dict[str, Any], where: str) -> None:
-    """Refuse option pairs that cannot mean anything, naming the fix."""
+def check_combinations(options: dict[str, Any], where: str) -> None:
+    """Refuse option pairs that cannot mean anything, naming the fix (also run on every group at every step:
+    a few lookups, so a live group changed into a meaningless pair is refused before anything moves)."""
     if options["refresh"] != "seeded":
         return
     if options["residual"] not in WHOLE_GRADIENT:

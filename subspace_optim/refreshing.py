@@ -179,6 +179,7 @@ def install(
     state = matrix.state
     overlap = None
     if "basis" not in state:
+        projections.keep_only(state, "basis")  # a group that switched from a regenerated refresh
         basis = new.basis.to(quant.TORCH_DTYPES[matrix.group["basis_dtype"]]).contiguous()
         state["basis"] = distributed.replicated_like(matrix.p, basis) if is_dtensor(matrix.p) else basis
     elif not bool(new.total.float() > 0):  # fp32: the value round-robin receivers get broadcast
@@ -217,13 +218,15 @@ def _carry_moments(matrix: Matrix, transport: Callable[[Tensor, Tensor], Tensor]
 
 def _refresh_regenerated(matrix: Matrix, metrics: dict[int, dict[str, Any]]) -> None:
     """A new projection for a matrix that stores none (``projections``), computed on every rank (a seed, or one
-    GEMM's alignments): ``seeded`` draws the next seed; ``dct`` selects the best-aligned DCT columns, and its
+    transform's alignments): ``seeded`` draws the next seed; ``dct`` selects the best-aligned DCT columns, and its
     moments follow them exactly (C = P_new^T P_old is a 0/1 selection: kept columns carry their moments, new
     ones start at zero, with ``moments="rotate"``). A first refresh only installs."""
     state, group = matrix.state, matrix.group
     start = time.perf_counter()
     captured = total = overlap = None
-    if group["refresh"] == "seeded":
+    key = "projection_seed" if group["refresh"] == "seeded" else "basis_index"
+    projections.keep_only(state, key)  # a first refresh, or a group that switched policies: install only
+    if key == "projection_seed":
         first = "projection_seed" not in state
         state["projection_seed"] = projections.next_projection_seed(group, matrix.index, state)
         if not first:

@@ -21,7 +21,15 @@ from . import distributed, quant, refreshing
 from .distributed import local
 
 # State keys that keep the dtype they were saved with (their options chose it), whatever the parameter's.
-OWN_DTYPE_KEYS = ("basis", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "update_norm")
+OWN_DTYPE_KEYS = (
+    "basis",
+    "basis_index",
+    "exp_avg",
+    "exp_avg_sq",
+    "exp_avg_absmax",
+    "exp_avg_sq_absmax",
+    "update_norm",
+)
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 

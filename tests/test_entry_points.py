@@ -131,9 +131,16 @@ def test_project_output_head_leaves_a_tied_head_in_adamw():
     assert any(p is untied.get_output_embeddings().weight for p in projected)
 
 
-def test_apollo_settings_are_refused_rather_than_silently_replaced():
-    with pytest.raises(ValueError, match=r"optim='apollo_adamw'.*APOLLO's channel-wise.*not stand in"):
-        create_optimizer(_model(), TrainingArguments(output_dir="unused", optim="apollo_adamw", report_to=[]))
+def test_apollo_settings_are_mapped_under_apollo_and_refused_elsewhere():
+    """optim="apollo_adamw" is mapped onto APOLLO's configuration (tests/test_apollo_migration.py has the
+    mapping); APOLLO's keys under another optim are refused rather than silently dropped."""
+    opt = create_optimizer(_model(), TrainingArguments(output_dir="unused", optim="apollo_adamw", report_to=[]))
+    projected = [g for g in opt.param_groups if g["rank"] is not None]
+    assert projected and all(
+        (g["refresh"], g["seed_stream"], g["residual"], g["moments"], g["limiter"])
+        == ("seeded", "apollo", "apollo", "keep", "raw")
+        for g in projected
+    )
     for key in ("proj=random", "scale_type=channel"):
         args = TrainingArguments(output_dir="unused", optim_args=f"rank=4, {key}", report_to=[])
         with pytest.raises(ValueError, match=r"is APOLLO's.*Remove it"):

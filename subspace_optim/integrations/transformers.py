@@ -9,13 +9,17 @@ All three ways in build the optimizer through ``build_optimizer``, so they give 
   by module name when training starts, not by tensors that must exist when the Trainer is built; lr, betas,
   eps and weight_decay that ``kwargs`` leave out come from the Trainer's ``TrainingArguments``;
 - ``create_optimizer(model, args)`` itself, which reads ``learning_rate``, ``adam_beta1/2``,
-  ``adam_epsilon``, ``weight_decay``, ``optim_target_modules`` and a ``galore_adamw`` ``optim_args`` string.
+  ``adam_epsilon``, ``weight_decay``, ``optim_target_modules`` and a ``galore_adamw`` ``optim_args`` string,
+  or, with ``optim="apollo_adamw"`` (``_layerwise``), an apollo-torch one, mapped to APOLLO's algorithm
+  (``refresh="seeded"`` on apollo-torch's seed stream, in transformers' param group order; see
+  ``parse_optim_args``).
 
 ``SubspaceMetricsCallback`` puts the optimizer's subspace metrics into the Trainer's logs.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 import weakref
@@ -28,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from .. import guards, metrics, options
 from ..optimizer import SubspaceAdamW
-from ..targets import ALL_LINEAR, param_groups
+from ..targets import ALL_LINEAR, param_groups, select_target_modules
 
 # Hyperparameters that TrainingArguments owns: read from its fields, refused in optim_args so that a
 # value cannot be set in two places with one of them silently losing.
@@ -48,8 +52,39 @@ _ARGS_FIELDS = {
     "max_grad_norm": "max_grad_norm",
 }
 
-# APOLLO's optim_args keys without a SubspaceAdamW meaning (its rank, scale and update_proj_gap are shared).
+# APOLLO's optim_args keys without a SubspaceAdamW option of that name (its rank, scale, update_proj_gap and
+# proj_type are shared): mapped with optim="apollo_adamw*", refused otherwise.
 _APOLLO_ONLY = {"proj": "random or svd projection", "scale_type": "channel or tensor scaling"}
+_APOLLO_NAMES = ("apollo_adamw", "apollo_adamw_layerwise")  # transformers' OptimizerNames.APOLLO_*
+# transformers 5.25 (trainer_optimizer._get_apollo_optimizer) reads these optim_args keys, with these defaults.
+_APOLLO_DEFAULTS = {
+    "rank": 128,
+    "proj": "random",
+    "scale_type": "channel",
+    "update_proj_gap": 200,
+    "scale": 1.0,
+    "proj_type": "std",
+}
+# proj: APOLLO's projection -> our refresh. "random" is apollo-torch's GradientProjector: a Gaussian / sqrt(rank),
+# redrawn every update_proj_gap steps from the parameter's seed chain: refresh="seeded" on seed_stream="apollo"
+# regenerates exactly those draws. "svd" is its GaLoreProjector: the top-rank singular vectors of the gradient
+# (galore-torch's computation), i.e. our refresh="svd"; apollo-torch leaves the moments as they are when it
+# changes either projection, hence moments="keep" for both (and no seed stream for svd: nothing is drawn).
+_APOLLO_PROJ: dict[str, dict[str, str]] = {
+    "random": {"refresh": "seeded", "seed_stream": "apollo"},
+    "svd": {"refresh": "svd"},
+}
+_APOLLO_SCALE_TYPE = {"channel": "apollo", "tensor": "apollo_tensor"}  # scale_type -> residual
+# What APOLLO always does: keep the moments across projection changes; the norm-growth limiter in raw units.
+_APOLLO_FIXED = {"moments": "keep", "limiter": "raw"}
+# The options the mapping sets from APOLLO's keys or algorithm: a different value given in optim_args contradicts it.
+_APOLLO_WHY = {
+    "refresh": "proj=random maps to refresh='seeded', proj=svd to refresh='svd'",
+    "seed_stream": "proj=random draws apollo-torch's own per-parameter seeds",
+    "residual": "scale_type=channel maps to residual='apollo', scale_type=tensor to residual='apollo_tensor'",
+    "moments": "APOLLO keeps its moments when the projection changes",
+    "limiter": "APOLLO's norm-growth limiter acts on the update before bias correction",
+}
 
 _KINDS: dict[str, type] = {
     "int": int,
@@ -78,12 +113,18 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
 
 
 _OPTIM_ARGS = _optim_args_table()
+_APOLLO_ARGS = {"proj": (str, "random"), "scale_type": (str, "channel")}  # read with optim="apollo_adamw*" only
 # Keys whose option may be None: optim_args spells that "none" (any case).
 _NULLABLE = frozenset(option.name for option in options.OPTIONS if option.kind in ("bool_or_none", "lr_or_none"))
 _OPTIMIZER_OPTIONS = frozenset(options.DEFAULTS)
 _LAYERWISE_OPTIONS = {"accumulation_steps", "max_grad_norm"}  # update_in_backward's, with layerwise=True only
 _BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap", "layerwise"}
-_BUILD_OPTIONS |= _LAYERWISE_OPTIONS
+_BUILD_OPTIONS |= _LAYERWISE_OPTIONS | {"group_order"}
+_GROUP_ORDERS = ("subspace", "apollo")  # build_optimizer's: param_groups' order, or transformers' apollo_adamw one
+_TIED_HEAD = (
+    "project_output_head=True, but the output head is tied to the input embedding: it stays in plain AdamW "
+    "(projecting it would project the embedding too). Untie the embeddings to project the head."
+)
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 _EXAMPLE = "optim_args='rank=128, update_proj_gap=200, scale=0.25, proj_type=std'"
 
@@ -108,8 +149,21 @@ def _parse_value(key: str, value: str, kind: type, example: str) -> Any:
         raise ValueError(f"optim_args entry {key}={value!r} is not {what}: write e.g. {alternatives}") from None
 
 
-def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
-    """Typed ``SubspaceAdamW`` options from a ``TrainingArguments.optim_args`` string.
+def _apollo_optim(optim: Any) -> bool:
+    """Whether ``optim`` (a ``TrainingArguments.optim`` value, or None) names one of transformers' APOLLO
+    optimizers; another name starting with "apollo" is refused rather than read as either."""
+    name = "" if optim is None else str(getattr(optim, "value", optim))
+    if name.startswith("apollo") and name not in _APOLLO_NAMES:
+        raise ValueError(
+            f"optim={name!r}: transformers' APOLLO optimizers are {' and '.join(_APOLLO_NAMES)}, and those are the "
+            "ones SubspaceAdamW maps to APOLLO's algorithm (apollo-torch's others, e.g. its 8-bit Q-APOLLO, are not "
+            "reproduced). Use optim='apollo_adamw' or 'apollo_adamw_layerwise'."
+        )
+    return name in _APOLLO_NAMES
+
+
+def parse_optim_args(optim_args: str | None, optim: Any = None) -> dict[str, Any]:
+    """``build_optimizer`` keyword arguments from a ``TrainingArguments.optim_args`` string, read as ``optim``'s.
 
     Accepts everything ``optim="galore_adamw"`` reads (rank, update_proj_gap, scale, proj_type) plus our
     own option names, so a galore config migrates unchanged. Values are typed by the option table: ints,
@@ -117,11 +171,31 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
     options that may be None (``plain_lr``, ``foreach``). transformers' parser fails with an unpacking
     error on a malformed entry and its galore path silently drops unknown keys; here both are a ValueError
     naming the entry and the fix. Values are range-checked later, by ``SubspaceAdamW`` itself.
+
+    With ``optim="apollo_adamw"`` or ``"apollo_adamw_layerwise"`` the string is apollo-torch's, read as
+    transformers' apollo path reads it (rank 128, proj random, scale_type channel, update_proj_gap 200, scale 1,
+    proj_type std where left out), and mapped to APOLLO's algorithm: proj=random -> ``refresh="seeded",
+    seed_stream="apollo"``, proj=svd -> ``refresh="svd"``; scale_type channel / tensor -> ``residual="apollo"`` /
+    ``"apollo_tensor"``; APOLLO's scale s -> ``scale=sqrt(s)`` (apollo-torch multiplies its update by sqrt(s));
+    always ``moments="keep"``, ``limiter="raw"`` and ``group_order="apollo"`` (transformers' param group order, so
+    each projected weight has apollo-torch's seed). Our other options may be added (``moments_dtype=int8``); one
+    that contradicts the mapping (``residual=fira``) is a ValueError. Without an apollo ``optim``, APOLLO's own
+    keys (``proj``, ``scale_type``) are a ValueError.
     """
+    apollo = _apollo_optim(optim)
+    parsed = _parse_entries(optim_args, apollo)
+    if "update_proj_gap" in parsed and "update_gap" in parsed:
+        raise ValueError("optim_args sets both update_proj_gap and update_gap (the same option); keep one")
+    return _apollo_options(parsed, str(getattr(optim, "value", optim))) if apollo else parsed
+
+
+def _parse_entries(optim_args: str | None, apollo: bool) -> dict[str, Any]:
+    """The typed entries of ``optim_args``, each key checked (``apollo``: APOLLO's own keys are accepted)."""
     if optim_args is None:
         return {}
     if not isinstance(optim_args, str):
         raise TypeError(f"optim_args must be a string such as {_EXAMPLE}, got {type(optim_args).__name__}")
+    table = {**_OPTIM_ARGS, **_APOLLO_ARGS} if apollo else _OPTIM_ARGS
     parsed: dict[str, Any] = {}
     for raw in optim_args.split(","):
         entry = raw.strip()
@@ -133,30 +207,91 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
                 f"Malformed optim_args entry {entry!r} in {optim_args!r}: expected comma-separated key=value "
                 f"pairs, e.g. {_EXAMPLE}"
             )
-        if key in _APOLLO_ONLY:
+        if key in _APOLLO_ONLY and not apollo:
             raise ValueError(
-                f"optim_args key {key!r} is APOLLO's ({_APOLLO_ONLY[key]}): SubspaceAdamW has no such setting "
-                "(residual=apollo scales channels in its own SVD-refreshed basis, not APOLLO's projection), so it "
-                "cannot honour it. Remove it (rank, update_proj_gap, scale and proj_type are shared with GaLore and "
-                "accepted)."
+                f"optim_args key {key!r} is APOLLO's ({_APOLLO_ONLY[key]}): SubspaceAdamW has no option of that "
+                "name, and only optim='apollo_adamw' maps it. Remove it (rank, update_proj_gap, scale and proj_type "
+                "are shared with GaLore and accepted), or use TrainingArguments(optim='apollo_adamw') to have "
+                "apollo-torch's optim_args mapped to APOLLO's algorithm (refresh='seeded', residual='apollo', ...)."
             )
         if key in _ARGS_FIELDS:
             raise ValueError(
                 f"optim_args key {key!r} is not read from optim_args: set TrainingArguments({_ARGS_FIELDS[key]}=...) "
                 "instead (the Trainer integration takes it from there)"
             )
-        if key not in _OPTIM_ARGS:
+        if key not in table:
             raise ValueError(
-                f"Unknown optim_args key {key!r}{_suggest(key, _OPTIM_ARGS)}: SubspaceAdamW accepts "
-                f"{', '.join(_OPTIM_ARGS)}. Remove it, or set it in TrainingArguments if it is a Trainer option."
+                f"Unknown optim_args key {key!r}{_suggest(key, table)}: SubspaceAdamW accepts "
+                f"{', '.join(table)}. Remove it, or set it in TrainingArguments if it is a Trainer option."
             )
         if key in parsed:
             raise ValueError(f"optim_args sets {key!r} twice in {optim_args!r}; keep one")
-        kind, example = _OPTIM_ARGS[key]
+        kind, example = table[key]
         parsed[key] = _parse_value(key, value, kind, example)
-    if "update_proj_gap" in parsed and "update_gap" in parsed:
-        raise ValueError("optim_args sets both update_proj_gap and update_gap (the same option); keep one")
     return parsed
+
+
+def _apollo_options(parsed: dict[str, Any], optim: str) -> dict[str, Any]:
+    """apollo-torch ``optim_args`` entries (typed, ``parsed``) as ``build_optimizer`` keywords: see
+    ``parse_optim_args``. Our own options in ``parsed`` pass through, unless they contradict the mapping."""
+    given = {**_APOLLO_DEFAULTS, **parsed}
+    proj, scale_type, scale, proj_type = (given.pop(key) for key in ("proj", "scale_type", "scale", "proj_type"))
+    if proj not in _APOLLO_PROJ:
+        raise ValueError(
+            f"optim_args proj={proj!r} with optim={optim!r}: APOLLO projects with proj=random (a seeded Gaussian: "
+            "refresh='seeded') or proj=svd (the gradient's top singular vectors: refresh='svd'); apollo-torch raises "
+            "on anything else. Use one of those."
+        )
+    if scale_type not in _APOLLO_SCALE_TYPE:
+        raise ValueError(
+            f"optim_args scale_type={scale_type!r} with optim={optim!r}: APOLLO scales per channel "
+            "(scale_type=channel: residual='apollo') or per matrix (scale_type=tensor, APOLLO-Mini: "
+            "residual='apollo_tensor'); apollo-torch fails on anything else. Use one of those."
+        )
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"optim_args scale={scale!r} with optim={optim!r}: APOLLO's scale must be a finite number > 0 "
+            "(apollo-torch multiplies its update by sqrt(scale); APOLLO uses scale=1, APOLLO-Mini scale=128)."
+        )
+    _check_apollo_proj_type(proj_type, scale_type, optim)
+    default_gap = given.pop("update_proj_gap")
+    mapped = {
+        "rank": given.pop("rank"),
+        **_APOLLO_PROJ[proj],
+        "residual": _APOLLO_SCALE_TYPE[scale_type],
+        "scale": math.sqrt(scale),
+        "update_gap": given.pop("update_gap", default_gap),
+        "proj_type": proj_type,
+        **_APOLLO_FIXED,
+        "group_order": "apollo",
+    }
+    for key, why in _APOLLO_WHY.items():
+        if key in mapped and key in given and given[key] != mapped[key]:
+            raise ValueError(
+                f"optim_args {key}={given[key]!r} contradicts optim={optim!r}, which sets {key}={mapped[key]!r} "
+                f"({why}). Remove {key}, or train with optim='galore_adamw', whose optim_args choose SubspaceAdamW's "
+                "options freely."
+            )
+    return {**given, **mapped}
+
+
+def _check_apollo_proj_type(proj_type: str, scale_type: str, optim: str) -> None:
+    """Refuse channel scaling with a proj_type apollo-torch cannot run it with.
+
+    apollo-torch 1.0.3 takes the channel norms of the projected gradient along a side fixed by the shape (rows of
+    a tall matrix, columns of a wide one), the side ``std`` leaves unprojected, and multiplies the full gradient
+    by them: with ``reverse_std`` (any shape), ``left`` (tall) or ``right`` (wide) the factors have ``rank`` entries
+    and do not broadcast (for rank 1 they do, degenerating into one factor per matrix: scale_type=tensor). There
+    is no APOLLO run to reproduce then. Tensor scaling takes any proj_type.
+    """
+    if scale_type == "channel" and proj_type != "std":
+        raise ValueError(
+            f"optim_args proj_type={proj_type!r} with scale_type=channel and optim={optim!r}: apollo-torch 1.0.3 "
+            "cannot run this pair (its channel factors are taken on the side proj_type=std leaves unprojected, so "
+            "they do not match the gradient where the projection falls on the other side), so there is no APOLLO "
+            "run to reproduce. Use proj_type=std (the projection apollo-torch runs with channel scaling), or "
+            "scale_type=tensor (APOLLO-Mini's scaling, which takes any proj_type)."
+        )
 
 
 def _normalize_targets(target_modules: str | Iterable[str] | None) -> str | list[str]:
@@ -180,10 +315,7 @@ def _project_output_head(model: nn.Module, groups: list[dict[str, Any]]) -> list
         raise ValueError("project_output_head=True, but the model has no output head (get_output_embeddings())")
     inputs = getattr(model, "get_input_embeddings", None)
     if callable(inputs) and getattr(inputs(), "weight", None) is head:
-        guards.warn_user(
-            "project_output_head=True, but the output head is tied to the input embedding: it stays in plain "
-            "AdamW (projecting it would project the embedding too). Untie the embeddings to project the head."
-        )
+        guards.warn_user(_TIED_HEAD)
         return groups
     for group in groups[1:]:
         for index, (name, param) in enumerate(group["params"]):
@@ -194,14 +326,69 @@ def _project_output_head(model: nn.Module, groups: list[dict[str, Any]]) -> list
     return groups  # already projected, or frozen
 
 
+def _apollo_groups(
+    model: nn.Module,
+    target_modules: str | list[str],
+    rank: int,
+    weight_decay: float,
+    project_output_head: bool | None,
+) -> list[dict[str, Any]]:
+    """Param groups in transformers' ``apollo_adamw`` order, so every projected weight has apollo-torch's seed.
+
+    transformers 5.25 (``trainer_optimizer._setup_low_rank_optimizer``) gives apollo-torch two groups: every
+    parameter that is not a targeted ``<module>.weight`` first, then the targeted weights, each in
+    ``model.named_parameters()`` order, frozen parameters included; apollo-torch seeds each trainable parameter
+    with its position from 1 over all groups. Here: the non-targets (frozen too) in plain groups, matrices
+    (``weight_decay``) then 1-D parameters (no decay), then the targets (frozen too) in the projected group, last.
+    The plain parameters' order inside their block differs from transformers' (they are never seeded), their
+    count does not: every projected weight sits at apollo-torch's position. Targets are matched by parameter name,
+    as transformers does, so a head tied to the input embedding is not projected; "all-linear" adds an untied
+    output head unless ``project_output_head=False``.
+    """
+    modules = list(select_target_modules(model, target_modules))
+    if project_output_head or (project_output_head is None and target_modules == ALL_LINEAR):
+        modules += _head_module(model, explicit=bool(project_output_head))
+    weights = {f"{name}.weight" for name in modules}
+    projected, matrices, vectors = [], [], []
+    for name, param in model.named_parameters():  # frozen ones too: apollo-torch's positions count them
+        if name in weights:
+            projected.append((name, param))
+        else:
+            (matrices if param.dim() >= 2 else vectors).append((name, param))
+    groups = [
+        {"params": matrices, "rank": None, "weight_decay": weight_decay},
+        {"params": vectors, "rank": None, "weight_decay": 0.0},
+        {"params": projected, "rank": rank, "weight_decay": weight_decay},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def _head_module(model: nn.Module, explicit: bool) -> list[str]:
+    """The output head's module name, for the apollo order's "all-linear"; none when the head is tied to the
+    input embedding (``explicit``: ``project_output_head=True`` was asked for, so say why, or fail without head)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if getattr(head, "weight", None) is None:
+        if explicit:
+            raise ValueError("project_output_head=True, but the model has no output head (get_output_embeddings())")
+        return []
+    inputs = getattr(model, "get_input_embeddings", None)
+    if callable(inputs) and getattr(inputs(), "weight", None) is head.weight:
+        if explicit:
+            guards.warn_user(_TIED_HEAD)
+        return []
+    return [name for name, module in model.named_modules() if module is head][:1]
+
+
 def build_optimizer(
     model: nn.Module,
     *,
     target_modules: str | Iterable[str] | None = ALL_LINEAR,
     rank: int = 128,
     weight_decay: float = 0.0,
-    project_output_head: bool = False,
+    project_output_head: bool | None = None,
     layerwise: bool = False,
+    group_order: str = "subspace",
     **options: Any,
 ) -> SubspaceAdamW:
     """``SubspaceAdamW`` for ``model``: weights of the targeted linear modules projected, the rest AdamW.
@@ -211,7 +398,12 @@ def build_optimizer(
     (lr, betas, eps, update_gap or galore's update_proj_gap, scale, proj_type, refresh, moments, ...).
     ``layerwise=True`` attaches ``update_in_backward(model, accumulation_steps=..., max_grad_norm=...)``
     (those two keywords go there); the Trainer integration fills them from ``TrainingArguments``.
+    ``group_order``: ``"subspace"`` (``param_groups``: projected group first, frozen parameters left out) or
+    ``"apollo"`` (transformers' ``apollo_adamw`` order, see ``_apollo_groups``; there "all-linear" projects an
+    untied output head unless ``project_output_head=False``, as transformers does).
     """
+    if group_order not in _GROUP_ORDERS:
+        raise ValueError(f"group_order={group_order!r}: use one of {', '.join(map(repr, _GROUP_ORDERS))}")
     unknown = sorted(set(options) - _BUILD_OPTIONS)
     if unknown:
         raise ValueError(
@@ -229,9 +421,13 @@ def build_optimizer(
             f"{sorted(in_backward)} configure layer-wise updates: pass layerwise=True (optim_args 'layerwise=true') "
             "or leave them out"
         )
-    groups = param_groups(model, _normalize_targets(target_modules), rank, weight_decay=weight_decay)
-    if project_output_head:
-        groups = _project_output_head(model, groups)
+    targets = _normalize_targets(target_modules)
+    if group_order == "apollo":
+        groups = _apollo_groups(model, targets, rank, weight_decay, project_output_head)
+    else:
+        groups = param_groups(model, targets, rank, weight_decay=weight_decay)
+        if project_output_head:
+            groups = _project_output_head(model, groups)
     optimizer = SubspaceAdamW(groups, weight_decay=weight_decay, **options)
     _check_at_first_step(optimizer, model)
     if layerwise:
@@ -272,15 +468,19 @@ def _check_at_first_step(optimizer: SubspaceAdamW, model: nn.Module) -> None:
     optimizer.register_step_pre_hook(check)
 
 
+def _optim_name(args: TrainingArguments) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
 def _check_optim_name(args: TrainingArguments) -> None:
-    optim = str(getattr(args.optim, "value", args.optim))
-    if optim.startswith("apollo"):
-        raise ValueError(
-            f"TrainingArguments(optim={optim!r}): SubspaceAdamW is not APOLLO (residual=apollo applies APOLLO's "
-            "channel-wise gradient scaling in its own SVD-refreshed basis, not a random projection), and it will not "
-            "stand in for it silently. Use optim='galore_adamw' settings for SubspaceAdamW (rank, update_proj_gap, "
-            "scale, proj_type; optim_args 'residual=apollo' for the channel scaling), or train with apollo-torch."
-        )
+    """Refuse an "apollo..." ``optim`` that transformers does not define, and warn where part of a galore one is
+    not reproduced.
+
+    ``galore_adamw`` (``_layerwise``) and ``apollo_adamw`` (``_layerwise``) are mapped (``parse_optim_args``);
+    galore's 8-bit and Adafactor variants get a warning; any other ``optim`` value is not read.
+    """
+    optim = _optim_name(args)
+    _apollo_optim(optim)
     if optim.startswith("galore") and optim not in ("galore_adamw", "galore_adamw_layerwise"):
         warnings.warn(
             f"TrainingArguments(optim={optim!r}): SubspaceAdamW is an AdamW (its state's precision is moments_dtype "
@@ -294,17 +494,26 @@ def optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
     """``build_optimizer`` keyword arguments from ``TrainingArguments``.
 
     The AdamW hyperparameters come from the usual fields (transformers' galore path passes only the
-    learning rate and leaves betas, eps and weight decay at galore-torch's defaults); the target modules
-    from ``optim_target_modules`` (default "all-linear"); everything else from ``optim_args``.
+    learning rate and leaves betas, eps and weight decay at galore-torch's defaults; its apollo path passes
+    betas and eps to the projected group only, and no weight decay); the target modules from
+    ``optim_target_modules`` (default "all-linear"); everything else from ``optim_args``, read as ``optim``'s
+    (``parse_optim_args``: an ``apollo_adamw`` string is mapped to APOLLO's algorithm).
     """
     _check_optim_name(args)
     kwargs: dict[str, Any] = {
         "target_modules": _normalize_targets(args.optim_target_modules),
         **_adamw_hyperparameters(args),
     }
-    kwargs.update(parse_optim_args(args.optim_args))
-    if str(getattr(args.optim, "value", args.optim)).endswith("_layerwise"):
-        kwargs.setdefault("layerwise", True)  # galore's *_layerwise optimizers: the same mode, done here
+    kwargs.update(parse_optim_args(args.optim_args, _optim_name(args)))
+    if kwargs.get("group_order") == "apollo" and args.weight_decay:
+        guards.warn_user(
+            f"TrainingArguments(optim={_optim_name(args)!r}, "
+            f"weight_decay={args.weight_decay}): transformers' apollo path passes no weight decay to apollo-torch, "
+            "so an apollo_adamw run had none; SubspaceAdamW applies this one (decoupled, not to 1-D parameters). "
+            "Set weight_decay=0 to reproduce the apollo_adamw run."
+        )
+    if _optim_name(args).endswith("_layerwise"):
+        kwargs.setdefault("layerwise", True)  # galore's and apollo's *_layerwise optimizers: the same mode, done here
     if kwargs.get("layerwise"):
         # Clipping happens inside backward (the Trainer's own clip_grad_norm_ then finds no gradient).
         kwargs["accumulation_steps"] = args.gradient_accumulation_steps
