@@ -122,12 +122,20 @@ def test_bench_memory_smoke(tmp_path, bench):
     for wname in ("bfloat16", "float32"):
         per = smoke[wname]
         assert per["adamw"]["logical"] > per["ours_float32_float32"]["logical"] > 0
-        for key in result["rows"]:
+        for key in (k for k, row in result["rows"].items() if row["state_table"]):
             assert per[key]["retained"] >= per[key]["logical"] > 0, key
     if "galore" in result["checked"]:
         # fp32 weights: the retained SVD factor; bf16: the basis is a copy.
         assert smoke["float32"]["galore"]["retained"] > smoke["float32"]["galore"]["logical"]
         assert smoke["bfloat16"]["galore"]["retained"] == smoke["bfloat16"]["galore"]["logical"]
+    # The regenerated bases, checked byte for byte like the stored ones; APOLLO-Mini-like rows at rank 1 too, and
+    # only in the paper accounting (not a state-table row).
+    kinds = {f"ours_{kind}_{m}" for kind in ("seeded_apollo", "dct") for m in ("float32", "bfloat16", "int8")}
+    mini = {"ours_seeded_apollo_tensor_float32", "ours_seeded_apollo_tensor_int8"}
+    assert kinds | mini <= set(result["checked"])
+    assert all(any(r["rank"] == 1 for r in result["checked"][key]) for key in mini)
+    assert kinds <= set(smoke["bfloat16"]) and not mini & set(smoke["bfloat16"])
+    assert result["paper"] == {"targets": {}}  # no 7B or 1B in the smoke run
     if "ours_int8_bfloat16" in result["rows"]:
         target = result["targets"]["smoke"]
         assert 0 < target["vs_ours_fp32"] < 1 and 0 < target["vs_ours_fp32_projected"] < 1
@@ -196,6 +204,71 @@ def test_bench_memory_step_accounting_7b(bench):
     target = memory_step.target({"7b": {"bfloat16": step}})
     assert target["met"] and target["total_bytes"] == rows["ours_int8_layerwise"]["total"] <= 20e9
     assert target["total_gib"] * 2**30 == pytest.approx(target["total_gb"] * 1e9) == target["total_bytes"]
+
+
+@pytest.mark.parametrize("moments", ["float32", "int8"])
+def test_bench_memory_basis_kinds_measured(bench, moments):
+    """On the smoke verification set and the odd shapes (rank 260), and at rank 1: each basis kind's measured
+    state equals its formula, a seeded matrix keeps no basis tensor (its seed is a Python int: 0 bytes) and a
+    DCT one r int32 indices (4 r bytes); against a stored bf16 basis the formulas differ by exactly that."""
+    import torch
+
+    bench_memory = bench("memory")
+    small, rank = bench_memory.verification_set(False)
+    layouts = [("seeded", "apollo"), ("seeded", "apollo_tensor"), ("dct", "none")]
+    for specs, r in [(small, rank), bench_memory.VERIFY_ODD, (small, 1)]:
+        projected = [s for s in specs if bench_memory._rank(s, r) is not None]
+        stored = bench_memory.ours(moments, "bfloat16", "stored", "apollo")(specs, r, 2)[0]
+        bases = sum(min(s.shape) * r * 2 for s in projected)
+        for kind, residual in layouts:
+            formula = bench_memory.ours(moments, kind=kind, residual=residual)
+            build = bench_memory.build_ours(moments, kind=kind, residual=residual)
+            for dtype in (torch.bfloat16, torch.float32):
+                assert bench_memory.measure(build, specs, r, dtype, "cpu") == formula(specs, r, dtype.itemsize)
+            params = bench_memory._params(specs, torch.bfloat16, "cpu")
+            opt = build(specs, params, r)
+            opt.step()
+            for p in bench_memory._split(specs, params, r)[0]:
+                state = opt.state[p]
+                assert "basis" not in state, (kind, r)
+                if kind == "seeded":
+                    assert isinstance(state["projection_seed"], int) and "basis_index" not in state
+                else:
+                    index = state["basis_index"]
+                    assert index.dtype == torch.int32 and index.numel() * index.element_size() == 4 * r
+            kept = 0 if kind == "seeded" else 4 * r * len(projected)
+            norms = 0 if residual != "none" else 4 * len(projected)  # stored's update_norm, absent here
+            assert stored - formula(specs, r, 2)[0] == bases - kept + norms, (kind, residual, r)
+
+
+def test_bench_memory_paper_accounting(bench):
+    """LLaMA-7B bf16 weights + state as the APOLLO/SCALE/GaLore papers count them, LLaMA-1B rank 512 state per
+    basis kind, and their targets, from the script's own formulas."""
+    bench_memory, render = bench("memory"), bench("render")
+    table, _ = bench_memory.rows()
+    models = {k: bench_memory.MODELS[k] for k in ("1b", "7b")}
+    paper = bench_memory.paper_accounting(models, table)
+    rows = {(r["key"], r["rank"]): r for r in paper["7b"]["rows"]}
+    weights = rows[("adamw", None)]["weights"]
+    assert round(weights / 1e9, 2) == 13.48
+    assert round(rows[("ours_int8_bfloat16", 1024)]["state"] / 1e9, 2) == 5.70  # the issue's 19.2 GB row
+    assert paper["7b"]["layerwise_gradient"] == 32000 * 4096 * 2
+    seeded = rows[("ours_seeded_apollo_bfloat16", 256)]["state"]
+    # APOLLO's accounting, plus the limiter's scalar per matrix and AdamW's step count per plain tensor.
+    assert seeded == rows[("apollo_paper", 256)]["state"] + 4 * 7 * 32 + 4 * (3 + 2 * 32)
+    assert rows[("ours_dct_int8", 512)]["state"] < rows[("ours_dct_int8", 1024)]["state"]
+    one_b = {r["key"]: r for r in paper["1b"]["rows"]}
+    for m in ("float32", "int8"):
+        assert one_b[f"ours_seeded_apollo_{m}"]["state"] < one_b[f"ours_dct_{m}"]["state"]
+        assert (
+            one_b[f"ours_dct_{m}"]["state"] - one_b[f"ours_seeded_apollo_{m}"]["state"] == 4 * 512 * 7 * 24 - 4 * 7 * 24
+        )
+    targets = paper["targets"]
+    assert set(targets) == {"least_7b_gb", "apollo_like_7b_gb", "state_1b_mib", "state_1b_mib_projected"}
+    assert targets["least_7b_gb"]["met"] and targets["apollo_like_7b_gb"]["met"]
+    text = render.render({"tables": bench_memory.paper_tables(paper, table)})
+    assert "LLaMA-7B, bf16 weights: weights + optimizer state (GB)" in text and "**19.18** (13.48 + 5.70)" in text
+    assert "LLaMA-1B, rank 512" in text
 
 
 def test_bench_quality_smoke(tmp_path):
