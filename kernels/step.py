@@ -31,9 +31,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..adam_rule import AdamScalars, lag_vectors, scalars_by_age
+from ..adam_rule import AdamScalars, Lag, lag_factors, lag_vectors, moments_directions, scalars_by_age
+from ..factored import Factored
 from ..quant import BLOCK, Moment, as_moment, parts
-from ..residual_rule import PER_MATRIX, WHOLE_GRADIENT, channel_dim, limiter_units, residual_coefficients
+from ..residual_rule import (
+    PER_MATRIX,
+    WHOLE_GRADIENT,
+    channel_dim,
+    channel_sumsq,
+    limiter_units,
+    residual_coefficients,
+)
+from ..subspace import project
 from ..triton_runtime import interpreting
 from ._common import (
     MOMENT_INT8,
@@ -548,6 +557,42 @@ def _project_launch(
     return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf, tables)
 
 
+def _factored_first_half(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ps: list[Tensor],
+    ms: list[Tensor | Moment],
+    vs: list[Factored],
+    hyper: Tensor,
+    side: str,
+    resid: bool,
+    scalars: list[AdamScalars],
+    fixes: list[Lag | None],
+    skips: list[Tensor] | None,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> _Launched:
+    """Launch 1's work for a batch whose second moments are factored (``factored``), in torch: R = P^T G (or G P),
+    the moments and N through the reference's own rule and storage helpers (the factors need every tile's row and
+    column sums before any N exists, which one launch cannot give), and for a residual R and ||G_j||^2 per channel.
+    Launch 2 is the fused kernel, as for every batch: it takes N from the same buffer."""
+    from ..functional import _store_moments, _working_moments  # the reference's moment storage, shared
+
+    dev = gs[0].device
+    flags = [None] * len(gs) if skips is None else skips
+    rs = [project(g.float(), p.float(), side) for g, p in zip(gs, ps, strict=True)]
+    moments, saved, m_work, v_work = _working_moments(range(len(gs)), ms, vs, flags)
+    directions = moments_directions(rs, m_work, v_work, scalars, fixes, flags, [side] * len(gs), reduce)
+    _store_moments(moments, saved, m_work, v_work, flags)
+    nbuf = torch.stack(directions)
+    rows: dict[str, Any] = {"w": ws, "g": gs, "p": ps, "n": nbuf}
+    rbuf = sqbuf = None
+    if resid:
+        rbuf = torch.stack(rs)
+        sqbuf = torch.stack([channel_sumsq(g.float(), channel_dim(side)) for g in gs])
+        rows.update(r=rbuf, sq=sqbuf)
+    return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf, pointer_tables(rows, dev))
+
+
 def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: str, coef: Tensor | None) -> None:
     """Launch 2: W <- W (1 - lr wd) - alpha (P N + coef o G) for the batch; with a residual, N already
     holds N - coef o R (``apollo``: no GEMM, U = coef o G); ``coef`` batch x channels, contiguous."""
@@ -636,8 +681,9 @@ def layout_batches(
     for i, (g, w) in enumerate(zip(grads, params, strict=True)):
         if sides[i] not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {sides[i]!r}")
-        m, v = as_moment(exp_avgs[i]), as_moment(exp_avg_sqs[i])
-        key = (sides[i], _layout(g), _layout(w), _layout(bases[i]), *map(_layout, m), *map(_layout, v))
+        m, v = as_moment(exp_avgs[i]), exp_avg_sqs[i]
+        v = v if type(v) is Factored else as_moment(v)  # factors: their own layouts (and their own first half)
+        key = (sides[i], _layout(g), _layout(w), _layout(bases[i]), *map(_layout, m), type(v), *map(_layout, v))
         out.setdefault(key, []).append(i)
     return list(out.values())
 
@@ -721,7 +767,12 @@ def subspace_adamw(
             hyper = _scalar_table([steps[i] for i in idx], scalars, flags, lag, betas, dev)
             batch = [[t[i] for i in idx] for t in (ws, grads, bases, exp_avgs, exp_avg_sqs)]
             resid = residual != "none"
-            launched.append(_project_launch(*batch, hyper, sides[idx[0]], blocks, matmul_precision, resid, True))
+            if type(batch[4][0]) is Factored:
+                rows = [scalars(steps[i]) for i in idx]
+                fixes = [None] * len(idx) if lag is None else lag_factors([steps[i] for i in idx], lag, betas)
+                launched.append(_factored_first_half(*batch, hyper, sides[idx[0]], resid, rows, fixes, flags, reduce))
+            else:
+                launched.append(_project_launch(*batch, hyper, sides[idx[0]], blocks, matmul_precision, resid, True))
     coefs = None
     if residual != "none":
         units = limiter_units(limiter, [scalars(t) for t in steps], steps, lags, betas, grads[0].device)

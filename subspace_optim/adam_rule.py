@@ -17,11 +17,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from . import factored
 from .subspace import project, project_back
 
 
@@ -143,6 +144,7 @@ def projected_adamw_batch(
     sides: Sequence[str],
     lags: Sequence[Lag | None],
     skips: Sequence[Tensor | None],
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """One step of each matrix i in the subspace of ``bases[i]``, in place (reference). The projections and
     updates are per matrix; the moments and N are one ``torch._foreach_*`` operation per step of the rule for
@@ -152,7 +154,7 @@ def projected_adamw_batch(
     ``skips[i]`` (0-d bool on the device; True: the gradient is not finite) leaves ``ps[i]`` and its moments
     untouched bit for bit without the host knowing (``moments_directions``, ``apply_update``)."""
     rs = [project(g.float(), basis, side) for g, basis, side in zip(gs, bases, sides, strict=True)]
-    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, scalars, lags, skips)
+    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, scalars, lags, skips, sides, reduce)
     for i, direction in enumerate(directions):
         if lags[i] is not None:
             direction.mul_(lags[i].c1)
@@ -166,9 +168,13 @@ def moments_directions(
     scalars: Sequence[AdamScalars],
     lags: Sequence[Lag | None],
     skips: Sequence[Tensor | None],
+    sides: Sequence[str | None] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """Update each matrix's moments with its R in place; return each N = M / (sqrt(V) / sqrt(1 - b2^t) + eps).
-    The matrices share betas and eps (one call's hyperparameters); their ages may differ.
+    The matrices share betas and eps (one call's hyperparameters); their ages may differ. A second moment given
+    as ``factored.Factored`` is updated by its factors and its sqrt(V) formed from them (``sides[i]`` says which
+    factor normalizes; ``reduce`` sums over the ranks of a row-sharded matrix).
 
     A matrix with ``skips[i]`` gets its new moments computed out of place by the same kernels (the same bits)
     and kept only where the flag is False, so a skipped matrix's NaN never lands in them (its N is garbage,
@@ -177,29 +183,57 @@ def moments_directions(
     first = scalars[0]  # the call's betas and eps (its matrices' ages may differ)
     lerp_weight, beta2, square_weight, eps = first.one_minus_beta1, first.beta2, first.one_minus_beta2, first.eps
     ms, vs = list(exp_avgs), list(exp_avg_sqs)
+    full = [i for i, v in enumerate(vs) if type(v) is not factored.Factored]
     kept = [i for i, skip in enumerate(skips) if skip is None]
     masked = [i for i, skip in enumerate(skips) if skip is not None]
     if kept:
-        m_in, v_in, r_in = [ms[i] for i in kept], [vs[i] for i in kept], [rs[i] for i in kept]
-        torch._foreach_lerp_(m_in, r_in, lerp_weight)
-        torch._foreach_mul_(v_in, beta2)
-        torch._foreach_addcmul_(v_in, r_in, r_in, value=square_weight)
+        torch._foreach_lerp_([ms[i] for i in kept], [rs[i] for i in kept], lerp_weight)
+        v_in, r_in = [vs[i] for i in kept if i in full], [rs[i] for i in kept if i in full]
+        if v_in:
+            torch._foreach_mul_(v_in, beta2)
+            torch._foreach_addcmul_(v_in, r_in, r_in, value=square_weight)
     if masked:
-        r_in = [rs[i] for i in masked]
-        m_new = torch._foreach_lerp([ms[i] for i in masked], r_in, lerp_weight)
-        v_new = torch._foreach_mul([vs[i] for i in masked], beta2)
-        torch._foreach_addcmul_(v_new, r_in, r_in, value=square_weight)
-        for i, m, v in zip(masked, m_new, v_new, strict=True):
+        m_new = torch._foreach_lerp([ms[i] for i in masked], [rs[i] for i in masked], lerp_weight)
+        for i, m in zip(masked, m_new, strict=True):
             torch.where(skips[i], ms[i], m, out=ms[i])
-            torch.where(skips[i], vs[i], v, out=vs[i])
-            ms[i], vs[i] = m, v  # N is computed from the new values (a kept matrix's are the stored ones)
-    roots = torch._foreach_sqrt(vs)
+            ms[i] = m  # N is computed from the new values (a kept matrix's are the stored ones)
+        masked_full = [i for i in masked if i in full]
+        if masked_full:
+            r_in = [rs[i] for i in masked_full]
+            v_new = torch._foreach_mul([vs[i] for i in masked_full], beta2)
+            torch._foreach_addcmul_(v_new, r_in, r_in, value=square_weight)
+            for i, v in zip(masked_full, v_new, strict=True):
+                torch.where(skips[i], vs[i], v, out=vs[i])
+                vs[i] = v
+    roots = _roots(vs, rs, full, skips, (beta2, square_weight), sides, reduce)
     for root, lag in zip(roots, lags, strict=True):
         if lag is not None:
             root.mul_(lag.c2)
     torch._foreach_div_(roots, [x.bias2_sqrt for x in scalars])
     torch._foreach_add_(roots, eps)
     return list(torch._foreach_div(ms, roots))
+
+
+def _roots(
+    vs: list[Any],
+    rs: Sequence[Tensor],
+    full: list[int],
+    skips: Sequence[Tensor | None],
+    betas2: tuple[float, float],
+    sides: Sequence[str | None] | None,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> list[Tensor]:
+    """sqrt(V) of every matrix: of the updated full V (one foreach op), or of the factors updated here."""
+    out: list[Tensor | None] = [None] * len(vs)
+    if full:
+        for i, root in zip(full, torch._foreach_sqrt([vs[i] for i in full]), strict=True):
+            out[i] = root
+    for i, v in enumerate(vs):
+        if out[i] is None:
+            side = None if sides is None else sides[i]
+            new = factored.update(v, rs[i], *betas2, skips[i], reduce)
+            out[i] = factored.roots(new, side, reduce)
+    return out  # type: ignore[return-value]
 
 
 def _decay(p: Tensor, decay: float, skip: Tensor | None) -> None:

@@ -83,6 +83,13 @@ def sharded_like(p: Tensor, local_tensor: Tensor, cols: int) -> Tensor:
     )
 
 
+def sharded_vector_like(p: Tensor, local_vector: Tensor) -> Tensor:
+    """Wrap a rank-local vector of the weight's rows (one number per local row) as a DTensor sharded like ``p``."""
+    return DTensor.from_local(
+        local_vector, p.device_mesh, [Shard(0)], run_check=False, shape=torch.Size((p.shape[0],)), stride=(1,)
+    )
+
+
 def replicated_like(p: Tensor, local_tensor: Tensor) -> Tensor:
     """Wrap a tensor that is identical on every rank (a basis) as a replicated DTensor on ``p``'s mesh."""
     return DTensor.from_local(local_tensor, p.device_mesh, [Replicate()], run_check=False)

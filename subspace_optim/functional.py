@@ -23,7 +23,17 @@ from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
 from . import linalg, subspace
-from .adam_rule import AdamScalars, Lag, lag_factors, projected_adamw_batch, scalars_by_age
+from .adam_rule import (
+    AdamScalars,
+    Lag,
+    adam_scalars,
+    apply_update,
+    lag_factors,
+    moments_directions,
+    projected_adamw_batch,
+    scalars_by_age,
+)
+from .factored import Factored
 from .quant import Moment, as_matrix, as_moment, load_moment, parts, store_moment
 from .residual_rule import (
     LIMITERS,
@@ -50,8 +60,9 @@ TWIN_ONLY = {
     "refresh_bases": (),
 }
 
-# A matrix's two stored moments (first, second): bare float tensors or ``quant.Moment`` records.
-Moments = tuple[Tensor | Moment, Tensor | Moment]
+# A matrix's two stored moments (first, second): bare float tensors or ``quant.Moment`` records; a factored
+# second moment is a ``factored.Factored`` record.
+Moments = tuple[Tensor | Moment, Tensor | Moment | Factored]
 
 
 def _stored(i: int, exp_avgs: Sequence[Tensor | Moment], exp_avg_sqs: Sequence[Tensor | Moment]) -> Moments:
@@ -65,8 +76,8 @@ def _codes(moment: Tensor | Moment) -> bool:
 
 
 def _tensors(moments: Moments) -> list[Tensor]:
-    """Every tensor a matrix's stored moments are made of (values, and absmaxes of 8-bit codes)."""
-    return [t for mo in moments for t in parts(mo) if t is not None]
+    """Every tensor a matrix's stored moments are made of (values, absmaxes of 8-bit codes, factors)."""
+    return [t for mo in moments for t in (mo if type(mo) is Factored else parts(mo)) if t is not None]
 
 
 def _snapshot(moments: Moments, skip: Tensor | None) -> list[Tensor] | None:
@@ -87,13 +98,15 @@ def _restore(moments: Moments, saved: list[Tensor] | None, skip: Tensor | None) 
 
 def _load(moments: Moments) -> tuple[Tensor, Tensor]:
     """fp32 working copies of a matrix's (first, second) moments (``quant.load_moment``)."""
-    return load_moment(moments[0], True), load_moment(moments[1], False)
+    second = moments[1] if type(moments[1]) is Factored else load_moment(moments[1], False)  # factors: fp32
+    return load_moment(moments[0], True), second
 
 
 def _store(moments: Moments, m: Tensor, v: Tensor) -> None:
     """Write fp32 working moments back into their storage (``quant.store_moment``)."""
     store_moment(moments[0], True, m)
-    store_moment(moments[1], False, v)
+    if type(moments[1]) is not Factored:  # factors are updated in place
+        store_moment(moments[1], False, v)
 
 
 def _lags(steps: Sequence[int], lags: Sequence[Tensor] | None, betas: tuple[float, float]) -> list[Lag | None]:
@@ -164,7 +177,7 @@ def subspace_adamw(
     elif residual != "none":
         _residual_reference(*tensors, **hyper, **masking, **residual_args)
     else:
-        _projected_reference(*tensors, **hyper, **masking)
+        _projected_reference(*tensors, **hyper, **masking, reduce=reduce)
 
 
 def _projected_reference(
@@ -183,6 +196,7 @@ def _projected_reference(
     sides: Sequence[str],
     skipped: Sequence[Tensor] | None,
     lags: Sequence[Tensor] | None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> None:
     """The reference step without a residual: chunk by chunk (``_moment_chunks``), the moments' fp32 working
     copies through ``adam_rule.projected_adamw_batch``, then stored back (8-bit ones restored where skipped)."""
@@ -201,6 +215,7 @@ def _projected_reference(
             [sides[i] for i in chunk],
             [fixes[i] for i in chunk],
             skips,
+            reduce,
         )
         _store_moments(moments, saved, ms, vs, skips)
 
@@ -288,7 +303,7 @@ def _residual_reference(
     fixes = _lags(steps, lags, betas)
     scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
     work, sumsq, lengths = _residual_moments(
-        grads, bases, exp_avgs, exp_avg_sqs, steps, sides, residual, scalars, fixes, skipped
+        grads, bases, exp_avgs, exp_avg_sqs, steps, sides, residual, scalars, fixes, skipped, reduce
     )
     units = limiter_units(limiter, [w.scalars for w in work], steps, lags, betas, grads[0].device)
     coefs = residual_coefficients(
@@ -331,6 +346,7 @@ def _residual_moments(
     scalars: Callable[[int], AdamScalars],
     fixes: Sequence[Lag | None],
     skipped: Sequence[Tensor] | None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[list[_ResidualWork], Tensor, list[int]]:
     """The first half of the reference residual step, chunk by chunk (``_moment_chunks``): the moments
     updated (``residual_rule.residual_moments``) and stored, each matrix's work, and the flat per-channel sums of
@@ -352,6 +368,7 @@ def _residual_moments(
             per_channel,
             [fixes[i] for i in chunk],
             skips,
+            reduce,
         )
         _store_moments(moments, saved, ms, vs, skips)
         work += [_ResidualWork(*item) for item in zip(ages, chunk_bases, rs, directions, strict=True)]
@@ -389,6 +406,15 @@ def adamw(
     kwargs.update(beta1=betas[0], beta2=betas[1])
     foreach = _foreach_choice(params, lr, betas, foreach, fused)
     ms, vs = list(exp_avgs), list(exp_avg_sqs)
+    if any(type(v) is Factored for v in vs):
+        for p, g, m, v, step in zip(params, grads, ms, vs, steps, strict=True):
+            if type(v) is Factored:
+                _factored_adamw(p, g, m, v, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            else:
+                adamw(
+                    [p], [g], [m], [v], [step], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach
+                )
+        return
     if any(type(m) is Moment for m in (*ms, *vs)):  # records: bare values where they hold no codes
         ms, vs = [as_moment(m) for m in ms], [as_moment(v) for v in vs]
         if all(m.absmax is None for m in ms):
@@ -398,6 +424,30 @@ def adamw(
         return
     for p, g, m, v, step in zip(params, grads, ms, vs, steps, strict=True):
         _stored_adamw(p, g, (m, v), step, kwargs)
+
+
+def _factored_adamw(
+    p: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor | Moment,
+    factors: Factored,
+    step: Tensor,
+    *,
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """AdamW for one plain parameter whose second moment is factored (``factored``), viewed as rows x the rest:
+    torch AdamW's update (decoupled decay, bias corrections, eps outside sqrt(V_hat)) with V from the factors,
+    through ``adam_rule``'s rule, the projected matrices' own."""
+    step.add_(1)
+    scalars = adam_scalars(float(lr), betas, eps, weight_decay, 1.0, int(step.item()))
+    m = load_moment(exp_avg, True)
+    g = grad.reshape(grad.shape[0], -1).float()
+    direction = moments_directions([g], [m.view(g.shape)], [factors], [scalars], [None], [None], [None])[0]
+    store_moment(exp_avg, True, m)
+    apply_update(p, direction, scalars)
 
 
 def _foreach_choice(

@@ -21,6 +21,7 @@ from . import (
     checks,
     distributed,
     engine,
+    factored,
     functional,
     guards,
     metrics,
@@ -31,6 +32,7 @@ from . import (
 )
 from . import state as state_mod
 from .distributed import local
+from .factored import Factored
 from .layerwise import BackwardUpdate
 from .quant import Moment
 from .refreshing import Matrix, local_matrix, matrix_shape
@@ -56,6 +58,7 @@ STRUCTURAL_OPTIONS = (
     "matmul_precision",
     "moments_dtype",
     "basis_dtype",
+    "second_moment",
     "residual",
     "refresh",
     "nonfinite",
@@ -126,14 +129,26 @@ def plain_lr(group: dict[str, Any]) -> float | Tensor:
 
 def _moments(
     states: list[dict[str, Any]], view: Callable[[Tensor], Tensor] | None
-) -> tuple[list[Tensor | Moment], list[Tensor | Moment]]:
+) -> tuple[list[Tensor | Moment], list[Tensor | Moment | Factored]]:
     """The (first, second) moments of a core call's states, each tensor through ``view`` when given (a DTensor's
-    rank-local shard): the tensors themselves for float storage, ``quant.Moment`` records for 8-bit codes."""
-    if all("exp_avg_absmax" not in s for s in states):  # float storage: no record per matrix and step
+    rank-local shard): the tensors themselves for float storage, ``quant.Moment`` records for 8-bit codes, and
+    ``factored.Factored`` records for factored second moments."""
+    if all("exp_avg_absmax" not in s and "exp_avg_sq" in s for s in states):  # float: no record per matrix
         if view is None:
             return [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         return [view(s["exp_avg"]) for s in states], [view(s["exp_avg_sq"]) for s in states]
-    return [_record(s, "exp_avg", view) for s in states], [_record(s, "exp_avg_sq", view) for s in states]
+    return [_one_moment(s, "exp_avg", view) for s in states], [_one_moment(s, "exp_avg_sq", view) for s in states]
+
+
+def _one_moment(state: dict[str, Any], key: str, view: Callable[[Tensor], Tensor] | None) -> Tensor | Moment | Factored:
+    """Moment ``key`` of ``state`` as the engines take it: a record for 8-bit codes and for factors, else the
+    tensor (through ``view`` when given)."""
+    look = view or (lambda t: t)
+    if key == "exp_avg_sq" and factored.KEYS[0] in state:
+        return Factored(*(look(state[k]) for k in factored.KEYS))
+    if f"{key}_absmax" in state:
+        return _record(state, key, view)
+    return look(state[key])
 
 
 def _record(state: dict[str, Any], key: str, view: Callable[[Tensor], Tensor] | None) -> Moment:
@@ -299,6 +314,9 @@ class SubspaceAdamW(Optimizer):
             blockwise 8-bit, see ``quant``) and of the bases (``"float32"``, ``"bfloat16"``); math is fp32. The
             torch dtypes of those choices are accepted and stored as the strings; changed on a live group, the
             state is converted at the next step.
+        second_moment: ``"full"`` (Adam's elementwise V) or ``"factored"`` (Adafactor's row and column factors,
+            fp32, with Adam's bias correction and the first moment kept: ``factored``), for projected matrices and
+            2-D plain parameters; changed on a live group, the state is converted at the next step.
         residual: what a projected step does with the gradient its subspace discards (``residual_rule``):
             ``"none"`` (GaLore's step), ``"fira"`` (adds phi_j (G - P P^T G) / scale with phi_j = ||N_j|| /
             ||R_j|| per channel j, Fira's rule), ``"fira_tensor"`` (one phi per matrix), ``"apollo"`` (steps
@@ -341,6 +359,7 @@ class SubspaceAdamW(Optimizer):
         matmul_precision: str = "auto",
         moments_dtype: str = "float32",
         basis_dtype: str = "float32",
+        second_moment: str = "full",
         residual: str = "none",
         limiter: str = "corrected",
         plain_lr: float | None = None,
@@ -863,8 +882,8 @@ class SubspaceAdamW(Optimizer):
             kwargs.update(
                 residual=group["residual"], update_norms=[s["update_norm"] for s in states], limiter=group["limiter"]
             )
-            if shard is not None:
-                kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
+        if shard is not None:  # the residual's and the factored moment's sums over the ranks' rows
+            kwargs["reduce"] = partial(distributed.all_reduce_sum, group=shard)
         if plan is not None and which == "triton" and shard is None and not regenerate:  # layouts fixed meanwhile
             kwargs["batches"] = plan.launch_batches(id(group), precision, args, kwargs)
         if flags is not None:

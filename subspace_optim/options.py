@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import triton_runtime
+from .factored import SECOND_MOMENTS
 from .quant import BASIS_DTYPES, MOMENT_DTYPES
 from .residual_rule import LIMITERS, RESIDUALS, WHOLE_GRADIENT
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
@@ -109,6 +110,10 @@ OPTIONS: tuple[Option, ...] = (
            "storage of Adam's moments: float32, bfloat16, or int8 (bitsandbytes-style blockwise 8-bit)",
            MOMENT_DTYPES),
     Option("basis_dtype", "float32", "choice", "storage of the projection bases: float32 or bfloat16", BASIS_DTYPES),
+    Option("second_moment", "full", "choice",
+           "Adam's second moment: full, or factored (Adafactor's row and column factors, fp32, with Adam's bias "
+           "correction: rows + cols numbers instead of rows x cols) for projected matrices and 2-D plain parameters",
+           SECOND_MOMENTS),
     Option("residual", "none", "choice",
            "what the projected step does with the gradient outside the subspace: none (GaLore), fira (add it, "
            "rescaled per channel by Adam's norm ratio), fira_tensor (one ratio per matrix), apollo (the whole "

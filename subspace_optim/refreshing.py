@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import dct, distributed, functional, guards, linalg, projections, quant
+from . import dct, distributed, factored, functional, guards, linalg, projections, quant
 from .distributed import is_dtensor, local
 from .subspace import basis_dim, choose_side, oriented, transport_moments, transport_with_overlap
 
@@ -206,11 +206,14 @@ def _carry_moments(matrix: Matrix, transport: Callable[[Tensor, Tensor], Tensor]
     """Run ``transport`` (in place on fp32 working copies of the moments: the stored tensors themselves when they
     are fp32), store the result back and restart the moments' age on a reset; returns what ``transport`` does."""
     moments = {k: local(v) for k, v in matrix.state.items() if k.startswith("exp_avg")}
-    m, v = quant.load(moments, "exp_avg"), quant.load(moments, "exp_avg_sq")
+    factors = factored.KEYS[0] in moments  # fp32 factors move in place
+    m = quant.load(moments, "exp_avg")
+    v = factored.Factored(*(moments[k] for k in factored.KEYS)) if factors else quant.load(moments, "exp_avg_sq")
     out = transport(m, v)
     if matrix.group["moments"] != "keep":
         quant.store(moments, "exp_avg", m)
-        quant.store(moments, "exp_avg_sq", v)
+        if not factors:
+            quant.store(moments, "exp_avg_sq", v)
     if matrix.group["moments"] == "reset":
         matrix.state["moment_age"] = 0
     return out

@@ -217,6 +217,7 @@ def residual_moments(
     per_channel: bool,
     lags: Sequence[Lag | None],
     skips: Sequence[Tensor | None],
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor], list[list[Tensor]]]:
     """The first half of a residual step (reference), for each matrix i: R, the moments updated in place
     (``moments_directions``), N, and (``per_channel``) the per-channel sums of squares ||N_j||^2, ||R_j||^2,
@@ -231,7 +232,7 @@ def residual_moments(
         gf = g.float()  # (a bf16 G's) lives for one matrix only
         rs.append(project(gf, basis, side))
         g_sums.append(sums_of(gf, side))
-    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, scalars, lags, skips)
+    directions = moments_directions(rs, exp_avgs, exp_avg_sqs, scalars, lags, skips, sides, reduce)
     sums = [
         [sums_of(direction, side), sums_of(r, side), gg]
         for direction, r, gg, side in zip(directions, rs, g_sums, sides, strict=True)

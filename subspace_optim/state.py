@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed, quant, refreshing
+from . import distributed, factored, quant, refreshing
 from .distributed import local
 
 # State keys that keep the dtype they were saved with (their options chose it), whatever the parameter's.
@@ -28,14 +28,29 @@ OWN_DTYPE_KEYS = (
     "exp_avg_sq",
     "exp_avg_absmax",
     "exp_avg_sq_absmax",
+    "exp_avg_sq_row",
+    "exp_avg_sq_col",
     "update_norm",
 )
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def native(p: Tensor, state: dict[str, Any]) -> bool:
-    """Whether a plain parameter's moments are torch AdamW's own state: not 8-bit, in the parameter's dtype."""
-    return "exp_avg_absmax" not in state and state["exp_avg"].dtype == p.dtype
+    """Whether a plain parameter's moments are torch AdamW's own state: not 8-bit, not factored, in the parameter's
+    dtype."""
+    return "exp_avg_absmax" not in state and "exp_avg_sq" in state and state["exp_avg"].dtype == p.dtype
+
+
+def factors(p: Tensor, group: dict[str, Any], projected: bool) -> bool:
+    """Whether the group's options factor this parameter's second moment: every projected matrix, and plain
+    parameters of 2 dimensions or more (viewed as rows x the rest; not row-sharded) with both sides above 1."""
+    if group["second_moment"] != "factored":
+        return False
+    if projected:
+        return True
+    # A row-sharded plain parameter keeps a full V: its column factor would need the other ranks' rows.
+    matrix = p.dim() >= 2 and not distributed.is_dtensor(p)
+    return matrix and min(refreshing.matrix_shape(p)) > 1
 
 
 def plain_kind(p: Tensor, group: dict[str, Any]) -> str | None:
@@ -69,8 +84,11 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
     if not refreshing.projects(p, group):
         kind = plain_kind(p, group)
         state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
-        for key in MOMENTS:
-            state.update(_moment(p, tuple(local(p).shape), kind, key, projected=False))
+        state.update(_moment(p, tuple(local(p).shape), kind, "exp_avg", projected=False))
+        if factors(p, group, projected=False):
+            state.update(_factors(p, refreshing.matrix_shape(p), None))
+        else:
+            state.update(_moment(p, tuple(local(p).shape), kind, "exp_avg_sq", projected=False))
         _place_step(p, group, state)
         return state
     # Counters are plain ints and the side is derived from (proj_type, shape), never stored: state is
@@ -82,11 +100,28 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
         shape = (distributed.row_shard(p, name).rows, rank)
     else:
         shape = (rank, n) if refreshing.side(p, group) == "left" else (m, rank)
-    for key in MOMENTS:
-        state.update(_moment(p, shape, group["moments_dtype"], key, projected=True))
+    state.update(_moment(p, shape, group["moments_dtype"], "exp_avg", projected=True))
+    if factors(p, group, projected=True):
+        state.update(_factors(p, shape, refreshing.side(p, group)))
+    else:
+        state.update(_moment(p, shape, group["moments_dtype"], "exp_avg_sq", projected=True))
     _residual_state(p, group, state)
     # "basis" is created by the first refresh (d x rank, d = basis_dim(side, m, n)).
     return state
+
+
+def _factors(p: Tensor, shape: tuple[int, int], side: str | None) -> dict[str, Tensor]:
+    """Zero factors of a (rows, cols) second moment (``factored``), fp32 on the weight's (local) device. On a
+    row-sharded weight (a right projection: rows are the weight's) the row factor is sharded like it and the
+    column factor is replicated (every rank holds the same sums over all rows)."""
+    entries = factored.zeros(*shape, local(p).device)
+    if not distributed.is_dtensor(p):
+        return entries
+    del side  # a row-sharded weight always projects on the right
+    return {
+        "exp_avg_sq_row": distributed.sharded_vector_like(p, entries["exp_avg_sq_row"]),
+        "exp_avg_sq_col": distributed.replicated_like(p, entries["exp_avg_sq_col"]),
+    }
 
 
 def _residual_state(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -108,7 +143,8 @@ def mismatched(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
     """Whether loaded state is stored otherwise than the group's options ask (``conform`` converts it)."""
     kind, basis = _wanted(p, group, state)
     wrong_basis = basis is not None and "basis" in state and state["basis"].dtype != basis
-    return quant.stored_kind(state, "exp_avg") != kind or wrong_basis
+    wrong_second = factors(p, group, "refresh_count" in state) != (factored.KEYS[0] in state)
+    return quant.stored_kind(state, "exp_avg") != kind or wrong_basis or wrong_second
 
 
 def _place_step(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -136,8 +172,20 @@ def conform(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
 
 def _convert(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
     kind, basis = _wanted(p, group, state)
-    for key in MOMENTS:
-        quant.convert(state, key, kind)
+    quant.convert(state, "exp_avg", kind)
+    projected = "refresh_count" in state
+    side = refreshing.side(p, group) if projected else None
+    if factors(p, group, projected) and factored.KEYS[0] not in state:  # V -> its row and column sums
+        full = quant.load(state, "exp_avg_sq")
+        state.update(factored.from_full(full))
+        state.pop("exp_avg_sq")
+        state.pop("exp_avg_sq_absmax", None)
+    elif not factors(p, group, projected) and factored.KEYS[0] in state:  # the V the factors stand for
+        state["exp_avg_sq"] = factored.expand(factored.Factored(*(state.pop(k) for k in factored.KEYS)), side)
+        quant.convert(state, "exp_avg_sq", kind)
+    else:
+        if factored.KEYS[0] not in state:
+            quant.convert(state, "exp_avg_sq", kind)
     if basis is not None and "basis" in state:
         state["basis"] = state["basis"].to(basis)
 

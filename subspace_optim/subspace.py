@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import linalg
+from . import factored, linalg
+from .factored import Factored
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 REFRESH_POLICIES = ("warm", "rsvd", "svd", "random", "seeded", "dct")
@@ -124,21 +125,29 @@ def transport_moments(
     return overlap
 
 
-def transport_with_overlap(exp_avg: Tensor, exp_avg_sq: Tensor, overlap: Tensor | None, side: str, policy: str) -> None:
+def transport_with_overlap(
+    exp_avg: Tensor, exp_avg_sq: Tensor | Factored, overlap: Tensor | None, side: str, policy: str
+) -> None:
     """``transport_moments`` given the overlap C = P_new^T P_old itself (a DCT selection's exact 0/1 matrix;
-    None where only ``keep`` and ``reset`` are allowed, as between independent seeded projections)."""
+    None where only ``keep`` and ``reset`` are allowed, as between independent seeded projections). A factored
+    second moment moves by its factors (``factored.transport``: exactly V <- (C o C) V)."""
+    if policy not in MOMENT_POLICIES:
+        raise ValueError(f"Invalid moments policy: {policy!r} - use one of {MOMENT_POLICIES}")
+    if policy == "rotate" and overlap is None:
+        raise ValueError("moments='rotate' needs the overlap of the old and new bases")
+    if type(exp_avg_sq) is Factored:
+        factored.transport(exp_avg_sq, overlap, side, policy)
     if policy == "rotate":
-        if overlap is None:
-            raise ValueError("moments='rotate' needs the overlap of the old and new bases")
         c2 = overlap.square()
         if side == "left":
             exp_avg.copy_(overlap @ exp_avg)
-            exp_avg_sq.copy_(c2 @ exp_avg_sq)
+            if type(exp_avg_sq) is not Factored:
+                exp_avg_sq.copy_(c2 @ exp_avg_sq)
         else:
             exp_avg.copy_(exp_avg @ overlap.mT)
-            exp_avg_sq.copy_(exp_avg_sq @ c2.mT)
+            if type(exp_avg_sq) is not Factored:
+                exp_avg_sq.copy_(exp_avg_sq @ c2.mT)
     elif policy == "reset":
         exp_avg.zero_()
-        exp_avg_sq.zero_()
-    elif policy != "keep":
-        raise ValueError(f"Invalid moments policy: {policy!r} - use one of {MOMENT_POLICIES}")
+        if type(exp_avg_sq) is not Factored:
+            exp_avg_sq.zero_()

@@ -199,6 +199,7 @@ class PretrainConfig:
     matmul_precision: str = _option("matmul_precision")
     moments_dtype: str = _option("moments_dtype")
     basis_dtype: str = _option("basis_dtype")
+    second_moment: str = _option("second_moment")
     residual: str = _option("residual")
     limiter: str = _option("limiter")
     plain_lr: Any = _opt(
