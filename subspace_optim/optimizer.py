@@ -26,6 +26,7 @@ from . import (
     guards,
     metrics,
     options,
+    presets,
     projections,
     quant,
     refreshing,
@@ -330,6 +331,8 @@ class SubspaceAdamW(Optimizer):
         plain_lr: learning rate of the parameters that are not projected (embeddings, the output head,
             norms, biases); ``None``: the group's ``lr``. lr schedulers scale it by lr / initial_lr
             (``plain_lr``).
+        preset: a named configuration from ``subspace_optim.presets`` (``"best_quality"``, ``"balanced"``,
+            ``"least_memory"``): its options fill what each group does not set itself, over the keywords above.
     """
 
     def __init__(
@@ -363,6 +366,7 @@ class SubspaceAdamW(Optimizer):
         residual: str = "none",
         limiter: str = "corrected",
         plain_lr: float | None = None,
+        preset: str | None = None,
         **unexpected: Any,
     ) -> None:
         local_names = dict(locals())
@@ -383,6 +387,10 @@ class SubspaceAdamW(Optimizer):
         self._plan: StepPlan | None = None
         module = _source_module(params)
         params = list(params)
+        if preset is not None:  # under each group's own keys, over the keywords above (defaults for the groups)
+            presets.options_of(preset)  # an unknown name is refused before anything else
+            groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+            params = [presets.under(g, preset) for g in groups]
         super().__init__(params, given)
         self.state = SettlingState(self._settle, self.state)
         if rank is not None and params and not isinstance(params[0], dict):

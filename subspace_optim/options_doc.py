@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import options
+from . import options, presets
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 COMMAND = "python -m subspace_optim.options_doc"
@@ -156,6 +156,24 @@ def _pretrain_flags() -> list[str]:
     return lines
 
 
+def _preset_rows() -> list[str]:
+    """The presets (``subspace_optim.presets``), each as the options it sets."""
+    rows = [
+        "## Presets",
+        "",
+        "Named option dicts from the memory-quality frontier (`subspace_optim.presets`): "
+        '`SubspaceAdamW(groups, preset="balanced")`, `param_groups(model, ..., preset=...)`, '
+        '`optim_args="preset=balanced"`, `subspace-optim pretrain --preset balanced`. A preset fills the options '
+        "a group does not set; options given with it win.",
+        "",
+        "| preset | options |",
+        "| --- | --- |",
+    ]
+    for name, chosen in presets.PRESETS.items():
+        rows.append(f"| `{name}` | {', '.join(f'`{k}={v!r}`' for k, v in chosen.items())} |")
+    return [*rows, ""]
+
+
 def render() -> str:
     """The whole of docs/options.md."""
     lines = [
@@ -172,6 +190,7 @@ def render() -> str:
         "",
         *_option_rows(),
         "",
+        *_preset_rows(),
         *_trainer_extras(),
         "## `subspace-optim pretrain` flags",
         "",

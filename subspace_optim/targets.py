@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import guards
+from . import guards, presets
 
 ALL_LINEAR = "all-linear"
 
@@ -72,16 +72,18 @@ def select_target_modules(model: nn.Module, target_modules: str | Iterable[str])
 def param_groups(
     model: nn.Module,
     target_modules: str | Iterable[str] = ALL_LINEAR,
-    rank: int = 128,
+    rank: int | None = None,
     *,
     weight_decay: float = 0.0,
+    preset: str | None = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Param groups for ``SubspaceAdamW``: targeted linear weights projected, everything else AdamW.
 
     Returns up to three groups of named parameters (so metrics and errors carry names):
-    1. weights of the selected linear modules, with ``rank``, ``weight_decay`` and ``options``
-       (``update_gap``, ``scale``, ``refresh``, ``moments``, ...);
+    1. weights of the selected linear modules, with ``rank`` (None: the ``preset``'s, else 128), ``weight_decay``
+       and ``options`` (``update_gap``, ``scale``, ``refresh``, ``moments``, ...), over a ``preset``'s options
+       (``subspace_optim.presets``);
     2. other matrices (embeddings, lm_head), plain AdamW with ``weight_decay``;
     3. 1-D parameters (biases, norms), plain AdamW with no weight decay.
     Groups 2 and 3 set ``rank=None`` explicitly so an optimizer-level ``rank`` default cannot reach them.
@@ -105,7 +107,11 @@ def param_groups(
             "the model has no trainable parameter (every requires_grad is False): nothing to optimize. Unfreeze "
             "what should train, or build the optimizer after wrapping the model (PEFT adds trainable adapters)."
         )
-    groups = [{"params": projected, "rank": rank, "weight_decay": weight_decay, **options}] if projected else []
+    given_rank = {} if rank is None else {"rank": rank}  # None: the preset's rank, else 128
+    chosen = {"weight_decay": weight_decay, **options, **given_rank}
+    projected_group = presets.under({"params": projected, **chosen}, preset)
+    projected_group.setdefault("rank", 128)
+    groups = [projected_group] if projected else []
     if not projected:
         frozen = [n for n, p in model.named_parameters() if id(p) in target_weights and not p.requires_grad]
         guards.warn_user(

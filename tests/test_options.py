@@ -13,8 +13,10 @@ from subspace_optim import SubspaceAdamW, options
 
 def test_constructor_signature_is_the_table():
     params = inspect.signature(SubspaceAdamW.__init__).parameters
-    declared = {n: p.default for n, p in params.items() if n not in ("self", "params", "unexpected")}
+    # ``preset`` names a dict of options (subspace_optim.presets), not an option itself.
+    declared = {n: p.default for n, p in params.items() if n not in ("self", "params", "unexpected", "preset")}
     assert declared == options.DEFAULTS
+    assert params["preset"].default is None
 
 
 def test_every_option_reaches_optim_args_and_pretrain_flags():

@@ -30,7 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .. import guards, metrics, options
+from .. import guards, metrics, options, presets
 from ..optimizer import SubspaceAdamW
 from ..targets import ALL_LINEAR, param_groups, select_target_modules
 
@@ -109,6 +109,7 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
             table[option.alias] = table[option.name]
     table["project_output_head"] = (bool, "true")
     table["layerwise"] = (bool, "true")
+    table["preset"] = (str, "balanced")
     return table
 
 
@@ -119,7 +120,7 @@ _NULLABLE = frozenset(option.name for option in options.OPTIONS if option.kind i
 _OPTIMIZER_OPTIONS = frozenset(options.DEFAULTS)
 _LAYERWISE_OPTIONS = {"accumulation_steps", "max_grad_norm"}  # update_in_backward's, with layerwise=True only
 _BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap", "layerwise"}
-_BUILD_OPTIONS |= _LAYERWISE_OPTIONS | {"group_order"}
+_BUILD_OPTIONS |= _LAYERWISE_OPTIONS | {"group_order", "preset"}
 _GROUP_ORDERS = ("subspace", "apollo")  # build_optimizer's: param_groups' order, or transformers' apollo_adamw one
 _TIED_HEAD = (
     "project_output_head=True, but the output head is tied to the input embedding: it stays in plain AdamW "
@@ -384,11 +385,12 @@ def build_optimizer(
     model: nn.Module,
     *,
     target_modules: str | Iterable[str] | None = ALL_LINEAR,
-    rank: int = 128,
+    rank: int | None = None,
     weight_decay: float = 0.0,
     project_output_head: bool | None = None,
     layerwise: bool = False,
     group_order: str = "subspace",
+    preset: str | None = None,
     **options: Any,
 ) -> SubspaceAdamW:
     """``SubspaceAdamW`` for ``model``: weights of the targeted linear modules projected, the rest AdamW.
@@ -400,7 +402,8 @@ def build_optimizer(
     (those two keywords go there); the Trainer integration fills them from ``TrainingArguments``.
     ``group_order``: ``"subspace"`` (``param_groups``: projected group first, frozen parameters left out) or
     ``"apollo"`` (transformers' ``apollo_adamw`` order, see ``_apollo_groups``; there "all-linear" projects an
-    untied output head unless ``project_output_head=False``, as transformers does).
+    untied output head unless ``project_output_head=False``, as transformers does). ``preset``
+    (``subspace_optim.presets``) gives the options and rank not given here; ``rank`` is 128 without either.
     """
     if group_order not in _GROUP_ORDERS:
         raise ValueError(f"group_order={group_order!r}: use one of {', '.join(map(repr, _GROUP_ORDERS))}")
@@ -415,6 +418,12 @@ def build_optimizer(
         if "update_gap" in options and options["update_gap"] != gap:
             raise ValueError(f"update_proj_gap={gap!r} and update_gap={options['update_gap']!r} disagree; keep one")
         options["update_gap"] = gap
+    if preset is not None:  # under the options given here
+        chosen = presets.options_of(preset)
+        preset_rank = chosen.pop("rank", None)
+        options = {**chosen, **options}
+        rank = preset_rank if rank is None else rank
+    rank = 128 if rank is None else rank
     in_backward = {key: options.pop(key) for key in _LAYERWISE_OPTIONS & set(options)}
     if in_backward and not layerwise:
         raise ValueError(

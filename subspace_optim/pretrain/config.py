@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import options
+from .. import options, presets
 
 OPTIMIZERS = ("adamw", "subspace", "galore", "galore8bit", "apollo", "adamw8bit")
 CONFIGS_ENV = "SUBSPACE_OPTIM_CONFIGS"
@@ -200,6 +200,13 @@ class PretrainConfig:
     moments_dtype: str = _option("moments_dtype")
     basis_dtype: str = _option("basis_dtype")
     second_moment: str = _option("second_moment")
+    preset: str | None = _opt(
+        None,
+        "subspace: a named configuration (subspace_optim.presets: best_quality, balanced, least_memory); its options "
+        "replace the model file's, and flags given with it replace its",
+        _optional(_choice(*presets.PRESETS)),
+        group="optimizer",
+    )
     residual: str = _option("residual")
     limiter: str = _option("limiter")
     plain_lr: Any = _opt(
@@ -584,6 +591,10 @@ def load_config(argv: Sequence[str] | None = None, **overrides: Any) -> Pretrain
         merged[key] = _coerce(key, value, str(path))
     for key, value in flags.items():
         merged[key] = _coerce(key, value, "command line") if key not in args else value
+    if merged.get("preset"):  # over the model file, under the flags given with it
+        for key, value in presets.options_of(merged["preset"]).items():
+            if OPTION_FIELDS.get(key, key) not in flags:
+                merged[OPTION_FIELDS.get(key, key)] = value
     merged["model"] = model
     config = PretrainConfig(**merged)
     config.validate()
