@@ -241,6 +241,41 @@ def test_bench_memory_basis_kinds_measured(bench, moments):
             assert stored - formula(specs, r, 2)[0] == bases - kept + norms, (kind, residual, r)
 
 
+@pytest.mark.parametrize("moments", ["float32", "int8"])
+def test_bench_memory_factored_measured(bench, moments):
+    """second_moment="factored", each basis kind, on the smoke verification set, the odd shapes (rank 260) and at
+    rank 1: measured state equals the formula; every projected matrix and >= 2-D plain tensor keeps two fp32
+    factors (rows, cols) of its moment's shape instead of V, 1-D tensors keep V; against the full second moment the
+    formulas differ by exactly V's bytes (those of exp_avg, same layout) less 4 (rows + cols) per factored tensor."""
+    import torch
+
+    bench_memory = bench("memory")
+    small, rank = bench_memory.verification_set(False)
+    layouts = [("stored", "bfloat16", "none"), ("seeded", "float32", "apollo"), ("dct", "float32", "none")]
+    for specs, r in [(small, rank), bench_memory.VERIFY_ODD, (small, 1)]:
+        for kind, basis, residual in layouts:
+            formula = bench_memory.ours(moments, basis, kind, residual, "factored")
+            build = bench_memory.build_ours(moments, basis, kind, residual, "factored")
+            for dtype in (torch.bfloat16, torch.float32):
+                assert bench_memory.measure(build, specs, r, dtype, "cpu") == formula(specs, r, dtype.itemsize)
+            params = bench_memory._params(specs, torch.bfloat16, "cpu")
+            opt = build(specs, params, r)
+            opt.step()
+            saved = 0
+            for s, p in zip(specs, params, strict=True):
+                state = opt.state[p]
+                if len(s.shape) < 2:
+                    assert "exp_avg_sq" in state and "exp_avg_sq_row" not in state, s.name
+                    continue
+                row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+                assert "exp_avg_sq" not in state and row.dtype == col.dtype == torch.float32, s.name
+                assert tuple(state["exp_avg"].shape) == (row.numel(), col.numel()), s.name
+                first = sum(state[k].nbytes for k in ("exp_avg", "exp_avg_absmax") if k in state)
+                saved += first - 4 * (row.numel() + col.numel())
+            full = bench_memory.ours(moments, basis, kind, residual)(specs, r, 2)[0]
+            assert full - formula(specs, r, 2)[0] == saved > 0, (kind, r)
+
+
 def test_bench_memory_paper_accounting(bench):
     """LLaMA-7B bf16 weights + state as the APOLLO/SCALE/GaLore papers count them, LLaMA-1B rank 512 state per
     basis kind, and their targets, from the script's own formulas."""
@@ -263,12 +298,32 @@ def test_bench_memory_paper_accounting(bench):
         assert (
             one_b[f"ours_dct_{m}"]["state"] - one_b[f"ours_seeded_apollo_{m}"]["state"] == 4 * 512 * 7 * 24 - 4 * 7 * 24
         )
+    # A factored second moment: less state for every basis kind, in both sizes.
+    for key, rank in [("ours_int8_bfloat16", 1024), ("ours_seeded_apollo_int8", 256), ("ours_dct_int8", 512)]:
+        assert rows[(f"{key}_factored", rank)]["state"] < rows[(key, rank)]["state"], key
+    assert (
+        rows[("ours_seeded_apollo_tensor_int8_factored", 1)]["state"]
+        < rows[("ours_seeded_apollo_tensor_int8", 1)]["state"]
+    )
+    hidden, vocab = bench_memory.MODELS["1b"][0], bench_memory.MODELS["1b"][3]
+    v_int8 = vocab * hidden + vocab * (hidden // 256) * 4  # the embedding's (or head's) int8 V, codes + absmax
+    for key in ("ours_float32_float32", "ours_int8_bfloat16", "ours_seeded_apollo_int8", "ours_dct_int8"):
+        full, factored = one_b[key], one_b[f"{key}_factored"]
+        assert factored["projected"] < full["projected"] and factored["state"] < full["state"], key
+        plain = (full["state"] - full["projected"]) - (factored["state"] - factored["projected"])
+        v = v_int8 if "int8" in key else vocab * hidden * 2
+        assert plain == 2 * (v - 4 * (vocab + hidden)), key
     targets = paper["targets"]
     assert set(targets) == {"least_7b_gb", "apollo_like_7b_gb", "state_1b_mib", "state_1b_mib_projected"}
     assert targets["least_7b_gb"]["met"] and targets["apollo_like_7b_gb"]["met"]
+    assert targets["apollo_like_7b_gb"]["key"] == "ours_seeded_apollo_int8_factored"
+    assert targets["apollo_like_7b_gb"]["full"]["key"] == "ours_seeded_apollo_int8"
+    one_b_target = targets["state_1b_mib"]
+    assert one_b_target["met"] and one_b_target["key"].endswith("_factored") and one_b_target["value"] <= 600
+    assert not one_b_target["full"]["met"] and one_b_target["full"]["value"] > 600  # 839 MiB with a full V
     text = render.render({"tables": bench_memory.paper_tables(paper, table)})
     assert "LLaMA-7B, bf16 weights: weights + optimizer state (GB)" in text and "**19.18** (13.48 + 5.70)" in text
-    assert "LLaMA-1B, rank 512" in text
+    assert "LLaMA-1B, rank 512" in text and "with a full second moment not met, 839.33 MiB" in text
 
 
 def test_bench_quality_smoke(tmp_path):

@@ -19,7 +19,8 @@ and retained bytes, the whole storages they keep alive):
   SubspaceAdamW in each ``moments_dtype`` x ``basis_dtype`` that this checkout's optimizer accepts (stored
   basis, ``refresh="random"``), and in each ``moments_dtype`` with a regenerated basis: ``refresh="seeded"``
   (``residual="apollo"``, ``moments="keep"``; with ``"apollo_tensor"`` also checked at rank 1) and
-  ``refresh="dct"``.
+  ``refresh="dct"``; and with ``second_moment="factored"``, the paper accounting's rows (each basis kind with int8
+  and fp32 moments, APOLLO-Mini-like at rank 1).
 - apollo-torch is not verified when it is not installed: its formula follows apollo-torch 1.0's source
   (the random projection is stored in the projector, in the weight's dtype, and a norm-growth-limiter scalar
   per matrix), and a second row gives the APOLLO paper's accounting (the projection regenerated from its
@@ -32,8 +33,11 @@ fp32 retained). Ours: basis d r b (b: basis_dtype size) when stored, nothing whe
 2 x rows x ceil(cols / 256) for the (rows, cols) moment, (m, r) when projected on the right (m >= n) and (r, n)
 on the left; with a residual, 4 bytes (``update_norm``) per matrix. Plain parameters: AdamW's two moments in
 the weight's dtype and a 4-byte step; ours in bfloat16 when asked, int8 (codes + per-row block absmax) for
->= 2-D tensors of at least 4096 elements. bitsandbytes: uint8 codes for tensors of >= 4096 elements, fp32 absmax
-per 256 (flattened), the two shared 256-entry maps, fp32 moments below 4096.
+>= 2-D tensors of at least 4096 elements. A factored second moment: V of a (rows, cols) moment (projected, or a
+plain >= 2-D tensor with both sides above 1, viewed as rows x the rest) is 4 (rows + cols) bytes, its fp32 row and
+column factors; the first moment and a plain tensor's step as above, 1-D tensors' V whole. bitsandbytes: uint8
+codes for tensors of >= 4096 elements, fp32 absmax per 256 (flattened), the two shared 256-entry maps, fp32 moments
+below 4096.
 
     python -m scripts.bench.memory --json memory.json   # CPU, about a minute
     python -m scripts.bench.render memory.json          # the tables
@@ -259,39 +263,64 @@ def basis_bytes(kind: str, d: int, r: int, basis_dtype: str) -> int:
     return 4 * r if kind == "dct" else 0
 
 
-def _ours_plain(s: Spec, moments_dtype: str, w: int) -> int:
+SECOND_MOMENTS = ("full", "factored")  # Adam's V whole, or its fp32 row and column factors (subspace_optim.factored)
+
+
+def _moment_bytes(rows: int, cols: int, kind: str, w: int) -> int:
+    """One (rows, cols) moment stored as ``kind`` ("float32": the ``w``-byte dtype it lives in)."""
+    if kind == "int8":
+        return _int8_moment(rows, cols)
+    return rows * cols * (w if kind == "float32" else SIZES[kind])
+
+
+def _moments(rows: int, cols: int, kind: str, w: int, factored: bool) -> int:
+    """Adam's two moments of a (rows, cols) matrix: m as ``kind``, V as ``kind`` too or, factored, rows + cols
+    fp32 numbers."""
+    first = _moment_bytes(rows, cols, kind, w)
+    return first + (4 * (rows + cols) if factored else first)
+
+
+def _ours_plain(s: Spec, moments_dtype: str, w: int, second_moment: str = "full") -> int:
     """A plain parameter's state: torch AdamW's own (fp32 moments_dtype: the parameter's dtype) or ours, int8
-    for >= 2-D tensors of at least 4096 elements, plus the 4-byte step."""
+    for >= 2-D tensors of at least 4096 elements, plus the 4-byte step. A factored second moment replaces V of
+    a >= 2-D tensor with both sides above 1 (rows x the rest) by two fp32 vectors; 1-D tensors keep V whole."""
     kind = moments_dtype
     if kind == "int8" and not (len(s.shape) >= 2 and s.numel >= MIN_8BIT):
         kind = "float32"
-    if kind == "int8":
-        return 4 + 2 * _int8_moment(s.shape[0], s.numel // s.shape[0])
-    return 4 + 2 * s.numel * (w if kind == "float32" else SIZES[kind])
+    rows = s.shape[0] if s.shape else 1
+    cols = s.numel // rows
+    factored = second_moment == "factored" and len(s.shape) >= 2 and min(rows, cols) > 1
+    return 4 + _moments(rows, cols, kind, w, factored)
 
 
 def ours(
-    moments_dtype: str, basis_dtype: str = "float32", kind: str = "stored", residual: str = "none"
+    moments_dtype: str,
+    basis_dtype: str = "float32",
+    kind: str = "stored",
+    residual: str = "none",
+    second_moment: str = "full",
 ) -> Callable[[list[Spec], int, int], Bytes]:
-    """Our state: per projected matrix the basis (``basis_bytes``), two r x D moments in ``moments_dtype`` and,
-    with a residual, the limiter's 4-byte ``update_norm``; plain parameters as ``_ours_plain``."""
+    """Our state: per projected matrix the basis (``basis_bytes``), the two moments of its (rows, cols) projected
+    gradient (``_moments``: r x n on the left, m x r on the right) in ``moments_dtype``, V factored when
+    ``second_moment`` says so and, with a residual, the limiter's 4-byte ``update_norm``; plain parameters as
+    ``_ours_plain``."""
     if kind not in BASIS_KINDS:
         raise ValueError(f"basis kind {kind!r}: choose from {', '.join(BASIS_KINDS)}")
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"second moment {second_moment!r}: choose from {', '.join(SECOND_MOMENTS)}")
+    factored = second_moment == "factored"
 
     def count(specs: list[Spec], rank: int, w: int) -> Bytes:
         total = 0
         for s in specs:
             r = _rank(s, rank)
             if r is None:
-                total += _ours_plain(s, moments_dtype, w)
+                total += _ours_plain(s, moments_dtype, w, second_moment)
                 continue
             m, n = s.shape
             total += basis_bytes(kind, min(m, n), r, basis_dtype) + (4 if residual != "none" else 0)
             rows, cols = (m, r) if m >= n else (r, n)
-            if moments_dtype == "int8":
-                total += 2 * _int8_moment(rows, cols)
-            else:
-                total += 2 * rows * cols * SIZES[moments_dtype]
+            total += _moments(rows, cols, moments_dtype, 4, factored)
         return total, total
 
     return count
@@ -377,7 +406,11 @@ def ours_group(kind: str, residual: str) -> dict[str, Any]:
 
 
 def build_ours(
-    moments_dtype: str, basis_dtype: str = "float32", kind: str = "stored", residual: str = "none"
+    moments_dtype: str,
+    basis_dtype: str = "float32",
+    kind: str = "stored",
+    residual: str = "none",
+    second_moment: str = "full",
 ) -> Callable[..., Any]:
     def build(specs: list[Spec], params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
         from subspace_optim import SubspaceAdamW
@@ -391,6 +424,8 @@ def build_ours(
             dtypes["moments_dtype"] = moments_dtype
         if basis_dtype != "float32":
             dtypes["basis_dtype"] = basis_dtype
+        if second_moment != "full":
+            dtypes["second_moment"] = second_moment
         return SubspaceAdamW(groups, lr=1e-3, **dtypes)
 
     return build
@@ -451,27 +486,40 @@ def our_combos() -> tuple[list[tuple[str, str]], list[str]]:
 CHECKED = "formula, checked on CPU"
 
 
+FACTORED = "_factored"  # the key suffix of a row with second_moment="factored"
+
+
 @dataclass(frozen=True)
 class Ours:
-    """One of our state layouts beyond the stored basis: basis kind, moments_dtype and residual."""
+    """One of our state layouts: basis kind, moments_dtype, residual and second moment (basis_dtype: a stored
+    basis's)."""
 
-    kind: str  # "seeded" or "dct" (BASIS_KINDS)
+    kind: str  # BASIS_KINDS
     moments: str
     residual: str = "none"
+    second: str = "full"  # SECOND_MOMENTS
+    basis: str = "float32"
 
     @property
     def key(self) -> str:
-        return "_".join(["ours", self.kind] + ([self.residual] if self.residual != "none" else []) + [self.moments])
+        if self.kind == "stored":
+            parts = ["ours", self.moments, self.basis]
+        else:
+            parts = ["ours", self.kind] + ([self.residual] if self.residual != "none" else []) + [self.moments]
+        return "_".join(parts) + (FACTORED if self.second == "factored" else "")
 
     @property
     def label(self) -> str:
+        second = ", second moment factored" if self.second == "factored" else ""
+        if self.kind == "stored":
+            return f"SubspaceAdamW moments {self.moments}, basis {self.basis}{second}"
         what = {"seeded": "seeded projection (no basis kept)", "dct": "DCT basis (r int32 indices)"}[self.kind]
         residual = f", residual {self.residual}" if self.residual != "none" else ""
-        return f"SubspaceAdamW {what}{residual}, moments {self.moments}"
+        return f"SubspaceAdamW {what}{residual}, moments {self.moments}{second}"
 
     def row(self, extra_ranks: tuple[int, ...] = (), state_table: bool = True) -> Row:
-        layout = {"kind": self.kind, "residual": self.residual}
-        formula, build = ours(self.moments, **layout), build_ours(self.moments, **layout)
+        layout = {"kind": self.kind, "residual": self.residual, "second_moment": self.second}
+        formula, build = ours(self.moments, self.basis, **layout), build_ours(self.moments, self.basis, **layout)
         return Row(self.key, self.label, formula, build, CHECKED, extra_ranks=extra_ranks, state_table=state_table)
 
 
@@ -494,6 +542,30 @@ def our_kinds(moments: list[str]) -> tuple[list[Row], list[str]]:
         out += [Ours("dct", m).row() for m in moments]
     missing = [k for k in ("seeded", "dct") if k not in known]
     return out, [f"this checkout's SubspaceAdamW has no refresh={k!r}: its rows are left out" for k in missing]
+
+
+# The factored second moment's rows, for the paper accounting (LLaMA-7B and LLaMA-1B rank 512) only: each basis
+# kind with int8 moments (the least state) and with fp32 ones, APOLLO-Mini-like at rank 1 (checked there too).
+FACTORED_ROWS = (
+    Ours("stored", "int8", basis="bfloat16", second="factored"),
+    Ours("stored", "float32", second="factored"),
+    Ours("seeded", "int8", "apollo", "factored"),
+    Ours("seeded", "float32", "apollo", "factored"),
+    Ours("seeded", "int8", "apollo_tensor", "factored"),
+    Ours("dct", "int8", second="factored"),
+    Ours("dct", "float32", second="factored"),
+)
+
+
+def factored_rows(moments: list[str]) -> tuple[list[Row], list[str]]:
+    """``FACTORED_ROWS`` that this checkout's SubspaceAdamW accepts (second_moment, refresh policy, dtypes)."""
+    from subspace_optim import options, subspace
+
+    if "second_moment" not in options.DEFAULTS:
+        return [], ["this checkout's SubspaceAdamW has no second_moment option: no factored rows"]
+    known = ("stored", *getattr(subspace, "REFRESH_POLICIES", ()))
+    wanted = [o for o in FACTORED_ROWS if o.kind in known and o.moments in moments]
+    return [o.row(extra_ranks=(1,) if o.residual == "apollo_tensor" else (), state_table=False) for o in wanted], []
 
 
 def rows() -> tuple[list[Row], list[str]]:
@@ -530,11 +602,12 @@ def rows() -> tuple[list[Row], list[str]]:
         out.append(Row("adamw8bit", "bitsandbytes AdamW8bit", bnb_adamw8bit, None, "formula (not installed)"))
     combos, combo_notes = our_combos()
     notes += combo_notes
-    for m, b in combos:
-        out.append(Row(f"ours_{m}_{b}", f"SubspaceAdamW moments {m}, basis {b}", ours(m, b), build_ours(m, b), CHECKED))
-    kinds, kind_notes = our_kinds(sorted({m for m, _ in combos}, key=list(SIZES).index))
-    notes += kind_notes
-    out += kinds
+    out += [Ours("stored", m, basis=b).row() for m, b in combos]
+    moments = sorted({m for m, _ in combos}, key=list(SIZES).index)
+    for more in (our_kinds, factored_rows):
+        found, more_notes = more(moments)
+        out += found
+        notes += more_notes
     return out, notes
 
 
@@ -859,8 +932,13 @@ PAPER_7B = (
     ("ours_seeded_apollo_tensor_int8", 1, "ours seeded (APOLLO-Mini-like), int8 moments"),
     ("ours_dct_int8", 1024, "ours DCT, int8 moments"),
     ("ours_dct_int8", 512, "ours DCT, int8 moments"),
+    ("ours_int8_bfloat16_factored", 1024, "ours stored, int8 m + bf16 bases, factored v"),
+    ("ours_seeded_apollo_int8_factored", 256, "ours seeded (APOLLO-like), int8 m, factored v"),
+    ("ours_seeded_apollo_tensor_int8_factored", 1, "ours seeded (APOLLO-Mini-like), int8 m, factored v"),
+    ("ours_dct_int8_factored", 512, "ours DCT, int8 m, factored v"),
 )
-# LLaMA-1B at its own rank (512), bf16 weights: our state per basis kind, fp32 and int8 moments.
+# LLaMA-1B at its own rank (512), bf16 weights: our state per basis kind, fp32 and int8 moments, then the same
+# with a factored second moment.
 PAPER_1B = (
     "ours_float32_float32",
     "ours_float32_bfloat16",
@@ -869,6 +947,12 @@ PAPER_1B = (
     "ours_seeded_apollo_int8",
     "ours_dct_float32",
     "ours_dct_int8",
+    "ours_float32_float32_factored",
+    "ours_int8_bfloat16_factored",
+    "ours_seeded_apollo_float32_factored",
+    "ours_seeded_apollo_int8_factored",
+    "ours_dct_float32_factored",
+    "ours_dct_int8_factored",
 )
 # The issue's targets; state_1b_mib_projected: the same 600 MiB for the projected matrices' state alone.
 PAPER_TARGETS = {"least_7b_gb": 14.5, "apollo_like_7b_gb": 16.1, "state_1b_mib": 600.0, "state_1b_mib_projected": 600.0}
@@ -919,15 +1003,19 @@ def paper_targets(found: dict[str, Any]) -> dict[str, Any]:
         checks.append(("state_1b_mib_projected", found["1b"]["rows"], lambda r: r["projected"] * MIB))
     for name, candidates, value in checks:
         if candidates:
-            best = min(candidates, key=value)
-            limit = PAPER_TARGETS[name]
-            out[name] = {
-                "key": best["key"],
-                "rank": best["rank"],
-                "value": value(best),
-                "limit": limit,
-                "met": value(best) <= limit,
-            }
+            out[name] = _best(candidates, value, PAPER_TARGETS[name])
+    return out
+
+
+def _best(candidates: list[dict[str, Any]], value: Callable[[dict[str, Any]], float], limit: float) -> dict[str, Any]:
+    """The least candidate (value, row, whether it is within ``limit``) and, when it has a factored second
+    moment, the least with a full one (``full``: what the factored rows add)."""
+    best = min(candidates, key=value)
+    out = {"key": best["key"], "rank": best["rank"], "value": value(best), "limit": limit, "met": value(best) <= limit}
+    full = [r for r in candidates if not r["key"].endswith(FACTORED)]
+    if best["key"].endswith(FACTORED) and full:
+        least = min(full, key=value)
+        out["full"] = {"key": least["key"], "rank": least["rank"], "value": value(least), "met": value(least) <= limit}
     return out
 
 
@@ -940,7 +1028,20 @@ def _target_note(what: str, t: dict[str, Any] | None, unit: str) -> str:
         return f"target {what}: no row counted"
     verdict = "met" if t["met"] else "NOT met"
     found = f"{t['value']:,.2f} {unit} ({t['key']}, rank {t['rank']})"
-    return f"target {what} <= {t['limit']:g} {unit}: **{verdict}**, {found}"
+    note = f"target {what} <= {t['limit']:g} {unit}: **{verdict}**, {found}"
+    full = t.get("full")
+    if full is None:
+        return note
+    was = "met" if full["met"] else "not met"
+    return f"{note}; with a full second moment {was}, {full['value']:,.2f} {unit} ({full['key']}, rank {full['rank']})"
+
+
+FACTORED_NOTE = (
+    "factored v (second_moment='factored'): Adam's second moment of every projected matrix (r x n or m x r) and of "
+    "the embedding and head (vocab x hidden) kept as two fp32 vectors, its row and column factors (rows + cols "
+    "numbers instead of rows x cols); the first moment m as before (int8: codes + fp32 absmax per 256-block of a "
+    "row), the norms' state torch AdamW's full one"
+)
 
 
 PAPER_7B_COLUMNS = [
@@ -983,6 +1084,7 @@ def paper_tables(paper: dict[str, Any], table: list[Row]) -> list[dict[str, Any]
             _target_note("APOLLO-like (ours seeded, rank 256)", targets.get("apollo_like_7b_gb"), "GB"),
             "rank 1: an int8 moment of a right-projected matrix (m x 1) costs 5 bytes per value (a code and its "
             "row's fp32 absmax), more than fp32; the int8 rows are smaller through the embedding's and head's state",
+            FACTORED_NOTE,
         ]
         tables.append(
             common.table("LLaMA-7B, bf16 weights: weights + optimizer state (GB)", PAPER_7B_COLUMNS, cells, notes)
@@ -1008,6 +1110,7 @@ def _table_1b(rows: list[dict[str, Any]], targets: dict[str, Any], by_key: dict[
     notes = [
         "projected: the attention and MLP matrices' state; plain: embeddings, head and norms (int8 with int8 "
         "moments, else torch AdamW's own state in the weights' bf16)",
+        FACTORED_NOTE,
         _target_note(f"least of ours at LLaMA-1B rank {rank}", target, "MiB"),
         _target_note("(the same, the projected matrices' state alone)", projected, "MiB"),
     ]
