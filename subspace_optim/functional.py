@@ -15,6 +15,7 @@ for the device to say which gradients were bad.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
-from . import linalg, subspace
+from . import distributed, linalg, subspace
 from .adam_rule import (
     AdamScalars,
     Lag,
@@ -443,9 +444,15 @@ def _factored_adamw(
     through ``adam_rule``'s rule, the projected matrices' own."""
     step.add_(1)
     scalars = adam_scalars(float(lr), betas, eps, weight_decay, 1.0, int(step.item()))
+    reduce = None
+    if distributed.is_dtensor(p):  # FSDP2 row shards: this rank's rows; column sums and total over every rank
+        reduce = functools.partial(distributed.all_reduce_sum, group=p.device_mesh.get_group())
+        p, grad, factors = distributed.local(p), distributed.local(grad), Factored(*map(distributed.local, factors))
+        values, absmax = parts(exp_avg)
+        exp_avg = distributed.local(values) if absmax is None else Moment(*map(distributed.local, (values, absmax)))
     m = load_moment(exp_avg, True)
     g = grad.reshape(grad.shape[0], -1).float()
-    direction = moments_directions([g], [m.view(g.shape)], [factors], [scalars], [None], [None], [None])[0]
+    direction = moments_directions([g], [m.view(g.shape)], [factors], [scalars], [None], [None], [None], reduce)[0]
     store_moment(exp_avg, True, m)
     apply_update(p, direction, scalars)
 

@@ -199,10 +199,12 @@ def _layout(p: Tensor, group: dict[str, Any]) -> tuple[str, int | None]:
 
 def _by_storage(members: list[tuple[Tensor, dict[str, Any]]]) -> list[tuple[bool, list]]:
     """Plain parameters split by moment storage: (True, native: torch AdamW's own state, in the parameter's
-    dtype), then (False, members) per other storage (another float dtype, or 8-bit); none is left out."""
+    dtype), then (False, members) per other storage (another float dtype, or 8-bit; factored second moments
+    apart); none is left out."""
     parts: dict[str, list] = {}
     for p, s in members:
-        parts.setdefault("native" if state_mod.native(p, s) else quant.stored_kind(s, "exp_avg"), []).append((p, s))
+        kind = "native" if state_mod.native(p, s) else quant.stored_kind(s, "exp_avg")
+        parts.setdefault(kind + ("+factored" if factored.KEYS[0] in s else ""), []).append((p, s))
     return [(kind == "native", part) for kind, part in sorted(parts.items(), key=lambda kv: kv[0] != "native")]
 
 
@@ -683,7 +685,9 @@ class SubspaceAdamW(Optimizer):
         calls: list[Call] = []
         for group in self.param_groups:
             for native, members in _by_storage(plain.get(id(group), [])):
-                view = _same if native else local  # low-precision storage is updated rank-locally
+                # Low-precision storage is updated rank-locally; factors need the other ranks' rows, which
+                # functional.adamw reaches through the DTensor itself.
+                view = _same if native or factored.KEYS[0] in members[0][1] else local
                 states = [s for _, s in members]
                 args = (
                     [view(p) for p, _ in members],

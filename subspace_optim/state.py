@@ -43,13 +43,13 @@ def native(p: Tensor, state: dict[str, Any]) -> bool:
 
 def factors(p: Tensor, group: dict[str, Any], projected: bool) -> bool:
     """Whether the group's options factor this parameter's second moment: every projected matrix, and plain
-    parameters of 2 dimensions or more (viewed as rows x the rest; not row-sharded) with both sides above 1."""
+    parameters of 2 dimensions or more (viewed as rows x the rest; 2-D when row-sharded) with both sides above 1."""
     if group["second_moment"] != "factored":
         return False
     if projected:
         return True
-    # A row-sharded plain parameter keeps a full V: its column factor would need the other ranks' rows.
-    matrix = p.dim() >= 2 and not distributed.is_dtensor(p)
+    # A row-sharded plain parameter is factored when 2-D (FSDP2's dim-0 shards: its column sums are all-reduced).
+    matrix = p.dim() == 2 or (p.dim() > 2 and not distributed.is_dtensor(p))
     return matrix and min(refreshing.matrix_shape(p)) > 1
 
 
@@ -86,7 +86,7 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
         state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
         state.update(_moment(p, tuple(local(p).shape), kind, "exp_avg", projected=False))
         if factors(p, group, projected=False):
-            state.update(_factors(p, refreshing.matrix_shape(p), None))
+            state.update(_factors(p, (local(p).shape[0], refreshing.matrix_shape(p)[1]), None))
         else:
             state.update(_moment(p, tuple(local(p).shape), kind, "exp_avg_sq", projected=False))
         _place_step(p, group, state)
@@ -111,13 +111,13 @@ def initial(p: Tensor, group: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _factors(p: Tensor, shape: tuple[int, int], side: str | None) -> dict[str, Tensor]:
-    """Zero factors of a (rows, cols) second moment (``factored``), fp32 on the weight's (local) device. On a
-    row-sharded weight (a right projection: rows are the weight's) the row factor is sharded like it and the
-    column factor is replicated (every rank holds the same sums over all rows)."""
+    """Zero factors of a (rows, cols) second moment (``factored``; rows: this rank's), fp32 on the weight's (local)
+    device. On a row-sharded weight (projected on the right, or plain: rows are the weight's) the row factor is
+    sharded like it and the column factor is replicated (every rank holds the same sums over all rows)."""
     entries = factored.zeros(*shape, local(p).device)
     if not distributed.is_dtensor(p):
         return entries
-    del side  # a row-sharded weight always projects on the right
+    del side  # a row-sharded weight always projects on the right (a plain one has no side)
     return {
         "exp_avg_sq_row": distributed.sharded_vector_like(p, entries["exp_avg_sq_row"]),
         "exp_avg_sq_col": distributed.replicated_like(p, entries["exp_avg_sq_col"]),

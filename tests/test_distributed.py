@@ -94,6 +94,32 @@ def test_ddp_int8_ranks_stay_bitwise_identical(tmp_path):
     _assert_bitwise_equal(r0["weights"], r1["weights"])
 
 
+@pytest.mark.parametrize(
+    "refresh, extra", [("dct", {}), ("seeded", {"residual": "apollo", "moments": "keep"})], ids=["dct", "seeded"]
+)
+def test_ddp_regenerated_bases_and_factored_moments_stay_bitwise_identical(tmp_path, refresh, extra):
+    """Projections regenerated from a seed or DCT indices, int8 first and factored second moments: every rank
+    draws the same projection (a different global RNG per rank) and the ranks' weights stay bitwise equal."""
+    r0, r1 = _launch(
+        tmp_path, "ddp_train", steps=5, refresh_owner="all", refresh=refresh, second_moment="factored",
+        moments_dtype="int8", **extra,
+    )  # fmt: skip
+    assert r0["refresh_counts"] == [3, 3, 3]
+    _assert_bitwise_equal(r0["weights"], r1["weights"])
+
+
+def test_fsdp2_dct_with_factored_moments_matches_single_process(tmp_path):
+    """Row shards: the DCT alignments and the factored moment's column sums are all-reduced, the row factor is
+    sharded like the weight, and training matches one process."""
+    r0, r1 = _launch(tmp_path, "fsdp_train", steps=7, refresh="dct", second_moment="factored")
+    assert {"basis_index", "exp_avg_sq_row", "exp_avg_sq_col"} <= set(r0["gate_state_dtypes"])
+    assert "exp_avg_sq" not in r0["gate_state_dtypes"] and "basis" not in r0["gate_state_dtypes"]
+    _assert_bitwise_equal(r0["weights"], r1["weights"])
+    reference = dist_workers.single_process_llama(7, "dct", second_moment="factored")
+    for k, v in reference.items():
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("moments_dtype", ["float32", "int8"])
 def test_fsdp2_empty_shard_does_not_hang(tmp_path, moments_dtype):
     r0, r1 = _launch(tmp_path, "fsdp_empty_shard", moments_dtype=moments_dtype)
