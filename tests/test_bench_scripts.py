@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from subspace_optim import residual_rule
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 # The benchmarks run as modules of the repository root (``python -m scripts.bench.step``), from anywhere.
@@ -347,8 +349,35 @@ def test_bench_quality_smoke(tmp_path):
     names = [r["name"] for r in result["rows"]]
     assert names == ["adamw_lr0.003", "subspace_none_lr0.01", "subspace_fira_lr0.01"]
     assert all(r["steps"] == 4 and 0 < r["eval_loss"] < 20 for r in result["rows"])
-    assert set(result["step_time"]["ratio_vs_none"]) == {"none", "fira", "fira_tensor", "apollo"}
+    assert set(result["step_time"]["ratio_vs_none"]) == set(residual_rule.RESIDUALS)
     assert "| subspace_fira_lr0.01 | subspace | 0.01 |" in _render(tmp_path / "result.json", tmp_path)
+
+
+def test_bench_frontier_smoke(tmp_path):
+    """Three rows of the frontier on the tiny model: read back with their state, the 7B accounting of the same
+    configuration, the peer-budget notes and the plot."""
+    rows = ["adamw", "apollo_mini", "ours_seeded_mini_int8_factored"]
+    runs, plot = str(tmp_path / "runs"), str(tmp_path / "frontier.png")
+    flags = ["--smoke", "--only", *rows, "--out", runs, "--plot", plot, "--jobs", "3"]
+    result = _run("frontier", *flags, tmp_path=tmp_path)
+    got = {r["name"]: r for r in result["rows"]}
+    assert list(got) == rows and all(len(r["losses"]) == 1 and 0 < r["mean_loss"] < 20 for r in got.values())
+    assert got["ours_seeded_mini_int8_factored"]["state_bytes"] < got["apollo_mini"]["state_bytes"]
+    assert got["ours_seeded_mini_int8_factored"]["seven_b_gb"] == pytest.approx(13.76, abs=0.005)
+    assert got["adamw"]["seven_b_gb"] == pytest.approx(40.43, abs=0.005)
+    notes = result["tables"][0]["notes"]
+    assert any(n.startswith("apollo_mini") and "ours_seeded_mini_int8_factored" in n for n in notes)
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_bench_regenerated_smoke(tmp_path):
+    """Stored and regenerated bases on the tiny shape: every timing present, and regenerated ones hold less."""
+    result = _run("regenerated", "--smoke", tmp_path=tmp_path)
+    names = {"warm", "dct", "random+apollo", "seeded+apollo"}
+    assert set(result["regular"]) == set(result["refresh"]) == set(result["state_bytes"]) == names
+    assert all(len(result["regular"][n]["runs_s"]) == 2 and result["refresh"][n]["refresh_median_s"] > 0 for n in names)
+    sizes = result["state_bytes"]
+    assert sizes["dct"] < sizes["warm"] and sizes["seeded+apollo"] < sizes["random+apollo"]
 
 
 def test_bench_host_smoke(tmp_path):

@@ -38,13 +38,13 @@ from typing import Any
 
 import torch
 
-from subspace_optim import SubspaceAdamW, param_groups
+from subspace_optim import SubspaceAdamW, param_groups, residual_rule
 from subspace_optim.pretrain import loop
 from subspace_optim.pretrain.config import load_config
 
 from . import common
 
-RESIDUALS = ("none", "fira", "fira_tensor", "apollo")
+RESIDUALS = residual_rule.RESIDUALS  # every mode, from the library
 
 
 def _flag_value(value: float) -> str:

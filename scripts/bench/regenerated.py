@@ -125,7 +125,7 @@ def _tables(result: dict[str, Any]) -> list[dict]:
     ]
     notes = [
         f"LLaMA-{result['model']} projected matrices, {result['dtype']}, reference engine, rank {result['rank']}; "
-        f"medians of {result['args']['steps']} interleaved rounds.",
+        f"medians of {result['rounds']} interleaved rounds.",
         "vs its stored twin: per-round ratio of regular-step times, dct against warm, seeded+apollo against "
         "random+apollo (the same update with a stored random orthonormal basis).",
     ]
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "dtype": args.dtype,
         "rank": shape.rank,
-        "args": vars(args),
+        "rounds": args.steps,
         "regular": regular(shape, args.steps, dtype),
         "refresh": refresh(shape, args.steps, dtype),
         "state_bytes": state_bytes(shape, dtype),
