@@ -93,6 +93,14 @@ def test_layerwise_equals_regular_stepping(accum, refresh):
         {"moments": "keep", "proj_type": "right"},
         {"moments_dtype": "int8"},
         {"basis_dtype": "bfloat16", "moments_dtype": "bfloat16"},
+        {"refresh": "dct", "second_moment": "factored"},
+        {
+            "refresh": "seeded",
+            "residual": "apollo",
+            "moments": "keep",
+            "second_moment": "factored",
+            "moments_dtype": "int8",
+        },
     ],
 )
 def test_layerwise_equals_regular_with_other_state(options):
