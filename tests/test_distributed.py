@@ -120,6 +120,18 @@ def test_fsdp2_dct_with_factored_moments_matches_single_process(tmp_path):
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_fsdp2_seeded_projection_matches_single_process(tmp_path):
+    """APOLLO's seeded projection on row shards: every rank draws the whole (replicated) projection from the same
+    seed, and the channel scaling's sums are rank-local (a channel of a right projection is a row)."""
+    opts = dict(residual="apollo", moments="keep")
+    r0, r1 = _launch(tmp_path, "fsdp_train", steps=7, refresh="seeded", **opts)
+    assert "basis" not in r0["gate_state_dtypes"] and "update_norm" in r0["gate_state_dtypes"]
+    _assert_bitwise_equal(r0["weights"], r1["weights"])
+    reference = dist_workers.single_process_llama(7, "seeded", **opts)
+    for k, v in reference.items():
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("moments_dtype", ["float32", "int8"])
 def test_fsdp2_empty_shard_does_not_hang(tmp_path, moments_dtype):
     r0, r1 = _launch(tmp_path, "fsdp_empty_shard", moments_dtype=moments_dtype)
