@@ -201,7 +201,8 @@ def _resume_release_case(case: int) -> None:
     # Options added since the release appear at their defaults; every saved key is unchanged.
     added = {k: v for k, v in options.DEFAULTS.items() if k not in expected["param_groups"][0]}
     assert got["param_groups"] == [{**g, **added} for g in expected["param_groups"]]
-    assert set(added) <= {"moments_dtype", "basis_dtype", "residual", "plain_lr", "fused", "seed_stream", "limiter"}
+    since = {"moments_dtype", "basis_dtype", "residual", "plain_lr", "fused", "seed_stream", "limiter", "second_moment"}
+    assert set(added) <= since
     for pid, entry in expected["state"].items():
         assert got["state"][pid].keys() == entry.keys(), pid
         for key, value in entry.items():
