@@ -114,7 +114,7 @@ OPTIONS: tuple[Option, ...] = (
            "Adam's second moment: full, or factored (Adafactor's row and column factors, fp32, with Adam's bias "
            "correction: rows + cols numbers instead of rows x cols) for projected matrices and 2-D plain parameters",
            SECOND_MOMENTS),
-    Option("residual", "none", "choice",
+    Option("residual", "fira", "choice",
            "what the projected step does with the gradient outside the subspace: none (GaLore), fira (add it, "
            "rescaled per channel by Adam's norm ratio), fira_tensor (one ratio per matrix), apollo (the whole "
            "gradient, channel-scaled, instead of the low-rank update); all but none limit the growth of the "
@@ -131,6 +131,9 @@ OPTIONS: tuple[Option, ...] = (
 )  # fmt: skip
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+# What an option missing from a loaded param group means, where that differs from today's default: the behaviour
+# the checkpoint was saved with. ``residual`` became ``"fira"`` by default after checkpoints without it were made.
+ABSENT_MEANS: dict[str, Any] = {"residual": "none"}
 DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 ALIASES: dict[str, str] = {o.alias: o.name for o in OPTIONS if o.alias}
 # Group keys that are not options but that torch, its lr schedulers, loggers or our helpers put into groups:

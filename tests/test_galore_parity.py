@@ -1,4 +1,4 @@
-"""Tier 2: with refresh="svd", moments="keep", SubspaceAdamW follows galore-torch 1.0's GaLoreAdamW.
+"""Tier 2: with refresh="svd", moments="keep", residual="none", SubspaceAdamW follows galore-torch 1.0's GaLoreAdamW.
 
 The only intended difference is where eps sits (torch AdamW: sqrt(v_hat) + eps, galore: sqrt(v) + eps
 before bias correction), which is far below the tolerance with gradients of order one.
@@ -45,7 +45,7 @@ def test_trajectory_matches_galore_adamw_both_orientations(proj_type):
         )
 
     def ours(ws):
-        return SubspaceAdamW([{"params": ws, **group}], lr=lr, eps=eps, refresh="svd", moments="keep")
+        return SubspaceAdamW([{"params": ws, **group}], lr=lr, eps=eps, refresh="svd", moments="keep", residual="none")
 
     ref_w, _ = _run(theirs, shapes, steps)
     our_w, opt = _run(ours, shapes, steps)
@@ -64,7 +64,9 @@ def test_default_policies_differ_from_galore():
         return galore_torch.GaLoreAdamW([{"params": ws, **group}], lr=1e-2, no_deprecation_warning=True)
 
     def ours(ws):
-        return SubspaceAdamW([{"params": ws, **group}], lr=1e-2, eps=1e-6, refresh="svd", moments="rotate")
+        return SubspaceAdamW(
+            [{"params": ws, **group}], lr=1e-2, eps=1e-6, refresh="svd", moments="rotate", residual="none"
+        )
 
     ref_w, _ = _run(theirs, shapes, 23)
     our_w, _ = _run(ours, shapes, 23)

@@ -185,9 +185,12 @@ def test_residual_none_is_the_plain_step_bit_for_bit():
     assert float(b[3]) == pytest.approx(0.7)  # the limiter's state is not touched
     w = nn.Parameter(torch.randn(8, 6))
     w.grad = torch.randn(8, 6)
-    opt = so.SubspaceAdamW([w], rank=2)
+    opt = so.SubspaceAdamW([w], rank=2, residual="none")
     opt.step()
     assert "update_norm" not in opt.state[w] and opt.param_groups[0]["residual"] == "none"
+    default = so.SubspaceAdamW([w], rank=2)  # the library default is Fira's residual
+    default.step()
+    assert default.param_groups[0]["residual"] == "fira" and "update_norm" in default.state[w]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

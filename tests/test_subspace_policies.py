@@ -98,7 +98,7 @@ def test_bases_of_different_parameters_use_different_sketches():
 
 def test_conv_weight_is_projected_as_out_by_rest():
     conv = nn.Conv2d(4, 16, kernel_size=3)  # weight 16 x 4 x 3 x 3 -> matrix 16 x 36
-    opt = SubspaceAdamW(conv.parameters(), rank=5, lr=1e-2)
+    opt = SubspaceAdamW(conv.parameters(), rank=5, lr=1e-2, residual="none")  # the update lies in the subspace
     x = torch.randn(2, 4, 8, 8)
     before = conv.weight.detach().clone()
     conv(x).square().mean().backward()
@@ -135,7 +135,7 @@ def test_metrics_report_energy_overlap_time_and_bytes():
     assert 0.0 <= entry["overlap"] <= 1.0 + 1e-6
     assert entry["refresh_count"] == 2 and entry["rank"] == 4 and entry["refresh_time_s"] > 0
     state_bytes = sum(t.numel() * t.element_size() for t in opt.state[w].values() if isinstance(t, torch.Tensor))
-    assert entry["state_bytes"] == state_bytes == 4 * (12 * 4 + 2 * 30 * 4)
+    assert entry["state_bytes"] == state_bytes == 4 * (12 * 4 + 2 * 30 * 4) + 4  # + the default residual's scalar
     overall = metrics["overall"]
     assert overall["projected_params"] == 1
     assert overall["state_bytes"] == state_bytes + 4 * 2 * 12 + 4  # + AdamW moments and step of v
