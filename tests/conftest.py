@@ -5,6 +5,7 @@ import io
 import os
 
 import torch
+from torch import nn
 
 # Without CUDA the Triton kernels run under Triton's interpreter. This must be decided before anything
 # imports triton (galore-torch imports bitsandbytes, which imports triton and caches its settings), so it
@@ -85,3 +86,18 @@ def assert_same_state(expected: dict, got: dict) -> None:
                 assert value == other, f"state {pid}.{key}: {value} != {other}"
     for group, other_group in zip(expected["param_groups"], got["param_groups"], strict=True):
         assert group["lr"] == other_group["lr"]
+
+
+def run_structured(opt_factory, shapes, steps, seed=0):
+    """Weights of ``shapes`` trained ``steps`` steps by ``opt_factory(weights)`` on gradients with structure (not
+    isotropic noise), changing with the weight and the step: how the peer-parity tests drive both optimizers."""
+    torch.manual_seed(seed)
+    weights = [nn.Parameter(torch.randn(*s)) for s in shapes]
+    targets = [torch.randn(*s) for s in shapes]
+    mix = [torch.randn(s[1], s[1]) / s[1] ** 0.5 for s in shapes]
+    opt = opt_factory(weights)
+    for step in range(steps):
+        for w, t, a in zip(weights, targets, mix, strict=True):
+            w.grad = ((w.detach() - t) @ a) * (1.0 + 0.5 * torch.cos(torch.tensor(step * 0.7)))
+        opt.step()
+    return weights, opt

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from conftest import run_structured
 
 from subspace_optim import SubspaceAdamW, projections, triton_runtime
 
@@ -27,19 +27,8 @@ APOLLO = {"rank": 4, "scale_type": "channel", "scale": 1.0}
 APOLLO_MINI = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
 
 
-def _run(opt_factory, steps, seed=0):
-    torch.manual_seed(seed)
-    weights = [nn.Parameter(torch.randn(*s)) for s in SHAPES]
-    targets = [torch.randn(*s) for s in SHAPES]
-    mix = [torch.randn(s[1], s[1]) / s[1] ** 0.5 for s in SHAPES]
-    opt = opt_factory(weights)
-    for step in range(steps):
-        for w, t, a in zip(weights, targets, mix, strict=True):
-            # A gradient with structure, changing with the weight and the step, growing fast enough at times that
-            # the norm-growth limiter acts.
-            w.grad = ((w.detach() - t) @ a) * (1.0 + 0.5 * torch.cos(torch.tensor(step * 0.7)))
-        opt.step()
-    return weights, opt
+def _run(opt_factory, steps):
+    return run_structured(opt_factory, SHAPES, steps)  # gradients with structure, the same for both
 
 
 def _apollo(config, gap):

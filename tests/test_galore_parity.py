@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from conftest import run_structured
 
 from subspace_optim import SubspaceAdamW
 
@@ -19,18 +19,7 @@ with warnings.catch_warnings():
     galore_torch = pytest.importorskip("galore_torch")
 
 
-def _run(opt_factory, shapes, steps, seed=0):
-    torch.manual_seed(seed)
-    weights = [nn.Parameter(torch.randn(*s)) for s in shapes]
-    targets = [torch.randn(*s) for s in shapes]
-    mix = [torch.randn(s[1], s[1]) / s[1] ** 0.5 for s in shapes]
-    opt = opt_factory(weights)
-    for step in range(steps):
-        for w, t, a in zip(weights, targets, mix, strict=True):
-            # A gradient with structure (not isotropic noise), changing with the weight and the step.
-            w.grad = ((w.detach() - t) @ a) * (1.0 + 0.5 * torch.cos(torch.tensor(step * 0.7)))
-        opt.step()
-    return weights, opt
+_run = run_structured  # gradients with structure, the same for both optimizers
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
