@@ -566,8 +566,10 @@ def _factored_first_half(
     hyper: Tensor,
     side: str,
     resid: bool,
-    scalars: list[AdamScalars],
-    fixes: list[Lag | None],
+    ages: list[int],
+    scalars: Callable[[int], AdamScalars],
+    lags: list[Tensor] | None,
+    betas: tuple[float, float],
     skips: list[Tensor] | None,
     reduce: Callable[[Tensor], Tensor] | None,
 ) -> _Launched:
@@ -579,9 +581,11 @@ def _factored_first_half(
 
     dev = gs[0].device
     flags = [None] * len(gs) if skips is None else skips
+    fixes: list[Lag | None] = [None] * len(gs) if lags is None else lag_factors(ages, lags, betas)
     rs = [project(g.float(), p.float(), side) for g, p in zip(gs, ps, strict=True)]
     moments, saved, m_work, v_work = _working_moments(range(len(gs)), ms, vs, flags)
-    directions = moments_directions(rs, m_work, v_work, scalars, fixes, flags, [side] * len(gs), reduce)
+    rows = [scalars(age) for age in ages]
+    directions = moments_directions(rs, m_work, v_work, rows, fixes, flags, [side] * len(gs), reduce)
     _store_moments(moments, saved, m_work, v_work, flags)
     nbuf = torch.stack(directions)
     rows: dict[str, Any] = {"w": ws, "g": gs, "p": ps, "n": nbuf}
@@ -750,8 +754,7 @@ def subspace_adamw(
     kernel. ``matmul_precision="tf32"`` trades the reference's fp32 GEMM semantics for tensor-core speed. The
     residual adds no GEMM and no pass over G (module docstring). ``skipped`` flags are copied on the device
     into the scalar table, which both kernels read first; the lags correct the table there."""
-    count = len(grads)
-    if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {count}:
+    if {len(x) for x in (params, bases, exp_avgs, exp_avg_sqs, steps, sides)} != {len(grads)}:
         raise ValueError("subspace_adamw: every argument list needs one entry per matrix")
     ws = [w if w.shape == g.shape else w.view(g.shape) for w, g in zip(params, grads, strict=True)]
     if batches is None:
@@ -763,16 +766,15 @@ def subspace_adamw(
         dev = grads[idx[0]].device
         with device_guard(dev):
             flags = None if skipped is None else [skipped[i] for i in idx]
-            lag = None if lags is None else [lags[i] for i in idx]
-            hyper = _scalar_table([steps[i] for i in idx], scalars, flags, lag, betas, dev)
+            lag, ages = (None if lags is None else [lags[i] for i in idx]), [steps[i] for i in idx]
+            hyper = _scalar_table(ages, scalars, flags, lag, betas, dev)
             batch = [[t[i] for i in idx] for t in (ws, grads, bases, exp_avgs, exp_avg_sqs)]
-            resid = residual != "none"
+            side, resid = sides[idx[0]], residual != "none"
             if type(batch[4][0]) is Factored:
-                rows = [scalars(steps[i]) for i in idx]
-                fixes = [None] * len(idx) if lag is None else lag_factors([steps[i] for i in idx], lag, betas)
-                launched.append(_factored_first_half(*batch, hyper, sides[idx[0]], resid, rows, fixes, flags, reduce))
+                first = _factored_first_half(*batch, hyper, side, resid, ages, scalars, lag, betas, flags, reduce)
             else:
-                launched.append(_project_launch(*batch, hyper, sides[idx[0]], blocks, matmul_precision, resid, True))
+                first = _project_launch(*batch, hyper, side, blocks, matmul_precision, resid, True)
+            launched.append(first)
     coefs = None
     if residual != "none":
         units = limiter_units(limiter, [scalars(t) for t in steps], steps, lags, betas, grads[0].device)

@@ -157,14 +157,7 @@ def subspace_adamw(
     launch batches, ``kernels.step.layout_batches``, from a caller that knows the layouts are unchanged) are
     the Triton engine's; the reference ignores them.
     """
-    if residual not in RESIDUALS:
-        raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
-    if residual != "none" and (update_norms is None or len(update_norms) != len(params)):
-        raise ValueError(f"subspace_adamw: residual={residual!r} needs update_norms, one 0-d tensor per matrix")
-    if limiter not in LIMITERS:
-        raise ValueError(f"subspace_adamw: limiter must be one of {LIMITERS}, got {limiter!r}")
-    if engine not in ("reference", "triton"):
-        raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
+    _check_choices(residual, limiter, engine, update_norms, len(params))
     tensors = (params, grads, bases, exp_avgs, exp_avg_sqs, steps)
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides)
     masking = dict(skipped=skipped, lags=lags)
@@ -179,6 +172,18 @@ def subspace_adamw(
         _residual_reference(*tensors, **hyper, **masking, **residual_args)
     else:
         _projected_reference(*tensors, **hyper, **masking, reduce=reduce)
+
+
+def _check_choices(residual: str, limiter: str, engine: str, update_norms: Sequence[Tensor] | None, count: int) -> None:
+    """``subspace_adamw``'s string arguments, and the limiter state a residual needs."""
+    if residual not in RESIDUALS:
+        raise ValueError(f"subspace_adamw: residual must be one of {RESIDUALS}, got {residual!r}")
+    if residual != "none" and (update_norms is None or len(update_norms) != count):
+        raise ValueError(f"subspace_adamw: residual={residual!r} needs update_norms, one 0-d tensor per matrix")
+    if limiter not in LIMITERS:
+        raise ValueError(f"subspace_adamw: limiter must be one of {LIMITERS}, got {limiter!r}")
+    if engine not in ("reference", "triton"):
+        raise ValueError(f"subspace_adamw: engine must be 'reference' or 'triton', got {engine!r}")
 
 
 def _projected_reference(

@@ -418,12 +418,7 @@ def build_optimizer(
         if "update_gap" in options and options["update_gap"] != gap:
             raise ValueError(f"update_proj_gap={gap!r} and update_gap={options['update_gap']!r} disagree; keep one")
         options["update_gap"] = gap
-    if preset is not None:  # under the options given here
-        chosen = presets.options_of(preset)
-        preset_rank = chosen.pop("rank", None)
-        options = {**chosen, **options}
-        rank = preset_rank if rank is None else rank
-    rank = 128 if rank is None else rank
+    rank, options = _under_preset(preset, rank, options)
     in_backward = {key: options.pop(key) for key in _LAYERWISE_OPTIONS & set(options)}
     if in_backward and not layerwise:
         raise ValueError(
@@ -442,6 +437,16 @@ def build_optimizer(
     if layerwise:
         optimizer.update_in_backward(model, **in_backward)
     return optimizer
+
+
+def _under_preset(preset: str | None, rank: int | None, options: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The rank and options with ``preset``'s under the ones given (``subspace_optim.presets``); rank 128 without."""
+    if preset is not None:
+        chosen = presets.options_of(preset)
+        preset_rank = chosen.pop("rank", None)
+        options = {**chosen, **options}
+        rank = preset_rank if rank is None else rank
+    return (128 if rank is None else rank), options
 
 
 def _check_at_first_step(optimizer: SubspaceAdamW, model: nn.Module) -> None:
