@@ -96,7 +96,12 @@ def run_many(args: argparse.Namespace, specs: list[tuple[str, str, float, dict]]
         while todo and len(running) < args.jobs:
             name, optimizer, lr, extra = todo.pop(0)
             cmd = _command(args, args.out / name, optimizer, lr, extra)
-            (args.out / name).mkdir(parents=True, exist_ok=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            try:  # the claim: creating the directory is atomic, so two sweeps never start the same run
+                (args.out / name).mkdir()
+            except FileExistsError:
+                elsewhere.append(name)
+                continue
             log = (args.out / name / "stdout.log").open("w")
             print("$", " ".join(cmd), flush=True)
             running.append(
