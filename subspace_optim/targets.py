@@ -119,8 +119,10 @@ def param_groups(
             "no matrix is projected and every trainable parameter gets plain AdamW. With PEFT adapters, target "
             "the adapter layers (e.g. 'lora_') or build the optimizer from the wrapped model."
         )
+    # A preset's storage options (moments_dtype, second_moment) hold for the plain groups too; its projection
+    # options are inert there (rank None).
     if matrices:
-        groups.append({"params": matrices, "rank": None, "weight_decay": weight_decay})
+        groups.append(presets.under({"params": matrices, "rank": None, "weight_decay": weight_decay}, preset))
     if vectors:
-        groups.append({"params": vectors, "rank": None, "weight_decay": 0.0})
+        groups.append(presets.under({"params": vectors, "rank": None, "weight_decay": 0.0}, preset))
     return groups
