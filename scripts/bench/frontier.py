@@ -42,6 +42,18 @@ ROWS: list[tuple[str, str, float, dict[str, Any]]] = [
         {**OURS_TUNED, "residual": "fira", "moments_dtype": "int8", "basis_dtype": "bfloat16"},
     ),
     ("ours_stored_fira_factored", "subspace", 1e-2, {**OURS_TUNED, "residual": "fira", "second_moment": "factored"}),
+    (
+        "ours_stored_fira_int8_factored",
+        "subspace",
+        1e-2,
+        {
+            **OURS_TUNED,
+            "residual": "fira",
+            "moments_dtype": "int8",
+            "basis_dtype": "bfloat16",
+            "second_moment": "factored",
+        },
+    ),
     ("ours_dct_fira", "subspace", 1e-2, {**OURS_TUNED, "residual": "fira", "refresh": "dct"}),
     (
         "ours_dct_fira_int8_factored",
