@@ -397,9 +397,7 @@ def ours_group(kind: str, residual: str) -> dict[str, Any]:
     case); seeded: APOLLO's regenerated projection, which needs a whole-gradient residual and moments that stay
     (moments="keep", APOLLO's); dct: the DCT-II columns, kept as indices."""
     refresh = {"stored": "random", "seeded": "seeded", "dct": "dct"}[kind]
-    group: dict[str, Any] = {"refresh": refresh}
-    if residual != "none":
-        group["residual"] = residual
+    group: dict[str, Any] = {"refresh": refresh, "residual": residual}  # explicit: the library default is fira
     if kind == "seeded":
         group["moments"] = "keep"
     return group
