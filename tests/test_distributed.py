@@ -237,7 +237,7 @@ def test_fsdp2_residual_matches_single_process(tmp_path, residual, engine):
     assert float(r0["gate_update_norm"]) > 0 and torch.equal(r0["gate_update_norm"], r1["gate_update_norm"])
     stats: dict = {}
     reference = dist_workers.single_process_llama(steps, "warm", stats=stats, residual=residual, eps=eps)
-    none = dist_workers.single_process_llama(steps, "warm", eps=eps)
+    none = dist_workers.single_process_llama(steps, "warm", eps=eps, residual="none")
     tolerances = _residual_tolerances(stats, reference)
     assert all(r["rho"] < r["kappa"] for records in stats.values() for r in records if "rho" in r)  # eps is negligible
     for k, v in reference.items():

@@ -184,7 +184,7 @@ SUBSPACE_KEYWORD_FLAGS = {
     "matmul_precision": (["--matmul-precision", "ieee"], "ieee"),
     "moments_dtype": (["--moments-dtype", "int8"], "int8"),
     "basis_dtype": (["--basis-dtype", "bfloat16"], "bfloat16"),
-    "residual": (["--residual", "fira"], "fira"),
+    "residual": (["--residual", "fira_tensor"], "fira_tensor"),
     "plain_lr": (["--plain-lr", "adamw=1e-3,subspace=0.004"], 0.004),
     "seed_stream": (["--seed-stream", "apollo"], "apollo"),
     "limiter": (["--limiter", "raw"], "raw"),
