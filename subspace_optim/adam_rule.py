@@ -183,7 +183,7 @@ def moments_directions(
     first = scalars[0]  # the call's betas and eps (its matrices' ages may differ)
     lerp_weight, beta2, square_weight, eps = first.one_minus_beta1, first.beta2, first.one_minus_beta2, first.eps
     ms, vs = list(exp_avgs), list(exp_avg_sqs)
-    full = [i for i, v in enumerate(vs) if type(v) is not factored.Factored]
+    full = {i for i, v in enumerate(vs) if type(v) is not factored.Factored}  # a set: tested per matrix
     kept = [i for i, skip in enumerate(skips) if skip is None]
     masked = [i for i, skip in enumerate(skips) if skip is not None]
     if kept:
@@ -205,7 +205,9 @@ def moments_directions(
             for i, v in zip(masked_full, v_new, strict=True):
                 torch.where(skips[i], vs[i], v, out=vs[i])
                 vs[i] = v
-    roots = _roots(vs, rs, full, skips, (beta2, square_weight), sides, reduce)
+    for i in set(range(len(vs))) - full:  # factors: their EMAs of R o R's row and column sums
+        vs[i] = factored.update(vs[i], rs[i], square_weight, skips[i], reduce)
+    roots = _roots(vs, sorted(full), sides, reduce)
     for root, lag in zip(roots, lags, strict=True):
         if lag is not None:
             root.mul_(lag.c2)
@@ -215,24 +217,16 @@ def moments_directions(
 
 
 def _roots(
-    vs: list[Any],
-    rs: Sequence[Tensor],
-    full: list[int],
-    skips: Sequence[Tensor | None],
-    betas2: tuple[float, float],
-    sides: Sequence[str | None] | None,
-    reduce: Callable[[Tensor], Tensor] | None,
+    vs: list[Any], full: list[int], sides: Sequence[str | None] | None, reduce: Callable[[Tensor], Tensor] | None
 ) -> list[Tensor]:
-    """sqrt(V) of every matrix: of the updated full V (one foreach op), or of the factors updated here."""
+    """sqrt(V) of every matrix: of the full V's (one foreach op), and of the (updated) factors' V."""
     out: list[Tensor | None] = [None] * len(vs)
     if full:
         for i, root in zip(full, torch._foreach_sqrt([vs[i] for i in full]), strict=True):
             out[i] = root
     for i, v in enumerate(vs):
         if out[i] is None:
-            side = None if sides is None else sides[i]
-            new = factored.update(v, rs[i], *betas2, skips[i], reduce)
-            out[i] = factored.roots(new, side, reduce)
+            out[i] = factored.roots(v, None if sides is None else sides[i], reduce)
     return out  # type: ignore[return-value]
 
 

@@ -44,12 +44,12 @@ def normalizer(side: str | None) -> int:
 def update(
     f: Factored,
     r: Tensor,
-    beta2: float,
     square_weight: float,
     skip: Tensor | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Factored:
-    """The factors after this step's X = R o R, in place (a ``skip``ped matrix keeps its factors bit for bit);
+    """The factors after this step's X = R o R (b2 f + (1 - b2) sums, a lerp by ``square_weight`` = 1 - b2), in
+    place (a ``skip``ped matrix keeps its factors bit for bit);
     returns the new factors (the stored ones, or out-of-place values where ``skip`` may hold). ``reduce`` sums the
     column sums over the ranks holding the other rows of a row-sharded R."""
     x = r.square()
@@ -60,7 +60,6 @@ def update(
         torch.lerp(f.row, row_sum, square_weight) if skip is not None else f.row.lerp_(row_sum, square_weight),
         torch.lerp(f.col, col_sum, square_weight) if skip is not None else f.col.lerp_(col_sum, square_weight),
     )
-    del beta2  # lerp(a, b, 1 - b2) = b2 a + (1 - b2) b, Adam's own form (adam_rule.moments_directions)
     if skip is not None:
         torch.where(skip, f.row, new.row, out=f.row)
         torch.where(skip, f.col, new.col, out=f.col)
