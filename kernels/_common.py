@@ -69,8 +69,8 @@ def pointer_tables(rows: dict[str, Sequence[Tensor] | Tensor], device: torch.dev
         if isinstance(ts, Tensor):
             step = ts.stride(0) * ts.element_size()
             values.append([ts.data_ptr() + i * step for i in range(ts.shape[0])])
-        else:
-            values.append([t.data_ptr() for t in ts])
+        else:  # tensors, or plain integers stored as they are (a seeded projection's seed)
+            values.append([t if isinstance(t, int) else t.data_ptr() for t in ts])
     table = host_table(values, torch.int64, device)
     return dict(zip(names, table.unbind(0), strict=True))
 

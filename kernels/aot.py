@@ -150,6 +150,41 @@ def step_variants() -> list[Variant]:
     return _dedup(out)
 
 
+def regenerated_variants() -> list[Variant]:
+    """Both step launches with a basis regenerated in the tile (``operands``), as ``precompile.variants_for`` names
+    them for ``refresh="seeded"`` (signs) and ``"dct"``: the GEMM sees an fp32 basis; every side, weight dtype,
+    moment storage, residual and precision. The regeneration only changes how the basis operand's tiles are made,
+    so a class is a side, a kind, 8-bit or float storage and whether a residual is summed (the first of each is on
+    a default path); a back launch without a GEMM (apollo) reads no basis and is the stored one's variant."""
+    from . import operands, step
+
+    out: list[Variant] = []
+    kinds = {"signs": operands.BASIS_SIGNS, "dct": operands.BASIS_DCT}
+    for side, wd, prec, (kname, how) in itertools.product(SIDES, engine.KERNEL_DTYPES, _precisions(), kinds.items()):
+        default = prec == engine.matmul_precision("auto", wd)
+        where = f"{side}, {_dtype_name(wd)} weights, {kname} basis"
+        for mname, resid in itertools.product(quant.MOMENT_DTYPES, (False, True)):
+            kind = MOMENT_KINDS[mname]
+            for cols in _int8_columns() if kind == MOMENT_INT8 else [0]:
+                cfg = step.project_config(
+                    side, wd, torch.float32, kind, kind, resid, prec, cols, basis=how, interpreted=False
+                )
+                what = "residual" if resid else "no residual"
+                storage = "8-bit" if kind == MOMENT_INT8 else "float"
+                label = f"{where}, {mname} moments (BN {cfg['BN']}), {what}, {prec}"
+                out.append(
+                    _variant("project_adam_kernel", label, f"project {side} {kname} {storage} {what}", default, cfg)
+                )
+        for residual in residual_rule.RESIDUALS:
+            if residual in residual_rule.WHOLE_GRADIENT:
+                continue
+            cfg = step.back_config(side, wd, wd, torch.float32, residual, prec, basis=how, interpreted=False)
+            mode = "none" if residual == "none" else "fira"
+            label = f"{where}, residual {residual}, {prec}"
+            out.append(_variant("back_update_kernel", label, f"back {side} {kname} {mode}", default, cfg))
+    return _dedup(out)
+
+
 def refresh_variants() -> list[Variant]:
     """The refresh's GEMM for every operand dtype it can see (a gradient: fp32/bf16/fp16, or an fp32
     intermediate), the in-kernel Gaussian or a loaded B, both precisions; the fp64 Gram; and the standalone
@@ -186,7 +221,7 @@ def flags_variants() -> list[Variant]:
 
 def variants(representatives: bool = False) -> list[Variant]:
     """The sweep: every variant, or (``representatives``) the first variant of each combination class."""
-    every = step_variants() + refresh_variants() + flags_variants()
+    every = step_variants() + regenerated_variants() + refresh_variants() + flags_variants()
     if not representatives:
         return every
     seen: set[str] = set()

@@ -66,7 +66,10 @@ POINTER_DTYPES = {
     "coef": torch.float32,
     "out": torch.float32,
     "limits": torch.float32,
+    "p_table": torch.float32,
 }
+# Runtime float arguments and a sample value for a compile (an fp32 scalar).
+FLOAT_ARGUMENTS = {"p_scale": 0.5}
 # Per kernel, pointers of another element type than POINTER_DTYPES gives (the flags kernel's out is int32).
 KERNEL_POINTER_DTYPES = {"nonfinite_kernel": {"out": torch.int32}}
 KERNEL_MODULES = {
@@ -91,7 +94,7 @@ def jit(fn: Any) -> Any:
 
     ints = INT_ARGUMENTS[fn.__name__]
     runtime = [p.name for p in inspect.signature(fn).parameters.values() if "constexpr" not in str(p.annotation)]
-    pointers = [name for name in runtime if name not in ints]
+    pointers = [name for name in runtime if name not in ints and name not in FLOAT_ARGUMENTS]
     return triton.jit(fn, do_not_specialize=list(ints), do_not_specialize_on_alignment=pointers)
 
 
@@ -132,26 +135,31 @@ def variants_for(
     cols: int,
     refresh: bool,
     interpreted: bool,
+    regenerated: str | None = None,
 ) -> tuple[Variant, ...]:
     """Every variant one projected matrix can launch: its step's two launches (``cols``: its moments'
-    columns, which pick an 8-bit tile) and, with ``refresh`` (a ``warm``/``rsvd`` refresh on the kernels),
-    the range finder's products with its gradient's dtype, its fp32 products, the fp64 Gram matrix and the
-    Gaussian. Arguments as the launchers see them; cached (a step asks once per matrix)."""
+    columns, which pick an 8-bit tile; ``regenerated``: ``"signs"`` or ``"dct"`` for a basis the launches
+    regenerate in their tiles, which the GEMM sees as fp32) and, with ``refresh`` (a ``warm``/``rsvd`` refresh on
+    the kernels), the range finder's products with its gradient's dtype, its fp32 products, the fp64 Gram matrix
+    and the Gaussian. Arguments as the launchers see them; cached (a step asks once per matrix)."""
+    from . import operands
     from . import refresh as kr
     from . import step as ks
 
-    basis = getattr(torch, basis_dtype)
+    how = {None: operands.BASIS_STORED, "signs": operands.BASIS_SIGNS, "dct": operands.BASIS_DCT}[regenerated]
+    basis = torch.float32 if regenerated else getattr(torch, basis_dtype)
     kind = MOMENT_KINDS[moments_dtype]
+    resid = residual != "none"
     out = [
         Variant.of(
             "project_adam_kernel",
             ks.project_config(
-                side, g_dtype, basis, kind, kind, residual != "none", precision, cols, interpreted=interpreted
+                side, g_dtype, basis, kind, kind, resid, precision, cols, basis=how, interpreted=interpreted
             ),
         ),
         Variant.of(
             "back_update_kernel",
-            ks.back_config(side, w_dtype, g_dtype, basis, residual, precision, interpreted=interpreted),
+            ks.back_config(side, w_dtype, g_dtype, basis, residual, precision, basis=how, interpreted=interpreted),
         ),
     ]
     if refresh:
@@ -215,6 +223,8 @@ def arguments(kernel: Any, v: Variant, pointer: Any) -> dict[str, Any]:
             args[p.name] = tl.dtype(value) if isinstance(value, str) and p.name.endswith("_DT") else value
         elif p.name in ints:
             args[p.name] = _SAMPLE_INTS.get(p.name, 0)
+        elif p.name in FLOAT_ARGUMENTS:
+            args[p.name] = FLOAT_ARGUMENTS[p.name]
         else:
             dtypes = {**POINTER_DTYPES, **KERNEL_POINTER_DTYPES.get(v.kernel, {})}
             args[p.name] = pointer(dtypes.get(p.name, torch.int64))

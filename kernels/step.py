@@ -33,6 +33,8 @@ from torch import Tensor
 
 from ..adam_rule import AdamScalars, Lag, lag_factors, lag_vectors, moments_directions, scalars_by_age
 from ..factored import Factored
+from ..philox import scale_of
+from ..projections import DctColumns, Signs
 from ..quant import BLOCK, Moment, as_moment, parts
 from ..residual_rule import (
     PER_MATRIX,
@@ -58,7 +60,8 @@ from ._common import (
     tile_options,
     tl_dtype,
 )
-from .gemm import dot_tile, tile_ids
+from .gemm import tile_ids
+from .operands import BASIS_DCT, BASIS_SIGNS, BASIS_STORED, basis_source, step_dot
 from .precompile import jit
 
 # The scalar table both kernels read: one fp32 row per matrix of a batch, its columns named once, here: the
@@ -130,42 +133,6 @@ def store_moment(ptrs, absmax_ptrs, table, bid, x, rm, rn, pid_n, M, s0, s1, sq0
 
 
 @triton.jit
-def dot_tile_sumsq(
-    a, b, rm, rn,
-    M, N, K,
-    sa0, sa1, sb0, sb1,
-    SQ_OF_B: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """``gemm.dot_tile`` (fp32, loaded operands) that also sums the squares of the gradient operand's
-    entries along K while its tiles pass through registers: the columns of B (SQ_OF_B: G is B, a left
-    basis) or the rows of A (G is A, a right basis). That gives ||G_j||^2 per channel without another
-    read of G."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    # One accumulator whose length the constexpr picks, and one return: Triton's code generator type-checks
-    # every return statement, so returning a [BN] sum in one branch and a [BM] sum after it failed to
-    # compile whenever BM != BN (8-bit moments), although the interpreter ran it.
-    sq = tl.zeros((BN if SQ_OF_B else BM,), dtype=tl.float32)
-    rk0 = tl.arange(0, BK)
-    m_ok = rm < M
-    n_ok = rn < N
-    for k0 in range(0, K, BK):
-        rk = k0 + rk0
-        k_ok = rk < K
-        a_tile = tl.load(
-            a + rm[:, None] * sa0 + rk[None, :].to(tl.int64) * sa1, mask=m_ok[:, None] & k_ok[None, :], other=0.0
-        ).to(tl.float32)
-        b_tile = tl.load(
-            b + rk[:, None].to(tl.int64) * sb0 + rn[None, :] * sb1, mask=k_ok[:, None] & n_ok[None, :], other=0.0
-        ).to(tl.float32)
-        if SQ_OF_B:
-            sq += tl.sum(b_tile * b_tile, axis=0)
-        else:
-            sq += tl.sum(a_tile * a_tile, axis=1)
-        acc = tl.dot(a_tile, b_tile, acc, input_precision=PRECISION)
-    return acc, sq
-
-
-@triton.jit
 def channel_sums_store(sq_ptrs, bid, sq, rm, rn, pid_m, pid_n, M, N, SQ_OF_B: tl.constexpr):
     """Store ||G_j||^2 per channel from the grid's first row of tiles (SQ_OF_B: G is B, a left basis; the
     channels are columns) or first column (G is A; the channels are rows): each tile of it saw whole channels."""
@@ -205,10 +172,10 @@ def project_adam_kernel(
     a_ptrs, b_ptrs, m_ptrs, v_ptrs, n_ptrs, mq_ptrs, vq_ptrs, m_table, v_table, hyper,
     M, N, K,
     sa0, sa1, sb0, sb1, sm0, sm1, sv0, sv1, sn0, sn1, smq0, smq1, svq0, svq1,
-    r_ptrs, sq_ptrs,
+    r_ptrs, sq_ptrs, p_table, p_scale,
     A_DT: tl.constexpr, B_DT: tl.constexpr, M_KIND: tl.constexpr, V_KIND: tl.constexpr, RESID: tl.constexpr,
-    SQ_OF_B: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    SQ_OF_B: tl.constexpr, BASIS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """R = A @ B (A = P^T, B = G for a left basis; A = G, B = P for a right one), then Adam's epilogue on it
     (``adam_epilogue``): the moments updated in place in their storage (M_KIND / V_KIND, ``load_moment``;
@@ -227,15 +194,20 @@ def project_adam_kernel(
     if tl.load(h + SKIP) != 0.0:
         return
     pid_m, pid_n = tile_ids(M, N, BM, BN, GROUP_M)
-    a = tl.load(a_ptrs + bid).to(tl.pointer_type(A_DT))
-    b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
+    if SQ_OF_B:  # left: A = P^T, B = G
+        a = basis_source(a_ptrs + bid, A_DT, BASIS)
+        b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
+    else:  # right: A = G, B = P
+        a = tl.load(a_ptrs + bid).to(tl.pointer_type(A_DT))
+        b = basis_source(b_ptrs + bid, B_DT, BASIS)
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    r, sq = step_dot(
+        a, b, p_table, p_scale, rm, rn, M, N, K, sa0, sa1, sb0, sb1,
+        BASIS, SQ_OF_B, SQ_OF_B, RESID, SQ_OF_B, PRECISION, BM, BN, BK,
+    )  # fmt: skip
     if RESID:
-        r, sq = dot_tile_sumsq(a, b, rm, rn, M, N, K, sa0, sa1, sb0, sb1, SQ_OF_B, PRECISION, BM, BN, BK)
         channel_sums_store(sq_ptrs, bid, sq, rm, rn, pid_m, pid_n, M, N, SQ_OF_B)
-    else:
-        r = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     n = adam_epilogue(
         r, h, bid, rm, rn, pid_n, M, mask,
@@ -270,10 +242,10 @@ def back_update_kernel(
     a_ptrs, b_ptrs, w_ptrs, hyper,
     M, N, K,
     sa0, sa1, sb0, sb1, sw0, sw1,
-    g_ptrs, sg0, sg1, coef, s_coef,
+    g_ptrs, sg0, sg1, coef, s_coef, p_table, p_scale,
     A_DT: tl.constexpr, B_DT: tl.constexpr, W_DT: tl.constexpr, G_DT: tl.constexpr, ROUND_BF16: tl.constexpr,
-    RESID: tl.constexpr, LOW_RANK: tl.constexpr, COEF_OF_COLS: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    RESID: tl.constexpr, LOW_RANK: tl.constexpr, COEF_OF_COLS: tl.constexpr, BASIS: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """U = A @ B (A = P, B = N for a left basis; A = N, B = P^T for a right one), then in the epilogue
 
@@ -294,9 +266,16 @@ def back_update_kernel(
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if LOW_RANK:
-        a = tl.load(a_ptrs + bid).to(tl.pointer_type(A_DT))
-        b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
-        u = dot_tile(a, b, 0, rm, rn, M, N, K, sa0, sa1, sb0, sb1, False, False, PRECISION, BM, BN, BK)
+        if COEF_OF_COLS:  # left: A = P, B = N
+            a = basis_source(a_ptrs + bid, A_DT, BASIS)
+            b = tl.load(b_ptrs + bid).to(tl.pointer_type(B_DT))
+        else:  # right: A = N, B = P^T
+            a = tl.load(a_ptrs + bid).to(tl.pointer_type(A_DT))
+            b = basis_source(b_ptrs + bid, B_DT, BASIS)
+        u, _ = step_dot(
+            a, b, p_table, p_scale, rm, rn, M, N, K, sa0, sa1, sb0, sb1,
+            BASIS, COEF_OF_COLS, not COEF_OF_COLS, False, False, PRECISION, BM, BN, BK,
+        )  # fmt: skip
     else:
         u = tl.zeros((BM, BN), dtype=tl.float32)
     if RESID:
@@ -333,18 +312,19 @@ def project_config(
     cols: int,
     blocks: Blocks | None = None,
     *,
+    basis: int = BASIS_STORED,
     interpreted: bool | None = None,
 ) -> dict[str, Any]:
     """``project_adam_kernel``'s constexprs and launch options for one batch (``cols``: the moments'
-    columns). The one place they are chosen: ``_project_launch`` launches with them and ``aot`` compiles
-    every combination of its arguments, so the ahead-of-time sweep covers exactly what can launch. Cached
-    (a step asks per batch); callers get a copy."""
+    columns; ``basis``: how the basis reaches the GEMM, ``operands``). The one place they are chosen:
+    ``_project_launch`` launches with them and ``aot`` compiles every combination of its arguments, so the
+    ahead-of-time sweep covers exactly what can launch. Cached (a step asks per batch); callers get a copy."""
     here = interpreting() if interpreted is None else interpreted
-    return dict(_project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, cols, blocks, here))
+    return dict(_project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, cols, blocks, basis, here))
 
 
 @functools.lru_cache(maxsize=1024)
-def _project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, cols, blocks, interpreted):  # noqa: ANN001, ANN202
+def _project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, cols, blocks, basis, interpreted):  # noqa: ANN001, ANN202
     quantized = MOMENT_INT8 in (m_kind, v_kind)
     a_dt, b_dt = (p_dtype, g_dtype) if side == "left" else (g_dtype, p_dtype)  # left: P^T G; right: G P
     if blocks is None:
@@ -357,6 +337,7 @@ def _project_config(side, g_dtype, p_dtype, m_kind, v_kind, resid, precision, co
         V_KIND=v_kind,
         RESID=resid,
         SQ_OF_B=side == "left",
+        BASIS=basis,
         PRECISION=precision,
         **tile_options(pb),
     )
@@ -371,16 +352,19 @@ def back_config(
     precision: str,
     blocks: Blocks | None = None,
     *,
+    basis: int = BASIS_STORED,
     interpreted: bool | None = None,
 ) -> dict[str, Any]:
     """``back_update_kernel``'s constexprs and launch options for one batch (see ``project_config``)."""
     here = interpreting() if interpreted is None else interpreted
-    return dict(_back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, here))
+    return dict(_back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, basis, here))
 
 
 @functools.lru_cache(maxsize=1024)
-def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, interpreted):  # noqa: ANN001, ANN202
+def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, basis, interpreted):  # noqa: ANN001, ANN202
     a_dt, b_dt = (p_dtype, torch.float32) if side == "left" else (torch.float32, p_dtype)  # P N; N P^T
+    if residual in WHOLE_GRADIENT:  # no GEMM, no basis read: one variant whatever the basis
+        basis = BASIS_STORED
     if blocks is None:
         blocks = default_blocks(precision=precision, interpreted=interpreted)
     return dict(
@@ -392,6 +376,7 @@ def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, i
         RESID=residual != "none",
         LOW_RANK=residual not in WHOLE_GRADIENT,
         COEF_OF_COLS=side == "left",
+        BASIS=basis,
         PRECISION=precision,
         **tile_options(blocks),
     )
@@ -456,11 +441,11 @@ def _project_layout(
     m, n = gs[0].shape
     r = ps[0].shape[1]
     if same_layout:
-        strides = [gs[0].stride(), ps[0].stride(), ms.values[0].stride(), vs.values[0].stride()]
+        strides = [gs[0].stride(), basis_strides(ps[0]), ms.values[0].stride(), vs.values[0].stride()]
     else:
         strides = [
             check_same_layout(gs, "gradients"),
-            check_same_layout(ps, "bases"),
+            check_same_layout(ps, "bases") if basis_kind(ps[0]) == BASIS_STORED else basis_strides(ps[0]),
             check_same_layout(ms.values, "exp_avg"),
             check_same_layout(vs.values, "exp_avg_sq"),
         ]
@@ -470,11 +455,39 @@ def _project_layout(
     if not fits or ps[0].shape[0] != (m if side == "left" else n):
         shapes = f"{side} basis {tuple(ps[0].shape)} / moments {tuple(ms.values[0].shape)}"
         raise ValueError(f"{shapes} do not fit G {(m, n)}")
-    if ps[0].dtype not in (torch.float32, torch.bfloat16):
+    if basis_dtype(ps[0]) not in (torch.float32, torch.bfloat16):
         raise TypeError(f"bases must be fp32 or bf16, got {ps[0].dtype}")
     for what, t in (("weight", ws[0]), ("exp_avg", ms.values[0]), ("exp_avg_sq", vs.values[0])):
         check_writable(t, what)  # same strides across the batch: one check covers it
     return _Layout(m, n, r, rshape, *strides)
+
+
+def basis_kind(p: Tensor | Signs | DctColumns) -> int:
+    """How a member's basis reaches the GEMM (``operands``): loaded, or regenerated from a record."""
+    return BASIS_SIGNS if type(p) is Signs else BASIS_DCT if type(p) is DctColumns else BASIS_STORED
+
+
+def basis_strides(p: Tensor | Signs | DctColumns) -> tuple[int, int]:
+    """A stored basis's strides; a regenerated one has none (placeholders the kernels never read)."""
+    return p.stride() if isinstance(p, Tensor) else (0, 0)
+
+
+def basis_dtype(p: Tensor | Signs | DctColumns) -> torch.dtype:
+    """The dtype the GEMM sees for the basis: a stored one's, fp32 for a regenerated one."""
+    return p.dtype if isinstance(p, Tensor) else torch.float32
+
+
+def _basis_pointer(p: Tensor | Signs | DctColumns) -> Tensor | int:
+    """A member's entry of the basis pointer array: the basis, its seed, or its column indices."""
+    return p.seed if type(p) is Signs else p.index if type(p) is DctColumns else p
+
+
+def _basis_arguments(ps: list[Tensor | Signs | DctColumns], placeholder: Tensor) -> tuple[Tensor, float]:
+    """The launches' ``p_table`` (the DCT table of a DCT batch) and ``p_scale`` (a sign batch's 1/sqrt(r))."""
+    kind = basis_kind(ps[0])
+    if kind == BASIS_DCT:
+        return ps[0].table, 1.0
+    return placeholder, scale_of(ps[0].shape[1]) if kind == BASIS_SIGNS else 1.0
 
 
 def _absmax_rows(
@@ -524,7 +537,7 @@ def _project_launch(
     rows: dict[str, Any] = {
         "w": ws,
         "g": gs,
-        "p": ps,
+        "p": [_basis_pointer(p) for p in ps],
         "m": ms.values,
         "v": vs.values,
         "n": nbuf,
@@ -541,9 +554,13 @@ def _project_launch(
         a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["p"], lay.p[::-1], tables["g"], lay.g, (lay.r, lay.n, lay.m)
     else:  # R = G P: A = G (m x n), B = P (n x r)
         a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["g"], lay.g, tables["p"], lay.p, (lay.m, lay.r, lay.n)
-    cfg = project_config(side, gs[0].dtype, ps[0].dtype, m_kind, v_kind, resid, precision, rn, blocks)
+    kind = basis_kind(ps[0])
+    cfg = project_config(
+        side, gs[0].dtype, basis_dtype(ps[0]), m_kind, v_kind, resid, precision, rn, blocks, basis=kind
+    )
     grid = (triton.cdiv(rm, cfg["BM"]) * triton.cdiv(rn, cfg["BN"]), len(gs))
     placeholder = tables["n"]  # stands for the arrays a variant never reads (no int8 moment, no residual)
+    p_table, p_scale = _basis_arguments(ps, hyper)
     n_strides = nbuf.stride()[1:]
     project_adam_kernel[grid](
         a_arr, b_arr, tables["m"], tables["v"], tables["n"], tables.get("mq", placeholder),
@@ -551,7 +568,7 @@ def _project_launch(
         hyper,
         rm, rn, rk,
         *sa, *sb, *lay.m_values, *lay.v_values, *n_strides, *mq_strides, *vq_strides,
-        tables.get("r", placeholder), tables.get("sq", placeholder),
+        tables.get("r", placeholder), tables.get("sq", placeholder), p_table, p_scale,
         **cfg,
     )  # fmt: skip
     return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf, tables)
@@ -588,7 +605,7 @@ def _factored_first_half(
     directions = moments_directions(rs, m_work, v_work, rows, fixes, flags, [side] * len(gs), reduce)
     _store_moments(moments, saved, m_work, v_work, flags)
     nbuf = torch.stack(directions)
-    rows: dict[str, Any] = {"w": ws, "g": gs, "p": ps, "n": nbuf}
+    rows: dict[str, Any] = {"w": ws, "g": gs, "p": [_basis_pointer(p) for p in ps], "n": nbuf}
     rbuf = sqbuf = None
     if resid:
         rbuf = torch.stack(rs)
@@ -603,7 +620,7 @@ def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: 
     ws, gs, ps, side, tables = x.ws, x.gs, x.ps, x.side, x.tables
     m, n = gs[0].shape
     r = ps[0].shape[1]
-    g_strides, p_strides, w_strides = gs[0].stride(), ps[0].stride(), ws[0].stride()
+    g_strides, p_strides, w_strides = gs[0].stride(), basis_strides(ps[0]), ws[0].stride()
     n_strides = x.nbuf.stride()[1:]
     resid = residual != "none"
     if side == "left":  # U = P N: A = P (m x r), B = N (r x n)
@@ -611,13 +628,15 @@ def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: 
     else:  # U = N P^T: A = N (m x r), B = P^T (r x n)
         a_arr, sa, b_arr, sb = tables["n"], n_strides, tables["p"], p_strides[::-1]
     coef = x.hyper if coef is None else coef  # placeholder without a residual
-    cfg = back_config(side, ws[0].dtype, gs[0].dtype, ps[0].dtype, residual, precision, blocks)
+    kind = basis_kind(ps[0])
+    cfg = back_config(side, ws[0].dtype, gs[0].dtype, basis_dtype(ps[0]), residual, precision, blocks, basis=kind)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), len(gs))
+    p_table, p_scale = _basis_arguments(ps, x.hyper)
     back_update_kernel[grid](
         a_arr, b_arr, tables["w"], x.hyper,
         m, n, r,
         *sa, *sb, *w_strides,
-        tables["g"], *g_strides, coef, coef.stride(0) if resid else 0,
+        tables["g"], *g_strides, coef, coef.stride(0) if resid else 0, p_table, p_scale,
         **cfg,
     )  # fmt: skip
 
@@ -692,8 +711,14 @@ def layout_batches(
     return list(out.values())
 
 
-def _layout(t: Tensor | None) -> tuple | None:
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.get_device())
+def _layout(t: Tensor | Signs | DctColumns | None) -> tuple | None:
+    if t is None:
+        return None
+    if type(t) is Signs:
+        return ("signs", t.shape)
+    if type(t) is DctColumns:  # one table per batch (the launch reads one)
+        return ("dct", t.shape, t.table.data_ptr(), t.index.get_device())
+    return (t.shape, t.stride(), t.dtype, t.get_device())
 
 
 def _scalar_table(
@@ -770,7 +795,8 @@ def subspace_adamw(
             hyper = _scalar_table(ages, scalars, flags, lag, betas, dev)
             batch = [[t[i] for i in idx] for t in (ws, grads, bases, exp_avgs, exp_avg_sqs)]
             side, resid = sides[idx[0]], residual != "none"
-            if type(batch[4][0]) is Factored:
+            if type(batch[4][0]) is Factored:  # launch 1 in torch: it reads the bases materialized
+                batch[2] = [p if isinstance(p, Tensor) else p.materialize(dev) for p in batch[2]]
                 first = _factored_first_half(*batch, hyper, side, resid, ages, scalars, lag, betas, flags, reduce)
             else:
                 first = _project_launch(*batch, hyper, side, blocks, matmul_precision, resid, True)

@@ -142,6 +142,12 @@ def _variants(p: Tensor, group: dict[str, Any], side: str) -> tuple:
 
     cols = matrix_shape(p)[1] if side == "left" else group["rank"]  # the moments: r x n (left), m x r (right)
     refresh = group["refresh"] in ("warm", "rsvd") and not is_dtensor(p)
+    regenerated = None  # factored batches take their bases materialized (``kernels.step``)
+    if group["second_moment"] != "factored":
+        if group["refresh"] == "dct":
+            regenerated = "dct"
+        elif group["refresh"] == "seeded" and group["seed_stream"] == "counter":
+            regenerated = "signs"
     return precompile.variants_for(
         side,
         p.dtype,
@@ -153,4 +159,5 @@ def _variants(p: Tensor, group: dict[str, Any], side: str) -> tuple:
         cols,
         refresh,
         triton_runtime.interpreting(),
+        regenerated,
     )

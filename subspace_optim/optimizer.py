@@ -86,21 +86,30 @@ def _regenerated_step(
     steps: list[int],
     **kwargs: Any,
 ) -> None:
-    """``functional.subspace_adamw`` for matrices whose projections are regenerated (``projections``), in chunks of
-    at most ``projections.CHUNK_BYTES`` of fp32 projections, each chunk's drawn just before its step: their
+    """``functional.subspace_adamw`` for matrices whose projections are regenerated (``projections``).
+
+    The Triton engine takes them as records it regenerates inside its GEMM tiles (``projections.in_kernel``): one
+    call, nothing materialized (apollo-torch's Gaussian stream excepted, drawn here). The reference draws them in
+    chunks of at most ``projections.CHUNK_BYTES`` of fp32 projections, each chunk's just before its step: their
     transient never approaches what stored bases would take. Every rank chunks alike (same matrices, same sizes),
     so a row-sharded call's reductions still line up."""
     del bases  # none stored
     group = matrices[0].group
+    rank, stream = group["rank"], group["seed_stream"]
     dims = [basis_dim(m.side, *matrix_shape(m.p)) for m in matrices]
+    if kwargs.get("engine") == "triton":
+        made = [
+            projections.in_kernel(m.state, m.side, d, rank, g.device, stream)
+            for m, d, g in zip(matrices, dims, grads, strict=True)
+        ]
+        functional.subspace_adamw(params, grads, made, exp_avgs, exp_avg_sqs, steps, **kwargs)
+        return
     count = len(matrices)
-    for chunk in projections.regenerated_chunks(dims, group["rank"]):
+    for chunk in projections.regenerated_chunks(dims, rank):
         drawn = [
-            local(projections.projection(matrices[i].state, matrices[i].side, dims[i], group["rank"], grads[i].device))
+            local(projections.projection(matrices[i].state, matrices[i].side, dims[i], rank, grads[i].device, stream))
             for i in chunk
         ]
-        if kwargs.get("engine") == "triton":  # the kernels take row-major bases
-            drawn = [b.contiguous() for b in drawn]
         pick = [[t[i] for i in chunk] for t in (params, grads, exp_avgs, exp_avg_sqs, steps)]
         sliced = {k: [v[i] for i in chunk] if isinstance(v, list) and len(v) == count else v for k, v in kwargs.items()}
         functional.subspace_adamw(pick[0], pick[1], drawn, *pick[2:], **sliced)

@@ -1,7 +1,7 @@
 """Bases that are never stored: a matrix keeps a few numbers, and the step regenerates its projection from them.
 
-- ``refresh="seeded"``: APOLLO's random projection, a Gaussian with entries N(0, 1/r) drawn from a generator seed.
-  The state holds that seed (``projection_seed``, a plain int). It is not orthonormal (P^T P ~ (d/r) I): it is a
+- ``refresh="seeded"``: APOLLO's random projection, entries of variance 1/r regenerated from a generator seed. The
+  state holds that seed (``projection_seed``, a plain int). It is not orthonormal (P^T P ~ (d/r) I): it is a
   sketch that preserves norms in expectation, which is all APOLLO's channel scaling needs, so it serves only the
   residual modes that step along the whole gradient (``options`` refuses the others).
 - ``refresh="dct"``: the ``rank`` columns of the orthonormal DCT-II matrix most aligned with the gradient
@@ -10,26 +10,31 @@
   LLaMA-7B: one 4096 x 4096 fp32 table, 64 MiB, for all 224 matrices): on CPU 4-10x faster than evaluating the
   cosines (measured, d x r from 512 x 128 to 4096 x 1024), for a table far smaller than the bases it replaces.
 
-A projection is drawn the way apollo-torch draws it, so its own stream (``seed_stream="apollo"``) reproduces
-apollo-torch's trajectory: a (d x r) Gaussian for a left basis, the transpose of an (r x d) one for a right basis,
-each from ``torch.Generator(device).manual_seed(seed)``. Generators of the same device type give every
-data-parallel rank, and a resumed run, the same numbers; the seeds depend on (seed, parameter index, refresh count)
-only (``seed_stream="counter"``) or on apollo-torch's chain from the parameter's position.
+A seeded projection comes from one of two streams (``seed_stream``):
 
-Regenerating costs one Gaussian draw (or one DCT gather) of d x r per matrix and step; ``regenerated_chunks``
-bounds how many of them exist at once.
+- ``"counter"`` (the default): random signs +-1/sqrt(r) from Philox (``philox``), the same bits on every device
+  and engine, so the Triton step regenerates it inside its GEMM tiles (``Signs``) and the reference draws it in
+  torch; seeds from (seed, parameter index, refresh count), as every sketch's.
+- ``"apollo"``: apollo-torch 1.0.3's own Gaussian, so a run reproduces apollo-torch's trajectory: a (d x r)
+  ``torch.randn`` for a left basis, the transpose of an (r x d) one for a right basis, each from
+  ``torch.Generator(device).manual_seed(seed)``, seeds from the parameter's position and apollo-torch's chain.
+  torch's generators differ by device type, so this stream is the same on every rank of one device type, and the
+  Triton step takes it materialized.
+
+Regenerating costs one draw (or one DCT gather) of d x r per matrix and step, unless the kernels do it in their
+tiles; ``regenerated_chunks`` bounds how many materialized projections exist at once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import dct, linalg
+from . import dct, linalg, philox
 from .distributed import local
 from .subspace import REGENERATED
 
@@ -63,13 +68,46 @@ def next_projection_seed(group: dict[str, Any], index: int, state: dict[str, Any
     return linalg.sketch_seed(group["seed"], index, state["refresh_count"])
 
 
-def seeded_projection(d: int, rank: int, side: str, seed: int, device: torch.device) -> Tensor:
-    """The d x r seeded projection: N(0, 1/r) entries, drawn as a (d, r) Gaussian (left) or the transpose of an
-    (r, d) one (right), fp32 on ``device``."""
+def seeded_projection(d: int, rank: int, side: str, seed: int, device: torch.device, stream: str = "counter") -> Tensor:
+    """The d x r seeded projection, fp32 on ``device``: ``philox.sign_projection`` (stream ``"counter"``, both sides
+    alike), or apollo-torch's N(0, 1/r) Gaussian (``"apollo"``: a (d, r) draw for a left basis, the transpose of an
+    (r, d) one for a right basis)."""
+    if stream == "counter":
+        return philox.sign_projection(seed, d, rank, device)
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = (d, rank) if side == "left" else (rank, d)
     z = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).div_(math.sqrt(rank))
     return z if side == "left" else z.mT
+
+
+class Signs(NamedTuple):
+    """A counter-stream seeded projection that the Triton step regenerates in its tiles (``kernels/operands.py``)."""
+
+    seed: int
+    shape: tuple[int, int]
+
+    def materialize(self, device: torch.device) -> Tensor:
+        """The same matrix drawn in torch (``philox.sign_projection``)."""
+        return philox.sign_projection(self.seed, *self.shape, device)
+
+
+class DctColumns(NamedTuple):
+    """DCT columns that the Triton step gathers in its tiles: int32 indices into the shared d x d table."""
+
+    index: Tensor
+    table: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.table.shape[0], self.index.shape[0])
+
+    def materialize(self, device: torch.device) -> Tensor:
+        """The same columns gathered in torch (the table's device)."""
+        del device
+        return self.table.index_select(1, self.index)
+
+
+Regenerated = Signs | DctColumns
 
 
 # The state key that holds each kind of basis. A refresh installs its policy's key and drops the others, so a
@@ -89,13 +127,28 @@ def keep_only(state: dict[str, Any], key: str) -> None:
             state.pop(other, None)
 
 
-def projection(state: dict[str, Any], side: str, d: int, rank: int, device: torch.device) -> Tensor:
+def projection(state: dict[str, Any], side: str, d: int, rank: int, device: torch.device, stream: str) -> Tensor:
     """The projection a step of this matrix uses: its stored basis, or the one regenerated from its state."""
     if "basis" in state:
         return state["basis"]
     if "projection_seed" in state:
-        return seeded_projection(d, rank, side, state["projection_seed"], device)
+        return seeded_projection(d, rank, side, state["projection_seed"], device, stream)
     return dct.gather_columns(d, local(state["basis_index"]), device=device)
+
+
+def in_kernel(
+    state: dict[str, Any], side: str, d: int, rank: int, device: torch.device, stream: str
+) -> Tensor | Regenerated:
+    """What the Triton step takes for this matrix: its stored basis, a record it regenerates from (``Signs``,
+    ``DctColumns``), or for the apollo stream the materialized Gaussian (row-major, as the kernels read it)."""
+    if "basis" in state:
+        return state["basis"]
+    if "projection_seed" in state:
+        if stream == "counter":
+            return Signs(int(state["projection_seed"]), (d, rank))
+        return seeded_projection(d, rank, side, state["projection_seed"], device, stream).contiguous()
+    index = local(state["basis_index"])
+    return DctColumns(index.to(device=device, dtype=torch.int32).contiguous(), dct.dct_matrix(d, device))
 
 
 def regenerated_chunks(dims: Sequence[int], rank: int, budget: int = CHUNK_BYTES) -> Iterator[range]:

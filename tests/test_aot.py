@@ -93,7 +93,9 @@ def _check_against(call: dict, kernel: str, config: dict, wanted: tuple) -> None
     assert {k: call[k] for k in config} == config
     assert precompile.Variant.of(kernel, config) in wanted
     ints = {name for name, value in call.items() if name not in config and not isinstance(value, torch.Tensor)}
-    assert ints == set(precompile.INT_ARGUMENTS[kernel])
+    floats = set(precompile.FLOAT_ARGUMENTS) & ints
+    assert all(type(call[name]) is float for name in floats)
+    assert ints - floats == set(precompile.INT_ARGUMENTS[kernel])
     for name, value in call.items():
         if isinstance(value, torch.Tensor):
             assert value.dtype == precompile.POINTER_DTYPES.get(name, torch.int64), name
@@ -170,7 +172,7 @@ def test_the_sweep_holds_every_variant_a_step_can_compile_on_a_gpu():
     from subspace_optim import engine, options, residual_rule
 
     swept = {v.compiled for v in aot.variants()}
-    for side, w, basis, moments, residual, choice, cols, refresh in itertools.product(
+    for side, w, basis, moments, residual, choice, cols, refresh, regenerated in itertools.product(
         ("left", "right"),
         engine.KERNEL_DTYPES,
         quant.BASIS_DTYPES,
@@ -179,10 +181,13 @@ def test_the_sweep_holds_every_variant_a_step_can_compile_on_a_gpu():
         options.MATMUL_PRECISIONS,
         (5, 40, 256, 300, 4096),
         (False, True),
+        (None, "signs", "dct"),
     ):
         precision = engine.matmul_precision(choice, w)
-        wanted = precompile.variants_for(side, w, w, basis, moments, residual, precision, cols, refresh, False)
-        assert set(wanted) <= swept, (side, w, basis, moments, residual, precision, cols)
+        wanted = precompile.variants_for(
+            side, w, w, basis, moments, residual, precision, cols, refresh, False, regenerated
+        )
+        assert set(wanted) <= swept, (side, w, basis, moments, residual, precision, cols, regenerated)
 
 
 _SAME_BINDING = r"""

@@ -110,6 +110,6 @@ def test_apollo_seed_chain_is_apollo_torchs():
         g = torch.randn(*shape)
         proj = GradientProjector(3, update_proj_gap=5, proj_type="std", seed=7)
         low = proj.project(g, 0)
-        ours = projections.seeded_projection(min(shape), 3, side, 7, torch.device("cpu"))
+        ours = projections.seeded_projection(min(shape), 3, side, 7, torch.device("cpu"), "apollo")
         expected = ours.mT @ g if side == "left" else g @ ours
         torch.testing.assert_close(low, expected, rtol=0, atol=0)

@@ -58,17 +58,19 @@ def test_state_holds_a_seed_or_indices_and_no_basis(options):
     assert opt.subspace_metrics()["overall"]["state_bytes"] < stored.subspace_metrics()["overall"]["state_bytes"]
 
 
-def test_seeded_projection_statistics():
-    """Entries N(0, 1/r), and independent draws from one refresh to the next."""
+def test_apollo_stream_statistics():
+    """apollo-torch's stream: entries N(0, 1/r), and independent draws from one refresh to the next (the counter
+    stream's signs: ``test_philox``)."""
     d, r = 4096, 64
-    p = projections.seeded_projection(d, r, "left", 11, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    p = projections.seeded_projection(d, r, "left", 11, cpu, "apollo")
     assert p.shape == (d, r)
     assert abs(float(p.mean())) < 4 / math.sqrt(d * r) * math.sqrt(1 / r) * 10
     assert float(p.var() * r) == pytest.approx(1.0, rel=0.02)
-    right = projections.seeded_projection(d, r, "right", 11, torch.device("cpu"))
+    right = projections.seeded_projection(d, r, "right", 11, cpu, "apollo")
     assert right.shape == (d, r) and not torch.equal(right, p)
     a, b = (
-        projections.seeded_projection(d, r, "left", projections.linalg.sketch_seed(0, 5, k), torch.device("cpu"))
+        projections.seeded_projection(d, r, "left", projections.linalg.sketch_seed(0, 5, k), cpu, "apollo")
         for k in (0, 1)
     )
     corr = float((a * b).sum() / (a.norm() * b.norm()))

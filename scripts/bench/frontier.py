@@ -27,6 +27,7 @@ from typing import Any
 from . import common, memory, quality
 
 OURS_TUNED = {"plain_lr": 3e-2}
+BALANCED = {"residual": "fira", "moments_dtype": "int8", "basis_dtype": "bfloat16", "second_moment": "factored"}
 # (name, optimizer, lr, pretrain flags).
 ROWS: list[tuple[str, str, float, dict[str, Any]]] = [
     ("adamw", "adamw", 2e-3, {"plain_lr": 3e-2}),
@@ -53,6 +54,15 @@ ROWS: list[tuple[str, str, float, dict[str, Any]]] = [
             "basis_dtype": "bfloat16",
             "second_moment": "factored",
         },
+    ),
+    *(
+        (
+            f"ours_stored_fira_int8_factored_r{rank}",
+            "subspace",
+            1e-2,
+            {**OURS_TUNED, "rank": rank, **BALANCED},
+        )
+        for rank in (16, 8)
     ),
     ("ours_dct_fira", "subspace", 1e-2, {**OURS_TUNED, "residual": "fira", "refresh": "dct"}),
     (
