@@ -80,7 +80,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("refresh", "warm", "choice",
            "how a basis is refreshed: warm, rsvd, svd (galore-torch's), random (a stored orthonormal Gaussian); "
-           "seeded (APOLLO's Gaussian projection, regenerated from a seed, never stored: with residual='apollo' "
+           "seeded (APOLLO's random projection, regenerated from a seed, never stored: with residual='apollo' "
            "or 'apollo_tensor'), dct (the r columns of the DCT-II basis most aligned with the gradient, stored as "
            "r indices)", REFRESH_POLICIES),
     Option("moments", "rotate", "choice", "what Adam's moments do when the basis changes", MOMENT_POLICIES),
@@ -90,9 +90,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", 0, "int", "sketch seed: sketches depend on (seed, parameter index, refresh count) only",
            type_error=True),
     Option("seed_stream", "counter", "choice",
-           "refresh='seeded': each projection's generator seed. counter: mixed from (seed, parameter index, refresh "
-           "count), as sketches; apollo: apollo-torch 1.0.3's (the parameter's position from 1, then its next_seed "
-           "chain), so a run reproduces apollo-torch's trajectory", SEED_STREAMS),
+           "refresh='seeded': each projection's numbers. counter: random signs +-1/sqrt(r) from Philox, seeded from "
+           "(seed, parameter index, refresh count) as sketches, the same bits on every device and engine (the "
+           "Triton step regenerates them in its tiles); apollo: apollo-torch 1.0.3's Gaussian and seeds (the "
+           "parameter's position from 1, then its next_seed chain), so a run reproduces apollo-torch's trajectory",
+           SEED_STREAMS),
     Option("nonfinite", "skip", "choice", "a NaN/Inf gradient skips that parameter's step, or raises",
            NONFINITE_POLICIES),
     Option("engine", "auto", "choice", "compute engine of the step and the refresh", ENGINES),
