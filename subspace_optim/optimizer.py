@@ -106,10 +106,16 @@ def _regenerated_step(
         return
     count = len(matrices)
     for chunk in projections.regenerated_chunks(dims, rank):
-        drawn = [
-            local(projections.projection(matrices[i].state, matrices[i].side, dims[i], rank, grads[i].device, stream))
-            for i in chunk
-        ]
+        at = [matrices[i] for i in chunk]
+        drawn = projections.draw(
+            [m.state for m in at],
+            [m.side for m in at],
+            [dims[i] for i in chunk],
+            rank,
+            [grads[i].device for i in chunk],
+            stream,
+        )
+        drawn = [local(p) for p in drawn]
         pick = [[t[i] for i in chunk] for t in (params, grads, exp_avgs, exp_avg_sqs, steps)]
         sliced = {k: [v[i] for i in chunk] if isinstance(v, list) and len(v) == count else v for k, v in kwargs.items()}
         functional.subspace_adamw(pick[0], pick[1], drawn, *pick[2:], **sliced)

@@ -136,6 +136,31 @@ def projection(state: dict[str, Any], side: str, d: int, rank: int, device: torc
     return dct.gather_columns(d, local(state["basis_index"]), device=device)
 
 
+def draw(
+    states: Sequence[dict[str, Any]],
+    sides: Sequence[str],
+    dims: Sequence[int],
+    rank: int,
+    devices: Sequence[torch.device],
+    stream: str,
+) -> list[Tensor]:
+    """The projections a chunk of matrices steps with (``projection`` of each): the counter stream's signs are drawn
+    in one Philox batch per size and device, since at these sizes a draw's cost is its ~130 torch operations,
+    not its entries (one batch of 56 LLaMA-60M projections: ~4x faster than 56 ``torch.randn``)."""
+    out: list[Tensor | None] = [None] * len(states)
+    batches: dict[tuple[int, torch.device], list[int]] = {}
+    for i, state in enumerate(states):
+        if stream == "counter" and "basis" not in state and "projection_seed" in state:
+            batches.setdefault((dims[i], devices[i]), []).append(i)
+        else:
+            out[i] = projection(state, sides[i], dims[i], rank, devices[i], stream)
+    for (d, device), members in batches.items():
+        drawn = philox.signs([states[i]["projection_seed"] for i in members], d, rank, device)
+        for j, i in enumerate(members):
+            out[i] = drawn[j]
+    return out  # type: ignore[return-value]
+
+
 def in_kernel(
     state: dict[str, Any], side: str, d: int, rank: int, device: torch.device, stream: str
 ) -> Tensor | Regenerated:
