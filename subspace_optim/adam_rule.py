@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import factored
+from . import rounding as rounding_mod
 from .subspace import project, project_back
 
 
@@ -145,8 +146,10 @@ def projected_adamw_batch(
     lags: Sequence[Lag | None],
     skips: Sequence[Tensor | None],
     reduce: Callable[[Tensor], Tensor] | None = None,
+    roundings: Sequence[int | None] | None = None,
 ) -> None:
-    """One step of each matrix i in the subspace of ``bases[i]``, in place (reference). The projections and
+    """One step of each matrix i in the subspace of ``bases[i]``, in place (reference); ``roundings[i]``: a
+    stochastic rounding seed for a bf16 weight (``apply_update``). The projections and
     updates are per matrix; the moments and N are one ``torch._foreach_*`` operation per step of the rule for
     all of them (``moments_directions``): on a CPU each matrix then costs its GEMMs and a few dispatches instead
     of a dozen, with the same kernels, so the same bits.
@@ -158,7 +161,8 @@ def projected_adamw_batch(
     for i, direction in enumerate(directions):
         if lags[i] is not None:
             direction.mul_(lags[i].c1)
-        apply_update(ps[i], project_back(direction, bases[i], sides[i]), scalars[i], skips[i])
+        rounding = None if roundings is None else roundings[i]
+        apply_update(ps[i], project_back(direction, bases[i], sides[i]), scalars[i], skips[i], rounding)
 
 
 def moments_directions(
@@ -245,13 +249,23 @@ def _decay(p: Tensor, decay: float, skip: Tensor | None) -> None:
         torch.where(skip, p, p * decay, out=p)
 
 
-def apply_update(p: Tensor, update: Tensor, scalars: AdamScalars, skip: Tensor | None = None) -> None:
+def apply_update(
+    p: Tensor, update: Tensor, scalars: AdamScalars, skip: Tensor | None = None, rounding: int | None = None
+) -> None:
     """W <- W (1 - lr wd) - alpha U, in place, U (fp32, ``p``'s element count) rounded once into ``p``'s dtype.
 
     With ``skip`` set, U (this step's temporary) is zeroed first: W + (-alpha) * (+0) is W for every W,
-    signed zeros included, so the skipped matrix's weight keeps its bits and its NaN never reaches it."""
+    signed zeros included, so the skipped matrix's weight keeps its bits and its NaN never reaches it. With a
+    ``rounding`` seed a bf16 W is computed in fp32 and rounded stochastically (``rounding``): a skipped W, already
+    a bf16 number, keeps its bits whatever the random ones."""
     if skip is not None:
         update.masked_fill_(skip, 0.0)
+    if rounding is not None and p.dtype == torch.bfloat16:
+        work = p.float()
+        _decay(work, scalars.decay, skip)
+        work.add_(update.view(p.shape), alpha=-scalars.alpha)
+        rounding_mod.store_(p, work, rounding)
+        return
     _decay(p, scalars.decay, skip)
     if torch.compiler.is_compiling():
         # Inductor (torch 2.13, CPU) compiles p.add_(a @ b, alpha=c) as if alpha were 1: scale explicitly.

@@ -45,6 +45,7 @@ from .residual_rule import (
     residual_moments,
     residual_update,
 )
+from .rounding import round_stochastically, rounding_bits
 
 __all__ = ["Moment", "adamw", "refresh_bases", "subspace_adamw"]
 
@@ -138,6 +139,7 @@ def subspace_adamw(
     skipped: Sequence[Tensor] | None = None,
     lags: Sequence[Tensor] | None = None,
     batches: Sequence[Sequence[int]] | None = None,
+    rounding_seeds: Sequence[int | None] | None = None,
 ) -> None:
     r"""One projected AdamW step for each matrix i (``adam_rule`` has the math), in place.
 
@@ -155,12 +157,13 @@ def subspace_adamw(
     int on the device) counts such skips among ``steps[i]`` that the caller has not read back yet; the bias
     corrections are fixed on the device (``adam_rule.lag_factors``). ``matmul_precision`` and ``batches`` (the
     launch batches, ``kernels.step.layout_batches``, from a caller that knows the layouts are unchanged) are
-    the Triton engine's; the reference ignores them.
+    the Triton engine's; the reference ignores them. ``rounding_seeds[i]`` (``rounding.rounding_seed``, or None)
+    rounds a bf16 weight stochastically from that seed's bits (``rounding``); other weights ignore it.
     """
     _check_choices(residual, limiter, engine, update_norms, len(params))
     tensors = (params, grads, bases, exp_avgs, exp_avg_sqs, steps)
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, scale=scale, sides=sides)
-    masking = dict(skipped=skipped, lags=lags)
+    masking = dict(skipped=skipped, lags=lags, rounding_seeds=rounding_seeds)
     residual_args = dict(residual=residual, update_norms=update_norms, reduce=reduce, limiter=limiter)
     if engine == "triton":
         from .kernels.step import subspace_adamw as triton_subspace_adamw  # imports Triton: only on use
@@ -203,6 +206,7 @@ def _projected_reference(
     skipped: Sequence[Tensor] | None,
     lags: Sequence[Tensor] | None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    rounding_seeds: Sequence[int | None] | None = None,
 ) -> None:
     """The reference step without a residual: chunk by chunk (``_moment_chunks``), the moments' fp32 working
     copies through ``adam_rule.projected_adamw_batch``, then stored back (8-bit ones restored where skipped)."""
@@ -222,6 +226,7 @@ def _projected_reference(
             [fixes[i] for i in chunk],
             skips,
             reduce,
+            None if rounding_seeds is None else [rounding_seeds[i] for i in chunk],
         )
         _store_moments(moments, saved, ms, vs, skips)
 
@@ -300,6 +305,7 @@ def _residual_reference(
     limiter: str,
     skipped: Sequence[Tensor] | None,
     lags: Sequence[Tensor] | None,
+    rounding_seeds: Sequence[int | None] | None = None,
 ) -> None:
     """The reference residual step in three passes: R, moments, N and channel sums per matrix
     (``_residual_moments``); the coefficients of every matrix in one call (``residual_rule.residual_coefficients``,
@@ -338,6 +344,7 @@ def _residual_reference(
             residual,
             fixes[i],
             None if skipped is None else skipped[i],
+            None if rounding_seeds is None else rounding_seeds[i],
         )
 
 
@@ -400,18 +407,36 @@ def adamw(
     weight_decay: float,
     foreach: bool | None,
     fused: bool | None = None,
+    rounding_seeds: Sequence[int | None] | None = None,
 ) -> None:
     """Plain AdamW for the parameters that are not projected: torch's own ``adam`` with decoupled weight
     decay, so these parameters train exactly as ``torch.optim.AdamW`` would train them.
 
     Moments stored in low precision (bf16 for a wider parameter, or 8-bit codes: ``quant.Moment`` records) are
     updated one parameter at a time through fp32 working copies (``quant.load_moment``/``store_moment``), with
-    the same ``adam`` call.
+    the same ``adam`` call. A bf16 parameter with a ``rounding_seeds`` entry takes that path too, its fp32 result
+    rounded stochastically into it (``rounding``).
     """
     kwargs = dict(decoupled_weight_decay=True, amsgrad=False, maximize=False, lr=lr, weight_decay=weight_decay, eps=eps)
     kwargs.update(beta1=betas[0], beta2=betas[1])
     foreach = _foreach_choice(params, lr, betas, foreach, fused)
     ms, vs = list(exp_avgs), list(exp_avg_sqs)
+    seeds = [None] * len(params) if rounding_seeds is None else list(rounding_seeds)
+    if any(s is not None and p.dtype == torch.bfloat16 for s, p in zip(seeds, params, strict=True)):
+        rest = []
+        for i, (p, g, m, v, step) in enumerate(zip(params, grads, ms, vs, steps, strict=True)):
+            if seeds[i] is None or p.dtype != torch.bfloat16:
+                rest.append(i)
+            elif type(v) is Factored:
+                _factored_adamw(
+                    p, g, m, v, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=seeds[i]
+                )
+            else:
+                _stored_adamw(p, g, (m, v), step, kwargs, seeds[i])
+        if rest:
+            pick = [[t[i] for i in rest] for t in (params, grads, ms, vs, steps)]
+            adamw(*pick, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
+        return
     if any(type(v) is Factored for v in vs):
         for p, g, m, v, step in zip(params, grads, ms, vs, steps, strict=True):
             if type(v) is Factored:
@@ -443,10 +468,11 @@ def _factored_adamw(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    rounding: int | None = None,
 ) -> None:
     """AdamW for one plain parameter whose second moment is factored (``factored``), viewed as rows x the rest:
     torch AdamW's update (decoupled decay, bias corrections, eps outside sqrt(V_hat)) with V from the factors,
-    through ``adam_rule``'s rule, the projected matrices' own."""
+    through ``adam_rule``'s rule, the projected matrices' own; ``rounding``: a stochastic rounding seed."""
     step.add_(1)
     scalars = adam_scalars(float(lr), betas, eps, weight_decay, 1.0, int(step.item()))
     reduce = None
@@ -459,7 +485,7 @@ def _factored_adamw(
     g = grad.reshape(grad.shape[0], -1).float()
     direction = moments_directions([g], [m.view(g.shape)], [factors], [scalars], [None], [None], [None], reduce)[0]
     store_moment(exp_avg, True, m)
-    apply_update(p, direction, scalars)
+    apply_update(p, direction, scalars, rounding=rounding)
 
 
 def _foreach_choice(
@@ -479,11 +505,15 @@ def _foreach_choice(
     return foreach
 
 
-def _stored_adamw(p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwargs: dict) -> None:
-    """torch's AdamW for one parameter whose moments are stored otherwise than in its dtype, through fp32
-    working copies of row chunks."""
+def _stored_adamw(
+    p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwargs: dict, rounding: int | None = None
+) -> None:
+    """torch's AdamW for one parameter whose moments are stored otherwise than in its dtype (or whose bf16 result
+    is rounded stochastically, from ``rounding``'s bits), through fp32 working copies of row chunks."""
+    if rounding is not None:  # one draw of the whole parameter's bits, sliced per chunk
+        bits = rounding_bits(p.shape, rounding, p.device)
     if not p.is_contiguous():  # no row view to write through: one chunk, the whole tensor
-        _chunk_adamw(p, grad, moments, step.clone(), kwargs)
+        _chunk_adamw(p, grad, moments, step.clone(), kwargs, None if rounding is None else bits)
         step.add_(1)
         return
     matrix, grad = as_matrix(p), as_matrix(grad)
@@ -492,7 +522,8 @@ def _stored_adamw(p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwarg
     # same bit for bit. Each chunk steps from the same count; the count advances once.
     for rows in _row_chunks(matrix.shape[0], matrix.shape[1]):
         chunk = tuple(as_moment(mo).local(lambda t, rows=rows: as_matrix(t)[rows]) for mo in moments)
-        _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs)
+        chunk_bits = None if rounding is None else as_matrix(bits)[rows]
+        _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs, chunk_bits)
     step.add_(1)
 
 
@@ -552,12 +583,17 @@ def fused_adamw_skipping(
     torch._foreach_sub_(steps, list(found_infs))
 
 
-def _chunk_adamw(target: Tensor, grad: Tensor, moments: Moments, count: Tensor, kwargs: dict) -> None:
-    """torch's AdamW on fp32 working copies of one chunk, written back into its stored moments and weight."""
+def _chunk_adamw(
+    target: Tensor, grad: Tensor, moments: Moments, count: Tensor, kwargs: dict, bits: Tensor | None = None
+) -> None:
+    """torch's AdamW on fp32 working copies of one chunk, written back into its stored moments and weight (rounded
+    stochastically with ``bits``, ``rounding.rounding_bits``, when given)."""
     m, v = _load(moments)
     work = target if target.dtype == torch.float32 else target.float()  # fp32 math, rounded once into bf16
     _torch_adam([work], [grad.float()], [m], [v], [], [count], foreach=False, **kwargs)
-    if work is not target:
+    if bits is not None and target.dtype == torch.bfloat16:
+        target.copy_(round_stochastically(work, bits.view(work.shape)))
+    elif work is not target:
         target.copy_(work)
     _store(moments, m, v)
 

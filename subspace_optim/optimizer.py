@@ -30,6 +30,7 @@ from . import (
     projections,
     quant,
     refreshing,
+    rounding,
 )
 from . import state as state_mod
 from .distributed import local
@@ -69,6 +70,11 @@ STRUCTURAL_OPTIONS = (
 )
 # Parameter-name parts of input embeddings and output heads (HF, GPT-2 and Meta LLaMA spellings).
 _VOCAB_NAMES = ("lm_head", "wte", "wpe")
+
+
+def _count(step: int | Tensor) -> int:
+    """A step count as an int: a matrix's own (an int), or torch AdamW's (a tensor: on the CPU unless ``fused``)."""
+    return step if isinstance(step, int) else int(step.item())
 
 
 def _matrix(g: Tensor) -> Tensor:
@@ -346,6 +352,10 @@ class SubspaceAdamW(Optimizer):
         limiter: the units that limiter measures in: ``"corrected"`` (the bias-corrected step; the first step
             bounded by sqrt(d / r) ||N||) or ``"raw"`` (before bias corrections, first step unbounded: Fira's
             and APOLLO's own code, so apollo-torch's trajectory is reproduced).
+        stochastic_rounding: bf16 weights (projected and plain) take each update computed in fp32 and rounded
+            to bf16 stochastically (``subspace_optim.rounding``), so updates smaller than half a bf16 ulp survive
+            on average; the bits come from (seed, parameter index, step), the same on every rank and after a
+            resume. Other weight dtypes ignore it.
         plain_lr: learning rate of the parameters that are not projected (embeddings, the output head,
             norms, biases); ``None``: the group's ``lr``. lr schedulers scale it by lr / initial_lr
             (``plain_lr``).
@@ -383,6 +393,7 @@ class SubspaceAdamW(Optimizer):
         second_moment: str = "full",
         residual: str = "fira",
         limiter: str = "corrected",
+        stochastic_rounding: bool = False,
         plain_lr: float | None = None,
         preset: str | None = None,
         **unexpected: Any,
@@ -403,6 +414,7 @@ class SubspaceAdamW(Optimizer):
         self._plain_checked = False  # the first step's "no group has a rank" check has run
         self._layouts: dict[int, dict[str, Any]] = {}  # id(group) -> SHAPE_OPTIONS its state was built with
         self._plan: StepPlan | None = None
+        self._indices: dict[int, int] = {}  # id(p) -> the parameter's index over every group (rounding seeds)
         module = _source_module(params)
         params = list(params)
         if preset is not None:  # under each group's own keys, over the keywords above (defaults for the groups)
@@ -718,8 +730,23 @@ class SubspaceAdamW(Optimizer):
                     "foreach": group["foreach"],
                     "fused": group["fused"] if native else None,
                 }
+                seeds = self._rounding_seeds(group, [(p, s) for p, s in members])
+                if seeds is not None:
+                    kwargs["rounding_seeds"] = seeds
                 calls.append((functional.adamw, args, kwargs))
         return calls
+
+    def _rounding_seeds(self, group: dict[str, Any], members: list[tuple[Tensor, dict[str, Any]]]) -> list | None:
+        """Each parameter's stochastic rounding seed for this step (``rounding.rounding_seed`` of the group's seed,
+        its index and its step count after this step), None where it is not bf16; None without the option."""
+        if not group["stochastic_rounding"] or not any(p.dtype == torch.bfloat16 for p, _ in members):
+            return None
+        return [
+            rounding.rounding_seed(group["seed"], self._indices[id(p)], _count(s["step"]) + 1)
+            if p.dtype == torch.bfloat16
+            else None
+            for p, s in members
+        ]
 
     def _plain_skipping_calls(
         self,
@@ -737,7 +764,12 @@ class SubspaceAdamW(Optimizer):
         rest: Plain = {}
         for group in self.param_groups:
             members = plain.get(id(group), [])
-            skipping = [(p, s) for p, s in members if group["fused"] and state_mod.native(p, s)]
+            rounded = group["stochastic_rounding"]  # bf16 parameters it rounds take functional.adamw's fp32 path
+            skipping = [
+                (p, s)
+                for p, s in members
+                if group["fused"] and state_mod.native(p, s) and not (rounded and p.dtype == torch.bfloat16)
+            ]
             if len(skipping) < len(members):
                 taken = {id(p) for p, _ in skipping}
                 rest[id(group)] = [(p, s) for p, s in members if id(p) not in taken]
@@ -793,6 +825,7 @@ class SubspaceAdamW(Optimizer):
         projected: list[Matrix] = []
         plain: Plain = {}
         for index, group, name, p in work:
+            self._indices[id(p)] = index
             state = self._state_of(p)
             if state:
                 state_mod.conform(p, group, state)
@@ -921,6 +954,9 @@ class SubspaceAdamW(Optimizer):
                 self._unread.get(id(matrix.p), 0) for matrix in matrices
             ):  # some count may run ahead of its matrix's age
                 kwargs["lags"] = [self._skip_count(matrix.p) for matrix in matrices]
+        seeds = self._rounding_seeds(group, [(m.p, m.state) for m in matrices])
+        if seeds is not None:
+            kwargs["rounding_seeds"] = seeds
         if regenerate:
             return _regenerated_step, (matrices, *args), kwargs
         return functional.subspace_adamw, args, kwargs

@@ -36,7 +36,7 @@ class Option:
     """One option. ``kind`` is one of: ``lr`` (number or 1-element tensor >= 0), ``betas``, ``real``
     (finite number; ``low`` is its bound, ``open`` whether the bound is excluded), ``int`` (``low`` is
     the smallest allowed value, None for any int), ``rank`` (positive int or None), ``choice``,
-    ``bool_or_none``, ``lr_or_none`` (None or a finite number >= 0). ``label`` is the name in torch's error
+    ``bool``, ``bool_or_none``, ``lr_or_none`` (None or a finite number >= 0). ``label`` is the name in torch's error
     wording ("Invalid learning rate: ...")."""
 
     name: str
@@ -126,6 +126,9 @@ OPTIONS: tuple[Option, ...] = (
            "units of the residual's norm-growth limiter: corrected (the bias-corrected step: lr warmup and Adam's "
            "early bias never trigger it; the first step is bounded) or raw (before bias corrections, first step "
            "unbounded: Fira's and APOLLO's code, for apollo-torch parity)", LIMITERS),
+    Option("stochastic_rounding", False, "bool",
+           "bf16 weights (projected and plain) take each update computed in fp32 and rounded stochastically, so "
+           "updates below half a bf16 ulp survive on average; random bits from (seed, parameter index, step)"),
     Option("plain_lr", None, "lr_or_none",
            "learning rate of the parameters that are not projected (embeddings, head, norms); None: the group's "
            "lr. An lr scheduler scales it by lr / initial_lr", low=0.0,
@@ -282,6 +285,8 @@ def validate(options: dict[str, Any], where: str) -> None:
             _check_real(option, value, where)
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
             _fail(option, value, where, f"{option.name} must be True, False or None", TypeError)
+        elif kind == "bool" and not isinstance(value, bool):
+            _fail(option, value, where, f"{option.name} must be True or False", TypeError)
     check_combinations(options, where)
     if options.get("fused") and options.get("foreach"):  # torch.optim.AdamW's rule, for the plain parameters
         raise ValueError(f"`fused` and `foreach` cannot be `True` together {where}: set one of them")

@@ -252,6 +252,7 @@ def residual_update(
     mode: str,
     lag: Lag | None = None,
     skip: Tensor | None = None,
+    rounding: int | None = None,
 ) -> None:
     """The second half (reference): W <- W (1 - lr wd) - alpha U, with U = P (N - coef o R) + coef o G
     (fira, fira_tensor) or coef o G (apollo); ``coef`` from ``residual_factors``. ``direction`` (N, this
@@ -275,7 +276,7 @@ def residual_update(
             x.mul_(lag.c1)
     if p.dtype != torch.float32 or p.shape != gf.shape or torch.compiler.is_compiling():
         update = gf * coef_b if x is None else project_back(x, basis, side).addcmul_(gf, coef_b)
-        apply_update(p, update, scalars, skip)
+        apply_update(p, update, scalars, skip, rounding)
         return
     target = p if skip is None else p.clone()
     if x is None:

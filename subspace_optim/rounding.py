@@ -1,0 +1,54 @@
+"""Stochastic rounding of fp32 results into bf16 weights (``stochastic_rounding=True``).
+
+Why: most GaLore-style runs keep bf16 weights with no fp32 master copy, and round-to-nearest drops every update
+smaller than half a bf16 ulp of its weight (8 significand bits: an update below ~0.2% of the weight is lost). Late in
+a cosine decay most updates are that small. Rounding up with probability equal to the discarded fraction keeps the
+expected weight equal to the fp32 result, so small updates survive on average (torchao's ``_AdamW`` and Q-GaLore
+round so for the same reason).
+
+How: the fp32 result's bit pattern plus a uniform 16-bit integer, then its low 16 bits cleared. That carries into the
+kept bits with probability (discarded bits) / 2^16, for either sign (the pattern is sign and magnitude); an infinity
+stays one (its low bits are zero). A value that is already a bf16 number (a skipped matrix's weight) is unchanged
+whatever the bits. A NaN whose pattern is all ones above bit 16 would carry into the sign and become a zero, so NaNs
+are put back: the optimizer never writes one, but a weight that already holds one must not be silently repaired.
+
+Random bits: each parameter's come from its own generator seeded with ``rounding_seed(seed, index, step)``, never
+the global RNG, so every data-parallel rank draws the same bits and a resumed run continues the same sequence. The
+reference engine draws them with ``torch.randint`` on the weight's device (fast on a CPU); the Triton step draws them
+inside its epilogue from Philox at the same seed (``kernels/step.py``). The two streams differ, so the engines agree
+in distribution, as their sketches do, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .linalg import sketch_seed
+
+# Mixed into every rounding seed, so that a rounding never draws a sketch's numbers (sketch_seed(seed, index, k)).
+_DOMAIN = 0x5352_0B16
+
+
+def rounding_seed(seed: int, index: int, step: int) -> int:
+    """The generator seed of parameter ``index``'s rounding at its ``step``-th update (63 bits)."""
+    return sketch_seed(sketch_seed(seed, index, step), _DOMAIN, 0)
+
+
+def rounding_bits(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> Tensor:
+    """Uniform integers in [0, 2^16) as int32 of ``shape``, from a private generator seeded with ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(0, 1 << 16, tuple(shape), generator=gen, device=device, dtype=torch.int32)
+
+
+def round_stochastically(value: Tensor, bits: Tensor) -> Tensor:
+    """``value`` (fp32) rounded to bf16 with the random ``bits`` (``rounding_bits``), as an fp32 tensor whose entries
+    are bf16 numbers (its cast to bf16 is exact). ``value`` is overwritten."""
+    nan = value.isnan()
+    value.view(torch.int32).add_(bits).bitwise_and_(-(1 << 16))
+    return value.masked_fill_(nan, float("nan"))
+
+
+def store_(target: Tensor, value: Tensor, seed: int) -> None:
+    """``target`` (bf16) <- ``value`` (fp32, same shape, overwritten) rounded stochastically with ``seed``'s bits."""
+    target.copy_(round_stochastically(value, rounding_bits(value.shape, seed, value.device)))
