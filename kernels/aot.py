@@ -142,11 +142,15 @@ def step_variants() -> list[Variant]:
                 label = f"{side}, {dts}, {mname} moments{tile}, {what}, {prec}"
                 klass = f"project {int8_classes if block else classes} {mname}{block} {what} {prec}"
                 out.append(_variant("project_adam_kernel", label, klass, default, cfg))
-        for residual in residual_rule.RESIDUALS:
-            cfg = step.back_config(side, wd, wd, pd, residual, prec, interpreted=False)
+        for residual, stochastic in itertools.product(residual_rule.RESIDUALS, (False, True)):
+            if stochastic and wd != torch.bfloat16:  # stochastic rounding rounds bf16 weights only
+                continue
+            cfg = step.back_config(side, wd, wd, pd, residual, prec, stochastic=stochastic, interpreted=False)
             mode = "apollo" if residual in residual_rule.WHOLE_GRADIENT else residual if residual == "none" else "fira"
-            label = f"{side}, {dts}, residual {residual}, {prec}"
-            out.append(_variant("back_update_kernel", label, f"back {classes} {mode} {prec}", default, cfg))
+            rounding = ", stochastic rounding" if stochastic else ""
+            label = f"{side}, {dts}, residual {residual}{rounding}, {prec}"
+            klass = f"back {classes} {mode}{' stochastic' if stochastic else ''} {prec}"
+            out.append(_variant("back_update_kernel", label, klass, default, cfg))
     return _dedup(out)
 
 
@@ -178,10 +182,13 @@ def regenerated_variants() -> list[Variant]:
         for residual in residual_rule.RESIDUALS:
             if residual in residual_rule.WHOLE_GRADIENT:
                 continue
-            cfg = step.back_config(side, wd, wd, torch.float32, residual, prec, basis=how, interpreted=False)
-            mode = "none" if residual == "none" else "fira"
-            label = f"{where}, residual {residual}, {prec}"
-            out.append(_variant("back_update_kernel", label, f"back {side} {kname} {mode}", default, cfg))
+            for stochastic in (False, True) if wd == torch.bfloat16 else (False,):
+                cfg = step.back_config(
+                    side, wd, wd, torch.float32, residual, prec, basis=how, stochastic=stochastic, interpreted=False
+                )
+                mode = ("none" if residual == "none" else "fira") + (" stochastic" if stochastic else "")
+                label = f"{where}, residual {residual}{', stochastic rounding' if stochastic else ''}, {prec}"
+                out.append(_variant("back_update_kernel", label, f"back {side} {kname} {mode}", default, cfg))
     return _dedup(out)
 
 

@@ -136,12 +136,14 @@ def variants_for(
     refresh: bool,
     interpreted: bool,
     regenerated: str | None = None,
+    stochastic: bool = False,
 ) -> tuple[Variant, ...]:
     """Every variant one projected matrix can launch: its step's two launches (``cols``: its moments'
     columns, which pick an 8-bit tile; ``regenerated``: ``"signs"`` or ``"dct"`` for a basis the launches
-    regenerate in their tiles, which the GEMM sees as fp32) and, with ``refresh`` (a ``warm``/``rsvd`` refresh on
-    the kernels), the range finder's products with its gradient's dtype, its fp32 products, the fp64 Gram matrix
-    and the Gaussian. Arguments as the launchers see them; cached (a step asks once per matrix)."""
+    regenerate in their tiles, which the GEMM sees as fp32; ``stochastic``: a bf16 weight's stochastic rounding)
+    and, with ``refresh`` (a ``warm``/``rsvd`` refresh on the kernels), the range finder's products with its
+    gradient's dtype, its fp32 products, the fp64 Gram matrix and the Gaussian. Arguments as the launchers see
+    them; cached (a step asks once per matrix)."""
     from . import operands
     from . import refresh as kr
     from . import step as ks
@@ -159,7 +161,17 @@ def variants_for(
         ),
         Variant.of(
             "back_update_kernel",
-            ks.back_config(side, w_dtype, g_dtype, basis, residual, precision, basis=how, interpreted=interpreted),
+            ks.back_config(
+                side,
+                w_dtype,
+                g_dtype,
+                basis,
+                residual,
+                precision,
+                basis=how,
+                stochastic=stochastic,
+                interpreted=interpreted,
+            ),
         ),
     ]
     if refresh:

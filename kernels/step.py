@@ -88,6 +88,20 @@ def round_bf16(x):
 
 
 @triton.jit
+def round_bf16_stochastic(x, seed, e):
+    """x (fp32) rounded to bf16 stochastically (``subspace_optim.rounding``), as fp32 holding bf16 numbers: the
+    bit pattern plus 16 random bits, low half cleared; entry e (its index in the matrix) takes half (e & 1) of word
+    ((e >> 1) & 3) of Philox(seed, e >> 3). NaNs are kept (an all-ones pattern would carry into the sign)."""
+    c0, c1, c2, c3 = tl.randint4x(seed, (e >> 3).to(tl.int32))
+    w = (e >> 1) & 3
+    word = tl.where(w == 0, c0, tl.where(w == 1, c1, tl.where(w == 2, c2, c3)))
+    bits = (word >> ((e & 1) * 16).to(tl.uint32)) & 0xFFFF
+    pattern = x.to(tl.int32, bitcast=True) + bits.to(tl.int32)
+    rounded = (pattern & -65536).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
 def load_moment(ptrs, absmax_ptrs, table, bid, rm, rn, pid_n, M, s0, s1, sq0, sq1, mask, KIND: tl.constexpr):
     """The fp32 working values of one moment tile (0 outside ``mask``). KIND: 0 fp32, 1 bf16, 2 int8 codes
     (dequantized as table[code] * absmax[row, block]; the tile's columns are one quantization block)."""
@@ -242,10 +256,11 @@ def back_update_kernel(
     a_ptrs, b_ptrs, w_ptrs, hyper,
     M, N, K,
     sa0, sa1, sb0, sb1, sw0, sw1,
-    g_ptrs, sg0, sg1, coef, s_coef, p_table, p_scale,
+    g_ptrs, sg0, sg1, coef, s_coef, p_table, p_scale, rounding_seeds,
     A_DT: tl.constexpr, B_DT: tl.constexpr, W_DT: tl.constexpr, G_DT: tl.constexpr, ROUND_BF16: tl.constexpr,
-    RESID: tl.constexpr, LOW_RANK: tl.constexpr, COEF_OF_COLS: tl.constexpr, BASIS: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    STOCHASTIC: tl.constexpr, RESID: tl.constexpr, LOW_RANK: tl.constexpr, COEF_OF_COLS: tl.constexpr,
+    BASIS: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """U = A @ B (A = P, B = N for a left basis; A = N, B = P^T for a right one), then in the epilogue
 
@@ -284,7 +299,9 @@ def back_update_kernel(
     off = rm[:, None] * sw0 + rn[None, :] * sw1
     w = tl.load(wp + off, mask=mask, other=0.0).to(tl.float32)
     w = w * tl.load(h + DECAY) - tl.load(h + ALPHA) * u
-    if ROUND_BF16:
+    if STOCHASTIC:
+        w = round_bf16_stochastic(w, tl.load(rounding_seeds + bid), rm[:, None] * N + rn[None, :])
+    elif ROUND_BF16:
         w = round_bf16(w)  # to nearest even by hand: the interpreter's fp32 -> bf16 cast truncates
     tl.store(wp + off, w.to(W_DT), mask=mask)
 
@@ -353,15 +370,17 @@ def back_config(
     blocks: Blocks | None = None,
     *,
     basis: int = BASIS_STORED,
+    stochastic: bool = False,
     interpreted: bool | None = None,
 ) -> dict[str, Any]:
-    """``back_update_kernel``'s constexprs and launch options for one batch (see ``project_config``)."""
+    """``back_update_kernel``'s constexprs and launch options for one batch (see ``project_config``; ``stochastic``:
+    a bf16 weight is rounded stochastically)."""
     here = interpreting() if interpreted is None else interpreted
-    return dict(_back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, basis, here))
+    return dict(_back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, basis, stochastic, here))
 
 
 @functools.lru_cache(maxsize=1024)
-def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, basis, interpreted):  # noqa: ANN001, ANN202
+def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, basis, stochastic, interpreted):  # noqa: ANN001, ANN202
     a_dt, b_dt = (p_dtype, torch.float32) if side == "left" else (torch.float32, p_dtype)  # P N; N P^T
     if residual in WHOLE_GRADIENT:  # no GEMM, no basis read: one variant whatever the basis
         basis = BASIS_STORED
@@ -373,6 +392,7 @@ def _back_config(side, w_dtype, g_dtype, p_dtype, residual, precision, blocks, b
         W_DT=tl_dtype(w_dtype),
         G_DT=tl_dtype(g_dtype),
         ROUND_BF16=w_dtype == torch.bfloat16,
+        STOCHASTIC=stochastic and w_dtype == torch.bfloat16,
         RESID=residual != "none",
         LOW_RANK=residual not in WHOLE_GRADIENT,
         COEF_OF_COLS=side == "left",
@@ -614,7 +634,14 @@ def _factored_first_half(
     return _Launched(ws, gs, ps, hyper, side, nbuf, rbuf, sqbuf, pointer_tables(rows, dev))
 
 
-def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: str, coef: Tensor | None) -> None:
+def _back_launch(
+    x: _Launched,
+    blocks: Blocks | None,
+    precision: str,
+    residual: str,
+    coef: Tensor | None,
+    seeds: list[int] | None = None,
+) -> None:
     """Launch 2: W <- W (1 - lr wd) - alpha (P N + coef o G) for the batch; with a residual, N already
     holds N - coef o R (``apollo``: no GEMM, U = coef o G); ``coef`` batch x channels, contiguous."""
     ws, gs, ps, side, tables = x.ws, x.gs, x.ps, x.side, x.tables
@@ -629,14 +656,26 @@ def _back_launch(x: _Launched, blocks: Blocks | None, precision: str, residual: 
         a_arr, sa, b_arr, sb = tables["n"], n_strides, tables["p"], p_strides[::-1]
     coef = x.hyper if coef is None else coef  # placeholder without a residual
     kind = basis_kind(ps[0])
-    cfg = back_config(side, ws[0].dtype, gs[0].dtype, basis_dtype(ps[0]), residual, precision, blocks, basis=kind)
+    stochastic = seeds is not None
+    cfg = back_config(
+        side,
+        ws[0].dtype,
+        gs[0].dtype,
+        basis_dtype(ps[0]),
+        residual,
+        precision,
+        blocks,
+        basis=kind,
+        stochastic=stochastic,
+    )
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), len(gs))
     p_table, p_scale = _basis_arguments(ps, x.hyper)
+    rounding = host_table(seeds, torch.int64, gs[0].device) if cfg["STOCHASTIC"] else tables["w"]  # placeholder
     back_update_kernel[grid](
         a_arr, b_arr, tables["w"], x.hyper,
         m, n, r,
         *sa, *sb, *w_strides,
-        tables["g"], *g_strides, coef, coef.stride(0) if resid else 0, p_table, p_scale,
+        tables["g"], *g_strides, coef, coef.stride(0) if resid else 0, p_table, p_scale, rounding,
         **cfg,
     )  # fmt: skip
 
@@ -696,17 +735,28 @@ def layout_batches(
     exp_avgs: Sequence[Tensor | Moment],
     exp_avg_sqs: Sequence[Tensor | Moment],
     sides: Sequence[str],
+    rounding_seeds: Sequence[int | None] | None = None,
 ) -> list[list[int]]:
     """The matrices of a ``subspace_adamw`` call grouped into launch batches: the same side and every tensor's
-    shape, strides, dtype and device (a batch shares one layout, ``_project_launch``'s ``same_layout``).
-    ``params[i]`` as the launch sees it, viewed as its gradient's shape."""
+    shape, strides, dtype and device (a batch shares one layout, ``_project_launch``'s ``same_layout``), and
+    whether it is rounded stochastically. ``params[i]`` as the launch sees it, viewed as its gradient's shape."""
     out: dict[tuple, list[int]] = {}
     for i, (g, w) in enumerate(zip(grads, params, strict=True)):
         if sides[i] not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {sides[i]!r}")
         m, v = as_moment(exp_avgs[i]), exp_avg_sqs[i]
         v = v if type(v) is Factored else as_moment(v)  # factors: their own layouts (and their own first half)
-        key = (sides[i], _layout(g), _layout(w), _layout(bases[i]), *map(_layout, m), type(v), *map(_layout, v))
+        rounded = rounding_seeds is not None and rounding_seeds[i] is not None
+        key = (
+            sides[i],
+            _layout(g),
+            _layout(w),
+            _layout(bases[i]),
+            *map(_layout, m),
+            type(v),
+            *map(_layout, v),
+            rounded,
+        )
         out.setdefault(key, []).append(i)
     return list(out.values())
 
@@ -771,6 +821,7 @@ def subspace_adamw(
     skipped: Sequence[Tensor] | None = None,
     lags: Sequence[Tensor] | None = None,
     batches: Sequence[Sequence[int]] | None = None,
+    rounding_seeds: Sequence[int | None] | None = None,
     blocks: Blocks | None = None,
 ) -> None:
     """The Triton twin of ``functional.subspace_adamw``: the same arguments (``functional.TWIN_ONLY``: also
@@ -783,7 +834,7 @@ def subspace_adamw(
         raise ValueError("subspace_adamw: every argument list needs one entry per matrix")
     ws = [w if w.shape == g.shape else w.view(g.shape) for w, g in zip(params, grads, strict=True)]
     if batches is None:
-        batches = layout_batches(ws, grads, bases, exp_avgs, exp_avg_sqs, sides)
+        batches = layout_batches(ws, grads, bases, exp_avgs, exp_avg_sqs, sides, rounding_seeds)
     members = [list(idx) for idx in batches]
     scalars = scalars_by_age(lr, betas, eps, weight_decay, scale)
     launched = []
@@ -808,5 +859,7 @@ def subspace_adamw(
             launched, members, bases, residual, update_norms, units, scale, reduce, skipped, limiter
         )
     for b, x in enumerate(launched):
+        seeds = None if rounding_seeds is None else [rounding_seeds[i] for i in members[b]]
         with device_guard(x.gs[0].device):
-            _back_launch(x, blocks, matmul_precision, residual, None if coefs is None else coefs[b])
+            coef = None if coefs is None else coefs[b]
+            _back_launch(x, blocks, matmul_precision, residual, coef, None if seeds is None or None in seeds else seeds)

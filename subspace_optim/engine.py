@@ -160,4 +160,5 @@ def _variants(p: Tensor, group: dict[str, Any], side: str) -> tuple:
         refresh,
         triton_runtime.interpreting(),
         regenerated,
+        group["stochastic_rounding"],
     )

@@ -172,7 +172,7 @@ def test_the_sweep_holds_every_variant_a_step_can_compile_on_a_gpu():
     from subspace_optim import engine, options, residual_rule
 
     swept = {v.compiled for v in aot.variants()}
-    for side, w, basis, moments, residual, choice, cols, refresh, regenerated in itertools.product(
+    for side, w, basis, moments, residual, choice, cols, refresh, regenerated, stochastic in itertools.product(
         ("left", "right"),
         engine.KERNEL_DTYPES,
         quant.BASIS_DTYPES,
@@ -182,12 +182,13 @@ def test_the_sweep_holds_every_variant_a_step_can_compile_on_a_gpu():
         (5, 40, 256, 300, 4096),
         (False, True),
         (None, "signs", "dct"),
+        (False, True),
     ):
         precision = engine.matmul_precision(choice, w)
         wanted = precompile.variants_for(
-            side, w, w, basis, moments, residual, precision, cols, refresh, False, regenerated
+            side, w, w, basis, moments, residual, precision, cols, refresh, False, regenerated, stochastic
         )
-        assert set(wanted) <= swept, (side, w, basis, moments, residual, precision, cols, regenerated)
+        assert set(wanted) <= swept, (side, w, basis, moments, residual, precision, cols, regenerated, stochastic)
 
 
 _SAME_BINDING = r"""

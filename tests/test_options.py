@@ -38,6 +38,7 @@ BAD = {
     "rank": 0,
     "choice": "nope",
     "bool_or_none": "yes",
+    "bool": 1,
     "lr": -1.0,
     "betas": (2.0, 0.5),
     "lr_or_none": -1.0,

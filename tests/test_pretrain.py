@@ -189,6 +189,7 @@ SUBSPACE_KEYWORD_FLAGS = {
     "seed_stream": (["--seed-stream", "apollo"], "apollo"),
     "limiter": (["--limiter", "raw"], "raw"),
     "second_moment": (["--second-moment", "factored"], "factored"),
+    "stochastic_rounding": (["--stochastic-rounding"], True),
 }
 
 

@@ -92,6 +92,7 @@ _KINDS: dict[str, type] = {
     "real": float,
     "choice": str,
     "bool_or_none": bool,
+    "bool": bool,
     "lr_or_none": float,
 }
 

@@ -108,7 +108,9 @@ def _option(name: str, default: Any = _TABLE, scope: str = "subspace") -> Any:
     """A SubspaceAdamW option as a flag: help text, choices and default from ``options.OPTIONS``."""
     option = options.BY_NAME[name]
     default = option.default if default is _TABLE else default
-    parse = {"choice": _choice(*option.choices), "bool_or_none": _optional(_bool)}.get(option.kind, type(default))
+    parse = {"choice": _choice(*option.choices), "bool_or_none": _optional(_bool), "bool": _bool}.get(
+        option.kind, type(default)
+    )
     alias = f" (galore: {option.alias})" if option.alias else ""
     return _opt(default, f"{scope}: {option.help}{alias}", parse, group="optimizer")
 
@@ -209,6 +211,7 @@ class PretrainConfig:
     )
     residual: str = _option("residual")
     limiter: str = _option("limiter")
+    stochastic_rounding: bool = _option("stochastic_rounding")
     plain_lr: Any = _opt(
         None,
         "peak lr of the parameters that are not projected (embeddings, output head, norms), one number or per "

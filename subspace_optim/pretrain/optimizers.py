@@ -154,7 +154,16 @@ def _subspace_adamw(model: nn.Module, cfg: PretrainConfig, adam_args: dict[str, 
     }
     settings["plain_lr"] = cfg.plain_lr_for("subspace")
     # plain groups too: the engine, foreach/fused, matmul precision, moment storage and their lr
-    everywhere_keys = ("engine", "foreach", "fused", "matmul_precision", "moments_dtype", "second_moment", "plain_lr")
+    everywhere_keys = (
+        "engine",
+        "foreach",
+        "fused",
+        "matmul_precision",
+        "moments_dtype",
+        "second_moment",
+        "stochastic_rounding",
+        "plain_lr",
+    )
     everywhere = {key: settings.pop(key) for key in everywhere_keys}
     groups = param_groups(model, target_modules(cfg), weight_decay=cfg.weight_decay, **settings)
     return SubspaceAdamW(groups, **adam_args, **everywhere)
