@@ -669,3 +669,14 @@ def test_docs_regenerate_finds_and_rewrites_a_stale_block(bench, tmp_path):
         "before\n<!-- generated: r.json --level 4 -->\n#### T\n\n| a |\n| --- |\n| 1 |\n<!-- end generated -->\nafter\n"
     )
     assert render.regenerate(doc, check=True) == []
+
+
+def test_bench_rounding_smoke(tmp_path, bench):
+    """fp32, bf16 and stochastically rounded bf16 weights on the tiny model, and the timed training steps."""
+    result = _run("rounding", "--smoke", "--out", str(tmp_path / "runs"), tmp_path=tmp_path)
+    names = [r["name"] for r in result["rows"]]
+    assert names == [name for name, _ in bench("rounding").ROWS]
+    assert all(len(r["losses"]) == 1 and r["mean_loss"] > 0 for r in result["rows"])
+    assert result["rows"][0]["vs_fp32"] == 0.0
+    assert set(result["step_time"]["median_s"]) == {"round to nearest", "stochastic rounding"}
+    assert result["step_time"]["ratio"]["round to nearest"] == 1.0

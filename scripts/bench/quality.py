@@ -75,6 +75,8 @@ def _command(args: argparse.Namespace, out: Path, optimizer: str, lr: float, ext
     for key, value in extra.items():
         if key == "plain_lr":
             cmd += ["--plain-lr", f"{optimizer}={_flag_value(value)}"]
+        elif isinstance(value, bool):  # a switch: --flag / --no-flag
+            cmd += [f"--{'' if value else 'no-'}{key.replace('_', '-')}"]
         else:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     return cmd

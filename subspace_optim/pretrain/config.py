@@ -247,6 +247,12 @@ class PretrainConfig:
     precision: str = _opt(
         "auto", "auto: bf16 autocast on a GPU that supports it, fp32 otherwise", _choice("auto", "fp32", "bf16")
     )
+    weights: str = _opt(
+        "fp32",
+        "the dtype the model's parameters are stored and updated in: fp32, or bf16 (no fp32 master copy: an update "
+        "below half a bf16 ulp is rounded away unless --stochastic-rounding)",
+        _choice("fp32", "bf16"),
+    )
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
     seed: int = _opt(
         0,

@@ -58,7 +58,8 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)
+    return model.to(torch.bfloat16) if cfg.weights == "bf16" else model
 
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
