@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import factored
+from . import factored, int8_weights
 from . import rounding as rounding_mod
 from .subspace import project, project_back
 
@@ -260,6 +260,12 @@ def apply_update(
     a bf16 number, keeps its bits whatever the random ones."""
     if skip is not None:
         update.masked_fill_(skip, 0.0)
+    if int8_weights.is_int8(p):  # torchao's int8 weight: requantized from fp32 with the seed's bits
+        work = int8_weights.dequantized(p)
+        _decay(work, scalars.decay, skip)
+        work.add_(update.view(p.shape), alpha=-scalars.alpha)
+        int8_weights.store_(p, work, 0 if rounding is None else rounding, skip)
+        return
     if rounding is not None and p.dtype == torch.bfloat16:
         work = p.float()
         _decay(work, scalars.decay, skip)

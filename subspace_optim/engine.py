@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import guards, triton_runtime
+from . import guards, int8_weights, triton_runtime
 from .distributed import is_dtensor, local
 from .refreshing import matrix_shape
 
@@ -51,6 +51,8 @@ def kernel_refusal(p: Tensor, grad: Tensor) -> str | None:
     """Why the kernels cannot take this matrix (None: they can)."""
     if not triton_runtime.available():
         return "the triton package is not installed (pip install triton)"
+    if int8_weights.is_int8(p):
+        return "it is a torchao int8 weight, which the reference requantizes (the kernels store fp32/bf16/fp16 weights)"
     device = local(p).device
     if not triton_runtime.runs_on(device):
         return f"it is on {device}: the kernels run on CUDA, or on the CPU only under TRITON_INTERPRET=1"

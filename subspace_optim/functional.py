@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as _torch_adam
 
-from . import distributed, linalg, subspace
+from . import distributed, int8_weights, linalg, subspace
 from .adam_rule import (
     AdamScalars,
     Lag,
@@ -422,11 +422,19 @@ def adamw(
     foreach = _foreach_choice(params, lr, betas, foreach, fused)
     ms, vs = list(exp_avgs), list(exp_avg_sqs)
     seeds = [None] * len(params) if rounding_seeds is None else list(rounding_seeds)
-    if any(s is not None and p.dtype == torch.bfloat16 for s, p in zip(seeds, params, strict=True)):
+    own = [
+        int8_weights.is_int8(p) or (s is not None and p.dtype == torch.bfloat16)
+        for s, p in zip(seeds, params, strict=True)
+    ]
+    if any(own):
         rest = []
         for i, (p, g, m, v, step) in enumerate(zip(params, grads, ms, vs, steps, strict=True)):
-            if seeds[i] is None or p.dtype != torch.bfloat16:
+            if not own[i]:
                 rest.append(i)
+            elif int8_weights.is_int8(p):
+                _int8_adamw(
+                    p, g, (m, v), step, kwargs, 0 if seeds[i] is None else seeds[i], lr, betas, eps, weight_decay
+                )
             elif type(v) is Factored:
                 _factored_adamw(
                     p, g, m, v, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=seeds[i]
@@ -486,6 +494,32 @@ def _factored_adamw(
     direction = moments_directions([g], [m.view(g.shape)], [factors], [scalars], [None], [None], [None], reduce)[0]
     store_moment(exp_avg, True, m)
     apply_update(p, direction, scalars, rounding=rounding)
+
+
+def _int8_adamw(
+    p: Tensor,
+    grad: Tensor,
+    moments: Moments,
+    step: Tensor,
+    kwargs: dict,
+    seed: int,
+    lr: float | Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch's AdamW (or the factored rule) for one torchao int8 weight: on its dequantized fp32 values, then
+    requantized with the seed's bits (``int8_weights.store_``)."""
+    if type(moments[1]) is Factored:
+        _factored_adamw(
+            p, grad, moments[0], moments[1], step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=seed
+        )
+        return
+    work = int8_weights.dequantized(p)
+    m, v = _load(moments)
+    _torch_adam([work], [grad.float()], [m], [v], [], [step], foreach=False, **kwargs)
+    _store(moments, m, v)
+    int8_weights.store_(p, work, seed)
 
 
 def _foreach_choice(

@@ -24,6 +24,7 @@ from . import (
     factored,
     functional,
     guards,
+    int8_weights,
     metrics,
     options,
     presets,
@@ -72,9 +73,11 @@ STRUCTURAL_OPTIONS = (
 _VOCAB_NAMES = ("lm_head", "wte", "wpe")
 
 
-def _count(step: int | Tensor) -> int:
-    """A step count as an int: a matrix's own (an int), or torch AdamW's (a tensor: on the CPU unless ``fused``)."""
-    return step if isinstance(step, int) else int(step.item())
+def _this_step(step: int | Tensor) -> int:
+    """The number of the step being taken, counting it: a projected matrix's count (an int, already advanced when
+    its call is built), or torch AdamW's count plus one (a tensor, advanced by the update; on the CPU unless
+    ``fused``)."""
+    return step if isinstance(step, int) else int(step.item()) + 1
 
 
 def _matrix(g: Tensor) -> Tensor:
@@ -737,14 +740,17 @@ class SubspaceAdamW(Optimizer):
         return calls
 
     def _rounding_seeds(self, group: dict[str, Any], members: list[tuple[Tensor, dict[str, Any]]]) -> list | None:
-        """Each parameter's stochastic rounding seed for this step (``rounding.rounding_seed`` of the group's seed,
-        its index and its step count after this step), None where it is not bf16; None without the option."""
-        if not group["stochastic_rounding"] or not any(p.dtype == torch.bfloat16 for p, _ in members):
+        """Each parameter's rounding seed for this step (``rounding.rounding_seed`` of the group's seed, its index over
+        every group and the number of this step, counting it): bf16 weights with ``stochastic_rounding``, and
+        torchao's int8 weights always; None for the others, and None for all when no parameter rounds."""
+
+        def rounds(p: Tensor) -> bool:  # torchao's int8 weights always round stochastically: with our bits
+            return int8_weights.is_int8(p) or (group["stochastic_rounding"] and p.dtype == torch.bfloat16)
+
+        if not any(rounds(p) for p, _ in members):
             return None
         return [
-            rounding.rounding_seed(group["seed"], self._indices[id(p)], _count(s["step"]) + 1)
-            if p.dtype == torch.bfloat16
-            else None
+            rounding.rounding_seed(group["seed"], self._indices[id(p)], _this_step(s["step"])) if rounds(p) else None
             for p, s in members
         ]
 

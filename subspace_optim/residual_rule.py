@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import int8_weights
 from .adam_rule import AdamScalars, Lag, apply_update, device_vector, lag_vectors, moments_directions
 from .subspace import project, project_back
 
@@ -262,7 +263,8 @@ def residual_update(
     beta, then coef o G is added in place. That saves writing and re-reading an m x n temporary and a pass
     for the decay (on CPU the residual then costs little more than the plain step) at the price of two fp32
     roundings into W instead of one. Other dtypes (a bf16 W must be rounded once) and compiled graphs
-    (inductor drops addmm's alpha, as in ``apply_update``) form U.
+    (inductor drops addmm's alpha, as in ``apply_update``) form U. A torchao int8 W takes the fp32 path on its
+    dequantized values, which are then requantized with the ``rounding`` seed's bits (``int8_weights``).
 
     ``lag`` scales X = N - coef o R and coef by c1 (alpha's correction, ``Lag``); ``skip`` leaves ``p``
     untouched: U is zeroed (``apply_update``), or the fp32 path runs on a copy of W that only a matrix not
@@ -274,11 +276,12 @@ def residual_update(
         coef_b = coef_b * lag.c1
         if x is not None:
             x.mul_(lag.c1)
-    if p.dtype != torch.float32 or p.shape != gf.shape or torch.compiler.is_compiling():
+    int8 = int8_weights.is_int8(p)  # its fp32 values take the fp32 path, then are requantized
+    if not int8 and (p.dtype != torch.float32 or p.shape != gf.shape or torch.compiler.is_compiling()):
         update = gf * coef_b if x is None else project_back(x, basis, side).addcmul_(gf, coef_b)
         apply_update(p, update, scalars, skip, rounding)
         return
-    target = p if skip is None else p.clone()
+    target = int8_weights.dequantized(p) if int8 else p if skip is None else p.clone()
     if x is None:
         if scalars.decay != 1.0:
             target.mul_(scalars.decay)
@@ -286,5 +289,7 @@ def residual_update(
         a, b = (basis, x) if side == "left" else (x, basis.mT)  # project_back's product, added into W
         target.addmm_(a, b, beta=scalars.decay, alpha=-scalars.alpha)
     target.addcmul_(gf, coef_b, value=-scalars.alpha)
-    if skip is not None:
+    if int8:
+        int8_weights.store_(p, target, 0 if rounding is None else rounding, skip)
+    elif skip is not None:
         torch.where(skip, p, target, out=p)

@@ -1,0 +1,96 @@
+"""INT8 weights through torchao's quantized training: SubspaceAdamW steps ``Int8QuantizedTrainingLinearWeight``s.
+
+Why torchao's format and not ours: torchao 0.18 already trains linear layers whose weights are int8 with an fp32 (or
+bf16) scale per row (``torchao.prototype.quantized_training.int8_weight_only_quantized_training``): its forward and
+backward run on the int8 data, FSDP2 all-gathers it, and it requantizes every update with stochastic rounding.
+
+What this module adds is determinism. The subclass requantizes with ``torch.rand_like`` from the global RNG, which
+data-parallel ranks do not share and a resumed run does not restore; and of the in-place ops only ``add_``,
+``addcdiv_`` and ``copy_`` exist (``mul_``, ``lerp_``, the ``_foreach_`` ops raise). So a weight is updated as
+dequantize (fp32), update, requantize with torchao's own ``quantize_int8_rowwise`` under a generator state seeded with
+``rounding.rounding_seed(seed, parameter index, step)`` (forked: the global RNG is left as it was), then the int8 data
+and the scales are copied into the weight exactly. Every rank draws the same bits, a resumed run the same ones as the
+uninterrupted run. A matrix whose step is skipped (a non-finite gradient) keeps its data and scales as they were.
+
+The model should be fp32 when quantized: with bf16 scales torchao's arithmetic rounds small updates to nearest before
+it rounds stochastically, which loses them (measured: about half of a 0.05-step drift came through).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+CLASS_NAME = "Int8QuantizedTrainingLinearWeight"
+INSTALL = "pip install torchao (or subspace-optim[int8])"
+
+
+def is_int8(p: Tensor) -> bool:
+    """Whether ``p`` is torchao's int8 training weight (checked by class name: torchao need not be imported)."""
+    return type(p).__name__ == CLASS_NAME
+
+
+def _quantizer() -> Any:
+    try:
+        from torchao.prototype.quantized_training.int8 import quantize_int8_rowwise
+    except ImportError as err:  # a weight of the class exists, so torchao is installed; keep the message useful
+        raise ImportError(f"int8 weights need torchao: {INSTALL}") from err
+    return quantize_int8_rowwise
+
+
+def dequantized(p: Tensor) -> Tensor:
+    """The weight's values as a plain fp32 tensor (int data x row scale)."""
+    return p.dequantize().float()
+
+
+def store_(p: Tensor, value: Tensor, seed: int, skip: Tensor | None = None) -> None:
+    """Requantize ``value`` (fp32, the weight's shape) into ``p``'s int8 data and row scales with torchao's
+    stochastic rounding, its uniform numbers drawn from a generator state seeded with ``seed``; where ``skip`` (0-d
+    bool on the device) is set, ``p`` keeps its data and scales."""
+    devices = [value.device] if value.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        data, scale = _quantizer()(value, stochastic_rounding=True)
+    if skip is not None:
+        data = torch.where(skip, p.int_data, data)
+        scale = torch.where(skip, p.scale, scale.to(p.scale.dtype))
+    p.int_data.copy_(data)
+    p.scale.copy_(scale)
+
+
+def quantize_linears(model: nn.Module) -> nn.Module:
+    """Make every ``nn.Linear`` weight of ``model`` an int8 training weight (torchao's ``quantize_``), in place.
+
+    The model must be fp32 (see the module docstring); biases, embeddings and norms stay as they are."""
+    try:
+        from torchao.prototype.quantized_training import int8_weight_only_quantized_training
+        from torchao.quantization import quantize_
+    except ImportError as err:
+        raise ImportError(f"--weights int8 needs torchao: {INSTALL}") from err
+    dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)}
+    if dtypes - {torch.float32}:
+        raise ValueError(
+            f"int8 weights: quantize an fp32 model (its linear weights are {sorted(map(str, dtypes))}): with bf16 "
+            "row scales torchao rounds small updates to nearest before its stochastic rounding and loses them"
+        )
+    quantize_(model, int8_weight_only_quantized_training())
+    return model
+
+
+def allow_weights_only_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read state dicts holding int8 weights (torchao does not register its
+    class as a safe global)."""
+    from torchao.prototype.quantized_training.int8 import Int8QuantizedTrainingLinearWeight
+
+    torch.serialization.add_safe_globals([Int8QuantizedTrainingLinearWeight])
+
+
+def refusal(p: Tensor) -> str | None:
+    """Why an int8 weight cannot be stepped here (None: it can)."""
+    from .distributed import is_dtensor
+
+    if is_dtensor(p):
+        return "FSDP2 row shards of int8 weights are not supported yet; use DDP, or bf16/fp32 weights with FSDP2"
+    return None
