@@ -59,6 +59,11 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(config)
+    if cfg.weights == "int8":
+        from .. import int8_weights
+
+        int8_weights.allow_weights_only_checkpoints()  # a resume reads them back with weights_only
+        return int8_weights.quantize_linears(model)
     return model.to(torch.bfloat16) if cfg.weights == "bf16" else model
 
 
@@ -121,9 +126,12 @@ def weights_digest(model: nn.Module) -> str:
 class Checkpoints:
     """Atomic checkpoints of one run (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, keep: int) -> None:
+    def __init__(self, run_dir: Path, keep: int, safe_serialization: bool = True) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
+        # safetensors cannot hold tensor subclasses (torchao's int8 weights): those runs pickle (torch.save), and
+        # load back with weights_only once the class is an allowed global (``int8_weights``).
+        self.safe_serialization = safe_serialization
 
     def complete(self) -> list[Path]:
         if not self.dir.is_dir():
@@ -151,7 +159,7 @@ class Checkpoints:
                 shutil.rmtree(tmp)
             self.dir.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp), safe_serialization=self.safe_serialization)
         if accelerator.is_main_process:
             files.write_json(tmp / STATE_FILE, state)
         accelerator.wait_for_everyone()
@@ -327,7 +335,7 @@ def _set_up(
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     run_dir = output_dir / name
-    ckpts = Checkpoints(run_dir, cfg.keep_checkpoints)
+    ckpts = Checkpoints(run_dir, cfg.keep_checkpoints, safe_serialization=cfg.weights != "int8")
     resume_from = ckpts.latest() if cfg.resume else None
     if accelerator.is_main_process and resume_from is None:
         if cfg.resume:
