@@ -490,6 +490,37 @@ def test_resume_parity_and_interrupted_save(workdir, tmp_path, monkeypatch):
         run(load_config(tiny(workdir, split, *common, "--resume", "--rank", "2", "--steps", "8")))
 
 
+@pytest.mark.parametrize("weights", [["--weights", "bf16", "--stochastic-rounding"], ["--weights", "int8"]])
+def test_low_precision_weights_resume_bit_exactly(workdir, tmp_path, weights):
+    """bf16 weights rounded stochastically and torchao's int8 weights: 6 straight steps == 3, then a resume to 6,
+    bit for bit (the rounding's bits depend on seed, parameter and step only)."""
+    if weights[1] == "int8":
+        pytest.importorskip("torchao")
+    common = ("--compare", "subspace", "--steps", "6", "--eval-every", "3", *weights)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(load_config(tiny(workdir, straight, *common)))
+    run(load_config(tiny(workdir, split, *common, "--stop-at", "3")))
+    run(load_config(tiny(workdir, split, *common, "--resume")))
+    a, b = log(straight / "subspace"), log(split / "subspace")
+    assert [h["loss"] for h in a["state"]["history"]] == [h["loss"] for h in b["state"]["history"]]
+    last = [loop.Checkpoints(d / "subspace", 1).latest() for d in (straight, split)]
+    if weights[1] == "int8":
+        from subspace_optim import int8_weights
+
+        int8_weights.allow_weights_only_checkpoints()
+        first, second = (torch.load(c / "pytorch_model.bin", weights_only=True) for c in last)
+        quantized = [k for k, v in first.items() if int8_weights.is_int8(v)]
+        assert quantized and all(torch.equal(first[k].int_data, second[k].int_data) for k in quantized)
+    else:
+        first, second = (final_weights(d / "subspace") for d in (straight, split))
+        assert all(v.dtype == torch.bfloat16 for v in first.values())
+    for key in first:
+        assert torch.equal(
+            first[key].dequantize() if hasattr(first[key], "int_data") else first[key],
+            second[key].dequantize() if hasattr(second[key], "int_data") else second[key],
+        ), key
+
+
 def test_resume_refuses_another_schedule(workdir, tmp_path, capsys):
     """The effective lr, warmup and --steps are part of a run's identity: a resumed LambdaLR keeps the
     checkpoint's base lr (the log would record a new --lr that is not used), and a new warmup or length
