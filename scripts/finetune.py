@@ -243,7 +243,11 @@ def build_model(args: argparse.Namespace, vocab: int, tok: PreTrainedTokenizerFa
     if tok is not None and args.model is None:
         for config in (model.config, model.generation_config):
             config.bos_token_id, config.eos_token_id, config.pad_token_id = None, tok.eos_token_id, tok.pad_token_id
-    return model
+    if args.weights == "int8":  # the head stays fp32: TRL's fused loss transposes it, which torchao's weight cannot
+        from subspace_optim import int8_weights
+
+        return int8_weights.quantize_linears(model, exclude=("lm_head",))
+    return model.to(torch.bfloat16) if args.weights == "bf16" else model
 
 
 def lora_config(args: argparse.Namespace):
@@ -276,6 +280,8 @@ def optim_args(args: argparse.Namespace) -> str:
         "moments_dtype": args.moments_dtype,
         "basis_dtype": args.basis_dtype,
     }
+    if args.weights == "bf16":
+        flags["stochastic_rounding"] = "true"
     entries = [f"{key}={value}" for key, value in flags.items() if key not in given]
     if args.optim_args:
         entries.append(args.optim_args)
@@ -406,6 +412,14 @@ def _add_training_flags(ap: argparse.ArgumentParser) -> None:
         "--max-steps must be the checkpointed run's",
     )
     train.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    train.add_argument(
+        "--weights",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="the dtype the base weights are stored in: fp32; bf16 (no master copy; SubspaceAdamW rounds "
+        "stochastically); int8 (torchao's int8 training weights on the linear layers, fp32 row scales; needs "
+        "torchao, and --lora-r: transformers cannot save int8 weights, so a full fine-tune could not checkpoint)",
+    )
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--report-to", nargs="*", default=[], help="e.g. tensorboard wandb (default: console only)")
@@ -457,6 +471,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.mode == "basic" and args.trainer == "sft":
         ap.error("--mode basic trains with the plain Trainer: SFTTrainer needs the recipe's documents and tokenizer")
+    if args.weights == "int8" and not args.lora_r:
+        ap.error(
+            "--weights int8 needs --lora-r: transformers 5's save_pretrained writes safetensors only, which cannot "
+            "hold torchao's int8 weights, so a full fine-tune could not save a checkpoint (subspace-optim pretrain "
+            "--weights int8 trains them, saving with torch.save)"
+        )
     if args.rank is None:
         # With LoRA the projected matrices are the adapters, (r, n) and (m, r): a rank above r cannot be projected
         # (that matrix falls back to AdamW with a warning), and rank == r saves nothing.

@@ -60,8 +60,9 @@ def store_(p: Tensor, value: Tensor, seed: int, skip: Tensor | None = None) -> N
     p.scale.copy_(scale)
 
 
-def quantize_linears(model: nn.Module) -> nn.Module:
-    """Make every ``nn.Linear`` weight of ``model`` an int8 training weight (torchao's ``quantize_``), in place.
+def quantize_linears(model: nn.Module, exclude: tuple[str, ...] = ()) -> nn.Module:
+    """Make every ``nn.Linear`` weight of ``model`` an int8 training weight (torchao's ``quantize_``), in place, but
+    those of modules whose qualified name ends with one of ``exclude``.
 
     The model must be fp32 (see the module docstring); biases, embeddings and norms stay as they are."""
     try:
@@ -75,7 +76,10 @@ def quantize_linears(model: nn.Module) -> nn.Module:
             f"int8 weights: quantize an fp32 model (its linear weights are {sorted(map(str, dtypes))}): with bf16 "
             "row scales torchao rounds small updates to nearest before its stochastic rounding and loses them"
         )
-    quantize_(model, int8_weight_only_quantized_training())
+    def chosen(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and not any(name.endswith(e) for e in exclude)
+
+    quantize_(model, int8_weight_only_quantized_training(), filter_fn=chosen)
     return model
 
 

@@ -6,6 +6,7 @@ byte-level BPE of 300 tokens trained on that text.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import runpy
@@ -143,8 +144,13 @@ def test_recipe_resume_is_exact(tmp_path, recipe, mode):
     [
         [],
         ["--trainer", "trainer", "--lora-r", "8", "--moments-dtype", "int8", "--basis-dtype", "bfloat16"],
+        ["--weights", "bf16"],
+        pytest.param(
+            ["--lora-r", "8", "--weights", "int8"],
+            marks=pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao"),
+        ),
     ],
-    ids=["sft-full", "trainer-lora-int8"],
+    ids=["sft-full", "trainer-lora-int8", "sft-full-bf16-weights", "sft-lora-int8-weights"],
 )
 def test_main_end_to_end(tmp_path, recipe, extra):
     """``main(argv)``: trains, evaluates, checkpoints, saves the model (the adapter with LoRA) and a summary."""
@@ -158,7 +164,8 @@ def test_main_end_to_end(tmp_path, recipe, extra):
     assert list((out / "tokenizers").glob("bpe300-*.json")), "the trained tokenizer is cached in --output-dir"
     final = out / "final"
     if "--lora-r" in extra:
-        assert summary["trainer"] == "Trainer" and summary["mode"] == "lora r=8" and summary["rank"] == 8
+        trainer = "SFTTrainer" if "--weights" in extra else "Trainer"
+        assert summary["trainer"] == trainer and summary["mode"] == "lora r=8" and summary["rank"] == 8
         assert summary["trainable_params"] < summary["total_params"]
         assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
     else:
@@ -166,6 +173,14 @@ def test_main_end_to_end(tmp_path, recipe, extra):
         assert summary["trainable_params"] == summary["total_params"]
         assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     assert (final / "tokenizer.json").is_file()
+
+
+def test_int8_weights_need_lora(recipe, capsys):
+    with pytest.raises(SystemExit):
+        recipe["parse_args"](["--weights", "int8"])
+    assert "--weights int8 needs --lora-r: transformers 5's save_pretrained writes safetensors only" in (
+        capsys.readouterr().err
+    )
 
 
 def test_default_rank_fits_the_adapters(recipe):

@@ -157,6 +157,41 @@ VERIFY_ODD = (
 )
 
 
+# ------------------------------------------------------------------------------------------- weights
+# The weight formats of the papers' accounting: bf16 (every parameter 2 bytes), int8 (``int8_weights_bytes``).
+PAPER_WEIGHTS = ("bfloat16", "int8")
+# The element size of the floating tensors under each weight format: the plain parameters, every gradient and torch
+# AdamW's own state. An int8 model is an fp32 model (``quantize_linears`` takes only fp32) whose nn.Linear weights
+# hold int8 data: its embedding and norms stay fp32, its gradients come out fp32, and our optimizer keeps an int8
+# weight's state as an fp32 weight's (a plain one's moments in fp32 with moments_dtype="float32").
+FLOAT_SIZE = {"bfloat16": 2, "float32": 4, "int8": 4}
+
+
+def is_linear(s: Spec) -> bool:
+    """Whether LlamaForCausalLM keeps ``s`` in an nn.Linear: every 2-D parameter but the token embedding (attention
+    q/k/v/o, MLP gate/up/down and the untied output head)."""
+    return len(s.shape) == 2 and not s.name.endswith("embed_tokens")
+
+
+def int8_weights_bytes(specs: list[Spec]) -> int:
+    """torchao's int8 training weights (``Int8QuantizedTrainingLinearWeight``): every nn.Linear weight (out x in) as
+    int8 data (1 byte an entry) and one fp32 scale per output row (4 x out bytes); the embedding and the norms in
+    fp32, the dtype of the fp32 model that ``subspace_optim.int8_weights.quantize_linears`` requires (bf16 ones would
+    be 2 bytes, but a bf16 model is refused: bf16 scales would round small updates away)."""
+    return sum(s.numel + 4 * s.shape[0] if is_linear(s) else 4 * s.numel for s in specs)
+
+
+def weights_bytes(specs: list[Spec], wname: str) -> int:
+    """The model's weights: every parameter in ``wname`` (bfloat16, float32), or int8 (``int8_weights_bytes``)."""
+    return int8_weights_bytes(specs) if wname == "int8" else sum(s.numel for s in specs) * SIZES[wname]
+
+
+def layerwise_gradient_bytes(specs: list[Spec], wname: str) -> int:
+    """The largest single weight's gradient: what layer-wise updates leave alive (``memory_step.gradients``); an int8
+    model's gradients are fp32 (``FLOAT_SIZE``)."""
+    return max(s.numel for s in specs) * FLOAT_SIZE[wname]
+
+
 # ------------------------------------------------------------------------------------------ formulas
 Bytes = tuple[int, int]  # (logical, retained)
 
@@ -566,6 +601,56 @@ def factored_rows(moments: list[str]) -> tuple[list[Row], list[str]]:
     return [o.row(extra_ranks=(1,) if o.residual == "apollo_tensor" else (), state_table=False) for o in wanted], []
 
 
+PRESET = "preset_"  # the key prefix of a preset's row (``subspace_optim.presets``)
+
+
+def preset_layout(name: str) -> tuple[Ours, int | None]:
+    """Preset ``name``'s state layout (its options over the library's defaults) and its own rank (None: none)."""
+    from subspace_optim import options, presets
+
+    own = presets.PRESETS[name]
+    opts = {**options.DEFAULTS, **own}
+    kind = opts["refresh"] if opts["refresh"] in ("seeded", "dct") else "stored"
+    layout = Ours(kind, opts["moments_dtype"], opts["residual"], opts["second_moment"], opts["basis_dtype"])
+    return layout, own.get("rank")
+
+
+def build_preset(name: str) -> Callable[..., Any]:
+    """SubspaceAdamW(preset=name), grouped as ``param_groups`` groups a model: the projected matrices at the given
+    rank (over the preset's), the plain parameters with rank None."""
+
+    def build(specs: list[Spec], params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
+        from subspace_optim import SubspaceAdamW
+
+        projected, plain = _split(specs, params, rank)
+        groups = [{"params": plain, "rank": None}] if plain else []
+        if projected:
+            groups.append({"params": projected, "rank": rank})
+        return SubspaceAdamW(groups, lr=1e-3, preset=name)
+
+    return build
+
+
+def preset_rows(moments: list[str]) -> tuple[list[Row], list[str]]:
+    """One row per preset of this checkout (the paper accounting only), built with ``preset=`` itself; a preset
+    with its own rank (least_memory: 1) is checked at that rank too."""
+    try:
+        from subspace_optim import presets
+    except ImportError:
+        return [], ["this checkout has no subspace_optim.presets: no preset rows"]
+    out = []
+    for name in presets.PRESETS:
+        layout, rank = preset_layout(name)
+        if layout.moments not in moments:
+            continue
+        residual = f", residual {layout.residual}" if layout.kind == "stored" and layout.residual != "none" else ""
+        label = f"SubspaceAdamW preset={name} ({layout.label.removeprefix('SubspaceAdamW ')}{residual})"
+        formula = ours(layout.moments, layout.basis, layout.kind, layout.residual, layout.second)
+        extra = () if rank is None else (rank,)
+        out.append(Row(PRESET + name, label, formula, build_preset(name), CHECKED, extra_ranks=extra, state_table=False))
+    return out, []
+
+
 def rows() -> tuple[list[Row], list[str]]:
     notes: list[str] = []
     out = [Row("adamw", "torch AdamW", adamw, build_adamw, "meta build (= formula)", meta=True)]
@@ -602,7 +687,7 @@ def rows() -> tuple[list[Row], list[str]]:
     notes += combo_notes
     out += [Ours("stored", m, basis=b).row() for m, b in combos]
     moments = sorted({m for m, _ in combos}, key=list(SIZES).index)
-    for more in (our_kinds, factored_rows):
+    for more in (our_kinds, factored_rows, preset_rows):
         found, more_notes = more(moments)
         out += found
         notes += more_notes
