@@ -139,6 +139,12 @@ def test_bench_memory_smoke(tmp_path, bench):
     assert all(any(r["rank"] == 1 for r in result["checked"][key]) for key in mini)
     assert kinds <= set(smoke["bfloat16"]) and not mini & set(smoke["bfloat16"])
     assert result["paper"] == {"targets": {}}  # no 7B or 1B in the smoke run
+    int8_check = result["int8_check"]  # the int8 weights' and the presets' state on the smoke LLaMA, with torchao
+    if importlib.util.find_spec("torchao") is None:
+        assert int8_check is None
+    else:
+        assert int8_check["weights"]["measured"] == int8_check["weights"]["formula"] > 0
+        assert {s["key"] for s in int8_check["states"]} == {k for k in result["rows"] if k.startswith("preset_")}
     if "ours_int8_bfloat16" in result["rows"]:
         target = result["targets"]["smoke"]
         assert 0 < target["vs_ours_fp32"] < 1 and 0 < target["vs_ours_fp32_projected"] < 1
@@ -317,7 +323,14 @@ def test_bench_memory_paper_accounting(bench):
         v = v_int8 if "int8" in key else vocab * hidden * 2
         assert plain == 2 * (v - 4 * (vocab + hidden)), key
     targets = paper["targets"]
-    assert set(targets) == {"least_7b_gb", "apollo_like_7b_gb", "state_1b_mib", "state_1b_mib_projected"}
+    assert set(targets) == {
+        "least_7b_gb",
+        "apollo_like_7b_gb",
+        "state_1b_mib",
+        "state_1b_mib_projected",
+        "int8_least_memory_7b_gb",
+        "int8_least_memory_layerwise_7b_gb",
+    }
     assert targets["least_7b_gb"]["met"] and targets["apollo_like_7b_gb"]["met"]
     assert targets["apollo_like_7b_gb"]["key"] == "ours_seeded_apollo_int8_factored"
     assert targets["apollo_like_7b_gb"]["full"]["key"] == "ours_seeded_apollo_int8"
@@ -325,8 +338,111 @@ def test_bench_memory_paper_accounting(bench):
     assert one_b_target["met"] and one_b_target["key"].endswith("_factored") and one_b_target["value"] <= 600
     assert not one_b_target["full"]["met"] and one_b_target["full"]["value"] > 600  # 839 MiB with a full V
     text = render.render({"tables": bench_memory.paper_tables(paper, table)})
-    assert "LLaMA-7B, bf16 weights: weights + optimizer state (GB)" in text and "**19.18** (13.48 + 5.70)" in text
+    assert "LLaMA-7B, bf16 and int8 weights: weights + optimizer state (GB)" in text
+    assert "| GaLore 8-bit | bf16 |" in text and "**19.18** (13.48 + 5.70)" in text
     assert "LLaMA-1B, rank 512" in text and "with a full second moment not met, 839.33 MiB" in text
+
+
+def test_bench_memory_int8_weights_bytes(bench):
+    """INT8 weights, counted by hand on a one-layer LLaMA (hidden 8, intermediate 12, vocabulary 10): every nn.Linear
+    weight (q, k, v, o, gate, up, down, the head) int8 data plus a 4-byte scale per output row, the embedding and
+    the three norms fp32; bf16 weights 2 bytes a parameter; an int8 model's gradients fp32."""
+    bench_memory = bench("memory")
+    specs = bench_memory.llama(8, 12, 1, 10)
+    embedding = 10 * 8 * 4
+    attention = 4 * (8 * 8 + 4 * 8)
+    mlp = 2 * (12 * 8 + 4 * 12) + (8 * 12 + 4 * 8)
+    norms = 3 * 8 * 4
+    head = 10 * 8 + 4 * 10
+    assert bench_memory.int8_weights_bytes(specs) == embedding + attention + mlp + norms + head == 1336
+    assert bench_memory.weights_bytes(specs, "int8") == 1336
+    assert bench_memory.weights_bytes(specs, "bfloat16") == 2 * sum(s.numel for s in specs)
+    linear = [s.name for s in specs if bench_memory.is_linear(s)]
+    assert len(linear) == 8 and linear[-1] == "lm_head" and "embed_tokens" not in linear
+    assert bench_memory.layerwise_gradient_bytes(specs, "int8") == 10 * 8 * 4
+    assert bench_memory.layerwise_gradient_bytes(specs, "bfloat16") == 10 * 8 * 2
+
+
+def test_bench_memory_int8_presets_7b(bench):
+    """LLaMA-7B, each preset with bf16 and int8 weights (weights + state, + the layer-wise gradient), next to
+    Q-GaLore's cited 15.26 GB, and the int8 least_memory targets (<= 9.5 GB, <= 10 GB with the gradient)."""
+    bench_memory, render = bench("memory"), bench("render")
+    table, _ = bench_memory.rows()
+    paper = bench_memory.paper_accounting({"7b": bench_memory.MODELS["7b"]}, table)
+    found = paper["7b"]
+    rows = {(r["preset"], r["weights_dtype"]): r for r in found["presets"]}
+    assert set(rows) == {(p, w) for p in ("least_memory", "balanced", "best_quality") for w in ("bfloat16", "int8")}
+    hidden, vocab = 4096, 32000
+    for (preset, wname), r in rows.items():
+        assert r["rank"] == (1 if preset == "least_memory" else 1024), preset
+        assert r["layerwise_gradient"] == vocab * hidden * (4 if wname == "int8" else 2)
+        bf16 = rows[(preset, "bfloat16")]
+        assert r["state"] >= bf16["state"]  # the int8 model's plain tensors are fp32: their state is not smaller
+    assert round(rows[("least_memory", "bfloat16")]["weights"] / 1e9, 2) == 13.48
+    int8_weights = rows[("least_memory", "int8")]["weights"]
+    assert round(int8_weights / 1e9, 2) == 7.14
+    linear_rows = 32 * (4 * hidden + 2 * 11008 + hidden) + vocab
+    linear_numel = 32 * (4 * hidden**2 + 3 * 11008 * hidden) + vocab * hidden
+    assert int8_weights == linear_numel + 4 * linear_rows + 4 * (vocab * hidden + 65 * hidden)
+    assert round((rows[("least_memory", "bfloat16")]["state"] + 13476831232) / 1e9, 2) == 13.76  # the preset's doc
+    assert round((rows[("balanced", "bfloat16")]["state"] + 13476831232) / 1e9, 2) == 17.28
+    assert round((rows[("best_quality", "bfloat16")]["state"] + 13476831232) / 1e9, 2) == 31.24
+    assert found["cited"] == [
+        {"name": "Q-GaLore (paper)", "weights_dtype": "int8", "total_gb": 15.26, "source": found["cited"][0]["source"]}
+    ]
+    least = rows[("least_memory", "int8")]
+    targets = paper["targets"]
+    total = (least["weights"] + least["state"]) / 1e9
+    plain, with_grad = targets["int8_least_memory_7b_gb"], targets["int8_least_memory_layerwise_7b_gb"]
+    assert plain["met"] and plain["value"] == total <= 9.5 and plain["limit"] == 9.5
+    assert with_grad["met"] and with_grad["value"] == total + least["layerwise_gradient"] / 1e9 <= 10
+    assert plain["key"] == with_grad["key"] == "preset_least_memory" and plain["rank"] == 1
+    text = render.render({"tables": bench_memory.paper_tables(paper, table)})
+    assert "| Q-GaLore (paper) | int8 |" in text and "| 15.26 |" in text
+    assert "| preset least_memory | int8 | " in text and f"**{total:.2f}**" in text
+    assert f"least_memory, int8 weights, weights + state <= 9.5 GB: **met**, {total:.2f} GB" in text
+    assert "least_memory, int8 weights, + one layer's gradient <= 10 GB: **met**" in text
+    assert "not checked against a real model" in text  # no int8 check passed to the table here
+
+
+def test_bench_memory_int8_real_model(bench):
+    """With torchao: a tiny fp32 LlamaForCausalLM quantized by ``quantize_linears`` holds exactly the formula's
+    bytes (int8 data + row scales of every nn.Linear, the rest whole), and the script's own check (the smoke LLaMA's
+    weights and each preset's state after one step with int8 weights) passes."""
+    pytest.importorskip("torchao")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from subspace_optim.int8_weights import is_int8, quantize_linears
+
+    bench_memory = bench("memory")
+    hidden, inter, layers, vocab = 32, 48, 2, 96
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    model = quantize_linears(LlamaForCausalLM(config).float())
+    counted = 0
+    for p in model.parameters():
+        if is_int8(p):
+            assert p.int_data.dtype == torch.int8 and p.scale.dtype == torch.float32
+            counted += p.int_data.numel() + p.scale.numel() * p.scale.element_size()
+        else:
+            assert p.dtype == torch.float32
+            counted += p.numel() * p.element_size()
+    specs = bench_memory.llama(hidden, inter, layers, vocab)
+    assert counted == bench_memory.int8_weights_bytes(specs) == bench_memory.model_weights_bytes(model)
+    assert sum(is_int8(p) for p in model.parameters()) == sum(bench_memory.is_linear(s) for s in specs) == 15
+    table, _ = bench_memory.rows()
+    found = bench_memory.check_int8(table)
+    assert found["weights"]["measured"] == found["weights"]["formula"]
+    presets = {s["key"] for s in found["states"]}
+    assert presets == {"preset_least_memory", "preset_balanced", "preset_best_quality"}
 
 
 def test_bench_quality_smoke(tmp_path):

@@ -1,5 +1,6 @@
-"""Low-precision weights: held-out loss at equal steps with fp32 weights, bf16 weights rounded to nearest and bf16
-weights rounded stochastically (``stochastic_rounding=True``), and what stochastic rounding adds to a training step.
+"""Low-precision weights: held-out loss at equal steps with fp32 weights, bf16 weights rounded to nearest, bf16
+weights rounded stochastically (``stochastic_rounding=True``) and torchao's int8 weights (``--weights int8``), and what
+stochastic rounding adds to a training step.
 
 Quality: ``subspace-optim pretrain`` runs (``quality.run_many``: same init, data order and steps; only the weights'
 dtype and the rounding change) at the model file's tuned settings, one per ``--seeds``; a row per setting with the
@@ -30,6 +31,7 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("fp32 weights", {"weights": "fp32"}),
     ("bf16 weights, round to nearest", {"weights": "bf16"}),
     ("bf16 weights, stochastic rounding", {"weights": "bf16", "stochastic_rounding": True}),
+    ("int8 weights (torchao)", {"weights": "int8"}),
 ]
 
 
