@@ -152,28 +152,10 @@ def variants_for(
     basis = torch.float32 if regenerated else getattr(torch, basis_dtype)
     kind = MOMENT_KINDS[moments_dtype]
     resid = residual != "none"
-    out = [
-        Variant.of(
-            "project_adam_kernel",
-            ks.project_config(
-                side, g_dtype, basis, kind, kind, resid, precision, cols, basis=how, interpreted=interpreted
-            ),
-        ),
-        Variant.of(
-            "back_update_kernel",
-            ks.back_config(
-                side,
-                w_dtype,
-                g_dtype,
-                basis,
-                residual,
-                precision,
-                basis=how,
-                stochastic=stochastic,
-                interpreted=interpreted,
-            ),
-        ),
-    ]
+    flags = dict(basis=how, interpreted=interpreted)
+    project = ks.project_config(side, g_dtype, basis, kind, kind, resid, precision, cols, **flags)
+    back = ks.back_config(side, w_dtype, g_dtype, basis, residual, precision, stochastic=stochastic, **flags)
+    out = [Variant.of("project_adam_kernel", project), Variant.of("back_update_kernel", back)]
     if refresh:
         products = [
             (g_dtype, None, False),

@@ -553,14 +553,8 @@ def _project_launch(
     ms, vs = _batch_moments(ms), _batch_moments(vs)
     lay = _project_layout(ws, gs, ps, ms, vs, side, same_layout)
     nbuf = torch.empty((len(gs), *lay.rshape), dtype=torch.float32, device=dev)
-    rows: dict[str, Any] = {
-        "w": ws,
-        "g": gs,
-        "p": [_basis_pointer(p) for p in ps],
-        "m": ms.values,
-        "v": vs.values,
-        "n": nbuf,
-    }
+    rows: dict[str, Any] = {"w": ws, "g": gs, "p": [_basis_pointer(p) for p in ps], "m": ms.values, "v": vs.values}
+    rows["n"] = nbuf
     m_kind, mq_strides, m_table = _absmax_rows(ms, "mq", True, same_layout, rows, dev)
     v_kind, vq_strides, v_table = _absmax_rows(vs, "vq", False, same_layout, rows, dev)
     rbuf = sqbuf = None
@@ -573,10 +567,8 @@ def _project_launch(
         a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["p"], lay.p[::-1], tables["g"], lay.g, (lay.r, lay.n, lay.m)
     else:  # R = G P: A = G (m x n), B = P (n x r)
         a_arr, sa, b_arr, sb, (rm, rn, rk) = tables["g"], lay.g, tables["p"], lay.p, (lay.m, lay.r, lay.n)
-    kind = basis_kind(ps[0])
-    cfg = project_config(
-        side, gs[0].dtype, basis_dtype(ps[0]), m_kind, v_kind, resid, precision, rn, blocks, basis=kind
-    )
+    kind, p_dtype = basis_kind(ps[0]), basis_dtype(ps[0])
+    cfg = project_config(side, gs[0].dtype, p_dtype, m_kind, v_kind, resid, precision, rn, blocks, basis=kind)
     grid = (triton.cdiv(rm, cfg["BM"]) * triton.cdiv(rn, cfg["BN"]), len(gs))
     placeholder = tables["n"]  # stands for the arrays a variant never reads (no int8 moment, no residual)
     p_table, p_scale = _basis_arguments(ps, hyper)
@@ -844,13 +836,10 @@ def subspace_adamw(
             lag, ages = (None if lags is None else [lags[i] for i in idx]), [steps[i] for i in idx]
             hyper = _scalar_table(ages, scalars, flags, lag, betas, dev)
             batch = [[t[i] for i in idx] for t in (ws, grads, bases, exp_avgs, exp_avg_sqs)]
-            side, resid = sides[idx[0]], residual != "none"
-            if type(batch[4][0]) is Factored:  # launch 1 in torch: it reads the bases materialized
-                batch[2] = [p if isinstance(p, Tensor) else p.materialize(dev) for p in batch[2]]
-                first = _factored_first_half(*batch, hyper, side, resid, ages, scalars, lag, betas, flags, reduce)
-            else:
-                first = _project_launch(*batch, hyper, side, blocks, matmul_precision, resid, True)
-            launched.append(first)
+            late = (ages, scalars, lag, betas, flags, reduce)  # what a factored batch's torch half also needs
+            launched.append(
+                _first_launch(batch, hyper, sides[idx[0]], residual != "none", blocks, matmul_precision, late)
+            )
     coefs = None
     if residual != "none":
         units = limiter_units(limiter, [scalars(t) for t in steps], steps, lags, betas, grads[0].device)
@@ -858,7 +847,24 @@ def subspace_adamw(
             launched, members, bases, residual, update_norms, units, scale, reduce, skipped, limiter
         )
     for b, x in enumerate(launched):
-        seeds = None if rounding_seeds is None else [rounding_seeds[i] for i in members[b]]
         with device_guard(x.gs[0].device):
             coef = None if coefs is None else coefs[b]
-            _back_launch(x, blocks, matmul_precision, residual, coef, None if seeds is None or None in seeds else seeds)
+            _back_launch(x, blocks, matmul_precision, residual, coef, _batch_seeds(rounding_seeds, members[b]))
+
+
+def _first_launch(
+    batch: list[list], hyper: Tensor, side: str, resid: bool, blocks: Blocks | None, precision: str, late: tuple
+) -> _Launched:
+    """Launch 1 of one batch: the fused kernel, or for factored second moments its work in torch, which reads the
+    bases materialized (``_factored_first_half``)."""
+    if type(batch[4][0]) is not Factored:
+        return _project_launch(*batch, hyper, side, blocks, precision, resid, True)
+    dev = batch[1][0].device
+    batch[2] = [p if isinstance(p, Tensor) else p.materialize(dev) for p in batch[2]]
+    return _factored_first_half(*batch, hyper, side, resid, *late)
+
+
+def _batch_seeds(rounding_seeds: Sequence[int | None] | None, idx: list[int]) -> list[int] | None:
+    """A batch's stochastic rounding seeds, or None: it rounds to nearest (every member, or none, has a seed)."""
+    seeds = None if rounding_seeds is None else [rounding_seeds[i] for i in idx]
+    return None if seeds is None or None in seeds else seeds  # type: ignore[return-value]

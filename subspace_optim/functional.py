@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -331,21 +331,14 @@ def _residual_reference(
         limiter=limiter,
     )
     for i in reversed(range(len(work))):  # the last projected first: its G is the likeliest still in cache
-        w = work[i]
-        residual_update(
-            params[i],
-            grads[i],
-            w.basis,
-            w.r,
-            w.direction,
-            coefs[i],
-            w.scalars,
-            sides[i],
-            residual,
-            fixes[i],
-            None if skipped is None else skipped[i],
-            None if rounding_seeds is None else rounding_seeds[i],
-        )
+        w, skip, seed = work[i], _at(skipped, i), _at(rounding_seeds, i)
+        matrix = (params[i], grads[i], w.basis, w.r, w.direction, coefs[i], w.scalars, sides[i])
+        residual_update(*matrix, residual, fixes[i], skip, seed)
+
+
+def _at(values: Sequence[Any] | None, i: int) -> Any:
+    """Entry i of an optional per-matrix list."""
+    return None if values is None else values[i]
 
 
 def _residual_moments(
@@ -421,29 +414,16 @@ def adamw(
     kwargs.update(beta1=betas[0], beta2=betas[1])
     foreach = _foreach_choice(params, lr, betas, foreach, fused)
     ms, vs = list(exp_avgs), list(exp_avg_sqs)
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     seeds = [None] * len(params) if rounding_seeds is None else list(rounding_seeds)
-    own = [
-        int8_weights.is_int8(p) or (s is not None and p.dtype == torch.bfloat16)
-        for s, p in zip(seeds, params, strict=True)
-    ]
-    if any(own):
-        rest = []
-        for i, (p, g, m, v, step) in enumerate(zip(params, grads, ms, vs, steps, strict=True)):
-            if not own[i]:
-                rest.append(i)
-            elif int8_weights.is_int8(p):
-                _int8_adamw(
-                    p, g, (m, v), step, kwargs, 0 if seeds[i] is None else seeds[i], lr, betas, eps, weight_decay
-                )
-            elif type(v) is Factored:
-                _factored_adamw(
-                    p, g, m, v, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=seeds[i]
-                )
-            else:
-                _stored_adamw(p, g, (m, v), step, kwargs, seeds[i])
+    rounded = [i for i, (p, s) in enumerate(zip(params, seeds, strict=True)) if _rounds(p, s)]
+    if rounded:  # these one by one (``_rounded_adamw``), the others as usual
+        for i in rounded:
+            _rounded_adamw(params[i], grads[i], (ms[i], vs[i]), steps[i], kwargs, hyper, seeds[i])
+        rest = [i for i in range(len(params)) if i not in rounded]
         if rest:
             pick = [[t[i] for i in rest] for t in (params, grads, ms, vs, steps)]
-            adamw(*pick, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
+            adamw(*pick, **hyper, foreach=foreach, fused=fused)
         return
     if any(type(v) is Factored for v in vs):
         for p, g, m, v, step in zip(params, grads, ms, vs, steps, strict=True):
@@ -496,24 +476,29 @@ def _factored_adamw(
     apply_update(p, direction, scalars, rounding=rounding)
 
 
-def _int8_adamw(
-    p: Tensor,
-    grad: Tensor,
-    moments: Moments,
-    step: Tensor,
-    kwargs: dict,
-    seed: int,
-    lr: float | Tensor,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
+def _rounds(p: Tensor, seed: int | None) -> bool:
+    """Whether a plain parameter's result is rounded from a seed: torchao's int8 weights, seeded bf16 weights."""
+    return int8_weights.is_int8(p) or (seed is not None and p.dtype == torch.bfloat16)
+
+
+def _rounded_adamw(
+    p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwargs: dict, hyper: dict, seed: int | None
 ) -> None:
+    """One plain parameter whose result is rounded from ``seed``'s bits: a torchao int8 weight (``_int8_adamw``), or a
+    bf16 one rounded stochastically (factored: ``_factored_adamw``; else fp32 working copies, ``_stored_adamw``)."""
+    if int8_weights.is_int8(p):
+        _int8_adamw(p, grad, moments, step, kwargs, 0 if seed is None else seed, hyper)
+    elif type(moments[1]) is Factored:
+        _factored_adamw(p, grad, moments[0], moments[1], step, **hyper, rounding=seed)
+    else:
+        _stored_adamw(p, grad, moments, step, kwargs, seed)
+
+
+def _int8_adamw(p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwargs: dict, seed: int, hyper: dict) -> None:
     """torch's AdamW (or the factored rule) for one torchao int8 weight: on its dequantized fp32 values, then
     requantized with the seed's bits (``int8_weights.store_``)."""
     if type(moments[1]) is Factored:
-        _factored_adamw(
-            p, grad, moments[0], moments[1], step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=seed
-        )
+        _factored_adamw(p, grad, moments[0], moments[1], step, **hyper, rounding=seed)
         return
     work = int8_weights.dequantized(p)
     m, v = _load(moments)

@@ -76,6 +76,7 @@ def quantize_linears(model: nn.Module, exclude: tuple[str, ...] = ()) -> nn.Modu
             f"int8 weights: quantize an fp32 model (its linear weights are {sorted(map(str, dtypes))}): with bf16 "
             "row scales torchao rounds small updates to nearest before its stochastic rounding and loses them"
         )
+
     def chosen(module: nn.Module, name: str) -> bool:
         return isinstance(module, nn.Linear) and not any(name.endswith(e) for e in exclude)
 

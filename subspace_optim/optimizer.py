@@ -406,9 +406,8 @@ class SubspaceAdamW(Optimizer):
         _refuse_model_or_tensor(params)
         self._metrics: dict[int, dict[str, Any]] = {}
         self._nonfinite_skips = 0
-        # Per projected matrix: a 0-d int32 count, on its device, of its steps skipped there and not yet read by
-        # the host, and how many of its steps were decided on the device since the host last read (``_read``).
-        # Keyed by id(p); ``_skips`` holds p itself too, so no id is reused while its entry lives.
+        # Per projected matrix (by id; ``_skips`` holds p too, so no id is reused while its entry lives): a 0-d int32
+        # count of its steps skipped on its device not yet read (``_read``), and its steps decided there since.
         self._skips: dict[int, tuple[Tensor, Tensor]] = {}
         self._unread: dict[int, int] = {}
         self._known_params: set[int] = set()
@@ -418,8 +417,7 @@ class SubspaceAdamW(Optimizer):
         self._layouts: dict[int, dict[str, Any]] = {}  # id(group) -> SHAPE_OPTIONS its state was built with
         self._plan: StepPlan | None = None
         self._indices: dict[int, int] = {}  # id(p) -> the parameter's index over every group (rounding seeds)
-        module = _source_module(params)
-        params = list(params)
+        module, params = _source_module(params), list(params)
         if preset is not None:  # under each group's own keys, over the keywords above (defaults for the groups)
             presets.options_of(preset)  # an unknown name is refused before anything else
             groups = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -445,6 +443,7 @@ class SubspaceAdamW(Optimizer):
         self._plain_checked = getattr(self, "_plain_checked", True)
         self._layouts = {}
         self._plan = None  # the state and the groups were replaced
+        self._indices = {}  # refilled by the next step
         for i, group in enumerate(self.param_groups):
             for key in options.DEFAULTS:  # not torch's "differentiable", which __setstate__ put in defaults
                 # An option the saved group lacks keeps the behaviour it was saved with (``ABSENT_MEANS``).
@@ -750,9 +749,15 @@ class SubspaceAdamW(Optimizer):
         if not any(rounds(p) for p, _ in members):
             return None
         return [
-            rounding.rounding_seed(group["seed"], self._indices[id(p)], _this_step(s["step"])) if rounds(p) else None
+            rounding.rounding_seed(group["seed"], self._index(p), _this_step(s["step"])) if rounds(p) else None
             for p, s in members
         ]
+
+    def _index(self, p: Tensor) -> int:
+        """A parameter's index over every group (the one its sketches and roundings are seeded with)."""
+        if id(p) not in self._indices:  # a path that did not pass through ``_with_state`` (layer-wise updates)
+            self._indices.update((id(q), index) for index, _, _, q in self._named_params())
+        return self._indices[id(p)]
 
     def _plain_skipping_calls(
         self,

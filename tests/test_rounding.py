@@ -218,3 +218,25 @@ def test_a_skipped_matrix_keeps_its_bits(engine):
     opt.step()
     assert torch.equal(ws[0].view(torch.int16), before[0].view(torch.int16))
     assert not torch.equal(ws[1], before[1])
+
+
+def test_layerwise_updates_round_as_regular_steps():
+    """Updates inside backward (``update_in_backward``) draw the same bits as ``step()``: the weights agree bit for
+    bit after four steps."""
+    from subspace_optim import param_groups
+
+    def run(layerwise: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16)).to(torch.bfloat16)
+        opt = SubspaceAdamW(param_groups(model, "all-linear", rank=4), lr=1e-2, stochastic_rounding=True)
+        if layerwise:
+            opt.update_in_backward(model)
+        for t in range(4):
+            x = torch.randn(8, 32, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16)
+            model(x).float().square().mean().backward()
+            if not layerwise:
+                opt.step()
+                opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(x, y) for x, y in zip(run(False), run(True), strict=True))
