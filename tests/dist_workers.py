@@ -38,10 +38,38 @@ def _mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(12, 33), nn.Tanh(), nn.Linear(33, 20), nn.Tanh(), nn.Linear(20, 4))
 
 
-def ddp_train(rank: int, world: int, steps: int, refresh_owner: str, refresh: str, **dtypes: str) -> dict:
-    """DDP with a *different global seed per rank*: bases must still agree, so weights stay identical."""
+def _low_precision(module: nn.Module, weights: str) -> nn.Module:
+    """The MLP with bf16 weights, or torchao's int8 training weights on its linear layers."""
+    if weights == "bf16":
+        return module.to(torch.bfloat16)
+    if weights == "int8":
+        from subspace_optim import int8_weights
+
+        return int8_weights.quantize_linears(module)
+    return module
+
+
+def _weight_bits(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight's stored bits (an int8 weight's data and scales)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if hasattr(v, "int_data"):
+            out[k + ".int_data"], out[k + ".scale"] = v.int_data.clone(), v.scale.clone()
+        else:
+            out[k] = v.detach().clone()
+    return out
+
+
+def ddp_train(
+    rank: int, world: int, steps: int, refresh_owner: str, refresh: str, weights: str = "fp32", **dtypes: str
+) -> dict:
+    """DDP with a *different global seed per rank*: bases (and roundings) must still agree, so weights stay
+    identical. ``weights``: fp32, bf16 or int8 (torchao)."""
     assert dist.get_world_size() == 2
-    model = nn.parallel.DistributedDataParallel(_mlp())
+    module = _low_precision(_mlp(), weights)
+    # torchao's int8 weight cannot be concatenated with plain tensors, which DDP's first broadcast does; every rank
+    # builds the same weights from the same seed, so that broadcast is skipped for it.
+    model = nn.parallel.DistributedDataParallel(module, init_sync=weights != "int8")
     torch.manual_seed(1234 + 77 * rank)  # global RNG differs between ranks from here on
     opt = SubspaceAdamW(
         param_groups(model.module, "all-linear", rank=3, update_gap=2, refresh=refresh),
@@ -51,16 +79,17 @@ def ddp_train(rank: int, world: int, steps: int, refresh_owner: str, refresh: st
         **dtypes,
     )
     half = slice(rank * 8, (rank + 1) * 8)
+    dtype = torch.bfloat16 if weights == "bf16" else torch.float32
     for step in range(steps):
         x, y = _batch(step, 16, 12, half)
         torch.randn(5)  # rank-dependent global RNG use between steps, as dropout would do
         opt.zero_grad()
-        (model(x) - y).square().mean().backward()
+        (model(x.to(dtype)) - y.to(dtype)).float().square().mean().backward()
         opt.step()
     opt.check_consistency()
     return {
         "world": dist.get_world_size(),
-        "weights": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+        "weights": _weight_bits(model.module),
         "refresh_counts": [s["refresh_count"] for s in opt.state.values() if "refresh_count" in s],
         "computed_here": opt.subspace_metrics()["overall"]["refreshes_computed_here"],
     }

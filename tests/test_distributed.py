@@ -94,6 +94,19 @@ def test_ddp_int8_ranks_stay_bitwise_identical(tmp_path):
     _assert_bitwise_equal(r0["weights"], r1["weights"])
 
 
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_ddp_low_precision_weights_stay_bitwise_identical(tmp_path, weights):
+    """bf16 weights rounded stochastically, and torchao's int8 weights requantized with our seeded bits: the ranks,
+    whose global RNGs differ, write the same bits."""
+    if weights == "int8":
+        pytest.importorskip("torchao")
+    extra = {"stochastic_rounding": True} if weights == "bf16" else {}
+    r0, r1 = _launch(tmp_path, "ddp_train", steps=5, refresh_owner="all", refresh="warm", weights=weights, **extra)
+    assert r0["refresh_counts"] == [3, 3, 3]
+    _assert_bitwise_equal(r0["weights"], r1["weights"])
+    assert any(k.endswith(".int_data") for k in r0["weights"]) == (weights == "int8")
+
+
 @pytest.mark.parametrize(
     "refresh, extra", [("dct", {}), ("seeded", {"residual": "apollo", "moments": "keep"})], ids=["dct", "seeded"]
 )
