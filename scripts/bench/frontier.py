@@ -92,20 +92,24 @@ ROWS: list[tuple[str, str, float, dict[str, Any]]] = [
             "second_moment": "factored",
         },
     ),
-    (
-        "ours_seeded_mini_int8_factored",
-        "subspace",
-        1e-2,
-        {
-            **OURS_TUNED,
-            "refresh": "seeded",
-            "rank": 1,
-            "residual": "apollo_tensor",
-            "moments": "keep",
-            "scale": math.sqrt(128.0),
-            "moments_dtype": "int8",
-            "second_moment": "factored",
-        },
+    *(
+        (
+            f"ours_seeded_mini_int8_factored{suffix}",
+            "subspace",
+            1e-2,
+            {
+                **OURS_TUNED,
+                "refresh": "seeded",
+                "seed_stream": stream,
+                "rank": 1,
+                "residual": "apollo_tensor",
+                "moments": "keep",
+                "scale": math.sqrt(128.0),
+                "moments_dtype": "int8",
+                "second_moment": "factored",
+            },
+        )
+        for suffix, stream in (("", "apollo"), ("_signs", "counter"))
     ),
 ]
 PEERS = ("adamw", "adamw8bit", "galore", "apollo", "apollo_mini")
