@@ -3,11 +3,12 @@ time and state bytes, on LLaMA projection shapes, the reference engine.
 
 Four optimizers on the same matrices and gradients, interleaved by round (``common.interleaved``):
 
-- ``warm``: the default stored basis (warm refresh), residual none, moments rotate;
-- ``dct``: DCT columns kept as indices, regenerated at every step; residual none, moments rotate;
+- ``warm``: the default stored basis (warm refresh), the default residual (fira), moments rotate;
+- ``dct``: DCT columns kept as indices, regenerated at every step; the default residual, moments rotate;
 - ``random+apollo``: a stored random orthonormal basis with APOLLO's channel scaling (residual apollo, moments
   keep): the stored counterpart of the seeded one;
-- ``seeded+apollo``: APOLLO's seeded projection, regenerated at every step (residual apollo, moments keep).
+- ``seeded+apollo``: APOLLO's seeded projection, regenerated at every step (residual apollo, moments keep), from the
+  default stream: random signs from Philox, drawn in one batch per size.
 
 Regular steps: a refresh gap longer than the run; one untimed step (the first refresh) and one warm-up, then
 ``--steps`` rounds. Refresh: a gap of 1, so every step refreshes every matrix; each round gives every optimizer
