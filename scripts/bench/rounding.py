@@ -9,6 +9,8 @@ that model with bf16 weights, with and without stochastic rounding, interleaved 
 file's shape: medians and the median of per-round ratios.
 
     python -m scripts.bench.rounding --model llama_9m --seeds 0 1 --out runs/rounding --json docs/results/rounding.json
+    python -m scripts.bench.rounding --model llama_9m --seeds 0 1 --lr-scale 0.1 --out runs/rounding \
+        --json docs/results/rounding-lr0.1.json                                   # updates 10x smaller
     python -m scripts.bench.rounding --smoke                                                       # a pipeline check
 """
 
@@ -40,17 +42,20 @@ def _slug(name: str) -> str:
 
 
 def rows(args: argparse.Namespace, lr: float, plain_lr: float | None) -> list[dict[str, Any]]:
-    """One row per weights setting: per-seed and mean held-out loss, and the gap to fp32 weights."""
+    """One row per weights setting: per-seed and mean held-out loss, and the gap to fp32 weights. ``--lr-scale``
+    multiplies both learning rates (smaller updates: the regime stochastic rounding is for)."""
+    lr, plain_lr = lr * args.lr_scale, None if plain_lr is None else plain_lr * args.lr_scale
     tuned = {} if plain_lr is None else {"plain_lr": plain_lr}
+    prefix = "" if args.lr_scale == 1.0 else f"lrx{args.lr_scale:g}-"
     specs = [
-        (f"{_slug(name)}-s{seed}", "subspace", lr, {**tuned, **flags, "seed": seed})
+        (f"{prefix}{_slug(name)}-s{seed}", "subspace", lr, {**tuned, **flags, "seed": seed})
         for name, flags in ROWS
         for seed in args.seeds
     ]
     done = quality.run_many(args, specs)
     out = []
     for name, flags in ROWS:
-        losses = [r["eval_loss"] for r in done if r["name"].rsplit("-s", 1)[0] == _slug(name)]
+        losses = [r["eval_loss"] for r in done if r["name"].rsplit("-s", 1)[0] == prefix + _slug(name)]
         out.append({"name": name, "flags": flags, "losses": losses, "mean_loss": statistics.mean(losses)})
     base = out[0]["mean_loss"]
     for row in out:
@@ -101,7 +106,11 @@ def tables(args: argparse.Namespace, quality_rows: list[dict[str, Any]], timing:
             ]
             for r in quality_rows
         ],
-        [f"{args.model}, seeds {seeds}, SubspaceAdamW at the model file's settings; equal steps and data."],
+        [
+            f"{args.model}, seeds {seeds}, SubspaceAdamW at the model file's settings"
+            + ("" if args.lr_scale == 1.0 else f", both lrs x {args.lr_scale:g}")
+            + "; equal steps and data."
+        ],
     )
     t = common.table(
         "Stochastic rounding: a whole training step",
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--timed-steps", type=int, default=10)
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply the model file's lr and plain lr")
     parser.add_argument("--smoke", action="store_true", help="the tiny model, a few steps, one seed")
     common.add_output_args(parser)
     args = parser.parse_args(argv)
