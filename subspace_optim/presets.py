@@ -6,16 +6,20 @@ the constructor's keywords, which are only defaults for the groups); ``param_gro
 it on the projected group under the options passed there. ``optim_args="preset=..."`` (Trainer) and ``--preset``
 (``subspace-optim pretrain``) reach the same dicts.
 
-Measured at llama_9m (two seeds, held-out loss; galore-torch tuned alike: 4.7281):
+Measured at llama_9m (held-out loss, seeds 0 and 1; galore-torch tuned alike: 4.7281):
 
 - ``best_quality``: a stored, warm-refreshed fp32 basis and fp32 moments with Fira's residual (the library
   default): 4.6832; LLaMA-7B weights + state 31.24 GB at rank 1024.
 - ``balanced``: below GaLore 8-bit's memory (bf16 bases and int8 moments at the same rank) at better quality: a
   stored bf16 basis, an int8 first moment, a factored second moment, Fira's residual: 4.6895 (within 0.2% of
-  ``best_quality``, 0.8% below galore-torch); LLaMA-7B 17.28 GB against GaLore 8-bit's 19.18.
-- ``least_memory``: APOLLO-Mini's shape (rank 1, tensor-wise scaling, scale sqrt(128)) with nothing stored but an
-  int8 first moment and two factors per matrix: 5.0510 against apollo-torch APOLLO-Mini's 5.8013; LLaMA-7B
-  13.76 GB, below APOLLO-Mini's 14.53. A group's own ``rank`` overrides the preset's 1.
+  ``best_quality``, 0.8% below galore-torch); LLaMA-7B 17.28 GB at rank 1024 against GaLore 8-bit's 19.18. At half
+  the rank (hidden / 8: rank 16 here, 512 at 7B) it is 15.51 GB, below APOLLO's 16.14, and still below
+  galore-torch at its rank on four seeds (4.6974 against 4.7367).
+- ``least_memory``: APOLLO-Mini's shape (rank 1, tensor-wise scaling, scale sqrt(128)) with nothing stored but a
+  seed, an int8 first moment and two factors per matrix: 5.1231 against apollo-torch APOLLO-Mini's 5.8013; LLaMA-7B
+  13.76 GB, below APOLLO-Mini's 14.53 (7.42 GB with torchao's int8 weights). Its projection is apollo-torch's
+  Gaussian stream: at rank 1 random signs trained 2.2% worse at the same scale (5.2360), and a d x 1 projection costs
+  nothing to materialize. A group's own ``rank`` overrides the preset's 1.
 """
 
 from __future__ import annotations
