@@ -57,11 +57,19 @@ def scale_of(rank: int) -> float:
     return struct.unpack("<f", struct.pack("<f", 1.0 / math.sqrt(rank)))[0]
 
 
-def signs(seeds: Sequence[int], d: int, rank: int, device: torch.device | str = "cpu") -> Tensor:
+def padded_entries(d: int, rank: int) -> int:
+    """The int32 words ``signs`` writes per projection: d x r rounded up to whole Philox calls."""
+    return -(-d * rank // ENTRIES_PER_COUNTER) * ENTRIES_PER_COUNTER
+
+
+def signs(
+    seeds: Sequence[int], d: int, rank: int, device: torch.device | str = "cpu", out: Tensor | None = None
+) -> Tensor:
     """The (len(seeds), d, r) fp32 random-sign projections of ``seeds``: entries exactly +-``scale_of(r)``.
 
     The sign bit is written straight into the fp32 bit pattern of 1/sqrt(r): three integer passes over the
-    entries after one Philox evaluation per 128 of them."""
+    entries after one Philox evaluation per 128 of them. ``out``: an int32 workspace of len(seeds) x
+    ``padded_entries(d, rank)`` words to write into (the result is a view of it) instead of a fresh allocation."""
     n = d * rank
     if n > MAX_ENTRIES:
         raise ValueError(f"a {d} x {rank} projection has more than {MAX_ENTRIES} entries (Triton's int32 counters)")
@@ -69,7 +77,10 @@ def signs(seeds: Sequence[int], d: int, rank: int, device: torch.device | str = 
     seed_column = torch.tensor(list(seeds), dtype=torch.int64, device=device).unsqueeze(1)
     words = randint4x(seed_column, counters).to(torch.int32)  # (b, counters, 4); wraps to the same 32 bits
     shifts = torch.arange(31, -1, -1, dtype=torch.int32, device=device)  # entry k of a word: bit k to the sign
-    bits = words.unsqueeze(-1) << shifts
+    if out is None:
+        bits = words.unsqueeze(-1) << shifts
+    else:
+        bits = torch.bitwise_left_shift(words.unsqueeze(-1), shifts, out=out.view(*words.shape, 32))
     scale_bits = struct.unpack("<i", struct.pack("<f", scale_of(rank)))[0]
     bits.bitwise_and_(-(1 << 31)).bitwise_or_(scale_bits)
     return bits.view(len(seeds), -1)[:, :n].view(torch.float32).reshape(len(seeds), d, rank)

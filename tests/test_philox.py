@@ -158,3 +158,17 @@ def test_step_regenerates_in_its_tiles_what_it_would_load(side, kind, residual, 
     for got, want in zip(*runs, strict=True):
         for x, y in zip(got, want, strict=True):
             assert torch.equal(_values(x), _values(y))
+
+
+def test_signs_into_a_workspace_are_the_fresh_ones_and_the_workspace_is_reused():
+    seeds = [5, 6, 7]
+    room = torch.empty(len(seeds) * philox.padded_entries(37, 5), dtype=torch.int32)
+    assert torch.equal(philox.signs(seeds, 37, 5, out=room), philox.signs(seeds, 37, 5))
+    states = [{"projection_seed": s} for s in seeds] + [{"projection_seed": 9}]
+    cpu = torch.device("cpu")
+    first = projections.draw(states, ["left"] * 4, [37, 37, 37, 20], 5, [cpu] * 4, "counter")
+    expected = [philox.sign_projection(s["projection_seed"], d, 5) for s, d in zip(states, [37, 37, 37, 20])]
+    assert all(torch.equal(a, b) for a, b in zip(first, expected, strict=True))
+    held = projections._WORKSPACES[cpu].data_ptr()
+    projections.draw(states, ["left"] * 4, [37, 37, 37, 20], 5, [cpu] * 4, "counter")
+    assert projections._WORKSPACES[cpu].data_ptr() == held  # the next step writes into the same memory
