@@ -167,7 +167,8 @@ def test_signs_into_a_workspace_are_the_fresh_ones_and_the_workspace_is_reused()
     states = [{"projection_seed": s} for s in seeds] + [{"projection_seed": 9}]
     cpu = torch.device("cpu")
     first = projections.draw(states, ["left"] * 4, [37, 37, 37, 20], 5, [cpu] * 4, "counter")
-    expected = [philox.sign_projection(s["projection_seed"], d, 5) for s, d in zip(states, [37, 37, 37, 20])]
+    dims = [37, 37, 37, 20]
+    expected = [philox.sign_projection(s["projection_seed"], d, 5) for s, d in zip(states, dims, strict=True)]
     assert all(torch.equal(a, b) for a, b in zip(first, expected, strict=True))
     held = projections._WORKSPACES[cpu].data_ptr()
     projections.draw(states, ["left"] * 4, [37, 37, 37, 20], 5, [cpu] * 4, "counter")
