@@ -73,6 +73,12 @@ STRUCTURAL_OPTIONS = (
 _VOCAB_NAMES = ("lm_head", "wte", "wpe")
 
 
+def _rounds(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether a parameter's update is rounded from seeded bits: bf16 weights with ``stochastic_rounding``, and
+    torchao's int8 weights always (their requantization rounds stochastically: with our bits, not the global RNG)."""
+    return int8_weights.is_int8(p) or (group["stochastic_rounding"] and p.dtype == torch.bfloat16)
+
+
 def _this_step(step: int | Tensor) -> int:
     """The number of the step being taken, counting it: a projected matrix's count (an int, already advanced when
     its call is built), or torch AdamW's count plus one (a tensor, advanced by the update; on the CPU unless
@@ -743,13 +749,10 @@ class SubspaceAdamW(Optimizer):
         every group and the number of this step, counting it): bf16 weights with ``stochastic_rounding``, and
         torchao's int8 weights always; None for the others, and None for all when no parameter rounds."""
 
-        def rounds(p: Tensor) -> bool:  # torchao's int8 weights always round stochastically: with our bits
-            return int8_weights.is_int8(p) or (group["stochastic_rounding"] and p.dtype == torch.bfloat16)
-
-        if not any(rounds(p) for p, _ in members):
+        if not any(_rounds(p, group) for p, _ in members):
             return None
         return [
-            rounding.rounding_seed(group["seed"], self._index(p), _this_step(s["step"])) if rounds(p) else None
+            rounding.rounding_seed(group["seed"], self._index(p), _this_step(s["step"])) if _rounds(p, group) else None
             for p, s in members
         ]
 
@@ -775,11 +778,9 @@ class SubspaceAdamW(Optimizer):
         rest: Plain = {}
         for group in self.param_groups:
             members = plain.get(id(group), [])
-            rounded = group["stochastic_rounding"]  # bf16 parameters it rounds take functional.adamw's fp32 path
+            # parameters whose result is rounded from our bits take functional.adamw's fp32 path, not torch's kernel
             skipping = [
-                (p, s)
-                for p, s in members
-                if group["fused"] and state_mod.native(p, s) and not (rounded and p.dtype == torch.bfloat16)
+                (p, s) for p, s in members if group["fused"] and state_mod.native(p, s) and not _rounds(p, group)
             ]
             if len(skipping) < len(members):
                 taken = {id(p) for p, _ in skipping}

@@ -131,6 +131,22 @@ def test_a_skipped_matrix_keeps_its_data_and_scales():
     assert not torch.equal(weights[1].int_data, before[1][0])
 
 
+def test_a_fused_group_steps_its_int8_weights_on_the_rounding_path():
+    """``fused=True`` sends plain parameters to torch's fused AdamW, which torchao's weight does not implement: an
+    int8 plain weight takes the rounding path instead, as with ``fused=False``, bit for bit."""
+    results = []
+    for fused in (False, True):
+        layers = int8_weights.quantize_linears(_linears())
+        weights = [layer.weight for layer in layers]
+        opt = _optimizer(weights, fused=fused)
+        for step in range(3):
+            for p, g in zip(weights, _grads(step), strict=True):
+                p.grad = g
+            opt.step()
+        results.append([w.int_data.clone() for w in weights])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def test_unsupported_combinations_are_refused_with_their_message():
     layers = int8_weights.quantize_linears(_linears())
     weights = [layer.weight for layer in layers]
