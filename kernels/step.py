@@ -539,6 +539,7 @@ def _project_launch(
     precision: str,
     resid: bool,
     same_layout: bool = False,
+    seeds: list[int] | None = None,
 ) -> _Launched:
     """Launch 1 for one batch of same-shape, same-layout, same-storage matrices, on their device: the
     moments updated in place, N in a fresh buffer (with ``resid``, also R and ||G_j||^2 per channel).
@@ -555,6 +556,8 @@ def _project_launch(
     nbuf = torch.empty((len(gs), *lay.rshape), dtype=torch.float32, device=dev)
     rows: dict[str, Any] = {"w": ws, "g": gs, "p": [_basis_pointer(p) for p in ps], "m": ms.values, "v": vs.values}
     rows["n"] = nbuf
+    if seeds is not None:  # the back launch's stochastic rounding seeds travel in the same table
+        rows["rounding"] = seeds
     m_kind, mq_strides, m_table = _absmax_rows(ms, "mq", True, same_layout, rows, dev)
     v_kind, vq_strides, v_table = _absmax_rows(vs, "vq", False, same_layout, rows, dev)
     rbuf = sqbuf = None
@@ -600,6 +603,7 @@ def _factored_first_half(
     betas: tuple[float, float],
     skips: list[Tensor] | None,
     reduce: Callable[[Tensor], Tensor] | None,
+    seeds: list[int] | None = None,
 ) -> _Launched:
     """Launch 1's work for a batch whose second moments are factored (``factored``), in torch: R = P^T G (or G P),
     the moments and N through the reference's own rule and storage helpers (the factors need every tile's row and
@@ -617,6 +621,8 @@ def _factored_first_half(
     _store_moments(moments, saved, m_work, v_work, flags)
     nbuf = torch.stack(directions)
     rows: dict[str, Any] = {"w": ws, "g": gs, "p": [_basis_pointer(p) for p in ps], "n": nbuf}
+    if seeds is not None:
+        rows["rounding"] = seeds
     rbuf = sqbuf = None
     if resid:
         rbuf = torch.stack(rs)
@@ -631,7 +637,6 @@ def _back_launch(
     precision: str,
     residual: str,
     coef: Tensor | None,
-    seeds: list[int] | None = None,
 ) -> None:
     """Launch 2: W <- W (1 - lr wd) - alpha (P N + coef o G) for the batch; with a residual, N already
     holds N - coef o R (``apollo``: no GEMM, U = coef o G); ``coef`` batch x channels, contiguous."""
@@ -647,7 +652,7 @@ def _back_launch(
         a_arr, sa, b_arr, sb = tables["n"], n_strides, tables["p"], p_strides[::-1]
     coef = x.hyper if coef is None else coef  # placeholder without a residual
     kind = basis_kind(ps[0])
-    stochastic = seeds is not None
+    stochastic = "rounding" in tables  # launch 1 put the batch's rounding seeds in its pointer table
     cfg = back_config(
         side,
         ws[0].dtype,
@@ -661,7 +666,7 @@ def _back_launch(
     )
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), len(gs))
     p_table, p_scale = _basis_arguments(ps, x.hyper)
-    rounding = host_table(seeds, torch.int64, gs[0].device) if cfg["STOCHASTIC"] else tables["w"]  # placeholder
+    rounding = tables["rounding"] if cfg["STOCHASTIC"] else tables["w"]  # placeholder
     back_update_kernel[grid](
         a_arr, b_arr, tables["w"], x.hyper,
         m, n, r,
@@ -837,8 +842,9 @@ def subspace_adamw(
             hyper = _scalar_table(ages, scalars, flags, lag, betas, dev)
             batch = [[t[i] for i in idx] for t in (ws, grads, bases, exp_avgs, exp_avg_sqs)]
             late = (ages, scalars, lag, betas, flags, reduce)  # what a factored batch's torch half also needs
+            side, seeds = sides[idx[0]], _batch_seeds(rounding_seeds, idx)  # seeds: the back launch's rounding
             launched.append(
-                _first_launch(batch, hyper, sides[idx[0]], residual != "none", blocks, matmul_precision, late)
+                _first_launch(batch, hyper, side, residual != "none", blocks, matmul_precision, late, seeds)
             )
     coefs = None
     if residual != "none":
@@ -848,20 +854,27 @@ def subspace_adamw(
         )
     for b, x in enumerate(launched):
         with device_guard(x.gs[0].device):
-            coef = None if coefs is None else coefs[b]
-            _back_launch(x, blocks, matmul_precision, residual, coef, _batch_seeds(rounding_seeds, members[b]))
+            _back_launch(x, blocks, matmul_precision, residual, None if coefs is None else coefs[b])
 
 
 def _first_launch(
-    batch: list[list], hyper: Tensor, side: str, resid: bool, blocks: Blocks | None, precision: str, late: tuple
+    batch: list[list],
+    hyper: Tensor,
+    side: str,
+    resid: bool,
+    blocks: Blocks | None,
+    precision: str,
+    late: tuple,
+    seeds: list[int] | None,
 ) -> _Launched:
     """Launch 1 of one batch: the fused kernel, or for factored second moments its work in torch, which reads the
-    bases materialized (``_factored_first_half``)."""
+    bases materialized (``_factored_first_half``). ``seeds``: the batch's stochastic rounding seeds, put in the pointer
+    table both launches read (one host-to-device copy per batch)."""
     if type(batch[4][0]) is not Factored:
-        return _project_launch(*batch, hyper, side, blocks, precision, resid, True)
+        return _project_launch(*batch, hyper, side, blocks, precision, resid, True, seeds)
     dev = batch[1][0].device
     batch[2] = [p if isinstance(p, Tensor) else p.materialize(dev) for p in batch[2]]
-    return _factored_first_half(*batch, hyper, side, resid, *late)
+    return _factored_first_half(*batch, hyper, side, resid, *late, seeds)
 
 
 def _batch_seeds(rounding_seeds: Sequence[int | None] | None, idx: list[int]) -> list[int] | None:
