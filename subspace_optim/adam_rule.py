@@ -260,17 +260,15 @@ def apply_update(
     a bf16 number, keeps its bits whatever the random ones."""
     if skip is not None:
         update.masked_fill_(skip, 0.0)
-    if int8_weights.is_int8(p):  # torchao's int8 weight: requantized from fp32 with the seed's bits
-        work = int8_weights.dequantized(p)
+    int8 = int8_weights.is_int8(p)  # torchao's int8 weight: requantized from fp32 with the seed's bits
+    if int8 or (rounding is not None and p.dtype == torch.bfloat16):
+        work = int8_weights.dequantized(p) if int8 else p.float()
         _decay(work, scalars.decay, skip)
         work.add_(update.view(p.shape), alpha=-scalars.alpha)
-        int8_weights.store_(p, work, 0 if rounding is None else rounding, skip)
-        return
-    if rounding is not None and p.dtype == torch.bfloat16:
-        work = p.float()
-        _decay(work, scalars.decay, skip)
-        work.add_(update.view(p.shape), alpha=-scalars.alpha)
-        rounding_mod.store_(p, work, rounding)
+        if int8:
+            int8_weights.store_(p, work, rounding, skip)
+        else:
+            rounding_mod.store_(p, work, rounding)
         return
     _decay(p, scalars.decay, skip)
     if torch.compiler.is_compiling():

@@ -486,20 +486,17 @@ def _rounded_adamw(
 ) -> None:
     """One plain parameter whose result is rounded from ``seed``'s bits: a torchao int8 weight (``_int8_adamw``), or a
     bf16 one rounded stochastically (factored: ``_factored_adamw``; else fp32 working copies, ``_stored_adamw``)."""
-    if int8_weights.is_int8(p):
-        _int8_adamw(p, grad, moments, step, kwargs, 0 if seed is None else seed, hyper)
-    elif type(moments[1]) is Factored:
+    if type(moments[1]) is Factored:  # the factored rule's update (adam_rule.apply_update) rounds either kind
         _factored_adamw(p, grad, moments[0], moments[1], step, **hyper, rounding=seed)
+    elif int8_weights.is_int8(p):
+        _int8_adamw(p, grad, moments, step, kwargs, seed)
     else:
         _stored_adamw(p, grad, moments, step, kwargs, seed)
 
 
-def _int8_adamw(p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwargs: dict, seed: int, hyper: dict) -> None:
-    """torch's AdamW (or the factored rule) for one torchao int8 weight: on its dequantized fp32 values, then
-    requantized with the seed's bits (``int8_weights.store_``)."""
-    if type(moments[1]) is Factored:
-        _factored_adamw(p, grad, moments[0], moments[1], step, **hyper, rounding=seed)
-        return
+def _int8_adamw(p: Tensor, grad: Tensor, moments: Moments, step: Tensor, kwargs: dict, seed: int | None) -> None:
+    """torch's AdamW for one torchao int8 weight: on its dequantized fp32 values, then requantized with the seed's
+    bits (``int8_weights.store_``)."""
     work = int8_weights.dequantized(p)
     m, v = _load(moments)
     _torch_adam([work], [grad.float()], [m], [v], [], [step], foreach=False, **kwargs)
@@ -529,10 +526,10 @@ def _stored_adamw(
 ) -> None:
     """torch's AdamW for one parameter whose moments are stored otherwise than in its dtype (or whose bf16 result
     is rounded stochastically, from ``rounding``'s bits), through fp32 working copies of row chunks."""
-    if rounding is not None:  # one draw of the whole parameter's bits, sliced per chunk
-        bits = rounding_bits(p.shape, rounding, p.device)
+    # one draw of the whole parameter's rounding bits, sliced per chunk
+    bits = None if rounding is None else rounding_bits(p.shape, rounding, p.device)
     if not p.is_contiguous():  # no row view to write through: one chunk, the whole tensor
-        _chunk_adamw(p, grad, moments, step.clone(), kwargs, None if rounding is None else bits)
+        _chunk_adamw(p, grad, moments, step.clone(), kwargs, bits)
         step.add_(1)
         return
     matrix, grad = as_matrix(p), as_matrix(grad)
@@ -541,7 +538,7 @@ def _stored_adamw(
     # same bit for bit. Each chunk steps from the same count; the count advances once.
     for rows in _row_chunks(matrix.shape[0], matrix.shape[1]):
         chunk = tuple(as_moment(mo).local(lambda t, rows=rows: as_matrix(t)[rows]) for mo in moments)
-        chunk_bits = None if rounding is None else as_matrix(bits)[rows]
+        chunk_bits = None if bits is None else as_matrix(bits)[rows]
         _chunk_adamw(matrix[rows], grad[rows], chunk, step.clone(), kwargs, chunk_bits)
     step.add_(1)
 

@@ -45,13 +45,14 @@ def dequantized(p: Tensor) -> Tensor:
     return p.dequantize().float()
 
 
-def store_(p: Tensor, value: Tensor, seed: int, skip: Tensor | None = None) -> None:
+def store_(p: Tensor, value: Tensor, seed: int | None, skip: Tensor | None = None) -> None:
     """Requantize ``value`` (fp32, the weight's shape) into ``p``'s int8 data and row scales with torchao's
     stochastic rounding, its uniform numbers drawn from a generator state seeded with ``seed``; where ``skip`` (0-d
-    bool on the device) is set, ``p`` keeps its data and scales."""
+    bool on the device) is set, ``p`` keeps its data and scales. A direct functional call without a seed rounds with
+    seed 0 (the optimizer always passes one)."""
     devices = [value.device] if value.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(0 if seed is None else seed)
         data, scale = _quantizer()(value, stochastic_rounding=True)
     if skip is not None:
         data = torch.where(skip, p.int_data, data)

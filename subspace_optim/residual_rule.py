@@ -290,6 +290,6 @@ def residual_update(
         target.addmm_(a, b, beta=scalars.decay, alpha=-scalars.alpha)
     target.addcmul_(gf, coef_b, value=-scalars.alpha)
     if int8:
-        int8_weights.store_(p, target, 0 if rounding is None else rounding, skip)
+        int8_weights.store_(p, target, rounding, skip)
     elif skip is not None:
         torch.where(skip, p, target, out=p)
