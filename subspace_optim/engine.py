@@ -140,16 +140,13 @@ def _warn_once(device: torch.device, variant: Any) -> bool:
 
 def _variants(p: Tensor, group: dict[str, Any], side: str) -> tuple:
     """``precompile.variants_for`` one Triton matrix (its refresh on the kernels: ``warm``/``rsvd``, unsharded)."""
+    from . import projections
     from .kernels import precompile
 
     cols = matrix_shape(p)[1] if side == "left" else group["rank"]  # the moments: r x n (left), m x r (right)
     refresh = group["refresh"] in ("warm", "rsvd") and not is_dtensor(p)
-    regenerated = None  # factored batches take their bases materialized (``kernels.step``)
-    if group["second_moment"] != "factored":
-        if group["refresh"] == "dct":
-            regenerated = "dct"
-        elif group["refresh"] == "seeded" and group["seed_stream"] == "counter":
-            regenerated = "signs"
+    # factored batches take their bases materialized (``kernels.step``)
+    regenerated = None if group["second_moment"] == "factored" else projections.kernel_kind(group)
     return precompile.variants_for(
         side,
         p.dtype,

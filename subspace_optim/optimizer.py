@@ -117,6 +117,7 @@ def _regenerated_step(
             projections.in_kernel(m.state, m.side, d, rank, g.device, stream)
             for m, d, g in zip(matrices, dims, grads, strict=True)
         ]
+        made = [p.contiguous() if isinstance(p, Tensor) else p for p in made]  # row-major, as before
         functional.subspace_adamw(params, grads, made, exp_avgs, exp_avg_sqs, steps, **kwargs)
         return
     count = len(matrices)

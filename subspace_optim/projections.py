@@ -102,9 +102,8 @@ class DctColumns(NamedTuple):
         return (self.table.shape[0], self.index.shape[0])
 
     def materialize(self, device: torch.device) -> Tensor:
-        """The same columns gathered in torch (the table's device)."""
-        del device
-        return self.table.index_select(1, self.index)
+        """The same columns gathered in torch (``dct.gather_columns``, from the same cached table)."""
+        return dct.gather_columns(self.shape[0], self.index, device=device)
 
 
 Regenerated = Signs | DctColumns
@@ -128,12 +127,10 @@ def keep_only(state: dict[str, Any], key: str) -> None:
 
 
 def projection(state: dict[str, Any], side: str, d: int, rank: int, device: torch.device, stream: str) -> Tensor:
-    """The projection a step of this matrix uses: its stored basis, or the one regenerated from its state."""
-    if "basis" in state:
-        return state["basis"]
-    if "projection_seed" in state:
-        return seeded_projection(d, rank, side, state["projection_seed"], device, stream)
-    return dct.gather_columns(d, local(state["basis_index"]), device=device)
+    """The projection a step of this matrix uses: its stored basis, or the one regenerated from its state (the
+    record ``in_kernel`` gives the kernels, materialized)."""
+    made = in_kernel(state, side, d, rank, device, stream)
+    return made if isinstance(made, Tensor) else made.materialize(device)
 
 
 def draw(
@@ -185,15 +182,23 @@ def in_kernel(
     state: dict[str, Any], side: str, d: int, rank: int, device: torch.device, stream: str
 ) -> Tensor | Regenerated:
     """What the Triton step takes for this matrix: its stored basis, a record it regenerates from (``Signs``,
-    ``DctColumns``), or for the apollo stream the materialized Gaussian (row-major, as the kernels read it)."""
+    ``DctColumns``), or for the apollo stream the materialized Gaussian."""
     if "basis" in state:
         return state["basis"]
     if "projection_seed" in state:
         if stream == "counter":
             return Signs(int(state["projection_seed"]), (d, rank))
-        return seeded_projection(d, rank, side, state["projection_seed"], device, stream).contiguous()
+        return seeded_projection(d, rank, side, state["projection_seed"], device, stream)
     index = local(state["basis_index"])
     return DctColumns(index.to(device=device, dtype=torch.int32).contiguous(), dct.dct_matrix(d, device))
+
+
+def kernel_kind(group: dict[str, Any]) -> str | None:
+    """How the Triton step regenerates a group's projections in its tiles (``in_kernel``): ``"signs"``, ``"dct"``, or
+    None (a stored basis, or apollo-torch's Gaussian, which it reads materialized)."""
+    if group["refresh"] == "dct":
+        return "dct"
+    return "signs" if group["refresh"] == "seeded" and group["seed_stream"] == "counter" else None
 
 
 def regenerated_chunks(dims: Sequence[int], rank: int, budget: int = CHUNK_BYTES) -> Iterator[range]:
