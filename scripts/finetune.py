@@ -243,11 +243,8 @@ def build_model(args: argparse.Namespace, vocab: int, tok: PreTrainedTokenizerFa
     if tok is not None and args.model is None:
         for config in (model.config, model.generation_config):
             config.bos_token_id, config.eos_token_id, config.pad_token_id = None, tok.eos_token_id, tok.pad_token_id
-    if args.weights == "int8":  # the head stays fp32: TRL's fused loss transposes it, which torchao's weight cannot
-        from subspace_optim import int8_weights
-
-        return int8_weights.quantize_linears(model, exclude=("lm_head",))
-    return model.to(torch.bfloat16) if args.weights == "bf16" else model
+    # int8: the head stays fp32, since TRL's fused loss transposes it, which torchao's weight cannot
+    return loop.stored_as(model, args.weights, exclude=("lm_head",))
 
 
 def lora_config(args: argparse.Namespace):

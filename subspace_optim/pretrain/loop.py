@@ -59,12 +59,19 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(config)
-    if cfg.weights == "int8":
+    return stored_as(model, cfg.weights)
+
+
+def stored_as(model: nn.Module, weights: str, exclude: tuple[str, ...] = ()) -> nn.Module:
+    """``model`` (fp32) with its parameters stored as ``--weights`` says: fp32 as it is, bf16, or torchao's int8
+    training weights on its linear layers but those named by ``exclude`` (``int8_weights.quantize_linears``; their
+    class becomes a global ``torch.load(weights_only=True)`` accepts, for a resume)."""
+    if weights == "int8":
         from .. import int8_weights
 
-        int8_weights.allow_weights_only_checkpoints()  # a resume reads them back with weights_only
-        return int8_weights.quantize_linears(model)
-    return model.to(torch.bfloat16) if cfg.weights == "bf16" else model
+        int8_weights.allow_weights_only_checkpoints()
+        return int8_weights.quantize_linears(model, exclude)
+    return model.to(torch.bfloat16) if weights == "bf16" else model
 
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
