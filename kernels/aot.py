@@ -9,7 +9,7 @@ The variants are not a hand list. The launch configuration lives in three functi
 ``step.project_config``, ``step.back_config`` and ``refresh.gemm_config`` (plus ``refresh.gaussian_config``),
 which the launchers call to get the constexprs and launch options they pass. This module calls the same
 functions over the domain of their arguments, which comes from the option tables (``engine.KERNEL_DTYPES``,
-``quant.BASIS_DTYPES``, ``quant.MOMENT_DTYPES``, ``residual_rule.RESIDUALS``, ``options.MATMUL_PRECISIONS`` resolved
+``quant.KERNEL_BASIS``, ``quant.MOMENT_DTYPES``, ``residual_rule.RESIDUALS``, ``options.MATMUL_PRECISIONS`` resolved
 by ``engine.matmul_precision``), and keeps each distinct result. Nothing else enters a compile: the kernels
 leave their runtime arguments (sizes, strides, pointer tables) unspecialized (``precompile``), so a config is
 one compiled variant whatever the shapes, and the same variants are what a step compiles before it launches
@@ -54,6 +54,8 @@ SPILL_LIMIT = 256  # bytes of spill stores allowed on a default path
 SIDES = ("left", "right")
 MOMENT_KINDS = precompile.MOMENT_KINDS
 MOMENT_INT8 = MOMENT_KINDS["int8"]
+# The basis dtypes a launch sees (an int8 basis reaches it as fp32: ``quant.KERNEL_BASIS``).
+_KERNEL_BASES = tuple(name for name, dtype in quant.KERNEL_BASIS.items() if quant.TORCH_DTYPES.get(name) == dtype)
 REFRESH_PRECISION = "ieee"  # what ``schedule`` passes to every refresh
 
 
@@ -120,8 +122,8 @@ def step_variants() -> list[Variant]:
     from . import step
 
     out: list[Variant] = []
-    for side, wd, pname, prec in itertools.product(SIDES, engine.KERNEL_DTYPES, quant.BASIS_DTYPES, _precisions()):
-        pd = getattr(torch, pname)
+    for side, wd, pname, prec in itertools.product(SIDES, engine.KERNEL_DTYPES, _KERNEL_BASES, _precisions()):
+        pd = quant.KERNEL_BASIS[pname]
         default = prec == engine.matmul_precision("auto", wd)
         dts = f"{_dtype_name(wd)} weights, {_dtype_name(pd)} basis"
         # A class is a kernel's structural constexprs (side, storage, residual, precision) and, on a default

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import quant
 from ..triton_runtime import interpreting
 
 # Each kernel's runtime integer arguments (``do_not_specialize`` there); every other non-constexpr argument
@@ -149,7 +150,7 @@ def variants_for(
     from . import step as ks
 
     how = {None: operands.BASIS_STORED, "signs": operands.BASIS_SIGNS, "dct": operands.BASIS_DCT}[regenerated]
-    basis = torch.float32 if regenerated else getattr(torch, basis_dtype)
+    basis = torch.float32 if regenerated else quant.KERNEL_BASIS[basis_dtype]
     kind = MOMENT_KINDS[moments_dtype]
     resid = residual != "none"
     flags = dict(basis=how, interpreted=interpreted)

@@ -101,23 +101,24 @@ def _regenerated_step(
     steps: list[int],
     **kwargs: Any,
 ) -> None:
-    """``functional.subspace_adamw`` for matrices whose projections are regenerated (``projections``).
+    """``functional.subspace_adamw`` for matrices whose projections a step makes from their state (``projections``:
+    regenerated, or a stored 8-bit basis that ``stored_basis`` dequantizes).
 
-    The Triton engine takes them as records it regenerates inside its GEMM tiles (``projections.in_kernel``): one
-    call, nothing materialized (apollo-torch's Gaussian stream excepted, drawn here). The reference draws them in
-    chunks of at most ``projections.CHUNK_BYTES`` of fp32 projections, each chunk's just before its step: their
-    transient never approaches what stored bases would take. Every rank chunks alike (same matrices, same sizes),
-    so a row-sharded call's reductions still line up."""
-    del bases  # none stored
+    The Triton engine takes seeded signs and DCT columns as records it regenerates inside its GEMM tiles
+    (``projections.in_kernel``): one call, nothing materialized. Everything else (the reference engine, apollo-torch's
+    Gaussian stream, 8-bit bases) is materialized in chunks of at most ``projections.CHUNK_BYTES`` of fp32
+    projections, each chunk's just before its step: their transient never approaches what stored bases would take.
+    Every rank chunks alike (same matrices, same sizes), so a row-sharded call's reductions still line up."""
+    del bases  # none read as stored
     group = matrices[0].group
     rank, stream = group["rank"], group["seed_stream"]
     dims = [basis_dim(m.side, *matrix_shape(m.p)) for m in matrices]
-    if kwargs.get("engine") == "triton":
+    triton = kwargs.get("engine") == "triton"
+    if triton and all(projections.in_tiles(m.state, stream) for m in matrices):
         made = [
             projections.in_kernel(m.state, m.side, d, rank, g.device, stream)
             for m, d, g in zip(matrices, dims, grads, strict=True)
         ]
-        made = [p.contiguous() if isinstance(p, Tensor) else p for p in made]  # row-major, as before
         functional.subspace_adamw(params, grads, made, exp_avgs, exp_avg_sqs, steps, **kwargs)
         return
     count = len(matrices)
@@ -131,7 +132,7 @@ def _regenerated_step(
             [grads[i].device for i in chunk],
             stream,
         )
-        drawn = [local(p) for p in drawn]
+        drawn = [local(p).contiguous() if triton else local(p) for p in drawn]  # the launches' row-major layout
         pick = [[t[i] for i in chunk] for t in (params, grads, exp_avgs, exp_avg_sqs, steps)]
         sliced = {k: [v[i] for i in chunk] if isinstance(v, list) and len(v) == count else v for k, v in kwargs.items()}
         functional.subspace_adamw(pick[0], pick[1], drawn, *pick[2:], **sliced)
@@ -938,7 +939,7 @@ class SubspaceAdamW(Optimizer):
         states = [matrix.state for matrix in matrices]
         ages = [s["moment_age"] for s in states]
         group = matrices[0].group
-        regenerate = any(projections.stores_none(s) for s in states)
+        regenerate = any(projections.materialized(s) for s in states)
         bases = [] if regenerate else [s["basis"] for s in states]
         if shard is None:  # plain tensors: no rank-local views to take
             params, grads = [matrix.p for matrix in matrices], [_matrix(matrix.p.grad) for matrix in matrices]

@@ -111,7 +111,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("moments_dtype", "float32", "choice",
            "storage of Adam's moments: float32, bfloat16, or int8 (bitsandbytes-style blockwise 8-bit)",
            MOMENT_DTYPES),
-    Option("basis_dtype", "float32", "choice", "storage of the projection bases: float32 or bfloat16", BASIS_DTYPES),
+    Option("basis_dtype", "float32", "choice",
+           "storage of a stored basis: float32, bfloat16, or int8 (8-bit blockwise codes, as the moments', "
+           "materialized to fp32 a chunk at a time when a step reads it)",
+           BASIS_DTYPES),
     Option("second_moment", "full", "choice",
            "Adam's second moment: full, or factored (Adafactor's row and column factors, fp32, with Adam's bias "
            "correction: rows + cols numbers instead of rows x cols) for projected matrices and 2-D plain parameters",

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import dct, linalg, philox
+from . import dct, linalg, philox, stored_basis
 from .distributed import local
 from .subspace import REGENERATED
 
@@ -109,21 +109,34 @@ class DctColumns(NamedTuple):
 Regenerated = Signs | DctColumns
 
 
-# The state key that holds each kind of basis. A refresh installs its policy's key and drops the others, so a
-# group whose ``refresh`` changes between kinds keeps stepping with the basis it has until its next refresh.
-BASIS_KEYS = ("basis", "projection_seed", "basis_index")
+# The state keys that hold each kind of basis (a stored one: ``stored_basis``, with its absmax when 8-bit). A refresh
+# installs its policy's kind and drops the others, so a group whose ``refresh`` changes between kinds keeps
+# stepping with the basis it has until its next refresh.
+BASIS_KEYS = {
+    "basis": ("basis", stored_basis.ABSMAX),
+    "projection_seed": ("projection_seed",),
+    "basis_index": ("basis_index",),
+}
 
 
-def stores_none(state: dict[str, Any]) -> bool:
-    """Whether a projected matrix's basis is regenerated (its state holds no ``basis``)."""
-    return "basis" not in state
+def materialized(state: dict[str, Any]) -> bool:
+    """Whether a step makes this projected matrix's projection from its state instead of reading a float basis: a
+    regenerated one (no ``basis``), or a stored 8-bit one (``stored_basis``)."""
+    return "basis" not in state or stored_basis.ABSMAX in state
+
+
+def in_tiles(state: dict[str, Any], stream: str) -> bool:
+    """Whether the Triton step regenerates this matrix's projection inside its GEMM tiles (``in_kernel`` gives a
+    record): DCT columns, or counter-stream signs. Others it reads materialized (``draw``)."""
+    return "basis" not in state and ("basis_index" in state or stream == "counter")
 
 
 def keep_only(state: dict[str, Any], key: str) -> None:
     """Drop the basis kinds other than ``key`` (a refresh that installs ``key`` calls this)."""
-    for other in BASIS_KEYS:
+    for other, keys in BASIS_KEYS.items():
         if other != key:
-            state.pop(other, None)
+            for k in keys:
+                state.pop(k, None)
 
 
 def projection(state: dict[str, Any], side: str, d: int, rank: int, device: torch.device, stream: str) -> Tensor:
@@ -181,10 +194,10 @@ def _workspace(device: torch.device, words: int) -> Tensor:
 def in_kernel(
     state: dict[str, Any], side: str, d: int, rank: int, device: torch.device, stream: str
 ) -> Tensor | Regenerated:
-    """What the Triton step takes for this matrix: its stored basis, a record it regenerates from (``Signs``,
-    ``DctColumns``), or for the apollo stream the materialized Gaussian."""
+    """What the Triton step takes for this matrix: its stored basis (rank-local; an 8-bit one dequantized), a record
+    it regenerates from (``Signs``, ``DctColumns``), or for the apollo stream the materialized Gaussian."""
     if "basis" in state:
-        return state["basis"]
+        return stored_basis.load(state)
     if "projection_seed" in state:
         if stream == "counter":
             return Signs(int(state["projection_seed"]), (d, rank))

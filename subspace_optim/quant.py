@@ -33,7 +33,10 @@ from torch import Tensor
 
 BLOCK = 256
 MOMENT_DTYPES = ("float32", "bfloat16", "int8")
-BASIS_DTYPES = ("float32", "bfloat16")
+BASIS_DTYPES = ("float32", "bfloat16", "int8")
+# The dtype a stored basis reaches a step launch in, per ``basis_dtype``: an 8-bit one (``stored_basis``) is
+# materialized to fp32 first.
+KERNEL_BASIS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
 # Plain-AdamW parameters with fewer elements keep fp32 moments, as bitsandbytes' 8-bit optimizers do
 # (their min_8bit_size): norms and biases are too small for the saving to matter.
 MIN_QUANTIZED_NUMEL = 4096

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import dct, distributed, factored, functional, guards, linalg, projections, quant
+from . import dct, distributed, factored, functional, guards, linalg, projections, quant, stored_basis
 from .distributed import is_dtensor, local
 from .subspace import basis_dim, choose_side, oriented, transport_moments, transport_with_overlap
 
@@ -110,7 +110,7 @@ def _compute(matrices: list[Matrix]) -> dict[int, tuple[linalg.Basis, float]]:
         start = time.perf_counter()
         bases = functional.refresh_bases(
             [g for g, _ in inputs],
-            [local(matrix.state["basis"]) if "basis" in matrix.state else None for matrix in members],
+            [stored_basis.load(matrix.state) if "basis" in matrix.state else None for matrix in members],
             [linalg.sketch_seed(group["seed"], matrix.index, matrix.state["refresh_count"]) for matrix in members],
             sides=[matrix.side for matrix in members],
             rank=group["rank"],
@@ -180,18 +180,18 @@ def install(
     overlap = None
     if "basis" not in state:
         projections.keep_only(state, "basis")  # a group that switched from a regenerated refresh
-        basis = new.basis.to(quant.TORCH_DTYPES[matrix.group["basis_dtype"]]).contiguous()
-        state["basis"] = distributed.replicated_like(matrix.p, basis) if is_dtensor(matrix.p) else basis
+        state.update(stored_basis.placed(matrix.p, stored_basis.entries(new.basis, matrix.group["basis_dtype"])))
     elif not bool(new.total.float() > 0):  # fp32: the value round-robin receivers get broadcast
         # An all-zero gradient (e.g. DCP's lr=0 state-initializing step) spans nothing: keep the basis
         # and the moments as they are instead of rotating them into an arbitrary one.
         overlap = torch.ones((), dtype=torch.float64)
     else:
-        previous = local(state["basis"])
+        previous = stored_basis.load(state)
         how = (matrix.side, matrix.group["moments"])
-        c = _carry_moments(matrix, lambda m, v: transport_moments(m, v, previous.float(), new.basis.float(), *how))
+        target = stored_basis.as_rotated(state, new.basis)
+        c = _carry_moments(matrix, lambda m, v: transport_moments(m, v, previous.float(), target, *how))
         overlap = c.double().square().sum() / matrix.group["rank"]
-        previous.copy_(new.basis)
+        stored_basis.store_(state, new.basis)
     state["refresh_count"] += 1
     metrics[matrix.index] = {
         "refresh_time_s": seconds,

@@ -17,12 +17,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed, factored, quant, refreshing
+from . import distributed, factored, quant, refreshing, stored_basis
 from .distributed import local
 
 # State keys that keep the dtype they were saved with (their options chose it), whatever the parameter's.
 OWN_DTYPE_KEYS = (
     "basis",
+    "basis_absmax",
     "basis_index",
     "exp_avg",
     "exp_avg_sq",
@@ -131,10 +132,10 @@ def _residual_state(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> 
         state["update_norm"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
 
 
-def _wanted(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[str, torch.dtype | None]:
-    """The moment kind and basis dtype the group's options ask for."""
+def _wanted(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[str, str | None]:
+    """The moment kind and basis storage (``basis_dtype``) the group's options ask for."""
     if "refresh_count" in state:
-        return group["moments_dtype"], quant.TORCH_DTYPES[group["basis_dtype"]]
+        return group["moments_dtype"], group["basis_dtype"]
     kind = plain_kind(p, group)
     return (quant.KIND_OF[p.dtype] if kind is None else kind), None
 
@@ -142,7 +143,7 @@ def _wanted(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[st
 def mismatched(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> bool:
     """Whether loaded state is stored otherwise than the group's options ask (``conform`` converts it)."""
     kind, basis = _wanted(p, group, state)
-    wrong_basis = basis is not None and "basis" in state and state["basis"].dtype != basis
+    wrong_basis = basis is not None and "basis" in state and stored_basis.kind(state) != basis
     wrong_second = factors(p, group, "refresh_count" in state) != (factored.KEYS[0] in state)
     return quant.stored_kind(state, "exp_avg") != kind or wrong_basis or wrong_second
 
@@ -186,8 +187,8 @@ def _convert(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
     else:
         if factored.KEYS[0] not in state:
             quant.convert(state, "exp_avg_sq", kind)
-    if basis is not None and "basis" in state:
-        state["basis"] = state["basis"].to(basis)
+    if basis is not None:
+        stored_basis.convert(state, basis)
 
 
 def restore_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:

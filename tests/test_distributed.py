@@ -71,15 +71,20 @@ def test_fsdp2_uneven_shards_match_single_process(tmp_path, refresh):
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("moments_dtype", ["int8", "bfloat16"])
-def test_fsdp2_low_precision_state_shards_like_the_weight(tmp_path, moments_dtype):
+@pytest.mark.parametrize(
+    "moments_dtype,basis_dtype", [("int8", "bfloat16"), ("bfloat16", "bfloat16"), ("int8", "int8")]
+)
+def test_fsdp2_low_precision_state_shards_like_the_weight(tmp_path, moments_dtype, basis_dtype):
     """8-bit moments are quantized in blocks within rows, so each rank quantizes its own rows: codes and absmax
     are DTensors sharded like the weight (17 / 16 rows), and training matches one process with the same dtypes
-    (the same per-row blocks, so only reduction order differs). bf16 moments cover the 1-D norm weights too."""
-    dtypes = dict(moments_dtype=moments_dtype, basis_dtype="bfloat16")
+    (the same per-row blocks, so only reduction order differs). bf16 moments cover the 1-D norm weights too. An
+    8-bit basis is replicated (codes and absmax): every rank quantizes the same basis."""
+    dtypes = dict(moments_dtype=moments_dtype, basis_dtype=basis_dtype)
     r0, r1 = _launch(tmp_path, "fsdp_train", steps=7, refresh="warm", **dtypes)
-    stored = {"int8": "torch.uint8", "bfloat16": "torch.bfloat16"}[moments_dtype]
-    assert r0["gate_state_dtypes"]["exp_avg"] == stored and r0["gate_state_dtypes"]["basis"] == "torch.bfloat16"
+    stored = {"int8": "torch.uint8", "bfloat16": "torch.bfloat16"}
+    assert r0["gate_state_dtypes"]["exp_avg"] == stored[moments_dtype]
+    assert r0["gate_state_dtypes"]["basis"] == stored[basis_dtype]
+    assert ("basis_absmax" in r0["gate_state_dtypes"]) == (basis_dtype == "int8")
     if moments_dtype == "int8":
         assert (r0["gate_absmax_local_rows"], r1["gate_absmax_local_rows"]) == (17, 16)
     _assert_bitwise_equal(r0["weights"], r1["weights"])

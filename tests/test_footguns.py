@@ -256,8 +256,9 @@ def test_torch_dtypes_are_accepted_and_stored_as_option_strings():
         assert all(not isinstance(v, torch.dtype) for v in group.values()), group
     with pytest.raises(ValueError, match=r"Invalid moments_dtype: torch.float16 .*'float32', 'bfloat16', 'int8'"):
         SubspaceAdamW([w], moments_dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"Invalid basis_dtype: torch.int8 in param group 0"):
-        SubspaceAdamW([{"params": [w], "basis_dtype": torch.int8}])
+    with pytest.raises(ValueError, match=r"Invalid basis_dtype: torch.float16 in param group 0"):
+        SubspaceAdamW([{"params": [w], "basis_dtype": torch.float16}])
+    assert SubspaceAdamW([{"params": [w], "basis_dtype": torch.int8}]).param_groups[0]["basis_dtype"] == "int8"
 
 
 # ------------------------------------------------------------------------------ 9. metrics through accelerate

@@ -93,6 +93,7 @@ def test_layerwise_equals_regular_stepping(accum, refresh):
         {"moments": "keep", "proj_type": "right"},
         {"moments_dtype": "int8"},
         {"basis_dtype": "bfloat16", "moments_dtype": "bfloat16"},
+        {"basis_dtype": "int8", "moments_dtype": "int8", "second_moment": "factored"},
         {"refresh": "dct", "second_moment": "factored"},
         {
             "refresh": "seeded",

@@ -38,7 +38,8 @@ def test_state_is_stored_as_asked(moments_dtype, basis_dtype):
     _step(net, opt, 0)
     projected, embed, norm = opt.state[net[1].weight], opt.state[net[0].weight], opt.state[net[4].weight]
     want = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.uint8}[moments_dtype]
-    assert projected["basis"].dtype == quant.TORCH_DTYPES[basis_dtype]
+    assert projected["basis"].dtype == {**quant.TORCH_DTYPES, "int8": torch.uint8}[basis_dtype]
+    assert ("basis_absmax" in projected) == (basis_dtype == "int8")
     for state in (projected, embed):  # the embedding (19200 values) is large enough for 8 bits
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == want
         assert ("exp_avg_absmax" in state) == (moments_dtype == "int8")
@@ -60,7 +61,7 @@ def test_int8_moments_and_bf16_basis_cut_state_to_a_third():
     assert sizes[True] <= 0.36 * sizes[False], sizes
 
 
-@pytest.mark.parametrize("moments_dtype,basis_dtype", [("int8", "bfloat16"), ("bfloat16", "float32")])
+@pytest.mark.parametrize("moments_dtype,basis_dtype", [("int8", "bfloat16"), ("bfloat16", "float32"), ("int8", "int8")])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_resume_is_bit_identical(moments_dtype, basis_dtype, wdtype):
     """Saved after step 4 (mid-gap), loaded with weights_only=True: the resumed run equals the uninterrupted

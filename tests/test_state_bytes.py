@@ -100,7 +100,8 @@ def test_subspace_adamw(moments_dtype, basis_dtype):
         t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
     )
     assert state_bytes(opt) == state_bytes(opt, retained=True) == expected
-    basis = {"float32": 4, "bfloat16": 2}[basis_dtype] * n * r
+    basis = {"float32": 4, "bfloat16": 2, "int8": 1}[basis_dtype] * n * r
+    basis += n * math.ceil(r / 256) * 4 if basis_dtype == "int8" else 0  # an absmax per 256 entries of a row
     moment = {"float32": 4, "bfloat16": 2, "int8": 1}[moments_dtype]
     projected = basis + 2 * m * r * moment + (2 * m * math.ceil(r / 256) * 4 if moments_dtype == "int8" else 0)
     projected += 4  # the default residual's limiter state (update_norm, fp32)

@@ -64,6 +64,15 @@ ROWS: list[tuple[str, str, float, dict[str, Any]]] = [
         )
         for rank in (16, 8)
     ),
+    *(
+        (
+            f"ours_stored_fira_int8_factored_int8basis{suffix}",
+            "subspace",
+            1e-2,
+            {**OURS_TUNED, **rank, **BALANCED, "basis_dtype": "int8"},
+        )
+        for suffix, rank in (("", {}), ("_r16", {"rank": 16}))
+    ),
     ("ours_dct_fira", "subspace", 1e-2, {**OURS_TUNED, "residual": "fira", "refresh": "dct"}),
     (
         "ours_dct_fira_int8_factored",

@@ -28,7 +28,8 @@ and retained bytes, the whole storages they keep alive):
 
 Formulas for a projected m x n weight, rank r, d = min(m, n), D = max(m, n), w = the weight's element size:
 galore-torch: moments 2 r D w, basis r d w (fp32 weights: the basis is a slice of the SVD factor, d x d
-fp32 retained). Ours: basis d r b (b: basis_dtype size) when stored, nothing when seeded (a Python int seed),
+fp32 retained). Ours: basis d r b (b: basis_dtype size; int8: d r codes + 4 d ceil(r / 256) absmax) when stored,
+nothing when seeded (a Python int seed),
 4 r (int32 column indices) with dct; moments 2 r D s (s: moments_dtype size) plus, for int8, fp32 absmax of
 2 x rows x ceil(cols / 256) for the (rows, cols) moment, (m, r) when projected on the right (m >= n) and (r, n)
 on the left; with a residual, 4 bytes (``update_norm``) per matrix. Plain parameters: AdamW's two moments in
@@ -299,10 +300,11 @@ BASIS_KINDS = ("stored", "seeded", "dct")  # how our projected matrices keep the
 
 
 def basis_bytes(kind: str, d: int, r: int, basis_dtype: str) -> int:
-    """A projected matrix's basis in our state: stored, d x r in ``basis_dtype``; seeded, nothing (the seed is a
+    """A projected matrix's basis in our state: stored, d x r in ``basis_dtype`` (int8: the moments' 8-bit format,
+    codes and an fp32 absmax per 256-block of a row); seeded, nothing (the seed is a
     Python int, not a tensor: the projection is regenerated from it); dct, the r int32 column indices."""
     if kind == "stored":
-        return d * r * SIZES[basis_dtype]
+        return _int8_moment(d, r) if basis_dtype == "int8" else d * r * SIZES[basis_dtype]
     return 4 * r if kind == "dct" else 0
 
 
@@ -589,6 +591,7 @@ def our_kinds(moments: list[str]) -> tuple[list[Row], list[str]]:
 # kind with int8 moments (the least state) and with fp32 ones, APOLLO-Mini-like at rank 1 (checked there too).
 FACTORED_ROWS = (
     Ours("stored", "int8", basis="bfloat16", second="factored"),
+    Ours("stored", "int8", basis="int8", second="factored"),
     Ours("stored", "float32", second="factored"),
     Ours("seeded", "int8", "apollo", "factored"),
     Ours("seeded", "float32", "apollo", "factored"),
@@ -1083,6 +1086,8 @@ PAPER_7B = (
     ("ours_dct_int8", 1024, "ours DCT, int8 moments"),
     ("ours_dct_int8", 512, "ours DCT, int8 moments"),
     ("ours_int8_bfloat16_factored", 1024, "ours stored, int8 m + bf16 bases, factored v"),
+    ("ours_int8_int8_factored", 1024, "ours stored, int8 m + int8 bases, factored v"),
+    ("ours_int8_int8_factored", 512, "ours stored, int8 m + int8 bases, factored v"),
     ("ours_seeded_apollo_int8_factored", 256, "ours seeded (APOLLO-like), int8 m, factored v"),
     ("ours_seeded_apollo_tensor_int8_factored", 1, "ours seeded (APOLLO-Mini-like), int8 m, factored v"),
     ("ours_dct_int8_factored", 512, "ours DCT, int8 m, factored v"),
@@ -1099,6 +1104,7 @@ PAPER_1B = (
     "ours_dct_int8",
     "ours_float32_float32_factored",
     "ours_int8_bfloat16_factored",
+    "ours_int8_int8_factored",
     "ours_seeded_apollo_float32_factored",
     "ours_seeded_apollo_int8_factored",
     "ours_dct_float32_factored",
