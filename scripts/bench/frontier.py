@@ -6,11 +6,12 @@ the seeds, the state the run measured (``state_bytes`` of the optimizer), and th
 state at LLaMA-7B in the APOLLO/SCALE/GaLore papers' accounting (``memory.seven_b_gb``; peers by their formulas).
 The plot puts state against loss, one point per row.
 
-Rows: torch AdamW and galore-torch at their tuned settings (configs/), bitsandbytes AdamW8bit, apollo-torch's
-APOLLO (channel scaling, scale 1) and APOLLO-Mini (rank 1, tensor scaling, scale 128), and SubspaceAdamW over
-stored / seeded / DCT bases, fp32 / int8 moments, full / factored second moments and residual none / fira /
-apollo. Ours all take the llama_9m tuning of the default (lr 1e-2, plain lr 3e-2); the seeded rows take APOLLO's
-scale (1, and sqrt(128) for rank 1). ``--frontier`` marks, for each peer, our best row at or below its state.
+Rows: torch AdamW and galore-torch at their tuned settings (the model file's, configs/), bitsandbytes AdamW8bit,
+apollo-torch's APOLLO (channel scaling, scale 1) and APOLLO-Mini (rank 1, tensor scaling, scale 128), and
+SubspaceAdamW over stored (fp32, bf16 or int8) / seeded / DCT bases, fp32 / int8 moments, full / factored second
+moments and residual none / fira / apollo. Ours all take the default's tuning (lr 1e-2, plain lr 3e-2, the same in
+both model files); the seeded rows take APOLLO's scale (1, and sqrt(128) for rank 1). The notes name, for each peer,
+our best row at or below its state.
 
     python -m scripts.bench.frontier --model llama_9m --seeds 0 1 --out runs/frontier --json docs/results/frontier.json
     python -m scripts.bench.frontier --smoke                                                  # a pipeline check
@@ -28,13 +29,14 @@ from . import common, memory, quality
 
 OURS_TUNED = {"plain_lr": 3e-2}
 BALANCED = {"residual": "fira", "moments_dtype": "int8", "basis_dtype": "bfloat16", "second_moment": "factored"}
-# (name, optimizer, lr, pretrain flags).
-ROWS: list[tuple[str, str, float, dict[str, Any]]] = [
-    ("adamw", "adamw", 2e-3, {"plain_lr": 3e-2}),
-    ("adamw8bit", "adamw8bit", 3e-3, {}),
-    ("galore", "galore", 2e-2, {"plain_lr": 3e-2}),
-    ("apollo", "apollo", 1e-2, {"apollo_scale": 1.0, "apollo_scale_type": "channel"}),
-    ("apollo_mini", "apollo", 1e-2, {"apollo_scale": 128.0, "apollo_scale_type": "tensor", "rank": 1}),
+# (name, optimizer, lr, pretrain flags). A peer's lr None: the model file's lr and plain lr for that optimizer (its
+# tuning where the file says it was tuned: AdamW and galore-torch), so each size runs its own.
+ROWS: list[tuple[str, str, float | None, dict[str, Any]]] = [
+    ("adamw", "adamw", None, {}),
+    ("adamw8bit", "adamw8bit", None, {}),
+    ("galore", "galore", None, {}),
+    ("apollo", "apollo", None, {"apollo_scale": 1.0, "apollo_scale_type": "channel"}),
+    ("apollo_mini", "apollo", None, {"apollo_scale": 128.0, "apollo_scale_type": "tensor", "rank": 1}),
     ("ours_stored_fira", "subspace", 1e-2, {**OURS_TUNED, "residual": "fira"}),
     (
         "ours_stored_fira_int8",
@@ -124,10 +126,22 @@ ROWS: list[tuple[str, str, float, dict[str, Any]]] = [
 PEERS = ("adamw", "adamw8bit", "galore", "apollo", "apollo_mini")
 
 
-def _specs(seeds: list[int], only: list[str] | None) -> list[tuple[str, str, float, dict]]:
+def resolved(shape: dict[str, Any]) -> list[tuple[str, str, float, dict[str, Any]]]:
+    """``ROWS`` with each peer's lr (and plain lr, where the model file gives one) from the model file."""
+    out = []
+    for name, optimizer, lr, flags in ROWS:
+        if lr is None:
+            lr = shape["lr"][optimizer]
+            plain = shape.get("plain_lr", {}).get(optimizer)
+            flags = flags if plain is None else {"plain_lr": plain, **flags}
+        out.append((name, optimizer, lr, flags))
+    return out
+
+
+def _specs(table: list[tuple[str, str, float, dict]], seeds: list[int], only: list[str] | None) -> list[tuple]:
     return [
         (f"{name}-s{seed}", optimizer, lr, {**flags, "seed": seed})
-        for name, optimizer, lr, flags in ROWS
+        for name, optimizer, lr, flags in table
         if not only or name in only
         for seed in seeds
     ]
@@ -135,9 +149,10 @@ def _specs(seeds: list[int], only: list[str] | None) -> list[tuple[str, str, flo
 
 def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The finished runs, one row per configuration: mean and per-seed held-out loss, measured state bytes."""
-    done = quality.run_many(args, _specs(args.seeds, args.only))
+    table = resolved(common.model_config(args.model))
+    done = quality.run_many(args, _specs(table, args.seeds, args.only))
     out = []
-    for name, optimizer, lr, flags in ROWS:
+    for name, optimizer, lr, flags in table:
         runs = [r for r in done if r["name"].rsplit("-s", 1)[0] == name]
         if not runs:
             continue
