@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import dct, linalg, philox, stored_basis
+from . import dct, linalg, philox, stored_basis, workspace
 from .distributed import local
 from .subspace import REGENERATED
 
@@ -176,19 +176,12 @@ def draw(
     return out  # type: ignore[return-value]
 
 
-# One int32 workspace per device that the reference's sign draws write into, reused from chunk to chunk and step to
-# step (at most ``CHUNK_BYTES`` plus Philox's padding): a fresh 15 MB allocation per step (LLaMA-60M) made the glibc
-# allocator map and fault its pages in every time, 1.14x the stored step instead of 1.02x.
-_WORKSPACES: dict[torch.device, Tensor] = {}
-
-
+# The reference's sign draws write into one int32 buffer per device (``workspace.kept``), reused from chunk to chunk
+# and step to step (at most ``CHUNK_BYTES`` plus Philox's padding): a fresh 15 MB allocation per step (LLaMA-60M)
+# made the glibc allocator map and fault its pages in every time, 1.14x the stored step instead of 1.02x. Each
+# chunk's projections are views of it, used by that chunk's step before the next chunk draws.
 def _workspace(device: torch.device, words: int) -> Tensor:
-    """At least ``words`` int32 on ``device``: the kept workspace, grown when a chunk needs more. Each chunk's
-    projections are views of it, used by that chunk's step before the next chunk draws."""
-    held = _WORKSPACES.get(device)
-    if held is None or held.numel() < words:
-        held = _WORKSPACES[device] = torch.empty(words, dtype=torch.int32, device=device)
-    return held
+    return workspace.kept("sign_draws", (words,), torch.int32, device)
 
 
 def in_kernel(

@@ -240,3 +240,46 @@ def test_layerwise_updates_round_as_regular_steps():
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(x, y) for x, y in zip(run(False), run(True), strict=True))
+
+
+def test_a_rounded_plain_weight_is_fused_adamw_on_fp32_copies_then_the_rounding():
+    """The plain bf16 path (``functional.adamw`` with seeds): torch's fused AdamW on fp32 copies of the weight, its
+    gradient and its bf16 moments, the weight rounded with ``rounding_bits`` of its seed, the moments rounded to
+    nearest; bit for bit, for two parameters of different shapes in one call (the kept CPU buffers serve both),
+    twice (the second step reuses them)."""
+    from torch.optim.adam import adam
+
+    from subspace_optim import functional
+
+    gen = torch.Generator().manual_seed(5)
+    shapes, seeds = [(300, 40), (7, 9000)], [11, 12]
+    ps = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    ms = [torch.randn(s, generator=gen).mul(0.01).bfloat16() for s in shapes]
+    vs = [torch.rand(s, generator=gen).mul(1e-4).bfloat16() for s in shapes]
+    want = [(p.float(), m.float(), v.float()) for p, m, v in zip(ps, ms, vs, strict=True)]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    kwargs = dict(decoupled_weight_decay=True, amsgrad=False, maximize=False, lr=1e-2, weight_decay=0.1, eps=1e-8)
+    steps, ref_steps = [torch.tensor(3.0) for _ in ps], [torch.tensor(3.0) for _ in ps]
+    for k in range(2):
+        gs = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+        run_seeds = [s + 100 * k for s in seeds]
+        functional.adamw(ps, gs, ms, vs, steps, **hyper, foreach=None, rounding_seeds=run_seeds)
+        for i, (w, m, v) in enumerate(want):
+            adam(
+                [w],
+                [gs[i].float()],
+                [m],
+                [v],
+                [],
+                [ref_steps[i]],
+                foreach=False,
+                fused=True,
+                beta1=0.9,
+                beta2=0.95,
+                **kwargs,
+            )
+            w.copy_(rounding.round_stochastically(w, rounding.rounding_bits(w.shape, run_seeds[i], w.device)))
+            m.copy_(m.bfloat16().float())
+            v.copy_(v.bfloat16().float())
+        for p, m, v, (w, wm, wv) in zip(ps, ms, vs, want, strict=True):
+            assert torch.equal(p.float(), w) and torch.equal(m.float(), wm) and torch.equal(v.float(), wv)
