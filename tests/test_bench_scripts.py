@@ -796,3 +796,10 @@ def test_bench_rounding_smoke(tmp_path, bench):
     assert result["rows"][0]["vs_fp32"] == 0.0
     assert set(result["step_time"]["median_s"]) == {"round to nearest", "stochastic rounding"}
     assert result["step_time"]["ratio"]["round to nearest"] == 1.0
+
+
+def test_bench_rounding_step_time_only(tmp_path):
+    """``--step-time-only``: the timed steps and their table, no training run."""
+    result = _run("rounding", "--smoke", "--step-time-only", "--out", str(tmp_path / "runs"), tmp_path=tmp_path)
+    assert result["rows"] == [] and not (tmp_path / "runs").exists()
+    assert [t["title"] for t in result["tables"]] == ["Stochastic rounding: a whole training step"]

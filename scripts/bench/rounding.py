@@ -11,6 +11,7 @@ file's shape: medians and the median of per-round ratios.
     python -m scripts.bench.rounding --model llama_9m --seeds 0 1 --out runs/rounding --json docs/results/rounding.json
     python -m scripts.bench.rounding --model llama_9m --seeds 0 1 --lr-scale 0.1 --out runs/rounding \
         --json docs/results/rounding-lr0.1.json                                   # updates 10x smaller
+    python -m scripts.bench.rounding --model llama_20m --step-time-only --timed-steps 10 --json step.json  # timing
     python -m scripts.bench.rounding --smoke                                                       # a pipeline check
 """
 
@@ -93,24 +94,29 @@ def step_times(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def tables(args: argparse.Namespace, quality_rows: list[dict[str, Any]], timing: dict[str, Any]) -> list[dict]:
+    """The quality table (none with ``--step-time-only``) and the step-time table."""
     seeds = ", ".join(str(s) for s in args.seeds)
-    q = common.table(
-        "Weights in low precision: held-out loss",
-        ["weights", "held-out loss (mean)", "per seed", "vs fp32 weights"],
-        [
+    q = (
+        None
+        if not quality_rows
+        else common.table(
+            "Weights in low precision: held-out loss",
+            ["weights", "held-out loss (mean)", "per seed", "vs fp32 weights"],
             [
-                r["name"],
-                common.cell(r["mean_loss"], ".4f"),
-                " / ".join(f"{x:.4f}" for x in r["losses"]),
-                f"{100 * r['vs_fp32']:+.2f}%",
-            ]
-            for r in quality_rows
-        ],
-        [
-            f"{args.model}, seeds {seeds}, SubspaceAdamW at the model file's settings"
-            + ("" if args.lr_scale == 1.0 else f", both lrs x {args.lr_scale:g}")
-            + "; equal steps and data."
-        ],
+                [
+                    r["name"],
+                    common.cell(r["mean_loss"], ".4f"),
+                    " / ".join(f"{x:.4f}" for x in r["losses"]),
+                    f"{100 * r['vs_fp32']:+.2f}%",
+                ]
+                for r in quality_rows
+            ],
+            [
+                f"{args.model}, seeds {seeds}, SubspaceAdamW at the model file's settings"
+                + ("" if args.lr_scale == 1.0 else f", both lrs x {args.lr_scale:g}")
+                + "; equal steps and data."
+            ],
+        )
     )
     t = common.table(
         "Stochastic rounding: a whole training step",
@@ -124,7 +130,7 @@ def tables(args: argparse.Namespace, quality_rows: list[dict[str, Any]], timing:
             f"threads, medians of {timing['steps']} interleaved rounds; ratio: median of per-round ratios."
         ],
     )
-    return [q, t]
+    return [t] if q is None else [q, t]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timed-steps", type=int, default=10)
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiply the model file's lr and plain lr")
     parser.add_argument("--smoke", action="store_true", help="the tiny model, a few steps, one seed")
+    parser.add_argument("--step-time-only", action="store_true", help="only the step times (no training runs)")
     common.add_output_args(parser)
     args = parser.parse_args(argv)
     args.extra_flags = []
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     shape = common.model_config(args.model)
     lr, plain = shape["lr"]["subspace"], shape.get("plain_lr", {}).get("subspace")
-    quality_rows = rows(args, lr, plain)
+    quality_rows = [] if args.step_time_only else rows(args, lr, plain)
     timing = step_times(args)
     result = {
         "benchmark": "rounding",
