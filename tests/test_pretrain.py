@@ -732,6 +732,18 @@ def test_ddp_two_processes_end_bitwise_identical(workdir, tmp_path):
     )
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_ddp_two_processes_train_int8_weights_bitwise_alike(workdir, tmp_path):
+    """``--weights int8`` under 2 processes: DDP wraps torchao's weights without its initial broadcast (every rank
+    builds the same model), the requantization's seeded bits keep the ranks equal, and the run's weights stay int8."""
+    pytest.importorskip("torchao")
+    result = _ddp(workdir, tmp_path / "ddp8", _torchrun_two_processes(), "--weights", "int8")
+    summary = result["summary"]
+    assert result["world_size"] == 2 and result["config"]["weights"] == "int8"
+    digests = summary["weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_accelerate_launch_config_starts_two_processes(workdir, tmp_path):

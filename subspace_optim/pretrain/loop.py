@@ -119,13 +119,17 @@ class PeakMemory:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """sha256 of every weight's bytes: equal digests mean bitwise-identical weights."""
+    """sha256 of every weight's bytes: equal digests mean bitwise-identical weights. A tensor subclass that
+    flattens (torchao's int8 weights: codes and row scales) is hashed through its inner tensors."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         if hasattr(tensor, "full_tensor"):  # a sharded DTensor (FSDP2): gather it; every rank calls this
             tensor = tensor.full_tensor()
+        inner = tensor.__tensor_flatten__()[0] if hasattr(tensor, "__tensor_flatten__") else None
+        parts = [getattr(tensor, key) for key in inner] if inner else [tensor]
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        for part in parts:
+            digest.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -319,6 +323,21 @@ def train_run(
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+def _no_initial_sync() -> Any:
+    """accelerate's DDP options with DDP's initial broadcast of the parameters turned off (``init_sync=False``):
+    torchao's int8 weights cannot take part in it (they are not plain tensors), and there is nothing to sync, since
+    every process builds the same model from ``cfg.seed`` (``build_model``; the run's weight digests check that
+    the ranks end equal). accelerate 1.16 has no field for it and matches its handlers by exact class, so the
+    handler is set on the accelerator rather than passed in ``kwargs_handlers``."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    @dataclasses.dataclass
+    class NoInitialSync(DistributedDataParallelKwargs):
+        init_sync: bool = True
+
+    return NoInitialSync(init_sync=False)
+
+
 def _batch_layout(cfg: PretrainConfig, world: int) -> tuple[int, int]:
     """(micro-batches per step, sequences per step): --global-batch-size fixes the second for any world."""
     accum = cfg.grad_accum
@@ -341,6 +360,8 @@ def _set_up(
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if cfg.weights == "int8":
+        accelerator.ddp_handler = _no_initial_sync()
     run_dir = output_dir / name
     ckpts = Checkpoints(run_dir, cfg.keep_checkpoints, safe_serialization=cfg.weights != "int8")
     resume_from = ckpts.latest() if cfg.resume else None
