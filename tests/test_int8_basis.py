@@ -96,15 +96,17 @@ def test_moments_rotate_between_the_dequantized_bases():
     torch.testing.assert_close(state["exp_avg_sq"], v.lerp(r.square(), 0.001), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("moments_dtype", ["float32", "int8"])
-def test_triton_engine_steps_an_int8_basis_as_the_reference_does(moments_dtype):
+@pytest.mark.parametrize(
+    "options", [{}, {"moments_dtype": "int8"}, {"moments_dtype": "int8", "second_moment": "factored"}]
+)
+def test_triton_engine_steps_an_int8_basis_as_the_reference_does(options):
     """From the same state, the kernels (reading the 8-bit basis materialized to fp32, a chunk at a time) take the
     reference's non-refresh steps to float tolerance, and leave the codes untouched."""
     ref = _params()
-    opt_ref = _opt(ref, basis_dtype="int8", moments_dtype=moments_dtype)
+    opt_ref = _opt(ref, basis_dtype="int8", **options)
     _run(ref, opt_ref, range(4))
     tri = [torch.nn.Parameter(p.detach().clone()) for p in ref]
-    opt_tri = _opt(tri, basis_dtype="int8", moments_dtype=moments_dtype, engine="triton")
+    opt_tri = _opt(tri, basis_dtype="int8", engine="triton", **options)
     opt_tri.load_state_dict(roundtrip(opt_ref.state_dict()))
     opt_tri.param_groups[0]["engine"] = "triton"  # the checkpoint brought the reference's groups
     _run(ref, opt_ref, range(4, 6))
