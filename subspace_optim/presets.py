@@ -10,11 +10,13 @@ Measured at llama_9m (held-out loss, seeds 0 and 1; galore-torch tuned alike: 4.
 
 - ``best_quality``: a stored, warm-refreshed fp32 basis and fp32 moments with Fira's residual (the library
   default): 4.6832; LLaMA-7B weights + state 31.24 GB at rank 1024.
-- ``balanced``: below GaLore 8-bit's memory (bf16 bases and int8 moments at the same rank) at better quality: a
-  stored bf16 basis, an int8 first moment, a factored second moment, Fira's residual: 4.6895 (within 0.2% of
-  ``best_quality``, 0.8% below galore-torch); LLaMA-7B 17.28 GB at rank 1024 against GaLore 8-bit's 19.18. At half
-  the rank (hidden / 8: rank 16 here, 512 at 7B) it is 15.51 GB, below APOLLO's 16.14, and still below
-  galore-torch at its rank on four seeds (4.6974 against 4.7367).
+- ``balanced``: far below GaLore 8-bit's memory (bf16 bases and int8 moments at the same rank) at better quality: a
+  stored basis in 8-bit codes (``stored_basis``), an int8 first moment, a factored second moment, Fira's residual.
+  With a bf16 basis (its earlier form) it ended 4.6885 on four seeds against ``best_quality``'s 4.6728 (+0.34%); the
+  8-bit basis adds a few thousandths (numbers: docs/benchmarks.md, "Memory-quality frontier"). LLaMA-7B 16.35 GB at
+  rank 1024 against GaLore 8-bit's 19.18; LLaMA-1B at rank 512, 593 MiB of state. At half the rank (hidden / 8: 512
+  at 7B) it is 15.05 GB, below APOLLO's 16.14; with a bf16 basis there it stayed below galore-torch at its rank on
+  four seeds (4.6974 against 4.7367).
 - ``least_memory``: APOLLO-Mini's shape (rank 1, tensor-wise scaling, scale sqrt(128)) with nothing stored but a
   seed, an int8 first moment and two factors per matrix: 5.1231 against apollo-torch APOLLO-Mini's 5.8013; LLaMA-7B
   13.76 GB, below APOLLO-Mini's 14.53 (7.42 GB with torchao's int8 weights). Its projection is apollo-torch's
@@ -29,7 +31,7 @@ from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
     "best_quality": {"residual": "fira"},
-    "balanced": {"residual": "fira", "moments_dtype": "int8", "basis_dtype": "bfloat16", "second_moment": "factored"},
+    "balanced": {"residual": "fira", "moments_dtype": "int8", "basis_dtype": "int8", "second_moment": "factored"},
     "least_memory": {
         "rank": 1,
         "refresh": "seeded",
