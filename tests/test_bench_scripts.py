@@ -487,6 +487,18 @@ def test_bench_frontier_smoke(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
+def test_frontier_peers_take_each_model_files_tuning(bench):
+    """A peer row's lr and plain lr come from the model file (llama_20m's AdamW: 1e-3 with 1.5e-2), ours keep
+    their own; llama_9m's resolve to what its frontier ran with."""
+    frontier, common = bench("frontier"), bench("common")
+    big = {name: (lr, flags) for name, _, lr, flags in frontier.resolved(common.model_config("llama_20m"))}
+    small = {name: (lr, flags) for name, _, lr, flags in frontier.resolved(common.model_config("llama_9m"))}
+    assert big["adamw"] == (1e-3, {"plain_lr": 1.5e-2}) and big["galore"] == (1e-2, {"plain_lr": 3e-2})
+    assert small["adamw"] == (2e-3, {"plain_lr": 3e-2}) and small["galore"] == (2e-2, {"plain_lr": 3e-2})
+    assert big["apollo_mini"] == (1e-2, {"apollo_scale": 128.0, "apollo_scale_type": "tensor", "rank": 1})
+    assert big["ours_stored_fira"] == small["ours_stored_fira"] == (1e-2, {"plain_lr": 3e-2, "residual": "fira"})
+
+
 def test_bench_regenerated_smoke(tmp_path):
     """Stored and regenerated bases on the tiny shape: every timing present, and regenerated ones hold less."""
     result = _run("regenerated", "--smoke", tmp_path=tmp_path)
