@@ -170,6 +170,7 @@ def test_signs_into_a_workspace_are_the_fresh_ones_and_the_workspace_is_reused()
     dims = [37, 37, 37, 20]
     expected = [philox.sign_projection(s["projection_seed"], d, 5) for s, d in zip(states, dims, strict=True)]
     assert all(torch.equal(a, b) for a, b in zip(first, expected, strict=True))
-    held = projections._WORKSPACES[cpu].data_ptr()
-    projections.draw(states, ["left"] * 4, [37, 37, 37, 20], 5, [cpu] * 4, "counter")
-    assert projections._WORKSPACES[cpu].data_ptr() == held  # the next step writes into the same memory
+    held = first[0].data_ptr()
+    again = projections.draw(states, ["left"] * 4, [37, 37, 37, 20], 5, [cpu] * 4, "counter")
+    assert again[0].data_ptr() == held  # the next step writes into the same memory (``workspace.kept``)
+    assert all(torch.equal(a, b) for a, b in zip(again, expected, strict=True))
