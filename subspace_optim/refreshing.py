@@ -186,12 +186,10 @@ def install(
         # and the moments as they are instead of rotating them into an arbitrary one.
         overlap = torch.ones((), dtype=torch.float64)
     else:
-        previous = stored_basis.load(state)
+        previous, target = stored_basis.replace(state, new.basis)
         how = (matrix.side, matrix.group["moments"])
-        target = stored_basis.as_rotated(state, new.basis)
-        c = _carry_moments(matrix, lambda m, v: transport_moments(m, v, previous.float(), target, *how))
+        c = _carry_moments(matrix, lambda m, v: transport_moments(m, v, previous, target, *how))
         overlap = c.double().square().sum() / matrix.group["rank"]
-        stored_basis.store_(state, new.basis)
     state["refresh_count"] += 1
     metrics[matrix.index] = {
         "refresh_time_s": seconds,

@@ -47,13 +47,18 @@ def entries(basis: Tensor, stored_as: str) -> dict[str, Tensor]:
     return {KEY: codes, ABSMAX: absmax}
 
 
-def as_rotated(state: dict[str, Any], basis: Tensor) -> Tensor:
-    """A refresh's new ``basis`` as the moments' rotation takes it (fp32): for an 8-bit basis its dequantized codes,
-    the projection the following steps read; a float basis as computed (its bf16 rounding left out, as it always
-    was: a bf16 basis's rotation is unchanged)."""
+def replace(state: dict[str, Any], basis: Tensor) -> tuple[Tensor, Tensor]:
+    """Store a refresh's new ``basis`` over the stored one; returns (previous, new) as the moments' rotation takes them
+    (fp32). An 8-bit basis gives its dequantized codes before and after (the projections steps read), quantized
+    once; a float basis its stored values (copied before they are overwritten) and the new basis as computed (its
+    bf16 rounding left out, as it always was)."""
+    previous = load(state).float()
     if ABSMAX not in state:
-        return basis.float()
-    return quant.dequantize(*quant.quantize(basis, signed=True), signed=True)
+        previous = previous.clone() if previous is local(state[KEY]) else previous
+        store_(state, basis)
+        return previous, basis.float()
+    store_(state, basis)
+    return previous, load(state)
 
 
 def store_(state: dict[str, Any], basis: Tensor) -> None:
@@ -81,4 +86,4 @@ def placed(p: Tensor, made: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: replicated_like(p, v) for k, v in made.items()}
 
 
-__all__ = ["ABSMAX", "KEY", "as_rotated", "convert", "entries", "kind", "load", "placed", "store_"]
+__all__ = ["ABSMAX", "KEY", "replace", "convert", "entries", "kind", "load", "placed", "store_"]
