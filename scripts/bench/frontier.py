@@ -45,6 +45,7 @@ ROWS: list[tuple[str, str, float | None, dict[str, Any]]] = [
         {**OURS_TUNED, "residual": "fira", "moments_dtype": "int8", "basis_dtype": "bfloat16"},
     ),
     ("ours_stored_fira_factored", "subspace", 1e-2, {**OURS_TUNED, "residual": "fira", "second_moment": "factored"}),
+    ("ours_stored_fira_int8basis", "subspace", 1e-2, {**OURS_TUNED, "residual": "fira", "basis_dtype": "int8"}),
     (
         "ours_stored_fira_int8_factored",
         "subspace",
