@@ -95,6 +95,14 @@ def replicated_like(p: Tensor, local_tensor: Tensor) -> Tensor:
     return DTensor.from_local(local_tensor, p.device_mesh, [Replicate()], run_check=False)
 
 
+def replicated_entries(p: Tensor, made: dict[str, Tensor]) -> dict[str, Tensor]:
+    """State entries that are identical on every rank (a basis, its absmax, DCT column indices) as the state of ``p``
+    holds them: replicated DTensors on a sharded weight's mesh, the tensors themselves otherwise."""
+    if not is_dtensor(p):
+        return made
+    return {k: replicated_like(p, v) for k, v in made.items()}
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) when not distributed."""
     if dist.is_available() and dist.is_initialized():

@@ -180,7 +180,9 @@ def install(
     overlap = None
     if "basis" not in state:
         projections.keep_only(state, "basis")  # a group that switched from a regenerated refresh
-        state.update(stored_basis.placed(matrix.p, stored_basis.entries(new.basis, matrix.group["basis_dtype"])))
+        state.update(
+            distributed.replicated_entries(matrix.p, stored_basis.entries(new.basis, matrix.group["basis_dtype"]))
+        )
     elif not bool(new.total.float() > 0):  # fp32: the value round-robin receivers get broadcast
         # An all-zero gradient (e.g. DCP's lr=0 state-initializing step) spans nothing: keep the basis
         # and the moments as they are instead of rotating them into an arbitrary one.
@@ -237,8 +239,7 @@ def _refresh_regenerated(matrix: Matrix, metrics: dict[int, dict[str, Any]]) -> 
         chosen = dct.select(oriented(g.float(), matrix.side), group["rank"], slab)
         captured, total = chosen.captured, chosen.total
         if "basis_index" not in state:
-            index = chosen.indices
-            state["basis_index"] = distributed.replicated_like(matrix.p, index) if is_dtensor(matrix.p) else index
+            state.update(distributed.replicated_entries(matrix.p, {"basis_index": chosen.indices}))
         elif bool(total > 0):  # an all-zero gradient spans nothing: keep the columns and the moments (as ``install``)
             old = local(state["basis_index"])
             c = dct.overlap(chosen.indices, old)

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from . import quant
-from .distributed import is_dtensor, local, replicated_like
+from .distributed import local
 
 KEY, ABSMAX = "basis", "basis_absmax"
 
@@ -78,12 +78,4 @@ def convert(state: dict[str, Any], stored_as: str) -> None:
     state.update(entries(value, stored_as))
 
 
-def placed(p: Tensor, made: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``made`` as the state of ``p`` holds it: replicated DTensors on a sharded weight's mesh (a basis is the same
-    on every rank), the tensors themselves otherwise."""
-    if not is_dtensor(p):
-        return made
-    return {k: replicated_like(p, v) for k, v in made.items()}
-
-
-__all__ = ["ABSMAX", "KEY", "replace", "convert", "entries", "kind", "load", "placed", "store_"]
+__all__ = ["ABSMAX", "KEY", "replace", "convert", "entries", "kind", "load", "store_"]
