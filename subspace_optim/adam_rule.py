@@ -215,9 +215,21 @@ def moments_directions(
     for root, lag in zip(roots, lags, strict=True):
         if lag is not None:
             root.mul_(lag.c2)
+    for i in set(range(len(vs))) - full:
+        _floor_by_first_moment(roots[i], ms[i], scalars[i], lags[i])
     torch._foreach_div_(roots, [x.bias2_sqrt for x in scalars])
     torch._foreach_add_(roots, eps)
     return list(torch._foreach_div(ms, roots))
+
+
+def _floor_by_first_moment(root: Tensor, m: Tensor, scalars: AdamScalars, lag: Lag | None) -> None:
+    """Raise a factored sqrt(V) to |M| where it is lower, both bias-corrected (``factored``: a second moment is at
+    least the square of the mean, which the factors' rank-one estimate can break), in place: |M_hat / sqrt(V_hat)|
+    <= 1 for every element. ``root`` is sqrt(V) (times the lag's c2) before its division by sqrt(1 - b2^t)."""
+    floor = m.abs().mul_(scalars.bias2_sqrt / scalars.bias1)
+    if lag is not None:
+        floor.mul_(lag.c1)
+    torch.maximum(root, floor, out=root)
 
 
 def _roots(

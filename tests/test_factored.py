@@ -16,9 +16,10 @@ ENGINES = ["reference"] + (["triton"] if triton_runtime.available() else [])
 HYPER = {"lr": 0.02, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1, "scale": 0.5}
 
 
-def _adafactor_in_subspace(w, p, gs, side, hyper=HYPER):
+def _adafactor_in_subspace(w, p, gs, side, hyper=HYPER, floor=True):
     """float64: R = P^T G (left) or G P (right); M, row and column EMAs of R o R; V = row col^T / s with s the
-    sum of the factor along the side that is not projected; torch AdamW's update with V in Adam's place."""
+    sum of the factor along the side that is not projected; torch AdamW's update with V in Adam's place, its
+    bias-corrected sqrt(V) raised to |M_hat| where lower (``floor``: the library's rule, ``factored``)."""
     b1, b2 = hyper["betas"]
     w, p = w.double().clone(), p.double()
     m = row = col = None
@@ -36,7 +37,10 @@ def _adafactor_in_subspace(w, p, gs, side, hyper=HYPER):
         col = b2 * col + (1 - b2) * (r * r).sum(0)
         s = col.sum() if side == "left" else row.sum()
         v = torch.outer(row, col) / s
-        n = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + hyper["eps"])
+        root = (v / (1 - b2**t)).sqrt()
+        if floor:
+            root = torch.maximum(root, (m / (1 - b1**t)).abs())
+        n = (m / (1 - b1**t)) / (root + hyper["eps"])
         u = p @ n if side == "left" else n @ p.T
         w = w * (1 - hyper["lr"] * hyper["weight_decay"]) - hyper["lr"] * hyper["scale"] * u
     return w, m, row, col
@@ -58,6 +62,8 @@ def test_projected_step_matches_adafactor_in_subspace_in_float64(engine, side):
     for t, g in enumerate(gs, start=1):
         functional.subspace_adamw([w], [g], [p], [m], [f], [t], **HYPER, sides=[side], engine=engine)
     w_ref, m_ref, row_ref, col_ref = _adafactor_in_subspace(w0, p, gs, side)
+    unfloored = _adafactor_in_subspace(w0, p, gs, side, floor=False)[0]
+    assert (w_ref - unfloored).abs().max() > 1e-3  # the floor binds in these steps: the test sees it
     torch.testing.assert_close(m.double(), m_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(f.row.double(), row_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(f.col.double(), col_ref, rtol=1e-5, atol=1e-6)
@@ -177,6 +183,33 @@ def test_skipped_matrix_keeps_its_factors_bit_for_bit():
     for k, v in before[id(weights[0])].items():
         assert torch.equal(opt.state[weights[0]][k], v), k
     assert not torch.equal(weights[1], w_before[1])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_skipped_step_is_as_if_it_never_happened(side):
+    """A non-finite gradient skips the step on the device; the later steps' bias corrections (and the floor's:
+    ``adam_rule``) use the matrix's true age, so the run equals the float64 reference that never saw that step."""
+    gen = torch.Generator().manual_seed(11)
+    m_, n_ = (17, 29) if side == "left" else (29, 17)  # the library projects the shorter side
+    w = nn.Parameter(torch.randn(m_, n_, generator=gen))
+    w0 = w.detach().clone()
+    gs = [torch.randn(m_, n_, generator=gen) * (1 + t) for t in range(4)]
+    bad = gs[1].clone()
+    bad[3, 4] = float("inf")
+    opt = SubspaceAdamW(
+        [{"params": [w], "rank": 5, "update_gap": 100, "scale": HYPER["scale"]}],
+        **{k: v for k, v in HYPER.items() if k != "scale"},
+        second_moment="factored",
+        residual="none",
+    )
+    for g in [gs[0], bad, *gs[2:]]:
+        w.grad = g.clone()
+        opt.step()
+    state = opt.state[w]
+    assert state["basis"].shape[0] == min(m_, n_)  # one basis, from step 1 (no refresh since)
+    w_ref, m_ref, _, _ = _adafactor_in_subspace(w0, state["basis"], [gs[0], *gs[2:]], side)
+    torch.testing.assert_close(state["exp_avg"].double(), m_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.detach().double(), w_ref, rtol=0, atol=2e-5)
 
 
 def test_switching_second_moment_converts_state():
