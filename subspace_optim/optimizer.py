@@ -350,8 +350,9 @@ class SubspaceAdamW(Optimizer):
             torch dtypes of those choices are accepted and stored as the strings; changed on a live group, the
             state is converted at the next step.
         second_moment: ``"full"`` (Adam's elementwise V) or ``"factored"`` (Adafactor's row and column factors,
-            fp32, with Adam's bias correction and the first moment kept: ``factored``), for projected matrices and
-            2-D plain parameters; changed on a live group, the state is converted at the next step.
+            fp32, with Adam's bias correction and the first moment kept, each element's sqrt(V) floored at its
+            |M|: ``factored``), for projected matrices and 2-D plain parameters; changed on a live group, the
+            state is converted at the next step.
         residual: what a projected step does with the gradient its subspace discards (``residual_rule``):
             ``"none"`` (GaLore's step), ``"fira"`` (the default: adds phi_j (G - P P^T G) / scale with
             phi_j = ||N_j|| / ||R_j|| per channel j, Fira's rule; ahead of ``"none"`` at both measured sizes,

@@ -117,7 +117,8 @@ OPTIONS: tuple[Option, ...] = (
            BASIS_DTYPES),
     Option("second_moment", "full", "choice",
            "Adam's second moment: full, or factored (Adafactor's row and column factors, fp32, with Adam's bias "
-           "correction: rows + cols numbers instead of rows x cols) for projected matrices and 2-D plain parameters",
+           "correction, each element's sqrt(V) at least its |M|: rows + cols numbers instead of rows x cols) for "
+           "projected matrices and 2-D plain parameters",
            SECOND_MOMENTS),
     Option("residual", "fira", "choice",
            "what the projected step does with the gradient outside the subspace: none (GaLore), fira (add it, "

@@ -7,6 +7,7 @@ GPU sessions, which is when their full runs happen.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -497,6 +498,36 @@ def test_frontier_peers_take_each_model_files_tuning(bench):
     assert small["adamw"] == (2e-3, {"plain_lr": 3e-2}) and small["galore"] == (2e-2, {"plain_lr": 3e-2})
     assert big["apollo_mini"] == (1e-2, {"apollo_scale": 128.0, "apollo_scale_type": "tensor", "rank": 1})
     assert big["ours_stored_fira"] == small["ours_stored_fira"] == (1e-2, {"plain_lr": 3e-2, "residual": "fira"})
+
+
+def test_frontier_keeps_an_earlier_results_rows_it_did_not_run(bench, tmp_path):
+    """``--keep``: the earlier result's rows this command did not run come along, stamped with where they were
+    measured, and named in the table's notes; a result of other seeds is refused (its losses would not compare)."""
+    frontier = bench("frontier")
+    row = {
+        "optimizer": "subspace",
+        "lr": 0.01,
+        "flags": {},
+        "losses": [4.7, 4.8],
+        "mean_loss": 4.75,
+        "seven_b_gb": 20.0,
+    }
+    earlier = {
+        "model": "llama_9m",
+        "args": {"seeds": [0, 1]},
+        "environment": {"commit": "abc1234", "date": "2026-12-01 10:00 UTC"},
+        "rows": [{**row, "name": "old_only", "state_bytes": 2}, {**row, "name": "redone", "state_bytes": 3}],
+    }
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    args = argparse.Namespace(model="llama_9m", seeds=[0, 1])
+    measured = [{**row, "name": "redone", "state_bytes": 3, "mean_loss": 4.6}]
+    kept = frontier.kept_rows(path, args, measured)
+    assert [(r["name"], r["measured_at"]) for r in kept] == [("old_only", "abc1234, 2026-12-01 10:00 UTC")]
+    notes = frontier._table(args, measured + kept)["notes"]
+    assert "kept from an earlier result (--keep), measured at abc1234, 2026-12-01 10:00 UTC: old_only" in notes
+    with pytest.raises(SystemExit, match="same model and seeds"):
+        frontier.kept_rows(path, argparse.Namespace(model="llama_9m", seeds=[0, 1, 2, 3]), measured)
 
 
 def test_bench_regenerated_smoke(tmp_path):

@@ -15,11 +15,16 @@ our best row at or below its state.
 
     python -m scripts.bench.frontier --model llama_9m --seeds 0 1 --out runs/frontier --json docs/results/frontier.json
     python -m scripts.bench.frontier --smoke                                                  # a pipeline check
+
+``--keep EARLIER.json`` carries over the rows of an earlier result (same model and seeds) that this command did
+not run, each marked with the commit and date it was measured at: a table is then completed, or some of its rows
+redone after a change of the code they exercise, without rerunning the rest (run caches do not outlive a machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from pathlib import Path
@@ -148,6 +153,22 @@ def _specs(table: list[tuple[str, str, float, dict]], seeds: list[int], only: li
     ]
 
 
+def kept_rows(path: Path, args: argparse.Namespace, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the earlier result at ``path`` that ``measured`` does not hold, each with ``measured_at`` (the
+    commit and date of that result, or of the result it was itself kept from). Refuses a result of another model
+    or other seeds: their losses would not compare."""
+    earlier = json.loads(Path(path).read_text())
+    if earlier.get("model") != args.model or earlier.get("args", {}).get("seeds") != args.seeds:
+        raise SystemExit(
+            f"--keep {path}: its runs are {earlier.get('model')} with seeds {earlier.get('args', {}).get('seeds')}, "
+            f"this command's {args.model} with seeds {args.seeds}; keep only a result of the same model and seeds"
+        )
+    env = earlier.get("environment", {})
+    stamp = f"{env.get('commit', '?')}, {env.get('date', '?')}"
+    names = {r["name"] for r in measured}
+    return [{"measured_at": stamp, **r} for r in earlier["rows"] if r["name"] not in names]
+
+
 def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The finished runs, one row per configuration: mean and per-seed held-out loss, measured state bytes."""
     table = resolved(common.model_config(args.model))
@@ -234,10 +255,17 @@ def _table(args: argparse.Namespace, table_rows: list[dict[str, Any]]) -> dict[s
         ]
         for r in sorted(table_rows, key=lambda r: r["state_bytes"])
     ]
+    stamps = sorted({r["measured_at"] for r in table_rows if "measured_at" in r})
+    kept = [
+        f"kept from an earlier result (--keep), measured at {stamp}: "
+        + ", ".join(r["name"] for r in table_rows if r.get("measured_at") == stamp)
+        for stamp in stamps
+    ]
     notes = [
         f"{args.model}, seeds {', '.join(map(str, args.seeds))}, equal steps and data; state measured by each run.",
         "7B: bf16 weights (13.48 GB) + the configuration's state at LLaMA-7B in the papers' accounting, at the "
         "row's rank scaled to 7B's width (r x 4096 / hidden; rank 1 stays 1); the memory script's formulas.",
+        *kept,
         *frontier_notes(table_rows),
     ]
     return common.table("Memory-quality frontier", columns, body, notes)
@@ -271,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="row names to run (default: every row)")
     parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
+    parser.add_argument("--keep", type=Path, help="an earlier result whose rows this command does not run are kept")
     parser.add_argument("--smoke", action="store_true", help="the tiny model, a few steps, one seed")
     common.add_output_args(parser)
     args = parser.parse_args(argv)
@@ -281,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.seeds = 4, [0]
         args.extra_flags = quality.SMOKE_FLAGS
     table_rows = rows(args)
+    if args.keep:
+        table_rows += kept_rows(args.keep, args, table_rows)
     result = {"benchmark": "frontier", "model": args.model, "rows": table_rows, "tables": [_table(args, table_rows)]}
     if args.plot:
         plot(table_rows, args.plot)
