@@ -515,7 +515,7 @@ def test_frontier_keeps_an_earlier_results_rows_it_did_not_run(bench, tmp_path):
     earlier = {
         "model": "llama_9m",
         "args": {"seeds": [0, 1]},
-        "environment": {"commit": "abc1234", "date": "2026-12-01 10:00 UTC"},
+        "environment": {"commit": "abc1234", "date": "2026-12-01 10:00 UTC", "device_name": "AMD EPYC CPU"},
         "rows": [{**row, "name": "old_only", "state_bytes": 2}, {**row, "name": "redone", "state_bytes": 3}],
     }
     path = tmp_path / "earlier.json"
@@ -523,9 +523,10 @@ def test_frontier_keeps_an_earlier_results_rows_it_did_not_run(bench, tmp_path):
     args = argparse.Namespace(model="llama_9m", seeds=[0, 1])
     measured = [{**row, "name": "redone", "state_bytes": 3, "mean_loss": 4.6}]
     kept = frontier.kept_rows(path, args, measured)
-    assert [(r["name"], r["measured_at"]) for r in kept] == [("old_only", "abc1234, 2026-12-01 10:00 UTC")]
+    stamp = "abc1234, 2026-12-01 10:00 UTC, AMD EPYC CPU"
+    assert [(r["name"], r["measured_at"]) for r in kept] == [("old_only", stamp)]
     notes = frontier._table(args, measured + kept)["notes"]
-    assert "kept from an earlier result (--keep), measured at abc1234, 2026-12-01 10:00 UTC: old_only" in notes
+    assert f"kept from an earlier result (--keep), measured at {stamp}: old_only" in notes
     with pytest.raises(SystemExit, match="same model and seeds"):
         frontier.kept_rows(path, argparse.Namespace(model="llama_9m", seeds=[0, 1, 2, 3]), measured)
 

@@ -17,8 +17,9 @@ our best row at or below its state.
     python -m scripts.bench.frontier --smoke                                                  # a pipeline check
 
 ``--keep EARLIER.json`` carries over the rows of an earlier result (same model and seeds) that this command did
-not run, each marked with the commit and date it was measured at: a table is then completed, or some of its rows
-redone after a change of the code they exercise, without rerunning the rest (run caches do not outlive a machine).
+not run, each marked with the commit, date and machine it was measured at: a table is then completed, or some of
+its rows redone after a change of the code they exercise, without rerunning the rest (run caches do not outlive a
+machine).
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ def _specs(table: list[tuple[str, str, float, dict]], seeds: list[int], only: li
 
 def kept_rows(path: Path, args: argparse.Namespace, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of the earlier result at ``path`` that ``measured`` does not hold, each with ``measured_at`` (the
-    commit and date of that result, or of the result it was itself kept from). Refuses a result of another model
-    or other seeds: their losses would not compare."""
+    commit, date and machine of that result, or of the result it was itself kept from: runs on another CPU model
+    differ in their last bits, which training amplifies). Refuses a result of another model or other seeds: their
+    losses would not compare."""
     earlier = json.loads(Path(path).read_text())
     if earlier.get("model") != args.model or earlier.get("args", {}).get("seeds") != args.seeds:
         raise SystemExit(
@@ -164,7 +166,7 @@ def kept_rows(path: Path, args: argparse.Namespace, measured: list[dict[str, Any
             f"this command's {args.model} with seeds {args.seeds}; keep only a result of the same model and seeds"
         )
     env = earlier.get("environment", {})
-    stamp = f"{env.get('commit', '?')}, {env.get('date', '?')}"
+    stamp = f"{env.get('commit', '?')}, {env.get('date', '?')}, {env.get('device_name', '?')}"
     names = {r["name"] for r in measured}
     return [{"measured_at": stamp, **r} for r in earlier["rows"] if r["name"] not in names]
 
