@@ -30,6 +30,10 @@ SPLIT, TOTAL = 5, 11
 # number of threads sums in another order. The frozen trajectories were made with 2 threads, and the test
 # resumes them with 2 whatever the suite's own count.
 THREADS = 2
+# ... and only on one CPU model: another vendor's or generation's GEMM kernels block and vectorize differently and
+# round differently in the last bits. The release ran on an AMD EPYC (every benchmark record of that time names
+# it, and the suite matched the frozen bits there); elsewhere the test compares to float tolerance.
+CPU = "AMD EPYC"
 
 
 def net(dtype: torch.dtype) -> nn.Module:
