@@ -13,10 +13,11 @@ rows + cols numbers instead of rows x cols.
 
 One departure from Adafactor: each element's bias-corrected sqrt(V) is raised to |M_hat| where it is lower
 (``adam_rule``), so |M_hat / sqrt(V_hat)| <= 1. A second moment is never below the square of the mean, and Adam's
-own V keeps that (up to its shorter memory); the rank-one estimate does not: an element whose squares run above
-its row's and column's averages gets a normalized step of many units. The first moment, kept whole, gives every
-element its floor without any more state. At llama_20m the plain factors cost 1.1% in held-out loss against
-full V, and the floor closes that gap (docs/benchmarks.md, "Factored second moment").
+own V keeps that (up to the two averages' different windows); the rank-one estimate does not: an element whose
+squares run above its row's and column's averages gets a normalized step of many units. The first moment, kept
+whole, gives every element its floor without any more state. It matters most while the factors hold few steps (early
+training, just after a reset); docs/benchmarks.md ("Factored second moment: the floor") has what it changes and what
+it does not.
 
 On FSDP2 row shards (a right projection: V is m_local x r) the row factor is the rank's rows and the column factor
 and s_t are sums over every rank's rows: one all-reduce of r + 1 numbers per matrix and step (``reduce``).
