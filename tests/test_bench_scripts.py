@@ -485,6 +485,7 @@ def test_bench_frontier_smoke(tmp_path):
     assert got["adamw"]["seven_b_gb"] == pytest.approx(40.43, abs=0.005)
     notes = result["tables"][0]["notes"]
     assert any(n.startswith("apollo_mini") and "ours_seeded_mini_int8_factored" in n for n in notes)
+    assert "4 steps (--steps), not the model file's" in notes  # --smoke's
     assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
@@ -520,7 +521,7 @@ def test_frontier_keeps_an_earlier_results_rows_it_did_not_run(bench, tmp_path):
     }
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
-    args = argparse.Namespace(model="llama_9m", seeds=[0, 1])
+    args = argparse.Namespace(model="llama_9m", seeds=[0, 1], steps=None)
     measured = [{**row, "name": "redone", "state_bytes": 3, "mean_loss": 4.6}]
     kept = frontier.kept_rows(path, args, measured)
     stamp = "abc1234, 2026-12-01 10:00 UTC, AMD EPYC CPU"

@@ -267,6 +267,7 @@ def _table(args: argparse.Namespace, table_rows: list[dict[str, Any]]) -> dict[s
         f"{args.model}, seeds {', '.join(map(str, args.seeds))}, equal steps and data; state measured by each run.",
         "7B: bf16 weights (13.48 GB) + the configuration's state at LLaMA-7B in the papers' accounting, at the "
         "row's rank scaled to 7B's width (r x 4096 / hidden; rank 1 stays 1); the memory script's formulas.",
+        *([f"{args.steps} steps (--steps), not the model file's"] if args.steps else []),
         *kept,
         *frontier_notes(table_rows),
     ]
