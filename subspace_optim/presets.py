@@ -12,16 +12,17 @@ Measured at llama_9m (held-out loss, seeds 0 and 1; galore-torch tuned alike: 4.
   default): 4.6832; LLaMA-7B weights + state 31.24 GB at rank 1024.
 - ``balanced``: far below GaLore 8-bit's memory (bf16 bases and int8 moments at the same rank) at better quality: a
   stored basis in 8-bit codes (``stored_basis``), an int8 first moment, a factored second moment, Fira's residual.
-  With a bf16 basis (its earlier form) it ended 4.6885 on four seeds against ``best_quality``'s 4.6728 (+0.34%); the
-  8-bit basis adds a few thousandths (numbers: docs/benchmarks.md, "Memory-quality frontier"). LLaMA-7B 16.35 GB at
-  rank 1024 against GaLore 8-bit's 19.18; LLaMA-1B at rank 512, 593 MiB of state. At half the rank (hidden / 8: 512
-  at 7B) it is 15.05 GB, below APOLLO's 16.14; with a bf16 basis there it stayed below galore-torch at its rank on
-  four seeds (4.6974 against 4.7367).
+  4.6904 on four seeds against ``best_quality``'s 4.6728 (+0.38%); at llama_20m it costs more, 4.1896 against
+  4.1358 (+1.30%, two seeds), mostly through the factored second moment (docs/benchmarks.md, "Factored second
+  moment: the floor"). LLaMA-7B 16.35 GB at rank 1024 against GaLore 8-bit's 19.18; LLaMA-1B at rank 512, 593 MiB
+  of state. At half the rank (hidden / 8: 512 at 7B) it is 15.05 GB, below APOLLO's 16.14, and below galore-torch
+  at its rank on four seeds, every one (4.6953 against 4.7367).
 - ``least_memory``: APOLLO-Mini's shape (rank 1, tensor-wise scaling, scale sqrt(128)) with nothing stored but a
-  seed, an int8 first moment and two factors per matrix: 5.1231 against apollo-torch APOLLO-Mini's 5.8013; LLaMA-7B
+  seed, an int8 first moment and two factors per matrix: 5.0555 against apollo-torch APOLLO-Mini's 5.8013; LLaMA-7B
   13.76 GB, below APOLLO-Mini's 14.53 (7.42 GB with torchao's int8 weights). Its projection is apollo-torch's
-  Gaussian stream: at rank 1 random signs trained 2.2% worse at the same scale (5.2360), and a d x 1 projection costs
-  nothing to materialize. A group's own ``rank`` overrides the preset's 1.
+  Gaussian stream: at rank 1 random signs trained 2.2% worse at the same scale (5.2360 against 5.1231, both before
+  the factored second moment's floor), and a d x 1 projection costs nothing to materialize. A group's own ``rank``
+  overrides the preset's 1.
 """
 
 from __future__ import annotations
