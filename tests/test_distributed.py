@@ -67,8 +67,12 @@ def test_fsdp2_uneven_shards_match_single_process(tmp_path, refresh):
     assert r0["gate_refresh_count"] == 3
     _assert_bitwise_equal(r0["weights"], r1["weights"])  # the gathered weights agree across ranks
     reference = dist_workers.single_process_llama(steps, refresh)
+    # One process and two row shards sum the refresh's sketches in different orders, so their bases differ in
+    # the last bits, and Adam's elementwise normalization amplifies that over the steps: after 8 steps the
+    # unevenly split gate_proj differs from one process by up to 1.6e-5 on an Intel Xeon (other weights 4e-7),
+    # within the earlier atol of 1e-5 on an AMD EPYC. The tolerance is set for every CPU model, far below one Adam step (lr 5e-3).
     for k, v in reference.items():
-        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=5e-5, msg=k)
 
 
 @pytest.mark.parametrize(
