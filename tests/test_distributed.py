@@ -70,7 +70,8 @@ def test_fsdp2_uneven_shards_match_single_process(tmp_path, refresh):
     # One process and two row shards sum the refresh's sketches in different orders, so their bases differ in
     # the last bits, and Adam's elementwise normalization amplifies that over the steps: after 8 steps the
     # unevenly split gate_proj differs from one process by up to 1.6e-5 on an Intel Xeon (other weights 4e-7),
-    # within the earlier atol of 1e-5 on an AMD EPYC. The tolerance is set for every CPU model, far below one Adam step (lr 5e-3).
+    # within the earlier atol of 1e-5 on an AMD EPYC. The tolerance is set for every CPU model, far below one
+    # Adam step (lr 5e-3).
     for k, v in reference.items():
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=5e-5, msg=k)
 
