@@ -188,6 +188,7 @@ def moments_directions(
     lerp_weight, beta2, square_weight, eps = first.one_minus_beta1, first.beta2, first.one_minus_beta2, first.eps
     ms, vs = list(exp_avgs), list(exp_avg_sqs)
     full = {i for i, v in enumerate(vs) if type(v) is not factored.Factored}  # a set: tested per matrix
+    factors = [i for i in range(len(vs)) if i not in full]
     kept = [i for i, skip in enumerate(skips) if skip is None]
     masked = [i for i, skip in enumerate(skips) if skip is not None]
     if kept:
@@ -209,13 +210,13 @@ def moments_directions(
             for i, v in zip(masked_full, v_new, strict=True):
                 torch.where(skips[i], vs[i], v, out=vs[i])
                 vs[i] = v
-    for i in set(range(len(vs))) - full:  # factors: their EMAs of R o R's row and column sums
+    for i in factors:  # their EMAs of R o R's row and column sums
         vs[i] = factored.update(vs[i], rs[i], square_weight, skips[i], reduce)
     roots = _roots(vs, sorted(full), sides, reduce)
     for root, lag in zip(roots, lags, strict=True):
         if lag is not None:
             root.mul_(lag.c2)
-    for i in set(range(len(vs))) - full:
+    for i in factors:
         _floor_by_first_moment(roots[i], ms[i], scalars[i], lags[i])
     torch._foreach_div_(roots, [x.bias2_sqrt for x in scalars])
     torch._foreach_add_(roots, eps)
