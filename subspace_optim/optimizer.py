@@ -62,6 +62,8 @@ STRUCTURAL_OPTIONS = (
     "moments_dtype",
     "basis_dtype",
     "second_moment",
+    "plain_moments_dtype",
+    "plain_second_moment",
     "residual",
     "refresh",
     "nonfinite",
@@ -368,6 +370,11 @@ class SubspaceAdamW(Optimizer):
             to bf16 stochastically (``subspace_optim.rounding``), so updates smaller than half a bf16 ulp survive
             on average; the bits come from (seed, parameter index, step), the same on every rank and after a
             resume. Other weight dtypes ignore it.
+        plain_moments_dtype, plain_second_moment: ``moments_dtype`` and ``second_moment`` for the parameters that
+            are not projected (embeddings, the output head; ``None``: the group's own). ``plain_moments_dtype``
+            also takes ``"int4"`` (4-bit blockwise codes, ``quant``) for 2-D parameters with an even number of
+            columns. The ``balanced`` preset gives the embedding and head a full second moment in 4 bits: the
+            factored one costs them quality (docs/benchmarks.md).
         plain_lr: learning rate of the parameters that are not projected (embeddings, the output head,
             norms, biases); ``None``: the group's ``lr``. lr schedulers scale it by lr / initial_lr
             (``plain_lr``).
@@ -406,6 +413,8 @@ class SubspaceAdamW(Optimizer):
         residual: str = "fira",
         limiter: str = "corrected",
         stochastic_rounding: bool = False,
+        plain_moments_dtype: str | None = None,
+        plain_second_moment: str | None = None,
         plain_lr: float | None = None,
         preset: str | None = None,
         **unexpected: Any,

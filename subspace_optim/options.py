@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import triton_runtime
 from .factored import SECOND_MOMENTS
-from .quant import BASIS_DTYPES, MOMENT_DTYPES
+from .quant import BASIS_DTYPES, MOMENT_DTYPES, PLAIN_MOMENT_DTYPES
 from .residual_rule import LIMITERS, RESIDUALS, WHOLE_GRADIENT
 from .subspace import MOMENT_POLICIES, PROJ_TYPES, REFRESH_POLICIES
 
@@ -36,7 +36,8 @@ class Option:
     """One option. ``kind`` is one of: ``lr`` (number or 1-element tensor >= 0), ``betas``, ``real``
     (finite number; ``low`` is its bound, ``open`` whether the bound is excluded), ``int`` (``low`` is
     the smallest allowed value, None for any int), ``rank`` (positive int or None), ``choice``,
-    ``bool``, ``bool_or_none``, ``lr_or_none`` (None or a finite number >= 0). ``label`` is the name in torch's error
+    ``bool``, ``bool_or_none``, ``lr_or_none`` (None or a finite number >= 0), ``choice_or_none`` (None or a
+    choice). ``label`` is the name in torch's error
     wording ("Invalid learning rate: ...")."""
 
     name: str
@@ -133,6 +134,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("stochastic_rounding", False, "bool",
            "bf16 weights (projected and plain) take each update computed in fp32 and rounded stochastically, so "
            "updates below half a bf16 ulp survive on average; random bits from (seed, parameter index, step)"),
+    Option("plain_moments_dtype", None, "choice_or_none",
+           "storage of the plain parameters' moments (embeddings, head; smaller ones stay fp32); None: "
+           "moments_dtype. Also int4: 4-bit blockwise codes, for 2-D parameters with an even number of columns "
+           "(others take int8)",
+           PLAIN_MOMENT_DTYPES),
+    Option("plain_second_moment", None, "choice_or_none",
+           "the plain 2-D parameters' second moment (embeddings, head): full or factored; None: second_moment",
+           SECOND_MOMENTS),
     Option("plain_lr", None, "lr_or_none",
            "learning rate of the parameters that are not projected (embeddings, head, norms); None: the group's "
            "lr. An lr scheduler scales it by lr / initial_lr", low=0.0,
@@ -141,8 +150,9 @@ OPTIONS: tuple[Option, ...] = (
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 # What an option missing from a loaded param group means, where that differs from today's default: the behaviour
-# the checkpoint was saved with. ``residual`` became ``"fira"`` by default after checkpoints without it were made.
-ABSENT_MEANS: dict[str, Any] = {"residual": "none"}
+# the checkpoint was saved with. ``residual`` became ``"fira"`` by default after checkpoints without it were made;
+# the plain_* storage options did not exist (None: the plain parameters follow moments_dtype and second_moment).
+ABSENT_MEANS: dict[str, Any] = {"residual": "none", "plain_moments_dtype": None, "plain_second_moment": None}
 DEFAULTS: dict[str, Any] = {o.name: o.default for o in OPTIONS}
 ALIASES: dict[str, str] = {o.alias: o.name for o in OPTIONS if o.alias}
 # Group keys that are not options but that torch, its lr schedulers, loggers or our helpers put into groups:
@@ -203,7 +213,7 @@ def normalize_dtypes(options: dict[str, Any]) -> None:
     in place, so groups and state dicts hold plain values. A dtype that is not a choice is left to ``validate``."""
     for name, value in list(options.items()):
         option = BY_NAME.get(name) if isinstance(name, str) else None
-        if option is not None and option.kind == "choice" and isinstance(value, torch.dtype):
+        if option is not None and option.kind in ("choice", "choice_or_none") and isinstance(value, torch.dtype):
             spelled = str(value).removeprefix("torch.")
             if spelled in option.choices:
                 options[name] = spelled
@@ -216,6 +226,15 @@ def _is_int(x: Any) -> bool:
 def _scalar(x: Any) -> Any:
     """A 1-element tensor's value (torch accepts tensor lr and betas); anything else unchanged."""
     return x.item() if isinstance(x, Tensor) and x.numel() == 1 else x
+
+
+# A value that is right for another option, and what to use instead.
+_HINTS = {
+    ("moments_dtype", "int4"): (
+        "; 4-bit moments are for the plain parameters only (embeddings, head: torch's AdamW on decoded copies; the "
+        "projected step's kernels read 8 bits): plain_moments_dtype='int4'"
+    ),
+}
 
 
 def _fail(option: Option, value: Any, where: str, why: str, exc: type[Exception] = ValueError) -> None:
@@ -282,9 +301,14 @@ def validate(options: dict[str, Any], where: str) -> None:
                 _fail(option, value, where, fix, TypeError if option.type_error else ValueError)
             if option.low is not None and value < option.low:
                 _fail(option, value, where, fix)
-        elif kind == "choice":
+        elif kind == "choice" or (kind == "choice_or_none" and value is not None):
             if value not in option.choices:
-                _fail(option, value, where, f"use one of {', '.join(repr(c) for c in option.choices)}")
+                _fail(
+                    option,
+                    value,
+                    where,
+                    f"use one of {', '.join(repr(c) for c in option.choices)}" + _HINTS.get((option.name, value), ""),
+                )
         elif kind == "lr_or_none" and value is not None:
             _check_real(option, value, where)
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):

@@ -48,7 +48,8 @@ def _values(option: options.Option) -> str:
         "lr_or_none": f"float{bound}, or `None`",
     }
     if option.choices:
-        return _code(option.choices) + _dtype_note(option)
+        none = ", or `None`" if option.kind == "choice_or_none" else ""
+        return _code(option.choices) + none + _dtype_note(option)
     return kinds.get(option.kind, option.kind)
 
 

@@ -20,6 +20,17 @@ and the absmax of 8-bit codes), so no signature carries absmax lists beside the 
 gives a working fp32 copy of any stored moment and ``store_moment`` writes one back (rounding to bf16, or
 requantizing): every engine and the moment transport read and write state through these two functions,
 which work on values, never on (values, absmax) pairs.
+
+4-bit (``int4``, plain parameters only: ``plain_moments_dtype``). Half the bytes of 8-bit, for the embedding and
+the output head, whose full second moment the factored one cannot replace without a loss (docs/benchmarks.md,
+"Factored second moment: the floor") and whose 8-bit moments are most of a small model's state. The format follows
+Li et al. ("Memory Efficient Optimizers with 4-bit States", 2023): blocks of ``BLOCK4`` = 128 values within a row
+(smaller than 8-bit's, as they find 4 bits need), and for the second moment a linear map *without zero*: its 16
+values are 1/16 ... 16/16 of the block's maximum, so no element's V is ever rounded to 0 (which would turn its
+next step into M / eps). The first moment's map is signed, 0 and seven magnitudes a side spaced about
+geometrically from 0.02 to 1 (the dynamic map's idea at 4 bits). Two codes share a byte (the even column in the
+low nibble); the packed bytes are stored as ``torch.int8``, so a state says its format by dtype alone (uint8:
+8-bit codes, int8: pairs of 4-bit codes), under the same ``key + "_absmax"`` scales entry.
 """
 
 from __future__ import annotations
@@ -32,7 +43,11 @@ import torch
 from torch import Tensor
 
 BLOCK = 256
+BLOCK4 = 128
 MOMENT_DTYPES = ("float32", "bfloat16", "int8")
+# Plain parameters' storage may also be 4-bit (``plain_moments_dtype``); the projected moments' kernels read 8 bits.
+PLAIN_MOMENT_DTYPES = (*MOMENT_DTYPES, "int4")
+QUANTIZED = ("int8", "int4")
 BASIS_DTYPES = ("float32", "bfloat16", "int8")
 # The dtype a stored basis reaches a step launch in, per ``basis_dtype``: an 8-bit one (``stored_basis``) is
 # materialized to fp32 first.
@@ -73,14 +88,14 @@ def _midpoints(signed: bool, device: str) -> Tensor:
     return (code[1:] + code[:-1]) / 2
 
 
-def num_blocks(cols: int) -> int:
-    return -(-cols // BLOCK)
+def num_blocks(cols: int, block: int = BLOCK) -> int:
+    return -(-cols // block)
 
 
-def _blocked(x: Tensor) -> Tensor:
+def _blocked(x: Tensor, size: int = BLOCK) -> Tensor:
     """x (rows, cols) as (rows, blocks, block) with zero padding; a view when nothing needs padding."""
     rows, cols = x.shape
-    block = min(BLOCK, max(cols, 1))
+    block = min(size, max(cols, 1))
     nb = -(-cols // block)
     if nb * block != cols:
         x = torch.nn.functional.pad(x, (0, nb * block - cols))
@@ -117,6 +132,62 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     return _unblocked(_blocked(values) * absmax[..., None], codes.shape[1])
 
 
+@functools.lru_cache(maxsize=2)
+def _map4(signed: bool) -> Tensor:
+    """The 16 sorted values of a 4-bit map (module docstring). The signed map has 15 distinct values; its 16th
+    repeats 1.0 and is never written (``bucketize`` gives a tie the lower index)."""
+    if not signed:
+        return torch.arange(1, 17, dtype=torch.float32) / 16
+    magnitudes = [0.02, 0.06, 0.12, 0.25, 0.45, 0.7, 1.0]
+    return torch.tensor(sorted([-m for m in magnitudes] + [0.0] + magnitudes + [1.0]), dtype=torch.float32)
+
+
+def map4(signed: bool, device: torch.device | str = "cpu") -> Tensor:
+    """``_map4`` on ``device``."""
+    return _map4(signed).to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _midpoints4(signed: bool, device: str) -> Tensor:
+    code = map4(signed, device)
+    return (code[1:] + code[:-1]) / 2
+
+
+def fits_4bit(t: Tensor) -> bool:
+    """Whether a moment of ``t``'s shape can be stored in 4 bits: 2-D with an even number of columns (two codes a
+    byte, the codes' shape then giving the moment's), and ``quantizable``."""
+    return t.dim() == 2 and t.shape[1] % 2 == 0 and quantizable(t)
+
+
+def quantize4(
+    x: Tensor, signed: bool, codes: Tensor | None = None, absmax: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Blockwise 4-bit quantization of a 2-D ``x`` with an even number of columns: (int8 bytes of code pairs,
+    (rows, cols / 2); fp32 absmax per ``BLOCK4`` values of a row), written into ``codes`` and ``absmax`` when given.
+    Each value becomes the nearest of ``map4``'s values to x / absmax (ties to the smaller); an all-zero block has
+    absmax 0 (its values are then 0 whatever the codes)."""
+    rows, cols = x.shape
+    blocks = _blocked(x.float(), BLOCK4)
+    scale = blocks.abs().amax(dim=-1, keepdim=True)
+    normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale))
+    index = _unblocked(torch.bucketize(normed, _midpoints4(signed, str(x.device))), cols).to(torch.uint8)
+    packed = (index[:, 0::2] | (index[:, 1::2] << 4)).view(torch.int8)
+    scale = scale.squeeze(-1)
+    if codes is None:
+        return packed, scale
+    codes.copy_(packed)
+    absmax.copy_(scale)  # type: ignore[union-attr]
+    return codes, absmax  # type: ignore[return-value]
+
+
+def dequantize4(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """The fp32 values (rows, 2 x codes' columns) of packed 4-bit ``codes`` with their per-block ``absmax``."""
+    raw = codes.view(torch.uint8)
+    index = torch.stack((raw & 15, raw >> 4), dim=-1).reshape(raw.shape[0], 2 * raw.shape[1])
+    values = map4(signed, codes.device)[index.long()]
+    return _unblocked(_blocked(values, BLOCK4) * absmax[..., None], index.shape[1])
+
+
 def as_matrix(t: Tensor) -> Tensor:
     """The 2-D view quantization works on: (shape[0], rest); a 1-D tensor is one row. Sizes are explicit,
     so an empty FSDP shard (0 rows) is a 0 x rest matrix."""
@@ -130,10 +201,16 @@ def quantizable(t: Tensor) -> bool:
 
 
 def zeros(shape: tuple[int, ...], kind: str, device: torch.device, key: str) -> dict[str, Tensor]:
-    """Fresh zero state for moment ``key`` stored as ``kind``: {key: values} (+ {key_absmax} for int8)."""
-    if kind != "int8":
+    """Fresh zero state for moment ``key`` stored as ``kind``: {key: values} (+ {key_absmax} for 8 and 4 bits;
+    4-bit codes are (rows, cols / 2) bytes of a 2-D moment, ``fits_4bit``)."""
+    if kind not in QUANTIZED:
         return {key: torch.zeros(shape, dtype=TORCH_DTYPES[kind], device=device)}
     rows, cols = as_matrix(torch.empty(shape, device="meta")).shape
+    if kind == "int4":
+        return {
+            key: torch.zeros(rows, cols // 2, dtype=torch.int8, device=device),  # absmax 0: every value is 0
+            key + "_absmax": torch.zeros(rows, num_blocks(cols, BLOCK4), dtype=torch.float32, device=device),
+        }
     zero = int(torch.searchsorted(_dynamic_map(key == "exp_avg"), torch.tensor(0.0)))
     return {
         key: torch.full(shape, zero, dtype=torch.uint8, device=device),
@@ -151,8 +228,11 @@ class Moment(NamedTuple):
 
     @property
     def kind(self) -> str:
-        """How the moment is stored: "int8", or its float dtype's name (``KIND_OF``)."""
-        return "int8" if self.absmax is not None else KIND_OF[self.values.dtype]
+        """How the moment is stored: "int8" (uint8 codes), "int4" (int8 bytes of code pairs), or its float dtype's
+        name (``KIND_OF``)."""
+        if self.absmax is None:
+            return KIND_OF[self.values.dtype]
+        return "int4" if self.values.dtype == torch.int8 else "int8"
 
     def local(self, view: Any) -> Moment:
         """The record with ``view`` applied to each tensor (e.g. a DTensor's rank-local shard)."""
@@ -194,6 +274,8 @@ def load_moment(moment: Tensor | Moment, signed: bool) -> Tensor:
     """A working fp32 copy of a stored moment, a record or a bare float tensor (the stored tensor itself when it
     is fp32). ``signed``: the first moment's map (8-bit codes only)."""
     values, absmax = parts(moment)
+    if absmax is not None and values.dtype == torch.int8:  # 2-D by construction (``fits_4bit``)
+        return dequantize4(values, absmax, signed)
     if absmax is not None:
         return dequantize(as_matrix(values), absmax, signed).reshape(values.shape)
     _refuse_codes_without_absmax(values)
@@ -204,6 +286,9 @@ def store_moment(moment: Tensor | Moment, signed: bool, value: Tensor) -> None:
     """Write an fp32 working copy back into a stored moment (nothing to do when it is the stored tensor)."""
     target, absmax = parts(moment)
     if value is target:
+        return
+    if absmax is not None and target.dtype == torch.int8:
+        quantize4(value.reshape(target.shape[0], -1), signed, target, absmax)
         return
     if absmax is not None:
         quantize(as_matrix(value), signed, as_matrix(target), absmax)

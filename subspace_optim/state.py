@@ -6,7 +6,7 @@ low-rank moments and, with a ``residual``, ``update_norm`` (the limiter's 0-d fp
 parameters hold torch AdamW's ``step``, ``exp_avg`` and ``exp_avg_sq``. Moments are stored as the
 group's ``moments_dtype`` says (``quant``): plain parameters keep torch AdamW's own state (the parameter's
 dtype and layout) with ``"float32"``, and with ``"int8"`` when they are too small or not 2-D enough for 8
-bits.
+bits; ``plain_moments_dtype`` stores them otherwise than the projected moments (``"int4"``: 4 bits).
 """
 
 from __future__ import annotations
@@ -43,22 +43,26 @@ def native(p: Tensor, state: dict[str, Any]) -> bool:
 
 
 def factors(p: Tensor, group: dict[str, Any], projected: bool) -> bool:
-    """Whether the group's options factor this parameter's second moment: every projected matrix, and plain
-    parameters of 2 dimensions or more (viewed as rows x the rest; 2-D when row-sharded) with both sides above 1."""
-    if group["second_moment"] != "factored":
-        return False
+    """Whether the group's options factor this parameter's second moment: every projected matrix
+    (``second_moment``), and plain parameters (``plain_second_moment``, else ``second_moment``) of 2 dimensions or
+    more (viewed as rows x the rest; 2-D when row-sharded) with both sides above 1."""
     if projected:
-        return True
+        return group["second_moment"] == "factored"
+    if (group.get("plain_second_moment") or group["second_moment"]) != "factored":
+        return False
     # A row-sharded plain parameter is factored when 2-D (FSDP2's dim-0 shards: its column sums are all-reduced).
     matrix = p.dim() == 2 or (p.dim() > 2 and not distributed.is_dtensor(p))
     return matrix and min(refreshing.matrix_shape(p)) > 1
 
 
 def plain_kind(p: Tensor, group: dict[str, Any]) -> str | None:
-    """How a plain parameter's moments are stored: None for torch AdamW's own state (the parameter's dtype),
-    else a ``quant`` kind. int8 needs a 2-D (>= 2-D unsharded) tensor of at least
-    ``quant.MIN_QUANTIZED_NUMEL`` elements (smaller ones are not worth 8 bits, bitsandbytes' rule)."""
-    kind = group["moments_dtype"]
+    """How a plain parameter's moments are stored (``plain_moments_dtype``, else ``moments_dtype``): None for torch
+    AdamW's own state (the parameter's dtype), else a ``quant`` kind. int8 needs a 2-D (>= 2-D unsharded) tensor of
+    at least ``quant.MIN_QUANTIZED_NUMEL`` elements (smaller ones are not worth 8 bits, bitsandbytes' rule); int4
+    also an even number of columns in exactly 2 dimensions (``quant.fits_4bit``), else it is int8 by that rule."""
+    kind = group.get("plain_moments_dtype") or group["moments_dtype"]
+    if kind == "int4" and not quant.fits_4bit(p):
+        kind = "int8"
     if kind == "int8":
         enough = p.dim() == 2 or (p.dim() > 2 and not distributed.is_dtensor(p))
         kind = kind if enough and quant.quantizable(p) else "float32"
@@ -70,7 +74,7 @@ def _moment(p: Tensor, shape: tuple[int, ...], kind: str | None, key: str, proje
     A row-sharded weight's moments (and 8-bit scales) are DTensors sharded on rows like the weight."""
     if kind is None:
         return {key: torch.zeros_like(p, memory_format=torch.preserve_format)}
-    if distributed.is_dtensor(p) and not projected and kind != "int8":
+    if distributed.is_dtensor(p) and not projected and kind not in quant.QUANTIZED:
         return {key: torch.zeros_like(p, dtype=quant.TORCH_DTYPES[kind])}  # sharded like p, any rank
     entries = quant.zeros(shape, kind, local(p).device, key)
     if not distributed.is_dtensor(p):

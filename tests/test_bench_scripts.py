@@ -286,6 +286,32 @@ def test_bench_memory_factored_measured(bench, moments):
             assert full - formula(specs, r, 2)[0] == saved > 0, (kind, r)
 
 
+@pytest.mark.parametrize("plain", [("int4", "full"), ("int4", None), ("int8", "full"), (None, "factored")])
+def test_bench_memory_plain_storage_measured(bench, plain):
+    """plain_moments_dtype / plain_second_moment: the measured state of the smoke verification set and the odd
+    shapes equals the formula; 4-bit plain moments are half the codes of 8-bit ones, with an absmax per 128."""
+    import torch
+
+    bench_memory = bench("memory")
+    small, rank = bench_memory.verification_set(False)
+    for specs, r in [(small, rank), bench_memory.VERIFY_ODD]:
+        formula = bench_memory.ours("int8", "int8", "stored", "fira", "factored", *plain)
+        build = bench_memory.build_ours("int8", "int8", "stored", "fira", "factored", *plain)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert bench_memory.measure(build, specs, r, dtype, "cpu") == formula(specs, r, dtype.itemsize)
+    assert bench_memory._int4_moment(64, 300) == 64 * 150 + 64 * 3 * 4
+
+
+def test_bench_second_moment_smoke(tmp_path):
+    """The shadow second moments on the tiny model: a record per matrix and checkpoint, each estimate's error."""
+    result = _run("second_moment", "--smoke", "--out", str(tmp_path / "runs"), tmp_path=tmp_path)
+    records = result["records"]
+    assert [(r["step"], r["matrix"]) for r in records] == [(s, m) for s in (2, 4) for m in ("embedding", "head")]
+    for record in records:
+        assert all(0 < record[name]["rel_error"] < 2 for name in ("factored", "rows", "cols", "sm3"))
+    assert len(result["tables"][0]["rows"]) == 4
+
+
 def test_bench_memory_paper_accounting(bench):
     """LLaMA-7B bf16 weights + state as the APOLLO/SCALE/GaLore papers count them, LLaMA-1B rank 512 state per
     basis kind, and their targets, from the script's own formulas."""

@@ -37,6 +37,7 @@ BAD = {
     "int": -5,
     "rank": 0,
     "choice": "nope",
+    "choice_or_none": "nope",
     "bool_or_none": "yes",
     "bool": 1,
     "lr": -1.0,

@@ -189,6 +189,8 @@ SUBSPACE_KEYWORD_FLAGS = {
     "seed_stream": (["--seed-stream", "apollo"], "apollo"),
     "limiter": (["--limiter", "raw"], "raw"),
     "second_moment": (["--second-moment", "factored"], "factored"),
+    "plain_moments_dtype": (["--plain-moments-dtype", "int4"], "int4"),
+    "plain_second_moment": (["--plain-second-moment", "full"], "full"),
     "stochastic_rounding": (["--stochastic-rounding"], True),
 }
 

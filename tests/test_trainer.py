@@ -493,6 +493,27 @@ def test_optim_args_select_low_precision_state():
     assert {g["basis_dtype"] for g in opt.param_groups} == {"bfloat16"}
 
 
+def test_optim_args_give_the_plain_parameters_their_own_storage():
+    """plain_moments_dtype / plain_second_moment from optim_args ("none": follow the projected ones) reach every
+    group, and the embedding's state is 4-bit with a full V under a factored projected one."""
+    parsed = parse_optim_args("rank=8, second_moment=factored, plain_moments_dtype=int4, plain_second_moment=full")
+    assert parsed["plain_moments_dtype"] == "int4" and parsed["plain_second_moment"] == "full"
+    assert parse_optim_args("plain_second_moment=none") == {"plain_second_moment": None}
+    model = tiny_llama(hidden=32, intermediate=64, layers=1, heads=2, vocab=256, seed=0)
+    args = TrainingArguments(
+        output_dir="unused",
+        optim_args="rank=8, second_moment=factored, plain_moments_dtype=int4, plain_second_moment=full",
+        report_to=[],
+    )
+    opt = create_optimizer(model, args)
+    assert {g["plain_moments_dtype"] for g in opt.param_groups} == {"int4"}
+    embedding = model.get_input_embeddings().weight
+    model(torch.randint(0, 256, (2, 8)), labels=torch.randint(0, 256, (2, 8))).loss.backward()
+    opt.step()
+    state = opt.state[embedding]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.int8  # 4-bit code pairs, full V
+
+
 # --------------------------------------------------------------------------- layer-wise updates
 
 

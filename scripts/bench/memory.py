@@ -115,6 +115,7 @@ SMOKE = {"smoke": size("smoke")}
 WEIGHT_DTYPES = ("bfloat16", "float32")
 SIZES = {"float32": 4, "bfloat16": 2, "int8": 1}
 BLOCK = 256  # our 8-bit blocks (within a row) and bitsandbytes' (flattened)
+BLOCK4 = 128  # our 4-bit blocks (within a row; plain_moments_dtype="int4")
 MIN_8BIT = 4096  # bitsandbytes' min_8bit_size; ours: quant.MIN_QUANTIZED_NUMEL
 MIB = 2**-20
 
@@ -311,10 +312,16 @@ def basis_bytes(kind: str, d: int, r: int, basis_dtype: str) -> int:
 SECOND_MOMENTS = ("full", "factored")  # Adam's V whole, or its fp32 row and column factors (subspace_optim.factored)
 
 
+def _int4_moment(rows: int, cols: int) -> int:
+    return rows * cols // 2 + rows * math.ceil(cols / BLOCK4) * 4
+
+
 def _moment_bytes(rows: int, cols: int, kind: str, w: int) -> int:
     """One (rows, cols) moment stored as ``kind`` ("float32": the ``w``-byte dtype it lives in)."""
     if kind == "int8":
         return _int8_moment(rows, cols)
+    if kind == "int4":
+        return _int4_moment(rows, cols)
     return rows * cols * (w if kind == "float32" else SIZES[kind])
 
 
@@ -327,9 +334,12 @@ def _moments(rows: int, cols: int, kind: str, w: int, factored: bool) -> int:
 
 def _ours_plain(s: Spec, moments_dtype: str, w: int, second_moment: str = "full") -> int:
     """A plain parameter's state: torch AdamW's own (fp32 moments_dtype: the parameter's dtype) or ours, int8
-    for >= 2-D tensors of at least 4096 elements, plus the 4-byte step. A factored second moment replaces V of
-    a >= 2-D tensor with both sides above 1 (rows x the rest) by two fp32 vectors; 1-D tensors keep V whole."""
+    for >= 2-D tensors of at least 4096 elements (int4: 2-D ones with an even number of columns, else int8),
+    plus the 4-byte step. A factored second moment replaces V of a >= 2-D tensor with both sides above 1 (rows x
+    the rest) by two fp32 vectors; 1-D tensors keep V whole."""
     kind = moments_dtype
+    if kind == "int4" and not (len(s.shape) == 2 and s.shape[1] % 2 == 0 and s.numel >= MIN_8BIT):
+        kind = "int8"
     if kind == "int8" and not (len(s.shape) >= 2 and s.numel >= MIN_8BIT):
         kind = "float32"
     rows = s.shape[0] if s.shape else 1
@@ -344,11 +354,14 @@ def ours(
     kind: str = "stored",
     residual: str = "none",
     second_moment: str = "full",
+    plain_moments: str | None = None,
+    plain_second: str | None = None,
 ) -> Callable[[list[Spec], int, int], Bytes]:
     """Our state: per projected matrix the basis (``basis_bytes``), the two moments of its (rows, cols) projected
     gradient (``_moments``: r x n on the left, m x r on the right) in ``moments_dtype``, V factored when
     ``second_moment`` says so and, with a residual, the limiter's 4-byte ``update_norm``; plain parameters as
-    ``_ours_plain``."""
+    ``_ours_plain``, in ``plain_moments`` and ``plain_second`` where given (``plain_moments_dtype``,
+    ``plain_second_moment``)."""
     if kind not in BASIS_KINDS:
         raise ValueError(f"basis kind {kind!r}: choose from {', '.join(BASIS_KINDS)}")
     if second_moment not in SECOND_MOMENTS:
@@ -360,7 +373,7 @@ def ours(
         for s in specs:
             r = _rank(s, rank)
             if r is None:
-                total += _ours_plain(s, moments_dtype, w, second_moment)
+                total += _ours_plain(s, plain_moments or moments_dtype, w, plain_second or second_moment)
                 continue
             m, n = s.shape
             total += basis_bytes(kind, min(m, n), r, basis_dtype) + (4 if residual != "none" else 0)
@@ -454,6 +467,8 @@ def build_ours(
     kind: str = "stored",
     residual: str = "none",
     second_moment: str = "full",
+    plain_moments: str | None = None,
+    plain_second: str | None = None,
 ) -> Callable[..., Any]:
     def build(specs: list[Spec], params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
         from subspace_optim import SubspaceAdamW
@@ -469,6 +484,10 @@ def build_ours(
             dtypes["basis_dtype"] = basis_dtype
         if second_moment != "full":
             dtypes["second_moment"] = second_moment
+        if plain_moments is not None:
+            dtypes["plain_moments_dtype"] = plain_moments
+        if plain_second is not None:
+            dtypes["plain_second_moment"] = plain_second
         return SubspaceAdamW(groups, lr=1e-3, **dtypes)
 
     return build
@@ -542,6 +561,8 @@ class Ours:
     residual: str = "none"
     second: str = "full"  # SECOND_MOMENTS
     basis: str = "float32"
+    plain_moments: str | None = None  # plain_moments_dtype (None: moments)
+    plain_second: str | None = None  # plain_second_moment (None: second)
 
     @property
     def key(self) -> str:
@@ -549,11 +570,14 @@ class Ours:
             parts = ["ours", self.moments, self.basis]
         else:
             parts = ["ours", self.kind] + ([self.residual] if self.residual != "none" else []) + [self.moments]
-        return "_".join(parts) + (FACTORED if self.second == "factored" else "")
+        plain = [f"plain_{x}" for x in (self.plain_moments, self.plain_second) if x is not None]
+        return "_".join(parts + plain) + (FACTORED if self.second == "factored" else "")
 
     @property
     def label(self) -> str:
         second = ", second moment factored" if self.second == "factored" else ""
+        plain = [x for x in (self.plain_moments, self.plain_second and f"{self.plain_second} V") if x is not None]
+        second += f" (plain: {', '.join(plain)})" if plain else ""
         if self.kind == "stored":
             return f"SubspaceAdamW moments {self.moments}, basis {self.basis}{second}"
         what = {"seeded": "seeded projection (no basis kept)", "dct": "DCT basis (r int32 indices)"}[self.kind]
@@ -561,7 +585,13 @@ class Ours:
         return f"SubspaceAdamW {what}{residual}, moments {self.moments}{second}"
 
     def row(self, extra_ranks: tuple[int, ...] = (), state_table: bool = True) -> Row:
-        layout = {"kind": self.kind, "residual": self.residual, "second_moment": self.second}
+        layout = {
+            "kind": self.kind,
+            "residual": self.residual,
+            "second_moment": self.second,
+            "plain_moments": self.plain_moments,
+            "plain_second": self.plain_second,
+        }
         formula, build = ours(self.moments, self.basis, **layout), build_ours(self.moments, self.basis, **layout)
         return Row(self.key, self.label, formula, build, CHECKED, extra_ranks=extra_ranks, state_table=state_table)
 
@@ -622,7 +652,15 @@ def preset_layout(name: str) -> tuple[Ours, int | None]:
     own = presets.PRESETS[name]
     opts = {**options.DEFAULTS, **own}
     kind = opts["refresh"] if opts["refresh"] in ("seeded", "dct") else "stored"
-    layout = Ours(kind, opts["moments_dtype"], opts["residual"], opts["second_moment"], opts["basis_dtype"])
+    layout = Ours(
+        kind,
+        opts["moments_dtype"],
+        opts["residual"],
+        opts["second_moment"],
+        opts["basis_dtype"],
+        opts.get("plain_moments_dtype"),
+        opts.get("plain_second_moment"),
+    )
     return layout, own.get("rank")
 
 
@@ -656,7 +694,15 @@ def preset_rows(moments: list[str]) -> tuple[list[Row], list[str]]:
             continue
         residual = f", residual {layout.residual}" if layout.kind == "stored" and layout.residual != "none" else ""
         label = f"SubspaceAdamW preset={name} ({layout.label.removeprefix('SubspaceAdamW ')}{residual})"
-        formula = ours(layout.moments, layout.basis, layout.kind, layout.residual, layout.second)
+        formula = ours(
+            layout.moments,
+            layout.basis,
+            layout.kind,
+            layout.residual,
+            layout.second,
+            layout.plain_moments,
+            layout.plain_second,
+        )
         extra = () if rank is None else (rank,)
         build = build_preset(name)
         out.append(Row(PRESET + name, label, formula, build, CHECKED, extra_ranks=extra, state_table=False))

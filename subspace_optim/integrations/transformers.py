@@ -91,6 +91,7 @@ _KINDS: dict[str, type] = {
     "rank": int,
     "real": float,
     "choice": str,
+    "choice_or_none": str,
     "bool_or_none": bool,
     "bool": bool,
     "lr_or_none": float,
@@ -117,7 +118,9 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
 _OPTIM_ARGS = _optim_args_table()
 _APOLLO_ARGS = {"proj": (str, "random"), "scale_type": (str, "channel")}  # read with optim="apollo_adamw*" only
 # Keys whose option may be None: optim_args spells that "none" (any case).
-_NULLABLE = frozenset(option.name for option in options.OPTIONS if option.kind in ("bool_or_none", "lr_or_none"))
+_NULLABLE = frozenset(
+    option.name for option in options.OPTIONS if option.kind in ("bool_or_none", "lr_or_none", "choice_or_none")
+)
 _OPTIMIZER_OPTIONS = frozenset(options.DEFAULTS)
 _LAYERWISE_OPTIONS = {"accumulation_steps", "max_grad_norm"}  # update_in_backward's, with layerwise=True only
 _BUILD_OPTIONS = _OPTIMIZER_OPTIONS | {"target_modules", "project_output_head", "update_proj_gap", "layerwise"}

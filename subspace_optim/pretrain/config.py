@@ -108,13 +108,18 @@ def _option(name: str, default: Any = _TABLE, scope: str = "subspace") -> Any:
     """A SubspaceAdamW option as a flag: help text, choices and default from ``options.OPTIONS``."""
     option = options.BY_NAME[name]
     default = option.default if default is _TABLE else default
-    parse = {"choice": _choice(*option.choices), "bool_or_none": _optional(_bool), "bool": _bool}.get(
-        option.kind, type(default)
-    )
+    parse = {
+        "choice": _choice(*option.choices),
+        "choice_or_none": _optional(_choice(*option.choices)),
+        "bool_or_none": _optional(_bool),
+        "bool": _bool,
+    }.get(option.kind, type(default))
     alias = f" (galore: {option.alias})" if option.alias else ""
     return _opt(default, f"{scope}: {option.help}{alias}", parse, group="optimizer")
 
 
+# Options added after runs were checkpointed, recorded in a run's trajectory only when set (None follows another).
+_RECORDED_WHEN_SET = ("plain_moments_dtype", "plain_second_moment")
 # The config field of each SubspaceAdamW option whose flag has another name.
 OPTION_FIELDS = {"seed": "subspace_seed", "fused": "subspace_fused"}
 
@@ -202,6 +207,8 @@ class PretrainConfig:
     moments_dtype: str = _option("moments_dtype")
     basis_dtype: str = _option("basis_dtype")
     second_moment: str = _option("second_moment")
+    plain_moments_dtype: str | None = _option("plain_moments_dtype")
+    plain_second_moment: str | None = _option("plain_second_moment")
     preset: str | None = _opt(
         None,
         "subspace: a named configuration (subspace_optim.presets: best_quality, balanced, least_memory); its options "
@@ -430,6 +437,9 @@ class PretrainConfig:
         fields["lr"] = self.lr_for(optimizer)
         fields["plain_lr"] = self.plain_lr_for(optimizer)
         fields["warmup"] = self.warmup
+        for key in _RECORDED_WHEN_SET:  # unset, they change nothing: checkpoints from before them still resume
+            if fields[key] is None:
+                fields.pop(key)
         return fields
 
 

@@ -161,6 +161,8 @@ def _subspace_adamw(model: nn.Module, cfg: PretrainConfig, adam_args: dict[str, 
         "matmul_precision",
         "moments_dtype",
         "second_moment",
+        "plain_moments_dtype",
+        "plain_second_moment",
         "stochastic_rounding",
         "plain_lr",
     )
