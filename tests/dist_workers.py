@@ -111,11 +111,12 @@ def ddp_detects_divergence(rank: int, world: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- FSDP2
-def _llama(seed: int = 0):
+def _llama(seed: int = 0, vocab: int = 64):
     from tiny_lm import tiny_llama
 
-    # intermediate 33: gate/up weights are 33 x 32, sharded 17 / 16 rows over two ranks.
-    return tiny_llama(hidden=32, intermediate=33, layers=2, heads=2, vocab=64, seed=seed)
+    # intermediate 33: gate/up weights are 33 x 32, sharded 17 / 16 rows over two ranks. vocab 128: the embedding
+    # and head (4096 values each) are large enough for quantized plain moments; the batches use tokens below 64.
+    return tiny_llama(hidden=32, intermediate=33, layers=2, heads=2, vocab=vocab, seed=seed)
 
 
 def _lm_loss(model, step: int, rows: slice | None):
@@ -132,11 +133,13 @@ def _subspace_for(model, refresh: str, proj_type: str = "std", **dtypes: str):
     return SubspaceAdamW(groups, lr=5e-3, weight_decay=0.0, **dtypes)
 
 
-def single_process_llama(steps: int, refresh: str, stats: dict | None = None, **dtypes) -> dict[str, torch.Tensor]:
+def single_process_llama(
+    steps: int, refresh: str, stats: dict | None = None, vocab: int = 64, **dtypes
+) -> dict[str, torch.Tensor]:
     """The reference trajectory: one process, whole batch, right projections (what FSDP2 uses). With
     ``stats`` (a dict), each step's inputs of an error bound are appended to ``stats[name]``
     (``_bound_inputs``)."""
-    model = _llama()
+    model = _llama(vocab=vocab)
     opt = _subspace_for(model, refresh, proj_type="right", **dtypes)
     for step in range(steps):
         opt.zero_grad()
@@ -178,10 +181,10 @@ def _bound_inputs(model, opt, before: dict | None) -> dict[str, dict]:
     return out
 
 
-def _fsdp_llama(rank: int):
+def _fsdp_llama(rank: int, vocab: int = 64):
     from torch.distributed.fsdp import fully_shard
 
-    model = _llama()
+    model = _llama(vocab=vocab)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -195,9 +198,9 @@ def _full_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-def fsdp_train(rank: int, world: int, steps: int, refresh: str, **dtypes: str) -> dict:
+def fsdp_train(rank: int, world: int, steps: int, refresh: str, vocab: int = 64, **dtypes: str) -> dict:
     assert dist.get_world_size() == 2
-    model = _fsdp_llama(rank)
+    model = _fsdp_llama(rank, vocab)
     opt = _subspace_for(model, refresh, **dtypes)
     for step in range(steps):
         opt.zero_grad()
@@ -217,6 +220,7 @@ def fsdp_train(rank: int, world: int, steps: int, refresh: str, **dtypes: str) -
         "gate_state_dtypes": {k: str(v.dtype) for k, v in state.items() if hasattr(v, "dtype")},
         "gate_absmax_local_rows": state["exp_avg_absmax"].to_local().shape[0] if "exp_avg_absmax" in state else None,
         "embed_state_dtypes": {k: str(v.dtype) for k, v in opt.state[model.model.embed_tokens.weight].items()},
+        "embed_codes_local_shape": tuple(opt.state[model.model.embed_tokens.weight]["exp_avg"].to_local().shape),
         "gate_update_norm": state["update_norm"].clone() if "update_norm" in state else None,
     }
 

@@ -98,6 +98,22 @@ def test_fsdp2_low_precision_state_shards_like_the_weight(tmp_path, moments_dtyp
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-3, atol=1e-4, msg=k)
 
 
+def test_fsdp2_4bit_plain_moments_shard_like_the_weight(tmp_path):
+    """The balanced preset's state with 4-bit plain moments and a full plain V (``plain_moments_dtype="int4"``): the
+    embedding's code pairs are rows of its shard (64 of 128 rows, 16 bytes a row), the ranks stay bitwise equal and
+    training matches one process with the same options."""
+    options = dict(moments_dtype="int8", second_moment="factored", plain_moments_dtype="int4",
+                   plain_second_moment="full")  # fmt: skip
+    r0, r1 = _launch(tmp_path, "fsdp_train", steps=7, refresh="warm", vocab=128, **options)
+    assert r0["embed_state_dtypes"]["exp_avg"] == r0["embed_state_dtypes"]["exp_avg_sq"] == "torch.int8"
+    assert r0["embed_codes_local_shape"] == r1["embed_codes_local_shape"] == (64, 16)
+    assert "exp_avg_sq_row" in r0["gate_state_dtypes"]
+    _assert_bitwise_equal(r0["weights"], r1["weights"])
+    reference = dist_workers.single_process_llama(7, "warm", vocab=128, **options)
+    for k, v in reference.items():
+        torch.testing.assert_close(r0["weights"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
 def test_ddp_int8_ranks_stay_bitwise_identical(tmp_path):
     r0, r1 = _launch(tmp_path, "ddp_train", steps=5, refresh_owner="all", refresh="warm", moments_dtype="int8")
     assert r0["refresh_counts"] == [3, 3, 3]
