@@ -82,6 +82,24 @@ ROWS: list[tuple[str, str, float | None, dict[str, Any]]] = [
         )
         for suffix, rank in (("", {}), ("_r16", {"rank": 16}))
     ),
+    # The embedding and head's moments in 4 bits with a full V (plain_moments_dtype="int4",
+    # plain_second_moment="full"); the projected matrices' as in the row above.
+    *(
+        (
+            f"ours_stored_fira_int8_factored_int8basis_plain4{suffix}",
+            "subspace",
+            1e-2,
+            {
+                **OURS_TUNED,
+                **rank,
+                **BALANCED,
+                "basis_dtype": "int8",
+                "plain_moments_dtype": "int4",
+                "plain_second_moment": "full",
+            },
+        )
+        for suffix, rank in (("", {}), ("_r16", {"rank": 16}))
+    ),
     ("ours_dct_fira", "subspace", 1e-2, {**OURS_TUNED, "residual": "fira", "refresh": "dct"}),
     (
         "ours_dct_fira_int8_factored",
@@ -205,6 +223,8 @@ def _state_formula(optimizer: str, flags: dict[str, Any]) -> Any:
             kind,
             flags.get("residual", "none"),
             flags.get("second_moment", "full"),
+            flags.get("plain_moments_dtype"),
+            flags.get("plain_second_moment"),
         )
     return {
         "adamw": memory.adamw,
