@@ -32,7 +32,15 @@ from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
     "best_quality": {"residual": "fira"},
-    "balanced": {"residual": "fira", "moments_dtype": "int8", "basis_dtype": "int8", "second_moment": "factored"},
+    "balanced": {
+        "residual": "fira",
+        "moments_dtype": "int8",
+        "basis_dtype": "int8",
+        "second_moment": "factored",
+        # the embedding and head: a full V, both moments in 4 bits (their factored V is what cost quality)
+        "plain_moments_dtype": "int4",
+        "plain_second_moment": "full",
+    },
     "least_memory": {
         "rank": 1,
         "refresh": "seeded",

@@ -27,10 +27,13 @@ the output head, whose full second moment the factored one cannot replace withou
 Li et al. ("Memory Efficient Optimizers with 4-bit States", 2023): blocks of ``BLOCK4`` = 128 values within a row
 (smaller than 8-bit's, as they find 4 bits need), and for the second moment a linear map *without zero*: its 16
 values are 1/16 ... 16/16 of the block's maximum, so no element's V is ever rounded to 0 (which would turn its
-next step into M / eps). The first moment's map is signed, 0 and seven magnitudes a side spaced about
-geometrically from 0.02 to 1 (the dynamic map's idea at 4 bits). Two codes share a byte (the even column in the
-low nibble); the packed bytes are stored as ``torch.int8``, so a state says its format by dtype alone (uint8:
-8-bit codes, int8: pairs of 4-bit codes), under the same ``key + "_absmax"`` scales entry.
+next step into M / eps). The first moment's map is the signed dynamic map with 3 exponent bits (0, seven
+magnitudes from 0.0055 to 0.8875 below zero and above it, and 1). Both maps are torchao's 4-bit optimizer states'
+(``torchao.optim.AdamW4bit``), value for value, and so are the codes where a row's length is a multiple of 128
+(``tests/test_int4_moments.py``); torchao blocks the flattened tensor, we block within rows, as for 8 bits. Two
+codes share a byte (the even column in the low nibble); the packed bytes are stored as ``torch.int8``, so a state
+says its format by dtype alone (uint8: 8-bit codes, int8: pairs of 4-bit codes), under the same
+``key + "_absmax"`` scales entry.
 """
 
 from __future__ import annotations
@@ -68,17 +71,21 @@ def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
     return _dynamic_map(signed).to(device)
 
 
-@functools.lru_cache(maxsize=2)
-def _dynamic_map(signed: bool) -> Tensor:
+@functools.lru_cache(maxsize=4)
+def _dynamic_map(signed: bool, exponent_bits: int = 7) -> Tensor:
+    """bitsandbytes' ``create_dynamic_map(signed, exponent_bits, total_bits=exponent_bits + 1)``: decade
+    e = 0 .. exponent_bits - 1 gives the midpoints of 2^e + 1 (signed; 2^(e+1) + 1 unsigned) points on [0.1, 1],
+    scaled by 10^(e - exponent_bits + 1), with their negatives when signed; then 0 and 1, padded with zeros to
+    2^(exponent_bits + 1) values. 7 exponent bits: the 8-bit map; 3: the signed 4-bit one."""
     values: list[float] = []
-    for e in range(7):
+    for e in range(exponent_bits):
         points = torch.linspace(0.1, 1, (2**e if signed else 2 ** (e + 1)) + 1, dtype=torch.float32)
-        mids = (10 ** (e - 6)) * ((points[:-1] + points[1:]) / 2.0)
+        mids = (10 ** (e - exponent_bits + 1)) * ((points[:-1] + points[1:]) / 2.0)
         values += mids.tolist()
         if signed:
             values += (-mids).tolist()
     values += [0.0, 1.0]
-    values += [0.0] * (256 - len(values))
+    values += [0.0] * (2 ** (exponent_bits + 1) - len(values))
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
@@ -134,12 +141,11 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
 
 @functools.lru_cache(maxsize=2)
 def _map4(signed: bool) -> Tensor:
-    """The 16 sorted values of a 4-bit map (module docstring). The signed map has 15 distinct values; its 16th
-    repeats 1.0 and is never written (``bucketize`` gives a tie the lower index)."""
+    """The 16 sorted values of a 4-bit map (module docstring): the signed dynamic map with 3 exponent bits, and
+    1/16 ... 16/16 (no zero) for the second moment."""
     if not signed:
-        return torch.arange(1, 17, dtype=torch.float32) / 16
-    magnitudes = [0.02, 0.06, 0.12, 0.25, 0.45, 0.7, 1.0]
-    return torch.tensor(sorted([-m for m in magnitudes] + [0.0] + magnitudes + [1.0]), dtype=torch.float32)
+        return torch.linspace(0, 1, 17, dtype=torch.float32)[1:]
+    return _dynamic_map(True, exponent_bits=3)
 
 
 def map4(signed: bool, device: torch.device | str = "cpu") -> Tensor:

@@ -412,7 +412,7 @@ def test_bench_memory_int8_presets_7b(bench):
     linear_numel = 32 * (4 * hidden**2 + 3 * 11008 * hidden) + vocab * hidden
     assert int8_weights == linear_numel + 4 * linear_rows + 4 * (vocab * hidden + 65 * hidden)
     assert round((rows[("least_memory", "bfloat16")]["state"] + 13476831232) / 1e9, 2) == 13.76  # the preset's doc
-    assert round((rows[("balanced", "bfloat16")]["state"] + 13476831232) / 1e9, 2) == 16.35
+    assert round((rows[("balanced", "bfloat16")]["state"] + 13476831232) / 1e9, 2) == 16.36  # the preset's doc
     assert round((rows[("best_quality", "bfloat16")]["state"] + 13476831232) / 1e9, 2) == 31.24
     assert found["cited"] == [
         {"name": "Q-GaLore (paper)", "weights_dtype": "int8", "total_gb": 15.26, "source": found["cited"][0]["source"]}

@@ -17,10 +17,10 @@ def _reference_codes(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch
     and the absmax: written from the format's description, not from ``quant``."""
     x = x.double()
     rows, cols = x.shape
+    # The signed map: 0, 1, and per decade e = 0, 1, 2 the midpoints of 2^e + 1 points on [0.1, 1] times 10^(e - 2)
+    magnitudes = [0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875]
     values = torch.tensor(
-        [-1.0, -0.7, -0.45, -0.25, -0.12, -0.06, -0.02, 0.0, 0.02, 0.06, 0.12, 0.25, 0.45, 0.7, 1.0, 1.0]
-        if signed
-        else [(k + 1) / 16 for k in range(16)],
+        sorted([-m for m in magnitudes] + [0.0] + magnitudes + [1.0]) if signed else [(k + 1) / 16 for k in range(16)],
         dtype=torch.float64,
     )
     codes = torch.empty(rows, cols, dtype=torch.long)
@@ -54,6 +54,26 @@ def test_codes_are_the_nearest_map_values_in_float64(signed, shape):
     assert torch.equal(decoded, quant.map4(signed)[codes] * absmax.repeat_interleave(128, 1)[:, : shape[1]])
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_maps_and_codes_are_torchaos_4bit_optimizer_states(signed):
+    """torchao's AdamW4bit (Li et al.'s format): the same 16 values, and for rows of 128 values the same codes and
+    scales as its quantizer (ties aside: it rounds a value on a midpoint up, we down)."""
+    pytest.importorskip("torchao")
+    from torchao.optim import quant_utils
+    from torchao.optim.subclass_4bit import get_qmap_signed, get_qmap_unsigned
+
+    qmap = torch.tensor(get_qmap_signed() if signed else get_qmap_unsigned())
+    assert torch.equal(quant.map4(signed), qmap)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 256, generator=gen) * torch.logspace(-2, 1, 256)
+    x = x if signed else x.square()
+    packed, absmax = quant.quantize4(x, signed)
+    scaled, scale = quant_utils.scale_tensor(x.reshape(-1), 128)
+    theirs = quant_utils.quantize_4bit_with_qmap(scaled, qmap).reshape(24, 256).long()
+    assert torch.equal(absmax.reshape(-1), scale)
+    assert torch.equal(_unpack(packed), theirs)
+
+
 def test_second_moment_codes_never_decode_to_zero_and_zero_blocks_stay_zero():
     """V's map has no zero: a value far below its block's maximum decodes to max / 16, never to 0 (its step would
     be M / eps); an all-zero block decodes to zeros."""
@@ -75,6 +95,7 @@ def test_store_load_and_convert_round_trip():
     assert torch.equal(quant.load(state, "exp_avg"), torch.zeros(7, 260))
     quant.store(state, "exp_avg", value)
     step = quant.map4(True).diff().max() / 2 * state["exp_avg_absmax"].repeat_interleave(128, 1)[:, :260]
+    # -1 sits 0.1125 below the map's lowest value, -0.8875: less than half the widest step (0.225)
     assert bool(((quant.load(state, "exp_avg") - value).abs() <= step * (1 + 1e-6)).all())
     decoded = quant.load(state, "exp_avg").clone()
     quant.convert(state, "exp_avg", "int8")
@@ -215,3 +236,27 @@ def test_bad_values_are_refused_by_the_constructor_and_add_param_group(kwargs, m
     with pytest.raises(ValueError, match=match):
         opt.add_param_group({"params": [v], **kwargs})
     assert len(opt.param_groups) == 1
+
+
+def test_layerwise_updates_equal_regular_steps_with_4bit_plain_moments():
+    """update_in_backward steps a 4-bit plain embedding inside backward as ``step()`` does after it: the same bits."""
+
+    def train(layerwise: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 64))
+        groups = param_groups(model, ["1"], rank=8, update_gap=2)
+        opt = SubspaceAdamW(groups, lr=1e-2, moments_dtype="int8", second_moment="factored",
+                            plain_moments_dtype="int4", plain_second_moment="full")  # fmt: skip
+        handle = opt.update_in_backward(model) if layerwise else None
+        for i in range(4):
+            x = torch.randint(0, 300, (16, 8), generator=torch.Generator().manual_seed(i))
+            model(x).square().mean().backward()
+            if not layerwise:
+                opt.step()
+                opt.zero_grad()
+        if handle is not None:
+            handle.remove()
+        assert opt.state[model[0].weight]["exp_avg"].dtype == torch.int8
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(train(False), train(True), strict=True))

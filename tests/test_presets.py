@@ -69,3 +69,26 @@ def test_pretrain_preset_replaces_the_model_file_under_the_flags():
     assert cfg.moments_dtype == "bfloat16"
     plain = load_config([])
     assert plain.residual == "fira" and plain.preset is None
+
+
+def test_balanced_gives_the_embedding_and_head_4bit_moments_and_a_full_second_moment():
+    """``balanced``: the projected matrices' first moment in 8 bits with factors, the embedding's and head's both
+    moments in 4 bits (``plain_moments_dtype``, ``plain_second_moment``), from every way in."""
+    from subspace_optim.pretrain import loop, optimizers
+    from subspace_optim.pretrain.config import load_config
+
+    cfg = load_config(["--preset", "balanced", "--hidden-size", "32", "--intermediate-size", "64",
+                       "--num-hidden-layers", "1", "--num-attention-heads", "2"])  # fmt: skip
+    assert (cfg.plain_moments_dtype, cfg.plain_second_moment) == ("int4", "full")
+    model = loop.build_model(cfg, 256)
+    built = optimizers.build("subspace", model, cfg)
+    for opt, net in ((built, model), (None, tiny_llama(vocab=256))):
+        if opt is None:
+            opt = SubspaceAdamW(param_groups(net, "all-linear", rank=8, preset="balanced"), lr=1e-3)
+        tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        net(tokens, labels=tokens).loss.backward()
+        opt.step()
+        head = opt.state[net.get_output_embeddings().weight]
+        assert head["exp_avg"].dtype == head["exp_avg_sq"].dtype == torch.int8  # 4-bit code pairs, full V
+        gate = opt.state[net.model.layers[0].mlp.gate_proj.weight]
+        assert gate["exp_avg"].dtype == torch.uint8 and "exp_avg_sq_row" in gate and "exp_avg_sq" not in gate
