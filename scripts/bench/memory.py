@@ -1116,6 +1116,8 @@ def targets_table(targets: dict[str, Any], models: dict[str, Any]) -> dict[str, 
 
 # ------------------------------------------------------------------------------------ paper accounting
 GB = 1e9
+# The balanced preset's layout: int8 m, int8 bases, factored v; the embedding's and head's m and v in 4 bits.
+PLAIN4 = "ours_int8_int8_plain_int4_plain_full_factored"
 # (state row, rank; None: the size's own) for LLaMA-7B, bf16 weights, weights + state (the APOLLO, SCALE and GaLore
 # papers' accounting: no gradients, no activations), peers first.
 PAPER_7B = (
@@ -1135,8 +1137,8 @@ PAPER_7B = (
     ("ours_int8_bfloat16_factored", 1024, "ours stored, int8 m + bf16 bases, factored v"),
     ("ours_int8_int8_factored", 1024, "ours stored, int8 m + int8 bases, factored v"),
     ("ours_int8_int8_factored", 512, "ours stored, int8 m + int8 bases, factored v"),
-    ("ours_int8_int8_plain_int4_plain_full_factored", 1024, "ours stored, int8 m + int8 bases, factored v, 4-bit plain m and v"),
-    ("ours_int8_int8_plain_int4_plain_full_factored", 512, "ours stored, int8 m + int8 bases, factored v, 4-bit plain m and v"),
+    (PLAIN4, 1024, "ours stored, int8 m + int8 bases, factored v, 4-bit plain m and v"),
+    (PLAIN4, 512, "ours stored, int8 m + int8 bases, factored v, 4-bit plain m and v"),
     ("ours_seeded_apollo_int8_factored", 256, "ours seeded (APOLLO-like), int8 m, factored v"),
     ("ours_seeded_apollo_tensor_int8_factored", 1, "ours seeded (APOLLO-Mini-like), int8 m, factored v"),
     ("ours_dct_int8_factored", 512, "ours DCT, int8 m, factored v"),
@@ -1154,7 +1156,7 @@ PAPER_1B = (
     "ours_float32_float32_factored",
     "ours_int8_bfloat16_factored",
     "ours_int8_int8_factored",
-    "ours_int8_int8_plain_int4_plain_full_factored",
+    PLAIN4,
     "ours_seeded_apollo_float32_factored",
     "ours_seeded_apollo_int8_factored",
     "ours_dct_float32_factored",
