@@ -630,7 +630,8 @@ class SubspaceAdamW(Optimizer):
             state = self._state_of(p, peek=True)  # creates no entry: a refused step leaves none behind
             if state and distributed.is_dtensor(p) and state_mod.mismatched(p, group, state):
                 raise NotImplementedError(
-                    f"parameter {name}: its sharded state is stored otherwise than moments_dtype/basis_dtype ask "
+                    f"parameter {name}: its sharded state is stored otherwise than moments_dtype, basis_dtype, "
+                    "second_moment, plain_moments_dtype or plain_second_moment ask "
                     "(a checkpoint saved with other options, or changed groups); set the options it was saved with"
                 )
             work.append((index, group, name, p))

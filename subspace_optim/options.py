@@ -135,7 +135,7 @@ OPTIONS: tuple[Option, ...] = (
            "bf16 weights (projected and plain) take each update computed in fp32 and rounded stochastically, so "
            "updates below half a bf16 ulp survive on average; random bits from (seed, parameter index, step)"),
     Option("plain_moments_dtype", None, "choice_or_none",
-           "storage of the plain parameters' moments (embeddings, head; smaller ones stay fp32); None: "
+           "storage of the plain parameters' moments (embeddings, head; small ones keep torch AdamW's own); None: "
            "moments_dtype. Also int4: 4-bit blockwise codes, for 2-D parameters with an even number of columns "
            "(others take int8)",
            PLAIN_MOMENT_DTYPES),
@@ -325,6 +325,9 @@ def validate(options: dict[str, Any], where: str) -> None:
 def check_combinations(options: dict[str, Any], where: str) -> None:
     """Refuse option pairs that cannot mean anything, naming the fix (also run on every group at every step:
     a few lookups, so a live group changed into a meaningless pair is refused before anything moves)."""
+    if options.get("moments_dtype") == "int4":  # the constructor's check; here for a live group's change
+        _fail(BY_NAME["moments_dtype"], "int4", where, "use one of " + ", ".join(map(repr, MOMENT_DTYPES))
+              + _HINTS[("moments_dtype", "int4")])  # fmt: skip
     if options["refresh"] != "seeded":
         return
     if options["residual"] not in WHOLE_GRADIENT:

@@ -31,9 +31,9 @@ next step into M / eps). The first moment's map is the signed dynamic map with 3
 magnitudes from 0.0055 to 0.8875 below zero and above it, and 1). Both maps are torchao's 4-bit optimizer states'
 (``torchao.optim.AdamW4bit``), value for value, and so are the codes where a row's length is a multiple of 128
 (``tests/test_int4_moments.py``); torchao blocks the flattened tensor, we block within rows, as for 8 bits. Two
-codes share a byte (the even column in the low nibble); the packed bytes are stored as ``torch.int8``, so a state
-says its format by dtype alone (uint8: 8-bit codes, int8: pairs of 4-bit codes), under the same
-``key + "_absmax"`` scales entry.
+codes share a byte (the even column in the high nibble, as torchao packs them); the packed bytes are stored as
+``torch.int8``, so a state says its format by dtype alone (uint8: 8-bit codes, int8: pairs of 4-bit codes),
+under the same ``key + "_absmax"`` scales entry.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def quantize4(
     scale = blocks.abs().amax(dim=-1, keepdim=True)
     normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale))
     index = _unblocked(torch.bucketize(normed, _midpoints4(signed, str(x.device))), cols).to(torch.uint8)
-    packed = (index[:, 0::2] | (index[:, 1::2] << 4)).view(torch.int8)
+    packed = ((index[:, 0::2] << 4) | index[:, 1::2]).view(torch.int8)  # torchao's order: the even code high
     scale = scale.squeeze(-1)
     if codes is None:
         return packed, scale
@@ -189,7 +189,7 @@ def quantize4(
 def dequantize4(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     """The fp32 values (rows, 2 x codes' columns) of packed 4-bit ``codes`` with their per-block ``absmax``."""
     raw = codes.view(torch.uint8)
-    index = torch.stack((raw & 15, raw >> 4), dim=-1).reshape(raw.shape[0], 2 * raw.shape[1])
+    index = torch.stack((raw >> 4, raw & 15), dim=-1).reshape(raw.shape[0], 2 * raw.shape[1])
     values = map4(signed, codes.device)[index.long()]
     return _unblocked(_blocked(values, BLOCK4) * absmax[..., None], index.shape[1])
 
@@ -213,6 +213,8 @@ def zeros(shape: tuple[int, ...], kind: str, device: torch.device, key: str) -> 
         return {key: torch.zeros(shape, dtype=TORCH_DTYPES[kind], device=device)}
     rows, cols = as_matrix(torch.empty(shape, device="meta")).shape
     if kind == "int4":
+        if len(shape) != 2 or cols % 2:
+            raise ValueError(f"4-bit moments need a 2-D shape with an even number of columns, got {shape}")
         return {
             key: torch.zeros(rows, cols // 2, dtype=torch.int8, device=device),  # absmax 0: every value is 0
             key + "_absmax": torch.zeros(rows, num_blocks(cols, BLOCK4), dtype=torch.float32, device=device),
@@ -225,9 +227,10 @@ def zeros(shape: tuple[int, ...], kind: str, device: torch.device, key: str) -> 
 
 
 class Moment(NamedTuple):
-    """One stored moment on its way to an engine: ``values`` (fp32 or bf16; uint8 codes for 8-bit storage) and,
-    for codes only, their fp32 ``absmax`` per block. Which map the codes index is the moment's role, not part
-    of the record: Adam's first moment (``exp_avg``) uses the signed map, the second the unsigned one."""
+    """One stored moment on its way to an engine: ``values`` (fp32 or bf16; uint8 codes for 8-bit storage, int8
+    bytes of code pairs for 4-bit) and, for codes only, their fp32 ``absmax`` per block. Which map the codes index
+    is the moment's role, not part of the record: Adam's first moment (``exp_avg``) uses the signed map, the second
+    the unsigned one."""
 
     values: Tensor
     absmax: Tensor | None = None
@@ -261,7 +264,7 @@ def moment(state: dict[str, Any], key: str) -> Moment:
 
 
 def stored_kind(state: dict[str, Any], key: str) -> str:
-    """How moment ``key`` is stored in ``state``: "int8", or its float dtype's name ("float32", "bfloat16",
+    """How moment ``key`` is stored in ``state``: "int8", "int4", or its float dtype's name ("float32", "bfloat16",
     "float16": the last only as torch AdamW's own state of an fp16 weight)."""
     return moment(state, key).kind
 
@@ -294,7 +297,7 @@ def store_moment(moment: Tensor | Moment, signed: bool, value: Tensor) -> None:
     if value is target:
         return
     if absmax is not None and target.dtype == torch.int8:
-        quantize4(value.reshape(target.shape[0], -1), signed, target, absmax)
+        quantize4(value.reshape(target.shape[0], 2 * target.shape[1]), signed, target, absmax)  # 0 rows too
         return
     if absmax is not None:
         quantize(as_matrix(value), signed, as_matrix(target), absmax)

@@ -182,11 +182,12 @@ def _convert(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
     side = refreshing.side(p, group) if projected else None
     if factors(p, group, projected) and factored.KEYS[0] not in state:  # V -> its row and column sums
         full = quant.load(state, "exp_avg_sq")
-        state.update(factored.from_full(full))
+        state.update(factored.from_full(quant.as_matrix(full)))  # a plain N-D V: rows x the rest
         state.pop("exp_avg_sq")
         state.pop("exp_avg_sq_absmax", None)
     elif not factors(p, group, projected) and factored.KEYS[0] in state:  # the V the factors stand for
-        state["exp_avg_sq"] = factored.expand(factored.Factored(*(state.pop(k) for k in factored.KEYS)), side)
+        full = factored.expand(factored.Factored(*(state.pop(k) for k in factored.KEYS)), side)
+        state["exp_avg_sq"] = full if projected else full.reshape(local(p).shape)  # a plain N-D V: its own shape
         quant.convert(state, "exp_avg_sq", kind)
     else:
         if factored.KEYS[0] not in state:

@@ -69,6 +69,10 @@ def select_target_modules(model: nn.Module, target_modules: str | Iterable[str])
     return selected
 
 
+# Options about the parameters that are not projected: param_groups gives them to its plain groups too.
+PLAIN_OPTIONS = ("plain_moments_dtype", "plain_second_moment")
+
+
 def param_groups(
     model: nn.Module,
     target_modules: str | Iterable[str] = ALL_LINEAR,
@@ -86,7 +90,9 @@ def param_groups(
        (``subspace_optim.presets``);
     2. other matrices (embeddings, lm_head), plain AdamW with ``weight_decay``;
     3. 1-D parameters (biases, norms), plain AdamW with no weight decay.
-    Groups 2 and 3 set ``rank=None`` explicitly so an optimizer-level ``rank`` default cannot reach them.
+    Groups 2 and 3 set ``rank=None`` explicitly so an optimizer-level ``rank`` default cannot reach them. The
+    options that are about plain parameters (``plain_moments_dtype``, ``plain_second_moment``) go to every group,
+    over the preset's.
     Frozen parameters (``requires_grad=False``) are left out; when every targeted weight is frozen, group 1
     is left out too, with a warning.
     """
@@ -121,8 +127,9 @@ def param_groups(
         )
     # A preset's storage options (moments_dtype, second_moment) hold for the plain groups too; its projection
     # options are inert there (rank None).
+    plain = {k: v for k, v in options.items() if k in PLAIN_OPTIONS}
     if matrices:
-        groups.append(presets.under({"params": matrices, "rank": None, "weight_decay": weight_decay}, preset))
+        groups.append(presets.under({"params": matrices, "rank": None, "weight_decay": weight_decay, **plain}, preset))
     if vectors:
-        groups.append(presets.under({"params": vectors, "rank": None, "weight_decay": 0.0}, preset))
+        groups.append(presets.under({"params": vectors, "rank": None, "weight_decay": 0.0, **plain}, preset))
     return groups

@@ -36,7 +36,7 @@ def _reference_codes(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
     raw = packed.view(torch.uint8).long()
-    return torch.stack((raw % 16, raw // 16), dim=-1).reshape(raw.shape[0], -1)
+    return torch.stack((raw // 16, raw % 16), dim=-1).reshape(raw.shape[0], -1)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -49,7 +49,7 @@ def test_codes_are_the_nearest_map_values_in_float64(signed, shape):
     assert packed.dtype == torch.int8 and packed.shape == (shape[0], shape[1] // 2)
     codes, ref_absmax = _reference_codes(x, signed)
     torch.testing.assert_close(absmax.double(), ref_absmax, rtol=0, atol=0)
-    assert torch.equal(_unpack(packed), codes)  # even columns in the low nibble, odd in the high one
+    assert torch.equal(_unpack(packed), codes)  # even columns in the high nibble, odd in the low one
     decoded = quant.dequantize4(packed, absmax, signed)
     assert torch.equal(decoded, quant.map4(signed)[codes] * absmax.repeat_interleave(128, 1)[:, : shape[1]])
 
@@ -72,6 +72,9 @@ def test_maps_and_codes_are_torchaos_4bit_optimizer_states(signed):
     theirs = quant_utils.quantize_4bit_with_qmap(scaled, qmap).reshape(24, 256).long()
     assert torch.equal(absmax.reshape(-1), scale)
     assert torch.equal(_unpack(packed), theirs)
+    assert torch.equal(
+        packed.view(torch.uint8).reshape(-1), (theirs.reshape(-1)[::2] << 4 | theirs.reshape(-1)[1::2]).byte()
+    )
 
 
 def test_second_moment_codes_never_decode_to_zero_and_zero_blocks_stay_zero():
@@ -260,3 +263,70 @@ def test_layerwise_updates_equal_regular_steps_with_4bit_plain_moments():
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(train(False), train(True), strict=True))
+
+
+@pytest.mark.parametrize("start", ["factored", "full"])
+def test_a_plain_3d_parameter_converts_between_factored_and_full_v(start):
+    """A live change of ``plain_second_moment`` on a plain parameter of 3 dimensions (viewed as rows x the rest):
+    V becomes its factors and the factors the V they stand for, in the parameter's shape, and training goes on."""
+    w = nn.Parameter(torch.randn(4, 8, 300))
+    other = "full" if start == "factored" else "factored"
+    opt = SubspaceAdamW([{"params": [w], "rank": None}], lr=1e-2, plain_second_moment=start)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        w.grad = torch.randn(4, 8, 300, generator=gen)
+        if i == 2:
+            opt.param_groups[0]["plain_second_moment"] = other
+        opt.step()
+    state = opt.state[w]
+    if other == "full":
+        assert state["exp_avg_sq"].shape == w.shape and "exp_avg_sq_row" not in state
+    else:
+        assert state["exp_avg_sq_row"].shape == (4,) and state["exp_avg_sq_col"].shape == (2400,)
+    assert bool(torch.isfinite(w).all()) and int(state["step"]) == 3
+
+
+def test_an_empty_row_shard_steps_with_4bit_moments():
+    """A rank holding none of a row-sharded plain weight's rows (FSDP2 over more ranks than rows) steps its empty
+    4-bit state, as the 8-bit one does."""
+    from subspace_optim import functional
+
+    for kind in ("int8", "int4"):
+        p, g = torch.zeros(0, 4096), torch.zeros(0, 4096)
+        m, v = (
+            quant.moment(quant.zeros((0, 4096), kind, torch.device("cpu"), k), k) for k in ("exp_avg", "exp_avg_sq")
+        )
+        count = torch.tensor(0.0)
+        functional.adamw(
+            [p], [g], [m], [v], [count], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=None
+        )
+        assert float(count) == 1.0
+    with pytest.raises(ValueError, match="even number of columns"):
+        quant.zeros((4, 7), "int4", torch.device("cpu"), "exp_avg")
+
+
+def test_param_groups_gives_the_plain_options_to_the_plain_groups_over_the_preset():
+    net = _net()
+    for kwargs, want in (
+        ({"plain_moments_dtype": "int4"}, ("int4", None)),
+        (
+            {"preset": "balanced", "plain_moments_dtype": "int8", "plain_second_moment": "factored"},
+            ("int8", "factored"),
+        ),
+    ):
+        groups = param_groups(net, ["1"], rank=8, **kwargs)
+        assert [(g.get("plain_moments_dtype"), g.get("plain_second_moment")) for g in groups] == [want] * len(groups)
+    opt = SubspaceAdamW(param_groups(net, ["1"], rank=8, plain_moments_dtype="int4"), lr=1e-2)
+    _step(net, opt, 0)
+    assert quant.stored_kind(opt.state[net[3].weight], "exp_avg") == "int4"
+
+
+def test_a_live_group_asking_4bit_projected_moments_is_refused_before_anything_moves():
+    w = nn.Parameter(torch.randn(64, 256))
+    opt = SubspaceAdamW([{"params": [w], "rank": 8}], lr=1e-2)
+    opt.param_groups[0]["moments_dtype"] = "int4"
+    w.grad = torch.randn(64, 256)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"moments_dtype: 'int4' in param group 0.*plain_moments_dtype='int4'"):
+        opt.step()
+    assert torch.equal(w.detach(), before) and not opt.state[w]

@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     argv = ["--model", args.model, "--optimizer", args.optimizer, "--output-dir", str(args.out), "--no-progress"]
     argv += ["--save-every", "0", "--steps", str(args.steps), "--threads", str(args.threads), *args.extra_flags]
     cfg = pretrain_config.load_config(argv)
+    if len(cfg.optimizer) != 1:
+        raise SystemExit(f"--optimizer: one optimizer (the hook shadows every step it sees), got {cfg.optimizer}")
     holder: dict[str, Any] = {}
     build = loop.build_model
 

@@ -105,7 +105,8 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
     for option in options.OPTIONS:
         if option.name in _ARGS_FIELDS:
             continue
-        example = {"rank": "128", "foreach": "false", "plain_lr": "3e-3"}.get(option.name, str(option.default))
+        examples = {"rank": "128", "foreach": "false", "plain_lr": "3e-3", "plain_moments_dtype": "int4"}
+        example = {**examples, "plain_second_moment": "full"}.get(option.name, str(option.default))
         table[option.name] = (_KINDS[option.kind], example)
         if option.alias:
             table[option.alias] = table[option.name]
