@@ -6,17 +6,18 @@ the constructor's keywords, which are only defaults for the groups); ``param_gro
 it on the projected group under the options passed there. ``optim_args="preset=..."`` (Trainer) and ``--preset``
 (``subspace-optim pretrain``) reach the same dicts.
 
-Measured at llama_9m (held-out loss, seeds 0 and 1; galore-torch tuned alike: 4.7281):
+Measured at llama_9m (held-out loss, seeds 0 and 1 unless said; galore-torch tuned alike: 4.7281):
 
 - ``best_quality``: a stored, warm-refreshed fp32 basis and fp32 moments with Fira's residual (the library
   default): 4.6832; LLaMA-7B weights + state 31.24 GB at rank 1024.
 - ``balanced``: far below GaLore 8-bit's memory (bf16 bases and int8 moments at the same rank) at better quality: a
-  stored basis in 8-bit codes (``stored_basis``), an int8 first moment, a factored second moment, Fira's residual.
-  4.6904 on four seeds against ``best_quality``'s 4.6728 (+0.38%); at llama_20m it costs more, 4.1896 against
-  4.1358 (+1.30%, two seeds), mostly through the factored second moment (docs/benchmarks.md, "Factored second
-  moment: the floor"). LLaMA-7B 16.35 GB at rank 1024 against GaLore 8-bit's 19.18; LLaMA-1B at rank 512, 593 MiB
-  of state. At half the rank (hidden / 8: 512 at 7B) it is 15.05 GB, below APOLLO's 16.14, and below galore-torch
-  at its rank on four seeds, every one (4.6953 against 4.7367).
+  stored basis in 8-bit codes (``stored_basis``), an int8 first moment, a factored second moment, Fira's residual;
+  for the embedding and head, whose factored second moment cost 1.2% at llama_20m, a full one, and both moments in
+  4 bits (``plain_moments_dtype="int4"``, ``plain_second_moment="full"``). Against ``best_quality``: 4.7030 against
+  4.6728 on four seeds (+0.65%), and at llama_20m 4.1601 against 4.1358 (+0.59%, two seeds) (docs/benchmarks.md,
+  "Where the factored cost sits"). LLaMA-7B 16.36 GB at rank 1024 against GaLore 8-bit's 19.18; LLaMA-1B at rank
+  512, 599 MiB of state (bf16 weights). At half the rank (hidden / 8: 512 at 7B) it is 15.06 GB, below APOLLO's
+  16.14, and below galore-torch at its rank on four seeds, every one (4.7064 against 4.7367).
 - ``least_memory``: APOLLO-Mini's shape (rank 1, tensor-wise scaling, scale sqrt(128)) with nothing stored but a
   seed, an int8 first moment and two factors per matrix: 5.0555 against apollo-torch APOLLO-Mini's 5.8013; LLaMA-7B
   13.76 GB, below APOLLO-Mini's 14.53 (7.42 GB with torchao's int8 weights). Its projection is apollo-torch's
