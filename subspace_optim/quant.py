@@ -119,17 +119,27 @@ def quantize(
     """Blockwise 8-bit quantization of a 2-D ``x``: (uint8 codes, fp32 absmax), written into ``codes`` and
     ``absmax`` when given. Each value becomes the index of the nearest map value to x / absmax (ties to the
     smaller); an all-zero block has absmax 0 and the code of 0."""
-    rows, cols = x.shape
-    blocks = _blocked(x.float())
+    index, scale = _nearest_codes(x, _midpoints(signed, str(x.device)), BLOCK)
+    return _written(index, scale, codes, absmax)
+
+
+def _nearest_codes(x: Tensor, midpoints: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Per value of a 2-D ``x`` the index (uint8, x's shape) of the nearest map value to x / its block's absmax,
+    given the map's ``midpoints`` (ties to the smaller), and the fp32 absmax per ``block`` values of a row."""
+    cols = x.shape[1]
+    blocks = _blocked(x.float(), block)
     scale = blocks.abs().amax(dim=-1, keepdim=True)
     normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale))
-    index = _unblocked(torch.bucketize(normed, _midpoints(signed, str(x.device))), cols).to(torch.uint8)
-    scale = scale.squeeze(-1)
+    return _unblocked(torch.bucketize(normed, midpoints), cols).to(torch.uint8), scale.squeeze(-1)
+
+
+def _written(new_codes: Tensor, scale: Tensor, codes: Tensor | None, absmax: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(codes, absmax): the new ones, or copied into the given tensors."""
     if codes is None:
-        return index, scale
-    codes.copy_(index)
+        return new_codes, scale
+    codes.copy_(new_codes)
     absmax.copy_(scale)  # type: ignore[union-attr]
-    return codes, absmax  # type: ignore[return-value]
+    return codes, absmax
 
 
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
@@ -173,18 +183,9 @@ def quantize4(
     (rows, cols / 2); fp32 absmax per ``BLOCK4`` values of a row), written into ``codes`` and ``absmax`` when given.
     Each value becomes the nearest of ``map4``'s values to x / absmax (ties to the smaller); an all-zero block has
     absmax 0 (its values are then 0 whatever the codes)."""
-    rows, cols = x.shape
-    blocks = _blocked(x.float(), BLOCK4)
-    scale = blocks.abs().amax(dim=-1, keepdim=True)
-    normed = blocks / torch.where(scale > 0, scale, torch.ones_like(scale))
-    index = _unblocked(torch.bucketize(normed, _midpoints4(signed, str(x.device))), cols).to(torch.uint8)
+    index, scale = _nearest_codes(x, _midpoints4(signed, str(x.device)), BLOCK4)
     packed = ((index[:, 0::2] << 4) | index[:, 1::2]).view(torch.int8)  # torchao's order: the even code high
-    scale = scale.squeeze(-1)
-    if codes is None:
-        return packed, scale
-    codes.copy_(packed)
-    absmax.copy_(scale)  # type: ignore[union-attr]
-    return codes, absmax  # type: ignore[return-value]
+    return _written(packed, scale, codes, absmax)
 
 
 def dequantize4(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
