@@ -242,6 +242,13 @@ def _fail(option: Option, value: Any, where: str, why: str, exc: type[Exception]
     raise exc(f"Invalid {label}: {value!r} {where} - {why}")
 
 
+def _check_choice(option: Option, value: Any, where: str) -> None:
+    """Refuse a value that is not one of the option's choices, naming them (and ``_HINTS``' better option)."""
+    if value not in option.choices:
+        choices = ", ".join(repr(c) for c in option.choices)
+        _fail(option, value, where, f"use one of {choices}" + _HINTS.get((option.name, value), ""))
+
+
 def _check_real(option: Option, value: Any, where: str) -> None:
     value = _scalar(value)
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
@@ -302,13 +309,7 @@ def validate(options: dict[str, Any], where: str) -> None:
             if option.low is not None and value < option.low:
                 _fail(option, value, where, fix)
         elif kind == "choice" or (kind == "choice_or_none" and value is not None):
-            if value not in option.choices:
-                _fail(
-                    option,
-                    value,
-                    where,
-                    f"use one of {', '.join(repr(c) for c in option.choices)}" + _HINTS.get((option.name, value), ""),
-                )
+            _check_choice(option, value, where)
         elif kind == "lr_or_none" and value is not None:
             _check_real(option, value, where)
         elif kind == "bool_or_none" and value is not None and not isinstance(value, bool):
@@ -326,8 +327,7 @@ def check_combinations(options: dict[str, Any], where: str) -> None:
     """Refuse option pairs that cannot mean anything, naming the fix (also run on every group at every step:
     a few lookups, so a live group changed into a meaningless pair is refused before anything moves)."""
     if options.get("moments_dtype") == "int4":  # the constructor's check; here for a live group's change
-        _fail(BY_NAME["moments_dtype"], "int4", where, "use one of " + ", ".join(map(repr, MOMENT_DTYPES))
-              + _HINTS[("moments_dtype", "int4")])  # fmt: skip
+        _check_choice(BY_NAME["moments_dtype"], "int4", where)
     if options["refresh"] != "seeded":
         return
     if options["residual"] not in WHOLE_GRADIENT:

@@ -49,9 +49,12 @@ class Shadow:
         self.v = torch.zeros(shape)
         blocks = [k for k in BLOCKS if rows % k == 0]  # row blocks of equal size only
         self.names = [n for n in ESTIMATORS if not n.startswith("blocks")] + [f"blocks{k}" for k in blocks]
-        self.row = {name: torch.zeros(rows) for name in self.names}
-        self.col = {name: torch.zeros(cols) for name in self.names if not name.startswith("blocks")}
+        # factored, rows, cols and the blocks share the row factor; factored, rows and cols the column factor.
+        shared_row, shared_col = torch.zeros(rows), torch.zeros(cols)
+        self.row = {name: shared_row for name in self.names if name != "sm3"}
+        self.col = {name: shared_col for name in ("factored", "rows", "cols")}
         self.col.update({f"blocks{k}": torch.zeros(k, cols) for k in blocks})
+        self.row["sm3"], self.col["sm3"] = torch.zeros(rows), torch.zeros(cols)
 
     def update(self, g: Tensor) -> None:
         g = g.float()
@@ -59,10 +62,11 @@ class Shadow:
         self.t += 1
         self.m.lerp_(g, 1 - self.b1)
         self.v.mul_(self.b2).add_(x, alpha=1 - self.b2)
-        for name in (n for n in self.names if n != "sm3"):
-            self.row[name].lerp_(x.sum(1), 1 - self.b2)
+        self.row["factored"].lerp_(x.sum(1), 1 - self.b2)
+        self.col["factored"].lerp_(x.sum(0), 1 - self.b2)
+        for name in (n for n in self.names if n.startswith("blocks")):
             col = self.col[name]
-            col.lerp_(x.reshape(*col.shape[:-1], -1, x.shape[1]).sum(-2) if col.dim() == 2 else x.sum(0), 1 - self.b2)
+            col.lerp_(x.reshape(col.shape[0], -1, x.shape[1]).sum(-2), 1 - self.b2)
         cover = torch.minimum(self.row["sm3"][:, None], self.col["sm3"][None, :]).mul_(self.b2)
         cover.add_(x, alpha=1 - self.b2)
         self.row["sm3"] = cover.amax(1)

@@ -98,6 +98,16 @@ _KINDS: dict[str, type] = {
 }
 
 
+# optim_args examples where an option's default would show nothing useful (None, or a value that is the default).
+_EXAMPLES = {
+    "rank": "128",
+    "foreach": "false",
+    "plain_lr": "3e-3",
+    "plain_moments_dtype": "int4",
+    "plain_second_moment": "full",
+}
+
+
 def _optim_args_table() -> dict[str, tuple[type, str]]:
     """Keys an optim_args string may hold, from the option table: every option TrainingArguments does not
     own, galore's aliases too, and ``project_output_head``. Value: (parser, example value)."""
@@ -105,8 +115,7 @@ def _optim_args_table() -> dict[str, tuple[type, str]]:
     for option in options.OPTIONS:
         if option.name in _ARGS_FIELDS:
             continue
-        examples = {"rank": "128", "foreach": "false", "plain_lr": "3e-3", "plain_moments_dtype": "int4"}
-        example = {**examples, "plain_second_moment": "full"}.get(option.name, str(option.default))
+        example = _EXAMPLES.get(option.name, str(option.default))
         table[option.name] = (_KINDS[option.kind], example)
         if option.alias:
             table[option.alias] = table[option.name]
