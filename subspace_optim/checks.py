@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import distributed, int8_weights
+from . import distributed
 from .adam_rule import device_vector
 from .distributed import local
 from .guards import FLATTENED
@@ -33,8 +33,6 @@ def refuse_bad_gradient(p: Tensor, name: str) -> None:
             f"SubspaceAdamW does not support complex parameters (parameter {name}); "
             "optimize torch.view_as_real(param) instead"
         )
-    if int8_weights.is_int8(p) and (why := int8_weights.refusal(p)) is not None:
-        raise TypeError(f"parameter {name} is a torchao int8 weight: {why}")
 
 
 def refuse_unknown(p: Tensor, group: dict[str, Any], name: str, known: set[int]) -> None:

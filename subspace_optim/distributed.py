@@ -60,14 +60,18 @@ def row_shard(p: Tensor, name: str) -> RowShard:
             f"parameter {name} is a DTensor with placements {p.placements} on a {mesh.ndim}-D mesh; "
             "SubspaceAdamW supports FSDP2's dim-0 sharding on a 1-D mesh (fully_shard) and plain tensors (DDP)"
         )
-    world = mesh.size()
-    rank = mesh.get_local_rank()
-    m = p.shape[0]
-    # fully_shard splits dim 0 like torch.chunk: ceil(m / world) rows per rank, the last ranks possibly empty.
-    chunk = -(-m // world)
-    offset = min(rank * chunk, m)
     rows = local(p).shape[0]
-    return RowShard(offset=offset, rows=rows, global_rows=m, group=mesh.get_group())
+    return RowShard(offset=first_row(p), rows=rows, global_rows=p.shape[0], group=mesh.get_group())
+
+
+def first_row(p: Tensor) -> int:
+    """The global index of the first row this rank holds of a dim-0 sharded DTensor ``p`` (0 for a plain tensor).
+
+    fully_shard splits dim 0 like torch.chunk: ceil(m / world) rows per rank, the last ranks possibly empty."""
+    if not is_dtensor(p):
+        return 0
+    mesh, m = p.device_mesh, p.shape[0]
+    return min(mesh.get_local_rank() * -(-m // mesh.size()), m)
 
 
 def all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:

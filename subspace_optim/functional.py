@@ -488,7 +488,11 @@ def _rounded_adamw(
     bf16 one rounded stochastically (factored: ``_factored_adamw``; else fp32 working copies, ``_stored_adamw``)."""
     if type(moments[1]) is Factored:  # the factored rule's update (adam_rule.apply_update) rounds either kind
         _factored_adamw(p, grad, moments[0], moments[1], step, **hyper, rounding=seed)
-    elif int8_weights.is_int8(p):
+        return
+    if distributed.is_dtensor(p):  # an FSDP2 row shard: the update is elementwise, so this rank's rows alone
+        p, grad = distributed.local(p), distributed.local(grad)
+        moments = tuple(as_moment(mo).local(distributed.local) for mo in moments)
+    if int8_weights.is_int8(p):
         _int8_adamw(p, grad, moments, step, kwargs, seed)
     else:
         _stored_adamw(p, grad, moments, step, kwargs, seed)

@@ -12,6 +12,11 @@ dequantize (fp32), update, requantize with torchao's own ``quantize_int8_rowwise
 and the scales are copied into the weight exactly. Every rank draws the same bits, a resumed run the same ones as the
 uninterrupted run. A matrix whose step is skipped (a non-finite gradient) keeps its data and scales as they were.
 
+FSDP2 (``fully_shard``) shards the subclass by rows (its data and scales alike) and all-gathers the int8 data for the
+forward; a rank updates its own rows, which carry their scales, with bits seeded also by its first row (``rounding``).
+torchao's all-gather needs every weight's rows to divide evenly among the ranks (else FSDP2 stops at the first forward
+with "fsdp_pre_all_gather must return all-gather inputs with the padded sharded size").
+
 The model should be fp32 when quantized: with bf16 scales torchao's arithmetic rounds small updates to nearest before
 it rounds stochastically, which loses them (measured: about half of a 0.05-step drift came through).
 """
@@ -23,13 +28,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import distributed
+from .distributed import local
+
 CLASS_NAME = "Int8QuantizedTrainingLinearWeight"
 INSTALL = "pip install torchao (or subspace-optim[int8])"
 
 
 def is_int8(p: Tensor) -> bool:
-    """Whether ``p`` is torchao's int8 training weight (checked by class name: torchao need not be imported)."""
-    return type(p).__name__ == CLASS_NAME
+    """Whether ``p`` is torchao's int8 training weight, or an FSDP2 row shard of one (a DTensor whose local tensor is
+    one); checked by class name, so torchao need not be imported."""
+    return type(local(p)).__name__ == CLASS_NAME
 
 
 def _quantizer() -> Any:
@@ -93,10 +102,23 @@ def allow_weights_only_checkpoints() -> None:
     torch.serialization.add_safe_globals([Int8QuantizedTrainingLinearWeight])
 
 
-def refusal(p: Tensor) -> str | None:
-    """Why an int8 weight cannot be stepped here (None: it can)."""
-    from .distributed import is_dtensor
+def dcp_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A model state dict (``get_model_state_dict``) in which each int8 weight ``name`` is two entries, its int8
+    data ``name.int_data`` and its row scales ``name.scale``, that share the weight's storage.
 
-    if is_dtensor(p):
-        return "FSDP2 row shards of int8 weights are not supported yet; use DDP, or bf16/fp32 weights with FSDP2"
-    return None
+    Why: torch.distributed.checkpoint cannot write torchao's subclass (it stops at ``aten.is_pinned``, and has no
+    storage of its own to write), but writes int8 and fp32 tensors. FSDP2 row shards stay shards (DTensors sharded
+    on rows, like the weight). ``dcp.save`` the result; to resume, ``dcp.load`` into this function's result for the
+    fresh model: the loaded data and scales land in the weights themselves, exactly."""
+    out: dict[str, Any] = {}
+    for name, value in state_dict.items():
+        if not (isinstance(value, Tensor) and is_int8(value)):
+            out[name] = value
+            continue
+        shard = local(value)
+        data, scale = shard.int_data, shard.scale
+        if distributed.is_dtensor(value):
+            data = distributed.sharded_like(value, data, value.shape[1])
+            scale = distributed.sharded_vector_like(value, scale)
+        out[f"{name}.int_data"], out[f"{name}.scale"] = data, scale
+    return out

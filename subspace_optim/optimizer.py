@@ -759,13 +759,16 @@ class SubspaceAdamW(Optimizer):
 
     def _rounding_seeds(self, group: dict[str, Any], members: list[tuple[Tensor, dict[str, Any]]]) -> list | None:
         """Each parameter's rounding seed for this step (``rounding.rounding_seed`` of the group's seed, its index over
-        every group and the number of this step, counting it): bf16 weights with ``stochastic_rounding``, and
-        torchao's int8 weights always; None for the others, and None for all when no parameter rounds."""
+        every group, the number of this step, counting it, and an FSDP2 shard's first row): bf16 weights with
+        ``stochastic_rounding``, and torchao's int8 weights always; None for the others, and None for all when no
+        parameter rounds."""
 
         if not any(_rounds(p, group) for p, _ in members):
             return None
         return [
-            rounding.rounding_seed(group["seed"], self._index(p), _this_step(s["step"])) if _rounds(p, group) else None
+            rounding.rounding_seed(group["seed"], self._index(p), _this_step(s["step"]), distributed.first_row(p))
+            if _rounds(p, group)
+            else None
             for p, s in members
         ]
 

@@ -18,6 +18,12 @@ the global RNG, so every data-parallel rank draws the same bits and a resumed ru
 reference engine draws them with ``torch.randint`` on the weight's device (fast on a CPU); the Triton step draws them
 inside its epilogue from Philox at the same seed (``kernels/step.py``). The two streams differ, so the engines agree
 in distribution, as their sketches do, not bit for bit.
+
+An FSDP2 row shard mixes in the global index of its first row. With one seed every shard would repeat the first
+shard's bits (row i of each shard rounding alike); with its first row the shards' bits are independent, and a rerun or
+a resume at the same world size draws the same ones. At another world size they differ, as the reduce-scatter's fp32
+sums already do. Drawing one process's bits and keeping a shard's rows would match one process, but would cost every
+rank the whole matrix's draw and a whole-matrix temporary: a CPU's mt19937 cannot skip ahead to a row.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ from .linalg import sketch_seed
 _DOMAIN = 0x5352_0B16
 
 
-def rounding_seed(seed: int, index: int, step: int) -> int:
-    """The generator seed of parameter ``index``'s rounding at its ``step``-th update (63 bits)."""
-    return sketch_seed(sketch_seed(seed, index, step), _DOMAIN, 0)
+def rounding_seed(seed: int, index: int, step: int, first_row: int = 0) -> int:
+    """The generator seed of parameter ``index``'s rounding at its ``step``-th update (63 bits); ``first_row``: the
+    global index of the first row an FSDP2 shard holds (``distributed.first_row``), so that shards draw independent
+    bits (one process, and the first shard, draw with 0)."""
+    return sketch_seed(sketch_seed(seed, index, step), _DOMAIN, first_row)
 
 
 def rounding_bits(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> Tensor:

@@ -111,12 +111,19 @@ def ddp_detects_divergence(rank: int, world: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- FSDP2
-def _llama(seed: int = 0, vocab: int = 64):
+def _llama(seed: int = 0, vocab: int = 64, weights: str = "fp32", even: bool = False):
     from tiny_lm import tiny_llama
 
     # intermediate 33: gate/up weights are 33 x 32, sharded 17 / 16 rows over two ranks. vocab 128: the embedding
     # and head (4096 values each) are large enough for quantized plain moments; the batches use tokens below 64.
-    return tiny_llama(hidden=32, intermediate=33, layers=2, heads=2, vocab=vocab, seed=seed)
+    # torchao's int8 weights need rows that divide evenly among the ranks (its all-gather): they (and ``even``) get 34.
+    intermediate = 34 if even or weights == "int8" else 33
+    model = tiny_llama(hidden=32, intermediate=intermediate, layers=2, heads=2, vocab=vocab, seed=seed)
+    if weights == "int8":
+        from subspace_optim import int8_weights
+
+        return int8_weights.quantize_linears(model)
+    return model.to(torch.bfloat16) if weights == "bf16" else model
 
 
 def _lm_loss(model, step: int, rows: slice | None):
@@ -181,10 +188,10 @@ def _bound_inputs(model, opt, before: dict | None) -> dict[str, dict]:
     return out
 
 
-def _fsdp_llama(rank: int, vocab: int = 64):
+def _fsdp_llama(rank: int, vocab: int = 64, weights: str = "fp32", even: bool = False):
     from torch.distributed.fsdp import fully_shard
 
-    model = _llama(vocab=vocab)
+    model = _llama(vocab=vocab, weights=weights, even=even)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -193,9 +200,20 @@ def _fsdp_llama(rank: int, vocab: int = 64):
 
 
 def _full_weights(model) -> dict[str, torch.Tensor]:
-    return {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
-    }
+    """Every weight, gathered whole; a torchao int8 weight as its int8 data and its scales (``.int_data``,
+    ``.scale``), which DTensor cannot gather through the subclass."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, v in model.state_dict().items():
+        shard = v.to_local() if isinstance(v, DTensor) else None
+        if shard is not None and hasattr(shard, "int_data"):
+            for part in ("int_data", "scale"):
+                whole = DTensor.from_local(getattr(shard, part), v.device_mesh, v.placements, run_check=False)
+                out[f"{k}.{part}"] = whole.full_tensor().clone()
+        else:
+            out[k] = (v.full_tensor() if shard is not None else v).detach().clone()
+    return out
 
 
 def fsdp_train(rank: int, world: int, steps: int, refresh: str, vocab: int = 64, **dtypes: str) -> dict:
@@ -255,9 +273,74 @@ def fsdp_empty_shard(rank: int, world: int, **dtypes: str) -> dict:
     }
 
 
-def fsdp_dcp_resume(rank: int, world: int, steps: int, split: int, ckpt_dir: str) -> dict:
+def fsdp_low_precision_twin(rank: int, world: int, steps: int, weights: str, refresh: str = "warm", **options) -> dict:
+    """FSDP2 row shards of low-precision weights (torchao's int8, or bf16 rounded stochastically) against an fp32
+    twin sharded alike: before each step the twin takes the weights' values and gradients; after it, each rank's
+    rows must be exactly the twin's fp32 result rounded with the bits of ``rounding_seed(seed, index, step, first
+    row)``, and every other weight the twin's own bits. Returns the names that differ."""
+    from torchao.prototype.quantized_training.int8 import quantize_int8_rowwise
+
+    from subspace_optim import int8_weights, rounding
+    from subspace_optim.distributed import first_row, local
+
+    model, twin = _fsdp_llama(rank, weights=weights), _fsdp_llama(rank, even=weights == "int8")
+    # bf16: the plain weights' moments are bf16 (torch AdamW's own state), the twin's fp32, so the twin takes them
+    # before each step too; their rounded update runs torch's fused kernel, so the twin's does.
+    bf16 = weights == "bf16"
+    opt = _subspace_for(model, refresh, **options, **({"stochastic_rounding": True} if bf16 else {}))
+    twin_opt = _subspace_for(twin, refresh, **options, **({"fused": True} if bf16 else {}))
+    pairs = list(zip(model.parameters(), twin.parameters(), strict=True))
+    differ, rounded = set(), 0
+    for step in range(steps):
+        with torch.no_grad():
+            for p, q in pairs:
+                shard = local(p)
+                local(q).copy_(int8_weights.dequantized(shard) if int8_weights.is_int8(p) else shard.float())
+                for key, moment in opt.state[p].items() if p in opt.state else ():
+                    if key.startswith("exp_avg") and moment.dtype == torch.bfloat16:
+                        local(twin_opt.state[q][key]).copy_(local(moment))
+        opt.zero_grad()
+        _lm_loss(model, step, slice(rank * 2, rank * 2 + 2)).backward()
+        for p, q in pairs:
+            q.grad = p.grad.to(torch.float32)
+        opt.step()
+        twin_opt.step()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                q = dict(pairs)[p]
+                seed = rounding.rounding_seed(group["seed"], opt._index(p), step + 1, first_row(p))
+                shard, want = local(p), local(q).detach().clone()
+                if int8_weights.is_int8(p):
+                    rounded += 1
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed)
+                        data, scale = quantize_int8_rowwise(want, stochastic_rounding=True)
+                    same = torch.equal(shard.int_data, data) and torch.equal(shard.scale, scale)
+                elif p.dtype == torch.bfloat16:
+                    rounded += 1
+                    expected = torch.empty_like(shard)
+                    rounding.store_(expected, want, seed)
+                    same = torch.equal(shard, expected)
+                else:
+                    same = torch.equal(shard, want)
+                if not same:
+                    differ.add(next(n for n, x in model.named_parameters() if x is p))
+    gate = model.model.layers[0].mlp.gate_proj.weight
+    return {
+        "differ": sorted(differ),
+        "rounded": rounded,
+        "gate_local": type(local(gate)).__name__,
+        "gate_first_row": first_row(gate),
+        "weights": _full_weights(model),
+    }
+
+
+def fsdp_dcp_resume(
+    rank: int, world: int, steps: int, split: int, ckpt_dir: str, weights: str = "fp32", **options
+) -> dict:
     """DCP save after ``split`` steps, load into a fresh model and optimizer, continue: must equal an
-    uninterrupted run of ``steps`` steps."""
+    uninterrupted run of ``steps`` steps. torchao's int8 weights are saved and loaded through
+    ``int8_weights.dcp_state_dict``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -266,31 +349,35 @@ def fsdp_dcp_resume(rank: int, world: int, steps: int, split: int, ckpt_dir: str
         set_optimizer_state_dict,
     )
 
+    from subspace_optim import int8_weights
+
     def train(model, opt, start, stop):
         for step in range(start, stop):
             opt.zero_grad()
             _lm_loss(model, step, slice(rank * 2, rank * 2 + 2)).backward()
             opt.step()
 
-    model_a = _fsdp_llama(rank)
-    opt_a = _subspace_for(model_a, "warm")
+    savable = int8_weights.dcp_state_dict if weights == "int8" else dict
+    model_a = _fsdp_llama(rank, weights=weights)
+    opt_a = _subspace_for(model_a, "warm", **options)
     train(model_a, opt_a, 0, steps)
 
-    model_b = _fsdp_llama(rank)
-    opt_b = _subspace_for(model_b, "warm")
+    model_b = _fsdp_llama(rank, weights=weights)
+    opt_b = _subspace_for(model_b, "warm", **options)
     train(model_b, opt_b, 0, split)
     dcp.save(
-        {"model": get_model_state_dict(model_b), "optim": get_optimizer_state_dict(model_b, opt_b)},
+        {"model": savable(get_model_state_dict(model_b)), "optim": get_optimizer_state_dict(model_b, opt_b)},
         checkpoint_id=ckpt_dir,
     )
     gate_b = model_b.model.layers[0].mlp.gate_proj.weight
     basis_type = type(opt_b.state[gate_b]["basis"]).__name__
 
-    model_c = _fsdp_llama(rank)
-    opt_c = _subspace_for(model_c, "warm")
-    state = {"model": get_model_state_dict(model_c), "optim": get_optimizer_state_dict(model_c, opt_c)}
+    model_c = _fsdp_llama(rank, weights=weights)
+    opt_c = _subspace_for(model_c, "warm", **options)
+    weights_c = get_model_state_dict(model_c)
+    state = {"model": savable(weights_c), "optim": get_optimizer_state_dict(model_c, opt_c)}
     dcp.load(state, checkpoint_id=ckpt_dir)
-    set_model_state_dict(model_c, state["model"])
+    set_model_state_dict(model_c, weights_c)  # int8 weights: already loaded in place (their entries share storage)
     set_optimizer_state_dict(model_c, opt_c, state["optim"])
     gate_c = model_c.model.layers[0].mlp.gate_proj.weight
     restored = {k: opt_c.state[gate_c][k] for k in ("step", "refresh_count", "moment_age")}
@@ -388,12 +475,16 @@ def _llama_micro_loss(model, step: int, micro: int, rows: slice | None):
     return _lm_loss(model, 1000 * (step + 1) + micro, rows)
 
 
-def fsdp_layerwise(rank: int, world: int, steps: int, accum: int, no_sync: bool) -> dict:
+def fsdp_layerwise(
+    rank: int, world: int, steps: int, accum: int, no_sync: bool, weights: str = "fp32", layerwise: bool = True
+) -> dict:
     """Layer-wise updates through FSDP2's sharded-parameter hooks, with accumulation (and
-    ``set_requires_gradient_sync(False)`` on the micro-batches that do not complete a step)."""
-    model = _fsdp_llama(rank)
-    opt = _subspace_for(model, "warm")
-    opt.update_in_backward(model, accumulation_steps=accum)
+    ``set_requires_gradient_sync(False)`` on the micro-batches that do not complete a step); ``layerwise=False``:
+    the same run stepped by ``step()``. ``weights``: fp32, bf16 (rounded stochastically) or int8 (torchao)."""
+    model = _fsdp_llama(rank, weights=weights)
+    opt = _subspace_for(model, "warm", **({"stochastic_rounding": True} if weights == "bf16" else {}))
+    if layerwise:
+        opt.update_in_backward(model, accumulation_steps=accum)
     freed = []
     for step in range(steps):
         for micro in range(accum):

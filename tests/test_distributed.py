@@ -134,6 +134,48 @@ def test_ddp_low_precision_weights_stay_bitwise_identical(tmp_path, weights):
 
 
 @pytest.mark.parametrize(
+    "weights, options",
+    [
+        ("int8", {}),
+        ("bf16", {}),
+        pytest.param(
+            "int8",
+            {"refresh": "dct", "moments_dtype": "int8", "second_moment": "factored", "residual": "apollo"},
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["int8", "bf16-stochastic", "int8-dct-int8-factored-apollo"],
+)
+def test_fsdp2_low_precision_weight_shards_round_with_their_own_bits(tmp_path, weights, options):
+    """FSDP2 row shards of torchao's int8 weights and of bf16 weights rounded stochastically, against an fp32 twin
+    sharded alike (``dist_workers.fsdp_low_precision_twin``): each step, every rank's rows are exactly the twin's fp32
+    result rounded with the bits of (seed, index, step, the shard's first row); int8 shards stay torchao's."""
+    if weights == "int8":
+        pytest.importorskip("torchao")
+    r0, r1 = _launch(tmp_path, "fsdp_low_precision_twin", steps=5, weights=weights, **options)
+    assert r0["differ"] == r1["differ"] == []
+    assert r0["rounded"] == r1["rounded"] == 5 * (15 if weights == "int8" else 21)
+    assert (r0["gate_first_row"], r1["gate_first_row"]) == (0, 17)
+    expected = "Int8QuantizedTrainingLinearWeight" if weights == "int8" else "Tensor"
+    assert r0["gate_local"] == r1["gate_local"] == expected
+
+
+@pytest.mark.parametrize("weights", ["int8", "bf16"])
+def test_fsdp2_dcp_resume_with_low_precision_weights(tmp_path, weights):
+    """int8 weights saved and loaded through ``int8_weights.dcp_state_dict`` (DCP cannot write torchao's subclass),
+    bf16 weights rounded stochastically: the resumed run equals the uninterrupted one bit for bit."""
+    if weights == "int8":
+        pytest.importorskip("torchao")
+    extra = {"stochastic_rounding": True} if weights == "bf16" else {}
+    r0, r1 = _launch(tmp_path, "fsdp_dcp_resume", steps=8, split=4, ckpt_dir=str(tmp_path / "ckpt"), weights=weights,
+                     **extra)  # fmt: skip
+    for result in (r0, r1):
+        assert result["restored_counters"] == {"step": 4, "refresh_count": 2, "moment_age": 4}
+        _assert_bitwise_equal(result["straight"], result["resumed"])
+    assert any(k.endswith(".int_data") for k in r0["straight"]) == (weights == "int8")
+
+
+@pytest.mark.parametrize(
     "refresh, extra", [("dct", {}), ("seeded", {"residual": "apollo", "moments": "keep"})], ids=["dct", "seeded"]
 )
 def test_ddp_regenerated_bases_and_factored_moments_stay_bitwise_identical(tmp_path, refresh, extra):

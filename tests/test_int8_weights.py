@@ -158,3 +158,21 @@ def test_unsupported_combinations_are_refused_with_their_message():
     assert all(not opt.state[w] for w in weights)  # refused before any state was made
     with pytest.raises(ValueError, match=r"int8 weights: quantize an fp32 model \(its linear weights are"):
         int8_weights.quantize_linears(_linears().to(torch.bfloat16))
+
+
+def test_dcp_state_dict_names_the_data_and_scales_and_shares_their_storage():
+    """What DCP writes in place of an int8 weight: ``name.int_data`` and ``name.scale``, the weight's own tensors
+    (a load into them is a load into the weight); other entries pass through. FSDP2 shards: tests/test_distributed."""
+    layers = int8_weights.quantize_linears(_linears())
+    layers.append(nn.LayerNorm(4))
+    state = layers.state_dict()
+    flat = int8_weights.dcp_state_dict(state)
+    assert sorted(flat) == sorted(
+        [f"{i}.weight.{part}" for i in range(3) for part in ("int_data", "scale")] + ["3.weight", "3.bias"]
+    )
+    assert flat["3.weight"] is state["3.weight"]
+    w = layers[1].weight
+    assert flat["1.weight.int_data"].dtype == torch.int8 and flat["1.weight.scale"].dtype == torch.float32
+    flat["1.weight.int_data"].copy_(torch.randint(-127, 128, w.shape, dtype=torch.int8))
+    flat["1.weight.scale"].fill_(0.5)
+    assert torch.equal(w.int_data, flat["1.weight.int_data"]) and bool((w.scale == 0.5).all())

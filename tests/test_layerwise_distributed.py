@@ -42,3 +42,21 @@ def test_fsdp2_layerwise_equals_one_process(tmp_path, accum, no_sync):
     reference = dist_workers.single_process_llama_accum(steps, accum)
     for k, v in reference.items():
         torch.testing.assert_close(r0["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("weights", ["int8", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_fsdp2_layerwise_low_precision_weights_round_as_step(tmp_path, weights):
+    """FSDP2 row shards of torchao's int8 weights (and of bf16 weights rounded stochastically): layer-wise updates
+    with accumulation write the same bits as ``step()`` on the same run, each shard rounded with its own bits."""
+    if weights == "int8":
+        pytest.importorskip("torchao")
+    runs = {}
+    for layerwise in (True, False):
+        out = tmp_path / str(layerwise)
+        out.mkdir()
+        runs[layerwise] = _launch(out, "fsdp_layerwise", steps=4, accum=2, no_sync=True, weights=weights,
+                                  layerwise=layerwise)  # fmt: skip
+    for rank in range(2):
+        _assert_bitwise_equal(runs[True][rank]["weights"], runs[False][rank]["weights"])
+    assert runs[True][0]["freed"] and runs[True][0]["gate_refresh_count"] == 2
+    assert any(k.endswith(".int_data") for k in runs[True][0]["weights"]) == (weights == "int8")
