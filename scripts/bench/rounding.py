@@ -1,12 +1,12 @@
 """Low-precision weights: held-out loss at equal steps with fp32 weights, bf16 weights rounded to nearest, bf16
 weights rounded stochastically (``stochastic_rounding=True``) and torchao's int8 weights (``--weights int8``), and what
-stochastic rounding adds to a training step.
+each costs in a training step.
 
 Quality: ``subspace-optim pretrain`` runs (``quality.run_many``: same init, data order and steps; only the weights'
 dtype and the rounding change) at the model file's tuned settings, one per ``--seeds``; a row per setting with the
 mean held-out loss and its gap to fp32 weights. Speed: a whole training step (forward, backward, optimizer step) of
-that model with bf16 weights, with and without stochastic rounding, interleaved by round on one batch of the model
-file's shape: medians and the median of per-round ratios.
+that model with each kind of weights (``TIMED``), interleaved by round on one batch of the model file's shape:
+medians and the median of per-round ratios against bf16 weights rounded to nearest.
 
     python -m scripts.bench.rounding --model llama_9m --seeds 0 1 --out runs/rounding --json docs/results/rounding.json
     python -m scripts.bench.rounding --model llama_9m --seeds 0 1 --lr-scale 0.1 --out runs/rounding \
@@ -64,11 +64,20 @@ def rows(args: argparse.Namespace, lr: float, plain_lr: float | None) -> list[di
     return out
 
 
+# (name, pretrain flags) of each timed step; the first is the baseline of the ratios.
+TIMED: list[tuple[str, list[str]]] = [
+    ("bf16, round to nearest", ["--weights", "bf16"]),
+    ("bf16, stochastic rounding", ["--weights", "bf16", "--stochastic-rounding"]),
+    ("fp32", ["--weights", "fp32"]),
+    ("int8 (torchao)", ["--weights", "int8"]),
+]
+
+
 def step_times(args: argparse.Namespace) -> dict[str, Any]:
-    """Whole training steps with bf16 weights, stochastic rounding off and on, interleaved (``common.interleaved``)."""
-    argv = ["--model", args.model, "--weights", "bf16", "--optimizer", "subspace"]
+    """Whole training steps with each kind of weights (``TIMED``), interleaved (``common.interleaved``)."""
+    argv = ["--model", args.model, "--optimizer", "subspace"]
     runs = {}
-    for name, extra in (("round to nearest", []), ("stochastic rounding", ["--stochastic-rounding"])):
+    for name, extra in TIMED:
         cfg = load_config(argv + extra + list(args.extra_flags))
         model = loop.build_model(cfg, cfg.tokenizer_vocab)
         runs[name] = (model, optimizers.build("subspace", model, cfg))
@@ -83,13 +92,14 @@ def step_times(args: argparse.Namespace) -> dict[str, Any]:
     steps = {name: (lambda m=model, o=opt: train_step(m, o)) for name, (model, opt) in runs.items()}
     common.interleaved(steps, 2)  # the first (refresh) step and a warm-up
     times = common.interleaved(steps, args.timed_steps)
-    summary = times.summary("round to nearest")
+    base = TIMED[0][0]
+    summary = times.summary(base)
     return {
         "model": args.model,
         "threads": torch.get_num_threads(),
         "steps": args.timed_steps,
         "median_s": {n: s["median_s"] for n, s in summary.items()},
-        "ratio": {n: s["vs_round to nearest"] for n, s in summary.items()},
+        "ratio": {n: s[f"vs_{base}"] for n, s in summary.items()},
     }
 
 
@@ -119,8 +129,8 @@ def tables(args: argparse.Namespace, quality_rows: list[dict[str, Any]], timing:
         )
     )
     t = common.table(
-        "Stochastic rounding: a whole training step",
-        ["bf16 weights", "median step (ms)", "vs round to nearest"],
+        "Low-precision weights: a whole training step",
+        ["weights", "median step (ms)", f"vs {TIMED[0][0]}"],
         [
             [name, common.cell(timing["median_s"][name], ".1f", 1e3), f"{timing['ratio'][name]:.3f}x"]
             for name in timing["median_s"]
