@@ -326,7 +326,10 @@ def fsdp_low_precision_twin(rank: int, world: int, steps: int, weights: str, ref
                 if not same:
                     differ.add(next(n for n, x in model.named_parameters() if x is p))
     gate = model.model.layers[0].mlp.gate_proj.weight
+    from subspace_optim.pretrain.loop import weights_digest
+
     return {
+        "digest": weights_digest(model),  # pretrain's rank check: gathers every shard (int8: codes and scales)
         "differ": sorted(differ),
         "rounded": rounded,
         "gate_local": type(local(gate)).__name__,

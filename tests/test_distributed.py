@@ -154,6 +154,7 @@ def test_fsdp2_low_precision_weight_shards_round_with_their_own_bits(tmp_path, w
         pytest.importorskip("torchao")
     r0, r1 = _launch(tmp_path, "fsdp_low_precision_twin", steps=5, weights=weights, **options)
     assert r0["differ"] == r1["differ"] == []
+    assert r0["digest"] == r1["digest"]
     assert r0["rounded"] == r1["rounded"] == 5 * (15 if weights == "int8" else 21)
     assert (r0["gate_first_row"], r1["gate_first_row"]) == (0, 17)
     expected = "Int8QuantizedTrainingLinearWeight" if weights == "int8" else "Tensor"

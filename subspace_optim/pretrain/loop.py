@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import int8_weights
 from ..metrics import state_bytes
 from . import files, optimizers, resuming
 from .config import PretrainConfig
@@ -67,8 +68,6 @@ def stored_as(model: nn.Module, weights: str, exclude: tuple[str, ...] = ()) -> 
     training weights on its linear layers but those named by ``exclude`` (``int8_weights.quantize_linears``; their
     class becomes a global ``torch.load(weights_only=True)`` accepts, for a resume)."""
     if weights == "int8":
-        from .. import int8_weights
-
         int8_weights.allow_weights_only_checkpoints()
         return int8_weights.quantize_linears(model, exclude)
     return model.to(torch.bfloat16) if weights == "bf16" else model
@@ -119,10 +118,11 @@ class PeakMemory:
 
 
 def weights_digest(model: nn.Module) -> str:
-    """sha256 of every weight's bytes: equal digests mean bitwise-identical weights. A tensor subclass that
-    flattens (torchao's int8 weights: codes and row scales) is hashed through its inner tensors."""
+    """sha256 of every weight's bytes: equal digests mean bitwise-identical weights. torchao's int8 weights are hashed
+    as their codes and row scales (``int8_weights.dcp_state_dict``: DTensor cannot gather the subclass itself), any
+    other tensor subclass that flattens through its inner tensors."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(int8_weights.dcp_state_dict(model.state_dict()).items()):
         if hasattr(tensor, "full_tensor"):  # a sharded DTensor (FSDP2): gather it; every rank calls this
             tensor = tensor.full_tensor()
         inner = tensor.__tensor_flatten__()[0] if hasattr(tensor, "__tensor_flatten__") else None
