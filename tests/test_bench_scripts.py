@@ -867,6 +867,8 @@ def test_bench_rounding_smoke(tmp_path, bench):
     assert result["rows"][0]["vs_fp32"] == 0.0
     assert list(result["step_time"]["median_s"]) == [name for name, _ in bench("rounding").TIMED]
     assert result["step_time"]["ratio"]["bf16, round to nearest"] == 1.0
+    assert set(result["step_time"]["optimizer_median_s"]) == set(result["step_time"]["median_s"])
+    assert all(0 < t < result["step_time"]["median_s"][n] for n, t in result["step_time"]["optimizer_median_s"].items())
 
 
 def test_bench_rounding_step_time_only(tmp_path):

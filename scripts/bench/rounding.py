@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,19 @@ def step_times(args: argparse.Namespace) -> dict[str, Any]:
     shape = (cfg.batch_size, cfg.seq_len + 1)
     ids = torch.randint(0, cfg.tokenizer_vocab, shape, generator=torch.Generator().manual_seed(0))
 
-    def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    optimizer_s: dict[str, list[float]] = {name: [] for name in runs}
+
+    def train_step(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         opt.zero_grad()
         common.next_token_loss(model, ids).backward()
+        start = time.perf_counter()
         opt.step()
+        optimizer_s[name].append(time.perf_counter() - start)
 
-    steps = {name: (lambda m=model, o=opt: train_step(m, o)) for name, (model, opt) in runs.items()}
+    steps = {name: (lambda n=name, m=model, o=opt: train_step(n, m, o)) for name, (model, opt) in runs.items()}
     common.interleaved(steps, 2)  # the first (refresh) step and a warm-up
+    for kept in optimizer_s.values():
+        kept.clear()
     times = common.interleaved(steps, args.timed_steps)
     base = TIMED[0][0]
     summary = times.summary(base)
@@ -100,6 +107,7 @@ def step_times(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.timed_steps,
         "median_s": {n: s["median_s"] for n, s in summary.items()},
         "ratio": {n: s[f"vs_{base}"] for n, s in summary.items()},
+        "optimizer_median_s": {n: statistics.median(t) for n, t in optimizer_s.items()},
     }
 
 
@@ -130,9 +138,14 @@ def tables(args: argparse.Namespace, quality_rows: list[dict[str, Any]], timing:
     )
     t = common.table(
         "Low-precision weights: a whole training step",
-        ["weights", "median step (ms)", f"vs {TIMED[0][0]}"],
+        ["weights", "median step (ms)", f"vs {TIMED[0][0]}", "of which optimizer step (ms)"],
         [
-            [name, common.cell(timing["median_s"][name], ".1f", 1e3), f"{timing['ratio'][name]:.3f}x"]
+            [
+                name,
+                common.cell(timing["median_s"][name], ".1f", 1e3),
+                f"{timing['ratio'][name]:.3f}x",
+                common.cell(timing["optimizer_median_s"][name], ".1f", 1e3),
+            ]
             for name in timing["median_s"]
         ],
         [
