@@ -824,3 +824,17 @@ def test_layerwise_ddp_two_processes_follow_one_process(workdir, tmp_path):
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_int8_weights_under_fsdp_are_refused_before_training():
+    """accelerate cannot checkpoint torchao's int8 weights under FSDP, and every run checkpoints: refused at set-up,
+    with the ways out; DDP and single-process runs pass."""
+    from accelerate.utils import DistributedType
+
+    from subspace_optim.pretrain.loop import refuse_unsavable
+
+    with pytest.raises(ValueError, match=r"^--weights int8 under FSDP: accelerate's save_state cannot write .*DDP"):
+        refuse_unsavable("int8", DistributedType.FSDP)
+    allowed = [("int8", DistributedType.MULTI_GPU), ("int8", DistributedType.NO), ("bf16", DistributedType.FSDP)]
+    for weights, kind in allowed:
+        refuse_unsavable(weights, kind)

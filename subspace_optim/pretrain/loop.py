@@ -338,6 +338,21 @@ def _no_initial_sync() -> Any:
     return NoInitialSync(init_sync=False)
 
 
+def refuse_unsavable(weights: str, distributed_type: Any) -> None:
+    """Refuse, before anything trains, a run whose checkpoints accelerate cannot write: torchao's int8 weights under
+    FSDP (every run saves at least at its end). accelerate's ``save_state`` either gathers each weight whole
+    (DTensor cannot gather the subclass) or writes it with DCP (which cannot write the subclass)."""
+    from accelerate.utils import DistributedType
+
+    if weights == "int8" and distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "--weights int8 under FSDP: accelerate's save_state cannot write torchao's int8 weights (DCP cannot "
+            "write the subclass, nor DTensor gather it), and every run saves at least at its end. Use a DDP config "
+            "(configs/accelerate_ddp.yaml), or --weights bf16 --stochastic-rounding under FSDP; a loop of your own "
+            "can save FSDP2 int8 shards through int8_weights.dcp_state_dict"
+        )
+
+
 def _batch_layout(cfg: PretrainConfig, world: int) -> tuple[int, int]:
     """(micro-batches per step, sequences per step): --global-batch-size fixes the second for any world."""
     accum = cfg.grad_accum
@@ -360,6 +375,7 @@ def _set_up(
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    refuse_unsavable(cfg.weights, accelerator.distributed_type)
     if cfg.weights == "int8":
         accelerator.ddp_handler = _no_initial_sync()
     run_dir = output_dir / name
