@@ -66,6 +66,7 @@ def row_shard(p: Tensor, name: str) -> RowShard:
 
 def first_row(p: Tensor) -> int:
     """The global index of the first row this rank holds of a dim-0 sharded DTensor ``p`` (0 for a plain tensor).
+    Other placements are refused before any step (``row_shard``, when the parameter's state is made).
 
     fully_shard splits dim 0 like torch.chunk: ceil(m / world) rows per rank, the last ranks possibly empty."""
     if not is_dtensor(p):

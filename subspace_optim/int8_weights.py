@@ -5,12 +5,13 @@ bf16) scale per row (``torchao.prototype.quantized_training.int8_weight_only_qua
 backward run on the int8 data, FSDP2 all-gathers it, and it requantizes every update with stochastic rounding.
 
 What this module adds is determinism. The subclass requantizes with ``torch.rand_like`` from the global RNG, which
-data-parallel ranks do not share and a resumed run does not restore; and of the in-place ops only ``add_``,
-``addcdiv_`` and ``copy_`` exist (``mul_``, ``lerp_``, the ``_foreach_`` ops raise). So a weight is updated as
-dequantize (fp32), update, requantize with torchao's own ``quantize_int8_rowwise`` under a generator state seeded with
+data-parallel ranks do not share and a resumed run does not restore; and of the in-place ops only ``add_``, ``addcdiv_``
+and ``copy_`` exist (``mul_``, ``lerp_``, the ``_foreach_`` ops raise). So a weight is updated as dequantize (fp32),
+update, requantize with torchao's own ``quantize_int8_rowwise`` under a generator state seeded with
 ``rounding.rounding_seed(seed, parameter index, step)`` (forked: the global RNG is left as it was), then the int8 data
-and the scales are copied into the weight exactly. Every rank draws the same bits, a resumed run the same ones as the
-uninterrupted run. A matrix whose step is skipped (a non-finite gradient) keeps its data and scales as they were.
+and the scales are copied into the weight exactly. Every data-parallel rank draws the same bits, a resumed run the same
+ones as the uninterrupted run (an FSDP2 shard's seed also holds its first row: below). A matrix whose step is skipped (a
+non-finite gradient) keeps its data and scales as they were.
 
 FSDP2 (``fully_shard``) shards the subclass by rows (its data and scales alike) and all-gathers the int8 data for the
 forward; a rank updates its own rows, which carry their scales, with bits seeded also by its first row (``rounding``).

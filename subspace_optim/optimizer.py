@@ -369,7 +369,8 @@ class SubspaceAdamW(Optimizer):
         stochastic_rounding: bf16 weights (projected and plain) take each update computed in fp32 and rounded
             to bf16 stochastically (``subspace_optim.rounding``), so updates smaller than half a bf16 ulp survive
             on average; the bits come from (seed, parameter index, step), the same on every rank and after a
-            resume. Other weight dtypes ignore it.
+            resume (an FSDP2 row shard's also from its first row, so shards draw independent bits). Other weight
+            dtypes ignore it.
         plain_moments_dtype, plain_second_moment: ``moments_dtype`` and ``second_moment`` for the parameters that
             are not projected (embeddings, the output head; ``None``: the group's own). ``plain_moments_dtype``
             also takes ``"int4"`` (4-bit blockwise codes, ``quant``) for 2-D parameters with an even number of

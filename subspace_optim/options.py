@@ -133,7 +133,8 @@ OPTIONS: tuple[Option, ...] = (
            "unbounded: Fira's and APOLLO's code, for apollo-torch parity)", LIMITERS),
     Option("stochastic_rounding", False, "bool",
            "bf16 weights (projected and plain) take each update computed in fp32 and rounded stochastically, so "
-           "updates below half a bf16 ulp survive on average; random bits from (seed, parameter index, step)"),
+           "updates below half a bf16 ulp survive on average; random bits from (seed, parameter index, step; an "
+           "FSDP2 shard's first row)"),
     Option("plain_moments_dtype", None, "choice_or_none",
            "storage of the plain parameters' moments (embeddings, head; small ones keep torch AdamW's own); None: "
            "moments_dtype. Also int4: 4-bit blockwise codes, for 2-D parameters with an even number of columns "

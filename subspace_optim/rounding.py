@@ -14,7 +14,8 @@ only a NaN whose payload is all ones above bit 16 (0x7FFFxxxx, 0xFFFFxxxx: made 
 into the sign and become a zero. No step writes a NaN (``nonfinite``), so no pass is spent guarding against one.
 
 Random bits: each parameter's come from its own generator seeded with ``rounding_seed(seed, index, step)``, never
-the global RNG, so every data-parallel rank draws the same bits and a resumed run continues the same sequence. The
+the global RNG, so every data-parallel rank draws the same bits and a resumed run continues the same sequence (an
+FSDP2 row shard's seed also holds its first row: below). The
 reference engine draws them with ``torch.randint`` on the weight's device (fast on a CPU); the Triton step draws them
 inside its epilogue from Philox at the same seed (``kernels/step.py``). The two streams differ, so the engines agree
 in distribution, as their sketches do, not bit for bit.

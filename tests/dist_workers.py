@@ -201,19 +201,13 @@ def _fsdp_llama(rank: int, vocab: int = 64, weights: str = "fp32", even: bool = 
 
 def _full_weights(model) -> dict[str, torch.Tensor]:
     """Every weight, gathered whole; a torchao int8 weight as its int8 data and its scales (``.int_data``,
-    ``.scale``), which DTensor cannot gather through the subclass."""
-    from torch.distributed.tensor import DTensor
+    ``.scale``: ``int8_weights.dcp_state_dict``), which DTensor cannot gather through the subclass."""
+    from subspace_optim import int8_weights
 
-    out = {}
-    for k, v in model.state_dict().items():
-        shard = v.to_local() if isinstance(v, DTensor) else None
-        if shard is not None and hasattr(shard, "int_data"):
-            for part in ("int_data", "scale"):
-                whole = DTensor.from_local(getattr(shard, part), v.device_mesh, v.placements, run_check=False)
-                out[f"{k}.{part}"] = whole.full_tensor().clone()
-        else:
-            out[k] = (v.full_tensor() if shard is not None else v).detach().clone()
-    return out
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+        for k, v in int8_weights.dcp_state_dict(model.state_dict()).items()
+    }
 
 
 def fsdp_train(rank: int, world: int, steps: int, refresh: str, vocab: int = 64, **dtypes: str) -> dict:
@@ -273,17 +267,17 @@ def fsdp_empty_shard(rank: int, world: int, **dtypes: str) -> dict:
     }
 
 
-def fsdp_low_precision_twin(rank: int, world: int, steps: int, weights: str, refresh: str = "warm", **options) -> dict:
+def fsdp_low_precision_twin(
+    rank: int, world: int, steps: int, weights: str, refresh: str = "warm", vocab: int = 64, **options
+) -> dict:
     """FSDP2 row shards of low-precision weights (torchao's int8, or bf16 rounded stochastically) against an fp32
     twin sharded alike: before each step the twin takes the weights' values and gradients; after it, each rank's
     rows must be exactly the twin's fp32 result rounded with the bits of ``rounding_seed(seed, index, step, first
     row)``, and every other weight the twin's own bits. Returns the names that differ."""
-    from torchao.prototype.quantized_training.int8 import quantize_int8_rowwise
-
     from subspace_optim import int8_weights, rounding
     from subspace_optim.distributed import first_row, local
 
-    model, twin = _fsdp_llama(rank, weights=weights), _fsdp_llama(rank, even=weights == "int8")
+    model, twin = _fsdp_llama(rank, vocab, weights), _fsdp_llama(rank, vocab, even=weights == "int8")
     # bf16: the plain weights' moments are bf16 (torch AdamW's own state), the twin's fp32, so the twin takes them
     # before each step too; their rounded update runs torch's fused kernel, so the twin's does.
     bf16 = weights == "bf16"
@@ -311,6 +305,8 @@ def fsdp_low_precision_twin(rank: int, world: int, steps: int, weights: str, ref
                 seed = rounding.rounding_seed(group["seed"], opt._index(p), step + 1, first_row(p))
                 shard, want = local(p), local(q).detach().clone()
                 if int8_weights.is_int8(p):
+                    from torchao.prototype.quantized_training.int8 import quantize_int8_rowwise
+
                     rounded += 1
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(seed)
@@ -329,8 +325,15 @@ def fsdp_low_precision_twin(rank: int, world: int, steps: int, weights: str, ref
     from subspace_optim.pretrain.loop import weights_digest
 
     return {
-        "digest": weights_digest(model),  # pretrain's rank check: gathers every shard (int8: codes and scales)
+        # pretrain's rank check gathers every shard (int8: its codes and scales, which DTensor cannot gather as the
+        # subclass): equal on the ranks by construction; what is checked is that it runs
+        "digest": weights_digest(model),
         "differ": sorted(differ),
+        "plain_exp_avg": {
+            name: str(opt.state[q]["exp_avg"].dtype)
+            for name, q in model.named_parameters()
+            if name in ("lm_head.weight", "model.embed_tokens.weight")
+        },
         "rounded": rounded,
         "gate_local": type(local(gate)).__name__,
         "gate_first_row": first_row(gate),

@@ -860,6 +860,7 @@ def test_docs_regenerate_finds_and_rewrites_a_stale_block(bench, tmp_path):
 
 def test_bench_rounding_smoke(tmp_path, bench):
     """fp32, bf16 and stochastically rounded bf16 weights on the tiny model, and the timed training steps."""
+    pytest.importorskip("torchao")  # the int8 rows
     result = _run("rounding", "--smoke", "--out", str(tmp_path / "runs"), tmp_path=tmp_path)
     names = [r["name"] for r in result["rows"]]
     assert names == [name for name, _ in bench("rounding").ROWS]
@@ -873,6 +874,7 @@ def test_bench_rounding_smoke(tmp_path, bench):
 
 def test_bench_rounding_step_time_only(tmp_path):
     """``--step-time-only``: the timed steps and their table, no training run."""
+    pytest.importorskip("torchao")  # the int8 row
     result = _run("rounding", "--smoke", "--step-time-only", "--out", str(tmp_path / "runs"), tmp_path=tmp_path)
     assert result["rows"] == [] and not (tmp_path / "runs").exists()
     assert [t["title"] for t in result["tables"]] == ["Low-precision weights: a whole training step"]

@@ -138,9 +138,16 @@ def test_ddp_low_precision_weights_stay_bitwise_identical(tmp_path, weights):
     [
         ("int8", {}),
         ("bf16", {}),
-        pytest.param(
+        pytest.param(  # vocab 128: the embedding and head (4096 values each) take 8-bit and 4-bit moments
             "int8",
-            {"refresh": "dct", "moments_dtype": "int8", "second_moment": "factored", "residual": "apollo"},
+            {
+                "refresh": "dct",
+                "moments_dtype": "int8",
+                "second_moment": "factored",
+                "residual": "apollo",
+                "plain_moments_dtype": "int4",
+                "vocab": 128,
+            },
             marks=pytest.mark.slow,
         ),
     ],
@@ -154,8 +161,13 @@ def test_fsdp2_low_precision_weight_shards_round_with_their_own_bits(tmp_path, w
         pytest.importorskip("torchao")
     r0, r1 = _launch(tmp_path, "fsdp_low_precision_twin", steps=5, weights=weights, **options)
     assert r0["differ"] == r1["differ"] == []
-    assert r0["digest"] == r1["digest"]
+    assert r0["digest"] == r1["digest"]  # it ran (on gathered weights: equal by construction)
     assert r0["rounded"] == r1["rounded"] == 5 * (15 if weights == "int8" else 21)
+    # the head's and embedding's first moment: torch AdamW's own (the weight's dtype), or 4-bit code pairs (int8)
+    plain = {"float32": "torch.float32", "bfloat16": "torch.bfloat16"}.get(
+        "int4" if "plain_moments_dtype" in options else "bfloat16" if weights == "bf16" else "float32", "torch.int8"
+    )
+    assert r0["plain_exp_avg"] == r1["plain_exp_avg"] == {"lm_head.weight": plain, "model.embed_tokens.weight": plain}
     assert (r0["gate_first_row"], r1["gate_first_row"]) == (0, 17)
     expected = "Int8QuantizedTrainingLinearWeight" if weights == "int8" else "Tensor"
     assert r0["gate_local"] == r1["gate_local"] == expected

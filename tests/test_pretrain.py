@@ -826,15 +826,22 @@ def test_layerwise_ddp_two_processes_follow_one_process(workdir, tmp_path):
     )
 
 
-def test_int8_weights_under_fsdp_are_refused_before_training():
-    """accelerate cannot checkpoint torchao's int8 weights under FSDP, and every run checkpoints: refused at set-up,
-    with the ways out; DDP and single-process runs pass."""
+def test_int8_weights_under_fsdp_are_refused_before_training(workdir, tmp_path, monkeypatch, capsys):
+    """accelerate cannot checkpoint torchao's int8 weights under FSDP, and every run checkpoints: a run whose
+    accelerator is FSDP is refused at set-up, with the ways out, before any run directory is made; DDP and
+    single-process runs pass the check."""
+    pytest.importorskip("torchao")
+    from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     from subspace_optim.pretrain.loop import refuse_unsavable
 
-    with pytest.raises(ValueError, match=r"^--weights int8 under FSDP: accelerate's save_state cannot write .*DDP"):
-        refuse_unsavable("int8", DistributedType.FSDP)
     allowed = [("int8", DistributedType.MULTI_GPU), ("int8", DistributedType.NO), ("bf16", DistributedType.FSDP)]
     for weights, kind in allowed:
         refuse_unsavable(weights, kind)
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    with pytest.raises(ValueError, match=r"^--weights int8 under FSDP: accelerate's save_state cannot write .*DDP"):
+        run(load_config(tiny(workdir, tmp_path, "--optimizer", "subspace", "--weights", "int8")))
+    assert main(tiny(workdir, tmp_path, "--optimizer", "subspace", "--weights", "int8")) == 2
+    assert "--weights int8 under FSDP" in capsys.readouterr().err
+    assert not (tmp_path / "subspace").exists()  # nothing was made, nothing trained

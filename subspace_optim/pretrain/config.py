@@ -258,7 +258,8 @@ class PretrainConfig:
         "fp32",
         "the dtype the model's parameters are stored and updated in: fp32; bf16 (no fp32 master copy: an update "
         "below half a bf16 ulp is rounded away unless --stochastic-rounding); int8 (the linear layers' weights as "
-        "torchao's int8 training weights with fp32 row scales, requantized stochastically; needs torchao)",
+        "torchao's int8 training weights with fp32 row scales, requantized stochastically; needs torchao; refused "
+        "under an accelerate FSDP config, whose checkpoints cannot hold them)",
         _choice("fp32", "bf16", "int8"),
     )
     cpu: bool = _opt(False, "train on the CPU even when a GPU is present")
