@@ -13,12 +13,12 @@ whatever the bits. NaNs as arithmetic makes them (0x7FC00000, 0xFFC00000: torch'
 only a NaN whose payload is all ones above bit 16 (0x7FFFxxxx, 0xFFFFxxxx: made by hand, never by a step) could carry
 into the sign and become a zero. No step writes a NaN (``nonfinite``), so no pass is spent guarding against one.
 
-Random bits: each parameter's come from its own generator seeded with ``rounding_seed(seed, index, step)``, never
-the global RNG, so every data-parallel rank draws the same bits and a resumed run continues the same sequence (an
-FSDP2 row shard's seed also holds its first row: below). The
-reference engine draws them with ``torch.randint`` on the weight's device (fast on a CPU); the Triton step draws them
-inside its epilogue from Philox at the same seed (``kernels/step.py``). The two streams differ, so the engines agree
-in distribution, as their sketches do, not bit for bit.
+Random bits: each parameter's come from its own generator seeded with ``rounding_seed(seed, index, step)``, never the
+global RNG, so every data-parallel rank draws the same bits and a resumed run continues the same sequence (an FSDP2 row
+shard's seed also holds its first row: below). The reference engine draws them with ``torch.randint`` on the weight's
+device (fast on a CPU); the Triton step draws them inside its epilogue from Philox at the same seed
+(``kernels/step.py``). The two streams differ, so the engines agree in distribution, as their sketches do, not bit for
+bit.
 
 An FSDP2 row shard mixes in the global index of its first row. With one seed every shard would repeat the first
 shard's bits (row i of each shard rounding alike); with its first row the shards' bits are independent, and a rerun or

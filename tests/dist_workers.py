@@ -39,7 +39,7 @@ def _mlp(seed: int = 0) -> nn.Module:
 
 
 def _low_precision(module: nn.Module, weights: str) -> nn.Module:
-    """The MLP with bf16 weights, or torchao's int8 training weights on its linear layers."""
+    """``module`` with bf16 weights, or torchao's int8 training weights on its linear layers (fp32: as it is)."""
     if weights == "bf16":
         return module.to(torch.bfloat16)
     if weights == "int8":
@@ -118,12 +118,9 @@ def _llama(seed: int = 0, vocab: int = 64, weights: str = "fp32", even: bool = F
     # and head (4096 values each) are large enough for quantized plain moments; the batches use tokens below 64.
     # torchao's int8 weights need rows that divide evenly among the ranks (its all-gather): they (and ``even``) get 34.
     intermediate = 34 if even or weights == "int8" else 33
-    model = tiny_llama(hidden=32, intermediate=intermediate, layers=2, heads=2, vocab=vocab, seed=seed)
-    if weights == "int8":
-        from subspace_optim import int8_weights
-
-        return int8_weights.quantize_linears(model)
-    return model.to(torch.bfloat16) if weights == "bf16" else model
+    return _low_precision(
+        tiny_llama(hidden=32, intermediate=intermediate, layers=2, heads=2, vocab=vocab, seed=seed), weights
+    )
 
 
 def _lm_loss(model, step: int, rows: slice | None):
@@ -284,6 +281,7 @@ def fsdp_low_precision_twin(
     opt = _subspace_for(model, refresh, **options, **({"stochastic_rounding": True} if bf16 else {}))
     twin_opt = _subspace_for(twin, refresh, **options, **({"fused": True} if bf16 else {}))
     pairs = list(zip(model.parameters(), twin.parameters(), strict=True))
+    twin_of, names = dict(pairs), {p: n for n, p in model.named_parameters()}
     differ, rounded = set(), 0
     for step in range(steps):
         with torch.no_grad():
@@ -301,7 +299,7 @@ def fsdp_low_precision_twin(
         twin_opt.step()
         for group in opt.param_groups:
             for p in group["params"]:
-                q = dict(pairs)[p]
+                q = twin_of[p]
                 seed = rounding.rounding_seed(group["seed"], opt._index(p), step + 1, first_row(p))
                 shard, want = local(p), local(q).detach().clone()
                 if int8_weights.is_int8(p):
@@ -320,7 +318,7 @@ def fsdp_low_precision_twin(
                 else:
                     same = torch.equal(shard, want)
                 if not same:
-                    differ.add(next(n for n, x in model.named_parameters() if x is p))
+                    differ.add(names[p])
     gate = model.model.layers[0].mlp.gate_proj.weight
     from subspace_optim.pretrain.loop import weights_digest
 
