@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import uuid
 
 import dist_workers
 import pytest
@@ -14,16 +14,11 @@ from subspace_optim import triton_runtime
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path, fn_name: str, **kwargs) -> list[dict]:
+    store_file = tmp_path / f"rendezvous-{uuid.uuid4().hex}"  # one per launch: a test may launch twice
     mp.start_processes(
         dist_workers.run,
-        args=(2, _free_port(), fn_name, str(tmp_path), kwargs),
+        args=(2, str(store_file), fn_name, str(tmp_path), kwargs),
         nprocs=2,
         join=True,
         start_method="spawn",
