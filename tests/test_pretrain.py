@@ -746,6 +746,35 @@ def test_ddp_two_processes_train_int8_weights_bitwise_alike(workdir, tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_the_command_destroys_the_process_group_only_after_a_finished_run(monkeypatch):
+    """A launched ``subspace-optim pretrain`` leaves its process group itself (not to interpreter exit), and only
+    once the run has finished: a run stopped by a configuration error keeps the group it was given."""
+    import subspace_optim.pretrain as pretrain
+
+    def refuse(argv):
+        raise ValueError("bad flag")
+
+    def join():
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+    calls = []
+    monkeypatch.setattr(pretrain, "load_config", lambda argv: argv)
+    monkeypatch.setattr(pretrain, "run", lambda cfg, command: calls.append(torch.distributed.is_initialized()))
+    join()
+    try:
+        assert pretrain.main(["--steps", "1"]) == 0
+        assert calls == [True] and not torch.distributed.is_initialized()
+
+        join()
+        monkeypatch.setattr(pretrain, "load_config", refuse)
+        assert pretrain.main(["--steps", "x"]) == 2
+        assert torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_accelerate_launch_config_starts_two_processes(workdir, tmp_path):

@@ -125,4 +125,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "subspace-optim pretrain
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MissingOptimizer) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """End a launched run as PyTorch's documentation asks: every rank meets, then destroys its process group while
+    the interpreter is whole. A gloo process that leaves it to interpreter exit can abort there, after a run that
+    finished, because the group's worker threads may still hold work that refers to Python objects."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
