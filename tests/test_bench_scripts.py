@@ -71,6 +71,16 @@ def test_bench_energy_smoke(tmp_path):
     assert len(exact) == 14 * 3
 
 
+def test_bench_energy_dct_runs_on_request_and_keeps_less_than_the_svd(tmp_path):
+    """``--methods dct``: fixed DCT columns are not a sketch of the SVD, so on these gradients they keep less of the
+    best rank-r energy than the SVD's own subspace (and never more)."""
+    result = _run("energy", "--smoke", "--methods", "dct", tmp_path=tmp_path)
+    (run,) = result["runs"]
+    assert run["method"] == "dct" and len(run["samples"]) == 14 * 3
+    assert all(0.0 < s["ratio"] <= 1.0 + 1e-6 for s in run["samples"])
+    assert run["summary"]["later_refreshes"]["weighted"] < 0.99
+
+
 def test_bench_step_smoke(tmp_path):
     results = _run("step", "--smoke", "--dtype", "float32", tmp_path=tmp_path)["results"]
     assert {"adamw", "galore", "subspace_reference"} <= set(results)
