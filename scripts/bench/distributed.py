@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -69,15 +67,15 @@ class Blocks(nn.Module):
         return x
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, mode: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, store_file: str, args: argparse.Namespace, mode: str, out: str) -> None:
     torch.set_num_threads(max(1, args.threads // world))
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         # One GPU per rank: NCCL, FSDP2 and the Triton kernels all use the current device, so make it ours
         # before the process group exists (otherwise every rank would start on cuda:0).
         torch.cuda.set_device(device)
-    dist.init_process_group(args.backend, rank=rank, world_size=world)
+    # Ranks meet through a file, as the 2-process tests do (tests/dist_workers.py says why): no port to probe.
+    dist.init_process_group(args.backend, init_method=f"file://{store_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = Blocks(common.llama_shape(args.model), args.layers).to(device)
     if mode == "fsdp2":
@@ -123,16 +121,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, mode: st
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(args: argparse.Namespace, mode: str, world: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "records.json")
-        mp.start_processes(_worker, args=(world, _free_port(), args, mode, out), nprocs=world, start_method="spawn")
+        store_file = str(Path(tmp) / "rendezvous")
+        mp.start_processes(_worker, args=(world, store_file, args, mode, out), nprocs=world, start_method="spawn")
         records = json.loads(Path(out).read_text())
     refresh = [r for r in records if r["refresh"] and r["step"] > 0] or [r for r in records if r["refresh"]]
     regular = [r for r in records if not r["refresh"]]
